@@ -1,0 +1,46 @@
+package vtpm
+
+import "errors"
+
+// Sentinel errors of package vtpm. Match them with errors.Is.
+var (
+	// ErrBadURI means a TPM URI could not be parsed or names an unknown scheme.
+	ErrBadURI = errors.New("unsupported TPM URI")
+	// ErrTPMUnavailable means the TPM could not be reached.
+	ErrTPMUnavailable = errors.New("TPM unavailable")
+	// ErrTPMResponse means the TPM answered with a malformed response.
+	ErrTPMResponse = errors.New("malformed TPM response")
+
+	// ErrVaultNotInitialized means the data directory holds no vault yet.
+	ErrVaultNotInitialized = errors.New("vault not initialized")
+	// ErrVaultExists means init was asked to overwrite an existing vault.
+	ErrVaultExists = errors.New("vault already initialized")
+	// ErrVaultLocked means the vault key is not in memory (Open was not called or the vault was closed).
+	ErrVaultLocked = errors.New("vault is locked")
+	// ErrPCRMismatch means the PCRs no longer match the policy the vault was sealed to.
+	// The concrete error is a *PCRMismatchError that lists the changed PCRs.
+	ErrPCRMismatch = errors.New("PCR policy mismatch")
+	// ErrWrongTPM means the vault was sealed by a different TPM (its storage root key differs).
+	ErrWrongTPM = errors.New("vault was sealed by a different TPM")
+	// ErrRecoveryKey means the recovery key given does not open this vault.
+	ErrRecoveryKey = errors.New("recovery key rejected")
+	// ErrCorrupt means a stored blob failed to decode or authenticate.
+	ErrCorrupt = errors.New("stored data is corrupt or was tampered with")
+	// ErrUnsupportedVersion means a stored blob carries a format version this build does not know.
+	ErrUnsupportedVersion = errors.New("unsupported format version")
+
+	// ErrKeyNotFound means no key is stored for the VM.
+	ErrKeyNotFound = errors.New("no key stored for VM")
+	// ErrKeyExists means a key is already stored for the VM.
+	ErrKeyExists = errors.New("key already stored for VM")
+	// ErrWrongKey means an envelope does not open under the key presented
+	// (another host's vault, another VM, or another generation).
+	ErrWrongKey = errors.New("envelope does not open under this key")
+	// ErrStaleGeneration means a key at or below an already-seen generation was presented.
+	ErrStaleGeneration = errors.New("stale generation")
+	// ErrBadVMID means a VM identifier is not a canonical UUID.
+	ErrBadVMID = errors.New("VM id is not a canonical UUID")
+
+	// ErrSecretMarshal is returned by every attempt to marshal a plaintext key.
+	ErrSecretMarshal = errors.New("refusing to marshal secret key material")
+)
