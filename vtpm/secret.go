@@ -162,8 +162,8 @@ func (r *RecoveryKey) authValue() []byte { return recoveryAuthValue(r.k[:]) }
 // Destroy wipes the key from memory.
 func (r *RecoveryKey) Destroy() { r.k.wipe() }
 
-func (*RecoveryKey) String() string                { return "RecoveryKey" + redacted }
-func (*RecoveryKey) GoString() string              { return "RecoveryKey" + redacted }
-func (r *RecoveryKey) Format(f fmt.State, _ rune)  { _, _ = io.WriteString(f, r.String()) }
-func (*RecoveryKey) MarshalJSON() ([]byte, error)  { return nil, ErrSecretMarshal }
-func (*RecoveryKey) MarshalText() ([]byte, error)  { return nil, ErrSecretMarshal }
+func (*RecoveryKey) String() string               { return "RecoveryKey" + redacted }
+func (*RecoveryKey) GoString() string             { return "RecoveryKey" + redacted }
+func (r *RecoveryKey) Format(f fmt.State, _ rune) { _, _ = io.WriteString(f, r.String()) }
+func (*RecoveryKey) MarshalJSON() ([]byte, error) { return nil, ErrSecretMarshal }
+func (*RecoveryKey) MarshalText() ([]byte, error) { return nil, ErrSecretMarshal }

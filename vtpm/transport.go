@@ -9,7 +9,9 @@ import (
 	"net/url"
 	"strings"
 	"sync"
+	"time"
 
+	"github.com/google/go-tpm/tpm2"
 	"github.com/google/go-tpm/tpm2/transport"
 	"github.com/google/go-tpm/tpm2/transport/linuxtpm"
 )
@@ -57,7 +59,7 @@ func Open(ctx context.Context, uri string, opts ...OpenOption) (transport.TPMClo
 		if err != nil {
 			return nil, fmt.Errorf("open TPM %q: %w: %v", uri, ErrTPMUnavailable, err)
 		}
-		return &lockedTPM{tpm: t}, nil
+		return &lockedTPM{tpm: t}, nil // the kernel driver retries TPM_RC_RETRY itself
 	case "swtpm+tcp":
 		if u.Host == "" {
 			return nil, fmt.Errorf("open TPM %q: %w: swtpm+tcp URI needs host:port", uri, ErrBadURI)
@@ -109,9 +111,37 @@ type streamTPM struct {
 // NewStreamTPM wraps a connected stream that carries raw TPM commands.
 func NewStreamTPM(c io.ReadWriteCloser) transport.TPMCloser { return &streamTPM{conn: c} }
 
+// Send sends one command. Responses TPM_RC_RETRY, TPM_RC_YIELDED and
+// TPM_RC_TESTING mean the TPM did not start the command; it is resent
+// unchanged, as the kernel's TPM driver does for /dev/tpmrm0. libtpms
+// answers TPM_RC_RETRY, for example, to the first authorization failure
+// after a start, while it records the dictionary-attack state.
 func (s *streamTPM) Send(cmd []byte) ([]byte, error) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
+	for attempt := 0; ; attempt++ {
+		rsp, err := s.roundTrip(cmd)
+		if err != nil || attempt >= maxRetries || !isRetryRC(rsp) {
+			return rsp, err
+		}
+		time.Sleep(time.Duration(attempt+1) * time.Millisecond)
+	}
+}
+
+const maxRetries = 20
+
+func isRetryRC(rsp []byte) bool {
+	if len(rsp) < 10 {
+		return false
+	}
+	switch binary.BigEndian.Uint32(rsp[6:10]) {
+	case uint32(tpm2.TPMRCRetry), uint32(tpm2.TPMRCYielded), uint32(tpm2.TPMRCTesting):
+		return true
+	}
+	return false
+}
+
+func (s *streamTPM) roundTrip(cmd []byte) ([]byte, error) {
 	if _, err := s.conn.Write(cmd); err != nil {
 		return nil, fmt.Errorf("send TPM command: %w: %v", ErrTPMUnavailable, err)
 	}

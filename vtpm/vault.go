@@ -336,4 +336,3 @@ func (v *Vault) envelopeAEAD() (cipher.AEAD, error) {
 	}
 	return v.aead, nil
 }
-
