@@ -16,53 +16,8 @@ import (
 	"github.com/google/go-tpm/tpm2/transport"
 
 	"github.com/vtpmm/vtpmm/vtpm"
-	"github.com/vtpmm/vtpmm/vtpm/emuhost"
+	"github.com/vtpmm/vtpmm/vtpm/tpmtest"
 )
-
-// testHost starts an emulated host TPM and opens it; cleanup checks for
-// leaked handles, closes and stops.
-func testHost(t *testing.T, name string) (*emuhost.Host, transport.TPMCloser) {
-	t.Helper()
-	ctx := context.Background()
-	h, err := emuhost.Start(ctx, emuhost.Config{Dir: t.TempDir(), Name: name})
-	if err != nil {
-		t.Fatalf("start emulated host %s: %v", name, err)
-	}
-	tpm, err := vtpm.Open(ctx, h.URI())
-	if err != nil {
-		_ = h.Stop(ctx)
-		t.Fatalf("open %s: %v", h.URI(), err)
-	}
-	t.Cleanup(func() {
-		checkNoLeaks(t, tpm)
-		tpm.Close()
-		_ = h.Stop(ctx)
-	})
-	return h, tpm
-}
-
-// checkNoLeaks fails the test when transient objects or sessions are left
-// in the TPM: swtpm has 3 object slots and no resource manager.
-func checkNoLeaks(t testing.TB, tpm transport.TPM) {
-	t.Helper()
-	for _, first := range []tpm2.TPMHandle{0x80000000, 0x02000000, 0x03000000} {
-		rsp, err := tpm2.GetCapability{Capability: tpm2.TPMCapHandles, Property: uint32(first), PropertyCount: 64}.Execute(tpm)
-		if err != nil {
-			t.Errorf("leak check: %v", err)
-			return
-		}
-		hs, err := rsp.CapabilityData.Data.Handles()
-		if err != nil {
-			t.Errorf("leak check: %v", err)
-			return
-		}
-		for _, h := range hs.Handle {
-			if uint32(h)&0xff000000 == uint32(first)&0xff000000 {
-				t.Errorf("TPM handle leaked: 0x%08x", uint32(h))
-			}
-		}
-	}
-}
 
 func extendPCR(t *testing.T, tpm transport.TPM, pcr int, data string) {
 	t.Helper()
@@ -85,8 +40,8 @@ func predictExtend(cur []byte, data string) []byte {
 func TestVaultBoundToTPMAndBootState(t *testing.T) {
 	t.Parallel()
 	ctx := context.Background()
-	hostA, tpmA := testHost(t, "host-a")
-	_, tpmB := testHost(t, "host-b")
+	_, tpmA := tpmtest.NewHost(t)
+	_, tpmB := tpmtest.NewHost(t)
 	dir := t.TempDir()
 	cfg := vtpm.VaultConfig{Dir: dir}
 
@@ -113,7 +68,6 @@ func TestVaultBoundToTPMAndBootState(t *testing.T) {
 		t.Fatalf("key ID changed: %s != %s", v2.KeyID(), id)
 	}
 	v2.Close()
-	_ = hostA
 
 	// A copy of the data directory on another host's TPM.
 	copyDir := t.TempDir()
@@ -145,7 +99,7 @@ func TestVaultBoundToTPMAndBootState(t *testing.T) {
 func TestVaultResealForPlannedUpdate(t *testing.T) {
 	t.Parallel()
 	ctx := context.Background()
-	_, tpm := testHost(t, "host-a")
+	_, tpm := tpmtest.NewHost(t)
 	cfg := vtpm.VaultConfig{Dir: t.TempDir(), PCRs: vtpm.PCRSelection{PCRs: []int{7, 9}}}
 	v, err := vtpm.InitVault(ctx, tpm, cfg, vtpm.InitOptions{})
 	if err != nil {
@@ -191,7 +145,7 @@ func TestVaultResealForPlannedUpdate(t *testing.T) {
 func TestVaultRecoveryKey(t *testing.T) {
 	t.Parallel()
 	ctx := context.Background()
-	_, tpm := testHost(t, "host-a")
+	_, tpm := tpmtest.NewHost(t)
 	cfg := vtpm.VaultConfig{Dir: t.TempDir(), PCRs: vtpm.PCRSelection{PCRs: []int{7}}}
 	rk, err := vtpm.NewRecoveryKey(bytes.NewReader(bytes.Repeat([]byte{7}, 32)))
 	if err != nil {

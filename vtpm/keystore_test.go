@@ -1,0 +1,180 @@
+package vtpm_test
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+
+	"github.com/vtpmm/vtpmm/vtpm"
+	"github.com/vtpmm/vtpmm/vtpm/tpmtest"
+)
+
+const vm1 = "0e2e0e2e-0000-4000-8000-000000000001"
+
+func TestKeyStoreLifecycle(t *testing.T) {
+	t.Parallel()
+	ctx := context.Background()
+	_, tpm := tpmtest.NewHost(t)
+	dir := t.TempDir()
+	v, err := vtpm.InitVault(ctx, tpm, vtpm.VaultConfig{Dir: dir}, vtpm.InitOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer v.Close()
+	ks, err := vtpm.NewKeyStore(dir, "host-a", v)
+	if err != nil {
+		t.Fatal(err)
+	}
+	k, gen, err := ks.Create(ctx, vm1)
+	if err != nil || gen != 1 {
+		t.Fatalf("Create: gen %d, %v", gen, err)
+	}
+	if _, _, err := ks.Create(ctx, vm1); !errors.Is(err, vtpm.ErrKeyExists) {
+		t.Fatalf("second Create: %v", err)
+	}
+	got, g2, err := ks.Get(ctx, vm1)
+	if err != nil || g2 != 1 || !got.Equal(k) {
+		t.Fatalf("Get: gen %d equal %v err %v", g2, got.Equal(k), err)
+	}
+	st, err := os.Stat(filepath.Join(dir, "keys", vm1+".key"))
+	if err != nil || st.Mode().Perm() != 0o600 {
+		t.Fatalf("key file mode %v, %v", st.Mode(), err)
+	}
+	// Generations only go up.
+	if err := ks.Put(ctx, vm1, 1, k); !errors.Is(err, vtpm.ErrStaleGeneration) {
+		t.Fatalf("Put at the same generation: %v", err)
+	}
+	if err := ks.Put(ctx, vm1, 5, k); err != nil {
+		t.Fatalf("Put gen 5: %v", err)
+	}
+	if err := ks.Delete(ctx, vm1); err != nil {
+		t.Fatalf("Delete: %v", err)
+	}
+	if _, _, err := ks.Get(ctx, vm1); !errors.Is(err, vtpm.ErrKeyNotFound) {
+		t.Fatalf("Get after delete: %v", err)
+	}
+	// The high-water mark outlives the key: an old copy is never taken back.
+	if err := ks.Put(ctx, vm1, 4, k); !errors.Is(err, vtpm.ErrStaleGeneration) {
+		t.Fatalf("Put of a stale generation after delete: %v", err)
+	}
+	if _, gen, err := ks.Create(ctx, vm1); err != nil || gen != 6 {
+		t.Fatalf("re-Create: gen %d, %v", gen, err)
+	}
+	list, err := ks.List(ctx)
+	if err != nil || len(list) != 1 || list[0].Generation != 6 || list[0].KeyID != v.KeyID() {
+		t.Fatalf("List: %+v %v", list, err)
+	}
+}
+
+func TestEnvelopeBindings(t *testing.T) {
+	t.Parallel()
+	ctx := context.Background()
+	_, tpm := tpmtest.NewHost(t)
+	v, err := vtpm.InitVault(ctx, tpm, vtpm.VaultConfig{Dir: t.TempDir()}, vtpm.InitOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer v.Close()
+	other, err := vtpm.InitVault(ctx, tpm, vtpm.VaultConfig{Dir: t.TempDir()}, vtpm.InitOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer other.Close()
+	k, _ := vtpm.NewVMKey(nil2rand{})
+	env, err := v.SealVMKey("host-a", vm1, 3, k)
+	if err != nil {
+		t.Fatal(err)
+	}
+	tamper := func(f func(e *vtpm.Envelope)) *vtpm.Envelope {
+		c := *env
+		c.Ciphertext = append([]byte(nil), env.Ciphertext...)
+		f(&c)
+		return &c
+	}
+	tests := []struct {
+		name  string
+		vault *vtpm.Vault
+		env   *vtpm.Envelope
+		host  string
+		vm    string
+		want  error
+	}{
+		{"ok", v, env, "host-a", vm1, nil},
+		{"other vault", other, env, "host-a", vm1, vtpm.ErrWrongKey},
+		{"other host", v, env, "host-b", vm1, vtpm.ErrWrongKey},
+		{"other VM", v, env, "host-a", "0e2e0e2e-0000-4000-8000-000000000002", vtpm.ErrWrongKey},
+		{"generation rolled back", v, tamper(func(e *vtpm.Envelope) { e.Generation = 2 }), "host-a", vm1, vtpm.ErrCorrupt},
+		{"flipped ciphertext bit", v, tamper(func(e *vtpm.Envelope) { e.Ciphertext[0] ^= 1 }), "host-a", vm1, vtpm.ErrCorrupt},
+	}
+	for _, tc := range tests {
+		t.Run(tc.name, func(t *testing.T) {
+			got, err := tc.vault.OpenVMKey(tc.env, tc.host, tc.vm)
+			if !errors.Is(err, tc.want) {
+				t.Fatalf("got %v, want %v", err, tc.want)
+			}
+			if err == nil && !got.Equal(k) {
+				t.Fatal("opened a different key")
+			}
+			if err != nil {
+				t.Logf("%v", err)
+			}
+		})
+	}
+	v.Close()
+	if _, err := v.OpenVMKey(env, "host-a", vm1); !errors.Is(err, vtpm.ErrVaultLocked) {
+		t.Fatalf("after Close: %v", err)
+	}
+}
+
+type nil2rand struct{}
+
+func (nil2rand) Read(p []byte) (int, error) {
+	for i := range p {
+		p[i] = byte(i*7 + 3)
+	}
+	return len(p), nil
+}
+
+func TestSecretsRefuseToPrintOrMarshal(t *testing.T) {
+	k, err := vtpm.NewVMKey(nil2rand{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	pass := string(k.Passphrase())
+	for _, s := range []string{fmt.Sprint(k), fmt.Sprintf("%v %+v %#v %s %x %q", k, k, k, k, k, k), fmt.Sprintf("%v", &k)} {
+		if s == "" || containsAny(s, pass, pass[:16]) {
+			t.Fatalf("key material printed: %q", s)
+		}
+	}
+	if _, err := json.Marshal(k); !errors.Is(err, vtpm.ErrSecretMarshal) {
+		t.Fatalf("json.Marshal(VMKey): %v", err)
+	}
+	if _, err := json.Marshal(struct{ K vtpm.VMKey }{k}); !errors.Is(err, vtpm.ErrSecretMarshal) {
+		t.Fatalf("json.Marshal(struct with VMKey): %v", err)
+	}
+	rk, _ := vtpm.NewRecoveryKey(nil2rand{})
+	if s := fmt.Sprintf("%v %s %+v", rk, rk, rk); containsAny(s, rk.Reveal()[:8]) {
+		t.Fatalf("recovery key printed: %q", s)
+	}
+	if _, err := json.Marshal(rk); !errors.Is(err, vtpm.ErrSecretMarshal) {
+		t.Fatalf("json.Marshal(RecoveryKey): %v", err)
+	}
+	if len(pass) != 64 {
+		t.Fatalf("passphrase is %d chars, want 64 hex", len(pass))
+	}
+	k.Destroy()
+}
+
+func containsAny(s string, subs ...string) bool {
+	for _, sub := range subs {
+		if sub != "" && strings.Contains(s, sub) {
+			return true
+		}
+	}
+	return false
+}
