@@ -92,6 +92,10 @@ func Start(ctx context.Context, cfg Config) (*Host, error) {
 	if err != nil {
 		return nil, fmt.Errorf("emuhost start: %w: %v", ErrBadConfig, err)
 	}
+	if strings.ContainsAny(dir, ",=") {
+		// swtpm's option syntax (dir=...,mode=...) cannot quote these.
+		return nil, fmt.Errorf("emuhost start: %w: Dir %q contains ',' or '=', which swtpm cannot parse", ErrBadConfig, dir)
+	}
 	cfg.Dir = dir
 	if len(cfg.PCRBanks) == 0 {
 		cfg.PCRBanks = DefaultPCRBanks()

@@ -364,6 +364,7 @@ func TestStartErrors(t *testing.T) {
 	}{
 		{"no dir", emuhost.Config{Name: "x"}, emuhost.ErrBadConfig},
 		{"no name", emuhost.Config{Dir: t.TempDir()}, emuhost.ErrBadConfig},
+		{"comma in dir", emuhost.Config{Dir: t.TempDir() + "/a,b", Name: "x"}, emuhost.ErrBadConfig},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			t.Parallel()

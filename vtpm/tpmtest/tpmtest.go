@@ -7,6 +7,7 @@ package tpmtest
 import (
 	"context"
 	"fmt"
+	"os"
 	"testing"
 	"time"
 
@@ -105,7 +106,14 @@ func NewHost(t testing.TB) (*emuhost.Host, transport.TPMCloser) {
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
 	defer cancel()
-	h, err := emuhost.Start(ctx, emuhost.Config{Dir: t.TempDir(), Name: "test-host"})
+	// Not t.TempDir(): subtest names may put ',' into the path, which swtpm's
+	// option syntax cannot carry, and long paths break unix sockets.
+	dir, err := os.MkdirTemp("/tmp", "tpmtest-")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = os.RemoveAll(dir) })
+	h, err := emuhost.Start(ctx, emuhost.Config{Dir: dir, Name: "test-host"})
 	if err != nil {
 		t.Fatalf("tpmtest: %v", err)
 	}
