@@ -1,0 +1,127 @@
+package main
+
+import (
+	"bytes"
+	"context"
+	"encoding/json"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+)
+
+const td = "../../attest/testdata"
+
+func TestAttestCommands(t *testing.T) {
+	nonceHex, err := os.ReadFile(filepath.Join(td, "synthetic", "nonce.hex"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	nonce := strings.TrimSpace(string(nonceHex))
+	syn := func(f string) string { return filepath.Join(td, "synthetic", f) }
+	real := func(f string) string { return filepath.Join(td, "realworld", f) }
+	at := "--at=2026-11-21T12:00:00Z"
+	// A tampered copy of the evidence: another nonce than the one issued.
+	evGood, err := os.ReadFile(syn("evidence.json"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	dir := t.TempDir()
+	garbage := filepath.Join(dir, "garbage.json")
+	if err := os.WriteFile(garbage, evGood[:len(evGood)/3], 0o600); err != nil {
+		t.Fatal(err)
+	}
+	verify := []string{"evidence", "verify", syn("evidence.json"), "--policy", syn("policy.yaml"), "--roots", syn("roots"), "--enrollments", syn("enrollments.json"), at}
+
+	tests := []struct {
+		name       string
+		args       []string
+		wantCode   int
+		wantOut    []string
+		wantErrOut []string
+	}{
+		{"ek verify stm with sha1", []string{"ek", "verify", real("ekcerts/stm/ab21ccf2-tpmcert.pem"), "--roots", real("roots"), "--allow-sha1"}, 0,
+			[]string{"STM TPM EK Intermediate CA 02", "trust anchor"}, nil},
+		{"ek verify stm sha1 refused", []string{"ek", "verify", real("ekcerts/stm/ab21ccf2-tpmcert.pem"), "--roots", real("roots")}, 2,
+			nil, []string{"rule ek-signature", "SHA-1"}},
+		{"ek verify ifx NV header", []string{"ek", "verify", real("ekcerts/ifx-tpm12/ek_cert_with_security_assertions.cer"), "--roots", real("roots"), "--allow-sha1"}, 0,
+			[]string{"IFX TPM EK Intermediate CA 08"}, nil},
+		{"ek verify gce untrusted", []string{"ek", "verify", real("ekcerts/gce/pca_tpm_rsa_enc_cert.pem"), "--roots", real("roots")}, 2,
+			nil, []string{"rule ek-chain", "does not chain to a trusted root"}},
+		{"ek verify missing roots flag", []string{"ek", "verify", real("ekcerts/gce/pca_tpm_rsa_enc_cert.pem")}, 1, nil, []string{"roots"}},
+		{"eventlog replay table with events", []string{"eventlog", "replay", real("eventlogs/debian-10.bin"), "--events"}, 0,
+			[]string{"legacy SHA-1 event log, 25 events", "sha1  7", "EV_EFI_VARIABLE_DRIVER_CONFIG", "SecureBoot"}, nil},
+		{"eventlog replay garbage", []string{"eventlog", "replay", garbage}, 1, nil, []string{"malformed event log"}},
+		{"eventlog golden", []string{"eventlog", "golden", real("eventlogs/debian-10.bin"), "--bank", "sha1"}, 0,
+			[]string{"require_secure_boot: true", "bank: sha1"}, nil},
+		{"evidence verify explain", append(append([]string{}, verify...), "--nonce", nonce, "--explain"), 0,
+			[]string{"PASS ek-chain", "PASS secure-boot", "host-b: attestation passed"}, nil},
+		{"evidence verify without nonce warns", verify, 0, []string{"attestation passed"}, []string{"freshness is NOT checked"}},
+		{"evidence verify other nonce", append(append([]string{}, verify...), "--nonce", strings.Repeat("ab", 32), "--explain"), 2,
+			[]string{"FAIL nonce"}, []string{"host-b: rule nonce:"}},
+		{"evidence verify not enrolled", []string{"evidence", "verify", syn("evidence.json"), "--policy", syn("policy.yaml"), "--roots", syn("roots"), "--nonce", nonce, at}, 2,
+			nil, []string{"host-b: rule ak-activation: AK"}},
+		{"evidence verify untrusted roots", []string{"evidence", "verify", syn("evidence.json"), "--policy", syn("policy.yaml"), "--roots", real("roots"), "--enrollments", syn("enrollments.json"), "--nonce", nonce, at}, 2,
+			nil, []string{"host-b: rule ek-chain"}},
+		{"evidence verify stale", []string{"evidence", "verify", syn("evidence.json"), "--policy", syn("policy.yaml"), "--roots", syn("roots"), "--enrollments", syn("enrollments.json"), "--nonce", nonce, "--at=2026-11-21T13:00:00Z"}, 2,
+			nil, []string{"rule evidence-age"}},
+		{"evidence verify garbage", []string{"evidence", "verify", garbage, "--policy", syn("policy.yaml"), at}, 1,
+			nil, []string{"rule evidence-format"}},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			var out, errOut bytes.Buffer
+			err := Run(context.Background(), tt.args, &out, &errOut)
+			if code := exitCode(err); code != tt.wantCode {
+				t.Fatalf("exit %d, want %d (err %v)\nstdout:\n%s\nstderr:\n%s", code, tt.wantCode, err, out.String(), errOut.String())
+			}
+			for _, w := range tt.wantOut {
+				if !strings.Contains(out.String(), w) {
+					t.Errorf("stdout lacks %q:\n%s", w, out.String())
+				}
+			}
+			for _, w := range tt.wantErrOut {
+				if !strings.Contains(errOut.String(), w) {
+					t.Errorf("stderr lacks %q:\n%s", w, errOut.String())
+				}
+			}
+		})
+	}
+}
+
+// TestEventlogReplayJSONMatchesGroundTruth checks the -o json form against
+// the quoted PCRs of the real GCE attestation.
+func TestEventlogReplayJSONMatchesGroundTruth(t *testing.T) {
+	var out, errOut bytes.Buffer
+	if err := Run(context.Background(), []string{"eventlog", "replay", filepath.Join(td, "realworld/attestations/extracted/gce-cos-85.eventlog.bin"), "-o", "json"}, &out, &errOut); err != nil {
+		t.Fatalf("%v: %s", err, errOut.String())
+	}
+	var got map[string]map[string]string
+	if err := json.Unmarshal(out.Bytes(), &got); err != nil {
+		t.Fatalf("%v\n%s", err, out.String())
+	}
+	data, err := os.ReadFile(filepath.Join(td, "realworld/expected-pcrs.json"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	var truth struct {
+		Entries []map[string]json.RawMessage `json:"entries"`
+	}
+	if err := json.Unmarshal(data, &truth); err != nil {
+		t.Fatal(err)
+	}
+	for _, bank := range []string{"sha1", "sha256", "sha384"} {
+		var want map[string]string
+		if err := json.Unmarshal(truth.Entries[0][bank], &want); err != nil {
+			t.Fatal(err)
+		}
+		if len(got[bank]) != 10 {
+			t.Errorf("%s: %d PCRs, want 10 (PCR 0-9)", bank, len(got[bank]))
+		}
+		for pcr, w := range want {
+			if got[bank][pcr] != w {
+				t.Errorf("%s PCR %s: %s, want %s", bank, pcr, got[bank][pcr], w)
+			}
+		}
+	}
+}
