@@ -213,3 +213,27 @@ func TestParseEventLogMalformed(t *testing.T) {
 		})
 	}
 }
+
+// TestStartupLocality: the glinux-alex laptop log starts with a
+// StartupLocality 3 EV_NO_ACTION event; PCR 0 must start at 00..03 or the
+// replay misses the ground truth.
+func TestStartupLocality(t *testing.T) {
+	l := readLog(t, "eventlogs/glinux-alex.bin")
+	if l.startupLocality != 3 {
+		t.Fatalf("startup locality %d, want 3", l.startupLocality)
+	}
+	var want expectedEntry
+	for _, e := range loadExpected(t) {
+		if e.Files[0] == "eventlogs/glinux-alex.bin" {
+			want = e
+		}
+	}
+	truth := want.want()["sha256"][0]
+	if got := l.Replay()["sha256"][0]; string(got) != string(truth) {
+		t.Fatalf("PCR 0 %x, want %x", got, truth)
+	}
+	l.startupLocality = 0
+	if got := l.Replay()["sha256"][0]; string(got) == string(truth) {
+		t.Fatal("PCR 0 does not depend on the startup locality")
+	}
+}
