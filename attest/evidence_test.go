@@ -3,6 +3,8 @@ package attest
 import (
 	"bytes"
 	"context"
+	"crypto/ecdsa"
+	"crypto/elliptic"
 	"crypto/rand"
 	"encoding/hex"
 	"encoding/json"
@@ -249,5 +251,41 @@ func TestWriteFixtures(t *testing.T) {
 		if err := os.WriteFile(filepath.Join(dir, name), b, 0o644); err != nil {
 			t.Fatal(err)
 		}
+	}
+}
+
+// TestActivationECCP384EK: swtpm_setup creates an ECC P-384 EK next to the
+// RSA-2048 one; both must be usable for activation.
+func TestActivationECCP384EK(t *testing.T) {
+	h := newFakeHost(t)
+	k, err := ecdsa.GenerateKey(elliptic.P384(), rand.Reader)
+	if err != nil {
+		t.Fatal(err)
+	}
+	b, _ := k.PublicKey.ECDH()
+	raw := b.Bytes()
+	ek := tpm2.TPMTPublic{
+		Type: tpm2.TPMAlgECC, NameAlg: tpm2.TPMAlgSHA384,
+		ObjectAttributes: tpm2.TPMAObject{FixedTPM: true, FixedParent: true, SensitiveDataOrigin: true, AdminWithPolicy: true,
+			Restricted: true, Decrypt: true},
+		AuthPolicy: tpm2.TPM2BDigest{Buffer: make([]byte, 48)},
+		Parameters: tpm2.NewTPMUPublicParms(tpm2.TPMAlgECC, &tpm2.TPMSECCParms{
+			Symmetric: tpm2.TPMTSymDefObject{Algorithm: tpm2.TPMAlgAES, KeyBits: tpm2.NewTPMUSymKeyBits(tpm2.TPMAlgAES, tpm2.TPMKeyBits(256)),
+				Mode: tpm2.NewTPMUSymMode(tpm2.TPMAlgAES, tpm2.TPMAlgCFB)},
+			CurveID: tpm2.TPMECCNistP384,
+			KDF:     tpm2.TPMTKDFScheme{Scheme: tpm2.TPMAlgNull},
+		}),
+		Unique: tpm2.NewTPMUPublicID(tpm2.TPMAlgECC, &tpm2.TPMSECCPoint{
+			X: tpm2.TPM2BECCParameter{Buffer: raw[1:49]}, Y: tpm2.TPM2BECCParameter{Buffer: raw[49:]}}),
+	}
+	ch, err := NewActivationChallenge(rand.Reader, tpm2.Marshal(ek), tpm2.Marshal(h.akPub))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(ch.EncryptedSecret) != 2+48+2+48 { // TPMS_ECC_POINT of the ephemeral key
+		t.Fatalf("encrypted secret %d bytes", len(ch.EncryptedSecret))
+	}
+	if err := VerifyActivation(ch, ch.secret); err != nil {
+		t.Fatal(err)
 	}
 }

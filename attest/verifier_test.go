@@ -241,3 +241,58 @@ func BenchmarkVerify(b *testing.B) {
 	}
 	b.ReportMetric(float64(b.N)/b.Elapsed().Seconds(), "verifications/s")
 }
+
+// TestVerifyEnrolledEKWithoutCertificate: a TPM without a usable EK
+// certificate is accepted only through its enrolment record.
+func TestVerifyEnrolledEKWithoutCertificate(t *testing.T) {
+	h := newFakeHost(t)
+	nonce := testNonce(1)
+	for _, tc := range []struct {
+		name     string
+		enrolled bool
+		wantErr  error
+	}{{"enrolled", true, nil}, {"not enrolled", false, ErrAKNotActivated}} {
+		t.Run(tc.name, func(t *testing.T) {
+			v := h.verifier(t)
+			v.Roots = nil
+			if !tc.enrolled {
+				v.Enrollments = &MemoryEnrollments{}
+			}
+			ev := h.evidence(t, nonce)
+			ev.EKCert = nil
+			res, err := v.Verify(context.Background(), ev, nonce)
+			if !errors.Is(err, tc.wantErr) && !(tc.wantErr == nil && err == nil) {
+				t.Fatalf("err = %v, want %v", err, tc.wantErr)
+			}
+			if res.Steps[3].Rule != RuleEKChain || res.Steps[3].Outcome != "skip" {
+				t.Fatalf("step 3 = %+v, want skipped ek-chain", res.Steps[3])
+			}
+		})
+	}
+}
+
+func TestNonceBook(t *testing.T) {
+	now := testNow
+	book := &NonceBook{TTL: time.Minute, Clock: func() time.Time { return now }, Rand: constReader(1)}
+	n1, err := book.Issue()
+	if err != nil {
+		t.Fatal(err)
+	}
+	book.Rand = constReader(2)
+	n2, err := book.Issue()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := book.Consume(n1); err != nil {
+		t.Fatalf("fresh nonce: %v", err)
+	}
+	for name, n := range map[string][]byte{"reused": n1, "never issued": testNonce(9)} {
+		if err := book.Consume(n); !errors.Is(err, ErrStaleEvidence) {
+			t.Errorf("%s: err = %v, want ErrStaleEvidence", name, err)
+		}
+	}
+	now = now.Add(2 * time.Minute)
+	if err := book.Consume(n2); !errors.Is(err, ErrStaleEvidence) {
+		t.Fatalf("expired: err = %v", err)
+	}
+}
