@@ -71,6 +71,8 @@ func (s *RootStore) Len() int { return len(s.certs) }
 // LoadRootStore loads every .crt .cer .pem .der file of each directory
 // (not recursive). A file may hold several PEM blocks, text around them,
 // plain DER or DER with the TCG NV header. Any unparseable file is an error.
+// Certificates whose basicConstraints say cA=false are skipped, so a
+// directory that also holds leaf certificates does not trust them.
 func LoadRootStore(dirs ...string) (*RootStore, error) {
 	s := &RootStore{}
 	for _, dir := range dirs {
@@ -94,6 +96,9 @@ func LoadRootStore(dirs ...string) (*RootStore, error) {
 				return nil, fmt.Errorf("root store: %s: %w", p, err)
 			}
 			for _, c := range certs {
+				if c.HasBasicCons && !c.IsCA {
+					continue // an end-entity certificate is never an anchor
+				}
 				s.Add(c, p)
 			}
 		}

@@ -116,6 +116,22 @@ func TestVerifyEKRealWorld(t *testing.T) {
 	}
 }
 
+func TestLoadRootStoreSkipsLeaves(t *testing.T) {
+	// ekcerts/gce holds 5 CA certificates (2 roots, 3 intermediates) and 8 EK/AK leaves.
+	s := mustStore(t, filepath.Join(rw, "ekcerts", "gce"))
+	if s.Len() != 5 {
+		t.Fatalf("%d anchors, want the 5 CA certificates", s.Len())
+	}
+	leaf := mustCerts(t, filepath.Join(rw, "ekcerts", "gce", "uca_tpm_ecc_enc_cert.pem"))[0]
+	chain, err := s.VerifyEK(leaf, nil, CertPolicy{}, pinnedNow)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(chain) != 2 || chain[0].Anchor {
+		t.Fatalf("chain:\n%s", chain)
+	}
+}
+
 func TestVerifyEKTampered(t *testing.T) {
 	store := mustStore(t, filepath.Join(rw, "roots"))
 	orig := mustCerts(t, filepath.Join(rw, "ekcerts", "stm", "ab21ccf2-tpmcert.pem"))[0]
