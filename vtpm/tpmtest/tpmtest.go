@@ -95,11 +95,58 @@ func kind(h tpm2.TPMHandle) string {
 	return "handle"
 }
 
+// StartHost starts an emulated host TPM for the test (own swtpm, own CA,
+// state in a temporary directory) without connecting to it, and registers
+// cleanup that connects, checks for leaked handles and stops swtpm, even when
+// the test fails. Use it when the code under test opens the TPM itself:
+// swtpm serves one data connection at a time, a second one waits.
+func StartHost(t testing.TB) *emuhost.Host {
+	t.Helper()
+	h := startHost(t)
+	t.Cleanup(func() {
+		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+		defer cancel()
+		if tpm, err := vtpm.Open(ctx, h.URI()); err != nil {
+			t.Errorf("tpmtest: leak check: %v", err)
+		} else {
+			CheckNoLeaks(t, tpm)
+			_ = tpm.Close()
+		}
+		if err := h.Stop(ctx); err != nil {
+			t.Errorf("tpmtest: stop host: %v", err)
+		}
+	})
+	return h
+}
+
 // NewHost starts an emulated host TPM for the test (own swtpm, own CA, state
 // in a temporary directory), opens it with vtpm.Open and registers cleanup
 // that checks for leaked handles, closes the connection and stops swtpm, even
-// when the test fails. It fails the test if swtpm is not installed.
+// when the test fails. It fails the test if swtpm is not installed. Keep the
+// returned connection the only one: swtpm serves one at a time.
 func NewHost(t testing.TB) (*emuhost.Host, transport.TPMCloser) {
+	t.Helper()
+	h := startHost(t)
+	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+	defer cancel()
+	tpm, err := vtpm.Open(ctx, h.URI())
+	if err != nil {
+		_ = h.Stop(ctx)
+		t.Fatalf("tpmtest: %v", err)
+	}
+	t.Cleanup(func() {
+		CheckNoLeaks(t, tpm)
+		_ = tpm.Close()
+		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+		defer cancel()
+		if err := h.Stop(ctx); err != nil {
+			t.Errorf("tpmtest: stop host: %v", err)
+		}
+	})
+	return h, tpm
+}
+
+func startHost(t testing.TB) *emuhost.Host {
 	t.Helper()
 	if err := emuhost.Available(); err != nil {
 		t.Fatal(err)
@@ -118,19 +165,5 @@ func NewHost(t testing.TB) (*emuhost.Host, transport.TPMCloser) {
 		t.Fatalf("tpmtest: %v", err)
 	}
 	t.Logf("tpmtest: emulated host TPM at %s (manufactured in %v)", h.URI(), h.ProvisionTime())
-	tpm, err := vtpm.Open(ctx, h.URI())
-	if err != nil {
-		_ = h.Stop(ctx)
-		t.Fatalf("tpmtest: %v", err)
-	}
-	t.Cleanup(func() {
-		CheckNoLeaks(t, tpm)
-		_ = tpm.Close()
-		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
-		defer cancel()
-		if err := h.Stop(ctx); err != nil {
-			t.Errorf("tpmtest: stop host: %v", err)
-		}
-	})
-	return h, tpm
+	return h
 }
