@@ -42,7 +42,11 @@ type KeyInfo struct {
 }
 
 // NewKeyStore opens (creating if needed) the key store in dataDir/keys.
-func NewKeyStore(dataDir, hostID string, v *Vault) (*KeyStore, error) {
+// rand is the source of new VM keys; nil means crypto/rand.
+func NewKeyStore(dataDir, hostID string, v *Vault, rnd io.Reader) (*KeyStore, error) {
+	if rnd == nil {
+		rnd = rand.Reader
+	}
 	if hostID == "" {
 		return nil, fmt.Errorf("key store: empty host ID")
 	}
@@ -50,7 +54,7 @@ func NewKeyStore(dataDir, hostID string, v *Vault) (*KeyStore, error) {
 	if err := os.MkdirAll(dir, 0o700); err != nil {
 		return nil, fmt.Errorf("key store: %w", err)
 	}
-	return &KeyStore{dir: dir, hostID: hostID, vault: v, rand: rand.Reader, now: time.Now}, nil
+	return &KeyStore{dir: dir, hostID: hostID, vault: v, rand: rnd, now: time.Now}, nil
 }
 
 func (s *KeyStore) keyPath(vmID string) string  { return filepath.Join(s.dir, vmID+".key") }

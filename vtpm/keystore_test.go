@@ -26,7 +26,7 @@ func TestKeyStoreLifecycle(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer v.Close()
-	ks, err := vtpm.NewKeyStore(dir, "host-a", v)
+	ks, err := vtpm.NewKeyStore(dir, "host-a", v, nil)
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -141,7 +141,16 @@ func isRetryRC(rsp []byte) bool {
 	return false
 }
 
+// CommandTimeout bounds one command on a stream transport, so a TPM that
+// never answers (or a socket another client holds: swtpm serves one
+// connection at a time) fails instead of hanging. RSA key generation on a
+// discrete TPM can take 20 s; nothing vtpmm runs takes longer.
+const CommandTimeout = 2 * time.Minute
+
 func (s *streamTPM) roundTrip(cmd []byte) ([]byte, error) {
+	if d, ok := s.conn.(interface{ SetDeadline(time.Time) error }); ok {
+		_ = d.SetDeadline(time.Now().Add(CommandTimeout))
+	}
 	if _, err := s.conn.Write(cmd); err != nil {
 		return nil, fmt.Errorf("send TPM command: %w: %v", ErrTPMUnavailable, err)
 	}
