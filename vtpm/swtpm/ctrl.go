@@ -60,6 +60,17 @@ func (c Command) String() string {
 	return "CMD_" + strconv.Itoa(int(c))
 }
 
+// Capability bits of CMD_GET_CAPABILITY (PTM_CAP_*).
+const (
+	CapInit          = 0x0001
+	CapShutdown      = 0x0002
+	CapStoreVolatile = 0x0040
+	CapGetStateBlob  = 0x0100
+	CapSetStateBlob  = 0x0200
+	CapStop          = 0x0400
+	CapGetConfig     = 0x0800
+)
+
 // BlobType selects a state blob (PTM_BLOB_TYPE_*).
 type BlobType uint32
 

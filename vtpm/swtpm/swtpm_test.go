@@ -6,6 +6,7 @@ import (
 	"crypto/rand"
 	"crypto/sha256"
 	"errors"
+	"fmt"
 	"os"
 	"path/filepath"
 	"testing"
@@ -117,6 +118,25 @@ func TestEncryptedAtRest(t *testing.T) {
 	if err := p.Init(ctx); err != nil {
 		t.Fatal(err)
 	}
+	// The passphrase never shows in argv, the environment or the log.
+	for _, f := range []string{fmt.Sprintf("/proc/%d/cmdline", p.Pid()), fmt.Sprintf("/proc/%d/environ", p.Pid()), state + "-swtpm.log", state + "-swtpm_setup.log"} {
+		b, err := os.ReadFile(f)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if bytes.Contains(b, pass) {
+			t.Errorf("passphrase found in %s", f)
+		}
+	}
+	caps, err := p.Ctrl().GetCapability(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, c := range []uint64{swtpm.CapInit, swtpm.CapShutdown, swtpm.CapGetStateBlob, swtpm.CapSetStateBlob, swtpm.CapStop, swtpm.CapGetConfig} {
+		if caps&c == 0 {
+			t.Errorf("capability %#x missing from %#x", c, caps)
+		}
+	}
 	cfg, err := p.Ctrl().GetConfig(ctx)
 	if err != nil {
 		t.Fatal(err)
@@ -130,6 +150,18 @@ func TestEncryptedAtRest(t *testing.T) {
 	}
 	extend(t, tpm, 16, "x")
 	tpm.Close()
+	// swtpm hands out state blobs only while the TPM runs.
+	b, err := p.Ctrl().GetStateBlob(ctx, swtpm.BlobPermanent)
+	if err != nil || !b.Encrypted {
+		t.Fatalf("GetStateBlob = encrypted %v, %v", b.Encrypted, err)
+	}
+	if err := p.Ctrl().Stop(ctx); err != nil {
+		t.Fatal(err)
+	}
+	var re *swtpm.ResultError
+	if _, err := p.Ctrl().GetStateBlob(ctx, swtpm.BlobPermanent); !errors.As(err, &re) || re.Code != 0x0a {
+		t.Errorf("GetStateBlob on a stopped TPM = %v, want TPM_BAD_ORDINAL", err)
+	}
 	if err := p.Stop(ctx); err != nil {
 		t.Fatal(err)
 	}
