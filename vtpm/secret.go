@@ -3,6 +3,7 @@ package vtpm
 import (
 	"crypto/aes"
 	"crypto/cipher"
+	"crypto/rand"
 	"crypto/hkdf"
 	"crypto/sha256"
 	"encoding/hex"
@@ -15,7 +16,11 @@ import (
 // that copies are not scattered through memory, and wiped when done.
 type secret32 [32]byte
 
+// newSecret32 draws 32 bytes from r (crypto/rand when r is nil).
 func newSecret32(r io.Reader) (*secret32, error) {
+	if r == nil {
+		r = rand.Reader
+	}
 	var s secret32
 	if _, err := io.ReadFull(r, s[:]); err != nil {
 		return nil, fmt.Errorf("generate key: %w", err)
@@ -64,7 +69,7 @@ type VMKey struct {
 	k *secret32
 }
 
-// NewVMKey generates a random VM key.
+// NewVMKey generates a random VM key from r (crypto/rand when nil).
 func NewVMKey(r io.Reader) (VMKey, error) {
 	s, err := newSecret32(r)
 	if err != nil {
@@ -123,7 +128,7 @@ type RecoveryKey struct {
 	k *secret32
 }
 
-// NewRecoveryKey generates a random recovery key.
+// NewRecoveryKey generates a random recovery key from r (crypto/rand when nil).
 func NewRecoveryKey(r io.Reader) (*RecoveryKey, error) {
 	s, err := newSecret32(r)
 	if err != nil {

@@ -40,26 +40,6 @@ func (r *recordingRand) Read(p []byte) (int, error) {
 	return n, err
 }
 
-// startHost starts an emulated host TPM that the agent opens itself (swtpm
-// serves one connection at a time). Cleanup checks the TPM for leaked
-// handles once the agent is gone.
-func startHost(t *testing.T) *emuhost.Host {
-	t.Helper()
-	ctx := context.Background()
-	h, err := emuhost.Start(ctx, emuhost.Config{Dir: t.TempDir(), Name: "host-a"})
-	if err != nil {
-		t.Fatalf("emulated host: %v", err)
-	}
-	t.Cleanup(func() {
-		if tpm, err := vtpm.Open(ctx, h.URI()); err == nil {
-			tpmtest.CheckNoLeaks(t, tpm)
-			tpm.Close()
-		}
-		_ = h.Stop(ctx)
-	})
-	return h
-}
-
 func testConfig(t *testing.T, h *emuhost.Host) agent.Config {
 	cfg := agent.DefaultConfig()
 	cfg.HostID = "host-a"
@@ -82,7 +62,7 @@ func shortRunDir(t *testing.T) string {
 func TestAgentLifecycleAndNoPlaintextKeys(t *testing.T) {
 	t.Parallel()
 	ctx := context.Background()
-	h := startHost(t)
+	h := tpmtest.StartHost(t)
 	cfg := testConfig(t, h)
 	var logs bytes.Buffer
 	log := logrus.New()
@@ -214,7 +194,7 @@ func encodings(k []byte) map[string][]byte {
 func TestAgentRefusesCopiedDataDir(t *testing.T) {
 	t.Parallel()
 	ctx := context.Background()
-	hA, hB := startHost(t), startHost(t)
+	hA, hB := tpmtest.StartHost(t), tpmtest.StartHost(t)
 	cfg := testConfig(t, hA)
 	if _, err := agent.Init(ctx, cfg, agent.Options{}, agent.InitOptions{}); err != nil {
 		t.Fatal(err)

@@ -1,0 +1,229 @@
+package main
+
+import (
+	"bufio"
+	"bytes"
+	"context"
+	"crypto/rand"
+	"encoding/hex"
+	"errors"
+	"flag"
+	"fmt"
+	"io"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"time"
+
+	"github.com/vtpmm/vtpmm/vtpm/emuhost"
+	"github.com/vtpmm/vtpmm/vtpm/swtpm"
+)
+
+type demo struct {
+	bin, work       string
+	goodLog, badLog string
+	keep            bool
+	out, errw       io.Writer
+	step            int
+	start           time.Time
+	hosts           []*emuhost.Host
+}
+
+func newDemo(args []string, stdout, stderr io.Writer) (*demo, error) {
+	fs := flag.NewFlagSet("vtpmm-demo", flag.ContinueOnError)
+	fs.SetOutput(stderr)
+	d := &demo{out: stdout, errw: stderr, start: time.Now()}
+	fs.StringVar(&d.bin, "bin", "bin", "directory holding vtpmd and vtpmm-guest")
+	fs.StringVar(&d.work, "work", "", "work directory (default: a new one under /tmp)")
+	fs.StringVar(&d.goodLog, "boot-log", "vtpm/emuhost/testdata/gce-cos-85.eventlog.bin", "TCG event log the hosts boot with (crypto-agile, SHA-256 bank)")
+	fs.StringVar(&d.badLog, "tampered-log", "attest/testdata/realworld/eventlogs/ubuntu-2104-no-secure-boot.bin", "event log of a tampered boot")
+	fs.BoolVar(&d.keep, "keep", false, "keep the work directory")
+	if err := fs.Parse(args); err != nil {
+		return nil, err
+	}
+	for _, b := range []string{"vtpmd", "vtpmm-guest"} {
+		if _, err := os.Stat(filepath.Join(d.bin, b)); err != nil {
+			return nil, fmt.Errorf("%s not found in %s (run 'make build'): %w", b, d.bin, err)
+		}
+	}
+	if d.work == "" {
+		w, err := os.MkdirTemp("/tmp", "vtpmm-demo-")
+		if err != nil {
+			return nil, err
+		}
+		d.work = w
+	}
+	var err error
+	if d.bin, err = filepath.Abs(d.bin); err != nil {
+		return nil, err
+	}
+	return d, nil
+}
+
+func (d *demo) cleanup() {
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	for _, h := range d.hosts {
+		_ = h.Stop(ctx)
+	}
+	if !d.keep {
+		_ = os.RemoveAll(d.work)
+	}
+}
+
+func (d *demo) say(format string, a ...any) {
+	d.step++
+	fmt.Fprintf(d.out, "\n[%2d] %s\n", d.step, fmt.Sprintf(format, a...))
+}
+
+func (d *demo) detail(format string, a ...any) {
+	fmt.Fprintf(d.out, "     %s\n", fmt.Sprintf(format, a...))
+}
+
+// host starts an emulated host TPM and boots it with an event log.
+func (d *demo) host(ctx context.Context, name, bootLog string) (*emuhost.Host, error) {
+	t0 := time.Now()
+	h, err := emuhost.Start(ctx, emuhost.Config{Dir: filepath.Join(d.work, name, "hosttpm"), Name: name})
+	if err != nil {
+		return nil, err
+	}
+	d.hosts = append(d.hosts, h)
+	if err := d.boot(ctx, h, bootLog); err != nil {
+		return nil, err
+	}
+	d.detail("%s: swtpm host TPM with EK certificates from its own CA, booted from %s (%s)",
+		name, filepath.Base(bootLog), ms(time.Since(t0)))
+	return h, nil
+}
+
+func (d *demo) boot(ctx context.Context, h *emuhost.Host, log string) error {
+	b, err := os.ReadFile(log)
+	if err != nil {
+		return err
+	}
+	return h.Boot(ctx, b)
+}
+
+// config writes a vtpmd configuration file, file.yaml, for host name.
+func (d *demo) config(file, name, dataDir, tpmURI string) (string, error) {
+	runDir, err := os.MkdirTemp("/tmp", "vtpmm-run-")
+	if err != nil {
+		return "", err
+	}
+	p := filepath.Join(d.work, file+".yaml")
+	cfg := fmt.Sprintf("host_id: %s\ndata_dir: %s\ntpm: %s\nrun_dir: %s\nvault:\n  pcrs: \"0,2,4,7\"\nlog_level: info\n",
+		name, dataDir, tpmURI, runDir)
+	return p, os.WriteFile(p, []byte(cfg), 0o600)
+}
+
+// vtpmd runs one vtpmd command; stdout is returned, logs go to a file.
+func (d *demo) vtpmd(ctx context.Context, stdin string, args ...string) (string, error) {
+	cmd := exec.CommandContext(ctx, filepath.Join(d.bin, "vtpmd"), args...)
+	var out, errb bytes.Buffer
+	cmd.Stdout, cmd.Stderr = &out, &errb
+	cmd.Stdin = strings.NewReader(stdin)
+	err := cmd.Run()
+	d.appendLog(errb.Bytes())
+	if err != nil {
+		return out.String(), errors.New(lastLine(errb.String()))
+	}
+	return out.String(), nil
+}
+
+func (d *demo) appendLog(b []byte) {
+	f, err := os.OpenFile(filepath.Join(d.work, "vtpmd.log"), os.O_CREATE|os.O_APPEND|os.O_WRONLY, 0o600)
+	if err == nil {
+		_, _ = f.Write(b)
+		f.Close()
+	}
+}
+
+func lastLine(s string) string {
+	lines := strings.Split(strings.TrimSpace(s), "\n")
+	return lines[len(lines)-1]
+}
+
+// agent is a running 'vtpmd run'.
+type agent struct {
+	cmd  *exec.Cmd
+	sock string
+	logs bytes.Buffer
+}
+
+func (d *demo) startAgent(ctx context.Context, cfg string) (*agent, error) {
+	a := &agent{cmd: exec.Command(filepath.Join(d.bin, "vtpmd"), "--config", cfg, "run")}
+	a.cmd.Stderr = &a.logs
+	stdout, err := a.cmd.StdoutPipe()
+	if err != nil {
+		return nil, err
+	}
+	if err := a.cmd.Start(); err != nil {
+		return nil, err
+	}
+	lines := make(chan string)
+	go func() {
+		sc := bufio.NewScanner(stdout)
+		for sc.Scan() {
+			lines <- sc.Text()
+		}
+		close(lines)
+	}()
+	timeout := time.After(30 * time.Second)
+	for {
+		select {
+		case l, ok := <-lines:
+			if !ok {
+				_ = a.cmd.Wait()
+				d.appendLog(a.logs.Bytes())
+				return nil, fmt.Errorf("vtpmd run exited: %s", lastLine(a.logs.String()))
+			}
+			if _, uri, ok := strings.Cut(l, " running at "); ok {
+				a.sock = uri
+				d.detail("vtpmd: %s", l)
+			}
+			if strings.HasPrefix(l, "ready:") {
+				go func() {
+					for range lines {
+					}
+				}()
+				return a, nil
+			}
+		case <-timeout:
+			_ = a.cmd.Process.Kill()
+			return nil, fmt.Errorf("vtpmd run did not become ready in 30 s")
+		case <-ctx.Done():
+			_ = a.cmd.Process.Kill()
+			return nil, ctx.Err()
+		}
+	}
+}
+
+func (d *demo) stopAgent(a *agent) error {
+	if err := a.cmd.Process.Signal(syscall_SIGTERM); err != nil {
+		return err
+	}
+	err := a.cmd.Wait()
+	d.appendLog(a.logs.Bytes())
+	return err
+}
+
+func (d *demo) guest(ctx context.Context, uri string, args ...string) (string, error) {
+	cmd := exec.CommandContext(ctx, filepath.Join(d.bin, "vtpmm-guest"), append([]string{"--tpm", uri}, args...)...)
+	var out, errb bytes.Buffer
+	cmd.Stdout, cmd.Stderr = &out, &errb
+	if err := cmd.Run(); err != nil {
+		return "", fmt.Errorf("vtpmm-guest %s: %s", args[0], lastLine(errb.String()))
+	}
+	return out.String(), nil
+}
+
+func ms(d time.Duration) string { return fmt.Sprintf("%d ms", d.Milliseconds()) }
+
+func randomSecret() string {
+	b := make([]byte, 12)
+	_, _ = rand.Read(b)
+	return "tenant-disk-key-" + hex.EncodeToString(b)
+}
+
+var _ = swtpm.ErrWrongPassphrase
