@@ -101,16 +101,22 @@ func (h *host) boot(log []byte) {
 func (h *host) roots(t testing.TB) *attest.RootStore {
 	t.Helper()
 	s := attest.NewRootStore()
+	h.addRoots(t, s)
+	return s
+}
+
+// addRoots adds this host's local CA to s.
+func (h *host) addRoots(t testing.TB, s *attest.RootStore) {
+	t.Helper()
 	for _, p := range []string{h.emu.RootCAPath(), h.emu.IntermediateCAPath()} {
 		cs, err := attest.ParseCertificates(readFile(t, p))
 		if err != nil {
 			t.Fatal(err)
 		}
 		for _, c := range cs {
-			s.Add(c, filepath.Base(p))
+			s.Add(c, h.emu.Name()+"/"+filepath.Base(p))
 		}
 	}
-	return s
 }
 
 func goodPolicy(t testing.TB) *attest.Policy {

@@ -1,0 +1,186 @@
+package identity_test
+
+import (
+	"bytes"
+	"context"
+	"crypto/rand"
+	"errors"
+	"testing"
+	"time"
+
+	"github.com/google/go-tpm/tpm2"
+
+	"github.com/vtpmm/vtpmm/attest"
+	"github.com/vtpmm/vtpmm/vtpm"
+	"github.com/vtpmm/vtpmm/vtpm/identity"
+)
+
+var testNow = time.Date(2026, 11, 21, 12, 0, 0, 0, time.UTC)
+
+// enrol runs the credential activation loop against the verifier side and
+// records the enrolment.
+func enrol(t *testing.T, h *host, id *identity.Identity, name string, enr attest.Enrollments) {
+	t.Helper()
+	ch, err := attest.NewActivationChallenge(rand.Reader, id.EK.Public, id.AK.Public)
+	if err != nil {
+		t.Fatal(err)
+	}
+	answer, err := identity.ActivateCredential(context.Background(), h.tpm, id, ch)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := attest.VerifyActivation(ch, answer); err != nil {
+		t.Fatal(err)
+	}
+	if err := enr.Add(context.Background(), ch.Enrollment(name, testNow)); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// produce makes evidence on h for nonce, checks that no key was created,
+// and sends it through JSON as it would travel.
+func produce(t *testing.T, h *host, id *identity.Identity, name string, nonce, log []byte) *attest.Evidence {
+	t.Helper()
+	m := vtpm.NewMeter(h.tpm, vtpm.ProfileNone)
+	ev, err := identity.Produce(context.Background(), m, identity.ProduceOptions{
+		HostID: name, Nonce: nonce, PCRs: identity.PCRsForPolicy(goodPolicy(t)), EventLog: log,
+		Identity: id, Now: fixedClock(testNow.Add(-time.Second)),
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	st := m.Stats()
+	if st.ByCode[tpm2.TPMCCCreatePrimary]+st.ByCode[tpm2.TPMCCCreate]+st.ByCode[tpm2.TPMCCCreateLoaded] != 0 {
+		t.Errorf("evidence production created keys: %s", st)
+	}
+	t.Logf("produce (warm, cached identity): %d TPM commands (%s)", st.Total, st)
+	raw, err := ev.Encode()
+	if err != nil {
+		t.Fatal(err)
+	}
+	out, err := attest.DecodeEvidence(raw)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return out
+}
+
+func wantRule(t *testing.T, err error, rule attest.Rule, sentinel error) {
+	t.Helper()
+	var re *attest.RefusalError
+	if !errors.As(err, &re) || re.Rule != rule || !errors.Is(err, sentinel) {
+		t.Fatalf("Verify = %v, want a refusal by rule %s", err, rule)
+	}
+	t.Logf("refusal: %v", err)
+}
+
+// TestEvidenceRoundTrip runs the TPM side against the real verifier on
+// emulated hosts that boot from real event logs.
+func TestEvidenceRoundTrip(t *testing.T) {
+	t.Parallel()
+	ctx := context.Background()
+	good, other := readFile(t, goodLog), readFile(t, otherLog)
+	a := newHost(t, "host-a")
+	a.boot(good)
+	idA, err := identity.Provision(ctx, a.tpm, identity.ProvisionOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	enr := &attest.MemoryEnrollments{}
+	enrol(t, a, idA, "host-a", enr)
+	book := &attest.NonceBook{TTL: time.Minute, Clock: fixedClock(testNow), Rand: rand.Reader}
+	verifier := func(roots *attest.RootStore) *attest.Verifier {
+		return &attest.Verifier{Roots: roots, Policy: goodPolicy(t), Enrollments: enr, Nonces: book, Clock: fixedClock(testNow)}
+	}
+	v := verifier(a.roots(t))
+	issue := func() []byte {
+		n, err := book.Issue()
+		if err != nil {
+			t.Fatal(err)
+		}
+		return n
+	}
+
+	t.Run("accepted", func(t *testing.T) {
+		nonce := issue()
+		ev := produce(t, a, idA, "host-a", nonce, good)
+		res, err := v.Verify(ctx, ev, nonce)
+		if err != nil {
+			t.Fatalf("%v\n%s", err, res.Explain())
+		}
+		t.Logf("\n%s", res.Explain())
+		if !bytes.Equal(res.MKPublic, idA.MK.Public) || !bytes.Equal(res.AKName, idA.AK.Name) {
+			t.Error("the verifier names another MK or AK")
+		}
+		// The result is what the source wraps for: the MK unwraps it.
+		w, err := identity.Wrap(rand.Reader, res.MKPublic, []byte("0123456789abcdef0123456789abcdef"))
+		if err != nil {
+			t.Fatal(err)
+		}
+		got, err := identity.Unwrap(ctx, a.tpm, idA.MK, w, identity.UnwrapOptions{})
+		if err != nil || string(got) != "0123456789abcdef0123456789abcdef" {
+			t.Fatalf("unwrap after attestation: %q %v", got, err)
+		}
+		// The same evidence again: the nonce was consumed.
+		_, err = v.Verify(ctx, ev, nonce)
+		wantRule(t, err, attest.RuleNonce, attest.ErrStaleEvidence)
+	})
+	t.Run("P-384 EK", func(t *testing.T) {
+		idECC, err := identity.LoadIdentity(ctx, a.tpm, identity.LoadOptions{EKKind: identity.EKECC})
+		if err != nil {
+			t.Fatal(err)
+		}
+		enrol(t, a, idECC, "host-a", enr)
+		nonce := issue()
+		if res, err := v.Verify(ctx, produce(t, a, idECC, "host-a", nonce, good), nonce); err != nil {
+			t.Fatalf("%v\n%s", err, res.Explain())
+		}
+	})
+	t.Run("enrolled EK without certificate", func(t *testing.T) {
+		noCert := *idA
+		noCert.EK.Cert = nil
+		nonce := issue()
+		res, err := verifier(attest.NewRootStore()).Verify(ctx, produce(t, a, &noCert, "host-a", nonce, good), nonce)
+		if err != nil {
+			t.Fatalf("%v\n%s", err, res.Explain())
+		}
+	})
+	t.Run("answers an older nonce", func(t *testing.T) {
+		old := issue()
+		ev := produce(t, a, idA, "host-a", old, good)
+		nonce := issue()
+		_, err := v.Verify(ctx, ev, nonce)
+		wantRule(t, err, attest.RuleNonce, attest.ErrStaleEvidence)
+	})
+	t.Run("event log of another boot", func(t *testing.T) {
+		nonce := issue()
+		_, err := v.Verify(ctx, produce(t, a, idA, "host-a", nonce, other), nonce)
+		wantRule(t, err, attest.RuleEventLogReplay, attest.ErrEventLogReplay)
+	})
+	t.Run("EK certificate from another CA", func(t *testing.T) {
+		b := newHost(t, "host-b")
+		b.boot(good)
+		idB, err := identity.Provision(ctx, b.tpm, identity.ProvisionOptions{})
+		if err != nil {
+			t.Fatal(err)
+		}
+		enrol(t, b, idB, "host-b", enr)
+		nonce := issue()
+		ev := produce(t, b, idB, "host-b", nonce, good)
+		_, err = v.Verify(ctx, ev, nonce)
+		wantRule(t, err, attest.RuleEKChain, attest.ErrEKUntrustedRoot)
+		// Trusting host b's CA as well, the same kind of evidence passes.
+		roots := a.roots(t)
+		b.addRoots(t, roots)
+		nonce = issue()
+		if res, err := verifier(roots).Verify(ctx, produce(t, b, idB, "host-b", nonce, good), nonce); err != nil {
+			t.Fatalf("%v\n%s", err, res.Explain())
+		}
+	})
+	t.Run("tampered boot", func(t *testing.T) {
+		a.boot(other) // same TPM and keys, another boot
+		nonce := issue()
+		_, err := v.Verify(ctx, produce(t, a, idA, "host-a", nonce, other), nonce)
+		wantRule(t, err, attest.RulePCRPolicy, attest.ErrPCRPolicy)
+	})
+}
