@@ -224,6 +224,7 @@ func TestConfigValidation(t *testing.T) {
 		{"bad pcrs", func(c *agent.Config) { c.Vault.PCRs = "7,99" }, "vault.pcrs"},
 		{"bad srk", func(c *agent.Config) { c.Vault.SRKHandle = "0x80000001" }, "vault.srk_handle"},
 		{"host id with slash", func(c *agent.Config) { c.HostID = "a/b" }, "host_id"},
+		{"comma in data dir", func(c *agent.Config) { c.DataDir = "/var/lib/a,b" }, "data_dir"},
 	}
 	for _, tc := range tests {
 		t.Run(tc.name, func(t *testing.T) {

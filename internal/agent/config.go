@@ -81,6 +81,8 @@ func (c Config) Validate() error {
 		return fmt.Errorf("%w: data_dir %q must be an absolute path", ErrConfig, c.DataDir)
 	case !filepath.IsAbs(c.RunDir):
 		return fmt.Errorf("%w: run_dir %q must be an absolute path", ErrConfig, c.RunDir)
+	case strings.ContainsAny(c.DataDir+c.RunDir, ",="):
+		return fmt.Errorf("%w: data_dir %q and run_dir %q must not contain ',' or '=' (swtpm options cannot carry them)", ErrConfig, c.DataDir, c.RunDir)
 	case c.TPM == "":
 		return fmt.Errorf("%w: tpm is empty (e.g. device:///dev/tpmrm0)", ErrConfig)
 	}

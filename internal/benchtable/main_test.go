@@ -1,0 +1,31 @@
+package main
+
+import (
+	"bytes"
+	"strings"
+	"testing"
+)
+
+func TestTable(t *testing.T) {
+	in := `goos: linux
+BenchmarkOpenVault/profile=dtpm-2   3  400123456 ns/op  350 dtpm-ms/op  7.000 tpm-cmds/op
+BenchmarkVerify-2                  100     1300000 ns/op
+PASS
+`
+	var out bytes.Buffer
+	if err := run(strings.NewReader(in), &out); err != nil {
+		t.Fatal(err)
+	}
+	got := out.String()
+	for _, want := range []string{"OpenVault", "dtpm", "7", "400.12ms", "350 ms", "Verify", "1.3ms"} {
+		if !strings.Contains(got, want) {
+			t.Errorf("table lacks %q:\n%s", want, got)
+		}
+	}
+	if err := run(strings.NewReader("--- FAIL: BenchmarkX\n"), &out); err == nil {
+		t.Error("a failed benchmark run must fail the table")
+	}
+	if err := run(strings.NewReader("PASS\n"), &out); err == nil {
+		t.Error("no results must be an error")
+	}
+}
