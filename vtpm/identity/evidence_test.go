@@ -136,6 +136,22 @@ func TestEvidenceRoundTrip(t *testing.T) {
 			t.Fatalf("%v\n%s", err, res.Explain())
 		}
 	})
+	t.Run("three banks in one quote", func(t *testing.T) {
+		nonce := issue()
+		ev, err := identity.Produce(ctx, a.tpm, identity.ProduceOptions{
+			HostID: "host-a", Nonce: nonce, EventLog: good, Identity: idA, Now: fixedClock(testNow),
+			PCRs: map[attest.Bank][]int{"sha1": quoted, "sha256": quoted, "sha384": quoted},
+		})
+		if err != nil {
+			t.Fatal(err)
+		}
+		if len(ev.PCRs) != 3 || len(ev.PCRs["sha384"]) != len(quoted) {
+			t.Fatalf("PCR values: %d banks", len(ev.PCRs))
+		}
+		if res, err := v.Verify(ctx, ev, nonce); err != nil {
+			t.Fatalf("%v\n%s", err, res.Explain())
+		}
+	})
 	t.Run("enrolled EK without certificate", func(t *testing.T) {
 		noCert := *idA
 		noCert.EK.Cert = nil
@@ -183,4 +199,35 @@ func TestEvidenceRoundTrip(t *testing.T) {
 		_, err := v.Verify(ctx, produce(t, a, idA, "host-a", nonce, other), nonce)
 		wantRule(t, err, attest.RulePCRPolicy, attest.ErrPCRPolicy)
 	})
+}
+
+func TestProduceRefuses(t *testing.T) {
+	t.Parallel()
+	h := newHost(t, "refuse")
+	ctx := context.Background()
+	nonce := make([]byte, 32)
+	if _, err := identity.Produce(ctx, h.tpm, identity.ProduceOptions{HostID: "h", Nonce: nonce, Now: time.Now}); !errors.Is(err, identity.ErrNotProvisioned) {
+		t.Fatalf("Produce before Provision = %v, want ErrNotProvisioned", err)
+	}
+	id, err := identity.Provision(ctx, h.tpm, identity.ProvisionOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, tc := range []struct {
+		name string
+		opts identity.ProduceOptions
+	}{
+		{"short nonce", identity.ProduceOptions{Nonce: make([]byte, 8), Now: time.Now}},
+		{"long nonce", identity.ProduceOptions{Nonce: make([]byte, 33), Now: time.Now}},
+		{"no clock", identity.ProduceOptions{Nonce: nonce}},
+		{"unknown bank", identity.ProduceOptions{Nonce: nonce, Now: time.Now, PCRs: map[attest.Bank][]int{"md5": {0}}}},
+		{"PCR 24", identity.ProduceOptions{Nonce: nonce, Now: time.Now, PCRs: map[attest.Bank][]int{"sha256": {24}}}},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			tc.opts.HostID, tc.opts.Identity = "h", id
+			if _, err := identity.Produce(ctx, h.tpm, tc.opts); !errors.Is(err, identity.ErrBadOptions) {
+				t.Fatalf("Produce = %v, want ErrBadOptions", err)
+			}
+		})
+	}
 }
