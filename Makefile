@@ -5,7 +5,7 @@ export GOFLAGS := -buildvcs=false
 GO ?= go
 BIN := bin
 # Debian packages the build, the tests and the demo need.
-DEB_PKGS := swtpm swtpm-tools ca-certificates git gcc make
+DEB_PKGS := swtpm swtpm-tools libssl-dev ca-certificates git gcc make
 TEST_TIMEOUT ?= 20m
 BENCHTIME ?= 5x
 BENCH_PKGS ?= ./internal/agent/ ./attest/ $(shell test -d vtpm/identity && echo ./vtpm/identity/)
