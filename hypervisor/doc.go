@@ -1,6 +1,6 @@
-// Package hypervisor will own the small interface vtpmm needs from a
-// hypervisor (define the vTPM secret just in time, migrate, observe
-// lifecycle events), its libvirt implementation and a fake that follows
-// libvirt's rules. It arrives with the migration protocol (issue #4) and
-// libvirt support (issue #5); nothing here yet.
+// Package hypervisor owns what vtpmm needs from a hypervisor: the small
+// Hypervisor interface (consumed by package migrate), the errors that
+// classify hypervisor failures, and a working fake (hypervisor/fake) that
+// follows libvirt's rules and runs every vTPM as a real swtpm process. The
+// libvirt implementation arrives with issue #5.
 package hypervisor
