@@ -178,3 +178,53 @@ func containsAny(s string, subs ...string) bool {
 	}
 	return false
 }
+
+func TestKeyStorePending(t *testing.T) {
+	t.Parallel()
+	ctx := context.Background()
+	_, tpm := tpmtest.NewHost(t)
+	dir := t.TempDir()
+	v, err := vtpm.InitVault(ctx, tpm, vtpm.VaultConfig{Dir: dir}, vtpm.InitOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer v.Close()
+	ks, _ := vtpm.NewKeyStore(dir, "host-b", v, nil)
+	k, _ := vtpm.NewVMKey(nil)
+	const tx1, tx2 = "00112233aabbccdd", "99887766aabbccdd"
+	if err := ks.PutPending(ctx, vm1, tx1, 2, k); err != nil {
+		t.Fatal(err)
+	}
+	if err := ks.PutPending(ctx, vm1, tx2, 2, k); !errors.Is(err, vtpm.ErrKeyExists) {
+		t.Fatalf("second pending key under another transaction: %v", err)
+	}
+	if _, _, err := ks.Get(ctx, vm1); !errors.Is(err, vtpm.ErrKeyNotFound) {
+		t.Fatalf("a pending key must not be the VM's key: %v", err)
+	}
+	// Abort: nothing is left, and the generation is not burnt.
+	if err := ks.DropPending(ctx, vm1, tx1); err != nil {
+		t.Fatal(err)
+	}
+	if _, _, err := ks.Pending(ctx, vm1); !errors.Is(err, vtpm.ErrKeyNotFound) {
+		t.Fatalf("pending after drop: %v", err)
+	}
+	if err := ks.PutPending(ctx, vm1, tx2, 2, k); err != nil {
+		t.Fatalf("retry at the same generation after an abort: %v", err)
+	}
+	got, gen, err := ks.GetPending(ctx, vm1, tx2)
+	if err != nil || gen != 2 || !got.Equal(k) {
+		t.Fatalf("GetPending: %d %v", gen, err)
+	}
+	if gen, err := ks.CommitPending(ctx, vm1, tx2); err != nil || gen != 2 {
+		t.Fatalf("CommitPending: %d %v", gen, err)
+	}
+	if _, gen, err := ks.Get(ctx, vm1); err != nil || gen != 2 {
+		t.Fatalf("Get after commit: %d %v", gen, err)
+	}
+	if err := ks.PutPending(ctx, vm1, tx1, 2, k); !errors.Is(err, vtpm.ErrStaleGeneration) {
+		t.Fatalf("pending at a committed generation: %v", err)
+	}
+	if err := ks.PutPending(ctx, vm1, "NOT-HEX", 3, k); !errors.Is(err, vtpm.ErrCorrupt) {
+		t.Fatalf("bad tx id: %v", err)
+	}
+}
