@@ -109,13 +109,18 @@ func (h *Host) Migrate(ctx context.Context, vmUUID string, dest hypervisor.Targe
 		}
 		return fail(class, fmt.Errorf("destination vTPM: %w", err))
 	}
-	if hook != nil {
-		if herr := hook(); herr != nil {
-			sctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), rollbackTimeout)
-			_ = dproc.Stop(sctx)
-			cancel()
-			return fail(hypervisor.ErrMigrationFailed, herr)
-		}
+	herr := ctx.Err()
+	if herr == nil && hook != nil {
+		herr = hook()
+	}
+	if herr == nil {
+		herr = ctx.Err() // a cancelled migration aborts up to the commit
+	}
+	if herr != nil {
+		sctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), rollbackTimeout)
+		_ = dproc.Stop(sctx)
+		cancel()
+		return fail(hypervisor.ErrMigrationFailed, herr)
 	}
 
 	// Commit: the destination runs the VM, the source forgets it.

@@ -25,55 +25,55 @@ func TestMigrateFailureKeepsVMOnSource(t *testing.T) {
 	boom := errors.New("boom")
 	for _, tc := range []struct {
 		name    string
-		arrange func(t *testing.T, n *fake.Network, src, dst *fake.Host, v vm) hypervisor.Target
+		arrange func(t *testing.T, e env) hypervisor.Target
 		want    []error
 		msg     string
-		fix     func(t *testing.T, n *fake.Network, src, dst *fake.Host, v vm)
+		fix     func(t *testing.T, e env)
 	}{
 		{
 			name: "secret missing on destination",
-			arrange: func(t *testing.T, n *fake.Network, src, dst *fake.Host, v vm) hypervisor.Target {
-				return dst.Target()
+			arrange: func(t *testing.T, e env) hypervisor.Target {
+				return e.dst.Target()
 			},
 			want: []error{hypervisor.ErrSecretMissing},
 			msg:  "Secret not found: no secret with matching uuid '",
-			fix: func(t *testing.T, n *fake.Network, src, dst *fake.Host, v vm) {
-				defineSecret(t, dst, v.uuid, v.key)
+			fix: func(t *testing.T, e env) {
+				defineSecret(t, e.dst, e.v.uuid, e.v.key)
 			},
 		},
 		{
 			name: "wrong secret on destination",
-			arrange: func(t *testing.T, n *fake.Network, src, dst *fake.Host, v vm) hypervisor.Target {
-				defineSecret(t, dst, v.uuid, randBytes(t, 32))
-				return dst.Target()
+			arrange: func(t *testing.T, e env) hypervisor.Target {
+				defineSecret(t, e.dst, e.v.uuid, randBytes(t, 32))
+				return e.dst.Target()
 			},
 			want: []error{hypervisor.ErrSecretMismatch, swtpm.ErrWrongPassphrase},
 			msg:  "operation failed: job 'migration out' unexpectedly failed",
-			fix: func(t *testing.T, n *fake.Network, src, dst *fake.Host, v vm) {
-				defineSecret(t, dst, v.uuid, v.key)
+			fix: func(t *testing.T, e env) {
+				defineSecret(t, e.dst, e.v.uuid, e.v.key)
 			},
 		},
 		{
 			name: "destination down",
-			arrange: func(t *testing.T, n *fake.Network, src, dst *fake.Host, v vm) hypervisor.Target {
-				defineSecret(t, dst, v.uuid, v.key)
-				if err := n.SetDown(dst.Name(), true); err != nil {
+			arrange: func(t *testing.T, e env) hypervisor.Target {
+				defineSecret(t, e.dst, e.v.uuid, e.v.key)
+				if err := e.n.SetDown(e.dst.Name(), true); err != nil {
 					t.Fatal(err)
 				}
-				return dst.Target()
+				return e.dst.Target()
 			},
 			want: []error{hypervisor.ErrUnreachable},
 			msg:  "host is down",
-			fix: func(t *testing.T, n *fake.Network, src, dst *fake.Host, v vm) {
-				if err := n.SetDown(dst.Name(), false); err != nil {
+			fix: func(t *testing.T, e env) {
+				if err := e.n.SetDown(e.dst.Name(), false); err != nil {
 					t.Fatal(err)
 				}
 			},
 		},
 		{
 			name: "unknown destination",
-			arrange: func(t *testing.T, n *fake.Network, src, dst *fake.Host, v vm) hypervisor.Target {
-				defineSecret(t, dst, v.uuid, v.key)
+			arrange: func(t *testing.T, e env) hypervisor.Target {
+				defineSecret(t, e.dst, e.v.uuid, e.v.key)
 				return hypervisor.Target{Name: "nowhere", URI: "fake://nowhere"}
 			},
 			want: []error{hypervisor.ErrUnreachable},
@@ -81,63 +81,79 @@ func TestMigrateFailureKeepsVMOnSource(t *testing.T) {
 		},
 		{
 			name: "FailNextMigrate",
-			arrange: func(t *testing.T, n *fake.Network, src, dst *fake.Host, v vm) hypervisor.Target {
-				defineSecret(t, dst, v.uuid, v.key)
-				src.FailNextMigrate = boom
-				return dst.Target()
+			arrange: func(t *testing.T, e env) hypervisor.Target {
+				defineSecret(t, e.dst, e.v.uuid, e.v.key)
+				e.src.FailNextMigrate = boom
+				return e.dst.Target()
 			},
 			want: []error{boom},
 			msg:  "boom",
 		},
 		{
 			name: "BeforeMigrateCommit fails",
-			arrange: func(t *testing.T, n *fake.Network, src, dst *fake.Host, v vm) hypervisor.Target {
-				defineSecret(t, dst, v.uuid, v.key)
-				src.BeforeMigrateCommit = func() error {
+			arrange: func(t *testing.T, e env) hypervisor.Target {
+				defineSecret(t, e.dst, e.v.uuid, e.v.key)
+				e.src.BeforeMigrateCommit = func() error {
 					// The state was copied: the destination has the VM, paused.
-					if d, err := dst.Domain(context.Background(), v.uuid); err != nil || d.State != hypervisor.StatePaused {
+					if d, err := e.dst.Domain(context.Background(), e.v.uuid); err != nil || d.State != hypervisor.StatePaused {
 						t.Errorf("destination domain during the migration = %+v, %v; want paused", d, err)
 					}
 					return boom
 				}
-				return dst.Target()
+				return e.dst.Target()
 			},
 			want: []error{hypervisor.ErrMigrationFailed, boom},
 			msg:  "operation failed: job 'migration out' unexpectedly failed",
-			fix: func(t *testing.T, n *fake.Network, src, dst *fake.Host, v vm) {
-				src.BeforeMigrateCommit = nil
+			fix: func(t *testing.T, e env) {
+				e.src.BeforeMigrateCommit = nil
 			},
 		},
 		{
 			name: "BeforeMigrateCommit fails, source resumed in a new swtpm",
-			arrange: func(t *testing.T, n *fake.Network, src, dst *fake.Host, v vm) hypervisor.Target {
-				defineSecret(t, dst, v.uuid, v.key)
-				fake.SetResumeByRestart(src, true)
+			arrange: func(t *testing.T, e env) hypervisor.Target {
+				defineSecret(t, e.dst, e.v.uuid, e.v.key)
+				fake.SetResumeByRestart(e.src, true)
 				// The source needs no secret to migrate out, nor to resume.
-				if err := src.UndefineSecret(context.Background(), v.uuid); err != nil {
+				if err := e.src.UndefineSecret(context.Background(), e.v.uuid); err != nil {
 					t.Fatal(err)
 				}
-				src.BeforeMigrateCommit = func() error { return boom }
-				return dst.Target()
+				e.src.BeforeMigrateCommit = func() error { return boom }
+				return e.dst.Target()
 			},
 			want: []error{hypervisor.ErrMigrationFailed, boom},
 			msg:  "operation failed: job 'migration out' unexpectedly failed",
-			fix: func(t *testing.T, n *fake.Network, src, dst *fake.Host, v vm) {
-				src.BeforeMigrateCommit = nil
+			fix: func(t *testing.T, e env) {
+				e.src.BeforeMigrateCommit = nil
+			},
+		},
+		{
+			name: "cancelled before the commit",
+			arrange: func(t *testing.T, e env) hypervisor.Target {
+				defineSecret(t, e.dst, e.v.uuid, e.v.key)
+				e.src.BeforeMigrateCommit = func() error { e.cancel(); return nil }
+				return e.dst.Target()
+			},
+			want: []error{hypervisor.ErrMigrationFailed, context.Canceled},
+			msg:  "context canceled",
+			fix: func(t *testing.T, e env) {
+				e.src.BeforeMigrateCommit = nil
 			},
 		},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			t.Parallel()
 			ctx := ctxT(t)
+			mctx, cancel := context.WithCancel(ctx)
+			defer cancel()
 			n, hosts := newHosts(t, "a", "b")
 			src, dst := hosts[0], hosts[1]
 			v := newVM(t, src)
+			e := env{n: n, src: src, dst: dst, v: v, cancel: cancel}
 			secret := []byte("tenant LUKS key")
 			bootAndSeal(t, src, v.uuid, secret)
-			target := tc.arrange(t, n, src, dst, v)
+			target := tc.arrange(t, e)
 
-			err := src.Migrate(ctx, v.uuid, target)
+			err := src.Migrate(mctx, v.uuid, target)
 			t.Logf("Migrate: %v", err)
 			for _, w := range tc.want {
 				if !errors.Is(err, w) {
@@ -159,7 +175,7 @@ func TestMigrateFailureKeepsVMOnSource(t *testing.T) {
 				return
 			}
 			// Once the cause is fixed, the VM migrates with its state.
-			tc.fix(t, n, src, dst, v)
+			tc.fix(t, e)
 			if err := src.Migrate(ctx, v.uuid, dst.Target()); err != nil {
 				t.Fatalf("Migrate after fixing: %v", err)
 			}
@@ -167,6 +183,14 @@ func TestMigrateFailureKeepsVMOnSource(t *testing.T) {
 			checkAbsent(t, src, v.uuid)
 		})
 	}
+}
+
+// env is one failure case's world.
+type env struct {
+	n        *fake.Network
+	src, dst *fake.Host
+	v        vm
+	cancel   context.CancelFunc // cancels the Migrate call's context
 }
 
 func defineSecret(t *testing.T, h *fake.Host, uuid string, value []byte) {
