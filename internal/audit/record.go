@@ -1,0 +1,80 @@
+package audit
+
+import (
+	"crypto/sha256"
+	"encoding/hex"
+	"encoding/json"
+	"fmt"
+	"strings"
+	"time"
+)
+
+// Events vtpmd logs. Other event names are allowed if they are lowercase
+// words joined by hyphens.
+const (
+	EventKeyRelease        = "key-release"
+	EventKeyReleaseRefused = "key-release-refused"
+	EventMigrationCommit   = "migration-commit"
+	EventMigrationAbort    = "migration-abort"
+	EventBackup            = "backup"
+	EventRestore           = "restore"
+)
+
+// Genesis is the prev value of the first record: 64 zeros.
+var Genesis = strings.Repeat("0", 64)
+
+// MaxLineSize bounds one record line (without its newline). Append refuses
+// longer records; Verify reports longer lines as tampering.
+const MaxLineSize = 64 << 10
+
+// Record is one audit event. Append sets Seq, Time, Host, Prev and Hash;
+// the caller fills the rest. Empty fields are written as "" or 0.
+type Record struct {
+	Seq        uint64    `json:"seq"`
+	Time       time.Time `json:"time"`
+	Host       string    `json:"host"`  // the host that wrote the log
+	Event      string    `json:"event"` // one of the Event constants
+	VM         string    `json:"vm"`    // VM UUID
+	Peer       string    `json:"peer"`  // the other host (destination of a release)
+	Generation uint64    `json:"generation"`
+	Rule       string    `json:"rule"`   // the attestation rule of a refusal
+	Detail     string    `json:"detail"` // free text; never key material
+	Prev       string    `json:"prev"`
+	Hash       string    `json:"hash,omitempty"`
+}
+
+// encode returns the canonical line of r (with its hash member as set)
+// and the hash over the canonical encoding without the hash member.
+func encode(r Record) (line []byte, hash string, err error) {
+	r.Hash = ""
+	body, err := json.Marshal(r)
+	if err != nil {
+		return nil, "", fmt.Errorf("encode record: %w", err)
+	}
+	sum := sha256.Sum256(body)
+	r.Hash = hex.EncodeToString(sum[:])
+	line, err = json.Marshal(r)
+	if err != nil {
+		return nil, "", fmt.Errorf("encode record: %w", err)
+	}
+	return line, r.Hash, nil
+}
+
+// lineHash is what the next record carries as prev.
+func lineHash(line []byte) string {
+	sum := sha256.Sum256(line)
+	return hex.EncodeToString(sum[:])
+}
+
+// validEvent accepts lowercase words joined by single hyphens.
+func validEvent(e string) bool {
+	if e == "" || len(e) > 64 || e[0] == '-' || e[len(e)-1] == '-' || strings.Contains(e, "--") {
+		return false
+	}
+	for _, c := range e {
+		if !(c >= 'a' && c <= 'z' || c >= '0' && c <= '9' || c == '-') {
+			return false
+		}
+	}
+	return true
+}
