@@ -150,7 +150,7 @@ func (h *Host) HasSecret(ctx context.Context, vmUUID string) (bool, error) {
 	return ok, nil
 }
 
-// secret returns a copy of a VM's secret, or ErrSecretMissing with
+// secretLocked returns a copy of a VM's secret, or ErrSecretMissing with
 // libvirt's message. h.mu must be held.
 func (h *Host) secretLocked(vmUUID string) ([]byte, error) {
 	s, ok := h.secrets[vmUUID]
@@ -221,7 +221,7 @@ func (h *Host) DefineVTPMDomain(ctx context.Context, d hypervisor.Domain, stateD
 	return nil
 }
 
-// claim marks a domain busy with j; the caller must release it.
+// claimLocked marks a domain busy with j; the caller must release it.
 // h.mu must be held.
 func (h *Host) claimLocked(vmUUID string, j job) (*domain, error) {
 	d, ok := h.domains[vmUUID]
