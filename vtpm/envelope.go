@@ -125,7 +125,7 @@ func UnmarshalEnvelope(b []byte) (*Envelope, error) {
 	if err := dec.Decode(&e); err != nil {
 		return nil, fmt.Errorf("decode envelope: %w: %v", ErrCorrupt, err)
 	}
-	if dec.More() {
+	if _, err := dec.Token(); err != io.EOF {
 		return nil, fmt.Errorf("decode envelope: %w: trailing data", ErrCorrupt)
 	}
 	if e.Version != EnvelopeVersion {

@@ -68,6 +68,7 @@ func TestGoldenEnvelopes(t *testing.T) {
 		{"envelope-badvm.json", ErrCorrupt},
 		{"envelope-extra-field.json", ErrCorrupt},
 		{"envelope-short-ct.json", ErrCorrupt},
+		{"envelope-trailing.json", ErrCorrupt},
 	}
 	for _, tc := range tests {
 		t.Run(tc.file, func(t *testing.T) {

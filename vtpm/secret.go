@@ -172,3 +172,28 @@ func (*RecoveryKey) GoString() string             { return "RecoveryKey" + redac
 func (r *RecoveryKey) Format(f fmt.State, _ rune) { _, _ = io.WriteString(f, r.String()) }
 func (*RecoveryKey) MarshalJSON() ([]byte, error) { return nil, ErrSecretMarshal }
 func (*RecoveryKey) MarshalText() ([]byte, error) { return nil, ErrSecretMarshal }
+
+// SealWith encrypts the key under another AEAD (a migration's transfer
+// key), so that the plaintext never leaves this package.
+func (k VMKey) SealWith(aead cipher.AEAD, nonce, ad []byte) ([]byte, error) {
+	if k.k == nil {
+		return nil, fmt.Errorf("seal VM key: empty key")
+	}
+	return aead.Seal(nil, nonce, k.k[:], ad), nil
+}
+
+// OpenVMKeyWith decrypts a key sealed with SealWith.
+func OpenVMKeyWith(aead cipher.AEAD, nonce, ct, ad []byte) (VMKey, error) {
+	if len(nonce) != aead.NonceSize() {
+		return VMKey{}, fmt.Errorf("open VM key: %w: nonce length %d", ErrCorrupt, len(nonce))
+	}
+	pt, err := aead.Open(nil, nonce, ct, ad)
+	if err != nil {
+		return VMKey{}, fmt.Errorf("open VM key: %w: authentication failed", ErrWrongKey)
+	}
+	s, err := secretFromBytes(pt)
+	if err != nil {
+		return VMKey{}, err
+	}
+	return VMKey{k: s}, nil
+}

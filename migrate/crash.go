@@ -1,0 +1,52 @@
+package migrate
+
+import "fmt"
+
+// CrashPoint names a step of the transfer. A test may make a node "die"
+// there through Config.Crash; production code never sets the hook.
+type CrashPoint string
+
+// Crash points, in protocol order. Source points start with "src/",
+// destination points with "dst/".
+const (
+	SrcAfterBegin      CrashPoint = "src/after-begin"      // ledger: begun; nothing sent
+	SrcAfterAttest     CrashPoint = "src/after-attest"     // destination verified; nothing sent
+	SrcAfterPrepare    CrashPoint = "src/after-prepare"    // destination holds PENDING keys; not yet persisted here
+	SrcAfterPrepared   CrashPoint = "src/after-prepared"   // ledger: prepared; hypervisor not yet asked
+	SrcAfterHypervisor CrashPoint = "src/after-hypervisor" // VM runs on the destination; not yet persisted here
+	SrcAfterMigrated   CrashPoint = "src/after-migrated"   // ledger: migrated; commit not yet sent
+	SrcAfterFinish     CrashPoint = "src/after-finish"     // destination committed; source key not yet shredded
+
+	DstAfterLedger  CrashPoint = "dst/after-ledger"  // ledger: pending; no key stored
+	DstAfterKeys    CrashPoint = "dst/after-keys"    // PENDING keys stored; secrets not defined
+	DstAfterSecrets CrashPoint = "dst/after-secrets" // secrets defined; not acknowledged
+	DstAfterCommit  CrashPoint = "dst/after-commit"  // keys promoted; ledger not final
+)
+
+// CrashPoints lists every crash point, for tests that visit them all.
+var CrashPoints = []CrashPoint{
+	SrcAfterBegin, SrcAfterAttest, SrcAfterPrepare, SrcAfterPrepared, SrcAfterHypervisor,
+	SrcAfterMigrated, SrcAfterFinish, DstAfterLedger, DstAfterKeys, DstAfterSecrets, DstAfterCommit,
+}
+
+// CrashHook is called at every crash point; a non-nil error stops the node there.
+type CrashHook func(CrashPoint) error
+
+// CrashAt returns a hook that crashes once, at p.
+func CrashAt(p CrashPoint) CrashHook {
+	fired := false
+	return func(at CrashPoint) error {
+		if at == p && !fired {
+			fired = true
+			return fmt.Errorf("%w at %s", ErrCrash, p)
+		}
+		return nil
+	}
+}
+
+func (n *Node) crash(p CrashPoint) error {
+	if n.cfg.Crash == nil {
+		return nil
+	}
+	return n.cfg.Crash(p)
+}

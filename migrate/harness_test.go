@@ -1,0 +1,368 @@
+package migrate_test
+
+import (
+	"context"
+	"crypto/rand"
+	"encoding/json"
+	"errors"
+	"os"
+	"path/filepath"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/vtpmm/vtpmm/attest"
+	"github.com/vtpmm/vtpmm/hypervisor"
+	"github.com/vtpmm/vtpmm/hypervisor/fake"
+	"github.com/vtpmm/vtpmm/internal/guestseal"
+	"github.com/vtpmm/vtpmm/migrate"
+	"github.com/vtpmm/vtpmm/vtpm"
+	"github.com/vtpmm/vtpmm/vtpm/emuhost"
+	"github.com/vtpmm/vtpmm/vtpm/identity"
+	"github.com/vtpmm/vtpmm/vtpm/swtpm"
+	"github.com/vtpmm/vtpmm/vtpm/tpmtest"
+)
+
+const (
+	goodLog = "../vtpm/emuhost/testdata/gce-cos-85.eventlog.bin"
+	badLog  = "../attest/testdata/realworld/eventlogs/ubuntu-2104-no-secure-boot.bin"
+)
+
+var quoted = []int{0, 1, 2, 3, 4, 5, 6, 7, 8, 9}
+
+// fleet is a set of emulated hosts that trust each other's TPM CAs and a
+// policy built from the good boot log.
+type fleet struct {
+	t       testing.TB
+	net     *fake.Network
+	roots   *attest.RootStore
+	enr     *attest.MemoryEnrollments
+	policy  *attest.Policy
+	hosts   map[string]*host
+	crashMu sync.Mutex
+	crash   map[string]migrate.CrashHook
+}
+
+// host is one emulated host: TPM, vault, key store, identity, ledger,
+// fake hypervisor and the migrate.Node on top.
+type host struct {
+	f      *fleet
+	name   string
+	dir    string
+	emu    *emuhost.Host
+	meter  *vtpm.Meter
+	vault  *vtpm.Vault
+	keys   *vtpm.KeyStore
+	ident  *identity.Identity
+	hyp    *fake.Host
+	ledger *migrate.Ledger
+	node   *migrate.Node
+	audit  *memAudit
+	down   bool
+	wire   *wireLog
+}
+
+func newFleet(t testing.TB) *fleet {
+	t.Helper()
+	l, err := attest.ParseEventLog(readFile(t, goodLog))
+	if err != nil {
+		t.Fatal(err)
+	}
+	p, err := attest.GoldenFromEventLog(l, "sha256", quoted)
+	if err != nil {
+		t.Fatal(err)
+	}
+	f := &fleet{t: t, net: fake.NewNetwork(), roots: attest.NewRootStore(), enr: &attest.MemoryEnrollments{},
+		policy: p, hosts: map[string]*host{}, crash: map[string]migrate.CrashHook{}}
+	t.Cleanup(func() {
+		ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+		defer cancel()
+		_ = f.net.Close(ctx)
+		for _, h := range f.hosts {
+			if h.ledger != nil {
+				h.ledger.Close()
+			}
+			tpmtest.CheckNoLeaks(t, h.meter)
+			h.meter.Close()
+			_ = h.emu.Stop(ctx)
+		}
+	})
+	return f
+}
+
+func readFile(t testing.TB, p string) []byte {
+	t.Helper()
+	b, err := os.ReadFile(p)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return b
+}
+
+func tempDir(t testing.TB, prefix string) string {
+	t.Helper()
+	d, err := os.MkdirTemp("/tmp", prefix)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { os.RemoveAll(d) })
+	return d
+}
+
+// addHost provisions a host booted from bootLog and enrols it.
+func (f *fleet) addHost(name, bootLog string) *host {
+	t, ctx := f.t, context.Background()
+	t.Helper()
+	dir := tempDir(t, "mig-"+name+"-")
+	emu, err := emuhost.Start(ctx, emuhost.Config{Dir: filepath.Join(dir, "tpm"), Name: name})
+	if err != nil {
+		t.Fatal(err)
+	}
+	raw, err := vtpm.Open(ctx, emu.URI())
+	if err != nil {
+		t.Fatal(err)
+	}
+	h := &host{f: f, name: name, dir: dir, emu: emu, meter: vtpm.NewMeter(raw, vtpm.ProfileNone), audit: &memAudit{}, wire: &wireLog{}}
+	f.hosts[name] = h
+	if err := emuhost.BootTPM(ctx, h.meter, readFile(t, bootLog), emu.PCRBanks()); err != nil {
+		t.Fatal(err)
+	}
+	if h.ident, err = identity.Provision(ctx, h.meter, identity.ProvisionOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	for _, p := range []string{emu.RootCAPath(), emu.IntermediateCAPath()} {
+		cs, err := attest.ParseCertificates(readFile(t, p))
+		if err != nil {
+			t.Fatal(err)
+		}
+		for _, c := range cs {
+			f.roots.Add(c, name+"/"+filepath.Base(p))
+		}
+	}
+	ch, err := attest.NewActivationChallenge(rand.Reader, h.ident.EK.Public, h.ident.AK.Public)
+	if err != nil {
+		t.Fatal(err)
+	}
+	answer, err := identity.ActivateCredential(ctx, h.meter, h.ident, ch)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := attest.VerifyActivation(ch, answer); err != nil {
+		t.Fatal(err)
+	}
+	if err := f.enr.Add(ctx, ch.Enrollment(name, time.Now())); err != nil {
+		t.Fatal(err)
+	}
+	if h.vault, err = vtpm.InitVault(ctx, h.meter, vtpm.VaultConfig{Dir: dir, PCRs: vtpm.PCRSelection{PCRs: []int{7}}}, vtpm.InitOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(h.vault.Close)
+	if h.hyp, err = f.net.AddHost(ctx, fake.HostConfig{Name: name, Dir: filepath.Join(dir, "hyp")}); err != nil {
+		t.Fatal(err)
+	}
+	h.restart()
+	return h
+}
+
+// restart builds the agent side again over the same files, as after a
+// crash of vtpmd; the TPM, the vault key (re-unsealed) and the hypervisor
+// keep running.
+func (h *host) restart() {
+	t := h.f.t
+	t.Helper()
+	if h.ledger != nil {
+		h.ledger.Close()
+	}
+	var err error
+	if h.ledger, err = migrate.OpenLedger(filepath.Join(h.dir, "ledger.db"), nil); err != nil {
+		t.Fatal(err)
+	}
+	if h.keys, err = vtpm.NewKeyStore(h.dir, h.name, h.vault, nil); err != nil {
+		t.Fatal(err)
+	}
+	h.node = migrate.NewNode(migrate.Config{
+		Host: h.name, Keys: h.keys, TPM: h.meter, Identity: h.ident, Hypervisor: h.hyp, Ledger: h.ledger,
+		Verifier:  &attest.Verifier{Roots: h.f.roots, Policy: h.f.policy, Enrollments: h.f.enr, Clock: time.Now},
+		QuotePCRs: map[attest.Bank][]int{"sha256": quoted},
+		EventLog:  readFile(t, bootLogOf(h)),
+		Dial:      h.f.dial(h.name),
+		Target: func(name string) (hypervisor.Target, error) {
+			if d, ok := h.f.hosts[name]; ok {
+				return d.hyp.Target(), nil
+			}
+			return hypervisor.Target{}, errors.New("unknown host " + name)
+		},
+		Crash: func(p migrate.CrashPoint) error { return h.f.crashHook(h.name, p) },
+		Audit: h.audit,
+	})
+	h.down = false
+}
+
+func bootLogOf(h *host) string {
+	if h.name == "host-c" {
+		return badLog
+	}
+	return goodLog
+}
+
+func (f *fleet) crashHook(host string, p migrate.CrashPoint) error {
+	f.crashMu.Lock()
+	hook := f.crash[host]
+	f.crashMu.Unlock()
+	if hook == nil {
+		return nil
+	}
+	err := hook(p)
+	if err != nil {
+		f.hosts[host].down = true // the process is gone
+	}
+	return err
+}
+
+// dial returns peers as seen from host from: calls go to the current node
+// of the peer, fail while it is down, and are recorded as JSON.
+func (f *fleet) dial(from string) migrate.Dialer {
+	return func(ctx context.Context, to string) (migrate.Peer, error) {
+		h, ok := f.hosts[to]
+		if !ok {
+			return nil, errors.New("no route to " + to)
+		}
+		return &testPeer{from: f.hosts[from], to: h}, nil
+	}
+}
+
+var errDown = errors.New("connection refused (agent down)")
+
+type testPeer struct{ from, to *host }
+
+func call[Req, Resp any](p *testPeer, method string, req Req, f func(*migrate.Node) (Resp, error)) (Resp, error) {
+	var zero Resp
+	if p.to.down || p.from.down {
+		return zero, errDown
+	}
+	p.to.wire.record(method, req)
+	resp, err := f(p.to.node)
+	if err == nil {
+		p.to.wire.record(method+"-response", resp)
+	}
+	return resp, err
+}
+
+func (p *testPeer) Evidence(ctx context.Context, r *migrate.EvidenceRequest) (*migrate.EvidenceResponse, error) {
+	return call(p, "Evidence", r, func(n *migrate.Node) (*migrate.EvidenceResponse, error) { return n.Evidence(ctx, r) })
+}
+func (p *testPeer) Prepare(ctx context.Context, r *migrate.PrepareRequest) (*migrate.PrepareResponse, error) {
+	return call(p, "Prepare", r, func(n *migrate.Node) (*migrate.PrepareResponse, error) { return n.Prepare(ctx, r) })
+}
+func (p *testPeer) Finish(ctx context.Context, r *migrate.FinishRequest) (*migrate.FinishResponse, error) {
+	return call(p, "Finish", r, func(n *migrate.Node) (*migrate.FinishResponse, error) { return n.Finish(ctx, r) })
+}
+func (p *testPeer) Status(ctx context.Context, r *migrate.StatusRequest) (*migrate.StatusResponse, error) {
+	return call(p, "Status", r, func(n *migrate.Node) (*migrate.StatusResponse, error) { return n.Status(ctx, r) })
+}
+
+// wireLog records every message a host received or sent back, as JSON.
+type wireLog struct {
+	mu   sync.Mutex
+	msgs []wireMsg
+}
+
+type wireMsg struct {
+	Method string
+	Body   []byte
+}
+
+func (w *wireLog) record(method string, v any) {
+	b, _ := json.Marshal(v)
+	w.mu.Lock()
+	w.msgs = append(w.msgs, wireMsg{method, b})
+	w.mu.Unlock()
+}
+
+func (w *wireLog) methods() []string {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	var out []string
+	for _, m := range w.msgs {
+		out = append(out, m.Method)
+	}
+	return out
+}
+
+type memAudit struct {
+	mu     sync.Mutex
+	events []migrate.AuditEvent
+}
+
+func (a *memAudit) Audit(_ context.Context, e migrate.AuditEvent) error {
+	a.mu.Lock()
+	a.events = append(a.events, e)
+	a.mu.Unlock()
+	return nil
+}
+
+func (a *memAudit) count(event string) int {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	n := 0
+	for _, e := range a.events {
+		if e.Event == event {
+			n++
+		}
+	}
+	return n
+}
+
+// createVM makes a VM on h as vtpmd does (key + encrypted swtpm state),
+// defines it in h's hypervisor with its secret, and starts it.
+func (h *host) createVM(name string) string {
+	t, ctx := h.f.t, context.Background()
+	t.Helper()
+	id := newUUID(t)
+	k, _, err := h.keys.Create(ctx, id)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer k.Destroy()
+	pass := k.Passphrase()
+	state := filepath.Join(h.dir, "vms", id, "tpm2")
+	if err := swtpm.Setup(ctx, swtpm.SetupConfig{StateDir: state, VMID: id, VMName: name, Passphrase: pass, CADir: filepath.Join(h.dir, "vm-ca")}); err != nil {
+		t.Fatal(err)
+	}
+	if err := h.hyp.DefineSecret(ctx, id, pass); err != nil {
+		t.Fatal(err)
+	}
+	if err := h.hyp.DefineVTPMDomain(ctx, hypervisor.Domain{UUID: id, Name: name}, state); err != nil {
+		t.Fatal(err)
+	}
+	if err := h.hyp.StartDomain(ctx, id); err != nil {
+		t.Fatal(err)
+	}
+	return id
+}
+
+func newUUID(t testing.TB) string {
+	b := make([]byte, 16)
+	_, _ = rand.Read(b)
+	b[6] = b[6]&0x0f | 0x40
+	b[8] = b[8]&0x3f | 0x80
+	return fmtUUID(b)
+}
+
+// guestSeal seals secret inside the VM's vTPM wherever it runs.
+func (h *host) guestSeal(vm string, secret []byte) {
+	h.f.t.Helper()
+	h.withVTPM(vm, func(ctx context.Context, tpm vtpmConn) error { return guestseal.Seal(ctx, tpm, secret, []int{16}) })
+}
+
+// guestUnseal unseals it.
+func (h *host) guestUnseal(vm string) []byte {
+	h.f.t.Helper()
+	var out []byte
+	h.withVTPM(vm, func(ctx context.Context, tpm vtpmConn) error {
+		var err error
+		out, err = guestseal.Unseal(ctx, tpm)
+		return err
+	})
+	return out
+}

@@ -1,0 +1,184 @@
+package migrate
+
+import (
+	"bytes"
+	"encoding/json"
+	"fmt"
+	"io"
+	"regexp"
+
+	"github.com/vtpmm/vtpmm/attest"
+	"github.com/vtpmm/vtpmm/vtpm/identity"
+)
+
+// ProtocolVersion is the version of the messages below.
+const ProtocolVersion = 1
+
+// maxMessage bounds every decoded message (a batch of 1000 VMs is ~250 KiB;
+// evidence with an event log is larger and has its own limit in attest).
+const maxMessage = 4 << 20
+
+// EvidenceRequest asks the destination for evidence over the source's nonce.
+type EvidenceRequest struct {
+	Version int                   `json:"version"`
+	Nonce   []byte                `json:"nonce"`
+	PCRs    map[attest.Bank][]int `json:"pcrs,omitempty"` // what the source's policy checks
+	Source  string                `json:"source"`
+}
+
+// EvidenceResponse carries the encoded attest.Evidence.
+type EvidenceResponse struct {
+	Evidence json.RawMessage `json:"evidence"`
+}
+
+// WrappedVM is one VM key under the batch's transfer key.
+type WrappedVM struct {
+	UUID       string `json:"uuid"`
+	Name       string `json:"name,omitempty"`
+	Generation uint64 `json:"generation"` // the generation the destination will hold
+	Nonce      []byte `json:"nonce"`
+	Ciphertext []byte `json:"ct"`
+}
+
+// PrepareRequest hands a batch of VM keys to the destination. The transfer
+// key is wrapped once for the destination's MK; every VM key travels under
+// it, bound (AEAD data) to the transaction, VM, generation, both hosts and
+// the digest of the evidence the source verified.
+type PrepareRequest struct {
+	Version        int                 `json:"version"`
+	TxID           string              `json:"tx"`
+	Source         string              `json:"source"`
+	Dest           string              `json:"dest"`
+	EvidenceDigest []byte              `json:"evidence_digest"`
+	TransferKey    identity.WrappedKey `json:"transfer_key"`
+	VMs            []WrappedVM         `json:"vms"`
+}
+
+// PrepareResponse acknowledges that every VM's key is PENDING and its
+// secret defined on the destination's hypervisor.
+type PrepareResponse struct {
+	TxID     string   `json:"tx"`
+	Accepted []string `json:"accepted"`
+}
+
+// FinishRequest commits or aborts, per VM.
+type FinishRequest struct {
+	Version int      `json:"version"`
+	TxID    string   `json:"tx"`
+	Source  string   `json:"source"`
+	Commit  []string `json:"commit,omitempty"`
+	Abort   []string `json:"abort,omitempty"`
+}
+
+// FinishResponse reports the destination's final state.
+type FinishResponse struct {
+	TxID      string   `json:"tx"`
+	State     TxState  `json:"state"`
+	Committed []string `json:"committed,omitempty"`
+	Aborted   []string `json:"aborted,omitempty"`
+}
+
+// StatusRequest asks a peer about a transaction, for recovery.
+type StatusRequest struct {
+	TxID string   `json:"tx"`
+	VMs  []string `json:"vms,omitempty"`
+	From string   `json:"from"` // the asking host: the transaction's peer on the answering host
+}
+
+// StatusResponse is a peer's view: its ledger state (empty if unknown) and
+// which of the VMs its hypervisor runs.
+type StatusResponse struct {
+	TxID    string   `json:"tx"`
+	Known   bool     `json:"known"`
+	State   TxState  `json:"state,omitempty"`
+	Running []string `json:"running,omitempty"`
+}
+
+var (
+	txIDRE   = regexp.MustCompile(`^[0-9a-f]{32}$`)
+	uuidRE   = regexp.MustCompile(`^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$`)
+	hostIDRE = regexp.MustCompile(`^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$`)
+)
+
+// decodeStrict decodes one JSON message: size-limited, no unknown fields,
+// no trailing data.
+func decodeStrict(b []byte, v any) error {
+	if len(b) > maxMessage {
+		return fmt.Errorf("%w: %d bytes (limit %d)", ErrBadMessage, len(b), maxMessage)
+	}
+	dec := json.NewDecoder(bytes.NewReader(b))
+	dec.DisallowUnknownFields()
+	if err := dec.Decode(v); err != nil {
+		return fmt.Errorf("%w: %v", ErrBadMessage, err)
+	}
+	if _, err := dec.Token(); err != io.EOF {
+		return fmt.Errorf("%w: trailing data after the message", ErrBadMessage)
+	}
+	return nil
+}
+
+// DecodePrepare decodes and validates a PrepareRequest (untrusted input).
+func DecodePrepare(b []byte) (*PrepareRequest, error) {
+	var r PrepareRequest
+	if err := decodeStrict(b, &r); err != nil {
+		return nil, fmt.Errorf("decode prepare: %w", err)
+	}
+	if err := r.validate(); err != nil {
+		return nil, fmt.Errorf("decode prepare: %w", err)
+	}
+	return &r, nil
+}
+
+func (r *PrepareRequest) validate() error {
+	switch {
+	case r.Version != ProtocolVersion:
+		return fmt.Errorf("%w: protocol version %d (this host speaks %d)", ErrBadMessage, r.Version, ProtocolVersion)
+	case !txIDRE.MatchString(r.TxID):
+		return fmt.Errorf("%w: transaction id %q", ErrBadMessage, r.TxID)
+	case !hostIDRE.MatchString(r.Source) || !hostIDRE.MatchString(r.Dest):
+		return fmt.Errorf("%w: host ids %q -> %q", ErrBadMessage, r.Source, r.Dest)
+	case len(r.EvidenceDigest) != 32:
+		return fmt.Errorf("%w: evidence digest of %d bytes", ErrBadMessage, len(r.EvidenceDigest))
+	case len(r.TransferKey.Public) == 0 || len(r.TransferKey.Duplicate) == 0 || len(r.TransferKey.Seed) == 0:
+		return fmt.Errorf("%w: transfer key is incomplete", ErrBadMessage)
+	case len(r.VMs) == 0 || len(r.VMs) > 4096:
+		return fmt.Errorf("%w: %d VMs in one batch (1..4096)", ErrBadMessage, len(r.VMs))
+	}
+	seen := map[string]bool{}
+	for _, vm := range r.VMs {
+		switch {
+		case !uuidRE.MatchString(vm.UUID):
+			return fmt.Errorf("%w: VM id %q", ErrBadMessage, vm.UUID)
+		case seen[vm.UUID]:
+			return fmt.Errorf("%w: VM %s twice in one batch", ErrBadMessage, vm.UUID)
+		case vm.Generation == 0 || len(vm.Nonce) != 12 || len(vm.Ciphertext) != 48:
+			return fmt.Errorf("%w: VM %s: generation, nonce or ciphertext", ErrBadMessage, vm.UUID)
+		}
+		seen[vm.UUID] = true
+	}
+	return nil
+}
+
+// DecodeFinish decodes and validates a FinishRequest (untrusted input).
+func DecodeFinish(b []byte) (*FinishRequest, error) {
+	var r FinishRequest
+	if err := decodeStrict(b, &r); err != nil {
+		return nil, fmt.Errorf("decode finish: %w", err)
+	}
+	if err := r.validate(); err != nil {
+		return nil, fmt.Errorf("decode finish: %w", err)
+	}
+	return &r, nil
+}
+
+func (r *FinishRequest) validate() error {
+	if r.Version != ProtocolVersion || !txIDRE.MatchString(r.TxID) || !hostIDRE.MatchString(r.Source) {
+		return fmt.Errorf("%w: version, transaction id or source", ErrBadMessage)
+	}
+	for _, id := range append(append([]string{}, r.Commit...), r.Abort...) {
+		if !uuidRE.MatchString(id) {
+			return fmt.Errorf("%w: VM id %q", ErrBadMessage, id)
+		}
+	}
+	return nil
+}

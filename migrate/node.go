@@ -1,0 +1,163 @@
+package migrate
+
+import (
+	"context"
+	"crypto/rand"
+	"io"
+	"sync"
+	"time"
+
+	"github.com/google/go-tpm/tpm2/transport"
+	"github.com/sirupsen/logrus"
+
+	"github.com/vtpmm/vtpmm/attest"
+	"github.com/vtpmm/vtpmm/hypervisor"
+	"github.com/vtpmm/vtpmm/vtpm"
+	"github.com/vtpmm/vtpmm/vtpm/identity"
+)
+
+// Peer is another host's agent, as the source sees it. Warm migrations use
+// Prepare before the hypervisor migrates and Finish after it; cold ones add
+// Evidence first. Status serves recovery.
+type Peer interface {
+	Evidence(ctx context.Context, req *EvidenceRequest) (*EvidenceResponse, error)
+	Prepare(ctx context.Context, req *PrepareRequest) (*PrepareResponse, error)
+	Finish(ctx context.Context, req *FinishRequest) (*FinishResponse, error)
+	Status(ctx context.Context, req *StatusRequest) (*StatusResponse, error)
+}
+
+var _ Peer = (*Node)(nil)
+
+// Dialer returns the Peer for a host name.
+type Dialer func(ctx context.Context, host string) (Peer, error)
+
+// Keys is the key store as migrate uses it (vtpm.KeyStore implements it).
+type Keys interface {
+	Get(ctx context.Context, vmID string) (vtpm.VMKey, uint64, error)
+	Delete(ctx context.Context, vmID string) error
+	PutPending(ctx context.Context, vmID, txID string, gen uint64, k vtpm.VMKey) error
+	GetPending(ctx context.Context, vmID, txID string) (vtpm.VMKey, uint64, error)
+	CommitPending(ctx context.Context, vmID, txID string) (uint64, error)
+	DropPending(ctx context.Context, vmID, txID string) error
+}
+
+var _ Keys = (*vtpm.KeyStore)(nil)
+
+// AuditEvent is one key release or refusal, for the audit log.
+type AuditEvent struct {
+	Event      string // key-release, key-release-refused, migration-commit, migration-abort, key-received
+	VM         string
+	Peer       string
+	TxID       string
+	Generation uint64
+	Rule       string
+	Detail     string
+}
+
+// Auditor records AuditEvents (internal/audit adapts to it).
+type Auditor interface {
+	Audit(ctx context.Context, e AuditEvent) error
+}
+
+// Observer receives metrics; nil means none.
+type Observer interface {
+	MigrationDone(result string)
+	ObservePhase(phase string, d time.Duration)
+	AttestationRefused(rule string)
+}
+
+// Config is everything a Node needs; nothing is global.
+type Config struct {
+	Host       string
+	Keys       Keys
+	TPM        transport.TPM      // this host's TPM (destination: unwrap and evidence)
+	Identity   *identity.Identity // loaded once (LoadIdentity)
+	Hypervisor hypervisor.Hypervisor
+	Ledger     *Ledger
+	Verifier   *attest.Verifier // verifies destinations (source side)
+	QuotePCRs  map[attest.Bank][]int
+	EventLog   []byte // this host's TCG event log, sent with evidence
+	Dial       Dialer
+	// Target maps a destination host to its hypervisor target.
+	Target func(host string) (hypervisor.Target, error)
+	// EvidenceMaxAge: verified evidence of a destination is reused for
+	// further migrations to it while younger than this (default 60 s; 0
+	// keeps the default, a negative value disables reuse).
+	EvidenceMaxAge time.Duration
+	Crash          CrashHook
+	Audit          Auditor
+	Metrics        Observer
+	Now            func() time.Time
+	Rand           io.Reader
+	Log            logrus.FieldLogger
+}
+
+// DefaultEvidenceMaxAge is how long verified evidence is reused.
+const DefaultEvidenceMaxAge = 60 * time.Second
+
+// Node is one host's migration engine.
+type Node struct {
+	cfg   Config
+	log   logrus.FieldLogger
+	tpmMu sync.Mutex // one multi-command TPM sequence at a time
+
+	cacheMu sync.Mutex
+	cache   map[string]verified // destination host -> fresh verified evidence
+}
+
+type verified struct {
+	mkPublic []byte
+	digest   []byte
+	at       time.Time
+}
+
+// NewNode builds a Node.
+func NewNode(cfg Config) *Node {
+	if cfg.Now == nil {
+		cfg.Now = time.Now
+	}
+	if cfg.Rand == nil {
+		cfg.Rand = rand.Reader
+	}
+	if cfg.EvidenceMaxAge == 0 {
+		cfg.EvidenceMaxAge = DefaultEvidenceMaxAge
+	}
+	log := cfg.Log
+	if log == nil {
+		l := logrus.New()
+		l.SetOutput(io.Discard)
+		log = l
+	}
+	return &Node{cfg: cfg, log: log.WithField("host", cfg.Host), cache: map[string]verified{}}
+}
+
+// Host returns the node's host name.
+func (n *Node) Host() string { return n.cfg.Host }
+
+func (n *Node) audit(ctx context.Context, e AuditEvent) {
+	if n.cfg.Audit == nil {
+		return
+	}
+	if err := n.cfg.Audit.Audit(ctx, e); err != nil {
+		n.log.WithError(err).WithField("event", e.Event).Error("audit log append failed")
+	}
+}
+
+func (n *Node) observe(phase string, start time.Time) {
+	if n.cfg.Metrics != nil {
+		n.cfg.Metrics.ObservePhase(phase, n.cfg.Now().Sub(start))
+	}
+}
+
+func (n *Node) done(result string) {
+	if n.cfg.Metrics != nil {
+		n.cfg.Metrics.MigrationDone(result)
+	}
+}
+
+// ForgetEvidence drops cached evidence of a destination (e.g. on reboot news).
+func (n *Node) ForgetEvidence(host string) {
+	n.cacheMu.Lock()
+	delete(n.cache, host)
+	n.cacheMu.Unlock()
+}

@@ -1,0 +1,146 @@
+package migrate
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"slices"
+
+	"github.com/vtpmm/vtpmm/hypervisor"
+)
+
+// Reconcile finishes or undoes every open transaction after a restart. For
+// each VM it asks this host's hypervisor and the peer where the VM runs:
+//
+//   - source, VM runs here: abort (the source keeps its key);
+//   - source, VM runs on the peer: commit (the destination promotes its
+//     PENDING key; then the source shreds its copy);
+//   - destination, the source's ledger is final: follow it;
+//   - destination, the source is unreachable and the VM runs here: commit
+//     (the VM needs its key here; the source's copy is shredded when it
+//     reconciles);
+//   - anything else waits (ErrUnresolved): the VM keeps running where it
+//     runs, with its key, and a later Reconcile decides.
+func (n *Node) Reconcile(ctx context.Context) error {
+	txs, err := n.cfg.Ledger.OpenTxs()
+	if err != nil {
+		return err
+	}
+	var errs []error
+	for _, tx := range txs {
+		var err error
+		if tx.Role == RoleSource {
+			err = n.recoverSource(ctx, tx)
+		} else {
+			err = n.recoverDest(ctx, tx)
+		}
+		if err != nil {
+			errs = append(errs, fmt.Errorf("recover %s (%s, %s): %w", tx.ID, tx.Role, tx.State, err))
+		}
+	}
+	return errors.Join(errs...)
+}
+
+func (n *Node) runsHere(ctx context.Context, vm string) (bool, error) {
+	d, err := n.cfg.Hypervisor.Domain(ctx, vm)
+	if err != nil {
+		return false, err
+	}
+	return d.State == hypervisor.StateRunning, nil
+}
+
+func (n *Node) recoverSource(ctx context.Context, tx Tx) error {
+	ids := make([]string, 0, len(tx.VMs))
+	for _, vm := range tx.VMs {
+		ids = append(ids, vm.UUID)
+	}
+	var (
+		peer Peer
+		st   *StatusResponse
+	)
+	peer, err := n.cfg.Dial(ctx, tx.Peer)
+	if err == nil {
+		st, err = peer.Status(ctx, &StatusRequest{TxID: tx.ID, VMs: ids, From: n.cfg.Host})
+	}
+	peerErr := err
+	allHere := true
+	tx, err = n.cfg.Ledger.Update(tx.ID, func(t *Tx) error {
+		for i := range t.VMs {
+			here, err := n.runsHere(ctx, t.VMs[i].UUID)
+			if err != nil {
+				return err
+			}
+			switch {
+			case here:
+				t.VMs[i].Outcome, t.VMs[i].Error = "failed", "recovered: VM runs on the source"
+			case st != nil && slices.Contains(st.Running, t.VMs[i].UUID):
+				t.VMs[i].Outcome, allHere = "migrated", false
+			default:
+				allHere = false
+				return fmt.Errorf("%w: VM %s runs neither here nor (as far as %s says) there: %v", ErrUnresolved, t.VMs[i].UUID, t.Peer, peerErr)
+			}
+		}
+		t.State = SrcMigrated
+		return nil
+	})
+	if err != nil {
+		return err
+	}
+	if peerErr != nil {
+		if allHere {
+			// Nothing moved: the source keeps every key. The destination
+			// drops its PENDING keys when it asks us (Status: aborted).
+			return n.completeSource(ctx, tx)
+		}
+		return fmt.Errorf("%w: %s unreachable: %v", ErrUnresolved, tx.Peer, peerErr)
+	}
+	if !st.Known {
+		// The destination never recorded the transaction: nothing to undo there.
+		return n.completeSource(ctx, tx)
+	}
+	return n.finishSource(ctx, peer, tx)
+}
+
+func (n *Node) recoverDest(ctx context.Context, tx Tx) error {
+	ids := make([]string, 0, len(tx.VMs))
+	for _, vm := range tx.VMs {
+		ids = append(ids, vm.UUID)
+	}
+	var st *StatusResponse
+	peer, err := n.cfg.Dial(ctx, tx.Peer)
+	if err == nil {
+		st, err = peer.Status(ctx, &StatusRequest{TxID: tx.ID, VMs: ids, From: n.cfg.Host})
+	}
+	if err == nil {
+		switch {
+		case !st.Known || st.State == SrcAborted:
+			_, err := n.finishDest(ctx, tx, nil, ids)
+			return err
+		case st.State == SrcCommitted:
+			// The source shredded the keys of the VMs that moved; those run here.
+			var commit, abort []string
+			for _, id := range ids {
+				if here, _ := n.runsHere(ctx, id); here {
+					commit = append(commit, id)
+				} else {
+					abort = append(abort, id)
+				}
+			}
+			_, err := n.finishDest(ctx, tx, commit, abort)
+			return err
+		}
+		// The source is alive and mid-transaction: it drives Finish.
+		return fmt.Errorf("%w: source %s is %s and will finish it", ErrUnresolved, tx.Peer, st.State)
+	}
+	var commit []string
+	for _, id := range ids {
+		if here, _ := n.runsHere(ctx, id); here {
+			commit = append(commit, id)
+		}
+	}
+	if len(commit) == len(ids) {
+		_, err := n.finishDest(ctx, tx, commit, nil)
+		return err
+	}
+	return fmt.Errorf("%w: source %s unreachable (%v) and not every VM runs here", ErrUnresolved, tx.Peer, err)
+}

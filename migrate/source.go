@@ -1,0 +1,360 @@
+package migrate
+
+import (
+	"context"
+	"encoding/hex"
+	"errors"
+	"fmt"
+	"io"
+
+	"github.com/sirupsen/logrus"
+
+	"github.com/vtpmm/vtpmm/attest"
+	"github.com/vtpmm/vtpmm/vtpm"
+	"github.com/vtpmm/vtpmm/vtpm/identity"
+)
+
+// Phase names a step of a migration, for progress output and metrics.
+type Phase string
+
+// Phases, in order.
+const (
+	PhaseAttest     Phase = "attest"
+	PhaseWrap       Phase = "wrap"
+	PhasePrepare    Phase = "prepare"
+	PhaseHypervisor Phase = "hypervisor"
+	PhaseCommit     Phase = "commit"
+	PhaseAbort      Phase = "abort"
+)
+
+// Progress receives each phase as it starts, with a short detail.
+type Progress func(p Phase, detail string)
+
+// Request asks to migrate VMs (by UUID) to one destination host.
+type Request struct {
+	VMs  []string
+	Dest string
+}
+
+// Result reports a migration.
+type Result struct {
+	TxID       string
+	Committed  []string          // now owned by the destination
+	Failed     map[string]string // VM -> reason; still owned by the source
+	Warm       bool              // destination evidence was reused
+	RoundTrips struct{ Before, After int }
+}
+
+func newTxID(r io.Reader) (string, error) {
+	b := make([]byte, 16)
+	if _, err := io.ReadFull(r, b); err != nil {
+		return "", err
+	}
+	return hex.EncodeToString(b), nil
+}
+
+// Migrate moves the VMs' vTPM keys to req.Dest and has the hypervisor
+// live-migrate them: attest (or reuse fresh evidence), wrap one transfer
+// key for the destination's MK, Prepare, migrate, Finish. The source opens
+// its keys from memory: 0 TPM commands. On any failure before the
+// hypervisor's migration the source keeps ownership; after it, each VM's
+// outcome decides.
+func (n *Node) Migrate(ctx context.Context, req Request, progress Progress) (*Result, error) {
+	if progress == nil {
+		progress = func(Phase, string) {}
+	}
+	if len(req.VMs) == 0 {
+		return nil, fmt.Errorf("migrate: no VM given")
+	}
+	if req.Dest == n.cfg.Host {
+		return nil, fmt.Errorf("migrate: destination %s is this host", req.Dest)
+	}
+	txID, err := newTxID(n.cfg.Rand)
+	if err != nil {
+		return nil, err
+	}
+	log := n.log.WithFields(logrus.Fields{"tx": txID, "dest": req.Dest})
+	keys := make(map[string]vtpm.VMKey, len(req.VMs))
+	defer func() {
+		for _, k := range keys {
+			k.Destroy()
+		}
+	}()
+	tx := Tx{ID: txID, Role: RoleSource, Peer: req.Dest, State: SrcBegun}
+	for _, id := range req.VMs {
+		k, gen, err := n.cfg.Keys.Get(ctx, id)
+		if errors.Is(err, vtpm.ErrKeyNotFound) {
+			return nil, fmt.Errorf("migrate %s: %w", id, ErrNotOwner)
+		}
+		if err != nil {
+			return nil, fmt.Errorf("migrate %s: %w", id, err)
+		}
+		keys[id] = k
+		tx.VMs = append(tx.VMs, TxVM{UUID: id, Generation: gen + 1})
+	}
+	if err := n.cfg.Ledger.Begin(tx); err != nil {
+		return nil, fmt.Errorf("migrate: %w", err)
+	}
+	if err := n.crash(SrcAfterBegin); err != nil {
+		return nil, err
+	}
+	res := &Result{TxID: txID, Failed: map[string]string{}}
+	peer, err := n.cfg.Dial(ctx, req.Dest)
+	if err != nil {
+		n.abortLocal(ctx, tx, fmt.Sprintf("dial %s: %v", req.Dest, err))
+		return res, fmt.Errorf("migrate to %s: %w: %v", req.Dest, ErrPeer, err)
+	}
+
+	progress(PhaseAttest, req.Dest)
+	start := n.cfg.Now()
+	v, warm, err := n.destEvidence(ctx, peer, req.Dest, res)
+	if err != nil {
+		n.refuse(ctx, tx, err)
+		return res, err
+	}
+	res.Warm = warm
+	n.observe(string(PhaseAttest), start)
+	if err := n.crash(SrcAfterAttest); err != nil {
+		return res, err
+	}
+
+	progress(PhaseWrap, fmt.Sprintf("%d key(s) under one transfer key", len(tx.VMs)))
+	start = n.cfg.Now()
+	preq, err := n.wrap(tx, v, keys)
+	if err != nil {
+		n.abortLocal(ctx, tx, err.Error())
+		return res, fmt.Errorf("migrate: wrap: %w", err)
+	}
+	n.observe(string(PhaseWrap), start)
+
+	progress(PhasePrepare, req.Dest)
+	start = n.cfg.Now()
+	res.RoundTrips.Before++
+	if _, err := peer.Prepare(ctx, preq); err != nil {
+		n.ForgetEvidence(req.Dest)
+		n.abortRemote(ctx, peer, tx, fmt.Sprintf("prepare: %v", err))
+		n.done("failed")
+		return res, fmt.Errorf("migrate to %s: prepare: %w", req.Dest, err)
+	}
+	if err := n.crash(SrcAfterPrepare); err != nil {
+		return res, err
+	}
+	for _, vm := range tx.VMs {
+		n.audit(ctx, AuditEvent{Event: "key-release", VM: vm.UUID, Peer: req.Dest, TxID: txID, Generation: vm.Generation})
+	}
+	if tx, err = n.cfg.Ledger.SetState(txID, SrcPrepared, ""); err != nil {
+		return res, err
+	}
+	n.observe(string(PhasePrepare), start)
+	if err := n.crash(SrcAfterPrepared); err != nil {
+		return res, err
+	}
+
+	progress(PhaseHypervisor, "live migration")
+	start = n.cfg.Now()
+	target, err := n.cfg.Target(req.Dest)
+	outcomes := map[string]error{}
+	for _, vm := range tx.VMs {
+		if err == nil {
+			outcomes[vm.UUID] = n.cfg.Hypervisor.Migrate(ctx, vm.UUID, target)
+		} else {
+			outcomes[vm.UUID] = err
+		}
+	}
+	n.observe(string(PhaseHypervisor), start)
+	if err := n.crash(SrcAfterHypervisor); err != nil {
+		return res, err
+	}
+	tx, err = n.cfg.Ledger.Update(txID, func(t *Tx) error {
+		for i := range t.VMs {
+			if e := outcomes[t.VMs[i].UUID]; e != nil {
+				t.VMs[i].Outcome, t.VMs[i].Error = "failed", e.Error()
+			} else {
+				t.VMs[i].Outcome = "migrated"
+			}
+		}
+		t.State = SrcMigrated
+		return nil
+	})
+	if err != nil {
+		return res, err
+	}
+	if err := n.crash(SrcAfterMigrated); err != nil {
+		return res, err
+	}
+
+	progress(PhaseCommit, req.Dest)
+	start = n.cfg.Now()
+	res.RoundTrips.After++
+	if err := n.finishSource(ctx, peer, tx); err != nil {
+		return res, err
+	}
+	n.observe(string(PhaseCommit), start)
+	for _, vm := range tx.VMs {
+		if vm.Outcome == "migrated" {
+			res.Committed = append(res.Committed, vm.UUID)
+		} else {
+			res.Failed[vm.UUID] = fmt.Sprintf("%v: %s", ErrHypervisor, vm.Error)
+		}
+	}
+	log.WithFields(logrus.Fields{"committed": len(res.Committed), "failed": len(res.Failed), "warm": warm}).Info("migration finished")
+	if len(res.Failed) > 0 {
+		var first error
+		for id, e := range outcomes {
+			if e != nil {
+				first = fmt.Errorf("migrate %s to %s: %w: %w", id, req.Dest, ErrHypervisor, e)
+				break
+			}
+		}
+		return res, first
+	}
+	return res, nil
+}
+
+// destEvidence returns the destination's verified MK, reusing evidence
+// verified less than EvidenceMaxAge ago.
+func (n *Node) destEvidence(ctx context.Context, peer Peer, dest string, res *Result) (verified, bool, error) {
+	n.cacheMu.Lock()
+	v, ok := n.cache[dest]
+	n.cacheMu.Unlock()
+	if ok && n.cfg.EvidenceMaxAge > 0 && n.cfg.Now().Sub(v.at) < n.cfg.EvidenceMaxAge {
+		return v, true, nil
+	}
+	nonce, err := attest.NewNonce(n.cfg.Rand)
+	if err != nil {
+		return verified{}, false, err
+	}
+	res.RoundTrips.Before++
+	resp, err := peer.Evidence(ctx, &EvidenceRequest{Version: ProtocolVersion, Nonce: nonce, PCRs: n.cfg.QuotePCRs, Source: n.cfg.Host})
+	if err != nil {
+		return verified{}, false, fmt.Errorf("migrate to %s: evidence: %w: %w", dest, ErrPeer, err)
+	}
+	ev, err := attest.DecodeEvidence(resp.Evidence)
+	if err != nil {
+		return verified{}, false, fmt.Errorf("migrate to %s: %w: %w", dest, ErrRefused, err)
+	}
+	if ev.HostID != dest {
+		return verified{}, false, fmt.Errorf("migrate to %s: %w: evidence is from host %q", dest, ErrRefused, ev.HostID)
+	}
+	r, err := n.cfg.Verifier.Verify(ctx, ev, nonce)
+	var re *attest.RefusalError
+	if errors.As(err, &re) {
+		return verified{}, false, fmt.Errorf("migrate to %s: %w: %w", dest, ErrRefused, err)
+	}
+	if err != nil {
+		return verified{}, false, fmt.Errorf("migrate to %s: verify evidence: %w", dest, err)
+	}
+	v = verified{mkPublic: r.MKPublic, digest: digest(resp.Evidence), at: n.cfg.Now()}
+	n.cacheMu.Lock()
+	n.cache[dest] = v
+	n.cacheMu.Unlock()
+	return v, false, nil
+}
+
+func (n *Node) wrap(tx Tx, v verified, keys map[string]vtpm.VMKey) (*PrepareRequest, error) {
+	tk := make([]byte, 32)
+	defer wipe(tk)
+	if _, err := io.ReadFull(n.cfg.Rand, tk); err != nil {
+		return nil, err
+	}
+	wk, err := identity.Wrap(n.cfg.Rand, v.mkPublic, tk)
+	if err != nil {
+		return nil, err
+	}
+	aead, err := transferAEAD(tk)
+	if err != nil {
+		return nil, err
+	}
+	req := &PrepareRequest{Version: ProtocolVersion, TxID: tx.ID, Source: n.cfg.Host, Dest: tx.Peer,
+		EvidenceDigest: v.digest, TransferKey: *wk}
+	for _, vm := range tx.VMs {
+		w, err := sealForTransfer(aead, n.cfg.Rand, req, vm, keys[vm.UUID])
+		if err != nil {
+			return nil, err
+		}
+		req.VMs = append(req.VMs, w)
+	}
+	return req, nil
+}
+
+// refuse ends a transaction whose destination failed attestation.
+func (n *Node) refuse(ctx context.Context, tx Tx, err error) {
+	rule := ""
+	var re *attest.RefusalError
+	if errors.As(err, &re) {
+		rule = string(re.Rule)
+	}
+	if n.cfg.Metrics != nil && rule != "" {
+		n.cfg.Metrics.AttestationRefused(rule)
+	}
+	for _, vm := range tx.VMs {
+		n.audit(ctx, AuditEvent{Event: "key-release-refused", VM: vm.UUID, Peer: tx.Peer, TxID: tx.ID, Rule: rule, Detail: err.Error()})
+	}
+	n.abortLocal(ctx, tx, err.Error())
+	n.done("refused")
+}
+
+// abortLocal ends a transaction that never reached the destination.
+func (n *Node) abortLocal(ctx context.Context, tx Tx, reason string) {
+	if _, err := n.cfg.Ledger.SetState(tx.ID, SrcAborted, reason); err != nil {
+		n.log.WithError(err).WithField("tx", tx.ID).Error("ledger: abort")
+	}
+}
+
+// abortRemote asks the destination to drop what it may hold. If it cannot
+// be reached the transaction stays open: Reconcile finishes the abort.
+func (n *Node) abortRemote(ctx context.Context, peer Peer, tx Tx, reason string) {
+	ids := make([]string, 0, len(tx.VMs))
+	for _, vm := range tx.VMs {
+		ids = append(ids, vm.UUID)
+	}
+	_, err := peer.Finish(ctx, &FinishRequest{Version: ProtocolVersion, TxID: tx.ID, Source: n.cfg.Host, Abort: ids})
+	if err != nil && !errors.Is(err, ErrUnknownTx) {
+		n.log.WithError(err).WithField("tx", tx.ID).Warn("abort not confirmed by the destination; recovery will retry")
+		return
+	}
+	n.abortLocal(ctx, tx, reason)
+	for _, id := range ids {
+		n.audit(ctx, AuditEvent{Event: "migration-abort", VM: id, Peer: tx.Peer, TxID: tx.ID, Detail: reason})
+	}
+}
+
+// finishSource sends the outcome to the destination, then shreds the keys
+// of the VMs that moved and closes the transaction. Idempotent.
+func (n *Node) finishSource(ctx context.Context, peer Peer, tx Tx) error {
+	fin := &FinishRequest{Version: ProtocolVersion, TxID: tx.ID, Source: n.cfg.Host}
+	for _, vm := range tx.VMs {
+		if vm.Outcome == "migrated" {
+			fin.Commit = append(fin.Commit, vm.UUID)
+		} else {
+			fin.Abort = append(fin.Abort, vm.UUID)
+		}
+	}
+	if _, err := peer.Finish(ctx, fin); err != nil {
+		return fmt.Errorf("migrate %s: finish: %w: %w", tx.ID, ErrUnresolved, err)
+	}
+	if err := n.crash(SrcAfterFinish); err != nil {
+		return err
+	}
+	return n.completeSource(ctx, tx)
+}
+
+func (n *Node) completeSource(ctx context.Context, tx Tx) error {
+	final, result := SrcAborted, "aborted"
+	for _, vm := range tx.VMs {
+		if vm.Outcome != "migrated" {
+			n.audit(ctx, AuditEvent{Event: "migration-abort", VM: vm.UUID, Peer: tx.Peer, TxID: tx.ID, Detail: vm.Error})
+			continue
+		}
+		if err := n.cfg.Keys.Delete(ctx, vm.UUID); err != nil && !errors.Is(err, vtpm.ErrKeyNotFound) {
+			return fmt.Errorf("migrate %s: shred source key of %s: %w", tx.ID, vm.UUID, err)
+		}
+		n.audit(ctx, AuditEvent{Event: "migration-commit", VM: vm.UUID, Peer: tx.Peer, TxID: tx.ID, Generation: vm.Generation})
+		final, result = SrcCommitted, "committed"
+	}
+	if _, err := n.cfg.Ledger.SetState(tx.ID, final, ""); err != nil {
+		return err
+	}
+	n.done(result)
+	return nil
+}
