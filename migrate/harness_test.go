@@ -13,6 +13,7 @@ import (
 
 	"github.com/vtpmm/vtpmm/attest"
 	"github.com/vtpmm/vtpmm/hypervisor"
+	"github.com/vtpmm/vtpmm/internal/audit"
 	"github.com/vtpmm/vtpmm/hypervisor/fake"
 	"github.com/vtpmm/vtpmm/internal/guestseal"
 	"github.com/vtpmm/vtpmm/migrate"
@@ -122,7 +123,12 @@ func (f *fleet) addHost(name, bootLog string) *host {
 	if err != nil {
 		t.Fatal(err)
 	}
-	h := &host{f: f, name: name, dir: dir, emu: emu, meter: vtpm.NewMeter(raw, vtpm.ProfileNone), audit: &memAudit{}, wire: &wireLog{}}
+	h := &host{f: f, name: name, dir: dir, emu: emu, meter: vtpm.NewMeter(raw, vtpm.ProfileNone), wire: &wireLog{}}
+	h.audit = &memAudit{path: filepath.Join(dir, "audit.log")}
+	if h.audit.log, err = audit.Open(h.audit.path, audit.Options{Host: name}); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { h.audit.log.Close() })
 	f.hosts[name] = h
 	if err := emuhost.BootTPM(ctx, h.meter, readFile(t, bootLog), emu.PCRBanks()); err != nil {
 		t.Fatal(err)
@@ -289,16 +295,39 @@ func (w *wireLog) methods() []string {
 	return out
 }
 
+// memAudit keeps events in memory for counting and appends them to the
+// host's real hash-chained audit log.
 type memAudit struct {
 	mu     sync.Mutex
 	events []migrate.AuditEvent
+	log    *audit.Log
+	path   string
 }
 
-func (a *memAudit) Audit(_ context.Context, e migrate.AuditEvent) error {
+func (a *memAudit) Audit(ctx context.Context, e migrate.AuditEvent) error {
 	a.mu.Lock()
 	a.events = append(a.events, e)
 	a.mu.Unlock()
-	return nil
+	if a.log == nil {
+		return nil
+	}
+	return a.log.Append(ctx, audit.Record{Event: e.Event, VM: e.VM, Peer: e.Peer, Generation: e.Generation,
+		Rule: e.Rule, Detail: "tx=" + e.TxID + " " + e.Detail})
+}
+
+// verify checks the host's audit chain from disk.
+func (a *memAudit) verify(t testing.TB) int {
+	t.Helper()
+	fh, err := os.Open(a.path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer fh.Close()
+	sum, err := audit.Verify(fh)
+	if err != nil {
+		t.Fatalf("audit log %s: %v", a.path, err)
+	}
+	return sum.Records
 }
 
 func (a *memAudit) count(event string) int {
