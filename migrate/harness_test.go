@@ -13,8 +13,8 @@ import (
 
 	"github.com/vtpmm/vtpmm/attest"
 	"github.com/vtpmm/vtpmm/hypervisor"
-	"github.com/vtpmm/vtpmm/internal/audit"
 	"github.com/vtpmm/vtpmm/hypervisor/fake"
+	"github.com/vtpmm/vtpmm/internal/audit"
 	"github.com/vtpmm/vtpmm/internal/guestseal"
 	"github.com/vtpmm/vtpmm/migrate"
 	"github.com/vtpmm/vtpmm/vtpm"
