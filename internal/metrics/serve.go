@@ -20,8 +20,7 @@ const ShutdownTimeout = 5 * time.Second
 // caused by ctx, and an error wrapping ErrServe if it cannot listen or the
 // server fails.
 func Serve(ctx context.Context, addr string, m *Metrics, log logrus.FieldLogger) error {
-	var lc net.ListenConfig
-	ln, err := lc.Listen(ctx, "tcp", addr)
+	ln, err := net.Listen("tcp", addr)
 	if err != nil {
 		return fmt.Errorf("metrics: listen %s: %w: %w", addr, ErrServe, err)
 	}
@@ -47,7 +46,6 @@ func ServeListener(ctx context.Context, ln net.Listener, m *Metrics, log logrus.
 		ReadTimeout:       10 * time.Second,
 		WriteTimeout:      30 * time.Second,
 		IdleTimeout:       60 * time.Second,
-		BaseContext:       func(net.Listener) context.Context { return ctx },
 	}
 	addr := ln.Addr().String()
 	log.WithField("addr", addr).Info("metrics server listening")
