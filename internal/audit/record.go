@@ -21,7 +21,7 @@ const (
 )
 
 // Genesis is the prev value of the first record: 64 zeros.
-var Genesis = strings.Repeat("0", 64)
+const Genesis = "0000000000000000000000000000000000000000000000000000000000000000"
 
 // MaxLineSize bounds one record line (without its newline). Append refuses
 // longer records; Verify reports longer lines as tampering.

@@ -151,3 +151,9 @@ func TestVerifyReadError(t *testing.T) {
 type errReader struct{ err error }
 
 func (r errReader) Read([]byte) (int, error) { return 0, r.err }
+
+func TestGenesis(t *testing.T) {
+	if len(Genesis) != 64 || strings.Trim(Genesis, "0") != "" {
+		t.Errorf("Genesis %q is not 64 zeros", Genesis)
+	}
+}

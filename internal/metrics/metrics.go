@@ -33,9 +33,11 @@ const (
 	StatePending = "pending"
 )
 
-// PhaseBuckets are the histogram buckets in seconds: from a warm attestation
-// (tens of milliseconds) to a long live migration (minutes).
-var PhaseBuckets = []float64{0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300}
+// PhaseBuckets returns the histogram buckets in seconds: from a warm
+// attestation (tens of milliseconds) to a long live migration (minutes).
+func PhaseBuckets() []float64 {
+	return []float64{0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300}
+}
 
 // Metrics holds vtpmd's collectors and their registry. It is safe for
 // concurrent use.
@@ -61,7 +63,7 @@ func New() *Metrics {
 		phases: prometheus.NewHistogramVec(prometheus.HistogramOpts{
 			Name:    "vtpmm_migration_phase_seconds",
 			Help:    "Duration of migration phases (attest, wrap, prepare, hypervisor, commit).",
-			Buckets: PhaseBuckets,
+			Buckets: PhaseBuckets(),
 		}, []string{"phase"}),
 		refusals: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "vtpmm_attestation_refusals_total",
