@@ -42,6 +42,8 @@ type fleet struct {
 	hosts   map[string]*host
 	crashMu sync.Mutex
 	crash   map[string]migrate.CrashHook
+	// maxAge is the nodes' EvidenceMaxAge (0: the default 60 s; negative: always cold).
+	maxAge time.Duration
 }
 
 // host is one emulated host: TPM, vault, key store, identity, ledger,
@@ -198,8 +200,9 @@ func (h *host) restart() {
 			}
 			return hypervisor.Target{}, errors.New("unknown host " + name)
 		},
-		Crash: func(p migrate.CrashPoint) error { return h.f.crashHook(h.name, p) },
-		Audit: h.audit,
+		Crash:          func(p migrate.CrashPoint) error { return h.f.crashHook(h.name, p) },
+		EvidenceMaxAge: h.f.maxAge,
+		Audit:          h.audit,
 	})
 	h.down = false
 }

@@ -61,6 +61,8 @@ func Run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 	root.SetOut(stdout)
 	root.SetErr(stderr)
 	root.AddCommand(attestCommands(e)...)
+	root.AddCommand(pkiCommands(e)...)
+	root.AddCommand(auditCommands(e)...)
 	err := root.ExecuteContext(ctx)
 	if err != nil {
 		fmt.Fprintf(stderr, "vtpmctl: %v\n", err)
