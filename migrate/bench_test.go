@@ -3,6 +3,7 @@ package migrate_test
 import (
 	"context"
 	"fmt"
+	"os"
 	"os/exec"
 	"path/filepath"
 	"testing"
@@ -112,6 +113,9 @@ func batchVMs(b *testing.B, h *host, n int) []string {
 			b.Fatal(err)
 		}
 		dst := filepath.Join(h.dir, "vms", id, "tpm2")
+		if err := os.MkdirAll(filepath.Dir(dst), 0o700); err != nil {
+			b.Fatal(err)
+		}
 		if out, err := exec.Command("cp", "-a", src, dst).CombinedOutput(); err != nil {
 			b.Fatalf("%v %s", err, out)
 		}

@@ -220,6 +220,9 @@ func (n *Node) destEvidence(ctx context.Context, peer Peer, dest string, res *Re
 	if ok && n.cfg.EvidenceMaxAge > 0 && n.cfg.Now().Sub(v.at) < n.cfg.EvidenceMaxAge {
 		return v, true, nil
 	}
+	if n.cfg.Verifier == nil {
+		return verified{}, false, fmt.Errorf("migrate to %s: %w: this host has no attestation policy configured, so it cannot verify any destination", dest, ErrRefused)
+	}
 	nonce, err := attest.NewNonce(n.cfg.Rand)
 	if err != nil {
 		return verified{}, false, err

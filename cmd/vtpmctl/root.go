@@ -62,7 +62,10 @@ func Run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 	root.SetErr(stderr)
 	root.AddCommand(attestCommands(e)...)
 	root.AddCommand(pkiCommands(e)...)
-	root.AddCommand(auditCommands(e)...)
+	auditCmds := auditCommands(e)
+	withLocalAudit(auditCmds[0])
+	root.AddCommand(auditCmds...)
+	root.AddCommand(agentCommands(e)...)
 	err := root.ExecuteContext(ctx)
 	if err != nil {
 		fmt.Fprintf(stderr, "vtpmctl: %v\n", err)

@@ -33,6 +33,7 @@ func initCmd(e *env) *cobra.Command {
 			}
 			fmt.Fprintf(e.stdout, "host %s initialised: vault key %s sealed to %s (%d TPM commands)\n",
 				res.HostID, res.KeyID, strings.Join(res.SealedTo, "; "), res.TPMStats.Total)
+			fmt.Fprintf(e.stdout, "attestation key %s and migration key %s are persistent in the TPM\n", res.AKName[:16], res.MKName[:16])
 			if res.RecoveryKey != nil {
 				fmt.Fprintf(e.stdout, "RECOVERY KEY (shown once, store it offline; it opens the vault on this TPM only):\n  %s\n",
 					res.RecoveryKey.Reveal())
@@ -48,23 +49,33 @@ func initCmd(e *env) *cobra.Command {
 func runCmd(e *env) *cobra.Command {
 	return &cobra.Command{
 		Use:   "run",
-		Short: "Run the agent: unseal the vault once, start this host's VM vTPMs, serve until SIGTERM",
-		Args:  cobra.NoArgs,
+		Short: "Run the agent: unseal the vault once, serve the agent wire, the admin socket and metrics until SIGTERM",
+		Long: "run unseals the vault, reconciles any migration a crash left open, starts the vTPM of every\n" +
+			"VM created with 'vtpmd vm create' (hosts without a hypervisor), and serves:\n" +
+			"  - the agent wire (gRPC over mTLS) on 'listen' when tls is configured,\n" +
+			"  - the admin API for vtpmctl on 'admin_socket',\n" +
+			"  - Prometheus metrics on 'metrics_listen' when set.\n" +
+			"SIGTERM stops the vTPMs and shuts everything down gracefully.",
+		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			cfg, err := e.config()
 			if err != nil {
 				return err
 			}
-			a, err := agent.Open(cmd.Context(), cfg, e.opts())
+			d, err := agent.StartDaemon(cmd.Context(), cfg, agent.DaemonOptions{Options: e.opts()})
 			if err != nil {
 				return err
 			}
-			return a.Run(cmd.Context(), func(vms []agent.VMStatus) {
-				for _, vm := range vms {
-					fmt.Fprintf(e.stdout, "vTPM %s (%s) generation %d running at %s\n", vm.Name, vm.UUID, vm.Generation, vm.SocketURI)
-				}
-				fmt.Fprintf(e.stdout, "ready: %d vTPM(s)\n", len(vms))
-			})
+			vms, err := d.StartAll(cmd.Context())
+			if err != nil {
+				_ = d.Close(cmd.Context())
+				return err
+			}
+			for _, vm := range vms {
+				fmt.Fprintf(e.stdout, "vTPM %s (%s) generation %d running at %s\n", vm.Name, vm.UUID, vm.Generation, vm.SocketURI)
+			}
+			fmt.Fprintf(e.stdout, "ready: %d vTPM(s); admin socket %s\n", len(vms), cfg.AdminSocketPath())
+			return d.Serve(cmd.Context())
 		},
 	}
 }

@@ -2,6 +2,7 @@ package agent
 
 import (
 	"context"
+	"encoding/hex"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -16,6 +17,7 @@ import (
 	"github.com/sirupsen/logrus"
 
 	"github.com/vtpmm/vtpmm/vtpm"
+	"github.com/vtpmm/vtpmm/vtpm/identity"
 )
 
 func tpmHandle(h uint32) tpm2.TPMHandle { return tpm2.TPMHandle(h) }
@@ -93,6 +95,8 @@ type InitResult struct {
 	SealedTo    []string
 	RecoveryKey *vtpm.RecoveryKey
 	TPMStats    vtpm.Stats
+	AKName      string // attestation key (persistent in the TPM)
+	MKName      string // migration key (persistent in the TPM)
 }
 
 // Init provisions a host: the data directory, the SRK if the TPM has none,
@@ -123,13 +127,18 @@ func Init(ctx context.Context, cfg Config, opts Options, io InitOptions) (*InitR
 		return nil, fmt.Errorf("init: %w", err)
 	}
 	defer v.Close()
+	id, err := identity.Provision(ctx, m, identity.ProvisionOptions{})
+	if err != nil {
+		return nil, fmt.Errorf("init: provision AK and migration key: %w", err)
+	}
 	b, _ := json.Marshal(hostRecord{HostID: cfg.HostID, Created: opts.Now().UTC()})
 	if err := vtpm.WriteFileAtomic(hostRecordPath(cfg), b); err != nil {
 		return nil, fmt.Errorf("init: %w", err)
 	}
 	opts.Log.WithFields(logrus.Fields{"host": cfg.HostID, "key_id": v.KeyID(), "sealed_to": v.SealedTo(),
 		"tpm_cmds": m.Stats().Total}).Info("vault initialised")
-	return &InitResult{HostID: cfg.HostID, KeyID: v.KeyID(), SealedTo: v.SealedTo(), RecoveryKey: rk, TPMStats: m.Stats()}, nil
+	return &InitResult{HostID: cfg.HostID, KeyID: v.KeyID(), SealedTo: v.SealedTo(), RecoveryKey: rk, TPMStats: m.Stats(),
+		AKName: hex.EncodeToString(id.AK.Name), MKName: hex.EncodeToString(id.MK.Name)}, nil
 }
 
 // Open opens the host TPM and unseals the vault: the only TPM work a source

@@ -7,6 +7,7 @@ import (
 	"path/filepath"
 	"strconv"
 	"strings"
+	"time"
 
 	"gopkg.in/yaml.v3"
 
@@ -31,6 +32,44 @@ type Config struct {
 	RunDir string `yaml:"run_dir"`
 	// LogLevel is one of panic, fatal, error, warning, info, debug, trace.
 	LogLevel string `yaml:"log_level"`
+
+	// Listen is the agent wire address (gRPC over mTLS), e.g. 0.0.0.0:7450.
+	Listen string `yaml:"listen"`
+	// AdminSocket is the local API for vtpmctl (HTTP over a unix socket,
+	// mode 0600). Default: RUN_DIR/vtpmd.sock.
+	AdminSocket string `yaml:"admin_socket"`
+	// Peers maps other hosts' IDs to their wire addresses.
+	Peers map[string]string `yaml:"peers"`
+	// TLS holds the agent's mTLS files (vtpmctl pki init / issue).
+	TLS TLSConfig `yaml:"tls"`
+	// Attestation configures how destinations are verified.
+	Attestation AttestationConfig `yaml:"attestation"`
+	// MetricsListen serves Prometheus /metrics (empty: off).
+	MetricsListen string `yaml:"metrics_listen"`
+	// AuditLog is the hash-chained audit log (default DATA_DIR/audit.log).
+	AuditLog string `yaml:"audit_log"`
+	// EventLog is this host's TCG event log, sent with its evidence.
+	EventLog string `yaml:"event_log"`
+}
+
+// TLSConfig names the mTLS files of the agent wire.
+type TLSConfig struct {
+	CA   string `yaml:"ca"`
+	Cert string `yaml:"cert"`
+	Key  string `yaml:"key"`
+}
+
+// AttestationConfig is the verifier side of this agent.
+type AttestationConfig struct {
+	// Policy is the attest policy file (YAML or JSON; vtpmctl eventlog golden).
+	Policy string `yaml:"policy"`
+	// Roots are directories of trusted EK roots and intermediates.
+	Roots []string `yaml:"roots"`
+	// Enrollments is the JSON file of activated (EK, AK) pairs.
+	Enrollments string `yaml:"enrollments"`
+	// EvidenceMaxAge: verified evidence of a destination is reused for this
+	// long (Go duration; default 60s; "0s" disables reuse).
+	EvidenceMaxAge string `yaml:"evidence_max_age"`
 }
 
 // VaultConfig configures the host vault.
@@ -45,13 +84,16 @@ type VaultConfig struct {
 func DefaultConfig() Config {
 	host, _ := os.Hostname()
 	return Config{
-		HostID:     host,
-		DataDir:    "/var/lib/vtpmm",
-		TPM:        "device:///dev/tpmrm0",
-		TPMProfile: "none",
-		Vault:      VaultConfig{PCRs: "0,2,4,7", SRKHandle: "0x81000001"},
-		RunDir:     "/run/vtpmm",
-		LogLevel:   "info",
+		HostID:      host,
+		DataDir:     "/var/lib/vtpmm",
+		TPM:         "device:///dev/tpmrm0",
+		TPMProfile:  "none",
+		Vault:       VaultConfig{PCRs: "0,2,4,7", SRKHandle: "0x81000001"},
+		RunDir:      "/run/vtpmm",
+		LogLevel:    "info",
+		Listen:      "127.0.0.1:7450",
+		EventLog:    "/sys/kernel/security/tpm0/binary_bios_measurements",
+		Attestation: AttestationConfig{EvidenceMaxAge: "60s"},
 	}
 }
 
@@ -95,7 +137,45 @@ func (c Config) Validate() error {
 	if _, err := c.srkHandle(); err != nil {
 		return err
 	}
+	if _, err := c.evidenceMaxAge(); err != nil {
+		return err
+	}
+	for host, addr := range c.Peers {
+		if host == c.HostID || host == "" || addr == "" {
+			return fmt.Errorf("%w: peers: %q -> %q (a peer needs a name other than host_id, and an address)", ErrConfig, host, addr)
+		}
+	}
 	return nil
+}
+
+func (c Config) evidenceMaxAge() (time.Duration, error) {
+	if c.Attestation.EvidenceMaxAge == "" {
+		return migrateDefaultMaxAge, nil
+	}
+	d, err := time.ParseDuration(c.Attestation.EvidenceMaxAge)
+	if err != nil || d < 0 {
+		return 0, fmt.Errorf("%w: attestation.evidence_max_age %q is not a duration >= 0 (e.g. 60s)", ErrConfig, c.Attestation.EvidenceMaxAge)
+	}
+	if d == 0 {
+		return -1, nil // reuse disabled
+	}
+	return d, nil
+}
+
+// AdminSocketPath is AdminSocket or its default.
+func (c Config) AdminSocketPath() string {
+	if c.AdminSocket != "" {
+		return c.AdminSocket
+	}
+	return filepath.Join(c.RunDir, "vtpmd.sock")
+}
+
+// auditLogPath is AuditLog or its default.
+func (c Config) auditLogPath() string {
+	if c.AuditLog != "" {
+		return c.AuditLog
+	}
+	return filepath.Join(c.DataDir, "audit.log")
 }
 
 func (c Config) srkHandle() (uint32, error) {

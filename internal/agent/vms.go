@@ -257,20 +257,29 @@ func (a *Agent) StopVM(ctx context.Context, ref string) error {
 	return nil
 }
 
-// Run starts every VM's vTPM and keeps them running until ctx is done,
-// then stops them. ready, when non-nil, is called once all have started.
-func (a *Agent) Run(ctx context.Context, ready func([]VMStatus)) error {
+// StartAll starts the vTPM of every VM this agent has a record and a key
+// for, with its own swtpm (hosts without a hypervisor: tests and demos).
+func (a *Agent) StartAll(ctx context.Context) ([]VMStatus, error) {
 	vms, err := a.ListVMs(ctx)
 	if err != nil {
-		return err
+		return nil, err
 	}
 	for _, vm := range vms {
 		if _, err := a.StartVM(ctx, vm.UUID); err != nil {
-			return err
+			return nil, err
 		}
 	}
+	return a.ListVMs(ctx)
+}
+
+// Run starts every VM's vTPM and keeps them running until ctx is done,
+// then stops them. ready, when non-nil, is called once all have started.
+func (a *Agent) Run(ctx context.Context, ready func([]VMStatus)) error {
+	started, err := a.StartAll(ctx)
+	if err != nil {
+		return err
+	}
 	if ready != nil {
-		started, _ := a.ListVMs(ctx)
 		ready(started)
 	}
 	<-ctx.Done()

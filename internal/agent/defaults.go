@@ -1,0 +1,5 @@
+package agent
+
+import "github.com/vtpmm/vtpmm/migrate"
+
+const migrateDefaultMaxAge = migrate.DefaultEvidenceMaxAge
