@@ -1,6 +1,7 @@
 package attest
 
 import (
+	cryptorand "crypto/rand"
 	"encoding/hex"
 	"fmt"
 	"io"
@@ -8,8 +9,11 @@ import (
 	"time"
 )
 
-// NewNonce returns MaxNonceSize random bytes from rand.
+// NewNonce returns MaxNonceSize random bytes from rand (crypto/rand when nil).
 func NewNonce(rand io.Reader) ([]byte, error) {
+	if rand == nil {
+		rand = cryptorand.Reader
+	}
 	n := make([]byte, MaxNonceSize)
 	if _, err := io.ReadFull(rand, n); err != nil {
 		return nil, fmt.Errorf("nonce: %w", err)

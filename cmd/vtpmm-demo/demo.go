@@ -42,7 +42,7 @@ func newDemo(args []string, stdout, stderr io.Writer) (*demo, error) {
 	if err := fs.Parse(args); err != nil {
 		return nil, err
 	}
-	for _, b := range []string{"vtpmd", "vtpmm-guest"} {
+	for _, b := range []string{"vtpmd", "vtpmctl", "vtpmm-guest"} {
 		if _, err := os.Stat(filepath.Join(d.bin, b)); err != nil {
 			return nil, fmt.Errorf("%s not found in %s (run 'make build'): %w", b, d.bin, err)
 		}
@@ -144,15 +144,15 @@ func lastLine(s string) string {
 	return lines[len(lines)-1]
 }
 
-// agent is a running 'vtpmd run'.
-type agent struct {
+// runningVtpmd is a running 'vtpmd run'.
+type runningVtpmd struct {
 	cmd  *exec.Cmd
 	sock string
 	logs bytes.Buffer
 }
 
-func (d *demo) startAgent(ctx context.Context, cfg string) (*agent, error) {
-	a := &agent{cmd: exec.Command(filepath.Join(d.bin, "vtpmd"), "--config", cfg, "run")}
+func (d *demo) startAgent(ctx context.Context, cfg string) (*runningVtpmd, error) {
+	a := &runningVtpmd{cmd: exec.Command(filepath.Join(d.bin, "vtpmd"), "--config", cfg, "run")}
 	a.cmd.Stderr = &a.logs
 	stdout, err := a.cmd.StdoutPipe()
 	if err != nil {
@@ -199,7 +199,7 @@ func (d *demo) startAgent(ctx context.Context, cfg string) (*agent, error) {
 	}
 }
 
-func (d *demo) stopAgent(a *agent) error {
+func (d *demo) stopAgent(a *runningVtpmd) error {
 	if err := a.cmd.Process.Signal(syscall_SIGTERM); err != nil {
 		return err
 	}

@@ -15,7 +15,7 @@ func TestDemo(t *testing.T) {
 		t.Skip("builds binaries and runs the full demo")
 	}
 	bin := t.TempDir()
-	build := exec.Command("go", "build", "-o", bin+"/", "../vtpmd", "../vtpmm-guest")
+	build := exec.Command("go", "build", "-o", bin+"/", "../vtpmd", "../vtpmctl", "../vtpmm-guest")
 	if out, err := build.CombinedOutput(); err != nil {
 		t.Fatalf("build: %v\n%s", err, out)
 	}
@@ -30,7 +30,8 @@ func TestDemo(t *testing.T) {
 	if last := lines[len(lines)-1]; !strings.HasPrefix(last, "DEMO OK") {
 		t.Fatalf("last line %q does not start with DEMO OK", last)
 	}
-	for _, want := range []string{"sealed by a different TPM", "does not decrypt with this passphrase", "PCR 7 changed", "survived the restart"} {
+	for _, want := range []string{"sealed by a different TPM", "does not decrypt with this passphrase", "PCR 7 changed", "survived the restart",
+		"the guest unseals", "refused (exit 2)", "rule pcr-policy", "received no key bytes", "chain intact"} {
 		if !strings.Contains(out.String(), want) {
 			t.Errorf("demo output lacks %q", want)
 		}

@@ -116,7 +116,10 @@ func (d *demo) run(ctx context.Context) error {
 	if err := d.scanForKeys(dataA); err != nil {
 		return err
 	}
-	fmt.Fprintf(d.out, "\nDEMO OK: the vTPM key is bound to host A's TPM and boot state; the guest's secret survived a restart (%s)\n",
+	if err := d.migration(ctx); err != nil {
+		return err
+	}
+	fmt.Fprintf(d.out, "\nDEMO OK: vTPM keys stay bound to their host's TPM and boot state, move only to attested hosts, and the guest's secret survived a restart and a live migration (%s)\n",
 		ms(time.Since(d.start)))
 	return nil
 }

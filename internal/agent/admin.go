@@ -263,7 +263,11 @@ func (d *Daemon) handleVM(w http.ResponseWriter, r *http.Request) {
 }
 
 func (d *Daemon) handleHosts(w http.ResponseWriter, r *http.Request) {
-	out := []HostInfo{{Host: d.cfg.HostID, Address: d.cfg.Listen, Self: true, Reachable: true}}
+	self := d.cfg.Listen
+	if d.dopts.WireListener != nil {
+		self = d.dopts.WireListener.Addr().String()
+	}
+	out := []HostInfo{{Host: d.cfg.HostID, Address: self, Self: true, Reachable: true}}
 	names := make([]string, 0, len(d.cfg.Peers))
 	for h := range d.cfg.Peers {
 		names = append(names, h)
