@@ -1,0 +1,214 @@
+package wire
+
+import (
+	"context"
+	"crypto/tls"
+	"errors"
+	"fmt"
+	"net"
+	"sync"
+	"time"
+
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/backoff"
+	"google.golang.org/grpc/credentials"
+	"google.golang.org/grpc/keepalive"
+
+	"github.com/vtpmm/vtpmm/internal/pki"
+	"github.com/vtpmm/vtpmm/migrate"
+)
+
+// DefaultCallTimeout bounds a call whose context has no deadline.
+const DefaultCallTimeout = 2 * time.Minute
+
+// ErrClosed means the Client was closed.
+var ErrClosed = errors.New("wire: client closed")
+
+// Client dials peer agents: one cached *grpc.ClientConn per host, mutual
+// TLS, the JSON codec, keepalive and a bounded reconnect backoff.
+type Client struct {
+	tlsFor      func(host string) (*tls.Config, error)
+	addrOf      func(host string) (string, error)
+	callTimeout time.Duration
+
+	mu     sync.Mutex
+	conns  map[string]*grpc.ClientConn
+	closed bool
+}
+
+// ClientOption configures a Client.
+type ClientOption func(*Client)
+
+// WithCallTimeout sets the deadline of calls whose context has none
+// (default DefaultCallTimeout; a context's own deadline always applies).
+func WithCallTimeout(d time.Duration) ClientOption {
+	return func(c *Client) { c.callTimeout = d }
+}
+
+// NewClient returns a Client. tlsFor gives the client TLS configuration
+// for a peer (pki.ClientTLS with the peer's host name as server name);
+// addrOf gives its "host:port" address. Both are called once per host,
+// when its connection is first made.
+func NewClient(tlsFor func(host string) (*tls.Config, error), addrOf func(host string) (string, error), opts ...ClientOption) *Client {
+	c := &Client{tlsFor: tlsFor, addrOf: addrOf, callTimeout: DefaultCallTimeout, conns: map[string]*grpc.ClientConn{}}
+	for _, o := range opts {
+		o(c)
+	}
+	return c
+}
+
+// Dialer returns a migrate.Dialer over a new Client (whose connections
+// live as long as the process).
+func Dialer(tlsFor func(host string) (*tls.Config, error), addrOf func(host string) (string, error), opts ...ClientOption) migrate.Dialer {
+	return NewClient(tlsFor, addrOf, opts...).Dial
+}
+
+// Dial returns the Peer for host; it is a migrate.Dialer. The connection
+// is made lazily, by the first call, and re-made after a failure.
+func (c *Client) Dial(ctx context.Context, host string) (migrate.Peer, error) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if c.closed {
+		return nil, fmt.Errorf("wire: dial %s: %w: %w", host, migrate.ErrPeer, ErrClosed)
+	}
+	if cc, ok := c.conns[host]; ok {
+		return &remotePeer{c: c, host: host, cc: cc}, nil
+	}
+	if host == "" {
+		return nil, fmt.Errorf("wire: dial: %w: empty host name", migrate.ErrPeer)
+	}
+	cfg, err := c.tlsFor(host)
+	if err != nil {
+		return nil, fmt.Errorf("wire: dial %s: TLS configuration: %w: %w", host, migrate.ErrPeer, err)
+	}
+	if cfg == nil || len(cfg.Certificates) == 0 && cfg.GetClientCertificate == nil {
+		return nil, fmt.Errorf("wire: dial %s: %w: the TLS configuration has no client certificate", host, migrate.ErrPeer)
+	}
+	addr, err := c.addrOf(host)
+	if err != nil {
+		return nil, fmt.Errorf("wire: dial %s: address: %w: %w", host, migrate.ErrPeer, err)
+	}
+	cc, err := grpc.NewClient(addr,
+		grpc.WithTransportCredentials(&hostCreds{TransportCredentials: credentials.NewTLS(cfg), host: host}),
+		grpc.WithDefaultCallOptions(
+			grpc.ForceCodec(jsonCodec{}),
+			grpc.MaxCallRecvMsgSize(MaxMessageSize),
+			grpc.MaxCallSendMsgSize(MaxMessageSize),
+		),
+		grpc.WithKeepaliveParams(keepalive.ClientParameters{Time: 30 * time.Second, Timeout: 10 * time.Second}),
+		grpc.WithConnectParams(grpc.ConnectParams{
+			Backoff:           backoff.Config{BaseDelay: 200 * time.Millisecond, Multiplier: 1.6, Jitter: 0.2, MaxDelay: 5 * time.Second},
+			MinConnectTimeout: 10 * time.Second,
+		}),
+		grpc.WithUserAgent("vtpmd-wire"),
+	)
+	if err != nil {
+		return nil, fmt.Errorf("wire: dial %s at %s: %w: %w", host, addr, migrate.ErrPeer, err)
+	}
+	c.conns[host] = cc
+	return &remotePeer{c: c, host: host, cc: cc}, nil
+}
+
+// Close closes every connection. Peers obtained before fail afterwards.
+func (c *Client) Close() error {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	c.closed = true
+	var errs []error
+	for h, cc := range c.conns {
+		if err := cc.Close(); err != nil {
+			errs = append(errs, fmt.Errorf("close %s: %w", h, err))
+		}
+		delete(c.conns, h)
+	}
+	return errors.Join(errs...)
+}
+
+// remotePeer is a migrate.Peer over a ClientConn.
+type remotePeer struct {
+	c    *Client
+	host string
+	cc   *grpc.ClientConn
+}
+
+var _ migrate.Peer = (*remotePeer)(nil)
+
+func (p *remotePeer) invoke(ctx context.Context, method string, req, resp any) error {
+	if _, ok := ctx.Deadline(); !ok && p.c.callTimeout > 0 {
+		var cancel context.CancelFunc
+		ctx, cancel = context.WithTimeout(ctx, p.c.callTimeout)
+		defer cancel()
+	}
+	if err := p.cc.Invoke(ctx, FullMethod(method), req, resp); err != nil {
+		return fromStatus(ctx, p.host, method, err)
+	}
+	return nil
+}
+
+func (p *remotePeer) Evidence(ctx context.Context, req *migrate.EvidenceRequest) (*migrate.EvidenceResponse, error) {
+	resp := new(migrate.EvidenceResponse)
+	if err := p.invoke(ctx, MethodEvidence, req, resp); err != nil {
+		return nil, err
+	}
+	return resp, nil
+}
+
+func (p *remotePeer) Prepare(ctx context.Context, req *migrate.PrepareRequest) (*migrate.PrepareResponse, error) {
+	resp := new(migrate.PrepareResponse)
+	if err := p.invoke(ctx, MethodPrepare, req, resp); err != nil {
+		return nil, err
+	}
+	return resp, nil
+}
+
+func (p *remotePeer) Finish(ctx context.Context, req *migrate.FinishRequest) (*migrate.FinishResponse, error) {
+	resp := new(migrate.FinishResponse)
+	if err := p.invoke(ctx, MethodFinish, req, resp); err != nil {
+		return nil, err
+	}
+	return resp, nil
+}
+
+func (p *remotePeer) Status(ctx context.Context, req *migrate.StatusRequest) (*migrate.StatusResponse, error) {
+	resp := new(migrate.StatusResponse)
+	if err := p.invoke(ctx, MethodStatus, req, resp); err != nil {
+		return nil, err
+	}
+	return resp, nil
+}
+
+// hostCreds wraps the TLS credentials of one peer: after the handshake
+// (which already verified the chain and the server name), the server's
+// verified certificate must name the host dialled, so an address that
+// reaches another agent (a stale DNS entry, an IP server name shared by
+// all certificates) is refused.
+type hostCreds struct {
+	credentials.TransportCredentials
+	host string
+}
+
+func (h *hostCreds) ClientHandshake(ctx context.Context, authority string, raw net.Conn) (net.Conn, credentials.AuthInfo, error) {
+	conn, ai, err := h.TransportCredentials.ClientHandshake(ctx, authority, raw)
+	if err != nil {
+		return nil, nil, err
+	}
+	ti, ok := ai.(credentials.TLSInfo)
+	if !ok {
+		conn.Close()
+		return nil, nil, fmt.Errorf("wire: %s: not a TLS connection", h.host)
+	}
+	got, err := pki.PeerHost(ti.State)
+	if err != nil {
+		conn.Close()
+		return nil, nil, fmt.Errorf("wire: %s: %w", h.host, err)
+	}
+	if got != h.host {
+		conn.Close()
+		return nil, nil, fmt.Errorf("wire: dialled %s at %s but the server's certificate is for %s", h.host, authority, got)
+	}
+	return conn, ai, nil
+}
+
+func (h *hostCreds) Clone() credentials.TransportCredentials {
+	return &hostCreds{TransportCredentials: h.TransportCredentials.Clone(), host: h.host}
+}
