@@ -8,7 +8,7 @@ BIN := bin
 DEB_PKGS := swtpm swtpm-tools libssl-dev ca-certificates git gcc make
 TEST_TIMEOUT ?= 20m
 BENCHTIME ?= 5x
-BENCH_PKGS ?= ./internal/agent/ ./attest/ $(shell test -d vtpm/identity && echo ./vtpm/identity/)
+BENCH_PKGS ?= ./internal/agent/ ./attest/ ./vtpm/identity/ ./migrate/
 
 .PHONY: all deps build test demo bench fuzz vet fmt clean
 
