@@ -11,6 +11,8 @@ import (
 	"testing"
 	"time"
 
+	"github.com/sirupsen/logrus"
+
 	"github.com/vtpmm/vtpmm/attest"
 	"github.com/vtpmm/vtpmm/hypervisor"
 	"github.com/vtpmm/vtpmm/hypervisor/fake"
@@ -63,6 +65,7 @@ type host struct {
 	audit  *memAudit
 	down   bool
 	wire   *wireLog
+	logs   *syncBuffer // the node's JSON logs, at trace level
 }
 
 func newFleet(t testing.TB) *fleet {
@@ -200,11 +203,41 @@ func (h *host) restart() {
 			}
 			return hypervisor.Target{}, errors.New("unknown host " + name)
 		},
+		Log:            h.logger(),
 		Crash:          func(p migrate.CrashPoint) error { return h.f.crashHook(h.name, p) },
 		EvidenceMaxAge: h.f.maxAge,
 		Audit:          h.audit,
 	})
 	h.down = false
+}
+
+type syncBuffer struct {
+	mu sync.Mutex
+	b  []byte
+}
+
+func (s *syncBuffer) Write(p []byte) (int, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	s.b = append(s.b, p...)
+	return len(p), nil
+}
+
+func (s *syncBuffer) Bytes() []byte {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return append([]byte(nil), s.b...)
+}
+
+func (h *host) logger() logrus.FieldLogger {
+	if h.logs == nil {
+		h.logs = &syncBuffer{}
+	}
+	l := logrus.New()
+	l.SetOutput(h.logs)
+	l.SetFormatter(&logrus.JSONFormatter{})
+	l.SetLevel(logrus.TraceLevel)
+	return l
 }
 
 func bootLogOf(h *host) string {

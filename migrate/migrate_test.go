@@ -6,6 +6,7 @@ import (
 	"encoding/base64"
 	"encoding/hex"
 	"errors"
+	"fmt"
 	"os"
 	"path/filepath"
 	"strings"
@@ -51,6 +52,13 @@ func TestMigrateHappyPathWarmAndBack(t *testing.T) {
 	vm := a.createVM("vm1")
 	secret := []byte("tenant disk key 1234")
 	a.guestSeal(vm, secret)
+	k, _, err := a.keys.Get(ctx, vm)
+	if err != nil {
+		t.Fatal(err)
+	}
+	pass := k.Passphrase()
+	k.Destroy()
+	raw, _ := hex.DecodeString(string(pass))
 
 	var phases []migrate.Phase
 	before := [2]vtpm.Stats{a.meter.Stats(), b.meter.Stats()}
@@ -98,6 +106,35 @@ func TestMigrateHappyPathWarmAndBack(t *testing.T) {
 	if got := b.guestUnseal(vm); !bytes.Equal(got, secret) {
 		t.Fatalf("unsealed %q after three moves", got)
 	}
+	// G1 across both agents: no form of the VM key in any file either host
+	// wrote (key stores, ledgers, audit logs, hypervisor state and logs), in
+	// their logs, or in anything that crossed the wire.
+	forms := map[string][]byte{"raw": raw, "hex": pass, "HEX": []byte(strings.ToUpper(string(pass))),
+		"base64": []byte(base64.StdEncoding.EncodeToString(raw)), "base64url": []byte(base64.RawURLEncoding.EncodeToString(raw))}
+	scanned := 0
+	for _, h := range []*host{a, b} {
+		blobs := map[string][]byte{h.name + " logs": h.logs.Bytes()}
+		for i, m := range h.wire.msgs {
+			blobs[fmt.Sprintf("%s wire message %d (%s)", h.name, i, m.Method)] = m.Body
+		}
+		_ = filepath.WalkDir(h.dir, func(p string, d os.DirEntry, err error) error {
+			if err == nil && d.Type().IsRegular() {
+				if b, err := os.ReadFile(p); err == nil {
+					blobs[p] = b
+				}
+			}
+			return nil
+		})
+		for where, blob := range blobs {
+			scanned++
+			for form, enc := range forms {
+				if bytes.Contains(blob, enc) {
+					t.Errorf("G1: VM key (%s) found in %s", form, where)
+				}
+			}
+		}
+	}
+	t.Logf("G1 scan: %d files, logs and wire messages of both agents", scanned)
 	if a.audit.count("key-release") != 2 || b.audit.count("key-received") != 2 || b.audit.count("migration-commit") != 3 { // 2 as destination, 1 as source
 		t.Fatalf("audit: A released %d, B received %d, B committed %d", a.audit.count("key-release"), b.audit.count("key-received"), b.audit.count("migration-commit"))
 	}

@@ -11,6 +11,7 @@ import (
 
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/backoff"
+	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/credentials"
 	"google.golang.org/grpc/keepalive"
 
@@ -25,15 +26,27 @@ const DefaultCallTimeout = 2 * time.Minute
 var ErrClosed = errors.New("wire: client closed")
 
 // Client dials peer agents: one cached *grpc.ClientConn per host, mutual
-// TLS, the JSON codec, keepalive and a bounded reconnect backoff.
+// TLS, the JSON codec and keepalive. A call that fails in transport (no
+// answer from the peer's agent: Unavailable, DeadlineExceeded) evicts its
+// connection, which is closed once its last call returns, so the next call
+// makes a fresh connection at once instead of waiting out a reconnect
+// backoff or riding a connection that silently stalled.
 type Client struct {
 	tlsFor      func(host string) (*tls.Config, error)
 	addrOf      func(host string) (string, error)
 	callTimeout time.Duration
 
 	mu     sync.Mutex
-	conns  map[string]*grpc.ClientConn
+	conns  map[string]*clientConn
 	closed bool
+}
+
+// clientConn is a cached connection and its calls in flight.
+type clientConn struct {
+	host    string
+	cc      *grpc.ClientConn
+	calls   int
+	evicted bool
 }
 
 // ClientOption configures a Client.
@@ -47,10 +60,10 @@ func WithCallTimeout(d time.Duration) ClientOption {
 
 // NewClient returns a Client. tlsFor gives the client TLS configuration
 // for a peer (pki.ClientTLS with the peer's host name as server name);
-// addrOf gives its "host:port" address. Both are called once per host,
-// when its connection is first made.
+// addrOf gives its "host:port" address. Both are called whenever a
+// connection to the host is made.
 func NewClient(tlsFor func(host string) (*tls.Config, error), addrOf func(host string) (string, error), opts ...ClientOption) *Client {
-	c := &Client{tlsFor: tlsFor, addrOf: addrOf, callTimeout: DefaultCallTimeout, conns: map[string]*grpc.ClientConn{}}
+	c := &Client{tlsFor: tlsFor, addrOf: addrOf, callTimeout: DefaultCallTimeout, conns: map[string]*clientConn{}}
 	for _, o := range opts {
 		o(c)
 	}
@@ -63,16 +76,25 @@ func Dialer(tlsFor func(host string) (*tls.Config, error), addrOf func(host stri
 	return NewClient(tlsFor, addrOf, opts...).Dial
 }
 
-// Dial returns the Peer for host; it is a migrate.Dialer. The connection
-// is made lazily, by the first call, and re-made after a failure.
+// Dial returns the Peer for host; it is a migrate.Dialer. It sets up the
+// host's connection (TLS configuration and address) if there is none; the
+// TCP and TLS handshakes happen with the first call.
 func (c *Client) Dial(ctx context.Context, host string) (migrate.Peer, error) {
 	c.mu.Lock()
 	defer c.mu.Unlock()
+	if _, err := c.connLocked(host); err != nil {
+		return nil, err
+	}
+	return &remotePeer{c: c, host: host}, nil
+}
+
+// connLocked returns host's cached connection, making it if needed.
+func (c *Client) connLocked(host string) (*clientConn, error) {
 	if c.closed {
 		return nil, fmt.Errorf("wire: dial %s: %w: %w", host, migrate.ErrPeer, ErrClosed)
 	}
-	if cc, ok := c.conns[host]; ok {
-		return &remotePeer{c: c, host: host, cc: cc}, nil
+	if cn, ok := c.conns[host]; ok {
+		return cn, nil
 	}
 	if host == "" {
 		return nil, fmt.Errorf("wire: dial: %w: empty host name", migrate.ErrPeer)
@@ -105,18 +127,46 @@ func (c *Client) Dial(ctx context.Context, host string) (migrate.Peer, error) {
 	if err != nil {
 		return nil, fmt.Errorf("wire: dial %s at %s: %w: %w", host, addr, migrate.ErrPeer, err)
 	}
-	c.conns[host] = cc
-	return &remotePeer{c: c, host: host, cc: cc}, nil
+	cn := &clientConn{host: host, cc: cc}
+	c.conns[host] = cn
+	return cn, nil
 }
 
-// Close closes every connection. Peers obtained before fail afterwards.
+func (c *Client) acquire(host string) (*clientConn, error) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	cn, err := c.connLocked(host)
+	if err != nil {
+		return nil, err
+	}
+	cn.calls++
+	return cn, nil
+}
+
+// release ends a call on cn; broken evicts cn from the cache. An evicted
+// connection is closed when its last call has returned.
+func (c *Client) release(cn *clientConn, broken bool) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	cn.calls--
+	if broken && c.conns[cn.host] == cn {
+		delete(c.conns, cn.host)
+		cn.evicted = true
+	}
+	if cn.evicted && cn.calls == 0 {
+		_ = cn.cc.Close()
+	}
+}
+
+// Close closes every connection; calls in flight fail with ErrPeer.
+// Dial fails afterwards.
 func (c *Client) Close() error {
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	c.closed = true
 	var errs []error
-	for h, cc := range c.conns {
-		if err := cc.Close(); err != nil {
+	for h, cn := range c.conns {
+		if err := cn.cc.Close(); err != nil {
 			errs = append(errs, fmt.Errorf("close %s: %w", h, err))
 		}
 		delete(c.conns, h)
@@ -124,11 +174,10 @@ func (c *Client) Close() error {
 	return errors.Join(errs...)
 }
 
-// remotePeer is a migrate.Peer over a ClientConn.
+// remotePeer is a migrate.Peer over the Client's connection to host.
 type remotePeer struct {
 	c    *Client
 	host string
-	cc   *grpc.ClientConn
 }
 
 var _ migrate.Peer = (*remotePeer)(nil)
@@ -139,10 +188,21 @@ func (p *remotePeer) invoke(ctx context.Context, method string, req, resp any) e
 		ctx, cancel = context.WithTimeout(ctx, p.c.callTimeout)
 		defer cancel()
 	}
-	if err := p.cc.Invoke(ctx, FullMethod(method), req, resp); err != nil {
-		return fromStatus(ctx, p.host, method, err)
+	cn, err := p.c.acquire(p.host)
+	if err != nil {
+		return err
 	}
-	return nil
+	err = cn.cc.Invoke(ctx, FullMethod(method), req, resp)
+	if err == nil {
+		p.c.release(cn, false)
+		return nil
+	}
+	rerr := fromStatus(ctx, p.host, method, err)
+	var re *RemoteError
+	broken := errors.As(rerr, &re) && len(re.Reasons) == 0 &&
+		(re.Code == codes.Unavailable || re.Code == codes.DeadlineExceeded)
+	p.c.release(cn, broken)
+	return rerr
 }
 
 func (p *remotePeer) Evidence(ctx context.Context, req *migrate.EvidenceRequest) (*migrate.EvidenceResponse, error) {

@@ -271,7 +271,7 @@ func TestStrictDecoding(t *testing.T) {
 	if _, err := c.Dial(context.Background(), "host-b"); err != nil {
 		t.Fatal(err)
 	}
-	cc := c.conns["host-b"]
+	cc := c.conns["host-b"].cc
 	for _, tc := range []struct{ method, body string }{
 		{MethodStatus, `{"tx":"` + tx + `","from":"host-a","evil":1}`},
 		{MethodStatus, `{"tx":"` + tx + `","from":"host-a"} {}`},
