@@ -206,7 +206,7 @@ func TestWireNetworkCut(t *testing.T) {
 	vm := a.createVM("vm1")
 	secret := []byte("sealed before any cut")
 	a.guestSeal(vm, secret)
-	const deadline = 6 * time.Second
+	const deadline = 4 * time.Second
 	owner, other := a, b
 	for _, method := range []string{wire.MethodEvidence, wire.MethodPrepare, wire.MethodFinish} {
 		for _, when := range []cutWhen{cutBefore, cutAfter} {
