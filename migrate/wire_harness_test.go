@@ -104,7 +104,9 @@ func (w *wireNet) attach(h *host) {
 			}
 			return hypervisor.Target{}, errors.New("unknown host " + name)
 		},
-		Audit: h.audit,
+		Log:            h.logger(),
+		EvidenceMaxAge: h.f.maxAge,
+		Audit:          h.audit,
 	})
 	cert, key := w.certFiles(h.name)
 	cfg, err := pki.ServerTLS(w.caFile(), cert, key)
@@ -115,7 +117,7 @@ func (w *wireNet) attach(h *host) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	srv := wire.NewServer(h.node, cfg, nil, wire.WithShutdownGrace(2*time.Second),
+	srv := wire.NewServer(h.node, cfg, h.logger(), wire.WithShutdownGrace(2*time.Second),
 		wire.WithUnaryInterceptor(w.intercept(h.name)))
 	ctx, cancel := context.WithCancel(context.Background())
 	done := make(chan error, 1)

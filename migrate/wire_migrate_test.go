@@ -336,6 +336,14 @@ func TestWireRefusedDestinationGetsOnlyEvidence(t *testing.T) {
 		t.Fatal("the traffic to host-c is not encrypted")
 	}
 	t.Logf("%d bytes to and from host-c, none of them key material", len(captured))
+	for _, h := range []*host{a, c} {
+		logs := h.logs.Bytes()
+		for _, form := range forms {
+			if bytes.Contains(logs, form) {
+				t.Fatalf("key bytes in %s's node or wire logs", h.name)
+			}
+		}
+	}
 	if ok, _ := c.hyp.HasSecret(ctx, vm); ok {
 		t.Fatal("a secret was defined on host-c")
 	}

@@ -443,3 +443,68 @@ func TestServeConfigAndShutdown(t *testing.T) {
 		t.Fatalf("dial after close: %v", err)
 	}
 }
+
+// TestReconnectAfterPeerRestart: a call to a peer that is down fails at
+// once with ErrPeer; when the peer is back on the same address the next
+// call succeeds at once (no reconnect backoff to wait out), and a stalled
+// call's connection is replaced too.
+func TestReconnectAfterPeerRestart(t *testing.T) {
+	p := newPKI(t, "ca", "host-a", "host-b")
+	lis, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	addr := lis.Addr().String()
+	lis.Close()
+	c := client(t, p, "host-a", addr)
+	for i := 0; i < 3; i++ {
+		start := time.Now()
+		_, err := statusCall(t, c, "host-b", "host-a")
+		if !errors.Is(err, migrate.ErrPeer) || status.Code(err) != codes.Unavailable {
+			t.Fatalf("peer down: %v", err)
+		}
+		if d := time.Since(start); d > 2*time.Second {
+			t.Fatalf("failing took %v", d)
+		}
+	}
+	if n := len(c.conns); n != 0 {
+		t.Fatalf("%d broken connections cached", n)
+	}
+	lis, err = net.Listen("tcp", addr)
+	if err != nil {
+		t.Skipf("port taken meanwhile: %v", err)
+	}
+	fp := &fakePeer{}
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	go func() { done <- NewServer(fp, p.server(t, "host-b"), nil).Serve(ctx, lis) }()
+	defer func() { cancel(); <-done }()
+	start := time.Now()
+	if _, err := statusCall(t, c, "host-b", "host-a"); err != nil {
+		t.Fatalf("peer back: %v", err)
+	}
+	if d := time.Since(start); d > time.Second {
+		t.Fatalf("reconnect took %v", d)
+	}
+	// A call that times out evicts its connection; the calls after it
+	// use a new one.
+	fp.setStatus(func(ctx context.Context, _ *migrate.StatusRequest) (*migrate.StatusResponse, error) {
+		<-ctx.Done()
+		return nil, ctx.Err()
+	})
+	old := c.conns["host-b"]
+	peer, _ := c.Dial(context.Background(), "host-b")
+	sctx, scancel := context.WithTimeout(context.Background(), 200*time.Millisecond)
+	_, err = peer.Status(sctx, &migrate.StatusRequest{TxID: tx, From: "host-a"})
+	scancel()
+	if !errors.Is(err, context.DeadlineExceeded) {
+		t.Fatalf("stalled call: %v", err)
+	}
+	fp.setStatus(nil)
+	if _, err := peer.Status(context.Background(), &migrate.StatusRequest{TxID: tx, From: "host-a"}); err != nil {
+		t.Fatal(err)
+	}
+	if c.conns["host-b"] == old {
+		t.Fatal("the connection of the timed-out call is still used")
+	}
+}
