@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"net"
+	"net/http"
 	"os"
 	"path/filepath"
 	"sync"
@@ -270,3 +271,6 @@ func (noHypervisor) Migrate(context.Context, string, hypervisor.Target) error { 
 func (noHypervisor) Domain(_ context.Context, id string) (hypervisor.Domain, error) {
 	return hypervisor.Domain{UUID: id, State: hypervisor.StateAbsent}, nil
 }
+
+// MetricsHandler serves the daemon's Prometheus metrics.
+func (d *Daemon) MetricsHandler() http.Handler { return d.metrics.Handler() }
