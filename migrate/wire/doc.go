@@ -85,8 +85,12 @@
 // # Connections
 //
 // Calls use the caller's deadline, or DefaultCallTimeout when the context
-// has none. Calls fail fast while a peer is unreachable; reconnection
-// backs off from 200 ms to at most 5 s. Keepalive pings every 30 s while
+// has none. Calls fail fast while a peer is unreachable. A call that gets
+// no answer from the peer's agent (Unavailable, DeadlineExceeded) evicts
+// its connection, which is closed when its last call returns: the next
+// call makes a fresh connection at once, rather than waiting out gRPC's
+// reconnect backoff (200 ms to 5 s here) or riding a connection that
+// silently stalled. Keepalive pings every 30 s while
 // calls are in flight (10 s timeout) detect a silently dead peer; the
 // server accepts pings no more often than every 20 s and closes
 // connections idle for 15 minutes. Server.Serve stops gracefully when its
