@@ -1,6 +1,7 @@
 package vtpm
 
 import (
+	"bytes"
 	"crypto/sha256"
 	"encoding/hex"
 	"errors"
@@ -252,8 +253,12 @@ func unsealRecoverySlot(tpm transport.TPM, srk srkInfo, s slotFile, rk *Recovery
 	return secretFromBytes(rsp.OutData.Buffer)
 }
 
-// recoveryAuthValue derives the TPM authValue of the recovery slot.
+// recoveryAuthValue derives the TPM authValue of the recovery slot. The
+// TPM drops trailing zero octets of an authValue (TPM 2.0 Part 1, "Trailing
+// zeros are removed"), while an HMAC session computed by the caller uses
+// the value as given; so the derived value is trimmed here, or one key in
+// 256 would be refused.
 func recoveryAuthValue(k []byte) []byte {
 	h := sha256.Sum256(append([]byte("vtpmm vault recovery v1\x00"), k...))
-	return h[:]
+	return bytes.TrimRight(h[:], "\x00")
 }

@@ -186,3 +186,39 @@ func TestVaultRecoveryKey(t *testing.T) {
 	}
 	v3.Close()
 }
+
+// TestRecoveryKeyWithTrailingZeroAuth: the TPM strips trailing zero octets
+// from an authValue; a recovery key whose derived authValue ends in 0x00
+// must still open the vault.
+func TestRecoveryKeyWithTrailingZeroAuth(t *testing.T) {
+	t.Parallel()
+	ctx := context.Background()
+	var seed []byte
+	for i := 0; i < 1<<16; i++ {
+		b := bytes.Repeat([]byte{byte(i), byte(i >> 8)}, 16)
+		full := sha256.Sum256(append([]byte("vtpmm vault recovery v1\x00"), b...))
+		if full[31] == 0 {
+			seed = b
+			break
+		}
+	}
+	if seed == nil {
+		t.Fatal("no key with a trailing-zero authValue found")
+	}
+	if got := vtpm.RecoveryAuthValue(seed); len(got) == 32 {
+		t.Fatal("authValue not trimmed")
+	}
+	_, tpm := tpmtest.NewHost(t)
+	cfg := vtpm.VaultConfig{Dir: t.TempDir(), PCRs: vtpm.PCRSelection{PCRs: []int{7}}}
+	rk, _ := vtpm.NewRecoveryKey(bytes.NewReader(seed))
+	v, err := vtpm.InitVault(ctx, tpm, cfg, vtpm.InitOptions{RecoveryKey: rk})
+	if err != nil {
+		t.Fatal(err)
+	}
+	v.Close()
+	rv, err := vtpm.RecoverVault(ctx, tpm, cfg, rk)
+	if err != nil {
+		t.Fatalf("recovery key whose authValue ends in 0x00: %v", err)
+	}
+	rv.Close()
+}
