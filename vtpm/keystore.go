@@ -137,6 +137,14 @@ func (s *KeyStore) Get(ctx context.Context, vmID string) (VMKey, uint64, error) 
 	if err != nil {
 		return VMKey{}, 0, err
 	}
+	// A stale copy (an old envelope restored over a newer one) is never
+	// handed out: every start and every export goes through Get.
+	if seen, err := s.seenGeneration(vmID); err != nil {
+		return VMKey{}, 0, err
+	} else if env.Generation < seen {
+		return VMKey{}, 0, fmt.Errorf("get key for %s: %w: the stored envelope is generation %d, this host has held generation %d (a restored old copy?)",
+			vmID, ErrStaleGeneration, env.Generation, seen)
+	}
 	k, err := s.vault.OpenVMKey(env, s.hostID, vmID)
 	if err != nil {
 		return VMKey{}, 0, err
@@ -208,19 +216,26 @@ type seenRecord struct {
 	Updated time.Time `json:"updated"`
 }
 
-func (s *KeyStore) highWater(vmID string) (uint64, error) {
-	var max uint64
+// seenGeneration reads the VM's generation high-water record (0 if none).
+func (s *KeyStore) seenGeneration(vmID string) (uint64, error) {
 	b, err := os.ReadFile(s.seenPath(vmID))
 	switch {
 	case errors.Is(err, fs.ErrNotExist):
+		return 0, nil
 	case err != nil:
 		return 0, err
-	default:
-		var r seenRecord
-		if err := json.Unmarshal(b, &r); err != nil || r.VMID != vmID {
-			return 0, fmt.Errorf("%w: generation record %s", ErrCorrupt, s.seenPath(vmID))
-		}
-		max = r.MaxGen
+	}
+	var r seenRecord
+	if err := json.Unmarshal(b, &r); err != nil || r.VMID != vmID {
+		return 0, fmt.Errorf("%w: generation record %s", ErrCorrupt, s.seenPath(vmID))
+	}
+	return r.MaxGen, nil
+}
+
+func (s *KeyStore) highWater(vmID string) (uint64, error) {
+	max, err := s.seenGeneration(vmID)
+	if err != nil {
+		return 0, err
 	}
 	if env, err := s.readEnvelope(vmID); err == nil && env.Generation > max {
 		max = env.Generation

@@ -228,3 +228,36 @@ func TestKeyStorePending(t *testing.T) {
 		t.Fatalf("bad tx id: %v", err)
 	}
 }
+
+// TestKeyStoreRefusesRestoredOldCopy: an old envelope restored over a newer
+// one is never opened (G3: a stale copy is never started).
+func TestKeyStoreRefusesRestoredOldCopy(t *testing.T) {
+	t.Parallel()
+	ctx := context.Background()
+	_, tpm := tpmtest.NewHost(t)
+	dir := t.TempDir()
+	v, err := vtpm.InitVault(ctx, tpm, vtpm.VaultConfig{Dir: dir}, vtpm.InitOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer v.Close()
+	ks, _ := vtpm.NewKeyStore(dir, "host-a", v, nil)
+	k, _, err := ks.Create(ctx, vm1)
+	if err != nil {
+		t.Fatal(err)
+	}
+	keyFile := filepath.Join(dir, "keys", vm1+".key")
+	old, err := os.ReadFile(keyFile)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := ks.Put(ctx, vm1, 2, k); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(keyFile, old, 0o600); err != nil { // an operator restores a backup
+		t.Fatal(err)
+	}
+	if _, _, err := ks.Get(ctx, vm1); !errors.Is(err, vtpm.ErrStaleGeneration) {
+		t.Fatalf("Get of a restored generation-1 copy after generation 2: %v", err)
+	}
+}
