@@ -4,6 +4,7 @@
 //
 //	vtpmm-guest --tpm device:///dev/tpmrm0 seal --secret-file F [--pcrs 16]
 //	vtpmm-guest --tpm device:///dev/tpmrm0 unseal   # secret on stdout
+//	vtpmm-guest --tpm device:///dev/tpmrm0 serve    # test guest console loop
 package main
 
 import (

@@ -2,6 +2,7 @@ package main
 
 import (
 	"context"
+	"crypto/rand"
 	"errors"
 	"flag"
 	"fmt"
@@ -9,6 +10,7 @@ import (
 	"os"
 	"strconv"
 	"strings"
+	"time"
 
 	"github.com/vtpmm/vtpmm/internal/guestseal"
 	"github.com/vtpmm/vtpmm/vtpm"
@@ -19,6 +21,7 @@ var errUsage = errors.New("usage")
 
 const usage = `usage: vtpmm-guest --tpm URI seal --secret-file FILE [--pcrs 16[,N...]]
        vtpmm-guest --tpm URI unseal
+       vtpmm-guest --tpm URI serve [--pcr 16] [--interval 1s] [--count 0] [--wait 10s] [--marker S]
 URI: device:///dev/tpmrm0, swtpm+unix:///path, swtpm+tcp://127.0.0.1:PORT`
 
 // Run is the whole program; main only wires the process to it.
@@ -32,7 +35,7 @@ func Run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 	}
 	if fs.NArg() == 0 {
 		fs.Usage()
-		return fmt.Errorf("%w: missing command (seal or unseal)", errUsage)
+		return fmt.Errorf("%w: missing command (seal, unseal or serve)", errUsage)
 	}
 	cmd, rest := fs.Arg(0), fs.Args()[1:]
 	switch cmd {
@@ -85,6 +88,22 @@ func Run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 		}
 		_, err = stdout.Write(secret)
 		return err
+	case "serve":
+		sf := flag.NewFlagSet("serve", flag.ContinueOnError)
+		sf.SetOutput(stderr)
+		c := serveConfig{URI: *uri, Rand: rand.Reader}
+		sf.IntVar(&c.PCR, "pcr", 16, "SHA-256 PCR to extend once per boot and seal to")
+		sf.StringVar(&c.Marker, "marker", DefaultBootMarker, "boot marker extended into --pcr (as its SHA-256)")
+		sf.DurationVar(&c.Interval, "interval", time.Second, "time between unseal ticks")
+		sf.IntVar(&c.Count, "count", 0, "stop after this many ticks (0: run until killed)")
+		sf.DurationVar(&c.Wait, "wait", 10*time.Second, "keep retrying to open the TPM this long")
+		if err := sf.Parse(rest); err != nil {
+			return fmt.Errorf("%w: %v", errUsage, err)
+		}
+		if sf.NArg() != 0 || c.PCR < 0 || c.PCR > 23 || c.Interval <= 0 || c.Count < 0 {
+			return fmt.Errorf("%w: serve: bad arguments (PCR 0..23, interval > 0, count >= 0, no positional arguments)", errUsage)
+		}
+		return serve(ctx, c, stdout)
 	}
 	fs.Usage()
 	return fmt.Errorf("%w: unknown command %q", errUsage, cmd)
