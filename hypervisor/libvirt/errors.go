@@ -1,0 +1,20 @@
+package libvirt
+
+import "errors"
+
+// Errors of this package; hypervisor failures use the hypervisor package's
+// sentinels (ErrNoDomain, ErrSecretMissing, ...).
+var (
+	// ErrBadConfig means a Config or VMSpec is incomplete or invalid.
+	ErrBadConfig = errors.New("libvirt: bad configuration")
+	// ErrClosed means the Hypervisor was closed.
+	ErrClosed = errors.New("libvirt: hypervisor closed")
+	// ErrNoVTPM means the domain has no emulator vTPM.
+	ErrNoVTPM = errors.New("libvirt: domain has no emulator vTPM")
+	// ErrAdoptRunning means a running domain that references a foreign
+	// secret cannot be adopted now: its swtpm holds a passphrase that a
+	// private secret never reveals. It is adopted at its next cold start.
+	ErrAdoptRunning = errors.New("libvirt: running domain with a foreign vTPM secret is adopted at its next cold start")
+	// ErrLibvirt is any other libvirt failure (the message follows).
+	ErrLibvirt = errors.New("libvirt error")
+)

@@ -1,0 +1,67 @@
+package libvirt
+
+import (
+	"context"
+	"fmt"
+	"time"
+
+	golibvirt "libvirt.org/go/libvirt"
+)
+
+// JobStats is the progress of a domain's current (or last completed) job.
+type JobStats struct {
+	Active        bool          // a job is running (or, for CompletedJobStats, one completed)
+	Elapsed       time.Duration // time since the job started
+	Downtime      time.Duration // guest pause time (migrations; completed jobs)
+	DataTotal     uint64        // bytes to transfer
+	DataProcessed uint64        // bytes transferred
+	DataRemaining uint64        // bytes left
+	MemIteration  uint64        // pre-copy iteration
+}
+
+// JobStats reports the progress of the domain's current job, e.g. an
+// outgoing migration (virDomainGetJobStats).
+func (h *Hypervisor) JobStats(ctx context.Context, vmUUID string) (JobStats, error) {
+	return h.jobStats(ctx, vmUUID, 0)
+}
+
+// CompletedJobStats reports the domain's last completed job; on a
+// migration's destination it gives the migration's time and downtime.
+func (h *Hypervisor) CompletedJobStats(ctx context.Context, vmUUID string) (JobStats, error) {
+	return h.jobStats(ctx, vmUUID, golibvirt.DOMAIN_JOB_STATS_COMPLETED)
+}
+
+func (h *Hypervisor) jobStats(ctx context.Context, vmUUID string, flags golibvirt.DomainGetJobStatsFlags) (JobStats, error) {
+	var out JobStats
+	err := h.with(ctx, func(c *golibvirt.Connect) error {
+		d, err := lookup(c, vmUUID)
+		if err != nil {
+			return err
+		}
+		defer d.Free()
+		j, err := d.GetJobStats(flags)
+		if err != nil {
+			return wrapLibvirt(err)
+		}
+		out = JobStats{
+			Active:        j.Type != golibvirt.DOMAIN_JOB_NONE,
+			Elapsed:       time.Duration(j.TimeElapsed) * time.Millisecond,
+			Downtime:      time.Duration(j.Downtime) * time.Millisecond,
+			DataTotal:     j.DataTotal,
+			DataProcessed: j.DataProcessed,
+			DataRemaining: j.DataRemaining,
+			MemIteration:  j.MemIteration,
+		}
+		return nil
+	})
+	if err != nil {
+		return JobStats{}, fmt.Errorf("job stats of %s on %s: %w", vmUUID, h.cfg.Name, err)
+	}
+	return out, nil
+}
+
+// AbortJob aborts the domain's current job (an outgoing migration: the VM
+// keeps running here).
+func (h *Hypervisor) AbortJob(ctx context.Context, vmUUID string) error {
+	return h.domainOp(ctx, "abort job of", vmUUID, func(d *golibvirt.Domain) error { return d.AbortJob() })
+}
