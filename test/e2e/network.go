@@ -1,0 +1,149 @@
+package e2e
+
+import (
+	"context"
+	"crypto/rand"
+	"encoding/hex"
+	"fmt"
+	"os"
+	"os/exec"
+	"os/user"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+)
+
+// Subnet is the /24 the hosts' addresses come from (inside the namespaces
+// only; nothing is routed to the root namespace).
+const Subnet = "10.251.0.0/24"
+
+// Network is a hub network namespace with a bridge; every host's network
+// namespace is attached to it through a veth pair.
+type Network struct {
+	// ID prefixes the namespaces' names (unique per Network).
+	ID string
+	// Dir holds the hosts' directories and the subreaper binary.
+	Dir string
+	// Subreaper is the path of the built cmd/subreaper.
+	Subreaper string
+
+	hub   string
+	hosts int
+}
+
+// Require reports the first missing prerequisite of the e2e tests.
+func Require() error {
+	if os.Geteuid() != 0 {
+		return fmt.Errorf("%w: must run as root", ErrMissing)
+	}
+	for _, b := range []string{"ip", "unshare", "libvirtd", "qemu-system-x86_64", "swtpm", "swtpm_setup", "go"} {
+		if _, err := exec.LookPath(b); err != nil {
+			return fmt.Errorf("%w: %s: %v", ErrMissing, b, err)
+		}
+	}
+	if _, err := user.Lookup("libvirt-qemu"); err != nil {
+		return fmt.Errorf("%w: user libvirt-qemu (libvirt's QEMU driver needs it even with user=root): %v", ErrMissing, err)
+	}
+	return nil
+}
+
+// KVM reports whether /dev/kvm can be opened; without it VMs use TCG.
+func KVM() bool {
+	f, err := os.OpenFile("/dev/kvm", os.O_RDWR, 0)
+	if err != nil {
+		return false
+	}
+	f.Close()
+	return true
+}
+
+// NewNetwork creates the hub namespace and builds the subreaper. It skips
+// the test when a prerequisite is missing. Everything is removed when the
+// test ends.
+func NewNetwork(ctx context.Context, t testing.TB) *Network {
+	t.Helper()
+	if err := Require(); err != nil {
+		t.Skip(err)
+	}
+	b := make([]byte, 3)
+	_, _ = rand.Read(b)
+	id := "ve2e-" + hex.EncodeToString(b)
+	dir, err := os.MkdirTemp("/tmp", id+"-")
+	if err != nil {
+		t.Fatal(err)
+	}
+	n := &Network{ID: id, Dir: dir, hub: id + "-hub", Subreaper: filepath.Join(dir, "subreaper")}
+	t.Cleanup(func() {
+		if t.Failed() {
+			t.Logf("e2e: keeping %s for inspection", dir)
+			return
+		}
+		_ = os.RemoveAll(dir)
+	})
+	build := exec.CommandContext(ctx, "go", "build", "-o", n.Subreaper, "github.com/vtpmm/vtpmm/test/e2e/cmd/subreaper")
+	if out, err := build.CombinedOutput(); err != nil {
+		t.Fatalf("build subreaper: %v\n%s", err, out)
+	}
+	t.Cleanup(func() { n.delNetns(t, n.hub) })
+	if err := n.ip(ctx, "netns", "add", n.hub); err != nil {
+		t.Fatal(err)
+	}
+	for _, args := range [][]string{
+		{"-n", n.hub, "link", "add", "br0", "type", "bridge"},
+		{"-n", n.hub, "link", "set", "br0", "up"},
+		{"-n", n.hub, "link", "set", "lo", "up"},
+	} {
+		if err := n.ip(ctx, args...); err != nil {
+			t.Fatal(err)
+		}
+	}
+	return n
+}
+
+// ip runs iproute2.
+func (n *Network) ip(ctx context.Context, args ...string) error {
+	out, err := exec.CommandContext(ctx, "ip", args...).CombinedOutput()
+	if err != nil {
+		return fmt.Errorf("ip %s: %v: %s", strings.Join(args, " "), err, strings.TrimSpace(string(out)))
+	}
+	return nil
+}
+
+// attach creates a host's namespace with eth0 (ip/24) bridged to the hub
+// and lo up; it is deleted (with its veth) when the test ends.
+func (n *Network) attach(ctx context.Context, t testing.TB, ip string) string {
+	t.Helper()
+	n.hosts++
+	ns := fmt.Sprintf("%s-%d", n.ID, n.hosts)
+	hubSide := fmt.Sprintf("h%d", n.hosts)
+	t.Cleanup(func() { n.delNetns(t, ns) })
+	if err := n.ip(ctx, "netns", "add", ns); err != nil {
+		t.Fatal(err)
+	}
+	for _, args := range [][]string{
+		{"-n", n.hub, "link", "add", hubSide, "type", "veth", "peer", "name", "eth0", "netns", ns},
+		{"-n", n.hub, "link", "set", hubSide, "master", "br0"},
+		{"-n", n.hub, "link", "set", hubSide, "up"},
+		{"-n", ns, "addr", "add", ip + "/24", "dev", "eth0"},
+		{"-n", ns, "link", "set", "lo", "up"},
+		{"-n", ns, "link", "set", "eth0", "up"},
+	} {
+		if err := n.ip(ctx, args...); err != nil {
+			t.Fatal(err)
+		}
+	}
+	return ns
+}
+
+// delNetns deletes a namespace (its veth ends go with it).
+func (n *Network) delNetns(t testing.TB, ns string) {
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	if _, err := os.Stat(filepath.Join("/run/netns", ns)); err != nil {
+		return
+	}
+	if err := n.ip(ctx, "netns", "del", ns); err != nil {
+		t.Errorf("e2e cleanup: %v", err)
+	}
+}
