@@ -136,6 +136,9 @@ func (f *fleet) addAgent(ctx context.Context, name, ip, bootLog string) *agent {
 		t.Fatal(err)
 	}
 	dir := filepath.Join(h.Dir, "vtpmd")
+	if err := os.MkdirAll(dir, 0o700); err != nil {
+		t.Fatal(err)
+	}
 	vault, err := vtpm.InitVault(ctx, a.meter, vtpm.VaultConfig{Dir: dir, PCRs: vtpm.PCRSelection{PCRs: []int{7}}}, vtpm.InitOptions{})
 	if err != nil {
 		t.Fatal(err)
