@@ -46,6 +46,12 @@ var (
 	ErrBuild = errors.New("guest build failed")
 )
 
+// Cmdline is the kernel command line the guest expects: its console on the
+// first serial port (libvirt: <serial type='file'> or 'pty'), and a reboot
+// instead of a hang on panic. Boot it under TCG (<domain type='qemu'>);
+// the TPM may be tpm-crb or tpm-tis (both drivers are built in).
+const Cmdline = "console=ttyS0 panic=-1"
+
 // GuestPackage is the import path of the guest binary.
 const GuestPackage = "github.com/vtpmm/vtpmm/cmd/vtpmm-guest"
 

@@ -238,7 +238,7 @@ func boot(t *testing.T, img *Image, stateDir string, timeout time.Duration, unti
 	cmd := exec.CommandContext(ctx, "qemu-system-x86_64",
 		"-machine", "q35", "-accel", "tcg", "-m", "256", "-smp", "1", "-nic", "none",
 		"-nographic", "-no-reboot",
-		"-kernel", img.Kernel, "-initrd", img.Initrd, "-append", "console=ttyS0 panic=-1",
+		"-kernel", img.Kernel, "-initrd", img.Initrd, "-append", Cmdline,
 		"-chardev", "socket,id=chrtpm,path="+sock,
 		"-tpmdev", "emulator,id=tpm0,chardev=chrtpm",
 		"-device", "tpm-crb,tpmdev=tpm0")
