@@ -421,3 +421,25 @@ func (r *run) checkEventLog(log *EventLog, pcrs PCRValues, covered func(Bank, in
 	r.pass(RuleBootComponent, "%d boot application(s) all allowed", len(facts.BootComponents))
 	return nil
 }
+
+// CheckEK verifies a host's EK certificate (DER, with optional untrusted
+// intermediates) against the roots and the policy, and that it certifies
+// ekPub (TPMT_PUBLIC). Enrolment runs it before challenging an AK, so only
+// a genuine TPM's AK is ever enrolled.
+func (v *Verifier) CheckEK(ctx context.Context, host string, ekCert []byte, intermediates [][]byte, ekPub []byte) (Chain, error) {
+	if v.Policy == nil || v.Clock == nil || v.Roots == nil {
+		return nil, fmt.Errorf("attest: CheckEK needs Policy, Clock and Roots")
+	}
+	ek, err := ParsePublic("EK", ekPub)
+	if err != nil {
+		return nil, withHost(err, host)
+	}
+	if len(ekCert) == 0 {
+		return nil, withHost(refuse(RuleEKChain, "the host presents no EK certificate: enrol its EK out of band"), host)
+	}
+	r := &run{v: v, ctx: ctx, ev: &Evidence{HostID: host, EKCert: ekCert, EKIntermediates: intermediates}, res: &Result{Host: host}}
+	if err := r.checkEK(ek, v.Clock()); err != nil {
+		return nil, withHost(err, host)
+	}
+	return r.res.EKChain, nil
+}

@@ -431,3 +431,10 @@ func (h *host) guestUnseal(vm string) []byte {
 	})
 	return out
 }
+
+func (p *testPeer) Identity(ctx context.Context, r *migrate.IdentityRequest) (*migrate.IdentityResponse, error) {
+	return call(p, "Identity", r, func(n *migrate.Node) (*migrate.IdentityResponse, error) { return n.Identity(ctx, r) })
+}
+func (p *testPeer) Activate(ctx context.Context, r *migrate.ActivateRequest) (*migrate.ActivateResponse, error) {
+	return call(p, "Activate", r, func(n *migrate.Node) (*migrate.ActivateResponse, error) { return n.Activate(ctx, r) })
+}

@@ -18,12 +18,16 @@ import (
 
 // Peer is another host's agent, as the source sees it. Warm migrations use
 // Prepare before the hypervisor migrates and Finish after it; cold ones add
-// Evidence first. Status serves recovery.
+// Evidence first. Status serves recovery; Identity and Activate serve
+// enrolment.
 type Peer interface {
 	Evidence(ctx context.Context, req *EvidenceRequest) (*EvidenceResponse, error)
 	Prepare(ctx context.Context, req *PrepareRequest) (*PrepareResponse, error)
 	Finish(ctx context.Context, req *FinishRequest) (*FinishResponse, error)
 	Status(ctx context.Context, req *StatusRequest) (*StatusResponse, error)
+	// Identity and Activate serve enrolment (Node.Enroll).
+	Identity(ctx context.Context, req *IdentityRequest) (*IdentityResponse, error)
+	Activate(ctx context.Context, req *ActivateRequest) (*ActivateResponse, error)
 }
 
 var _ Peer = (*Node)(nil)

@@ -280,6 +280,12 @@ func (n *Node) wrap(tx Tx, v verified, keys map[string]vtpm.VMKey) (*PrepareRequ
 	return req, nil
 }
 
+func asRefusal(err error) (*attest.RefusalError, bool) {
+	var re *attest.RefusalError
+	ok := errors.As(err, &re)
+	return re, ok
+}
+
 // refuse ends a transaction whose destination failed attestation.
 func (n *Node) refuse(ctx context.Context, tx Tx, err error) {
 	rule := ""

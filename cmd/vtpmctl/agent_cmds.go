@@ -163,7 +163,35 @@ func agentCommands(e *env) []*cobra.Command {
 			return nil
 		},
 	})
-	host := &cobra.Command{Use: "host", Short: "Inspect the hosts the local vtpmd knows"}
+	host := &cobra.Command{Use: "host", Short: "Inspect and enrol the hosts the local vtpmd knows"}
+	host.AddCommand(&cobra.Command{
+		Use:   "enroll HOST",
+		Short: "Verify HOST's EK certificate, activate its AK against its EK, and record the enrolment",
+		Long: "enroll asks the local vtpmd to fetch HOST's TPM identity over the agent wire, verify its EK\n" +
+			"certificate against attestation.roots, challenge its TPM with TPM2_ActivateCredential and,\n" +
+			"when the TPM answers, record (EK, AK) in attestation.enrollments. Evidence from a host\n" +
+			"whose AK is not enrolled is refused (rule ak-activation). Exit 2 when HOST is refused.",
+		Args: cobra.ExactArgs(1),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			resp, err := client().do(cmd.Context(), http.MethodPost, "/v1/hosts/"+url.PathEscape(args[0])+"/enroll", struct{}{})
+			if err != nil {
+				return err
+			}
+			defer resp.Body.Close()
+			var info agent.EnrollInfo
+			if err := json.NewDecoder(resp.Body).Decode(&info); err != nil {
+				return err
+			}
+			if info.Code != "ok" {
+				if info.Code == "refused" {
+					return &exitError{code: exitRefused, err: errors.New(info.Error)}
+				}
+				return errors.New(info.Error)
+			}
+			fmt.Fprintf(e.stdout, "%s enrolled: EK %s…, AK %s…\nEK certificate path:\n%s", info.Host, info.EKDigest[:16], info.AKName[:16], indentLines(info.EKChain))
+			return nil
+		},
+	})
 	host.AddCommand(&cobra.Command{
 		Use: "list", Short: "List this host and its peers, with reachability over mTLS", Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
@@ -266,6 +294,14 @@ func migrateOutcome(e *env, ev agent.MigrateEvent, start time.Time) error {
 		return &exitError{code: exitBusy, err: err}
 	}
 	return err
+}
+
+func indentLines(s string) string {
+	var b strings.Builder
+	for _, l := range strings.Split(strings.TrimRight(s, "\n"), "\n") {
+		b.WriteString("  " + l + "\n")
+	}
+	return b.String()
 }
 
 func orDash(s string) string {

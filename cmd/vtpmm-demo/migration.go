@@ -57,13 +57,21 @@ func (d *demo) migration(ctx context.Context) error {
 		if err != nil {
 			return fmt.Errorf("provision %s: %w", spec.name, err)
 		}
-		d.detail("%s: TPM booted from %s, vault sealed, AK and MK provisioned and enrolled, wire on %s",
+		d.detail("%s: TPM booted from %s, vault sealed, AK and MK provisioned, wire on %s",
 			spec.name, filepath.Base(spec.log), h.Wire.Addr())
 	}
 	if err := fl.Start(ctx); err != nil {
 		return err
 	}
 	hosts := fl.Hosts
+	d.say("Enrolment: each host verifies its peers' EK certificates and activates their AKs (vtpmctl host enroll)")
+	for _, pair := range [][2]string{{"host-a", "host-b"}, {"host-a", "host-c"}, {"host-b", "host-a"}, {"host-b", "host-c"}} {
+		out, err := d.vtpmctl(ctx, "host", "enroll", pair[1], "--socket", hosts[pair[0]].Cfg.AdminSocketPath())
+		if err != nil {
+			return err
+		}
+		d.detail("on %s: %s", pair[0], strings.SplitN(out, "\n", 2)[0])
+	}
 	a, b, c := hosts["host-a"], hosts["host-b"], hosts["host-c"]
 	out, err := d.vtpmctl(ctx, "host", "list", "--socket", a.Cfg.AdminSocketPath())
 	if err != nil {

@@ -86,6 +86,7 @@ func (d *Daemon) serveAdmin(ctx context.Context, lis net.Listener) error {
 	mux.HandleFunc("GET /v1/vms", d.handleVMs)
 	mux.HandleFunc("GET /v1/vms/{ref}", d.handleVM)
 	mux.HandleFunc("GET /v1/hosts", d.handleHosts)
+	mux.HandleFunc("POST /v1/hosts/{host}/enroll", d.handleEnroll)
 	mux.HandleFunc("GET /v1/audit", d.handleAudit)
 	srv := &http.Server{Handler: mux, ReadHeaderTimeout: 10 * time.Second}
 	go func() {
@@ -285,6 +286,40 @@ func (d *Daemon) handleHosts(w http.ResponseWriter, r *http.Request) {
 		out = append(out, hi)
 	}
 	writeJSON(w, http.StatusOK, out)
+}
+
+// EnrollInfo is the answer of POST /v1/hosts/{host}/enroll.
+type EnrollInfo struct {
+	Host     string `json:"host"`
+	EKChain  string `json:"ek_chain"`
+	EKDigest string `json:"ek_digest"`
+	AKName   string `json:"ak_name"`
+	Error    string `json:"error,omitempty"`
+	Code     string `json:"code"`
+}
+
+func (d *Daemon) handleEnroll(w http.ResponseWriter, r *http.Request) {
+	host := r.PathValue("host")
+	if _, ok := d.cfg.Peers[host]; !ok {
+		writeError(w, http.StatusNotFound, fmt.Errorf("%q is not in peers", host))
+		return
+	}
+	res, err := d.Enroll(r.Context(), host)
+	if err != nil {
+		writeJSON(w, http.StatusOK, EnrollInfo{Host: host, Error: err.Error(), Code: ErrorCode(err)})
+		return
+	}
+	writeJSON(w, http.StatusOK, EnrollInfo{Host: host, EKChain: res.EKChain, EKDigest: fmt.Sprintf("%x", res.EKDigest),
+		AKName: fmt.Sprintf("%x", res.AKName), Code: "ok"})
+}
+
+// Enroll verifies a peer's EK, activates its AK and records the enrolment
+// in this host's attestation.enrollments.
+func (d *Daemon) Enroll(ctx context.Context, host string) (*migrate.EnrollResult, error) {
+	if d.enroll == nil {
+		return nil, fmt.Errorf("enroll %s: %w: this host has no attestation policy configured", host, migrate.ErrRefused)
+	}
+	return d.node.Enroll(ctx, host, d.enroll)
 }
 
 // ping asks a peer about a transaction that cannot exist: it proves the

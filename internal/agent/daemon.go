@@ -50,6 +50,7 @@ type Daemon struct {
 	metrics *metrics.Metrics
 	ident   *identity.Identity
 	hyp     hypervisor.Hypervisor
+	enroll  attest.Enrollments // where enrolments are recorded (the verifier's store)
 	dopts   DaemonOptions
 }
 
@@ -78,6 +79,9 @@ func StartDaemon(ctx context.Context, cfg Config, opts DaemonOptions) (_ *Daemon
 	verifier, err := d.verifier(cfg, opts)
 	if err != nil {
 		return nil, err
+	}
+	if verifier != nil {
+		d.enroll = verifier.Enrollments
 	}
 	maxAge, _ := cfg.evidenceMaxAge()
 	var eventLog []byte

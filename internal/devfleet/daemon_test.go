@@ -66,6 +66,9 @@ func newFleet(t *testing.T, hosts ...string) *devfleet.Fleet {
 	if err := f.Start(ctx); err != nil {
 		t.Fatal(err)
 	}
+	if err := f.EnrollAll(ctx); err != nil {
+		t.Fatal(err)
+	}
 	return f
 }
 

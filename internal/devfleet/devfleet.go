@@ -1,13 +1,12 @@
 // Package devfleet provisions a development fleet: emulated hosts (an
 // swtpm "hardware" TPM booted from a TCG event log, a vault, an AK and a
-// migration key, an enrolment) each running a real vtpmd daemon with the
+// migration key) each running a real vtpmd daemon with the
 // agent wire on loopback and a hypervisor host of one shared fake network.
 // The demo and the daemon tests use it; nothing in production does.
 package devfleet
 
 import (
 	"context"
-	"crypto/rand"
 	"errors"
 	"fmt"
 	"net"
@@ -17,13 +16,10 @@ import (
 
 	"github.com/sirupsen/logrus"
 
-	"github.com/vtpmm/vtpmm/attest"
 	"github.com/vtpmm/vtpmm/hypervisor"
 	"github.com/vtpmm/vtpmm/hypervisor/fake"
 	"github.com/vtpmm/vtpmm/internal/agent"
-	"github.com/vtpmm/vtpmm/vtpm"
 	"github.com/vtpmm/vtpmm/vtpm/emuhost"
-	"github.com/vtpmm/vtpmm/vtpm/identity"
 )
 
 // Config is what the operator prepared: the agents' PKI (ca.crt and
@@ -38,12 +34,11 @@ type Config struct {
 
 // Fleet is a set of hosts that trust each other's TPM CAs.
 type Fleet struct {
-	cfg         Config
-	Net         *fake.Network
-	RootsDir    string
-	Enrollments string
-	Hosts       map[string]*Host
-	order       []string
+	cfg      Config
+	Net      *fake.Network
+	RootsDir string
+	Hosts    map[string]*Host
+	order    []string
 }
 
 // Host is one emulated host and its daemon.
@@ -60,13 +55,12 @@ type Host struct {
 
 // New starts an empty fleet.
 func New(cfg Config) *Fleet {
-	return &Fleet{cfg: cfg, Net: fake.NewNetwork(), RootsDir: filepath.Join(cfg.Root, "roots"),
-		Enrollments: filepath.Join(cfg.Root, "enrollments.json"), Hosts: map[string]*Host{}}
+	return &Fleet{cfg: cfg, Net: fake.NewNetwork(), RootsDir: filepath.Join(cfg.Root, "roots"), Hosts: map[string]*Host{}}
 }
 
-// AddHost provisions a host booted from bootLog: its TPM, vtpmd init, the
-// operator's trust in its TPM CA and the enrolment of its AK (credential
-// activation against its EK). The daemon starts with Start.
+// AddHost provisions a host booted from bootLog: its TPM, vtpmd init and
+// the operator's trust in its TPM CA. The daemon starts with Start; hosts
+// enrol each other with EnrollAll (or vtpmctl host enroll).
 func (f *Fleet) AddHost(ctx context.Context, name, bootLog string) (*Host, error) {
 	dir := filepath.Join(f.cfg.Root, name)
 	emu, err := emuhost.Start(ctx, emuhost.Config{Dir: filepath.Join(dir, "hosttpm"), Name: name})
@@ -91,7 +85,8 @@ func (f *Fleet) AddHost(ctx context.Context, name, bootLog string) (*Host, error
 	c.HostID, c.DataDir, c.RunDir, c.TPM = name, filepath.Join(dir, "data"), runDir, emu.URI()
 	c.TLS = agent.TLSConfig{CA: filepath.Join(f.cfg.PKIDir, "ca.crt"),
 		Cert: filepath.Join(f.cfg.PKIDir, name+".crt"), Key: filepath.Join(f.cfg.PKIDir, name+".key")}
-	c.Attestation = agent.AttestationConfig{Policy: f.cfg.PolicyFile, Roots: []string{f.RootsDir}, Enrollments: f.Enrollments, EvidenceMaxAge: "60s"}
+	c.Attestation = agent.AttestationConfig{Policy: f.cfg.PolicyFile, Roots: []string{f.RootsDir},
+		Enrollments: filepath.Join(dir, "enrollments.json"), EvidenceMaxAge: "60s"}
 	c.EventLog = bootLog
 	c.LogLevel = "debug"
 	h.Cfg = c
@@ -110,9 +105,6 @@ func (f *Fleet) AddHost(ctx context.Context, name, bootLog string) (*Host, error
 			return nil, err
 		}
 	}
-	if err := Enrol(ctx, emu.URI(), name, f.Enrollments); err != nil {
-		return nil, err
-	}
 	if h.Hyp, err = f.Net.AddHost(ctx, fake.HostConfig{Name: name, Dir: filepath.Join(dir, "hypervisor")}); err != nil {
 		return nil, err
 	}
@@ -120,32 +112,6 @@ func (f *Fleet) AddHost(ctx context.Context, name, bootLog string) (*Host, error
 		return nil, err
 	}
 	return h, nil
-}
-
-// Enrol runs credential activation against a host's EK (through its TPM
-// URI) and records the (EK, AK) pair in the enrolments file.
-func Enrol(ctx context.Context, uri, name, file string) error {
-	tpm, err := vtpm.Open(ctx, uri)
-	if err != nil {
-		return err
-	}
-	defer tpm.Close()
-	id, err := identity.LoadIdentity(ctx, tpm, identity.LoadOptions{})
-	if err != nil {
-		return err
-	}
-	ch, err := attest.NewActivationChallenge(rand.Reader, id.EK.Public, id.AK.Public)
-	if err != nil {
-		return err
-	}
-	answer, err := identity.ActivateCredential(ctx, tpm, id, ch)
-	if err != nil {
-		return err
-	}
-	if err := attest.VerifyActivation(ch, answer); err != nil {
-		return err
-	}
-	return (&attest.FileEnrollments{Path: file}).Add(ctx, ch.Enrollment(name, time.Now()))
 }
 
 // Start starts every host's daemon, each knowing the others as peers.
@@ -195,6 +161,22 @@ func (f *Fleet) startDaemon(ctx context.Context, h *Host) error {
 		time.Sleep(10 * time.Millisecond)
 	}
 	return fmt.Errorf("vtpmd on %s: admin socket did not appear", h.Name)
+}
+
+// EnrollAll has every host enrol every other host, over the agent wire,
+// as 'vtpmctl host enroll' does.
+func (f *Fleet) EnrollAll(ctx context.Context) error {
+	for _, name := range f.order {
+		for _, other := range f.order {
+			if other == name {
+				continue
+			}
+			if _, err := f.Hosts[name].Daemon.Enroll(ctx, other); err != nil {
+				return fmt.Errorf("%s enrolls %s: %w", name, other, err)
+			}
+		}
+	}
+	return nil
 }
 
 // StopDaemon shuts a host's daemon down gracefully and returns what Serve returned.

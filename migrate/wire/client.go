@@ -205,36 +205,37 @@ func (p *remotePeer) invoke(ctx context.Context, method string, req, resp any) e
 	return rerr
 }
 
-func (p *remotePeer) Evidence(ctx context.Context, req *migrate.EvidenceRequest) (*migrate.EvidenceResponse, error) {
-	resp := new(migrate.EvidenceResponse)
-	if err := p.invoke(ctx, MethodEvidence, req, resp); err != nil {
+// roundTrip calls one method and decodes its response.
+func roundTrip[Resp any](ctx context.Context, p *remotePeer, method string, req any) (*Resp, error) {
+	resp := new(Resp)
+	if err := p.invoke(ctx, method, req, resp); err != nil {
 		return nil, err
 	}
 	return resp, nil
+}
+
+func (p *remotePeer) Evidence(ctx context.Context, req *migrate.EvidenceRequest) (*migrate.EvidenceResponse, error) {
+	return roundTrip[migrate.EvidenceResponse](ctx, p, MethodEvidence, req)
 }
 
 func (p *remotePeer) Prepare(ctx context.Context, req *migrate.PrepareRequest) (*migrate.PrepareResponse, error) {
-	resp := new(migrate.PrepareResponse)
-	if err := p.invoke(ctx, MethodPrepare, req, resp); err != nil {
-		return nil, err
-	}
-	return resp, nil
+	return roundTrip[migrate.PrepareResponse](ctx, p, MethodPrepare, req)
 }
 
 func (p *remotePeer) Finish(ctx context.Context, req *migrate.FinishRequest) (*migrate.FinishResponse, error) {
-	resp := new(migrate.FinishResponse)
-	if err := p.invoke(ctx, MethodFinish, req, resp); err != nil {
-		return nil, err
-	}
-	return resp, nil
+	return roundTrip[migrate.FinishResponse](ctx, p, MethodFinish, req)
 }
 
 func (p *remotePeer) Status(ctx context.Context, req *migrate.StatusRequest) (*migrate.StatusResponse, error) {
-	resp := new(migrate.StatusResponse)
-	if err := p.invoke(ctx, MethodStatus, req, resp); err != nil {
-		return nil, err
-	}
-	return resp, nil
+	return roundTrip[migrate.StatusResponse](ctx, p, MethodStatus, req)
+}
+
+func (p *remotePeer) Identity(ctx context.Context, req *migrate.IdentityRequest) (*migrate.IdentityResponse, error) {
+	return roundTrip[migrate.IdentityResponse](ctx, p, MethodIdentity, req)
+}
+
+func (p *remotePeer) Activate(ctx context.Context, req *migrate.ActivateRequest) (*migrate.ActivateResponse, error) {
+	return roundTrip[migrate.ActivateResponse](ctx, p, MethodActivate, req)
 }
 
 // hostCreds wraps the TLS credentials of one peer: after the handshake

@@ -30,6 +30,8 @@ const (
 	MethodPrepare  = "Prepare"
 	MethodFinish   = "Finish"
 	MethodStatus   = "Status"
+	MethodIdentity = "Identity"
+	MethodActivate = "Activate"
 )
 
 // FullMethod returns the full gRPC method name ("/vtpmm.migrate.v1.Agent/Prepare").
@@ -49,7 +51,7 @@ type agentService interface {
 }
 
 // serviceDesc is the hand-written descriptor of vtpmm.migrate.v1.Agent:
-// four unary methods, JSON messages (no protobuf schema).
+// six unary methods, JSON messages (no protobuf schema).
 func serviceDesc() *grpc.ServiceDesc {
 	return &grpc.ServiceDesc{
 		ServiceName: ServiceName,
@@ -73,6 +75,18 @@ func serviceDesc() *grpc.ServiceDesc {
 				},
 				func(r *migrate.StatusRequest) string { return r.From },
 				migrate.Peer.Status)},
+			{MethodName: MethodIdentity, Handler: handler(MethodIdentity,
+				func(b []byte) (*migrate.IdentityRequest, error) {
+					return decodeStrict[migrate.IdentityRequest]("identity", b)
+				},
+				func(r *migrate.IdentityRequest) string { return r.From },
+				migrate.Peer.Identity)},
+			{MethodName: MethodActivate, Handler: handler(MethodActivate,
+				func(b []byte) (*migrate.ActivateRequest, error) {
+					return decodeStrict[migrate.ActivateRequest]("activate", b)
+				},
+				func(r *migrate.ActivateRequest) string { return r.From },
+				migrate.Peer.Activate)},
 		},
 		Streams:  []grpc.StreamDesc{},
 		Metadata: "vtpmm/migrate/v1/agent (hand-written, JSON codec)",

@@ -31,6 +31,12 @@ type fakePeer struct {
 func (f *fakePeer) Evidence(ctx context.Context, r *migrate.EvidenceRequest) (*migrate.EvidenceResponse, error) {
 	return &migrate.EvidenceResponse{Evidence: []byte(`{"host":"x"}`)}, nil
 }
+func (f *fakePeer) Identity(ctx context.Context, r *migrate.IdentityRequest) (*migrate.IdentityResponse, error) {
+	return &migrate.IdentityResponse{Host: "host-b", EKPublic: []byte{1}, AKPublic: []byte{2}}, nil
+}
+func (f *fakePeer) Activate(ctx context.Context, r *migrate.ActivateRequest) (*migrate.ActivateResponse, error) {
+	return &migrate.ActivateResponse{Secret: r.Challenge.AKName}, nil
+}
 func (f *fakePeer) Prepare(ctx context.Context, r *migrate.PrepareRequest) (*migrate.PrepareResponse, error) {
 	return &migrate.PrepareResponse{TxID: r.TxID}, nil
 }
