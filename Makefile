@@ -5,12 +5,13 @@ export GOFLAGS := -buildvcs=false
 GO ?= go
 BIN := bin
 # Debian packages the build, the tests and the demo need.
-DEB_PKGS := swtpm swtpm-tools libssl-dev ca-certificates git gcc make
+DEB_PKGS := swtpm swtpm-tools libssl-dev libvirt-dev libvirt-daemon libvirt-daemon-driver-qemu libvirt-clients \
+	qemu-system-x86 iproute2 ca-certificates git gcc make
 TEST_TIMEOUT ?= 20m
 BENCHTIME ?= 5x
 BENCH_PKGS ?= ./internal/agent/ ./attest/ ./vtpm/identity/ ./migrate/
 
-.PHONY: all deps build test demo bench fuzz vet fmt clean
+.PHONY: all deps build test e2e demo bench fuzz vet fmt clean
 
 all: build
 
@@ -38,6 +39,10 @@ test: deps
 	@test -z "$$(gofmt -l $$(git ls-files '*.go' 2>/dev/null || find . -name '*.go'))" || { echo "gofmt needed:"; gofmt -l .; exit 1; }
 	$(GO) vet ./...
 	$(GO) test -count=1 -timeout $(TEST_TIMEOUT) ./...
+
+## e2e: end-to-end on real libvirtd + QEMU + swtpm hosts in network namespaces (root)
+e2e: deps
+	$(GO) test -count=1 -tags e2e -timeout $(TEST_TIMEOUT) ./test/e2e/...
 
 ## demo: the main job, end to end (last line: DEMO OK)
 demo: build

@@ -3,6 +3,7 @@ package agent
 import (
 	"bytes"
 	"fmt"
+	"net"
 	"os"
 	"path/filepath"
 	"strconv"
@@ -50,6 +51,12 @@ type Config struct {
 	AuditLog string `yaml:"audit_log"`
 	// EventLog is this host's TCG event log, sent with its evidence.
 	EventLog string `yaml:"event_log"`
+	// Hypervisor is this host's libvirt URI (e.g. qemu:///system). Empty:
+	// no hypervisor; vtpmd then runs VM vTPMs itself and cannot migrate.
+	Hypervisor string `yaml:"hypervisor"`
+	// PeerHypervisors maps peers to the libvirt URI their migrations go to.
+	// Default: qemu+tcp://<host of the peer's address>/system.
+	PeerHypervisors map[string]string `yaml:"peer_hypervisors"`
 }
 
 // TLSConfig names the mTLS files of the agent wire.
@@ -160,6 +167,22 @@ func (c Config) evidenceMaxAge() (time.Duration, error) {
 		return -1, nil // reuse disabled
 	}
 	return d, nil
+}
+
+// PeerHypervisorURI is the libvirt URI migrations to peer go to.
+func (c Config) PeerHypervisorURI(peer string) (string, error) {
+	if u, ok := c.PeerHypervisors[peer]; ok {
+		return u, nil
+	}
+	addr, ok := c.Peers[peer]
+	if !ok {
+		return "", fmt.Errorf("%w: %q is not in peers", ErrConfig, peer)
+	}
+	host, _, err := net.SplitHostPort(addr)
+	if err != nil {
+		return "", fmt.Errorf("%w: peers.%s: %v", ErrConfig, peer, err)
+	}
+	return "qemu+tcp://" + net.JoinHostPort(host, "16509") + "/system", nil
 }
 
 // AdminSocketPath is AdminSocket or its default.

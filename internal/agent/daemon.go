@@ -15,6 +15,7 @@ import (
 
 	"github.com/vtpmm/vtpmm/attest"
 	"github.com/vtpmm/vtpmm/hypervisor"
+	"github.com/vtpmm/vtpmm/hypervisor/libvirt"
 	"github.com/vtpmm/vtpmm/internal/audit"
 	"github.com/vtpmm/vtpmm/internal/metrics"
 	"github.com/vtpmm/vtpmm/internal/pki"
@@ -51,6 +52,7 @@ type Daemon struct {
 	ident   *identity.Identity
 	hyp     hypervisor.Hypervisor
 	enroll  attest.Enrollments // where enrolments are recorded (the verifier's store)
+	closers []func() error
 	dopts   DaemonOptions
 }
 
@@ -91,9 +93,23 @@ func StartDaemon(ctx context.Context, cfg Config, opts DaemonOptions) (_ *Daemon
 			eventLog = nil
 		}
 	}
+	if opts.Hypervisor == nil && cfg.Hypervisor != "" {
+		lv, err := libvirt.New(ctx, libvirt.Config{URI: cfg.Hypervisor, Name: cfg.HostID, Log: a.log})
+		if err != nil {
+			return nil, fmt.Errorf("start daemon: hypervisor %s: %w", cfg.Hypervisor, err)
+		}
+		d.closers = append(d.closers, lv.Close)
+		opts.Hypervisor, d.hyp = lv, lv
+	}
 	target := opts.Target
 	if target == nil {
-		target = func(h string) (hypervisor.Target, error) { return hypervisor.Target{Name: h}, nil }
+		target = func(h string) (hypervisor.Target, error) {
+			uri, err := cfg.PeerHypervisorURI(h)
+			if err != nil {
+				return hypervisor.Target{}, err
+			}
+			return hypervisor.Target{Name: h, URI: uri}, nil
+		}
 	}
 	dial, err := d.dialer(cfg)
 	if err != nil {
@@ -240,6 +256,9 @@ func (d *Daemon) Serve(ctx context.Context) error {
 }
 
 func (d *Daemon) closeAll(ctx context.Context) {
+	for _, c := range d.closers {
+		_ = c()
+	}
 	if d.audit != nil {
 		_ = d.audit.Close()
 	}
