@@ -15,6 +15,7 @@ import (
 	"github.com/sirupsen/logrus"
 
 	"github.com/vtpmm/vtpmm/hypervisor"
+	"github.com/vtpmm/vtpmm/vtpm"
 	"github.com/vtpmm/vtpmm/vtpm/swtpm"
 )
 
@@ -110,7 +111,7 @@ func (h *Host) DefineSecret(ctx context.Context, vmUUID string, value []byte) er
 	if err := ctx.Err(); err != nil {
 		return fmt.Errorf("define secret %s on %s: %w", vmUUID, h.name, err)
 	}
-	if !isUUID(vmUUID) || len(value) == 0 {
+	if vtpm.CheckVMID(vmUUID) != nil || len(value) == 0 {
 		return fmt.Errorf("define secret %s on %s: %w: canonical UUID and a non-empty value required", vmUUID, h.name, ErrBadConfig)
 	}
 	h.mu.Lock()
@@ -199,7 +200,7 @@ func (h *Host) DefineVTPMDomain(ctx context.Context, d hypervisor.Domain, stateD
 	if err := ctx.Err(); err != nil {
 		return fmt.Errorf("%s: %w", op, err)
 	}
-	if !isUUID(d.UUID) || d.Name == "" {
+	if vtpm.CheckVMID(d.UUID) != nil || d.Name == "" {
 		return fmt.Errorf("%s: %w: canonical UUID and a name required", op, ErrBadConfig)
 	}
 	abs, err := filepath.Abs(stateDir)
@@ -411,23 +412,4 @@ func (h *Host) removeState(vmUUID, stateDir string) error {
 		return fmt.Errorf("remove vTPM state: %w", err)
 	}
 	return nil
-}
-
-func isUUID(s string) bool {
-	if len(s) != 36 {
-		return false
-	}
-	for i, c := range s {
-		switch i {
-		case 8, 13, 18, 23:
-			if c != '-' {
-				return false
-			}
-		default:
-			if !strings.ContainsRune("0123456789abcdef", c) {
-				return false
-			}
-		}
-	}
-	return true
 }

@@ -18,6 +18,7 @@ import (
 	"github.com/sirupsen/logrus"
 
 	"github.com/vtpmm/vtpmm/vtpm"
+	"github.com/vtpmm/vtpmm/vtpm/swtpm"
 )
 
 // DefaultPCRBanks returns the PCR banks an emulated host allocates unless
@@ -284,7 +285,7 @@ func (h *Host) start(ctx context.Context) error {
 		_ = cmd.Process.Kill()
 		<-p.done
 		return fmt.Errorf("emuhost start %s: %w: %v (swtpm output: %s; log: %s)", h.cfg.Name, ErrStart, err,
-			strings.TrimSpace(stderr.String()), tail(filepath.Join(h.cfg.Dir, "swtpm.log")))
+			strings.TrimSpace(stderr.String()), swtpm.LogTail(filepath.Join(h.cfg.Dir, "swtpm.log")))
 	}
 	h.proc = p
 	return nil
@@ -330,16 +331,4 @@ func probe(ctx context.Context, sock string) error {
 	}
 	_, err = tpm2.GetRandom{BytesRequested: 1}.Execute(tpm)
 	return err
-}
-
-// tail returns the last lines of a log file for error messages.
-func tail(path string) string {
-	b, err := os.ReadFile(path)
-	if err != nil {
-		return "(none)"
-	}
-	if len(b) > 600 {
-		b = b[len(b)-600:]
-	}
-	return strings.TrimSpace(string(b))
 }

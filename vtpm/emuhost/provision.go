@@ -8,6 +8,8 @@ import (
 	"path/filepath"
 	"strings"
 	"time"
+
+	"github.com/vtpmm/vtpmm/vtpm/swtpm"
 )
 
 // provision writes the private swtpm_setup / swtpm-localca configuration and
@@ -49,7 +51,7 @@ func (h *Host) provision(ctx context.Context) error {
 	h.provisionTime = time.Since(t0)
 	if err != nil {
 		return fmt.Errorf("emuhost provision %s: %w: %v: %s (log: %s)", h.cfg.Name, ErrSetup, err,
-			strings.TrimSpace(string(out)), tail(filepath.Join(dir, "swtpm_setup.log")))
+			strings.TrimSpace(string(out)), swtpm.LogTail(filepath.Join(dir, "swtpm_setup.log")))
 	}
 	h.log.WithField("took", h.provisionTime).Info("host TPM manufactured")
 	return nil

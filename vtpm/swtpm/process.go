@@ -129,7 +129,7 @@ func Start(ctx context.Context, cfg ProcessConfig) (*Process, error) {
 		_ = p.cmd.Process.Kill()
 		<-p.done
 		p.cleanup()
-		if wrongKeyLog(tail(cfg.LogFile)) {
+		if wrongKeyLog(LogTail(cfg.LogFile)) {
 			return nil, fmt.Errorf("swtpm start: %w: %v (%s)", ErrWrongPassphrase, err, p.diagnostics())
 		}
 		return nil, fmt.Errorf("swtpm start: %w: %v (%s)", ErrStart, err, p.diagnostics())
@@ -193,7 +193,7 @@ func (p *Process) Pid() int { return p.cmd.Process.Pid }
 // expected. A wrong passphrase returns an error matching ErrWrongPassphrase.
 func (p *Process) Init(ctx context.Context) error {
 	if err := p.ctrl.Init(ctx, 0); err != nil {
-		if errors.Is(err, ErrWrongPassphrase) || wrongKeyLog(tail(p.cfg.LogFile)) {
+		if errors.Is(err, ErrWrongPassphrase) || wrongKeyLog(LogTail(p.cfg.LogFile)) {
 			return fmt.Errorf("swtpm init %s: %w: %v", p.cfg.StateDir, ErrWrongPassphrase, err)
 		}
 		return fmt.Errorf("swtpm init %s: %w (%s)", p.cfg.StateDir, err, p.diagnostics())
@@ -258,7 +258,7 @@ func (p *Process) diagnostics() string {
 	if p.output != nil {
 		out = strings.TrimSpace(p.output.String())
 	}
-	return fmt.Sprintf("swtpm output: %q; log: %q", out, tail(p.cfg.LogFile))
+	return fmt.Sprintf("swtpm output: %q; log: %q", out, LogTail(p.cfg.LogFile))
 }
 
 // syncBuffer collects swtpm's stdout/stderr for error messages.

@@ -9,6 +9,8 @@ import (
 	"strings"
 
 	"github.com/sirupsen/logrus"
+
+	"github.com/vtpmm/vtpmm/vtpm"
 )
 
 // SetupConfig describes one VM vTPM to manufacture.
@@ -48,7 +50,7 @@ func Setup(ctx context.Context, cfg SetupConfig) error {
 	if cfg.StateDir == "" || len(cfg.Passphrase) == 0 {
 		return fmt.Errorf("swtpm setup: %w: StateDir and Passphrase are required", ErrBadConfig)
 	}
-	if !isUUID(cfg.VMID) {
+	if vtpm.CheckVMID(cfg.VMID) != nil {
 		return fmt.Errorf("swtpm setup: %w: VMID %q is not a canonical UUID", ErrBadConfig, cfg.VMID)
 	}
 	stateDir, err := filepath.Abs(cfg.StateDir)
@@ -95,7 +97,7 @@ func Setup(ctx context.Context, cfg SetupConfig) error {
 	log.WithField("cmd", "swtpm_setup "+strings.Join(args, " ")).Debug("manufacturing vTPM")
 	out, err := cmd.CombinedOutput()
 	if err != nil {
-		return fmt.Errorf("swtpm setup %s: %w: %v: %s (log: %s)", cfg.VMID, ErrSetup, err, strings.TrimSpace(string(out)), tail(logFile))
+		return fmt.Errorf("swtpm setup %s: %w: %v: %s (log: %s)", cfg.VMID, ErrSetup, err, strings.TrimSpace(string(out)), LogTail(logFile))
 	}
 	log.Info("vTPM state ready")
 	return nil
@@ -182,26 +184,8 @@ func checkOptPath(paths ...string) error {
 	return nil
 }
 
-func isUUID(s string) bool {
-	if len(s) != 36 {
-		return false
-	}
-	for i, c := range s {
-		switch i {
-		case 8, 13, 18, 23:
-			if c != '-' {
-				return false
-			}
-		default:
-			if !strings.ContainsRune("0123456789abcdef", c) {
-				return false
-			}
-		}
-	}
-	return true
-}
-
-func tail(path string) string {
+// LogTail returns the last 600 bytes of a log file, for error messages.
+func LogTail(path string) string {
 	b, err := os.ReadFile(path)
 	if err != nil {
 		return "(none)"
