@@ -87,19 +87,12 @@ func vaultCmd(e *env) *cobra.Command {
 		Short: "Unseal the vault and report what it is sealed to",
 		Args:  cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
-			cfg, err := e.config()
-			if err != nil {
-				return err
-			}
-			a, err := agent.Open(cmd.Context(), cfg, e.opts())
-			if err != nil {
-				return err
-			}
-			defer a.Close(cmd.Context())
-			st := a.Meter().Stats()
-			fmt.Fprintf(e.stdout, "vault key %s open on host %s; sealed to: %s\nunseal cost: %d TPM commands (%s)\n",
-				a.VaultKeyID(), cfg.HostID, strings.Join(a.SealedTo(), "; "), st.Total, st)
-			return nil
+			return e.withAgent(cmd.Context(), func(cfg agent.Config, a *agent.Agent) error {
+				st := a.Meter().Stats()
+				fmt.Fprintf(e.stdout, "vault key %s open on host %s; sealed to: %s\nunseal cost: %d TPM commands (%s)\n",
+					a.VaultKeyID(), cfg.HostID, strings.Join(a.SealedTo(), "; "), st.Total, st)
+				return nil
+			})
 		},
 	})
 	var predict []string
@@ -203,21 +196,14 @@ func vmCmd(e *env) *cobra.Command {
 		Short: "Create a vTPM for a VM: a new VM key and an encrypted swtpm state with EK certificates",
 		Args:  cobra.ExactArgs(1),
 		RunE: func(cmd *cobra.Command, args []string) error {
-			cfg, err := e.config()
-			if err != nil {
-				return err
-			}
-			a, err := agent.Open(cmd.Context(), cfg, e.opts())
-			if err != nil {
-				return err
-			}
-			defer a.Close(cmd.Context())
-			vm, err := a.CreateVM(cmd.Context(), args[0], uuid)
-			if err != nil {
-				return err
-			}
-			fmt.Fprintf(e.stdout, "created vTPM for VM %s (%s)\n", vm.Name, vm.UUID)
-			return nil
+			return e.withAgent(cmd.Context(), func(cfg agent.Config, a *agent.Agent) error {
+				vm, err := a.CreateVM(cmd.Context(), args[0], uuid)
+				if err != nil {
+					return err
+				}
+				fmt.Fprintf(e.stdout, "created vTPM for VM %s (%s)\n", vm.Name, vm.UUID)
+				return nil
+			})
 		},
 	}
 	create.Flags().StringVar(&uuid, "uuid", "", "the VM's UUID (default: random)")
@@ -227,28 +213,21 @@ func vmCmd(e *env) *cobra.Command {
 		Short: "List this host's VMs and their key generations",
 		Args:  cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
-			cfg, err := e.config()
-			if err != nil {
-				return err
-			}
-			a, err := agent.Open(cmd.Context(), cfg, e.opts())
-			if err != nil {
-				return err
-			}
-			defer a.Close(cmd.Context())
-			vms, err := a.ListVMs(cmd.Context())
-			if err != nil {
-				return err
-			}
-			if asJSON {
-				return json.NewEncoder(e.stdout).Encode(vms)
-			}
-			w := tabwriter.NewWriter(e.stdout, 0, 4, 2, ' ', 0)
-			fmt.Fprintln(w, "NAME\tUUID\tGENERATION\tCREATED")
-			for _, vm := range vms {
-				fmt.Fprintf(w, "%s\t%s\t%d\t%s\n", vm.Name, vm.UUID, vm.Generation, vm.Created.Format("2006-01-02T15:04:05Z"))
-			}
-			return w.Flush()
+			return e.withAgent(cmd.Context(), func(cfg agent.Config, a *agent.Agent) error {
+				vms, err := a.ListVMs(cmd.Context())
+				if err != nil {
+					return err
+				}
+				if asJSON {
+					return json.NewEncoder(e.stdout).Encode(vms)
+				}
+				w := tabwriter.NewWriter(e.stdout, 0, 4, 2, ' ', 0)
+				fmt.Fprintln(w, "NAME\tUUID\tGENERATION\tCREATED")
+				for _, vm := range vms {
+					fmt.Fprintf(w, "%s\t%s\t%d\t%s\n", vm.Name, vm.UUID, vm.Generation, vm.Created.Format("2006-01-02T15:04:05Z"))
+				}
+				return w.Flush()
+			})
 		},
 	}
 	list.Flags().BoolVar(&asJSON, "json", false, "print JSON")

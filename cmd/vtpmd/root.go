@@ -53,6 +53,21 @@ func (e *env) config() (agent.Config, error) {
 
 func (e *env) opts() agent.Options { return agent.Options{Log: e.log} }
 
+// withAgent loads the configuration, opens the agent (unsealing the vault
+// once) and closes it after f.
+func (e *env) withAgent(ctx context.Context, f func(cfg agent.Config, a *agent.Agent) error) error {
+	cfg, err := e.config()
+	if err != nil {
+		return err
+	}
+	a, err := agent.Open(ctx, cfg, e.opts())
+	if err != nil {
+		return err
+	}
+	defer a.Close(ctx)
+	return f(cfg, a)
+}
+
 // Run runs vtpmd with args (without the program name).
 func Run(ctx context.Context, args []string, stdin io.Reader, stdout, stderr io.Writer) error {
 	e := &env{stdin: stdin, stdout: stdout, stderr: stderr, log: logrus.New()}
