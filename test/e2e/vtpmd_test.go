@@ -142,10 +142,15 @@ func (f *vfleet) createVM(ctx context.Context, h *vhost, name string, spec libvi
 		t.Fatalf("vtpmd vm create %s: %v %s", name, err, r)
 	}
 	created := time.Since(t0)
-	src := filepath.Join(h.d.DataDir, "vms", vm.uuid, "tpm2")
-	dst := h.Path(filepath.Join("/var/lib/libvirt/swtpm", vm.uuid, "tpm2"))
-	if err := copyDir(src, dst); err != nil {
-		t.Fatal(err)
+	if orDefault(spec.TPMVersion, "2.0") == "2.0" {
+		// vtpmd makes TPM 2.0 state only; for a TPM 1.2 vTPM (libvirt's
+		// swtpm/U/tpm1.2) libvirt runs swtpm_setup itself at the first
+		// start, with the same secret.
+		src := filepath.Join(h.d.DataDir, "vms", vm.uuid, "tpm2")
+		dst := h.Path(filepath.Join("/var/lib/libvirt/swtpm", vm.uuid, "tpm2"))
+		if err := copyDir(src, dst); err != nil {
+			t.Fatal(err)
+		}
 	}
 	cfg, err := vtpmdagent.LoadConfig(h.d.ConfigPath)
 	if err != nil {
@@ -340,6 +345,12 @@ func (f *vfleet) owner(ctx context.Context, vm *guestVM) (string, string, error)
 	if len(owners) != 1 || len(running) != 1 || owners[0] != running[0] {
 		return "", report.String(), fmt.Errorf("owners %v, running on %v", owners, running)
 	}
+	// The VM key's libvirt secret exists only where the VM runs.
+	for _, name := range f.order {
+		if has, err := f.hosts[name].Hyp.HasSecret(ctx, vm.uuid); err != nil || (has != (name == owners[0])) {
+			return "", report.String(), fmt.Errorf("libvirt secret on %s: %v, %v (owner %s)", name, has, err, owners[0])
+		}
+	}
 	return owners[0], report.String(), nil
 }
 
@@ -356,7 +367,7 @@ func (f *vfleet) migrate(ctx context.Context, vm *guestVM, src, dst *vhost) time
 	}
 	msg := fmt.Sprintf("%s %s->%s via vtpmctl migrate: %v", vm.name, src.Name, dst.Name, wall.Round(time.Millisecond))
 	if js, err := dst.Hyp.CompletedJobStats(ctx, vm.uuid); err == nil {
-		msg += fmt.Sprintf(" (libvirt job %v, downtime %v, %d MiB)", js.Elapsed, js.Downtime, js.DataProcessed>>20)
+		msg += fmt.Sprintf(" (libvirt job %v, downtime %v, %.1f MiB sent)", js.Elapsed, js.Downtime, float64(js.DataProcessed)/(1<<20))
 	}
 	t.Logf("%s\n%s", msg, strings.TrimRight(r.Stdout, "\n"))
 	return wall
@@ -430,9 +441,9 @@ func TestVtpmdMigrateTPM12(t *testing.T) {
 	if err != nil || owner != b.Name {
 		t.Fatalf("owner %q, %v\n%s", owner, err, report)
 	}
-	// libvirt ran the TPM 1.2 swtpm on the destination.
-	if _, err := os.Stat(b.Path(filepath.Join("/var/lib/libvirt/swtpm", vm.uuid, "tpm12", "tpm-00.permall"))); err != nil {
-		t.Errorf("TPM 1.2 state on host-b: %v", err)
+	// libvirt ran a TPM 1.2 swtpm on the destination (state in swtpm/U/tpm1.2).
+	if ents, err := os.ReadDir(b.Path(filepath.Join("/var/lib/libvirt/swtpm", vm.uuid, "tpm1.2"))); err != nil || len(ents) == 0 {
+		t.Errorf("TPM 1.2 state on host-b: %d files, %v", len(ents), err)
 	}
 }
 
@@ -446,7 +457,9 @@ func TestVtpmdKilledMidMigration(t *testing.T) {
 		victim string // source or destination
 		phase  string
 	}{
+		{"source", "prepare"},
 		{"source", "hypervisor"},
+		{"destination", "prepare"},
 		{"destination", "hypervisor"},
 	} {
 		t.Run(tc.victim+"@"+tc.phase, func(t *testing.T) {
