@@ -134,6 +134,22 @@ type Vtpmd struct {
 	done chan struct{}
 	// Starts counts the runs started so far.
 	Starts int
+	// ServingSince is when the current run's admin socket first answered;
+	// vtpmd's recovery loop ticks every RecoveryInterval after about then.
+	ServingSince time.Time
+}
+
+// RecoveryInterval is the period of vtpmd's recovery loop (internal/agent).
+const RecoveryInterval = 15 * time.Second
+
+// NextRecoveryTick is the first tick of the recovery loop at or after t
+// (an estimate: within about 100 ms).
+func (v *Vtpmd) NextRecoveryTick(t time.Time) time.Time {
+	if v.ServingSince.IsZero() || !v.Running() {
+		return time.Time{}
+	}
+	n := t.Sub(v.ServingSince)/RecoveryInterval + 1
+	return v.ServingSince.Add(n * RecoveryInterval)
 }
 
 // NewVtpmd writes the host's vtpmd configuration and runs 'vtpmd init'
@@ -273,6 +289,7 @@ func (v *Vtpmd) Start(ctx context.Context) error {
 	for {
 		if c, err := net.DialTimeout("unix", v.Socket, time.Second); err == nil {
 			c.Close()
+			v.ServingSince = time.Now()
 			return nil
 		}
 		select {

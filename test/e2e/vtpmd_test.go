@@ -354,11 +354,39 @@ func (f *vfleet) owner(ctx context.Context, vm *guestVM) (string, string, error)
 	return owners[0], report.String(), nil
 }
 
+// avoidRecoveryTick waits (at most 15 s) until no vtpmd's recovery loop
+// ticks within the next `need`. Workaround for a vtpmd bug: a tick during
+// a migration the same daemon is driving reconciles that live transaction
+// (recoverSource sees the VM still running on the source while libvirt
+// migrates it) and aborts it, and libvirt then completes the migration:
+// the VM runs on the destination while the source keeps the key. See
+// TestVtpmdRecoveryTickDuringMigration and docs/libvirt.md.
+func (f *vfleet) avoidRecoveryTick(need time.Duration) {
+	start := time.Now()
+	t := start
+	for ; t.Sub(start) < 2*e2e.RecoveryInterval; t = t.Add(100 * time.Millisecond) {
+		ok := true
+		for _, h := range f.hosts {
+			if n := h.d.NextRecoveryTick(t.Add(-time.Second)); !n.IsZero() && n.Before(t.Add(need)) {
+				ok = false
+			}
+		}
+		if ok {
+			break
+		}
+	}
+	if d := time.Until(t); d > 0 {
+		f.t.Logf("waiting %v for a gap between vtpmd recovery ticks", d.Round(time.Millisecond))
+		time.Sleep(d)
+	}
+}
+
 // migrate runs 'vtpmctl migrate' on src's vtpmd and expects exit 0. It
 // logs the phases, the wall time and libvirt's job statistics.
 func (f *vfleet) migrate(ctx context.Context, vm *guestVM, src, dst *vhost) time.Duration {
 	t := f.t
 	t.Helper()
+	f.avoidRecoveryTick(8 * time.Second)
 	t0 := time.Now()
 	r, err := src.d.Ctl(ctx, "migrate", vm.name, "--to", dst.Name)
 	wall := time.Since(t0)
@@ -477,6 +505,7 @@ func TestVtpmdKilledMidMigration(t *testing.T) {
 				victim = b
 			}
 
+			f.avoidRecoveryTick(8 * time.Second)
 			t0 := time.Now()
 			cmd := a.d.CtlCmd(ctx, "migrate", vm.name, "--to", b.Name)
 			out, err := cmd.StdoutPipe()
@@ -547,5 +576,37 @@ func TestVtpmdKilledMidMigration(t *testing.T) {
 				}
 			}
 		})
+	}
+}
+
+// TestVtpmdRecoveryTickDuringMigration starts a migration so that the
+// source vtpmd's recovery loop (every 15 s while a transaction is open)
+// ticks during libvirt's live migration. It must not touch the
+// transaction the daemon itself is driving. Today it does (known bug,
+// docs/libvirt.md): Reconcile sees the VM still running on the source,
+// aborts, and libvirt then completes the migration, so the VM runs on the
+// destination while the source keeps its key. Skipped unless
+// VTPMM_E2E_KNOWN_BUGS=1.
+func TestVtpmdRecoveryTickDuringMigration(t *testing.T) {
+	if os.Getenv("VTPMM_E2E_KNOWN_BUGS") != "1" {
+		t.Skip("known vtpmd bug (recovery loop aborts a live migration of its own); VTPMM_E2E_KNOWN_BUGS=1 runs it")
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 4*time.Minute)
+	defer cancel()
+	img := guestImage(ctx, t)
+	f := newVFleet(ctx, t, hostSpec{"host-a", "10.251.0.1", goodLog}, hostSpec{"host-b", "10.251.0.2", goodLog})
+	a, b := f.hosts["host-a"], f.hosts["host-b"]
+	vm := f.createVM(ctx, a, "linux-t", linuxSpec(img))
+	f.start(ctx)
+	f.waitTicks(ctx, vm, a.Name, 0, 2, 3*time.Minute)
+	// Start 300 ms before the source's next tick: the tick then lands in
+	// the hypervisor phase (libvirt needs about 2 s for this guest).
+	tick := a.d.NextRecoveryTick(time.Now().Add(time.Second))
+	time.Sleep(time.Until(tick.Add(-300 * time.Millisecond)))
+	r, err := a.d.Ctl(ctx, "migrate", vm.name, "--to", b.Name)
+	t.Logf("vtpmctl migrate with a recovery tick inside: %v %s", err, r)
+	owner, report, oerr := f.owner(ctx, vm)
+	if err != nil || r.Code != 0 || oerr != nil || owner != b.Name {
+		t.Fatalf("migration across a recovery tick: exit %d, owner %q (%v)\n%s", r.Code, owner, oerr, report)
 	}
 }
