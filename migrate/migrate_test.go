@@ -298,3 +298,29 @@ func TestMain(m *testing.M) {
 	}
 	os.Exit(m.Run())
 }
+
+// TestReconcileDuringOwnMigration: the daemon's recovery loop may run while
+// the same node is migrating (the VM still runs on the source until the
+// hypervisor commits). It must leave that transaction alone, or it aborts
+// a migration that the hypervisor then completes (VM on B, key only on A).
+func TestReconcileDuringOwnMigration(t *testing.T) {
+	t.Parallel()
+	ctx := context.Background()
+	f := newFleet(t)
+	a, b := f.addHost("host-a", goodLog), f.addHost("host-b", goodLog)
+	vm := a.createVM("vm1")
+	var recErr [2]error
+	a.hyp.BeforeMigrateCommit = func() error {
+		recErr[0] = a.node.Reconcile(ctx)
+		recErr[1] = b.node.Reconcile(ctx)
+		return nil
+	}
+	if _, err := a.node.Migrate(ctx, migrate.Request{VMs: []string{vm}, Dest: "host-b"}, nil); err != nil {
+		t.Fatalf("migration with a recovery tick in the middle: %v", err)
+	}
+	t.Logf("reconcile during the migration: source %v; destination %v", recErr[0], recErr[1])
+	if recErr[0] != nil {
+		t.Fatalf("source reconcile touched its own in-flight transaction: %v", recErr[0])
+	}
+	f.checkSingleOwner(vm, "host-b")
+}

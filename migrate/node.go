@@ -107,6 +107,9 @@ type Node struct {
 
 	cacheMu sync.Mutex
 	cache   map[string]verified // destination host -> fresh verified evidence
+
+	activeMu sync.Mutex
+	active   map[string]bool // transactions this node is driving right now
 }
 
 type verified struct {
@@ -132,7 +135,7 @@ func NewNode(cfg Config) *Node {
 		l.SetOutput(io.Discard)
 		log = l
 	}
-	return &Node{cfg: cfg, log: log.WithField("host", cfg.Host), cache: map[string]verified{}}
+	return &Node{cfg: cfg, log: log.WithField("host", cfg.Host), cache: map[string]verified{}, active: map[string]bool{}}
 }
 
 // Host returns the node's host name.
@@ -157,6 +160,26 @@ func (n *Node) done(result string) {
 	if n.cfg.Metrics != nil {
 		n.cfg.Metrics.MigrationDone(result)
 	}
+}
+
+// drive marks a transaction as driven by this node until the returned
+// func runs: Reconcile leaves it alone meanwhile (during a live migration
+// the VM legitimately still runs on the source).
+func (n *Node) drive(txID string) func() {
+	n.activeMu.Lock()
+	n.active[txID] = true
+	n.activeMu.Unlock()
+	return func() {
+		n.activeMu.Lock()
+		delete(n.active, txID)
+		n.activeMu.Unlock()
+	}
+}
+
+func (n *Node) driving(txID string) bool {
+	n.activeMu.Lock()
+	defer n.activeMu.Unlock()
+	return n.active[txID]
 }
 
 // ForgetEvidence drops cached evidence of a destination (e.g. on reboot news).

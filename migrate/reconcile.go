@@ -21,6 +21,10 @@ import (
 //     reconciles);
 //   - anything else waits (ErrUnresolved): the VM keeps running where it
 //     runs, with its key, and a later Reconcile decides.
+//
+// Transactions this node is driving right now (a Migrate in progress) are
+// skipped: mid-migration the VM still runs on the source, and aborting
+// then would race the hypervisor.
 func (n *Node) Reconcile(ctx context.Context) error {
 	txs, err := n.cfg.Ledger.OpenTxs()
 	if err != nil {
@@ -28,6 +32,9 @@ func (n *Node) Reconcile(ctx context.Context) error {
 	}
 	var errs []error
 	for _, tx := range txs {
+		if n.driving(tx.ID) {
+			continue // in flight in this process: its own code path finishes it
+		}
 		var err error
 		if tx.Role == RoleSource {
 			err = n.recoverSource(ctx, tx)

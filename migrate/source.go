@@ -92,6 +92,9 @@ func (n *Node) Migrate(ctx context.Context, req Request, progress Progress) (*Re
 		keys[id] = k
 		tx.VMs = append(tx.VMs, TxVM{UUID: id, Generation: gen + 1})
 	}
+	// Mark the transaction as ours before it exists in the ledger, so that
+	// a concurrent Reconcile never sees it unmarked.
+	defer n.drive(txID)()
 	if err := n.cfg.Ledger.Begin(tx); err != nil {
 		return nil, fmt.Errorf("migrate: %w", err)
 	}

@@ -66,10 +66,14 @@ func runCmd(e *env) *cobra.Command {
 			if err != nil {
 				return err
 			}
-			vms, err := d.StartAll(cmd.Context())
-			if err != nil {
-				_ = d.Close(cmd.Context())
-				return err
+			// Without a hypervisor, vtpmd runs each VM's vTPM itself; with
+			// one, the hypervisor does (libvirt starts swtpm with the key).
+			var vms []agent.VMStatus
+			if cfg.Hypervisor == "" {
+				if vms, err = d.StartAll(cmd.Context()); err != nil {
+					_ = d.Close(cmd.Context())
+					return err
+				}
 			}
 			for _, vm := range vms {
 				fmt.Fprintf(e.stdout, "vTPM %s (%s) generation %d running at %s\n", vm.Name, vm.UUID, vm.Generation, vm.SocketURI)

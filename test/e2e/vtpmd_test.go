@@ -354,39 +354,11 @@ func (f *vfleet) owner(ctx context.Context, vm *guestVM) (string, string, error)
 	return owners[0], report.String(), nil
 }
 
-// avoidRecoveryTick waits (at most 15 s) until no vtpmd's recovery loop
-// ticks within the next `need`. Workaround for a vtpmd bug: a tick during
-// a migration the same daemon is driving reconciles that live transaction
-// (recoverSource sees the VM still running on the source while libvirt
-// migrates it) and aborts it, and libvirt then completes the migration:
-// the VM runs on the destination while the source keeps the key. See
-// TestVtpmdRecoveryTickDuringMigration and docs/libvirt.md.
-func (f *vfleet) avoidRecoveryTick(need time.Duration) {
-	start := time.Now()
-	t := start
-	for ; t.Sub(start) < 2*e2e.RecoveryInterval; t = t.Add(100 * time.Millisecond) {
-		ok := true
-		for _, h := range f.hosts {
-			if n := h.d.NextRecoveryTick(t.Add(-time.Second)); !n.IsZero() && n.Before(t.Add(need)) {
-				ok = false
-			}
-		}
-		if ok {
-			break
-		}
-	}
-	if d := time.Until(t); d > 0 {
-		f.t.Logf("waiting %v for a gap between vtpmd recovery ticks", d.Round(time.Millisecond))
-		time.Sleep(d)
-	}
-}
-
 // migrate runs 'vtpmctl migrate' on src's vtpmd and expects exit 0. It
 // logs the phases, the wall time and libvirt's job statistics.
 func (f *vfleet) migrate(ctx context.Context, vm *guestVM, src, dst *vhost) time.Duration {
 	t := f.t
 	t.Helper()
-	f.avoidRecoveryTick(8 * time.Second)
 	t0 := time.Now()
 	r, err := src.d.Ctl(ctx, "migrate", vm.name, "--to", dst.Name)
 	wall := time.Since(t0)
@@ -505,7 +477,6 @@ func TestVtpmdKilledMidMigration(t *testing.T) {
 				victim = b
 			}
 
-			f.avoidRecoveryTick(8 * time.Second)
 			t0 := time.Now()
 			cmd := a.d.CtlCmd(ctx, "migrate", vm.name, "--to", b.Name)
 			out, err := cmd.StdoutPipe()
@@ -582,15 +553,12 @@ func TestVtpmdKilledMidMigration(t *testing.T) {
 // TestVtpmdRecoveryTickDuringMigration starts a migration so that the
 // source vtpmd's recovery loop (every 15 s while a transaction is open)
 // ticks during libvirt's live migration. It must not touch the
-// transaction the daemon itself is driving. Today it does (known bug,
-// docs/libvirt.md): Reconcile sees the VM still running on the source,
-// aborts, and libvirt then completes the migration, so the VM runs on the
-// destination while the source keeps its key. Skipped unless
-// VTPMM_E2E_KNOWN_BUGS=1.
+// transaction the daemon itself is driving. Before the fix (Node.drive),
+// Reconcile saw the VM still running on the source, aborted, and libvirt
+// then completed the migration: the VM ran on the destination while the
+// source kept its key. The unit test TestReconcileDuringOwnMigration
+// covers the same in package migrate.
 func TestVtpmdRecoveryTickDuringMigration(t *testing.T) {
-	if os.Getenv("VTPMM_E2E_KNOWN_BUGS") != "1" {
-		t.Skip("known vtpmd bug (recovery loop aborts a live migration of its own); VTPMM_E2E_KNOWN_BUGS=1 runs it")
-	}
 	ctx, cancel := context.WithTimeout(context.Background(), 4*time.Minute)
 	defer cancel()
 	img := guestImage(ctx, t)
