@@ -69,17 +69,23 @@ func run(in io.Reader, out io.Writer) error {
 		return fmt.Errorf("no benchmark results on stdin")
 	}
 	w := tabwriter.NewWriter(out, 0, 4, 2, ' ', tabwriter.AlignRight)
-	fmt.Fprintln(w, "operation\tprofile\thost TPM cmds/op\twall time/op\tmodelled dtpm/op\t")
+	fmt.Fprintln(w, "operation\tprofile\thost TPM cmds/op\tround trips/op\twall time/op\tmodelled dtpm/op\t")
+	num := func(v float64) string { return strconv.FormatFloat(v, 'f', -1, 64) }
 	for _, r := range rows {
-		cmds, dtpm := "-", "-"
+		cmds, dtpm, rt := "-", "-", "-"
 		if v, ok := r.metrics["tpm-cmds/op"]; ok {
-			cmds = strconv.FormatFloat(v, 'f', -1, 64)
+			cmds = num(v)
+		} else if d, ok := r.metrics["dst-tpm-cmds/op"]; ok {
+			cmds = fmt.Sprintf("src %s, dst %s", num(r.metrics["src-tpm-cmds/op"]), num(d))
+		}
+		if v, ok := r.metrics["round-trips/op"]; ok {
+			rt = num(v)
 		}
 		if v, ok := r.metrics["dtpm-ms/op"]; ok {
 			dtpm = fmt.Sprintf("%.0f ms", v)
 		}
 		wall := time.Duration(r.metrics["ns/op"]).Round(10 * time.Microsecond).String()
-		fmt.Fprintf(w, "%s\t%s\t%s\t%s\t%s\t\n", r.name, r.profile, cmds, wall, dtpm)
+		fmt.Fprintf(w, "%s\t%s\t%s\t%s\t%s\t%s\t\n", r.name, r.profile, cmds, rt, wall, dtpm)
 	}
 	return w.Flush()
 }
