@@ -11,7 +11,7 @@ TEST_TIMEOUT ?= 20m
 BENCHTIME ?= 5x
 BENCH_PKGS ?= ./internal/agent/ ./attest/ ./vtpm/identity/ ./migrate/
 
-.PHONY: all deps build test e2e demo bench fuzz vet fmt clean
+.PHONY: all deps build test e2e e2e-bench demo bench fuzz vet fmt clean
 
 all: build
 
@@ -43,6 +43,10 @@ test: deps
 ## e2e: end-to-end on real libvirtd + QEMU + swtpm hosts in network namespaces (root)
 e2e: deps
 	$(GO) test -count=1 -tags e2e -timeout $(TEST_TIMEOUT) ./test/e2e/...
+
+## e2e-bench: vtpmctl migrate vs a plain virsh migrate with a pre-defined secret (median, ratio, downtime)
+e2e-bench: deps
+	VTPMM_E2E_BENCH=1 $(GO) test -count=1 -tags e2e -run TestE2EBench -v -timeout $(TEST_TIMEOUT) ./test/e2e/
 
 ## demo: the main job, end to end (last line: DEMO OK)
 demo: build
