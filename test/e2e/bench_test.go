@@ -52,7 +52,8 @@ type benchSample struct {
 //     --undefinesource vm-plain qemu+tcp://<dest IP>/system', run inside
 //     the source host's namespaces as an operator on that host would.
 //
-// Round i moves both VMs in the same direction (A->B on even rounds, B->A
+// A warm-up round trip per method (A->B->A) comes first and is not in the
+// medians. Then round i moves both VMs in the same direction (A->B on even rounds, B->A
 // on odd ones), so each method runs the same number of times per
 // direction; which method goes first flips every two rounds (so neither
 // method always runs first in the same direction). One VM moves at a
