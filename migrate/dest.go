@@ -106,8 +106,14 @@ func (n *Node) Prepare(ctx context.Context, req *PrepareRequest) (*PrepareRespon
 	if err := n.crash(DstAfterSecrets); err != nil {
 		return nil, err
 	}
-	resp := &PrepareResponse{TxID: req.TxID}
-	for _, w := range req.VMs {
+	resp := &PrepareResponse{TxID: req.TxID, Proofs: map[string][]byte{}}
+	for i, w := range req.VMs {
+		proof, err := keys[i].Proof(KeyProofLabel(req.TxID, w.UUID, w.Generation))
+		if err != nil {
+			n.abortDest(ctx, tx, err.Error())
+			return nil, err
+		}
+		resp.Proofs[w.UUID] = proof
 		resp.Accepted = append(resp.Accepted, w.UUID)
 		n.audit(ctx, AuditEvent{Event: "key-received", VM: w.UUID, Peer: req.Source, TxID: req.TxID, Generation: w.Generation})
 	}

@@ -19,6 +19,9 @@ var (
 	ErrPeer = errors.New("peer agent unavailable")
 	// ErrNotOwner means this host holds no active key for the VM.
 	ErrNotOwner = errors.New("this host does not own the VM's vTPM")
+	// ErrKeyProof means the destination could not prove it holds the key
+	// that was sent; nothing was migrated.
+	ErrKeyProof = errors.New("destination key proof mismatch")
 	// ErrHypervisor means the hypervisor's migration failed; the VM stays on the source.
 	ErrHypervisor = errors.New("hypervisor migration failed")
 	// ErrCrash is returned at an injected crash point: the node stops as if

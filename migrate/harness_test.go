@@ -46,6 +46,8 @@ type fleet struct {
 	crash   map[string]migrate.CrashHook
 	// maxAge is the nodes' EvidenceMaxAge (0: the default 60 s; negative: always cold).
 	maxAge time.Duration
+	// tamperPrepare, when set, rewrites every Prepare response on its way back.
+	tamperPrepare func(*migrate.PrepareResponse)
 }
 
 // host is one emulated host: TPM, vault, key store, identity, ledger,
@@ -294,7 +296,11 @@ func (p *testPeer) Evidence(ctx context.Context, r *migrate.EvidenceRequest) (*m
 	return call(p, "Evidence", r, func(n *migrate.Node) (*migrate.EvidenceResponse, error) { return n.Evidence(ctx, r) })
 }
 func (p *testPeer) Prepare(ctx context.Context, r *migrate.PrepareRequest) (*migrate.PrepareResponse, error) {
-	return call(p, "Prepare", r, func(n *migrate.Node) (*migrate.PrepareResponse, error) { return n.Prepare(ctx, r) })
+	resp, err := call(p, "Prepare", r, func(n *migrate.Node) (*migrate.PrepareResponse, error) { return n.Prepare(ctx, r) })
+	if err == nil && p.to.f.tamperPrepare != nil {
+		p.to.f.tamperPrepare(resp)
+	}
+	return resp, err
 }
 func (p *testPeer) Finish(ctx context.Context, r *migrate.FinishRequest) (*migrate.FinishResponse, error) {
 	return call(p, "Finish", r, func(n *migrate.Node) (*migrate.FinishResponse, error) { return n.Finish(ctx, r) })

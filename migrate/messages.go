@@ -55,10 +55,21 @@ type PrepareRequest struct {
 }
 
 // PrepareResponse acknowledges that every VM's key is PENDING and its
-// secret defined on the destination's hypervisor.
+// secret defined on the destination's hypervisor. Proofs holds, per VM, a
+// keyed proof (KeyProofLabel) computed from the key the destination
+// defined: the source checks it against its own key before the hypervisor
+// migrates, so a destination holding another key is refused before any
+// memory moves (libvirt would only fail late).
 type PrepareResponse struct {
-	TxID     string   `json:"tx"`
-	Accepted []string `json:"accepted"`
+	TxID     string            `json:"tx"`
+	Accepted []string          `json:"accepted"`
+	Proofs   map[string][]byte `json:"proofs"`
+}
+
+// KeyProofLabel is what a key proof authenticates: the transaction, the VM
+// and its new generation.
+func KeyProofLabel(txID, vm string, gen uint64) []byte {
+	return fmt.Appendf(nil, "vtpmm/key-proof/v%d|%s|%s|%d", ProtocolVersion, txID, vm, gen)
 }
 
 // FinishRequest commits or aborts, per VM.

@@ -324,3 +324,37 @@ func TestReconcileDuringOwnMigration(t *testing.T) {
 	}
 	f.checkSingleOwner(vm, "host-b")
 }
+
+// TestKeyProofMismatchAborts: a destination that cannot prove it holds the
+// key that was sent (here: a proof altered on the way back, as a
+// destination holding another key would send) is refused before the
+// hypervisor moves anything; the VM keeps running on the source.
+func TestKeyProofMismatchAborts(t *testing.T) {
+	t.Parallel()
+	ctx := context.Background()
+	f := newFleet(t)
+	a, b := f.addHost("host-a", goodLog), f.addHost("host-b", goodLog)
+	vm := a.createVM("vm1")
+	f.tamperPrepare = func(r *migrate.PrepareResponse) {
+		for id := range r.Proofs {
+			r.Proofs[id][0] ^= 1
+		}
+	}
+	_, err := a.node.Migrate(ctx, migrate.Request{VMs: []string{vm}, Dest: "host-b"}, nil)
+	if !errors.Is(err, migrate.ErrKeyProof) {
+		t.Fatalf("got %v, want ErrKeyProof", err)
+	}
+	if st := a.hyp.Stats(); st.MigrationsOut != 0 || st.MigrationsFailed != 0 {
+		t.Fatalf("the hypervisor was asked to migrate: %+v", st)
+	}
+	if ok, _ := b.hyp.HasSecret(ctx, vm); ok {
+		t.Fatal("host-b kept the secret after the abort")
+	}
+	f.checkSingleOwner(vm, "host-a")
+	// Untampered, the same migration goes through.
+	f.tamperPrepare = nil
+	if _, err := a.node.Migrate(ctx, migrate.Request{VMs: []string{vm}, Dest: "host-b"}, nil); err != nil {
+		t.Fatalf("migration after the refused one: %v", err)
+	}
+	f.checkSingleOwner(vm, "host-b")
+}

@@ -2,6 +2,7 @@ package migrate
 
 import (
 	"context"
+	"crypto/hmac"
 	"encoding/hex"
 	"errors"
 	"fmt"
@@ -133,7 +134,11 @@ func (n *Node) Migrate(ctx context.Context, req Request, progress Progress) (*Re
 	progress(PhasePrepare, req.Dest)
 	start = n.cfg.Now()
 	res.RoundTrips.Before++
-	if _, err := peer.Prepare(ctx, preq); err != nil {
+	presp, err := peer.Prepare(ctx, preq)
+	if err == nil {
+		err = checkProofs(tx, presp, keys)
+	}
+	if err != nil {
 		n.ForgetEvidence(req.Dest)
 		n.abortRemote(ctx, peer, tx, fmt.Sprintf("prepare: %v", err))
 		n.done("failed")
@@ -281,6 +286,21 @@ func (n *Node) wrap(tx Tx, v verified, keys map[string]vtpm.VMKey) (*PrepareRequ
 		req.VMs = append(req.VMs, w)
 	}
 	return req, nil
+}
+
+// checkProofs verifies that the destination holds exactly the keys sent,
+// before the hypervisor moves anything.
+func checkProofs(tx Tx, resp *PrepareResponse, keys map[string]vtpm.VMKey) error {
+	for _, vm := range tx.VMs {
+		want, err := keys[vm.UUID].Proof(KeyProofLabel(tx.ID, vm.UUID, vm.Generation))
+		if err != nil {
+			return err
+		}
+		if !hmac.Equal(want, resp.Proofs[vm.UUID]) {
+			return fmt.Errorf("%w: VM %s: the destination's key proof does not match the key sent", ErrKeyProof, vm.UUID)
+		}
+	}
+	return nil
 }
 
 func asRefusal(err error) (*attest.RefusalError, bool) {

@@ -4,6 +4,7 @@ import (
 	"crypto/aes"
 	"crypto/cipher"
 	"crypto/hkdf"
+	"crypto/hmac"
 	"crypto/rand"
 	"crypto/sha256"
 	"encoding/hex"
@@ -196,4 +197,21 @@ func OpenVMKeyWith(aead cipher.AEAD, nonce, ct, ad []byte) (VMKey, error) {
 		return VMKey{}, err
 	}
 	return VMKey{k: s}, nil
+}
+
+// Proof returns HMAC-SHA256 of label under a key derived from the VM key:
+// two hosts compare proofs to show they hold the same key without
+// revealing it.
+func (k VMKey) Proof(label []byte) ([]byte, error) {
+	if k.k == nil {
+		return nil, fmt.Errorf("key proof: empty key")
+	}
+	pk, err := hkdf.Key(sha256.New, k.k[:], nil, "vtpmm key proof v1", 32)
+	if err != nil {
+		return nil, err
+	}
+	defer wipe(pk)
+	m := hmac.New(sha256.New, pk)
+	m.Write(label)
+	return m.Sum(nil), nil
 }

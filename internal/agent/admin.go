@@ -122,7 +122,8 @@ func ErrorCode(err error) string {
 		return "unresolved"
 	case errors.Is(err, migrate.ErrBusy):
 		return "busy"
-	case errors.Is(err, migrate.ErrHypervisor), errors.Is(err, migrate.ErrPeer), errors.Is(err, vtpm.ErrStaleGeneration):
+	case errors.Is(err, migrate.ErrHypervisor), errors.Is(err, migrate.ErrPeer), errors.Is(err, migrate.ErrKeyProof),
+		errors.Is(err, vtpm.ErrStaleGeneration):
 		return "aborted"
 	}
 	return "error"
