@@ -143,29 +143,8 @@ func (f *fleet) addHost(name, bootLog string) *host {
 	if h.ident, err = identity.Provision(ctx, h.meter, identity.ProvisionOptions{}); err != nil {
 		t.Fatal(err)
 	}
-	for _, p := range []string{emu.RootCAPath(), emu.IntermediateCAPath()} {
-		cs, err := attest.ParseCertificates(readFile(t, p))
-		if err != nil {
-			t.Fatal(err)
-		}
-		for _, c := range cs {
-			f.roots.Add(c, name+"/"+filepath.Base(p))
-		}
-	}
-	ch, err := attest.NewActivationChallenge(rand.Reader, h.ident.EK.Public, h.ident.AK.Public)
-	if err != nil {
-		t.Fatal(err)
-	}
-	answer, err := identity.ActivateCredential(ctx, h.meter, h.ident, ch)
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := attest.VerifyActivation(ch, answer); err != nil {
-		t.Fatal(err)
-	}
-	if err := f.enr.Add(ctx, ch.Enrollment(name, time.Now())); err != nil {
-		t.Fatal(err)
-	}
+	tpmtest.TrustHostCA(t, f.roots, emu)
+	tpmtest.Enrol(t, h.meter, h.ident, name, f.enr)
 	if h.vault, err = vtpm.InitVault(ctx, h.meter, vtpm.VaultConfig{Dir: dir, PCRs: vtpm.PCRSelection{PCRs: []int{7}}}, vtpm.InitOptions{}); err != nil {
 		t.Fatal(err)
 	}

@@ -112,29 +112,8 @@ func (f *fleet) addAgent(ctx context.Context, name, ip, bootLog string) *agent {
 	if a.ident, err = identity.Provision(ctx, a.meter, identity.ProvisionOptions{}); err != nil {
 		t.Fatal(err)
 	}
-	for _, p := range []string{h.Emu.RootCAPath(), h.Emu.IntermediateCAPath()} {
-		cs, err := attest.ParseCertificates(readFile(t, p))
-		if err != nil {
-			t.Fatal(err)
-		}
-		for _, c := range cs {
-			f.roots.Add(c, name+"/"+filepath.Base(p))
-		}
-	}
-	ch, err := attest.NewActivationChallenge(rand.Reader, a.ident.EK.Public, a.ident.AK.Public)
-	if err != nil {
-		t.Fatal(err)
-	}
-	answer, err := identity.ActivateCredential(ctx, a.meter, a.ident, ch)
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := attest.VerifyActivation(ch, answer); err != nil {
-		t.Fatal(err)
-	}
-	if err := f.enr.Add(ctx, ch.Enrollment(name, time.Now())); err != nil {
-		t.Fatal(err)
-	}
+	tpmtest.TrustHostCA(t, f.roots, h.Emu)
+	tpmtest.Enrol(t, a.meter, a.ident, name, f.enr)
 	dir := filepath.Join(h.Dir, "vtpmd")
 	if err := os.MkdirAll(dir, 0o700); err != nil {
 		t.Fatal(err)

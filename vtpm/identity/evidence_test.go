@@ -13,6 +13,7 @@ import (
 	"github.com/vtpmm/vtpmm/attest"
 	"github.com/vtpmm/vtpmm/vtpm"
 	"github.com/vtpmm/vtpmm/vtpm/identity"
+	"github.com/vtpmm/vtpmm/vtpm/tpmtest"
 )
 
 var testNow = time.Date(2026, 11, 21, 12, 0, 0, 0, time.UTC)
@@ -21,20 +22,7 @@ var testNow = time.Date(2026, 11, 21, 12, 0, 0, 0, time.UTC)
 // records the enrolment.
 func enrol(t *testing.T, h *host, id *identity.Identity, name string, enr attest.Enrollments) {
 	t.Helper()
-	ch, err := attest.NewActivationChallenge(rand.Reader, id.EK.Public, id.AK.Public)
-	if err != nil {
-		t.Fatal(err)
-	}
-	answer, err := identity.ActivateCredential(context.Background(), h.tpm, id, ch)
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := attest.VerifyActivation(ch, answer); err != nil {
-		t.Fatal(err)
-	}
-	if err := enr.Add(context.Background(), ch.Enrollment(name, testNow)); err != nil {
-		t.Fatal(err)
-	}
+	tpmtest.Enrol(t, h.tpm, id, name, enr)
 }
 
 // produce makes evidence on h for nonce, checks that no key was created,

@@ -108,15 +108,7 @@ func (h *host) roots(t testing.TB) *attest.RootStore {
 // addRoots adds this host's local CA to s.
 func (h *host) addRoots(t testing.TB, s *attest.RootStore) {
 	t.Helper()
-	for _, p := range []string{h.emu.RootCAPath(), h.emu.IntermediateCAPath()} {
-		cs, err := attest.ParseCertificates(readFile(t, p))
-		if err != nil {
-			t.Fatal(err)
-		}
-		for _, c := range cs {
-			s.Add(c, h.emu.Name()+"/"+filepath.Base(p))
-		}
-	}
+	tpmtest.TrustHostCA(t, s, h.emu)
 }
 
 func goodPolicy(t testing.TB) *attest.Policy {
