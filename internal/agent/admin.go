@@ -326,11 +326,7 @@ func (d *Daemon) Enroll(ctx context.Context, host string) (*migrate.EnrollResult
 // ping asks a peer about a transaction that cannot exist: it proves the
 // peer is up and that mutual TLS works both ways.
 func (d *Daemon) ping(ctx context.Context, host string) error {
-	dial, err := d.dialer(d.cfg)
-	if err != nil {
-		return err
-	}
-	p, err := dial(ctx, host)
+	p, err := d.dial(ctx, host)
 	if err != nil {
 		return err
 	}

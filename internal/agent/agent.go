@@ -33,7 +33,7 @@ type Options struct {
 func (o Options) withDefaults() Options {
 	if o.Log == nil {
 		l := logrus.New()
-		l.SetOutput(discard{})
+		l.SetOutput(io.Discard)
 		o.Log = l
 	}
 	if o.Now == nil {
@@ -41,10 +41,6 @@ func (o Options) withDefaults() Options {
 	}
 	return o
 }
-
-type discard struct{}
-
-func (discard) Write(p []byte) (int, error) { return len(p), nil }
 
 // Agent is one host's vtpmd: an open, metered host TPM, the unsealed vault
 // and the key store. Create it with Open; Close wipes the vault key.

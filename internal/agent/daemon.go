@@ -52,6 +52,7 @@ type Daemon struct {
 	ident   *identity.Identity
 	hyp     hypervisor.Hypervisor
 	enroll  attest.Enrollments // where enrolments are recorded (the verifier's store)
+	dial    migrate.Dialer     // one client, its connections cached per peer
 	closers []func() error
 	dopts   DaemonOptions
 }
@@ -111,8 +112,7 @@ func StartDaemon(ctx context.Context, cfg Config, opts DaemonOptions) (_ *Daemon
 			return hypervisor.Target{Name: h, URI: uri}, nil
 		}
 	}
-	dial, err := d.dialer(cfg)
-	if err != nil {
+	if d.dial, err = d.dialer(cfg); err != nil {
 		return nil, err
 	}
 	hyp := opts.Hypervisor
@@ -122,7 +122,7 @@ func StartDaemon(ctx context.Context, cfg Config, opts DaemonOptions) (_ *Daemon
 	d.node = migrate.NewNode(migrate.Config{
 		Host: cfg.HostID, Keys: a.keys, TPM: a.meter, Identity: d.ident, Hypervisor: hyp, Ledger: d.ledger,
 		Verifier: verifier, QuotePCRs: quotePCRs(verifier), EventLog: eventLog,
-		Dial: dial, Target: target, EvidenceMaxAge: maxAge, Crash: opts.Crash,
+		Dial: d.dial, Target: target, EvidenceMaxAge: maxAge, Crash: opts.Crash,
 		Audit: auditAdapter{d.audit}, Metrics: d.metrics, Now: a.opts.Now, Log: a.log,
 	})
 	d.metrics.SetTPMCounter(func() map[string]int {
@@ -178,7 +178,7 @@ func (d *Daemon) dialer(cfg Config) (migrate.Dialer, error) {
 		}, nil
 	}
 	t := cfg.TLS
-	return wire.Dialer(
+	c := wire.NewClient(
 		func(host string) (*tls.Config, error) { return pki.ClientTLS(t.CA, t.Cert, t.Key, host) },
 		func(host string) (string, error) {
 			addr, ok := cfg.Peers[host]
@@ -186,7 +186,9 @@ func (d *Daemon) dialer(cfg Config) (migrate.Dialer, error) {
 				return "", fmt.Errorf("%w: %q is not in peers", migrate.ErrPeer, host)
 			}
 			return addr, nil
-		}), nil
+		})
+	d.closers = append(d.closers, c.Close)
+	return c.Dial, nil
 }
 
 func quotePCRs(v *attest.Verifier) map[attest.Bank][]int {

@@ -120,6 +120,7 @@ func (a *Agent) ListVMs(ctx context.Context) ([]VMStatus, error) {
 	if err != nil {
 		return nil, err
 	}
+	gens := a.generations(ctx)
 	var out []VMStatus
 	for _, e := range ents {
 		if vtpm.CheckVMID(e.Name()) != nil {
@@ -129,21 +130,25 @@ func (a *Agent) ListVMs(ctx context.Context) ([]VMStatus, error) {
 		if err != nil {
 			return nil, err
 		}
-		out = append(out, a.status(ctx, vm))
+		out = append(out, a.status(vm, gens[vm.UUID]))
 	}
 	sort.Slice(out, func(i, j int) bool { return out[i].Name < out[j].Name })
 	return out, nil
 }
 
-func (a *Agent) status(_ context.Context, vm VM) VMStatus {
-	st := VMStatus{VM: vm}
-	if infos, err := a.keys.List(context.Background()); err == nil {
+// generations reads every VM's key generation once (no key is opened).
+func (a *Agent) generations(ctx context.Context) map[string]uint64 {
+	out := map[string]uint64{}
+	if infos, err := a.keys.List(ctx); err == nil {
 		for _, k := range infos {
-			if k.VMID == vm.UUID {
-				st.Generation = k.Generation
-			}
+			out[k.VMID] = k.Generation
 		}
 	}
+	return out
+}
+
+func (a *Agent) status(vm VM, gen uint64) VMStatus {
+	st := VMStatus{VM: vm, Generation: gen}
 	a.mu.Lock()
 	if p, ok := a.procs[vm.UUID]; ok {
 		st.Running, st.SocketURI, st.CtrlSocket = true, p.proc.DataURI(), p.proc.CtrlSocket()
@@ -234,7 +239,7 @@ func (a *Agent) StartVM(ctx context.Context, ref string) (VMStatus, error) {
 	a.procs[vm.UUID] = &vmProcess{vm: vm, proc: proc}
 	a.mu.Unlock()
 	log.WithField("socket", proc.DataURI()).Info("vTPM started")
-	return a.status(ctx, vm), nil
+	return a.status(vm, gen), nil
 }
 
 // StopVM stops a VM's vTPM, saving its state.
