@@ -14,10 +14,10 @@ import (
 	"os/exec"
 	"path/filepath"
 	"strings"
+	"syscall"
 	"time"
 
 	"github.com/vtpmm/vtpmm/vtpm/emuhost"
-	"github.com/vtpmm/vtpmm/vtpm/swtpm"
 )
 
 type demo struct {
@@ -200,7 +200,7 @@ func (d *demo) startAgent(ctx context.Context, cfg string) (*runningVtpmd, error
 }
 
 func (d *demo) stopAgent(a *runningVtpmd) error {
-	if err := a.cmd.Process.Signal(syscall_SIGTERM); err != nil {
+	if err := a.cmd.Process.Signal(syscall.SIGTERM); err != nil {
 		return err
 	}
 	err := a.cmd.Wait()
@@ -225,5 +225,3 @@ func randomSecret() string {
 	_, _ = rand.Read(b)
 	return "tenant-disk-key-" + hex.EncodeToString(b)
 }
-
-var _ = swtpm.ErrWrongPassphrase

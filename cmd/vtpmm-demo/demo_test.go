@@ -31,7 +31,7 @@ func TestDemo(t *testing.T) {
 		t.Fatalf("last line %q does not start with DEMO OK", last)
 	}
 	for _, want := range []string{"sealed by a different TPM", "does not decrypt with this passphrase", "PCR 7 changed", "survived the restart",
-		"the guest unseals", "refused (exit 2)", "rule pcr-policy", "received no key bytes", "chain intact"} {
+		"the guest unseals", "none found", "refused (exit 2)", "rule pcr-policy", "received no key bytes", "chain intact"} {
 		if !strings.Contains(out.String(), want) {
 			t.Errorf("demo output lacks %q", want)
 		}
