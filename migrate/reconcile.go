@@ -70,21 +70,25 @@ func (n *Node) recoverSource(ctx context.Context, tx Tx) error {
 		st, err = peer.Status(ctx, &StatusRequest{TxID: tx.ID, VMs: ids, From: n.cfg.Host})
 	}
 	peerErr := err
+	// Ask the hypervisor before the ledger transaction: no hypervisor I/O
+	// while the ledger's write lock is held.
+	here := make(map[string]bool, len(ids))
+	for _, id := range ids {
+		if here[id], err = n.runsHere(ctx, id); err != nil {
+			return err
+		}
+	}
 	allHere := true
 	tx, err = n.cfg.Ledger.Update(tx.ID, func(t *Tx) error {
 		for i := range t.VMs {
-			here, err := n.runsHere(ctx, t.VMs[i].UUID)
-			if err != nil {
-				return err
-			}
-			switch {
-			case here:
+			switch id := t.VMs[i].UUID; {
+			case here[id]:
 				t.VMs[i].Outcome, t.VMs[i].Error = "failed", "recovered: VM runs on the source"
-			case st != nil && slices.Contains(st.Running, t.VMs[i].UUID):
+			case st != nil && slices.Contains(st.Running, id):
 				t.VMs[i].Outcome, allHere = "migrated", false
 			default:
 				allHere = false
-				return fmt.Errorf("%w: VM %s runs neither here nor (as far as %s says) there: %v", ErrUnresolved, t.VMs[i].UUID, t.Peer, peerErr)
+				return fmt.Errorf("%w: VM %s runs neither here nor (as far as %s says) there: %v", ErrUnresolved, id, t.Peer, peerErr)
 			}
 		}
 		t.State = SrcMigrated

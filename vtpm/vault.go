@@ -329,7 +329,7 @@ func (v *Vault) save() error {
 	return writeVaultFile(v.cfg.path(), v.file)
 }
 
-// errLocked is returned by the AEAD helpers after Close.
+// envelopeAEAD returns the envelope cipher, or ErrVaultLocked after Close.
 func (v *Vault) envelopeAEAD() (cipher.AEAD, error) {
 	if v == nil || v.aead == nil {
 		return nil, ErrVaultLocked
