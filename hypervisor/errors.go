@@ -22,6 +22,11 @@ var (
 	ErrUnreachable = errors.New("destination hypervisor unreachable")
 	// ErrMigrationFailed is any other migration failure.
 	ErrMigrationFailed = errors.New("migration failed")
+	// ErrHookRefused means a hook on the destination refused the incoming
+	// migration before anything was copied (libvirt: "Hook script execution
+	// failed", e.g. vtpmm's qemu hook when the destination is not trusted);
+	// the hook's message follows.
+	ErrHookRefused = errors.New("destination hook refused the migration")
 	// ErrAlreadyExists means the VM is already defined on the destination.
 	ErrAlreadyExists = errors.New("domain already exists on the destination")
 )

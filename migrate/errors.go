@@ -22,6 +22,9 @@ var (
 	// ErrKeyProof means the destination could not prove it holds the key
 	// that was sent; nothing was migrated.
 	ErrKeyProof = errors.New("destination key proof mismatch")
+	// ErrNotMigrating means a Pull named a VM this host's hypervisor is not
+	// migrating away: keys are released only for a migration in progress.
+	ErrNotMigrating = errors.New("the VM is not being migrated from this host")
 	// ErrHypervisor means the hypervisor's migration failed; the VM stays on the source.
 	ErrHypervisor = errors.New("hypervisor migration failed")
 	// ErrCrash is returned at an injected crash point: the node stops as if

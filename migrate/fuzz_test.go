@@ -36,3 +36,22 @@ func FuzzDecodeFinish(f *testing.F) {
 		}
 	})
 }
+
+// FuzzDecodePull: Pull asks an owner to release keys; it comes from any
+// enrolled peer.
+func FuzzDecodePull(f *testing.F) {
+	f.Add([]byte(`{"version":1,"dest":"host-b","vms":["0e2e0e2e-0000-4000-8000-000000000001"]}`))
+	f.Add([]byte(`{"version":1,"dest":"","vms":null}`))
+	f.Fuzz(func(t *testing.T, b []byte) {
+		r, err := DecodePull(b)
+		if err != nil {
+			if !errors.Is(err, ErrBadMessage) {
+				t.Fatalf("untyped error: %v", err)
+			}
+			return
+		}
+		if r.validate() != nil || len(r.VMs) == 0 {
+			t.Fatalf("accepted an invalid request")
+		}
+	})
+}

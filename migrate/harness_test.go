@@ -46,6 +46,8 @@ type fleet struct {
 	crash   map[string]migrate.CrashHook
 	// maxAge is the nodes' EvidenceMaxAge (0: the default 60 s; negative: always cold).
 	maxAge time.Duration
+	// pullLease is the nodes' PullLease (0: the default).
+	pullLease time.Duration
 	// tamperPrepare, when set, rewrites every Prepare response on its way back.
 	tamperPrepare func(*migrate.PrepareResponse)
 }
@@ -187,6 +189,7 @@ func (h *host) restart() {
 		Log:            h.logger(),
 		Crash:          func(p migrate.CrashPoint) error { return h.f.crashHook(h.name, p) },
 		EvidenceMaxAge: h.f.maxAge,
+		PullLease:      h.f.pullLease,
 		Audit:          h.audit,
 	})
 	h.down = false
@@ -420,6 +423,10 @@ func (h *host) guestUnseal(vm string) []byte {
 func (p *testPeer) Identity(ctx context.Context, r *migrate.IdentityRequest) (*migrate.IdentityResponse, error) {
 	return call(p, "Identity", r, func(n *migrate.Node) (*migrate.IdentityResponse, error) { return n.Identity(ctx, r) })
 }
+func (p *testPeer) Pull(ctx context.Context, r *migrate.PullRequest) (*migrate.PullResponse, error) {
+	return call(p, "Pull", r, func(n *migrate.Node) (*migrate.PullResponse, error) { return n.Pull(ctx, r) })
+}
+
 func (p *testPeer) Activate(ctx context.Context, r *migrate.ActivateRequest) (*migrate.ActivateResponse, error) {
 	return call(p, "Activate", r, func(n *migrate.Node) (*migrate.ActivateResponse, error) { return n.Activate(ctx, r) })
 }

@@ -51,12 +51,17 @@ type TxVM struct {
 
 // Tx is a transaction as one host's ledger records it.
 type Tx struct {
-	ID      string    `json:"id"`
-	Role    Role      `json:"role"`
-	Peer    string    `json:"peer"`
-	State   TxState   `json:"state"`
-	VMs     []TxVM    `json:"vms"`
-	Reason  string    `json:"reason,omitempty"`
+	ID     string  `json:"id"`
+	Role   Role    `json:"role"`
+	Peer   string  `json:"peer"`
+	State  TxState `json:"state"`
+	VMs    []TxVM  `json:"vms"`
+	Reason string  `json:"reason,omitempty"`
+	// Pulled marks a source transaction the destination asked for (hook
+	// mode): the hypervisor migrates the VMs, and Reconcile leaves the
+	// transaction alone while the hypervisor migrates them or until Lease.
+	Pulled  bool      `json:"pulled,omitempty"`
+	Lease   time.Time `json:"lease,omitzero"`
 	Created time.Time `json:"created"`
 	Updated time.Time `json:"updated"`
 }

@@ -28,6 +28,17 @@ type Peer interface {
 	// Identity and Activate serve enrolment (Node.Enroll).
 	Identity(ctx context.Context, req *IdentityRequest) (*IdentityResponse, error)
 	Activate(ctx context.Context, req *ActivateRequest) (*ActivateResponse, error)
+	// Pull serves hook mode: a destination asks the VMs' owner to release
+	// their keys to it because the owner's hypervisor is migrating them.
+	Pull(ctx context.Context, req *PullRequest) (*PullResponse, error)
+}
+
+// MigrationJobs is implemented by hypervisors that can tell whether a VM
+// is being migrated away from this host right now (libvirt: the domain's
+// job is an outgoing migration). Pull requires it; Reconcile uses it to
+// leave pulled transactions alone while the hypervisor migrates.
+type MigrationJobs interface {
+	MigratingOut(ctx context.Context, vmUUID string) (bool, error)
 }
 
 var _ Peer = (*Node)(nil)
@@ -88,16 +99,23 @@ type Config struct {
 	// further migrations to it while younger than this (default 60 s; 0
 	// keeps the default, a negative value disables reuse).
 	EvidenceMaxAge time.Duration
-	Crash          CrashHook
-	Audit          Auditor
-	Metrics        Observer
-	Now            func() time.Time
-	Rand           io.Reader
-	Log            logrus.FieldLogger
+	// PullLease is how long after a Pull Reconcile leaves the transaction
+	// alone even if the hypervisor reports no migration job yet (default
+	// DefaultPullLease). While a job runs it is left alone regardless.
+	PullLease time.Duration
+	Crash     CrashHook
+	Audit     Auditor
+	Metrics   Observer
+	Now       func() time.Time
+	Rand      io.Reader
+	Log       logrus.FieldLogger
 }
 
 // DefaultEvidenceMaxAge is how long verified evidence is reused.
 const DefaultEvidenceMaxAge = 60 * time.Second
+
+// DefaultPullLease is the default Config.PullLease.
+const DefaultPullLease = 30 * time.Second
 
 // Node is one host's migration engine.
 type Node struct {
@@ -128,6 +146,9 @@ func NewNode(cfg Config) *Node {
 	}
 	if cfg.EvidenceMaxAge == 0 {
 		cfg.EvidenceMaxAge = DefaultEvidenceMaxAge
+	}
+	if cfg.PullLease <= 0 {
+		cfg.PullLease = DefaultPullLease
 	}
 	log := cfg.Log
 	if log == nil {

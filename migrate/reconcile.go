@@ -24,7 +24,8 @@ import (
 //
 // Transactions this node is driving right now (a Migrate in progress) are
 // skipped: mid-migration the VM still runs on the source, and aborting
-// then would race the hypervisor.
+// then would race the hypervisor. So are pulled ones (hook mode) while the
+// hypervisor migrates their VMs or their lease runs.
 func (n *Node) Reconcile(ctx context.Context) error {
 	txs, err := n.cfg.Ledger.OpenTxs()
 	if err != nil {
@@ -34,6 +35,9 @@ func (n *Node) Reconcile(ctx context.Context) error {
 	for _, tx := range txs {
 		if n.driving(tx.ID) {
 			continue // in flight in this process: its own code path finishes it
+		}
+		if n.leased(ctx, tx) {
+			continue // pulled: the hypervisor is still migrating
 		}
 		var err error
 		if tx.Role == RoleSource {

@@ -64,102 +64,25 @@ func (n *Node) Migrate(ctx context.Context, req Request, progress Progress) (*Re
 	if progress == nil {
 		progress = func(Phase, string) {}
 	}
-	if len(req.VMs) == 0 {
-		return nil, fmt.Errorf("migrate: no VM given")
-	}
-	if req.Dest == n.cfg.Host {
-		return nil, fmt.Errorf("migrate: destination %s is this host", req.Dest)
-	}
 	txID, err := newTxID(n.cfg.Rand)
 	if err != nil {
 		return nil, err
 	}
 	log := n.log.WithFields(logrus.Fields{"tx": txID, "dest": req.Dest})
 	keys := make(map[string]vtpm.VMKey, len(req.VMs))
-	defer func() {
-		for _, k := range keys {
-			k.Destroy()
-		}
-	}()
-	tx := Tx{ID: txID, Role: RoleSource, Peer: req.Dest, State: SrcBegun}
-	for _, id := range req.VMs {
-		k, gen, err := n.cfg.Keys.Get(ctx, id)
-		if errors.Is(err, vtpm.ErrKeyNotFound) {
-			return nil, fmt.Errorf("migrate %s: %w", id, ErrNotOwner)
-		}
-		if err != nil {
-			return nil, fmt.Errorf("migrate %s: %w", id, err)
-		}
-		keys[id] = k
-		tx.VMs = append(tx.VMs, TxVM{UUID: id, Generation: gen + 1})
-	}
+	defer destroyKeys(keys)
 	// Mark the transaction as ours before it exists in the ledger, so that
 	// a concurrent Reconcile never sees it unmarked.
 	defer n.drive(txID)()
-	if err := n.cfg.Ledger.Begin(tx); err != nil {
-		return nil, fmt.Errorf("migrate: %w", err)
-	}
-	if err := n.crash(SrcAfterBegin); err != nil {
-		return nil, err
-	}
 	res := &Result{TxID: txID, Failed: map[string]string{}}
-	peer, err := n.cfg.Dial(ctx, req.Dest)
+	tx, peer, err := n.release(ctx, releaseSpec{txID: txID, vms: req.VMs, dest: req.Dest}, keys, progress, res)
 	if err != nil {
-		n.abortLocal(ctx, tx, fmt.Sprintf("dial %s: %v", req.Dest, err))
-		return res, fmt.Errorf("migrate to %s: %w: %v", req.Dest, ErrPeer, err)
-	}
-
-	progress(PhaseAttest, req.Dest)
-	start := n.cfg.Now()
-	v, warm, err := n.destEvidence(ctx, peer, req.Dest, res)
-	if err != nil {
-		n.refuse(ctx, tx, err)
 		return res, err
 	}
-	res.Warm = warm
-	n.observe(string(PhaseAttest), start)
-	if err := n.crash(SrcAfterAttest); err != nil {
-		return res, err
-	}
-
-	progress(PhaseWrap, fmt.Sprintf("%d key(s) under one transfer key", len(tx.VMs)))
-	start = n.cfg.Now()
-	preq, err := n.wrap(tx, v, keys)
-	if err != nil {
-		n.abortLocal(ctx, tx, err.Error())
-		return res, fmt.Errorf("migrate: wrap: %w", err)
-	}
-	n.observe(string(PhaseWrap), start)
-
-	progress(PhasePrepare, req.Dest)
-	start = n.cfg.Now()
-	res.RoundTrips.Before++
-	presp, err := peer.Prepare(ctx, preq)
-	if err == nil {
-		err = checkProofs(tx, presp, keys)
-	}
-	if err != nil {
-		n.ForgetEvidence(req.Dest)
-		n.abortRemote(ctx, peer, tx, fmt.Sprintf("prepare: %v", err))
-		n.done("failed")
-		return res, fmt.Errorf("migrate to %s: prepare: %w", req.Dest, err)
-	}
-	if err := n.crash(SrcAfterPrepare); err != nil {
-		return res, err
-	}
-	for _, vm := range tx.VMs {
-		n.audit(ctx, AuditEvent{Event: "key-release", VM: vm.UUID, Peer: req.Dest, TxID: txID, Generation: vm.Generation})
-	}
-	if tx, err = n.cfg.Ledger.SetState(txID, SrcPrepared, ""); err != nil {
-		return res, err
-	}
-	n.observe(string(PhasePrepare), start)
-	if err := n.crash(SrcAfterPrepared); err != nil {
-		return res, err
-	}
+	warm := res.Warm
 
 	progress(PhaseHypervisor, "live migration")
-	start = n.cfg.Now()
+	start := n.cfg.Now()
 	target, err := n.cfg.Target(req.Dest)
 	outcomes := map[string]error{}
 	for _, vm := range tx.VMs {

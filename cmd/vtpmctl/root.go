@@ -66,6 +66,7 @@ func Run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 	withLocalAudit(auditCmds[0])
 	root.AddCommand(auditCmds...)
 	root.AddCommand(agentCommands(e)...)
+	root.AddCommand(hookCommands(e))
 	err := root.ExecuteContext(ctx)
 	if err != nil {
 		fmt.Fprintf(stderr, "vtpmctl: %v\n", err)

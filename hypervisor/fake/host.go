@@ -33,6 +33,16 @@ type Host struct {
 	// migration commits. An error aborts the migration like a late libvirt
 	// failure: the destination is cleaned up and the VM resumes here.
 	BeforeMigrateCommit func() error
+	// MigrateBegin, when set, runs on this host as the destination of an
+	// incoming migration before its secret is read, like libvirt's qemu
+	// hook "migrate begin" (vtpmm's hook mode pulls the key then). An error
+	// fails the migration at once (hypervisor.ErrHookRefused); the VM stays
+	// on the source.
+	MigrateBegin func(ctx context.Context, vmUUID, name string) error
+	// Released, when set, runs after a domain let go of its resources on
+	// this host (an outgoing migration completed, or an incoming one
+	// failed), like libvirt's qemu hook "release end". No lock is held.
+	Released func(vmUUID string)
 
 	name string
 	dir  string

@@ -23,7 +23,9 @@ const rollbackTimeout = 30 * time.Second
 // Migrate live-migrates a running VM to dest, libvirt style (peer to peer,
 // persistent on the destination, undefined on the source):
 //
-//  1. Prepare on the destination: the VM must not exist there, and its
+//  1. Prepare on the destination: its MigrateBegin hook runs (libvirt's
+//     qemu hook "migrate begin"; an error refuses the migration), the VM
+//     must not exist there, and its
 //     secret is read now (missing: ErrSecretMissing at once).
 //  2. The guest pauses; the source swtpm hands out its state blobs,
 //     encrypted with the migration key, and stops (CMD_STOP).
@@ -73,6 +75,9 @@ func (h *Host) Migrate(ctx context.Context, vmUUID string, dest hypervisor.Targe
 	}
 	if dst == h {
 		return fmt.Errorf("%s: %w: Requested operation is not valid: attempt to migrate guest to the same host", op, hypervisor.ErrMigrationFailed)
+	}
+	if err := dst.migrateBegin(ctx, vmUUID, d.name); err != nil {
+		return fmt.Errorf("%s: %w", op, err)
 	}
 	pass, dstState, err := dst.prepareIncoming(vmUUID, d.name)
 	if err != nil {
@@ -127,6 +132,7 @@ func (h *Host) Migrate(ctx context.Context, vmUUID string, dest hypervisor.Targe
 	dst.finishIncoming(vmUUID, dproc, pass)
 	committed = true
 	h.finishOutgoing(ctx, d, time.Since(t0))
+	h.released(vmUUID)
 	log.WithField("took", time.Since(t0)).Info("migrated")
 	return nil
 }
@@ -173,6 +179,39 @@ func (h *Host) prepareIncoming(vmUUID, name string) (pass []byte, stateDir strin
 	return pass, stateDir, nil
 }
 
+// migrateBegin runs the MigrateBegin hook, if any.
+func (h *Host) migrateBegin(ctx context.Context, vmUUID, name string) error {
+	h.mu.Lock()
+	hook := h.MigrateBegin
+	h.mu.Unlock()
+	if hook == nil {
+		return nil
+	}
+	if err := hook(ctx, vmUUID, name); err != nil {
+		return fmt.Errorf("%w: Hook script execution failed on %s: %w", hypervisor.ErrHookRefused, h.name, err)
+	}
+	return nil
+}
+
+// released runs the Released hook, if any.
+func (h *Host) released(vmUUID string) {
+	h.mu.Lock()
+	hook := h.Released
+	h.mu.Unlock()
+	if hook != nil {
+		hook(vmUUID)
+	}
+}
+
+// MigratingOut reports whether the VM's current job is an outgoing
+// migration (migrate.MigrationJobs).
+func (h *Host) MigratingOut(ctx context.Context, vmUUID string) (bool, error) {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	d, ok := h.domains[vmUUID]
+	return ok && d.job == jobOutgoing, nil
+}
+
 // abortIncoming removes the reserved domain and its state.
 func (h *Host) abortIncoming(vmUUID, stateDir string) {
 	h.mu.Lock()
@@ -183,6 +222,7 @@ func (h *Host) abortIncoming(vmUUID, stateDir string) {
 	if err := h.removeState(vmUUID, stateDir); err != nil {
 		h.log.WithError(err).Warn("aborted incoming migration left state behind")
 	}
+	h.released(vmUUID)
 }
 
 // finishIncoming makes the reserved domain a running, persistent one.

@@ -2,10 +2,13 @@ package libvirt
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"time"
 
 	golibvirt "libvirt.org/go/libvirt"
+
+	"github.com/vtpmm/vtpmm/hypervisor"
 )
 
 // JobStats is the progress of a domain's current (or last completed) job.
@@ -64,4 +67,32 @@ func (h *Hypervisor) jobStats(ctx context.Context, vmUUID string, flags golibvir
 // keeps running here).
 func (h *Hypervisor) AbortJob(ctx context.Context, vmUUID string) error {
 	return h.domainOp(ctx, "abort job of", vmUUID, func(d *golibvirt.Domain) error { return d.AbortJob() })
+}
+
+// MigratingOut reports whether the domain's current job is an outgoing
+// migration (migrate.MigrationJobs): hook mode releases a VM's key only
+// while its owner's libvirt migrates it away. An absent domain is not
+// migrating.
+func (h *Hypervisor) MigratingOut(ctx context.Context, vmUUID string) (bool, error) {
+	out := false
+	err := h.with(ctx, func(c *golibvirt.Connect) error {
+		d, err := lookup(c, vmUUID)
+		if err != nil {
+			return err
+		}
+		defer d.Free()
+		j, err := d.GetJobStats(0)
+		if err != nil {
+			return wrapLibvirt(err)
+		}
+		out = j.Type != golibvirt.DOMAIN_JOB_NONE && j.OperationSet && j.Operation == golibvirt.DOMAIN_JOB_OPERATION_MIGRATION_OUT
+		return nil
+	})
+	if errors.Is(err, hypervisor.ErrNoDomain) {
+		return false, nil
+	}
+	if err != nil {
+		return false, fmt.Errorf("job of %s on %s: %w", vmUUID, h.cfg.Name, err)
+	}
+	return out, nil
 }

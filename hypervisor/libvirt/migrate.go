@@ -209,6 +209,8 @@ func classifyMigrate(err error, secretOnDest func() (has, known bool)) error {
 	msg := wrapLibvirt(err)
 	m := le.Message
 	switch {
+	case le.Code == golibvirt.ERR_HOOK_SCRIPT_FAILED || containsAny(m, "Hook script execution failed"):
+		return fmt.Errorf("%w: %w", hypervisor.ErrHookRefused, msg)
 	case le.Code == golibvirt.ERR_NO_SECRET || containsAny(m, "Secret not found", "no secret with matching uuid"):
 		return fmt.Errorf("%w: %w", hypervisor.ErrSecretMissing, msg)
 	case le.Code == golibvirt.ERR_NO_DOMAIN:

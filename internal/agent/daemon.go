@@ -55,6 +55,12 @@ type Daemon struct {
 	dial    migrate.Dialer     // one client, its connections cached per peer
 	closers []func() error
 	dopts   DaemonOptions
+
+	// Background work started by requests (hook mode's settling) runs
+	// under bgCtx, cancelled when Serve ends; bg tracks it.
+	bgCtx    context.Context
+	bgCancel context.CancelFunc
+	bg       sync.WaitGroup
 }
 
 // StartDaemon opens everything a running vtpmd needs. Serve then serves
@@ -65,6 +71,7 @@ func StartDaemon(ctx context.Context, cfg Config, opts DaemonOptions) (_ *Daemon
 		return nil, err
 	}
 	d := &Daemon{Agent: a, hyp: opts.Hypervisor, dopts: opts, metrics: metrics.New()}
+	d.bgCtx, d.bgCancel = context.WithCancel(context.WithoutCancel(ctx))
 	defer func() {
 		if err != nil {
 			d.closeAll(context.WithoutCancel(ctx))
@@ -258,6 +265,8 @@ func (d *Daemon) Serve(ctx context.Context) error {
 }
 
 func (d *Daemon) closeAll(ctx context.Context) {
+	d.bgCancel()
+	d.bg.Wait()
 	for _, c := range d.closers {
 		_ = c()
 	}

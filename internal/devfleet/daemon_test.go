@@ -9,14 +9,11 @@ import (
 	"net"
 	"net/http"
 	"os"
-	"path/filepath"
 	"strings"
 	"testing"
 
-	"github.com/vtpmm/vtpmm/attest"
 	"github.com/vtpmm/vtpmm/internal/agent"
 	"github.com/vtpmm/vtpmm/internal/devfleet"
-	"github.com/vtpmm/vtpmm/internal/pki"
 )
 
 const goodLog = "../../vtpm/emuhost/testdata/gce-cos-85.eventlog.bin"
@@ -29,34 +26,11 @@ func newFleet(t *testing.T, hosts ...string) *devfleet.Fleet {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { os.RemoveAll(root) })
-	pkiDir := filepath.Join(root, "pki")
-	ca, err := pki.InitCA(pkiDir, pki.CAOptions{})
+	cfg, err := devfleet.Provision(root, hosts, goodLog)
 	if err != nil {
 		t.Fatal(err)
 	}
-	for _, h := range hosts {
-		if _, _, err := ca.IssueToDir(h, pkiDir, pki.IssueOptions{}); err != nil {
-			t.Fatal(err)
-		}
-	}
-	b, err := os.ReadFile(goodLog)
-	if err != nil {
-		t.Fatal(err)
-	}
-	l, err := attest.ParseEventLog(b)
-	if err != nil {
-		t.Fatal(err)
-	}
-	p, err := attest.GoldenFromEventLog(l, "sha256", []int{0, 1, 2, 3, 4, 5, 6, 7, 8, 9})
-	if err != nil {
-		t.Fatal(err)
-	}
-	pol, _ := p.Marshal()
-	policy := filepath.Join(root, "policy.yaml")
-	if err := os.WriteFile(policy, pol, 0o600); err != nil {
-		t.Fatal(err)
-	}
-	f := devfleet.New(devfleet.Config{Root: root, PKIDir: pkiDir, PolicyFile: policy})
+	f := devfleet.New(cfg)
 	t.Cleanup(func() { _ = f.Close(context.Background()) })
 	for _, h := range hosts {
 		if _, err := f.AddHost(ctx, h, goodLog); err != nil {

@@ -238,6 +238,10 @@ func (p *remotePeer) Activate(ctx context.Context, req *migrate.ActivateRequest)
 	return roundTrip[migrate.ActivateResponse](ctx, p, MethodActivate, req)
 }
 
+func (p *remotePeer) Pull(ctx context.Context, req *migrate.PullRequest) (*migrate.PullResponse, error) {
+	return roundTrip[migrate.PullResponse](ctx, p, MethodPull, req)
+}
+
 // hostCreds wraps the TLS credentials of one peer: after the handshake
 // (which already verified the chain and the server name), the server's
 // verified certificate must name the host dialled, so an address that

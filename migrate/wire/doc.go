@@ -4,13 +4,16 @@
 // # Service
 //
 // One hand-written gRPC service (no protoc, no generated code),
-// vtpmm.migrate.v1.Agent, with four unary methods that mirror
+// vtpmm.migrate.v1.Agent, with seven unary methods that mirror
 // migrate.Peer:
 //
 //	/vtpmm.migrate.v1.Agent/Evidence  migrate.EvidenceRequest -> migrate.EvidenceResponse
 //	/vtpmm.migrate.v1.Agent/Prepare   migrate.PrepareRequest  -> migrate.PrepareResponse
 //	/vtpmm.migrate.v1.Agent/Finish    migrate.FinishRequest   -> migrate.FinishResponse
 //	/vtpmm.migrate.v1.Agent/Status    migrate.StatusRequest   -> migrate.StatusResponse
+//	/vtpmm.migrate.v1.Agent/Identity  migrate.IdentityRequest -> migrate.IdentityResponse
+//	/vtpmm.migrate.v1.Agent/Activate  migrate.ActivateRequest -> migrate.ActivateResponse
+//	/vtpmm.migrate.v1.Agent/Pull      migrate.PullRequest     -> migrate.PullResponse
 //
 // NewServer serves a migrate.Peer (a *migrate.Node); Dialer / NewClient
 // give a migrate.Dialer whose Peers call it, over one cached
@@ -23,7 +26,7 @@
 // (grpc.ForceServerCodec) and each connection (grpc.ForceCodec); nothing is
 // registered globally. On the server the codec only copies the request's
 // bytes; the handler decodes them with the strict decoders
-// (migrate.DecodePrepare, migrate.DecodeFinish, and for Evidence and Status
+// (migrate.DecodePrepare, migrate.DecodeFinish, migrate.DecodePull, and for the others
 // a decoder with the same rules: no unknown fields, no trailing data), so
 // untrusted input never reaches the node any other way. Requests and
 // responses are limited to MaxMessageSize (8 MiB) each way.
@@ -34,7 +37,8 @@
 // (tls.RequireAndVerifyClientCert, as pki.ServerTLS configures). For every
 // call, the verified certificate's host (pki.PeerHost) must equal the
 // request's claimed sender: EvidenceRequest.Source, PrepareRequest.Source,
-// FinishRequest.Source, StatusRequest.From. Otherwise the call fails with
+// FinishRequest.Source, StatusRequest.From, IdentityRequest.From,
+// ActivateRequest.From, PullRequest.Dest. Otherwise the call fails with
 // PermissionDenied (Unauthenticated when there is no verified
 // certificate), the message names both hosts, and the node is not called.
 // The client in turn checks that the server's verified certificate names
@@ -61,6 +65,7 @@
 //	vtpm.ErrKeyExists          ERR_KEY_EXISTS         AlreadyExists
 //	vtpm.ErrKeyNotFound        ERR_KEY_NOT_FOUND      NotFound
 //	migrate.ErrNotOwner        ERR_NOT_OWNER          FailedPrecondition
+//	migrate.ErrNotMigrating    ERR_NOT_MIGRATING      FailedPrecondition
 //	migrate.ErrRefused         ERR_REFUSED            FailedPrecondition
 //	migrate.ErrHypervisor      ERR_HYPERVISOR         Internal
 //	migrate.ErrUnresolved      ERR_UNRESOLVED         Aborted

@@ -34,6 +34,7 @@ const (
 	ReasonKeyExists       = "ERR_KEY_EXISTS"
 	ReasonKeyNotFound     = "ERR_KEY_NOT_FOUND"
 	ReasonNotOwner        = "ERR_NOT_OWNER"
+	ReasonNotMigrating    = "ERR_NOT_MIGRATING"
 	ReasonRefused         = "ERR_REFUSED"
 	ReasonHypervisor      = "ERR_HYPERVISOR"
 	ReasonUnresolved      = "ERR_UNRESOLVED"
@@ -63,6 +64,7 @@ func errorTable() []errorMapping {
 		{vtpm.ErrKeyExists, ReasonKeyExists, codes.AlreadyExists},
 		{vtpm.ErrKeyNotFound, ReasonKeyNotFound, codes.NotFound},
 		{migrate.ErrNotOwner, ReasonNotOwner, codes.FailedPrecondition},
+		{migrate.ErrNotMigrating, ReasonNotMigrating, codes.FailedPrecondition},
 		{migrate.ErrRefused, ReasonRefused, codes.FailedPrecondition},
 		{migrate.ErrHypervisor, ReasonHypervisor, codes.Internal},
 		{migrate.ErrUnresolved, ReasonUnresolved, codes.Aborted},

@@ -32,6 +32,7 @@ const (
 	MethodStatus   = "Status"
 	MethodIdentity = "Identity"
 	MethodActivate = "Activate"
+	MethodPull     = "Pull"
 )
 
 // FullMethod returns the full gRPC method name ("/vtpmm.migrate.v1.Agent/Prepare").
@@ -51,7 +52,7 @@ type agentService interface {
 }
 
 // serviceDesc is the hand-written descriptor of vtpmm.migrate.v1.Agent:
-// six unary methods, JSON messages (no protobuf schema).
+// seven unary methods, JSON messages (no protobuf schema).
 func serviceDesc() *grpc.ServiceDesc {
 	return &grpc.ServiceDesc{
 		ServiceName: ServiceName,
@@ -87,6 +88,9 @@ func serviceDesc() *grpc.ServiceDesc {
 				},
 				func(r *migrate.ActivateRequest) string { return r.From },
 				migrate.Peer.Activate)},
+			{MethodName: MethodPull, Handler: handler(MethodPull, migrate.DecodePull,
+				func(r *migrate.PullRequest) string { return r.Dest },
+				migrate.Peer.Pull)},
 		},
 		Streams:  []grpc.StreamDesc{},
 		Metadata: "vtpmm/migrate/v1/agent (hand-written, JSON codec)",

@@ -37,6 +37,9 @@ func (f *fakePeer) Identity(ctx context.Context, r *migrate.IdentityRequest) (*m
 func (f *fakePeer) Activate(ctx context.Context, r *migrate.ActivateRequest) (*migrate.ActivateResponse, error) {
 	return &migrate.ActivateResponse{Secret: r.Challenge.AKName}, nil
 }
+func (f *fakePeer) Pull(ctx context.Context, r *migrate.PullRequest) (*migrate.PullResponse, error) {
+	return &migrate.PullResponse{VMs: r.VMs}, nil
+}
 func (f *fakePeer) Prepare(ctx context.Context, r *migrate.PrepareRequest) (*migrate.PrepareResponse, error) {
 	return &migrate.PrepareResponse{TxID: r.TxID}, nil
 }

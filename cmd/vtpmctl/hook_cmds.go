@@ -1,0 +1,224 @@
+package main
+
+import (
+	"context"
+	"encoding/json"
+	"encoding/xml"
+	"errors"
+	"fmt"
+	"io"
+	"net/http"
+	"os"
+	"path/filepath"
+	"strings"
+
+	"github.com/spf13/cobra"
+
+	"github.com/vtpmm/vtpmm/hypervisor/libvirt"
+	"github.com/vtpmm/vtpmm/internal/agent"
+)
+
+// Hook mode: vtpmctl is libvirt's qemu hook. libvirt runs
+// /etc/libvirt/hooks/qemu.d/* as "NAME OPERATION SUB-OPERATION EXTRA" with
+// the domain XML on stdin; a non-zero exit of "migrate begin" cancels an
+// incoming migration and libvirt puts the hook's stderr into the error
+// that virsh prints.
+
+// hookFileName is the hook's file name under HOOKS_DIR/qemu.d.
+const hookFileName = "vtpmm"
+
+// maxDomainXML bounds the domain XML read from libvirt.
+const maxDomainXML = 4 << 20
+
+// errNotOurs means the domain's vTPM is not one vtpmm manages.
+var errNotOurs = errors.New("not a vtpmm vTPM")
+
+// hookDomain is the part of a domain's XML the hook reads.
+type hookDomain struct {
+	Name string `xml:"name"`
+	UUID string `xml:"uuid"`
+	TPMs []struct {
+		Backend struct {
+			Type       string `xml:"type,attr"`
+			Encryption *struct {
+				Secret string `xml:"secret,attr"`
+			} `xml:"encryption"`
+		} `xml:"backend"`
+	} `xml:"devices>tpm"`
+}
+
+// parseHookDomain returns the domain if its vTPM is vtpmm's: an emulator
+// vTPM encrypted with the secret vtpmm derives from the VM's UUID.
+func parseHookDomain(r io.Reader) (hookDomain, error) {
+	var d hookDomain
+	b, err := io.ReadAll(io.LimitReader(r, maxDomainXML+1))
+	if err != nil {
+		return d, fmt.Errorf("read domain XML: %w", err)
+	}
+	if len(b) > maxDomainXML {
+		return d, fmt.Errorf("domain XML is larger than %d bytes", maxDomainXML)
+	}
+	if err := xml.Unmarshal(b, &d); err != nil {
+		return d, fmt.Errorf("parse domain XML: %w", err)
+	}
+	d.UUID = strings.ToLower(d.UUID)
+	for _, t := range d.TPMs {
+		if enc := t.Backend.Encryption; t.Backend.Type == "emulator" && enc != nil && d.UUID != "" &&
+			strings.EqualFold(enc.Secret, libvirt.SecretUUID(d.UUID)) {
+			return d, nil
+		}
+	}
+	return d, errNotOurs
+}
+
+func hookCommands(e *env) *cobra.Command {
+	var socket string
+	c := &cobra.Command{
+		Use:   "hook",
+		Short: "Hook mode: vtpmm as libvirt's qemu hook, so a plain 'virsh migrate' moves the vTPM key",
+	}
+	c.PersistentFlags().StringVar(&socket, "socket", "/run/vtpmm/vtpmd.sock", "vtpmd admin socket")
+
+	var dir, exe string
+	install := &cobra.Command{
+		Use:   "install",
+		Short: "Install the qemu hook (HOOKS_DIR/qemu.d/" + hookFileName + "); restart libvirtd afterwards",
+		Long: "install writes HOOKS_DIR/qemu.d/" + hookFileName + ", a script that runs 'vtpmctl hook qemu'. With it, libvirt asks\n" +
+			"the local vtpmd, when an incoming migration of a vTPM VM begins, to pull the VM's key from its\n" +
+			"owner; an untrusted destination fails the migration at once, with the reason in virsh's error.\n" +
+			"libvirtd (or virtqemud) reads the hooks directory when it starts: restart it after installing.",
+		Args: cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			if exe == "" {
+				p, err := os.Executable()
+				if err != nil {
+					return err
+				}
+				exe = p
+			}
+			p, err := installHook(dir, exe, socket)
+			if err != nil {
+				return err
+			}
+			fmt.Fprintf(e.stdout, "installed %s (runs %s hook qemu --socket %s)\n", p, exe, socket)
+			fmt.Fprintln(e.stdout, "restart libvirtd so that it runs the hook: systemctl restart libvirtd (or virtqemud)")
+			return nil
+		},
+	}
+	install.Flags().StringVar(&dir, "hooks-dir", "/etc/libvirt/hooks", "libvirt's hooks directory")
+	install.Flags().StringVar(&exe, "vtpmctl", "", "path of vtpmctl the hook runs (default: this program)")
+
+	uninstall := &cobra.Command{
+		Use:   "uninstall",
+		Short: "Remove the qemu hook",
+		Args:  cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			p := filepath.Join(dir, "qemu.d", hookFileName)
+			if err := os.Remove(p); err != nil && !errors.Is(err, os.ErrNotExist) {
+				return err
+			}
+			fmt.Fprintf(e.stdout, "removed %s; restart libvirtd\n", p)
+			return nil
+		},
+	}
+	uninstall.Flags().StringVar(&dir, "hooks-dir", "/etc/libvirt/hooks", "libvirt's hooks directory")
+
+	qemu := &cobra.Command{
+		Use:   "qemu DOMAIN OPERATION SUB-OPERATION [EXTRA]",
+		Short: "Run as libvirt's qemu hook (domain XML on stdin)",
+		Args:  cobra.RangeArgs(3, 4),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			return runQemuHook(cmd.Context(), newAdminClient(socket), args[1], args[2], cmd.InOrStdin(), e.stderr)
+		},
+	}
+	c.AddCommand(install, uninstall, qemu)
+	return c
+}
+
+// hookScript is the script libvirt runs.
+func hookScript(exe, socket string) string {
+	return "#!/bin/sh\n" +
+		"# vtpmm hook mode, installed by 'vtpmctl hook install': libvirt runs this for every qemu\n" +
+		"# domain event; it acts on vTPM VMs only (incoming migrations and releases).\n" +
+		"exec " + shellQuote(exe) + " hook qemu --socket " + shellQuote(socket) + " \"$@\"\n"
+}
+
+func shellQuote(s string) string { return "'" + strings.ReplaceAll(s, "'", `'\''`) + "'" }
+
+// installHook writes the hook atomically (mode 0755) and returns its path.
+func installHook(dir, exe, socket string) (string, error) {
+	if !filepath.IsAbs(exe) || !filepath.IsAbs(socket) {
+		return "", fmt.Errorf("hook install: --vtpmctl %q and --socket %q must be absolute paths", exe, socket)
+	}
+	d := filepath.Join(dir, "qemu.d")
+	if err := os.MkdirAll(d, 0o755); err != nil {
+		return "", fmt.Errorf("hook install: %w", err)
+	}
+	p := filepath.Join(d, hookFileName)
+	f, err := os.CreateTemp(d, "."+hookFileName+"-*")
+	if err != nil {
+		return "", fmt.Errorf("hook install: %w", err)
+	}
+	defer os.Remove(f.Name())
+	if _, err = f.WriteString(hookScript(exe, socket)); err == nil {
+		err = f.Chmod(0o755)
+	}
+	if cerr := f.Close(); err == nil {
+		err = cerr
+	}
+	if err == nil {
+		err = os.Rename(f.Name(), p)
+	}
+	if err != nil {
+		return "", fmt.Errorf("hook install: %w", err)
+	}
+	return p, nil
+}
+
+// runQemuHook handles one hook call. Only vtpmm's vTPM VMs are acted on:
+//   - "migrate begin" (destination): pull the key now; an error exits
+//     non-zero, which cancels the incoming migration, and its message
+//     reaches virsh's error;
+//   - "release end": tell vtpmd the VM let go of this host, so it settles
+//     the VM's transaction (asynchronously: libvirt holds the domain's lock
+//     until the hook returns). Never fails.
+func runQemuHook(ctx context.Context, c *adminClient, op, subop string, stdin io.Reader, stderr io.Writer) error {
+	var path string
+	switch op + " " + subop {
+	case "migrate begin":
+		path = "/v1/hook/pull"
+	case "release end":
+		path = "/v1/hook/released"
+	default:
+		return nil
+	}
+	d, err := parseHookDomain(stdin)
+	if errors.Is(err, errNotOurs) {
+		return nil
+	}
+	if err != nil {
+		if path == "/v1/hook/released" {
+			return nil
+		}
+		return fmt.Errorf("vtpmm hook: %w", err)
+	}
+	ctx, cancel := context.WithTimeout(ctx, agent.HookTimeout)
+	defer cancel()
+	resp, err := c.do(ctx, http.MethodPost, path, agent.HookRequest{UUID: d.UUID, Name: d.Name})
+	if path == "/v1/hook/released" {
+		if err != nil {
+			fmt.Fprintf(stderr, "vtpmm hook: %v (vtpmd's recovery settles VM %s later)\n", err, d.Name)
+		} else {
+			resp.Body.Close()
+		}
+		return nil
+	}
+	if err != nil {
+		return fmt.Errorf("vtpmm refused the incoming migration of VM %s (%s): %w", d.Name, d.UUID, err)
+	}
+	defer resp.Body.Close()
+	var pr agent.HookPullResponse
+	_ = json.NewDecoder(resp.Body).Decode(&pr)
+	fmt.Fprintf(stderr, "vtpmm: vTPM key of VM %s pulled from %s (tx %s, %s)\n", d.Name, pr.Owner, pr.TxID, pr.Took)
+	return nil
+}

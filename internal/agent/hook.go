@@ -1,0 +1,113 @@
+package agent
+
+import (
+	"context"
+	"encoding/json"
+	"fmt"
+	"net/http"
+	"sort"
+	"time"
+
+	"github.com/sirupsen/logrus"
+
+	"github.com/vtpmm/vtpmm/vtpm"
+)
+
+// Hook mode: libvirt's qemu hook (vtpmctl hook qemu) reaches vtpmd here.
+//
+//   - POST /v1/hook/pull, on the destination at "migrate begin": pull the
+//     VM's key from its owner now, before libvirt reads the vTPM secret.
+//     Synchronous: the hook's exit status, and so the migration, depend on
+//     it. A refusal answers 403 with the owner's reason (the attestation
+//     rule), which the hook prints for libvirt to put into virsh's error.
+//   - POST /v1/hook/released, at "release end": the hypervisor let go of
+//     the VM here. Asynchronous (202): libvirt holds the domain's lock while
+//     the hook runs, so vtpmd settles the VM's transaction only after the
+//     hook has returned.
+
+// HookRequest is the body of POST /v1/hook/pull and /v1/hook/released.
+type HookRequest struct {
+	UUID string `json:"uuid"`
+	Name string `json:"name,omitempty"`
+}
+
+// HookPullResponse reports a pull.
+type HookPullResponse struct {
+	TxID  string `json:"tx"`
+	Owner string `json:"owner"`
+	Warm  bool   `json:"warm,omitempty"`
+	Took  string `json:"took"`
+}
+
+// HookTimeout bounds a pull: libvirt waits for the hook meanwhile.
+const HookTimeout = 2 * time.Minute
+
+// settleDelay is how long after a "release end" vtpmd settles the VM: the
+// hook must have returned (and libvirt released the domain's lock) first.
+const settleDelay = 500 * time.Millisecond
+
+func decodeHook(w http.ResponseWriter, r *http.Request) (HookRequest, bool) {
+	var req HookRequest
+	if err := json.NewDecoder(http.MaxBytesReader(w, r.Body, 1<<16)).Decode(&req); err != nil || vtpm.CheckVMID(req.UUID) != nil {
+		writeError(w, http.StatusBadRequest, fmt.Errorf("want {\"uuid\": \"VM UUID\", \"name\": \"...\"}"))
+		return req, false
+	}
+	return req, true
+}
+
+func (d *Daemon) handleHookPull(w http.ResponseWriter, r *http.Request) {
+	req, ok := decodeHook(w, r)
+	if !ok {
+		return
+	}
+	ctx, cancel := context.WithTimeout(r.Context(), HookTimeout)
+	defer cancel()
+	t0 := time.Now()
+	log := d.log.WithFields(logrus.Fields{"vm": req.UUID, "name": req.Name})
+	resp, err := d.node.RequestPull(ctx, []string{req.UUID}, d.peerNames())
+	if err != nil {
+		log.WithError(err).Warn("hook: incoming migration refused")
+		writeJSON(w, http.StatusForbidden, map[string]string{"error": err.Error(), "code": ErrorCode(err)})
+		return
+	}
+	took := time.Since(t0)
+	log.WithFields(logrus.Fields{"tx": resp.TxID, "owner": resp.Owner, "took": took}).Info("hook: key pulled for an incoming migration")
+	writeJSON(w, http.StatusOK, HookPullResponse{TxID: resp.TxID, Owner: resp.Owner, Warm: resp.Warm, Took: took.Round(time.Millisecond).String()})
+}
+
+func (d *Daemon) handleHookReleased(w http.ResponseWriter, r *http.Request) {
+	req, ok := decodeHook(w, r)
+	if !ok {
+		return
+	}
+	d.settle(req.UUID)
+	writeJSON(w, http.StatusAccepted, map[string]string{"status": "settling"})
+}
+
+// settle reconciles the VM's open transaction soon, in the background.
+func (d *Daemon) settle(vmUUID string) {
+	d.bg.Add(1)
+	go func() {
+		defer d.bg.Done()
+		select {
+		case <-d.bgCtx.Done():
+			return
+		case <-time.After(settleDelay):
+		}
+		ctx, cancel := context.WithTimeout(d.bgCtx, HookTimeout)
+		defer cancel()
+		if err := d.node.Settle(ctx, vmUUID); err != nil {
+			d.log.WithError(err).WithField("vm", vmUUID).Warn("hook: settling the VM's transaction; recovery retries")
+		}
+	}()
+}
+
+// peerNames lists the configured peers, sorted.
+func (d *Daemon) peerNames() []string {
+	out := make([]string, 0, len(d.cfg.Peers))
+	for h := range d.cfg.Peers {
+		out = append(out, h)
+	}
+	sort.Strings(out)
+	return out
+}

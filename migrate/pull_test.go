@@ -1,0 +1,198 @@
+package migrate_test
+
+import (
+	"bytes"
+	"context"
+	"errors"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/vtpmm/vtpmm/attest"
+	"github.com/vtpmm/vtpmm/hypervisor"
+	"github.com/vtpmm/vtpmm/hypervisor/fake"
+	"github.com/vtpmm/vtpmm/migrate"
+)
+
+var _ migrate.MigrationJobs = (*fake.Host)(nil)
+
+// hookMode wires each host's fake hypervisor like vtpmctl's libvirt hook:
+// an incoming migration begins with RequestPull to every other host; a
+// released domain is settled.
+func (f *fleet) hookMode() {
+	for name, h := range f.hosts {
+		var peers []string
+		for other := range f.hosts {
+			if other != name {
+				peers = append(peers, other)
+			}
+		}
+		h.hyp.MigrateBegin = func(ctx context.Context, vm, _ string) error {
+			_, err := h.node.RequestPull(ctx, []string{vm}, peers)
+			return err
+		}
+	}
+}
+
+// TestHookModePlainMigration: a migration the hypervisor starts by itself
+// (a plain "virsh migrate") moves the key: the destination pulls it at
+// "migrate begin", the source settles after the release, and the guest's
+// sealed secret unseals on the destination. An untrusted destination is
+// refused by its own hook before anything is copied, naming the rule.
+func TestHookModePlainMigration(t *testing.T) {
+	t.Parallel()
+	ctx := context.Background()
+	f := newFleet(t)
+	a, b, c := f.addHost("host-a", goodLog), f.addHost("host-b", goodLog), f.addHost("host-c", badLog)
+	f.hookMode()
+	vm := a.createVM("vm1")
+	secret := []byte("sealed before a plain migration")
+	a.guestSeal(vm, secret)
+
+	// A Pull without a migration in progress is refused: keys leave only
+	// for a migration the owner's hypervisor runs.
+	_, err := b.node.RequestPull(ctx, []string{vm}, []string{"host-a", "host-c"})
+	if !errors.Is(err, migrate.ErrNotMigrating) {
+		t.Fatalf("pull without a migration job: got %v, want ErrNotMigrating", err)
+	}
+	if ok, _ := b.hyp.HasSecret(ctx, vm); ok {
+		t.Fatal("a refused pull defined a secret on the destination")
+	}
+
+	if err := a.hyp.Migrate(ctx, vm, b.hyp.Target()); err != nil {
+		t.Fatalf("plain migration with the hook: %v", err)
+	}
+	// Before settling, the source's transaction is open and leased.
+	if open, _ := a.ledger.OpenTxs(); len(open) != 1 || !open[0].Pulled || open[0].State != migrate.SrcPrepared {
+		t.Fatalf("source ledger after the hypervisor's migration: %+v", open)
+	}
+	if err := a.node.Settle(ctx, vm); err != nil {
+		t.Fatalf("settle on the source: %v", err)
+	}
+	f.checkSingleOwner(vm, "host-b")
+	if got := b.guestUnseal(vm); !bytes.Equal(got, secret) {
+		t.Fatalf("guest secret on B: %q", got)
+	}
+
+	// Untrusted destination: its hook fails the migration with the rule.
+	err = b.hyp.Migrate(ctx, vm, c.hyp.Target())
+	if !errors.Is(err, hypervisor.ErrHookRefused) {
+		t.Fatalf("migration to untrusted C: got %v, want ErrHookRefused", err)
+	}
+	if !errors.Is(err, migrate.ErrRefused) || !strings.Contains(err.Error(), string(attest.RulePCRPolicy)) {
+		t.Fatalf("refusal does not name the rule: %v", err)
+	}
+	t.Logf("refusal as the hypervisor reports it: %v", err)
+	if ok, _ := c.hyp.HasSecret(ctx, vm); ok {
+		t.Fatal("untrusted C got a secret")
+	}
+	if _, _, err := c.keys.Get(ctx, vm); err == nil {
+		t.Fatal("untrusted C holds a key")
+	}
+	f.checkSingleOwner(vm, "host-b")
+	if got := b.guestUnseal(vm); !bytes.Equal(got, secret) {
+		t.Fatalf("guest secret on B after the refusal: %q", got)
+	}
+	for _, h := range []*host{a, b, c} {
+		h.audit.verify(t)
+	}
+}
+
+// TestHookModeFailedMigrationAborts: the hypervisor's migration fails after
+// the pull (late, as a libvirt failure after the memory copy). The VM keeps
+// running on the source with its key; once no migration job is left and
+// the lease is over, Reconcile aborts the pulled transaction and the
+// destination drops its PENDING key and secret. While the job runs,
+// Reconcile leaves the transaction alone.
+func TestHookModeFailedMigrationAborts(t *testing.T) {
+	t.Parallel()
+	ctx := context.Background()
+	f := newFleet(t)
+	f.pullLease = time.Nanosecond
+	a, b := f.addHost("host-a", goodLog), f.addHost("host-b", goodLog)
+	f.hookMode()
+	vm := a.createVM("vm1")
+	secret := []byte("survives a failed plain migration")
+	a.guestSeal(vm, secret)
+	var during error
+	a.hyp.BeforeMigrateCommit = func() error {
+		during = a.node.Reconcile(ctx) // the job runs: must not abort
+		if open, _ := a.ledger.OpenTxs(); len(open) != 1 {
+			t.Errorf("reconcile during the hypervisor's job closed the pulled transaction: %+v", open)
+		}
+		return errors.New("injected late failure")
+	}
+	if err := a.hyp.Migrate(ctx, vm, b.hyp.Target()); err == nil {
+		t.Fatal("migration succeeded despite the injected failure")
+	}
+	if during != nil {
+		t.Fatalf("reconcile during the job: %v", during)
+	}
+	if err := a.node.Reconcile(ctx); err != nil {
+		t.Fatalf("reconcile after the failure: %v", err)
+	}
+	f.checkSingleOwner(vm, "host-a")
+	if ok, _ := b.hyp.HasSecret(ctx, vm); ok {
+		t.Fatal("the destination kept the secret of an aborted pull")
+	}
+	if got := a.guestUnseal(vm); !bytes.Equal(got, secret) {
+		t.Fatalf("guest secret on A: %q", got)
+	}
+	// The next plain migration works.
+	a.hyp.BeforeMigrateCommit = nil
+	if err := a.hyp.Migrate(ctx, vm, b.hyp.Target()); err != nil {
+		t.Fatal(err)
+	}
+	if err := a.node.Reconcile(ctx); err != nil {
+		t.Fatal(err)
+	}
+	f.checkSingleOwner(vm, "host-b")
+}
+
+// TestHookModeWithVtpmmMigration: with the hook installed, a migration
+// vtpmm drives (Node.Migrate) still works: the destination's hook finds
+// the key already PENDING and pulls nothing.
+func TestHookModeWithVtpmmMigration(t *testing.T) {
+	t.Parallel()
+	ctx := context.Background()
+	f := newFleet(t)
+	a, _ := f.addHost("host-a", goodLog), f.addHost("host-b", goodLog)
+	f.hookMode()
+	vm := a.createVM("vm1")
+	if _, err := a.node.Migrate(ctx, migrate.Request{VMs: []string{vm}, Dest: "host-b"}, nil); err != nil {
+		t.Fatal(err)
+	}
+	f.checkSingleOwner(vm, "host-b")
+	if n := strings.Count(strings.Join(a.wire.methods(), " "), "Pull"); n != 0 {
+		t.Fatalf("the source served %d Pulls during a vtpmm-driven migration", n)
+	}
+}
+
+func TestDecodePull(t *testing.T) {
+	t.Parallel()
+	const vm = "6f1c3a52-0c41-4d1c-9d55-3f1e7c2b9a10"
+	tests := []struct {
+		name, in string
+		ok       bool
+	}{
+		{"valid", `{"version":1,"dest":"host-b","vms":["` + vm + `"]}`, true},
+		{"old version", `{"version":0,"dest":"host-b","vms":["` + vm + `"]}`, false},
+		{"bad host", `{"version":1,"dest":"-x","vms":["` + vm + `"]}`, false},
+		{"no VM", `{"version":1,"dest":"host-b","vms":[]}`, false},
+		{"repeated VM", `{"version":1,"dest":"host-b","vms":["` + vm + `","` + vm + `"]}`, false},
+		{"bad uuid", `{"version":1,"dest":"host-b","vms":["../etc"]}`, false},
+		{"unknown field", `{"version":1,"dest":"host-b","vms":["` + vm + `"],"x":1}`, false},
+		{"trailing", `{"version":1,"dest":"host-b","vms":["` + vm + `"]} {}`, false},
+	}
+	for _, tc := range tests {
+		t.Run(tc.name, func(t *testing.T) {
+			_, err := migrate.DecodePull([]byte(tc.in))
+			if (err == nil) != tc.ok {
+				t.Fatalf("DecodePull(%s) = %v", tc.in, err)
+			}
+			if err != nil && !errors.Is(err, migrate.ErrBadMessage) {
+				t.Fatalf("not ErrBadMessage: %v", err)
+			}
+		})
+	}
+}
