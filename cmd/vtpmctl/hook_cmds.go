@@ -179,6 +179,9 @@ func installHook(dir, exe, socket string) (string, error) {
 //   - "migrate begin" (destination): pull the key now; an error exits
 //     non-zero, which cancels the incoming migration, and its message
 //     reaches virsh's error;
+//   - "prepare begin" (before the vTPM starts): vtpmd defines the secret
+//     from its vault if this host owns the key; a VM whose key is not here
+//     fails to start, with the reason;
 //   - "release end": tell vtpmd the VM let go of this host, so it settles
 //     the VM's transaction (asynchronously: libvirt holds the domain's lock
 //     until the hook returns). Never fails.
@@ -187,6 +190,8 @@ func runQemuHook(ctx context.Context, c *adminClient, op, subop string, stdin io
 	switch op + " " + subop {
 	case "migrate begin":
 		path = "/v1/hook/pull"
+	case "prepare begin":
+		path = "/v1/hook/prepare"
 	case "release end":
 		path = "/v1/hook/released"
 	default:
@@ -213,10 +218,16 @@ func runQemuHook(ctx context.Context, c *adminClient, op, subop string, stdin io
 		}
 		return nil
 	}
+	if err != nil && path == "/v1/hook/prepare" {
+		return fmt.Errorf("vtpmm refused to start VM %s (%s): %w", d.Name, d.UUID, err)
+	}
 	if err != nil {
 		return fmt.Errorf("vtpmm refused the incoming migration of VM %s (%s): %w", d.Name, d.UUID, err)
 	}
 	defer resp.Body.Close()
+	if path == "/v1/hook/prepare" {
+		return nil
+	}
 	var pr agent.HookPullResponse
 	_ = json.NewDecoder(resp.Body).Decode(&pr)
 	fmt.Fprintf(stderr, "vtpmm: vTPM key of VM %s pulled from %s (tx %s, %s)\n", d.Name, pr.Owner, pr.TxID, pr.Took)

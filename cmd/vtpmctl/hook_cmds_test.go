@@ -161,6 +161,10 @@ func TestHookModeFleet(t *testing.T) {
 			var errb bytes.Buffer
 			return runQemuHook(ctx, newAdminClient(sock), "migrate", "begin", strings.NewReader(domainXML(name, vm)), &errb)
 		}
+		h.Hyp.PrepareBegin = func(ctx context.Context, vm, name string) error {
+			var errb bytes.Buffer
+			return runQemuHook(ctx, newAdminClient(sock), "prepare", "begin", strings.NewReader(domainXML(name, vm)), &errb)
+		}
 		h.Hyp.Released = func(vm string) {
 			var errb bytes.Buffer
 			if err := runQemuHook(ctx, newAdminClient(sock), "release", "end", strings.NewReader(domainXML(names[vm], vm)), &errb); err != nil {
@@ -194,6 +198,24 @@ func TestHookModeFleet(t *testing.T) {
 		time.Sleep(100 * time.Millisecond)
 	}
 	t.Logf("settled (B owns the key) %v after the migration started", time.Since(t0))
+
+	// A cold start after the hypervisor forgot its ephemeral secrets (as
+	// libvirtd does when it restarts): "prepare begin" has vtpmd define
+	// the secret from its vault. A host without the key refuses the start.
+	if err := b.Hyp.DestroyDomain(ctx, vm); err != nil {
+		t.Fatal(err)
+	}
+	if err := b.Hyp.UndefineSecret(ctx, vm); err != nil {
+		t.Fatal(err)
+	}
+	if err := b.Hyp.StartDomain(ctx, vm); err != nil {
+		t.Fatalf("cold start on the owner through the hook: %v", err)
+	}
+	var errb bytes.Buffer
+	err = runQemuHook(ctx, newAdminClient(a.Cfg.AdminSocketPath()), "prepare", "begin", strings.NewReader(domainXML("web-1", vm)), &errb)
+	if err == nil || !strings.Contains(err.Error(), "holds no key") {
+		t.Fatalf("start on A, which no longer owns the key: %v", err)
+	}
 
 	err = b.Hyp.Migrate(ctx, vm, c.Hyp.Target())
 	if !errors.Is(err, hypervisor.ErrHookRefused) || !strings.Contains(err.Error(), string(attest.RulePCRPolicy)) {

@@ -39,6 +39,11 @@ type Host struct {
 	// fails the migration at once (hypervisor.ErrHookRefused); the VM stays
 	// on the source.
 	MigrateBegin func(ctx context.Context, vmUUID, name string) error
+	// PrepareBegin, when set, runs before a domain's vTPM starts here (a
+	// start, or an incoming migration after MigrateBegin), before the
+	// secret is read, like libvirt's qemu hook "prepare begin". An error
+	// fails the start (hypervisor.ErrHookRefused).
+	PrepareBegin func(ctx context.Context, vmUUID, name string) error
 	// Released, when set, runs after a domain let go of its resources on
 	// this host (an outgoing migration completed, or an incoming one
 	// failed), like libvirt's qemu hook "release end". No lock is held.
@@ -266,6 +271,16 @@ func (h *Host) StartDomain(ctx context.Context, vmUUID string) error {
 	if err == nil && d.proc != nil {
 		d.job, err = jobNone, ErrDomainActive
 	}
+	hook := h.PrepareBegin
+	h.mu.Unlock()
+	if err == nil && hook != nil {
+		// libvirt runs the hook with the job held: the domain stays claimed.
+		if herr := hook(ctx, vmUUID, d.name); herr != nil {
+			h.release(d)
+			return fmt.Errorf("%s: %w: Hook script execution failed on %s: %w", op, hypervisor.ErrHookRefused, h.name, herr)
+		}
+	}
+	h.mu.Lock()
 	var pass []byte
 	if err == nil {
 		if pass, err = h.secretLocked(vmUUID); err != nil {

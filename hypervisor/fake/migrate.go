@@ -179,16 +179,19 @@ func (h *Host) prepareIncoming(vmUUID, name string) (pass []byte, stateDir strin
 	return pass, stateDir, nil
 }
 
-// migrateBegin runs the MigrateBegin hook, if any.
+// migrateBegin runs the MigrateBegin and PrepareBegin hooks, if any, as
+// libvirt runs "migrate begin" and then "prepare begin" on a destination.
 func (h *Host) migrateBegin(ctx context.Context, vmUUID, name string) error {
 	h.mu.Lock()
-	hook := h.MigrateBegin
+	hooks := []func(context.Context, string, string) error{h.MigrateBegin, h.PrepareBegin}
 	h.mu.Unlock()
-	if hook == nil {
-		return nil
-	}
-	if err := hook(ctx, vmUUID, name); err != nil {
-		return fmt.Errorf("%w: Hook script execution failed on %s: %w", hypervisor.ErrHookRefused, h.name, err)
+	for _, hook := range hooks {
+		if hook == nil {
+			continue
+		}
+		if err := hook(ctx, vmUUID, name); err != nil {
+			return fmt.Errorf("%w: Hook script execution failed on %s: %w", hypervisor.ErrHookRefused, h.name, err)
+		}
 	}
 	return nil
 }

@@ -89,6 +89,7 @@ func (d *Daemon) serveAdmin(ctx context.Context, lis net.Listener) error {
 	mux.HandleFunc("POST /v1/hosts/{host}/enroll", d.handleEnroll)
 	mux.HandleFunc("GET /v1/audit", d.handleAudit)
 	mux.HandleFunc("POST /v1/hook/pull", d.handleHookPull)
+	mux.HandleFunc("POST /v1/hook/prepare", d.handleHookPrepare)
 	mux.HandleFunc("POST /v1/hook/released", d.handleHookReleased)
 	srv := &http.Server{Handler: mux, ReadHeaderTimeout: 10 * time.Second}
 	go func() {

@@ -3,6 +3,7 @@ package agent
 import (
 	"context"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"net/http"
 	"sort"
@@ -10,6 +11,7 @@ import (
 
 	"github.com/sirupsen/logrus"
 
+	"github.com/vtpmm/vtpmm/migrate"
 	"github.com/vtpmm/vtpmm/vtpm"
 )
 
@@ -20,12 +22,19 @@ import (
 //     Synchronous: the hook's exit status, and so the migration, depend on
 //     it. A refusal answers 403 with the owner's reason (the attestation
 //     rule), which the hook prints for libvirt to put into virsh's error.
+//   - POST /v1/hook/prepare, at "prepare begin" (before libvirt starts the
+//     vTPM, on a cold start or an incoming migration): define the VM's
+//     secret just in time from the vault when this host owns the key, so a
+//     plain 'virsh start' works after a reboot (libvirt forgets ephemeral
+//     secrets when it restarts). An incoming migration's PENDING key needs
+//     nothing. A VM whose key this host does not hold is refused (403): it
+//     would otherwise start without, or with a stale, vTPM key.
 //   - POST /v1/hook/released, at "release end": the hypervisor let go of
 //     the VM here. Asynchronous (202): libvirt holds the domain's lock while
 //     the hook runs, so vtpmd settles the VM's transaction only after the
 //     hook has returned.
 
-// HookRequest is the body of POST /v1/hook/pull and /v1/hook/released.
+// HookRequest is the body of POST /v1/hook/{pull,prepare,released}.
 type HookRequest struct {
 	UUID string `json:"uuid"`
 	Name string `json:"name,omitempty"`
@@ -73,6 +82,41 @@ func (d *Daemon) handleHookPull(w http.ResponseWriter, r *http.Request) {
 	took := time.Since(t0)
 	log.WithFields(logrus.Fields{"tx": resp.TxID, "owner": resp.Owner, "took": took}).Info("hook: key pulled for an incoming migration")
 	writeJSON(w, http.StatusOK, HookPullResponse{TxID: resp.TxID, Owner: resp.Owner, Warm: resp.Warm, Took: took.Round(time.Millisecond).String()})
+}
+
+func (d *Daemon) handleHookPrepare(w http.ResponseWriter, r *http.Request) {
+	req, ok := decodeHook(w, r)
+	if !ok {
+		return
+	}
+	ctx := r.Context()
+	log := d.log.WithFields(logrus.Fields{"vm": req.UUID, "name": req.Name})
+	if tx, _, err := d.keys.Pending(ctx, req.UUID); err == nil {
+		writeJSON(w, http.StatusOK, map[string]string{"status": "incoming migration", "tx": tx})
+		return
+	}
+	k, gen, err := d.keys.Get(ctx, req.UUID)
+	if errors.Is(err, vtpm.ErrKeyNotFound) {
+		err = fmt.Errorf("%w: VM %s (%s): %s holds no key for its vTPM; start it on the host that owns it "+
+			"('vtpmctl vm show %s' there) or move it here with 'vtpmctl migrate'", migrate.ErrNotOwner, req.Name, req.UUID, d.cfg.HostID, req.Name)
+		log.WithError(err).Warn("hook: start refused")
+		writeError(w, http.StatusForbidden, err)
+		return
+	}
+	if err != nil {
+		writeError(w, http.StatusInternalServerError, err)
+		return
+	}
+	pass := k.Passphrase()
+	k.Destroy()
+	err = d.hyp.DefineSecret(ctx, req.UUID, pass)
+	clear(pass)
+	if err != nil {
+		writeError(w, http.StatusInternalServerError, fmt.Errorf("define the vTPM secret of %s: %w", req.UUID, err))
+		return
+	}
+	log.WithField("generation", gen).Info("hook: vTPM secret defined for a start")
+	writeJSON(w, http.StatusOK, map[string]any{"status": "secret defined", "generation": gen})
 }
 
 func (d *Daemon) handleHookReleased(w http.ResponseWriter, r *http.Request) {
