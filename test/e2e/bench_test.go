@@ -15,7 +15,7 @@ import (
 
 	"github.com/vtpmm/vtpmm/hypervisor"
 	"github.com/vtpmm/vtpmm/hypervisor/libvirt"
-	"github.com/vtpmm/vtpmm/test/e2e"
+	"github.com/vtpmm/vtpmm/test/lab"
 )
 
 // metricsPort is where each bench host's vtpmd serves Prometheus metrics
@@ -62,7 +62,7 @@ func TestE2EBench(t *testing.T) {
 	if os.Getenv("VTPMM_E2E_BENCH") != "1" {
 		t.Skip("set VTPMM_E2E_BENCH=1 (make e2e-bench)")
 	}
-	if !e2e.KVM() {
+	if !lab.KVM() {
 		t.Skip("the benchmark needs /dev/kvm (a TCG firmware VM is too noisy)")
 	}
 	runs := 7
@@ -79,18 +79,18 @@ func TestE2EBench(t *testing.T) {
 	ctx, cancel := context.WithTimeout(context.Background(), 4*time.Minute+time.Duration(runs)*time.Minute)
 	defer cancel()
 
-	f := newVFleet(ctx, t, hostSpec{"host-a", "10.251.0.1", goodLog}, hostSpec{"host-b", "10.251.0.2", goodLog})
-	a, b := f.hosts["host-a"], f.hosts["host-b"]
-	for _, h := range []*vhost{a, b} {
-		if err := appendConfig(h.d.ConfigPath, fmt.Sprintf("metrics_listen: %s:%d\n", h.IP, metricsPort)); err != nil {
+	f := newVFleet(ctx, t, hostA, hostB)
+	a, b := f.Hosts["host-a"], f.Hosts["host-b"]
+	for _, h := range []*lab.FleetHost{a, b} {
+		if err := appendConfig(h.Vtpmd.ConfigPath, fmt.Sprintf("metrics_listen: %s:%d\n", h.IP, metricsPort)); err != nil {
 			t.Fatal(err)
 		}
 	}
 	spec := libvirt.VMSpec{MemoryMiB: 128, TPMVersion: "2.0"}
-	vmv := f.createVM(ctx, a, "vm-vtpmm", spec)
+	vmv := f.CreateVM(ctx, a, "vm-vtpmm", spec)
 	vmp := createPlainVM(ctx, t, spec, "vm-plain", a, b)
-	f.start(ctx)
-	if owner, report, err := f.owner(ctx, vmv); err != nil || owner != a.Name {
+	f.Start(ctx)
+	if owner, report, err := f.Owner(ctx, vmv); err != nil || owner != a.Name {
 		t.Fatalf("before the first run: owner %q, %v\n%s", owner, err, report)
 	}
 
@@ -99,7 +99,7 @@ func TestE2EBench(t *testing.T) {
 	// connection (about 1 s) and, for vtpmctl, the cold attestation of
 	// each destination (evidence is then reused for evidence_max_age).
 	var cold []benchSample
-	for _, hop := range [][2]*vhost{{a, b}, {b, a}} {
+	for _, hop := range [][2]*lab.FleetHost{{a, b}, {b, a}} {
 		for _, m := range []string{"virsh", "vtpmctl"} {
 			time.Sleep(time.Second)
 			s := benchRun(ctx, t, f, m, vmv, vmp, hop[0], hop[1])
@@ -135,7 +135,7 @@ func TestE2EBench(t *testing.T) {
 }
 
 // benchRun moves vtpmm's VM with vtpmctl or the plain VM with virsh.
-func benchRun(ctx context.Context, t *testing.T, f *vfleet, method string, vmv, vmp *guestVM, src, dst *vhost) benchSample {
+func benchRun(ctx context.Context, t *testing.T, f *lab.Fleet, method string, vmv, vmp *lab.VM, src, dst *lab.FleetHost) benchSample {
 	t.Helper()
 	if method == "vtpmctl" {
 		return benchVtpmctl(ctx, t, f, vmv, src, dst)
@@ -159,21 +159,21 @@ func appendConfig(path, lines string) error {
 // createPlainVM defines and starts a VM on the first host that vtpmd does
 // not know, with the same ephemeral private secret defined on every host
 // given (libvirt runs swtpm_setup at the first start).
-func createPlainVM(ctx context.Context, t *testing.T, spec libvirt.VMSpec, name string, on *vhost, others ...*vhost) *guestVM {
+func createPlainVM(ctx context.Context, t *testing.T, spec libvirt.VMSpec, name string, on *lab.FleetHost, others ...*lab.FleetHost) *lab.VM {
 	t.Helper()
-	vm := &guestVM{name: name, uuid: newUUID()}
+	vm := &lab.VM{Name: name, UUID: lab.NewUUID()}
 	pass := passphrase()
-	for _, h := range append([]*vhost{on}, others...) {
-		if err := h.Hyp.DefineSecret(ctx, vm.uuid, pass); err != nil {
+	for _, h := range append([]*lab.FleetHost{on}, others...) {
+		if err := h.Hyp.DefineSecret(ctx, vm.UUID, pass); err != nil {
 			t.Fatal(err)
 		}
 	}
-	spec.Name, spec.UUID, spec.SecretUUID, spec.Start = name, vm.uuid, libvirt.SecretUUID(vm.uuid), true
+	spec.Name, spec.UUID, spec.SecretUUID, spec.Start = name, vm.UUID, libvirt.SecretUUID(vm.UUID), true
 	t0 := time.Now()
 	if err := on.Hyp.DefineVM(ctx, spec); err != nil {
 		t.Fatal(err)
 	}
-	t.Logf("VM %s (%s) on %s: secret predefined on %d hosts, libvirt define+start %v", name, vm.uuid, on.Name,
+	t.Logf("VM %s (%s) on %s: secret predefined on %d hosts, libvirt define+start %v", name, vm.UUID, on.Name,
 		1+len(others), time.Since(t0).Round(time.Millisecond))
 	return vm
 }
@@ -181,23 +181,23 @@ func createPlainVM(ctx context.Context, t *testing.T, spec libvirt.VMSpec, name 
 // benchVtpmctl moves vm with 'vtpmctl migrate' on src's vtpmd, reading
 // both daemons' host TPM command counters around it; then checks that dst
 // alone owns and runs it.
-func benchVtpmctl(ctx context.Context, t *testing.T, f *vfleet, vm *guestVM, src, dst *vhost) benchSample {
+func benchVtpmctl(ctx context.Context, t *testing.T, f *lab.Fleet, vm *lab.VM, src, dst *lab.FleetHost) benchSample {
 	t.Helper()
 	s := benchSample{method: "vtpmctl", dir: src.Name + "->" + dst.Name}
 	srcBefore, dstBefore := tpmCommands(ctx, t, src), tpmCommands(ctx, t, dst)
 	rctx, cancel := context.WithTimeout(ctx, 2*time.Minute)
 	defer cancel()
 	t0 := time.Now()
-	r, err := src.d.Ctl(rctx, "migrate", vm.name, "--to", dst.Name)
+	r, err := src.Vtpmd.Ctl(rctx, "migrate", vm.Name, "--to", dst.Name)
 	s.wall = time.Since(t0)
 	if err != nil || r.Code != 0 {
-		t.Fatalf("vtpmctl migrate %s --to %s: %v %s", vm.name, dst.Name, err, r)
+		t.Fatalf("vtpmctl migrate %s --to %s: %v %s", vm.Name, dst.Name, err, r)
 	}
 	s.byName = map[string]int{}
 	s.srcTPM = diffCommands(s.byName, "src:", srcBefore, tpmCommands(ctx, t, src))
 	s.dstTPM = diffCommands(s.byName, "dst:", dstBefore, tpmCommands(ctx, t, dst))
 	s.job, s.downtime = jobStats(ctx, t, dst, vm)
-	if owner, report, err := f.owner(ctx, vm); err != nil || owner != dst.Name {
+	if owner, report, err := f.Owner(ctx, vm); err != nil || owner != dst.Name {
 		t.Fatalf("after vtpmctl migrate %s: owner %q, %v\n%s", s.dir, owner, err, report)
 	}
 	return s
@@ -206,17 +206,17 @@ func benchVtpmctl(ctx context.Context, t *testing.T, f *vfleet, vm *guestVM, src
 // benchVirsh moves vm with the real virsh run in src's namespaces; the
 // destination already has the secret. It checks that the VM runs on dst
 // only.
-func benchVirsh(ctx context.Context, t *testing.T, vm *guestVM, src, dst *vhost) benchSample {
+func benchVirsh(ctx context.Context, t *testing.T, vm *lab.VM, src, dst *lab.FleetHost) benchSample {
 	t.Helper()
 	s := benchSample{method: "virsh", dir: src.Name + "->" + dst.Name}
 	srcBefore, dstBefore := tpmCommands(ctx, t, src), tpmCommands(ctx, t, dst)
-	if has, err := dst.Hyp.HasSecret(ctx, vm.uuid); err != nil || !has {
-		t.Fatalf("%s: predefined secret of %s missing: %v", dst.Name, vm.name, err)
+	if has, err := dst.Hyp.HasSecret(ctx, vm.UUID); err != nil || !has {
+		t.Fatalf("%s: predefined secret of %s missing: %v", dst.Name, vm.Name, err)
 	}
 	rctx, cancel := context.WithTimeout(ctx, 2*time.Minute)
 	defer cancel()
 	cmd, err := src.NsCommand(rctx, "virsh", "-c", "qemu:///system", "migrate", "--live", "--p2p",
-		"--persistent", "--undefinesource", vm.name, "qemu+tcp://"+dst.IP+"/system")
+		"--persistent", "--undefinesource", vm.Name, "qemu+tcp://"+dst.IP+"/system")
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -225,26 +225,26 @@ func benchVirsh(ctx context.Context, t *testing.T, vm *guestVM, src, dst *vhost)
 	out, err := cmd.CombinedOutput()
 	s.wall = time.Since(t0)
 	if err != nil {
-		t.Fatalf("virsh migrate %s %s: %v\n%s", vm.name, s.dir, err, out)
+		t.Fatalf("virsh migrate %s %s: %v\n%s", vm.Name, s.dir, err, out)
 	}
 	// vtpmd takes no part: a count here is background work of the daemons.
 	s.byName = map[string]int{}
 	s.srcTPM = diffCommands(s.byName, "src:", srcBefore, tpmCommands(ctx, t, src))
 	s.dstTPM = diffCommands(s.byName, "dst:", dstBefore, tpmCommands(ctx, t, dst))
 	s.job, s.downtime = jobStats(ctx, t, dst, vm)
-	for h, want := range map[*vhost]hypervisor.State{src: hypervisor.StateAbsent, dst: hypervisor.StateRunning} {
-		d, err := h.Hyp.Domain(ctx, vm.uuid)
+	for h, want := range map[*lab.FleetHost]hypervisor.State{src: hypervisor.StateAbsent, dst: hypervisor.StateRunning} {
+		d, err := h.Hyp.Domain(ctx, vm.UUID)
 		if err != nil || d.State != want {
-			t.Fatalf("after virsh migrate %s: %s on %s is %q (%v), want %q", s.dir, vm.name, h.Name, d.State, err, want)
+			t.Fatalf("after virsh migrate %s: %s on %s is %q (%v), want %q", s.dir, vm.Name, h.Name, d.State, err, want)
 		}
 	}
 	return s
 }
 
-func jobStats(ctx context.Context, t *testing.T, dst *vhost, vm *guestVM) (job, downtime time.Duration) {
-	js, err := dst.Hyp.CompletedJobStats(ctx, vm.uuid)
+func jobStats(ctx context.Context, t *testing.T, dst *lab.FleetHost, vm *lab.VM) (job, downtime time.Duration) {
+	js, err := dst.Hyp.CompletedJobStats(ctx, vm.UUID)
 	if err != nil {
-		t.Logf("%s: completed job stats of %s: %v", dst.Name, vm.name, err)
+		t.Logf("%s: completed job stats of %s: %v", dst.Name, vm.Name, err)
 		return -1, -1
 	}
 	return js.Elapsed, js.Downtime
@@ -252,7 +252,7 @@ func jobStats(ctx context.Context, t *testing.T, dst *vhost, vm *guestVM) (job, 
 
 // tpmCommands scrapes h's vtpmd metrics (curl inside the host's network
 // namespace) and returns vtpmm_tpm_commands_total by command name.
-func tpmCommands(ctx context.Context, t *testing.T, h *vhost) map[string]int {
+func tpmCommands(ctx context.Context, t *testing.T, h *lab.FleetHost) map[string]int {
 	t.Helper()
 	rctx, cancel := context.WithTimeout(ctx, 10*time.Second)
 	defer cancel()
@@ -283,7 +283,7 @@ func tpmCommands(ctx context.Context, t *testing.T, h *vhost) map[string]int {
 		found = true
 	}
 	if !found {
-		t.Fatalf("%s: no vtpmm_tpm_commands_total in the metrics:\n%s", h.Name, tail(string(out), 2000))
+		t.Fatalf("%s: no vtpmm_tpm_commands_total in the metrics:\n%s", h.Name, lab.Tail(string(out), 2000))
 	}
 	return counts
 }

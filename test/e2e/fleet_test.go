@@ -4,9 +4,7 @@ package e2e_test
 
 import (
 	"context"
-	"crypto/rand"
 	"errors"
-	"fmt"
 	"os"
 	"path/filepath"
 	"testing"
@@ -18,15 +16,10 @@ import (
 	"github.com/vtpmm/vtpmm/hypervisor"
 	"github.com/vtpmm/vtpmm/hypervisor/libvirt"
 	"github.com/vtpmm/vtpmm/migrate"
-	"github.com/vtpmm/vtpmm/test/e2e"
+	"github.com/vtpmm/vtpmm/test/lab"
 	"github.com/vtpmm/vtpmm/vtpm"
 	"github.com/vtpmm/vtpmm/vtpm/identity"
 	"github.com/vtpmm/vtpmm/vtpm/tpmtest"
-)
-
-const (
-	goodLog = "../../vtpm/emuhost/testdata/gce-cos-85.eventlog.bin"
-	badLog  = "../../attest/testdata/realworld/eventlogs/ubuntu-2104-no-secure-boot.bin"
 )
 
 var quoted = []int{0, 1, 2, 3, 4, 5, 6, 7, 8, 9}
@@ -36,7 +29,7 @@ var quoted = []int{0, 1, 2, 3, 4, 5, 6, 7, 8, 9}
 // built from the good boot log.
 type fleet struct {
 	t      *testing.T
-	net    *e2e.Network
+	net    *lab.Network
 	roots  *attest.RootStore
 	enr    *attest.MemoryEnrollments
 	policy *attest.Policy
@@ -46,7 +39,7 @@ type fleet struct {
 // agent is vtpmd's migration side on one host, built like
 // migrate/harness_test.go does.
 type agent struct {
-	host   *e2e.Host
+	host   *lab.Host
 	meter  *vtpm.Meter
 	keys   *vtpm.KeyStore
 	ident  *identity.Identity
@@ -67,7 +60,7 @@ func (w tWriter) Write(p []byte) (int, error) { w.t.Log(string(p)); return len(p
 
 func newFleet(ctx context.Context, t *testing.T) *fleet {
 	t.Helper()
-	n := e2e.NewNetwork(ctx, t)
+	n := newNetwork(ctx, t)
 	l, err := attest.ParseEventLog(readFile(t, goodLog))
 	if err != nil {
 		t.Fatal(err)
@@ -90,10 +83,10 @@ func readFile(t testing.TB, p string) []byte {
 }
 
 // host starts an e2e host (no agent).
-func (f *fleet) host(ctx context.Context, name, ip, bootLog string) *e2e.Host {
+func (f *fleet) host(ctx context.Context, name, ip, bootLog string) *lab.Host {
 	f.t.Helper()
 	t0 := time.Now()
-	h := e2e.NewHost(ctx, f.t, e2e.HostConfig{Network: f.net, Name: name, IP: ip, BootLog: bootLog, Log: logger(f.t)})
+	h := lab.NewHost(ctx, f.t, lab.HostConfig{Network: f.net, Name: name, IP: ip, BootLog: bootLog, Log: logger(f.t)})
 	f.t.Logf("host %s up in %v (libvirtd + host TPM)", name, time.Since(t0).Round(time.Millisecond))
 	return h
 }
@@ -156,9 +149,9 @@ func (f *fleet) addAgent(ctx context.Context, name, ip, bootLog string) *agent {
 // createVM makes a VM as vtpmd would: a VM key in the key store, its
 // passphrase as the ephemeral private libvirt secret, and a firmware-only
 // 128 MiB domain whose encrypted vTPM libvirt creates at the first start.
-func createVM(ctx context.Context, t *testing.T, keys *vtpm.KeyStore, h *e2e.Host, name string) string {
+func createVM(ctx context.Context, t *testing.T, keys *vtpm.KeyStore, h *lab.Host, name string) string {
 	t.Helper()
-	id := newUUID()
+	id := lab.NewUUID()
 	k, _, err := keys.Create(ctx, id)
 	if err != nil {
 		t.Fatal(err)
@@ -168,28 +161,20 @@ func createVM(ctx context.Context, t *testing.T, keys *vtpm.KeyStore, h *e2e.Hos
 	return id
 }
 
-func startVM(ctx context.Context, t *testing.T, h *e2e.Host, id, name string, pass []byte) {
+func startVM(ctx context.Context, t *testing.T, h *lab.Host, id, name string, pass []byte) {
 	t.Helper()
 	if err := h.Hyp.DefineSecret(ctx, id, pass); err != nil {
 		t.Fatal(err)
 	}
 	t0 := time.Now()
-	if err := h.Hyp.DefineVM(ctx, libvirt.VMSpec{Name: name, UUID: id, TCG: !e2e.KVM(), Start: true}); err != nil {
+	if err := h.Hyp.DefineVM(ctx, libvirt.VMSpec{Name: name, UUID: id, TCG: !lab.KVM(), Start: true}); err != nil {
 		t.Fatal(err)
 	}
-	t.Logf("VM %s defined and started on %s in %v (kvm=%v)", name, h.Name, time.Since(t0).Round(time.Millisecond), e2e.KVM())
-}
-
-func newUUID() string {
-	b := make([]byte, 16)
-	_, _ = rand.Read(b)
-	b[6] = b[6]&0x0f | 0x40
-	b[8] = b[8]&0x3f | 0x80
-	return fmt.Sprintf("%x-%x-%x-%x-%x", b[0:4], b[4:6], b[6:8], b[8:10], b[10:16])
+	t.Logf("VM %s defined and started on %s in %v (kvm=%v)", name, h.Name, time.Since(t0).Round(time.Millisecond), lab.KVM())
 }
 
 // wantState checks the VM's state on each host.
-func wantState(ctx context.Context, t *testing.T, vm string, want map[*e2e.Host]hypervisor.State) {
+func wantState(ctx context.Context, t *testing.T, vm string, want map[*lab.Host]hypervisor.State) {
 	t.Helper()
 	for h, st := range want {
 		d, err := h.Hyp.Domain(ctx, vm)

@@ -12,7 +12,7 @@ import (
 
 	"github.com/vtpmm/vtpmm/hypervisor"
 	"github.com/vtpmm/vtpmm/hypervisor/libvirt"
-	"github.com/vtpmm/vtpmm/test/e2e"
+	"github.com/vtpmm/vtpmm/test/lab"
 )
 
 func passphrase() []byte {
@@ -32,9 +32,9 @@ func TestLibvirtSecretRules(t *testing.T) {
 	f := newFleet(ctx, t)
 	a := f.host(ctx, "host-a", "10.251.0.1", goodLog)
 	b := f.host(ctx, "host-b", "10.251.0.2", goodLog)
-	vm, pass := newUUID(), passphrase()
+	vm, pass := lab.NewUUID(), passphrase()
 	startVM(ctx, t, a, vm, "plainvm", pass)
-	onA := map[*e2e.Host]hypervisor.State{a: hypervisor.StateRunning, b: hypervisor.StateAbsent}
+	onA := map[*lab.Host]hypervisor.State{a: hypervisor.StateRunning, b: hypervisor.StateAbsent}
 
 	for _, tc := range []struct {
 		name string
@@ -68,7 +68,7 @@ func TestLibvirtSecretRules(t *testing.T) {
 		t.Fatal(err)
 	}
 	t.Logf("plain live migration A->B with the right secret: %v", time.Since(t0).Round(time.Millisecond))
-	wantState(ctx, t, vm, map[*e2e.Host]hypervisor.State{a: hypervisor.StateAbsent, b: hypervisor.StateRunning})
+	wantState(ctx, t, vm, map[*lab.Host]hypervisor.State{a: hypervisor.StateAbsent, b: hypervisor.StateRunning})
 	if js, err := b.Hyp.CompletedJobStats(ctx, vm); err == nil {
 		t.Logf("libvirt job on B: elapsed %v, downtime %v, %d bytes", js.Elapsed, js.Downtime, js.DataProcessed)
 	}

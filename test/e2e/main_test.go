@@ -8,15 +8,28 @@ import (
 	"os"
 	"sync"
 	"testing"
+	"time"
 
-	"github.com/vtpmm/vtpmm/test/e2e"
+	"github.com/vtpmm/vtpmm/test/guest"
+	"github.com/vtpmm/vtpmm/test/lab"
+)
+
+const (
+	goodLog = "../../vtpm/emuhost/testdata/gce-cos-85.eventlog.bin"
+	badLog  = "../../attest/testdata/realworld/eventlogs/ubuntu-2104-no-secure-boot.bin"
+)
+
+// The two trusted hosts most tests use.
+var (
+	hostA = lab.HostSpec{Name: "host-a", IP: "10.251.0.1", BootLog: goodLog}
+	hostB = lab.HostSpec{Name: "host-b", IP: "10.251.0.2", BootLog: goodLog}
 )
 
 // The real vtpmd and vtpmctl are built once per test binary, into toolsDir.
 var (
 	toolsDir  string
 	toolsOnce sync.Once
-	tools     e2e.Tools
+	tools     lab.Tools
 	toolsErr  error
 )
 
@@ -29,16 +42,56 @@ func TestMain(m *testing.M) {
 }
 
 // sharedTools builds vtpmd and vtpmctl (once per test binary).
-func sharedTools(ctx context.Context, t *testing.T) e2e.Tools {
+func sharedTools(ctx context.Context, t *testing.T) lab.Tools {
 	t.Helper()
 	toolsOnce.Do(func() {
 		if toolsDir, toolsErr = os.MkdirTemp("/tmp", "vtpmm-e2e-bin-"); toolsErr != nil {
 			return
 		}
-		tools, toolsErr = e2e.BuildTools(ctx, toolsDir)
+		tools, toolsErr = lab.BuildTools(ctx, toolsDir)
 	})
 	if toolsErr != nil {
 		t.Fatal(fmt.Errorf("vtpmd/vtpmctl: %w", toolsErr))
 	}
 	return tools
+}
+
+// newNetwork is lab.NewNetwork, skipping the test when a prerequisite of
+// the lab is missing.
+func newNetwork(ctx context.Context, t *testing.T) *lab.Network {
+	t.Helper()
+	if err := lab.Require(); err != nil {
+		t.Skip(err)
+	}
+	return lab.NewNetwork(ctx, t, lab.NetworkConfig{Prefix: "ve2e"})
+}
+
+// newVFleet brings up a lab.Fleet of the given hosts, each with its real
+// vtpmd initialised but not running (Fleet.Start); the policy is built
+// from goodLog.
+func newVFleet(ctx context.Context, t *testing.T, specs ...lab.HostSpec) *lab.Fleet {
+	t.Helper()
+	if err := lab.Require(); err != nil {
+		t.Skip(err)
+	}
+	f := lab.NewFleet(ctx, t, lab.FleetConfig{Network: lab.NetworkConfig{Prefix: "ve2e"}, Tools: sharedTools(ctx, t),
+		GoodLog: goodLog, Hosts: specs, Log: logger(t)})
+	f.AddHosts(ctx)
+	return f
+}
+
+// guestImage builds the Linux guest (cached in guest.DefaultDir()).
+func guestImage(ctx context.Context, t *testing.T) *guest.Image {
+	t.Helper()
+	root, err := lab.ModuleRoot()
+	if err != nil {
+		t.Fatal(err)
+	}
+	t0 := time.Now()
+	img, err := guest.Build(ctx, guest.Config{Dir: guest.DefaultDir(), ModuleDir: root})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Logf("guest image ready in %v", time.Since(t0).Round(time.Millisecond))
+	return img
 }

@@ -9,7 +9,7 @@ import (
 
 	"github.com/vtpmm/vtpmm/hypervisor"
 	"github.com/vtpmm/vtpmm/migrate"
-	"github.com/vtpmm/vtpmm/test/e2e"
+	"github.com/vtpmm/vtpmm/test/lab"
 )
 
 // TestNodeMigrateABA moves a firmware-only VM with an encrypted vTPM
@@ -42,7 +42,7 @@ func TestNodeMigrateABA(t *testing.T) {
 		if js, err := hop.dst.host.Hyp.CompletedJobStats(ctx, vm); err == nil {
 			t.Logf("  libvirt job: elapsed %v, downtime %v", js.Elapsed, js.Downtime)
 		}
-		wantState(ctx, t, vm, map[*e2e.Host]hypervisor.State{hop.src.host: hypervisor.StateAbsent, hop.dst.host: hypervisor.StateRunning})
+		wantState(ctx, t, vm, map[*lab.Host]hypervisor.State{hop.src.host: hypervisor.StateAbsent, hop.dst.host: hypervisor.StateRunning})
 		_, g, err := hop.dst.keys.Get(ctx, vm)
 		if err != nil {
 			t.Fatalf("hop %d: destination key: %v", i+1, err)
@@ -76,7 +76,7 @@ func TestNodeRefusesUntrustedBoot(t *testing.T) {
 	if err == nil {
 		t.Fatal("migration to a host with an untrusted boot succeeded")
 	}
-	wantState(ctx, t, vm, map[*e2e.Host]hypervisor.State{a.host: hypervisor.StateRunning, c.host: hypervisor.StateAbsent})
+	wantState(ctx, t, vm, map[*lab.Host]hypervisor.State{a.host: hypervisor.StateRunning, c.host: hypervisor.StateAbsent})
 	if has, err := c.host.Hyp.HasSecret(ctx, vm); err != nil || has {
 		t.Errorf("secret on the refused host: has=%v err=%v", has, err)
 	}

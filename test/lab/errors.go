@@ -1,11 +1,11 @@
-package e2e
+package lab
 
 import "errors"
 
 // Errors of the harness.
 var (
 	// ErrMissing means a prerequisite (root, a binary, a user) is missing.
-	ErrMissing = errors.New("e2e prerequisite missing")
+	ErrMissing = errors.New("lab prerequisite missing")
 	// ErrDaemon means a host's libvirtd did not come up.
-	ErrDaemon = errors.New("e2e libvirtd did not come up")
+	ErrDaemon = errors.New("lab libvirtd did not come up")
 )

@@ -1,4 +1,4 @@
-package e2e
+package lab
 
 import (
 	"bytes"
@@ -12,12 +12,11 @@ import (
 	"strconv"
 	"strings"
 	"syscall"
-	"testing"
 	"time"
 )
 
 // ErrVtpmd means a host's vtpmd did not come up or did not stop.
-var ErrVtpmd = errors.New("e2e vtpmd failed")
+var ErrVtpmd = errors.New("lab vtpmd failed")
 
 // WirePort is the port every host's vtpmd serves the agent wire on.
 const WirePort = 7450
@@ -155,7 +154,7 @@ func (v *Vtpmd) NextRecoveryTick(t time.Time) time.Time {
 // NewVtpmd writes the host's vtpmd configuration and runs 'vtpmd init'
 // (vault sealed to the host TPM's current PCRs, AK and migration key).
 // It does not start the daemon (Start); it is stopped when the test ends.
-func NewVtpmd(ctx context.Context, t testing.TB, h *Host, cfg VtpmdConfig) *Vtpmd {
+func NewVtpmd(ctx context.Context, t T, h *Host, cfg VtpmdConfig) *Vtpmd {
 	t.Helper()
 	dir := filepath.Join(h.Dir, "vtpmd")
 	v := &Vtpmd{Host: h, Tools: cfg.Tools, ConfigPath: filepath.Join(dir, "vtpmd.yaml"),
@@ -204,10 +203,10 @@ event_log: %s
 	}
 	t.Cleanup(func() {
 		if err := v.Stop(); err != nil {
-			t.Errorf("e2e cleanup: %v", err)
+			t.Errorf("lab cleanup: %v", err)
 		}
 		if t.Failed() {
-			t.Logf("e2e: %s vtpmd log tail:\n%s", h.Name, v.LogTail(4000))
+			t.Logf("lab: %s vtpmd log tail:\n%s", h.Name, v.LogTail(4000))
 		}
 	})
 	r, err := v.Run(ctx, "init")
@@ -271,7 +270,7 @@ func (v *Vtpmd) Start(ctx context.Context) error {
 	}
 	defer logf.Close()
 	v.Starts++
-	fmt.Fprintf(logf, "=== e2e: start %d at %s\n", v.Starts, time.Now().Format(time.RFC3339Nano))
+	fmt.Fprintf(logf, "=== lab: start %d at %s\n", v.Starts, time.Now().Format(time.RFC3339Nano))
 	// Not bound to ctx: the daemon lives until Stop or Kill.
 	cmd, err := v.Host.NsCommand(context.Background(), v.Tools.Vtpmd, "--config", v.ConfigPath, "run")
 	if err != nil {

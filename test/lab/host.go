@@ -1,15 +1,13 @@
-package e2e
+package lab
 
 import (
 	"context"
-	"errors"
 	"fmt"
 	"os"
 	"os/exec"
 	"path/filepath"
 	"strings"
 	"syscall"
-	"testing"
 	"time"
 
 	"github.com/sirupsen/logrus"
@@ -65,11 +63,11 @@ func (h *Host) Path(p string) string { return filepath.Join(h.Dir, p) }
 // libvirt.Hypervisor connected through URI whose pre-checks reach other
 // hosts of the same network through their unix sockets. Everything is
 // stopped and removed when the test ends, also when it fails.
-func NewHost(ctx context.Context, t testing.TB, cfg HostConfig) *Host {
+func NewHost(ctx context.Context, t T, cfg HostConfig) *Host {
 	t.Helper()
 	n := cfg.Network
 	if n == nil || cfg.Name == "" || cfg.IP == "" {
-		t.Fatal("e2e.NewHost: Network, Name and IP are required")
+		t.Fatal("lab.NewHost: Network, Name and IP are required")
 	}
 	if cfg.HostUUID == "" {
 		cfg.HostUUID = hostUUID(cfg.IP)
@@ -243,12 +241,12 @@ func (h *Host) logTail() string {
 // (SIGKILL after its grace time); if it does not exit, its process group
 // and any QEMU left (pid files) are killed. The mounts live in the
 // subreaper's private mount namespace and vanish with it.
-func (h *Host) stop(t testing.TB) {
+func (h *Host) stop(t T) {
 	if h.cmd == nil || h.cmd.Process == nil {
 		return
 	}
 	if t.Failed() {
-		t.Logf("e2e: %s logs:\n%s", h.Name, h.logTail())
+		t.Logf("lab: %s logs:\n%s", h.Name, h.logTail())
 	}
 	_ = h.cmd.Process.Signal(syscall.SIGTERM)
 	select {
@@ -256,7 +254,7 @@ func (h *Host) stop(t testing.TB) {
 		return
 	case <-time.After(10 * time.Second):
 	}
-	t.Errorf("e2e cleanup: subreaper of %s did not exit; killing", h.Name)
+	t.Errorf("lab cleanup: subreaper of %s did not exit; killing", h.Name)
 	_ = syscall.Kill(-h.cmd.Process.Pid, syscall.SIGKILL)
 	pids, _ := filepath.Glob(h.Path("/run/libvirt/qemu/*.pid"))
 	for _, p := range pids {
@@ -270,6 +268,6 @@ func (h *Host) stop(t testing.TB) {
 	select {
 	case <-h.done:
 	case <-time.After(5 * time.Second):
-		t.Error(errors.New("e2e cleanup: subreaper still running"))
+		t.Errorf("lab cleanup: subreaper of %s still running", h.Name)
 	}
 }

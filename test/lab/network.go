@@ -1,4 +1,4 @@
-package e2e
+package lab
 
 import (
 	"context"
@@ -10,7 +10,6 @@ import (
 	"os/user"
 	"path/filepath"
 	"strings"
-	"testing"
 	"time"
 )
 
@@ -32,12 +31,14 @@ type Network struct {
 	hosts int
 }
 
-// Require reports the first missing prerequisite of the e2e tests.
+// Require reports the first missing prerequisite of the lab: root,
+// iproute2, util-linux's unshare and nsenter, libvirtd, QEMU, swtpm and
+// the libvirt-qemu user.
 func Require() error {
 	if os.Geteuid() != 0 {
 		return fmt.Errorf("%w: must run as root", ErrMissing)
 	}
-	for _, b := range []string{"ip", "unshare", "libvirtd", "qemu-system-x86_64", "swtpm", "swtpm_setup", "go"} {
+	for _, b := range []string{"ip", "unshare", "nsenter", "libvirtd", "qemu-system-x86_64", "swtpm", "swtpm_setup"} {
 		if _, err := exec.LookPath(b); err != nil {
 			return fmt.Errorf("%w: %s: %v", ErrMissing, b, err)
 		}
@@ -58,32 +59,51 @@ func KVM() bool {
 	return true
 }
 
-// NewNetwork creates the hub namespace and builds the subreaper. It skips
-// the test when a prerequisite is missing. Everything is removed when the
-// test ends.
-func NewNetwork(ctx context.Context, t testing.TB) *Network {
+// NetworkConfig configures NewNetwork; the zero value is fine.
+type NetworkConfig struct {
+	// Prefix starts the namespaces' and the directory's names (default
+	// "vlab"); a random suffix makes them unique.
+	Prefix string
+	// Subreaper is a prebuilt cmd/subreaper; empty builds it with go build
+	// in the module (ModuleRoot).
+	Subreaper string
+	// Keep keeps the directory after a run that did not fail (one that
+	// failed always keeps it, for inspection).
+	Keep bool
+}
+
+// NewNetwork creates the hub namespace (and builds the subreaper). It
+// fails with ErrMissing when a prerequisite is missing (callers that
+// rather skip check Require first). Everything is removed when the test
+// ends: the namespaces always, the directory unless the test failed.
+func NewNetwork(ctx context.Context, t T, cfg NetworkConfig) *Network {
 	t.Helper()
 	if err := Require(); err != nil {
-		t.Skip(err)
+		t.Fatal(err)
+	}
+	if cfg.Prefix == "" {
+		cfg.Prefix = "vlab"
 	}
 	b := make([]byte, 3)
 	_, _ = rand.Read(b)
-	id := "ve2e-" + hex.EncodeToString(b)
+	id := cfg.Prefix + "-" + hex.EncodeToString(b)
 	dir, err := os.MkdirTemp("/tmp", id+"-")
 	if err != nil {
 		t.Fatal(err)
 	}
-	n := &Network{ID: id, Dir: dir, hub: id + "-hub", Subreaper: filepath.Join(dir, "subreaper")}
+	n := &Network{ID: id, Dir: dir, hub: id + "-hub", Subreaper: cfg.Subreaper}
 	t.Cleanup(func() {
-		if t.Failed() {
-			t.Logf("e2e: keeping %s for inspection", dir)
+		if t.Failed() || cfg.Keep {
+			t.Logf("lab: keeping %s for inspection", dir)
 			return
 		}
 		_ = os.RemoveAll(dir)
 	})
-	build := exec.CommandContext(ctx, "go", "build", "-o", n.Subreaper, "github.com/vtpmm/vtpmm/test/e2e/cmd/subreaper")
-	if out, err := build.CombinedOutput(); err != nil {
-		t.Fatalf("build subreaper: %v\n%s", err, out)
+	if n.Subreaper == "" {
+		n.Subreaper = filepath.Join(dir, "subreaper")
+		if err := buildSubreaper(ctx, n.Subreaper); err != nil {
+			t.Fatal(err)
+		}
 	}
 	t.Cleanup(func() { n.delNetns(t, n.hub) })
 	if err := n.ip(ctx, "netns", "add", n.hub); err != nil {
@@ -112,7 +132,7 @@ func (n *Network) ip(ctx context.Context, args ...string) error {
 
 // attach creates a host's namespace with eth0 (ip/24) bridged to the hub
 // and lo up; it is deleted (with its veth) when the test ends.
-func (n *Network) attach(ctx context.Context, t testing.TB, ip string) string {
+func (n *Network) attach(ctx context.Context, t T, ip string) string {
 	t.Helper()
 	n.hosts++
 	ns := fmt.Sprintf("%s-%d", n.ID, n.hosts)
@@ -137,13 +157,30 @@ func (n *Network) attach(ctx context.Context, t testing.TB, ip string) string {
 }
 
 // delNetns deletes a namespace (its veth ends go with it).
-func (n *Network) delNetns(t testing.TB, ns string) {
+func (n *Network) delNetns(t T, ns string) {
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
 	if _, err := os.Stat(filepath.Join("/run/netns", ns)); err != nil {
 		return
 	}
 	if err := n.ip(ctx, "netns", "del", ns); err != nil {
-		t.Errorf("e2e cleanup: %v", err)
+		t.Errorf("lab cleanup: %v", err)
 	}
 }
+
+// buildSubreaper builds cmd/subreaper into out.
+func buildSubreaper(ctx context.Context, out string) error {
+	root, err := ModuleRoot()
+	if err != nil {
+		return err
+	}
+	build := exec.CommandContext(ctx, "go", "build", "-o", out, SubreaperPackage)
+	build.Dir = root
+	if b, err := build.CombinedOutput(); err != nil {
+		return fmt.Errorf("build subreaper: %v\n%s", err, b)
+	}
+	return nil
+}
+
+// SubreaperPackage is the import path of the subreaper command.
+const SubreaperPackage = "github.com/vtpmm/vtpmm/test/lab/cmd/subreaper"

@@ -1,0 +1,17 @@
+// Package lab runs emulated hypervisor hosts on real components, for the
+// end-to-end tests (test/e2e) and the demo (cmd/vtpmm-demo). Each host gets
+// a network namespace joined to the others through a bridge, private mount
+// and UTS namespaces with bind mounts over libvirt's directories, its own
+// libvirtd (under a child subreaper, see cmd/subreaper), QEMU and swtpm, its
+// own emulated host TPM booted from a real event log, and (Fleet) its own
+// real vtpmd, provisioned with the real vtpmctl and vtpmd CLIs.
+//
+// The package does not import "testing": it works through T, which
+// *testing.T satisfies; Run provides a T for programs, with the same
+// cleanup rules (everything is stopped and removed at the end, also after a
+// failure or a cancellation).
+//
+// It needs root, iproute2, libvirtd, QEMU, swtpm and the libvirt-qemu user
+// (Require); /dev/kvm is optional (VMs fall back to TCG). See
+// docs/libvirt.md.
+package lab

@@ -1,0 +1,323 @@
+package lab
+
+import (
+	"context"
+	"crypto/rand"
+	"fmt"
+	"io"
+	"os"
+	"path/filepath"
+	"strings"
+	"time"
+
+	"github.com/sirupsen/logrus"
+
+	"github.com/vtpmm/vtpmm/hypervisor/libvirt"
+	"github.com/vtpmm/vtpmm/internal/agent"
+	"github.com/vtpmm/vtpmm/test/guest"
+	"github.com/vtpmm/vtpmm/vtpm"
+)
+
+// QuotedPCRs is the PCR list of the fleet's policy (vtpmctl eventlog
+// golden --pcrs).
+const QuotedPCRs = "0,1,2,3,4,5,6,7,8,9"
+
+// HostSpec names a fleet host, its IP on the lab network and the event log
+// its host TPM boots with.
+type HostSpec struct{ Name, IP, BootLog string }
+
+// FleetConfig configures NewFleet.
+type FleetConfig struct {
+	Network NetworkConfig
+	Tools   Tools
+	// GoodLog is the known-good boot log the policy is built from.
+	GoodLog string
+	// Hosts are the fleet's hosts: each gets a TLS certificate for its IP
+	// and is every other host's peer. AddHost brings them up.
+	Hosts []HostSpec
+	// Log receives the libvirt Hypervisors' logs (default: discarded).
+	Log logrus.FieldLogger
+}
+
+// Fleet is a set of lab hosts, each running the real vtpmd binary in its
+// namespaces, provisioned with the real CLIs as an operator would:
+// vtpmctl pki init/issue, vtpmctl eventlog golden, vtpmd init, vtpmd run,
+// vtpmctl host enroll.
+type Fleet struct {
+	T     T
+	Net   *Network
+	Tools Tools
+	Hosts map[string]*FleetHost
+	// Order lists the hosts in the order AddHost brought them up.
+	Order []string
+	// PKIDir holds the agents' CA and certificates, Policy the policy
+	// file, RootsDir the trusted EK roots (every host TPM's CAs).
+	PKIDir, Policy, RootsDir string
+
+	cfg FleetConfig
+}
+
+// FleetHost is a lab host with its real vtpmd.
+type FleetHost struct {
+	*Host
+	Vtpmd *Vtpmd
+}
+
+// NewFleet creates the network and the operator's files: 'vtpmctl pki
+// init', 'vtpmctl pki issue HOST --ip IP' per host, and the policy from
+// 'vtpmctl eventlog golden GOODLOG'. It starts no host (AddHost).
+func NewFleet(ctx context.Context, t T, cfg FleetConfig) *Fleet {
+	t.Helper()
+	if cfg.Log == nil {
+		l := logrus.New()
+		l.SetOutput(io.Discard)
+		cfg.Log = l
+	}
+	n := NewNetwork(ctx, t, cfg.Network)
+	f := &Fleet{T: t, Net: n, Tools: cfg.Tools, Hosts: map[string]*FleetHost{}, cfg: cfg,
+		PKIDir: filepath.Join(n.Dir, "pki"), RootsDir: filepath.Join(n.Dir, "ek-roots"), Policy: filepath.Join(n.Dir, "policy.yaml")}
+	f.Ctl(ctx, "pki", "init", "--dir", f.PKIDir)
+	for _, s := range cfg.Hosts {
+		f.Ctl(ctx, "pki", "issue", s.Name, "--dir", f.PKIDir, "--ip", s.IP)
+	}
+	r := f.Ctl(ctx, "eventlog", "golden", cfg.GoodLog, "--pcrs", QuotedPCRs)
+	if err := os.WriteFile(f.Policy, []byte(r.Stdout), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.MkdirAll(f.RootsDir, 0o700); err != nil {
+		t.Fatal(err)
+	}
+	return f
+}
+
+// AddHosts brings up every host of the configuration (AddHost).
+func (f *Fleet) AddHosts(ctx context.Context) {
+	f.T.Helper()
+	for _, s := range f.cfg.Hosts {
+		f.AddHost(ctx, s.Name)
+	}
+}
+
+// AddHost brings up the configured host name: namespaces, libvirtd, host
+// TPM booted with its log (its CAs join the trusted EK roots), and its
+// vtpmd configured and initialised ('vtpmd init'), not yet running.
+func (f *Fleet) AddHost(ctx context.Context, name string) *FleetHost {
+	t := f.T
+	t.Helper()
+	var spec *HostSpec
+	peers := map[string]string{}
+	for i, s := range f.cfg.Hosts {
+		peers[s.Name] = s.IP
+		if s.Name == name {
+			spec = &f.cfg.Hosts[i]
+		}
+	}
+	if spec == nil {
+		t.Fatalf("lab: host %s is not in the fleet's configuration", name)
+	}
+	t0 := time.Now()
+	h := NewHost(ctx, t, HostConfig{Network: f.Net, Name: spec.Name, IP: spec.IP, BootLog: spec.BootLog, Log: f.cfg.Log})
+	for _, p := range []string{h.Emu.RootCAPath(), h.Emu.IntermediateCAPath()} {
+		b, err := os.ReadFile(p)
+		if err == nil {
+			err = os.WriteFile(filepath.Join(f.RootsDir, spec.Name+"-"+filepath.Base(p)), b, 0o600)
+		}
+		if err != nil {
+			t.Fatal(err)
+		}
+	}
+	d := NewVtpmd(ctx, t, h, VtpmdConfig{Tools: f.Tools, PKIDir: f.PKIDir, Policy: f.Policy,
+		RootsDir: f.RootsDir, Peers: peers, BootLog: spec.BootLog})
+	fh := &FleetHost{Host: h, Vtpmd: d}
+	f.Hosts[spec.Name] = fh
+	f.Order = append(f.Order, spec.Name)
+	t.Logf("host %s up with vtpmd initialised in %v", spec.Name, time.Since(t0).Round(time.Millisecond))
+	return fh
+}
+
+// Ctl runs vtpmctl and fails the test unless it exits 0.
+func (f *Fleet) Ctl(ctx context.Context, args ...string) Result {
+	f.T.Helper()
+	r, err := f.Tools.Ctl(ctx, args...)
+	if err != nil || r.Code != 0 {
+		f.T.Fatalf("vtpmctl %s: %v %s", strings.Join(args, " "), err, r)
+	}
+	return r
+}
+
+// Start runs every host's vtpmd (StartDaemons) and has every host enrol
+// every other one.
+func (f *Fleet) Start(ctx context.Context) {
+	f.T.Helper()
+	f.StartDaemons(ctx)
+	for _, name := range f.Order {
+		for _, other := range f.Order {
+			if other != name {
+				f.Enroll(ctx, f.Hosts[name], other)
+			}
+		}
+	}
+}
+
+// StartDaemons runs 'vtpmd run' on every host, in its namespaces.
+func (f *Fleet) StartDaemons(ctx context.Context) {
+	f.T.Helper()
+	for _, name := range f.Order {
+		t0 := time.Now()
+		if err := f.Hosts[name].Vtpmd.Start(ctx); err != nil {
+			f.T.Fatal(err)
+		}
+		f.T.Logf("vtpmd on %s serving after %v", name, time.Since(t0).Round(time.Millisecond))
+	}
+}
+
+// Enroll runs 'vtpmctl host enroll OTHER' on h's vtpmd and fails the test
+// unless it exits 0.
+func (f *Fleet) Enroll(ctx context.Context, h *FleetHost, other string) Result {
+	f.T.Helper()
+	r, err := h.Vtpmd.Ctl(ctx, "host", "enroll", other)
+	if err != nil || r.Code != 0 {
+		f.T.Fatalf("%s: vtpmctl host enroll %s: %v %s", h.Name, other, err, r)
+	}
+	return r
+}
+
+// VM is a VM created by vtpmd and run by libvirt.
+type VM struct {
+	Name, UUID string
+	// Serial is the console log path as libvirtd sees it (each host has
+	// its own file there); empty for a firmware-only VM.
+	Serial string
+	// Generation is the VM key's generation at creation.
+	Generation uint64
+}
+
+// CreateVM makes a VM on h before h's vtpmd runs (docs/libvirt.md,
+// "vtpmd e2e"):
+//   - 'vtpmd vm create NAME --uuid U' makes the VM key (generation 1) and an
+//     encrypted swtpm state with EK certificates in DATA/vms/U/tpm2;
+//   - that state is copied to libvirt's /var/lib/libvirt/swtpm/U/tpm2, so
+//     libvirt starts swtpm on it and does not run swtpm_setup;
+//   - the lab opens the host's vault (agent.Open; the host TPM is free
+//     because vtpmd is not running yet), takes the VM key's passphrase,
+//     defines it as the ephemeral private libvirt secret, and wipes it; no
+//     key is written anywhere;
+//   - the domain is defined and started (with a serial console log when
+//     spec boots a kernel).
+func (f *Fleet) CreateVM(ctx context.Context, h *FleetHost, name string, spec libvirt.VMSpec) *VM {
+	t := f.T
+	t.Helper()
+	if h.Vtpmd.Running() {
+		t.Fatalf("CreateVM on %s: vtpmd holds the host TPM", h.Name)
+	}
+	vm := &VM{Name: name, UUID: NewUUID()}
+	t0 := time.Now()
+	if r, err := h.Vtpmd.Run(ctx, "vm", "create", name, "--uuid", vm.UUID); err != nil || r.Code != 0 {
+		t.Fatalf("vtpmd vm create %s: %v %s", name, err, r)
+	}
+	created := time.Since(t0)
+	if orDefault(spec.TPMVersion, "2.0") == "2.0" {
+		// vtpmd makes TPM 2.0 state only; for a TPM 1.2 vTPM (libvirt's
+		// swtpm/U/tpm1.2) libvirt runs swtpm_setup itself at the first
+		// start, with the same secret.
+		src := filepath.Join(h.Vtpmd.DataDir, "vms", vm.UUID, "tpm2")
+		dst := h.Path(filepath.Join("/var/lib/libvirt/swtpm", vm.UUID, "tpm2"))
+		if err := copyDir(src, dst); err != nil {
+			t.Fatal(err)
+		}
+	}
+	err := h.Vtpmd.WithKeys(ctx, func(keys *vtpm.KeyStore) error {
+		k, gen, err := keys.Get(ctx, vm.UUID)
+		if err != nil {
+			return err
+		}
+		vm.Generation = gen
+		pass := k.Passphrase()
+		k.Destroy()
+		defer clear(pass)
+		return h.Hyp.DefineSecret(ctx, vm.UUID, pass)
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	spec.Name, spec.UUID, spec.SecretUUID, spec.Start = name, vm.UUID, libvirt.SecretUUID(vm.UUID), true
+	if spec.Kernel != "" {
+		vm.Serial = "/var/log/libvirt/qemu/" + name + "-serial.log"
+		spec.SerialLog = vm.Serial
+	}
+	t1 := time.Now()
+	if err := h.Hyp.DefineVM(ctx, spec); err != nil {
+		t.Fatal(err)
+	}
+	t.Logf("VM %s (%s, TPM %s) on %s: vtpmd vm create %v (generation %d), libvirt define+start %v",
+		name, vm.UUID, orDefault(spec.TPMVersion, "2.0"), h.Name, created.Round(time.Millisecond), vm.Generation, time.Since(t1).Round(time.Millisecond))
+	return vm
+}
+
+// WithKeys opens the host's vault in this process (agent.Open with the
+// vtpmd configuration; the daemon must not be running, since the host TPM
+// serves one connection at a time), calls f with its key store, and
+// closes it.
+func (v *Vtpmd) WithKeys(ctx context.Context, f func(*vtpm.KeyStore) error) error {
+	if v.Running() {
+		return fmt.Errorf("%w: vtpmd on %s holds the host TPM", ErrVtpmd, v.Host.Name)
+	}
+	cfg, err := agent.LoadConfig(v.ConfigPath)
+	if err != nil {
+		return err
+	}
+	a, err := agent.Open(ctx, cfg, agent.Options{})
+	if err != nil {
+		return err
+	}
+	err = f(a.Keys())
+	if cerr := a.Close(ctx); err == nil {
+		err = cerr
+	}
+	return err
+}
+
+// LinuxSpec is the Linux guest's domain: TCG, 256 MiB, TPM 2.0, booting
+// img's kernel and initramfs ('vtpmm-guest serve' on the console).
+func LinuxSpec(img *guest.Image) libvirt.VMSpec {
+	return libvirt.VMSpec{MemoryMiB: 256, TCG: true, Kernel: img.Kernel, Initrd: img.Initrd, Cmdline: guest.Cmdline, TPMVersion: "2.0"}
+}
+
+// NewUUID returns a random (version 4) UUID.
+func NewUUID() string {
+	b := make([]byte, 16)
+	_, _ = rand.Read(b)
+	b[6] = b[6]&0x0f | 0x40
+	b[8] = b[8]&0x3f | 0x80
+	return fmt.Sprintf("%x-%x-%x-%x-%x", b[0:4], b[4:6], b[6:8], b[8:10], b[10:16])
+}
+
+func orDefault(s, d string) string {
+	if s == "" {
+		return d
+	}
+	return s
+}
+
+func copyDir(src, dst string) error {
+	if err := os.MkdirAll(dst, 0o700); err != nil {
+		return err
+	}
+	ents, err := os.ReadDir(src)
+	if err != nil {
+		return err
+	}
+	for _, e := range ents {
+		if !e.Type().IsRegular() || e.Name() == ".lock" {
+			continue
+		}
+		b, err := os.ReadFile(filepath.Join(src, e.Name()))
+		if err != nil {
+			return err
+		}
+		if err := os.WriteFile(filepath.Join(dst, e.Name()), b, 0o600); err != nil {
+			return err
+		}
+	}
+	return nil
+}
