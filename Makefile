@@ -4,9 +4,11 @@ export PATH := /usr/local/go/bin:$(PATH)
 export GOFLAGS := -buildvcs=false
 GO ?= go
 BIN := bin
-# Debian packages the build, the tests and the demo need.
+# Debian packages the build, the tests and the demo need (installed without
+# recommends: cgo needs gcc, libc6-dev and pkg-config explicitly; the guest
+# image's kernel and busybox are fetched with apt-get download, not installed).
 DEB_PKGS := swtpm swtpm-tools libssl-dev libvirt-dev libvirt-daemon libvirt-daemon-driver-qemu libvirt-clients \
-	qemu-system-x86 iproute2 ca-certificates git gcc make
+	qemu-system-x86 iproute2 ca-certificates git gcc libc6-dev pkg-config make curl
 TEST_TIMEOUT ?= 20m
 BENCHTIME ?= 5x
 BENCH_PKGS ?= ./internal/agent/ ./attest/ ./vtpm/identity/ ./migrate/
@@ -48,8 +50,9 @@ e2e: deps
 e2e-bench: deps
 	VTPMM_E2E_BENCH=1 $(GO) test -count=1 -tags e2e -run TestE2EBench -v -timeout $(TEST_TIMEOUT) ./test/e2e/
 
-## demo: the main job, end to end (last line: DEMO OK)
+## demo: the main job, end to end on libvirt hosts in network namespaces (root; last line: DEMO OK)
 demo: build
+	@$(GO) build -o $(BIN)/ ./test/lab/cmd/subreaper
 	$(BIN)/vtpmm-demo --bin $(BIN)
 
 ## bench: TPM command counts and time under the none and dtpm profiles

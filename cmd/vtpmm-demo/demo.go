@@ -17,6 +17,7 @@ import (
 	"syscall"
 	"time"
 
+	"github.com/vtpmm/vtpmm/test/lab"
 	"github.com/vtpmm/vtpmm/vtpm/emuhost"
 )
 
@@ -25,20 +26,33 @@ type demo struct {
 	goodLog, badLog string
 	keep            bool
 	out, errw       io.Writer
-	step            int
 	start           time.Time
-	hosts           []*emuhost.Host
+	hosts           []*emuhost.Host // part 1's host TPMs
+	log             *os.File        // the lab's log (T.Logf, libvirt)
+	net             *lab.Network    // part 2's lab network
+	runDirs         []string        // part 1's vtpmd run directories
+
+	step      int
+	stepStart time.Time
+	steps     []stepTime
+}
+
+// stepTime is a finished step and how long it took.
+type stepTime struct {
+	n     int
+	title string
+	took  time.Duration
 }
 
 func newDemo(args []string, stdout, stderr io.Writer) (*demo, error) {
 	fs := flag.NewFlagSet("vtpmm-demo", flag.ContinueOnError)
 	fs.SetOutput(stderr)
 	d := &demo{out: stdout, errw: stderr, start: time.Now()}
-	fs.StringVar(&d.bin, "bin", "bin", "directory holding vtpmd and vtpmm-guest")
+	fs.StringVar(&d.bin, "bin", "bin", "directory holding vtpmd, vtpmctl and vtpmm-guest (and optionally subreaper)")
 	fs.StringVar(&d.work, "work", "", "work directory (default: a new one under /tmp)")
 	fs.StringVar(&d.goodLog, "boot-log", "vtpm/emuhost/testdata/gce-cos-85.eventlog.bin", "TCG event log the hosts boot with (crypto-agile, SHA-256 bank)")
 	fs.StringVar(&d.badLog, "tampered-log", "attest/testdata/realworld/eventlogs/ubuntu-2104-no-secure-boot.bin", "event log of a tampered boot")
-	fs.BoolVar(&d.keep, "keep", false, "keep the work directory")
+	fs.BoolVar(&d.keep, "keep", false, "keep the work and lab directories")
 	if err := fs.Parse(args); err != nil {
 		return nil, err
 	}
@@ -58,23 +72,56 @@ func newDemo(args []string, stdout, stderr io.Writer) (*demo, error) {
 	if d.bin, err = filepath.Abs(d.bin); err != nil {
 		return nil, err
 	}
+	for _, p := range []*string{&d.goodLog, &d.badLog} {
+		if *p, err = filepath.Abs(*p); err != nil {
+			return nil, err
+		}
+	}
+	if d.log, err = os.OpenFile(filepath.Join(d.work, "demo.log"), os.O_CREATE|os.O_WRONLY|os.O_APPEND, 0o600); err != nil {
+		return nil, err
+	}
 	return d, nil
 }
 
-func (d *demo) cleanup() {
+// stopHosts stops part 1's host TPMs and removes its run directories.
+func (d *demo) stopHosts() {
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
 	for _, h := range d.hosts {
 		_ = h.Stop(ctx)
 	}
-	if !d.keep {
-		_ = os.RemoveAll(d.work)
+	d.hosts = nil
+	for _, dir := range d.runDirs {
+		_ = os.RemoveAll(dir)
 	}
+	d.runDirs = nil
 }
 
+// say ends the current step (printing its time) and starts the next one.
 func (d *demo) say(format string, a ...any) {
+	d.endStep()
 	d.step++
-	fmt.Fprintf(d.out, "\n[%2d] %s\n", d.step, fmt.Sprintf(format, a...))
+	d.stepStart = time.Now()
+	title := fmt.Sprintf(format, a...)
+	d.steps = append(d.steps, stepTime{n: d.step, title: title})
+	fmt.Fprintf(d.out, "\n[%2d] %s\n", d.step, title)
+}
+
+// endStep prints the current step's time, once.
+func (d *demo) endStep() {
+	if d.stepStart.IsZero() {
+		return
+	}
+	took := time.Since(d.stepStart)
+	d.steps[len(d.steps)-1].took = took
+	d.stepStart = time.Time{}
+	fmt.Fprintf(d.out, "     -- step %d took %s\n", d.step, dur(took))
+}
+
+// part prints a part's heading.
+func (d *demo) part(format string, a ...any) {
+	d.endStep()
+	fmt.Fprintf(d.out, "\n== %s ==\n", fmt.Sprintf(format, a...))
 }
 
 func (d *demo) detail(format string, a ...any) {
@@ -107,10 +154,12 @@ func (d *demo) boot(ctx context.Context, h *emuhost.Host, log string) error {
 
 // config writes a vtpmd configuration file, file.yaml, for host name.
 func (d *demo) config(file, name, dataDir, tpmURI string) (string, error) {
+	// Under /tmp, not the work directory: a short path for the sockets.
 	runDir, err := os.MkdirTemp("/tmp", "vtpmm-run-")
 	if err != nil {
 		return "", err
 	}
+	d.runDirs = append(d.runDirs, runDir)
 	p := filepath.Join(d.work, file+".yaml")
 	cfg := fmt.Sprintf("host_id: %s\ndata_dir: %s\ntpm: %s\nrun_dir: %s\nvault:\n  pcrs: \"0,2,4,7\"\nlog_level: info\n",
 		name, dataDir, tpmURI, runDir)
@@ -219,6 +268,18 @@ func (d *demo) guest(ctx context.Context, uri string, args ...string) (string, e
 }
 
 func ms(d time.Duration) string { return fmt.Sprintf("%d ms", d.Milliseconds()) }
+
+// dur is d in ms below a second, else in seconds.
+func dur(d time.Duration) string {
+	if d < time.Second {
+		return ms(d)
+	}
+	return fmt.Sprintf("%.2f s", d.Seconds())
+}
+
+func indent(s string) string {
+	return strings.ReplaceAll(strings.TrimRight(s, "\n"), "\n", "\n     ")
+}
 
 func randomSecret() string {
 	b := make([]byte, 12)
