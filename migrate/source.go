@@ -304,6 +304,11 @@ func (n *Node) completeSource(ctx context.Context, tx Tx) error {
 		if err := n.cfg.Keys.Delete(ctx, vm.UUID); err != nil && !errors.Is(err, vtpm.ErrKeyNotFound) {
 			return fmt.Errorf("migrate %s: shred source key of %s: %w", tx.ID, vm.UUID, err)
 		}
+		// The VM left: its secret has no business here any more (libvirt's
+		// own migration removes it too; a hook-mode migration does not).
+		if err := n.cfg.Hypervisor.UndefineSecret(ctx, vm.UUID); err != nil {
+			n.log.WithError(err).WithField("vm", vm.UUID).Warn("undefining the vTPM secret of a VM that left")
+		}
 		n.audit(ctx, AuditEvent{Event: "migration-commit", VM: vm.UUID, Peer: tx.Peer, TxID: tx.ID, Generation: vm.Generation})
 		final, result = SrcCommitted, "committed"
 	}

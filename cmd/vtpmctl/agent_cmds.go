@@ -61,7 +61,7 @@ func (c *adminClient) do(ctx context.Context, method, path string, body any) (*h
 	}
 	resp, err := c.http.Do(req)
 	if err != nil {
-		return nil, fmt.Errorf("cannot reach vtpmd at %s (is it running? --socket): %w", c.socket, err)
+		return nil, fmt.Errorf("%w at %s (is it running? --socket): %w", errUnreachable, c.socket, err)
 	}
 	if resp.StatusCode >= 300 {
 		defer resp.Body.Close()

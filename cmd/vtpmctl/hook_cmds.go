@@ -30,9 +30,6 @@ const hookFileName = "vtpmm"
 // maxDomainXML bounds the domain XML read from libvirt.
 const maxDomainXML = 4 << 20
 
-// errNotOurs means the domain's vTPM is not one vtpmm manages.
-var errNotOurs = errors.New("not a vtpmm vTPM")
-
 // hookDomain is the part of a domain's XML the hook reads.
 type hookDomain struct {
 	Name string `xml:"name"`
@@ -181,7 +178,8 @@ func installHook(dir, exe, socket string) (string, error) {
 //     reaches virsh's error;
 //   - "prepare begin" (before the vTPM starts): vtpmd defines the secret
 //     from its vault if this host owns the key; a VM whose key is not here
-//     fails to start, with the reason;
+//     fails to start, with the reason. If vtpmd does not answer, the start
+//     goes on with the secret libvirt has (vtpmd down does not block starts);
 //   - "release end": tell vtpmd the VM let go of this host, so it settles
 //     the VM's transaction (asynchronously: libvirt holds the domain's lock
 //     until the hook returns). Never fails.
@@ -219,6 +217,12 @@ func runQemuHook(ctx context.Context, c *adminClient, op, subop string, stdin io
 		return nil
 	}
 	if err != nil && path == "/v1/hook/prepare" {
+		if errors.Is(err, errUnreachable) {
+			// vtpmd down must not keep VMs from starting: libvirt uses the
+			// secret it has (and fails without one).
+			fmt.Fprintf(stderr, "vtpmm hook: %v; starting VM %s with the secret libvirt has\n", err, d.Name)
+			return nil
+		}
 		return fmt.Errorf("vtpmm refused to start VM %s (%s): %w", d.Name, d.UUID, err)
 	}
 	if err != nil {

@@ -111,6 +111,16 @@ func TestHookInstall(t *testing.T) {
 			t.Fatalf("%v: %v", args, err)
 		}
 	}
+	// vtpmd down: a start goes on with libvirt's secret; an incoming
+	// migration is refused (the key cannot be pulled), saying why.
+	const vm = "6f1c3a52-0c41-4d1c-9d55-3f1e7c2b9a10"
+	down := newAdminClient("/nonexistent.sock")
+	if err := runQemuHook(context.Background(), down, "prepare", "begin", strings.NewReader(domainXML("web-1", vm)), &errb); err != nil {
+		t.Fatalf("prepare begin without vtpmd: %v", err)
+	}
+	if err := runQemuHook(context.Background(), down, "migrate", "begin", strings.NewReader(domainXML("web-1", vm)), &errb); !errors.Is(err, errUnreachable) {
+		t.Fatalf("migrate begin without vtpmd: got %v, want errUnreachable", err)
+	}
 }
 
 // domainXML is the XML libvirt hands the hook for a vtpmm VM.

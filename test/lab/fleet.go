@@ -37,6 +37,10 @@ type FleetConfig struct {
 	Hosts []HostSpec
 	// Log receives the libvirt Hypervisors' logs (default: discarded).
 	Log logrus.FieldLogger
+	// HookMode installs vtpmm's libvirt qemu hook on every host before its
+	// libvirtd starts ('vtpmctl hook install'), so a plain 'virsh migrate'
+	// moves the vTPM key.
+	HookMode bool
 }
 
 // Fleet is a set of lab hosts, each running the real vtpmd binary in its
@@ -116,7 +120,18 @@ func (f *Fleet) AddHost(ctx context.Context, name string) *FleetHost {
 		t.Fatalf("lab: host %s is not in the fleet's configuration", name)
 	}
 	t0 := time.Now()
-	h := NewHost(ctx, t, HostConfig{Network: f.Net, Name: spec.Name, IP: spec.IP, BootLog: spec.BootLog, Log: f.cfg.Log})
+	hc := HostConfig{Network: f.Net, Name: spec.Name, IP: spec.IP, BootLog: spec.BootLog, Log: f.cfg.Log}
+	if f.cfg.HookMode {
+		hc.BeforeLibvirtd = func(h *Host) error {
+			r, err := f.Tools.Ctl(ctx, "hook", "install", "--hooks-dir", h.Path("/etc/libvirt/hooks"),
+				"--vtpmctl", f.Tools.Vtpmctl, "--socket", VtpmdSocket(h))
+			if err == nil && r.Code != 0 {
+				err = fmt.Errorf("%w: vtpmctl hook install on %s: %s", ErrVtpmd, h.Name, r)
+			}
+			return err
+		}
+	}
+	h := NewHost(ctx, t, hc)
 	for _, p := range []string{h.Emu.RootCAPath(), h.Emu.IntermediateCAPath()} {
 		b, err := os.ReadFile(p)
 		if err == nil {

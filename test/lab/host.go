@@ -34,6 +34,10 @@ type HostConfig struct {
 	// derived from IP.
 	HostUUID string
 	Log      logrus.FieldLogger
+	// BeforeLibvirtd, when set, runs after the host's libvirt configuration
+	// is written and before its libvirtd starts (libvirtd reads its hooks
+	// directory when it starts).
+	BeforeLibvirtd func(h *Host) error
 }
 
 // Host is a running emulated hypervisor host.
@@ -83,6 +87,11 @@ func NewHost(ctx context.Context, t T, cfg HostConfig) *Host {
 	_ = os.Chmod(h.Path("/var/lib/swtpm-localca"), 0o750)
 	if err := h.writeConfig(cfg); err != nil {
 		t.Fatal(err)
+	}
+	if cfg.BeforeLibvirtd != nil {
+		if err := cfg.BeforeLibvirtd(h); err != nil {
+			t.Fatal(err)
+		}
 	}
 	h.Netns = n.attach(ctx, t, cfg.IP)
 

@@ -151,6 +151,10 @@ func (v *Vtpmd) NextRecoveryTick(t time.Time) time.Time {
 	return v.ServingSince.Add(n * RecoveryInterval)
 }
 
+// VtpmdSocket is the admin socket of h's vtpmd (the same path inside the
+// host's namespaces and in the test process).
+func VtpmdSocket(h *Host) string { return filepath.Join(h.Dir, "vtpmd", "run", "vtpmd.sock") }
+
 // NewVtpmd writes the host's vtpmd configuration and runs 'vtpmd init'
 // (vault sealed to the host TPM's current PCRs, AK and migration key).
 // It does not start the daemon (Start); it is stopped when the test ends.
@@ -159,7 +163,7 @@ func NewVtpmd(ctx context.Context, t T, h *Host, cfg VtpmdConfig) *Vtpmd {
 	dir := filepath.Join(h.Dir, "vtpmd")
 	v := &Vtpmd{Host: h, Tools: cfg.Tools, ConfigPath: filepath.Join(dir, "vtpmd.yaml"),
 		DataDir: filepath.Join(dir, "data"), RunDir: filepath.Join(dir, "run"), LogPath: filepath.Join(dir, "vtpmd.log")}
-	v.Socket = filepath.Join(v.RunDir, "vtpmd.sock")
+	v.Socket = VtpmdSocket(h)
 	if err := os.MkdirAll(dir, 0o700); err != nil {
 		t.Fatal(err)
 	}
