@@ -36,11 +36,13 @@ build: deps
 	$(GO) build -o $(BIN)/ ./cmd/vtpmd ./cmd/vtpmctl ./cmd/vtpmm-demo
 	CGO_ENABLED=0 $(GO) build -o $(BIN)/ ./cmd/vtpmm-guest
 
-## test: vet, then every test on real swtpm processes
+## test: vet, every test on real swtpm processes, then the e2e suite on real libvirt (root)
 test: deps
 	@test -z "$$(gofmt -l $$(git ls-files '*.go' 2>/dev/null || find . -name '*.go'))" || { echo "gofmt needed:"; gofmt -l .; exit 1; }
 	$(GO) vet ./...
+	$(GO) vet -tags e2e ./test/...
 	$(GO) test -count=1 -timeout $(TEST_TIMEOUT) ./...
+	VTPMM_E2E_REQUIRE=1 $(GO) test -count=1 -tags e2e -timeout $(TEST_TIMEOUT) ./test/e2e/...
 
 ## e2e: end-to-end on real libvirtd + QEMU + swtpm hosts in network namespaces (root)
 e2e: deps

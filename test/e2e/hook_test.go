@@ -64,9 +64,7 @@ func waitOwner(ctx context.Context, t *testing.T, f *lab.Fleet, vm *lab.VM, want
 func TestHookModeVirshMigrate(t *testing.T) {
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Minute)
 	defer cancel()
-	if err := lab.Require(); err != nil {
-		t.Skip(err)
-	}
+	requireLab(t)
 	f := lab.NewFleet(ctx, t, lab.FleetConfig{Network: lab.NetworkConfig{Prefix: "ve2e"}, Tools: sharedTools(ctx, t),
 		GoodLog: goodLog, Hosts: []lab.HostSpec{hostA, hostB, hostC}, Log: logger(t), HookMode: true})
 	f.AddHosts(ctx)

@@ -56,13 +56,24 @@ func sharedTools(ctx context.Context, t *testing.T) lab.Tools {
 	return tools
 }
 
+// requireLab skips the test when a prerequisite of the lab is missing,
+// or fails it when VTPMM_E2E_REQUIRE=1 (make test sets it, so CI cannot
+// pass by skipping the e2e suite).
+func requireLab(t *testing.T) {
+	t.Helper()
+	if err := lab.Require(); err != nil {
+		if os.Getenv("VTPMM_E2E_REQUIRE") == "1" {
+			t.Fatalf("VTPMM_E2E_REQUIRE=1: %v", err)
+		}
+		t.Skip(err)
+	}
+}
+
 // newNetwork is lab.NewNetwork, skipping the test when a prerequisite of
 // the lab is missing.
 func newNetwork(ctx context.Context, t *testing.T) *lab.Network {
 	t.Helper()
-	if err := lab.Require(); err != nil {
-		t.Skip(err)
-	}
+	requireLab(t)
 	return lab.NewNetwork(ctx, t, lab.NetworkConfig{Prefix: "ve2e"})
 }
 
@@ -71,9 +82,7 @@ func newNetwork(ctx context.Context, t *testing.T) *lab.Network {
 // from goodLog.
 func newVFleet(ctx context.Context, t *testing.T, specs ...lab.HostSpec) *lab.Fleet {
 	t.Helper()
-	if err := lab.Require(); err != nil {
-		t.Skip(err)
-	}
+	requireLab(t)
 	f := lab.NewFleet(ctx, t, lab.FleetConfig{Network: lab.NetworkConfig{Prefix: "ve2e"}, Tools: sharedTools(ctx, t),
 		GoodLog: goodLog, Hosts: specs, Log: logger(t)})
 	f.AddHosts(ctx)
