@@ -61,12 +61,8 @@ func newDemo(args []string, stdout, stderr io.Writer) (*demo, error) {
 			return nil, fmt.Errorf("%s not found in %s (run 'make build'): %w", b, d.bin, err)
 		}
 	}
-	if d.work == "" {
-		w, err := os.MkdirTemp("/tmp", "vtpmm-demo-")
-		if err != nil {
-			return nil, err
-		}
-		d.work = w
+	if err := lab.Require(); err != nil {
+		return nil, fmt.Errorf("%w ('make deps' installs what is missing; the demo runs as root)", err)
 	}
 	var err error
 	if d.bin, err = filepath.Abs(d.bin); err != nil {
@@ -76,6 +72,16 @@ func newDemo(args []string, stdout, stderr io.Writer) (*demo, error) {
 		if *p, err = filepath.Abs(*p); err != nil {
 			return nil, err
 		}
+		if _, err := os.Stat(*p); err != nil {
+			return nil, fmt.Errorf("boot log: %w (run the demo from the module root, or give --boot-log and --tampered-log)", err)
+		}
+	}
+	if d.work == "" {
+		if d.work, err = os.MkdirTemp("/tmp", "vtpmm-demo-"); err != nil {
+			return nil, err
+		}
+	} else if err := os.MkdirAll(d.work, 0o700); err != nil {
+		return nil, err
 	}
 	if d.log, err = os.OpenFile(filepath.Join(d.work, "demo.log"), os.O_CREATE|os.O_WRONLY|os.O_APPEND, 0o600); err != nil {
 		return nil, err

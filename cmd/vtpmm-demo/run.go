@@ -2,6 +2,7 @@ package main
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"os"
 	"os/exec"
@@ -26,20 +27,34 @@ func (d *demo) run(ctx context.Context) error {
 		d.live(ctx, t)
 		d.say("Clean-up: stop every vtpmd, libvirtd (with its QEMU and swtpm) and host TPM; delete the namespaces")
 	})
-	if err == nil {
-		err = d.checkClean()
+	// Whatever happened, nothing may be left running.
+	cleanErr := d.checkClean()
+	if err == nil && cleanErr == nil {
+		d.detail("no namespace and no process of the demo is left (ip netns list, /proc)")
 	}
 	d.endStep()
 	d.log.Close()
+	left := "nothing is left running"
+	if cleanErr != nil {
+		left = cleanErr.Error()
+	}
 	if err != nil && ctx.Err() != nil {
-		// Interrupted: everything stopped, nothing to inspect.
-		d.removeDirs()
+		if cleanErr != nil {
+			fmt.Fprintf(d.out, "\nDEMO INTERRUPTED after %s: %s\n", dur(time.Since(d.start)), left)
+			return errors.Join(ctx.Err(), cleanErr)
+		}
+		d.removeDirs() // nothing to inspect
 		fmt.Fprintf(d.out, "\nDEMO INTERRUPTED after %s: stopped and cleaned up\n", dur(time.Since(d.start)))
 		return ctx.Err()
 	}
-	if err != nil {
-		fmt.Fprintf(d.out, "\nDEMO FAILED after %s: %v\n(kept %s and the lab directory for inspection; logs in %s)\n",
-			dur(time.Since(d.start)), firstLine(err), d.work, d.log.Name())
+	if err != nil || cleanErr != nil {
+		err = errors.Join(err, cleanErr)
+		kept := d.work
+		if d.net != nil {
+			kept += " and " + d.net.Dir
+		}
+		fmt.Fprintf(d.out, "\nDEMO FAILED after %s: %v\n(%s; kept %s for inspection; logs in %s)\n",
+			dur(time.Since(d.start)), firstLine(err), left, kept, d.log.Name())
 		return err
 	}
 	if !d.keep {
@@ -94,7 +109,6 @@ func (d *demo) checkClean() error {
 	if len(left) > 0 {
 		return fmt.Errorf("left after the clean-up: %s", strings.Join(left, "; "))
 	}
-	d.detail("no namespace and no process of the demo is left (ip netns list, /proc)")
 	return nil
 }
 
