@@ -15,13 +15,17 @@ import (
 // TestDemo runs the whole demo on freshly built binaries, as 'make demo'
 // does, so the quick start's main command is covered by 'make test'. Like
 // the e2e tests it needs root, libvirt, QEMU and swtpm ('make deps'
-// installs them) and skips only when one of them is missing; on a
-// machine that has them, a broken demo fails the test.
+// installs them). It skips only when one of them is missing, and fails
+// instead when VTPMM_E2E_REQUIRE=1. On a machine that has them, a broken
+// demo fails the test.
 func TestDemo(t *testing.T) {
 	if testing.Short() {
 		t.Skip("builds binaries and runs the full demo")
 	}
 	if err := lab.Require(); err != nil {
+		if os.Getenv("VTPMM_E2E_REQUIRE") == "1" {
+			t.Fatalf("VTPMM_E2E_REQUIRE=1: %v", err)
+		}
 		t.Skip(err)
 	}
 	bin := t.TempDir()

@@ -64,7 +64,7 @@ func (d *demo) live(ctx context.Context, t lab.T) {
 		for _, other := range f.Order {
 			if other != h {
 				r := f.Enroll(ctx, f.Hosts[h], other)
-				d.detail("on %s: %s", h, firstOf(r.Stdout))
+				d.detail("on %s: %s", h, firstLine(r.Stdout))
 			}
 		}
 	}
@@ -242,9 +242,4 @@ func (d *demo) scanLab(ctx context.Context, t lab.T, f *lab.Fleet, h *lab.FleetH
 	}
 	d.detail("%d VM key(s) x %d encodings searched in %d files: every host's vtpmd data and logs, libvirt's /etc, /run, /var/lib and /var/log", n, len(keyEncodings), files)
 	d.detail("(swtpm state and logs, QEMU logs, guest consoles), host TPMs, PKI, and the demo's own files: none found")
-}
-
-func firstOf(s string) string {
-	l, _, _ := strings.Cut(strings.TrimSpace(s), "\n")
-	return l
 }

@@ -54,7 +54,7 @@ func (d *demo) run(ctx context.Context) error {
 			kept += " and " + d.net.Dir
 		}
 		fmt.Fprintf(d.out, "\nDEMO FAILED after %s: %v\n(%s; kept %s for inspection; logs in %s)\n",
-			dur(time.Since(d.start)), firstLine(err), left, kept, d.log.Name())
+			dur(time.Since(d.start)), firstLine(err.Error()), left, kept, d.log.Name())
 		return err
 	}
 	if !d.keep {
@@ -124,8 +124,8 @@ func (d *demo) summary() {
 	}
 }
 
-// firstLine is the first line of err (the whole error goes to stderr).
-func firstLine(err error) string {
-	l, _, _ := strings.Cut(err.Error(), "\n")
+// firstLine is the first line of s.
+func firstLine(s string) string {
+	l, _, _ := strings.Cut(strings.TrimSpace(s), "\n")
 	return l
 }
