@@ -163,7 +163,7 @@ func (r *RecoveryKey) Reveal() string {
 	return strings.Join(parts, "-")
 }
 
-func (r *RecoveryKey) authValue() []byte { return recoveryAuthValue(r.k[:]) }
+func (r *RecoveryKey) authValue(scheme string) []byte { return recoveryAuthValue(r.k[:], scheme) }
 
 // Destroy wipes the key from memory.
 func (r *RecoveryKey) Destroy() { r.k.wipe() }

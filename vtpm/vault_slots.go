@@ -28,7 +28,10 @@ type slotFile struct {
 	PolicyDigest string            `json:"policy_digest,omitempty"`
 	Public       []byte            `json:"public"`  // TPM2B_PUBLIC
 	Private      []byte            `json:"private"` // TPM2B_PRIVATE (encrypted by the TPM)
-	Created      time.Time         `json:"created"`
+	// Auth names the recovery slot's authValue derivation: authHexV2, or
+	// empty for slots made before it (authValue v1).
+	Auth    string    `json:"auth,omitempty"`
+	Created time.Time `json:"created"`
 }
 
 func (s slotFile) describe() string {
@@ -179,11 +182,11 @@ func sealPCRSlot(tpm transport.TPM, srk srkInfo, key *secret32, sel PCRSelection
 }
 
 func sealRecoverySlot(tpm transport.TPM, srk srkInfo, key *secret32, rk *RecoveryKey, now time.Time) (slotFile, error) {
-	pub, priv, err := createSealed(tpm, srk, sealedTemplate(nil, true), key, rk.authValue())
+	pub, priv, err := createSealed(tpm, srk, sealedTemplate(nil, true), key, rk.authValue(authHexV2))
 	if err != nil {
 		return slotFile{}, err
 	}
-	return slotFile{Kind: slotRecovery, Label: "recovery key", Public: pub, Private: priv, Created: now.UTC()}, nil
+	return slotFile{Kind: slotRecovery, Label: "recovery key", Public: pub, Private: priv, Auth: authHexV2, Created: now.UTC()}, nil
 }
 
 // loadSlot loads a slot's sealed object under the SRK. The caller flushes it.
@@ -242,7 +245,7 @@ func unsealRecoverySlot(tpm transport.TPM, srk srkInfo, s slotFile, rk *Recovery
 	}
 	defer flush(tpm, obj.ObjectHandle)
 	rsp, err := tpm2.Unseal{ItemHandle: tpm2.AuthHandle{
-		Handle: obj.ObjectHandle, Name: obj.Name, Auth: encSession(srk, tpm2.TPMAlgNull, rk.authValue()),
+		Handle: obj.ObjectHandle, Name: obj.Name, Auth: encSession(srk, tpm2.TPMAlgNull, rk.authValue(s.Auth)),
 	}}.Execute(tpm)
 	if err != nil {
 		if errors.Is(err, tpm2.TPMRCAuthFail) || errors.Is(err, tpm2.TPMRCBadAuth) {
@@ -253,12 +256,30 @@ func unsealRecoverySlot(tpm transport.TPM, srk srkInfo, s slotFile, rk *Recovery
 	return secretFromBytes(rsp.OutData.Buffer)
 }
 
-// recoveryAuthValue derives the TPM authValue of the recovery slot. The
-// TPM drops trailing zero octets of an authValue (TPM 2.0 Part 1, "Trailing
-// zeros are removed"), while an HMAC session computed by the caller uses
-// the value as given; so the derived value is trimmed here, or one key in
-// 256 would be refused.
-func recoveryAuthValue(k []byte) []byte {
+// authHexV2 is the recovery authValue derivation of new slots.
+const authHexV2 = "hex-v2"
+
+// recoveryAuthValue derives the TPM authValue of the recovery slot.
+//
+// authHexV2 (every slot made now): the hex digits of the first 16 bytes of
+// SHA-256("vtpmm vault recovery v2\x00" || key): 32 ASCII bytes, 128 bits,
+// and never a zero octet. Zero octets must be avoided: the TPM removes
+// trailing zeros from an authValue (TPM 2.0 Part 1, "Trailing zeros are
+// removed"), and go-tpm v0.9.8's HMAC session (hmacKeyFromAuthValue) cuts
+// the value at its first zero octet wherever it is, so a value with any
+// zero inside was refused with TPM_RC_AUTH_FAIL (1 key in 8).
+//
+// "" (slots made before): SHA-256("vtpmm vault recovery v1\x00" || key)
+// with trailing zeros trimmed; kept so those slots still open, which they
+// do unless the hash has a zero octet inside (re-create them with a new
+// recovery key: vtpmd vault status shows the slots).
+func recoveryAuthValue(k []byte, scheme string) []byte {
+	if scheme == authHexV2 {
+		h := sha256.Sum256(append([]byte("vtpmm vault recovery v2\x00"), k...))
+		out := make([]byte, hex.EncodedLen(16))
+		hex.Encode(out, h[:16])
+		return out
+	}
 	h := sha256.Sum256(append([]byte("vtpmm vault recovery v1\x00"), k...))
 	return bytes.TrimRight(h[:], "\x00")
 }

@@ -187,38 +187,47 @@ func TestVaultRecoveryKey(t *testing.T) {
 	v3.Close()
 }
 
-// TestRecoveryKeyWithTrailingZeroAuth: the TPM strips trailing zero octets
-// from an authValue; a recovery key whose derived authValue ends in 0x00
-// must still open the vault.
-func TestRecoveryKeyWithTrailingZeroAuth(t *testing.T) {
+// TestRecoveryKeyZeroOctets: recovery keys whose v1 authValue would hold
+// a zero octet (inside, which go-tpm's session cuts at; or at the end,
+// which the TPM trims) open the vault, and the v2 authValue never holds
+// one.
+func TestRecoveryKeyZeroOctets(t *testing.T) {
 	t.Parallel()
 	ctx := context.Background()
-	var seed []byte
-	for i := 0; i < 1<<16; i++ {
+	v1 := func(b []byte) [32]byte { return sha256.Sum256(append([]byte("vtpmm vault recovery v1\x00"), b...)) }
+	var inner, trailing []byte
+	for i := 0; i < 1<<16 && (inner == nil || trailing == nil); i++ {
 		b := bytes.Repeat([]byte{byte(i), byte(i >> 8)}, 16)
-		full := sha256.Sum256(append([]byte("vtpmm vault recovery v1\x00"), b...))
-		if full[31] == 0 {
-			seed = b
-			break
+		h := v1(b)
+		if h[31] == 0 && trailing == nil {
+			trailing = b
+		}
+		if bytes.IndexByte(h[:31], 0) >= 0 && h[31] != 0 && inner == nil {
+			inner = b
 		}
 	}
-	if seed == nil {
-		t.Fatal("no key with a trailing-zero authValue found")
+	if inner == nil || trailing == nil {
+		t.Fatal("no key with a zero octet in its v1 authValue found")
 	}
-	if got := vtpm.RecoveryAuthValue(seed); len(got) == 32 {
-		t.Fatal("authValue not trimmed")
+	for i := 0; i < 1<<12; i++ {
+		k := bytes.Repeat([]byte{byte(i), byte(i >> 8)}, 16)
+		if got := vtpm.RecoveryAuthValue(k, "hex-v2"); len(got) != 32 || bytes.IndexByte(got, 0) >= 0 {
+			t.Fatalf("v2 authValue %x: want 32 bytes without a zero octet", got)
+		}
 	}
 	_, tpm := tpmtest.NewHost(t)
-	cfg := vtpm.VaultConfig{Dir: t.TempDir(), PCRs: vtpm.PCRSelection{PCRs: []int{7}}}
-	rk, _ := vtpm.NewRecoveryKey(bytes.NewReader(seed))
-	v, err := vtpm.InitVault(ctx, tpm, cfg, vtpm.InitOptions{RecoveryKey: rk})
-	if err != nil {
-		t.Fatal(err)
+	for name, seed := range map[string][]byte{"zero inside": inner, "zero at the end": trailing} {
+		cfg := vtpm.VaultConfig{Dir: t.TempDir(), PCRs: vtpm.PCRSelection{PCRs: []int{7}}}
+		rk, _ := vtpm.NewRecoveryKey(bytes.NewReader(seed))
+		v, err := vtpm.InitVault(ctx, tpm, cfg, vtpm.InitOptions{RecoveryKey: rk})
+		if err != nil {
+			t.Fatal(err)
+		}
+		v.Close()
+		rv, err := vtpm.RecoverVault(ctx, tpm, cfg, rk)
+		if err != nil {
+			t.Fatalf("recovery key whose v1 authValue has a %s: %v", name, err)
+		}
+		rv.Close()
 	}
-	v.Close()
-	rv, err := vtpm.RecoverVault(ctx, tpm, cfg, rk)
-	if err != nil {
-		t.Fatalf("recovery key whose authValue ends in 0x00: %v", err)
-	}
-	rv.Close()
 }
