@@ -15,6 +15,9 @@ var (
 	// secret cannot be adopted now: its swtpm holds a passphrase that a
 	// private secret never reveals. It is adopted at its next cold start.
 	ErrAdoptRunning = errors.New("libvirt: running domain with a foreign vTPM secret is adopted at its next cold start")
+	// ErrConnClosed means libvirt closed a connection (libvirtd went away,
+	// or keepalive found it unresponsive).
+	ErrConnClosed = errors.New("libvirt: connection closed")
 	// ErrLibvirt is any other libvirt failure (the message follows).
 	ErrLibvirt = errors.New("libvirt error")
 )
