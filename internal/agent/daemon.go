@@ -218,7 +218,7 @@ func (d *Daemon) Serve(ctx context.Context) error {
 	ctx, cancel := context.WithCancel(ctx)
 	defer cancel()
 	var wg sync.WaitGroup
-	errs := make(chan error, 4)
+	errs := make(chan error, 5) // one per service below
 	run := func(name string, f func() error) {
 		wg.Add(1)
 		go func() {
@@ -253,6 +253,9 @@ func (d *Daemon) Serve(ctx context.Context) error {
 		run("metrics", func() error { return metrics.Serve(ctx, d.cfg.MetricsListen, d.metrics, d.log) })
 	}
 	run("recovery", func() error { return d.recoveryLoop(ctx) })
+	if w, ok := d.hyp.(lifecycleWatcher); ok {
+		run("lifecycle events", func() error { return d.watchLifecycle(ctx, w) })
+	}
 	d.log.WithFields(logrus.Fields{"admin": d.cfg.AdminSocketPath()}).Info("vtpmd serving")
 	<-ctx.Done()
 	wg.Wait()
