@@ -128,6 +128,11 @@ type Node struct {
 
 	activeMu sync.Mutex
 	active   map[string]bool // transactions this node is driving right now
+
+	// recoverMu runs one recovery at a time (Reconcile, Settle): the
+	// recovery loop, a hook and a lifecycle event may all want to settle
+	// the same transaction at the same moment.
+	recoverMu sync.Mutex
 }
 
 type verified struct {

@@ -170,9 +170,13 @@ func (n *Node) leased(ctx context.Context, tx Tx) bool {
 	return false
 }
 
-// Settle reconciles the open pulled transactions of a VM now (hook mode:
-// the source's "release" hook says the hypervisor let go of it).
+// Settle reconciles the VM's open transaction now, if there is one that no
+// live Migrate drives and no pull lease holds (hook mode's "release end",
+// lifecycle events). One recovery runs at a time, so a second trigger
+// finds the transaction closed and does nothing.
 func (n *Node) Settle(ctx context.Context, vmUUID string) error {
+	n.recoverMu.Lock()
+	defer n.recoverMu.Unlock()
 	txID, err := n.cfg.Ledger.Holder(vmUUID)
 	if errors.Is(err, errNoHolder) {
 		return nil

@@ -27,6 +27,8 @@ import (
 // then would race the hypervisor. So are pulled ones (hook mode) while the
 // hypervisor migrates their VMs or their lease runs.
 func (n *Node) Reconcile(ctx context.Context) error {
+	n.recoverMu.Lock()
+	defer n.recoverMu.Unlock()
 	txs, err := n.cfg.Ledger.OpenTxs()
 	if err != nil {
 		return err

@@ -61,6 +61,7 @@ type Daemon struct {
 	bgCtx    context.Context
 	bgCancel context.CancelFunc
 	bg       sync.WaitGroup
+	settling sync.Map // VM UUID -> struct{}: a settle is scheduled (settle)
 }
 
 // StartDaemon opens everything a running vtpmd needs. Serve then serves

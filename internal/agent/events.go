@@ -3,7 +3,6 @@ package agent
 import (
 	"context"
 	"errors"
-	"sync"
 	"time"
 
 	"github.com/sirupsen/logrus"
@@ -36,49 +35,47 @@ func settlesOn(e libvirt.LifecycleEvent) bool {
 // mode's "release end" and the recovery loop, which stay as they are.
 // Settle leaves transactions alone that a live driver or a pull lease owns.
 func (d *Daemon) watchLifecycle(ctx context.Context, w lifecycleWatcher) error {
-	// VM UUID -> struct{}: a settle is scheduled and has not started yet.
-	// libvirt sends started/migrated and resumed/migrated a few ms apart.
-	var pending sync.Map
 	return w.WatchLifecycle(ctx, func(e libvirt.LifecycleEvent) {
 		log := d.log.WithFields(logrus.Fields{"vm": e.VM, "name": e.Name, "event": e.Event, "detail": e.Detail})
 		if !settlesOn(e) {
 			log.Debug("lifecycle event")
 			return
 		}
-		if _, busy := pending.LoadOrStore(e.VM, struct{}{}); busy {
-			log.Debug("lifecycle event: a settle is scheduled already")
-			return
-		}
 		log.Debug("lifecycle event: settling the VM's transaction")
-		d.settleOnEvent(e.VM, func() { pending.Delete(e.VM) })
+		d.settle(e.VM, "lifecycle event")
 	})
 }
 
-// settleOnEvent is settle for lifecycle events; done runs when the delay
-// is over (or the daemon stops). ErrUnresolved is expected here and logged
-// at debug level: on the destination the live source still drives the
-// transaction; recovery retries. (On the source in hook mode, "release end"
-// settles at the same moment; the loser of that race finds the transaction
-// finished and logs it.)
-func (d *Daemon) settleOnEvent(vmUUID string, done func()) {
+// settle reconciles the VM's open transaction soon, in the background:
+// after settleDelay (a hook must have returned, and libvirt released the
+// domain, first). Triggers that come while a settle of the VM is scheduled
+// join it: libvirt sends started/migrated and resumed/migrated a few ms
+// apart, and in hook mode "release end" and stopped/migrated arrive
+// together. ErrUnresolved is expected (on the destination the live source
+// still drives the transaction) and logged at debug level; recovery
+// retries either way.
+func (d *Daemon) settle(vmUUID, trigger string) {
+	if _, busy := d.settling.LoadOrStore(vmUUID, struct{}{}); busy {
+		return
+	}
 	d.bg.Add(1)
 	go func() {
 		defer d.bg.Done()
 		select {
 		case <-d.bgCtx.Done():
-			done()
+			d.settling.Delete(vmUUID)
 			return
 		case <-time.After(settleDelay):
 		}
-		done() // an event from now on schedules another settle
+		d.settling.Delete(vmUUID) // a trigger from now on schedules another settle
 		ctx, cancel := context.WithTimeout(d.bgCtx, HookTimeout)
 		defer cancel()
-		log := d.log.WithField("vm", vmUUID)
+		log := d.log.WithFields(logrus.Fields{"vm": vmUUID, "trigger": trigger})
 		switch err := d.node.Settle(ctx, vmUUID); {
 		case errors.Is(err, migrate.ErrUnresolved):
-			log.WithError(err).Debug("lifecycle event: transaction still open; recovery retries")
+			log.WithError(err).Debug("settle: transaction still open; recovery retries")
 		case err != nil:
-			log.WithError(err).Warn("lifecycle event: settling the VM's transaction; recovery retries")
+			log.WithError(err).Warn("settle: the VM's transaction stays open; recovery retries")
 		}
 	}()
 }

@@ -124,26 +124,8 @@ func (d *Daemon) handleHookReleased(w http.ResponseWriter, r *http.Request) {
 	if !ok {
 		return
 	}
-	d.settle(req.UUID)
+	d.settle(req.UUID, "hook release end")
 	writeJSON(w, http.StatusAccepted, map[string]string{"status": "settling"})
-}
-
-// settle reconciles the VM's open transaction soon, in the background.
-func (d *Daemon) settle(vmUUID string) {
-	d.bg.Add(1)
-	go func() {
-		defer d.bg.Done()
-		select {
-		case <-d.bgCtx.Done():
-			return
-		case <-time.After(settleDelay):
-		}
-		ctx, cancel := context.WithTimeout(d.bgCtx, HookTimeout)
-		defer cancel()
-		if err := d.node.Settle(ctx, vmUUID); err != nil {
-			d.log.WithError(err).WithField("vm", vmUUID).Warn("hook: settling the VM's transaction; recovery retries")
-		}
-	}()
 }
 
 // peerNames lists the configured peers, sorted.
