@@ -4,6 +4,7 @@ package e2e_test
 
 import (
 	"context"
+	"encoding/json"
 	"os"
 	"strings"
 	"testing"
@@ -34,6 +35,26 @@ func virsh(ctx context.Context, t *testing.T, h *lab.FleetHost, args ...string) 
 func plainMigrate(ctx context.Context, t *testing.T, vm *lab.VM, src, dst *lab.FleetHost) (string, time.Duration, error) {
 	t.Helper()
 	return virsh(ctx, t, src, "migrate", "--live", "--p2p", "--persistent", "--undefinesource", vm.Name, "qemu+tcp://"+dst.IP+"/system")
+}
+
+// lastPullTook returns the duration vtpmd logged for its last hook pull.
+func lastPullTook(t *testing.T, h *lab.FleetHost) string {
+	t.Helper()
+	b, err := os.ReadFile(h.Vtpmd.LogPath)
+	if err != nil {
+		return err.Error()
+	}
+	took := "?"
+	for _, line := range strings.Split(string(b), "\n") {
+		var e struct {
+			Msg  string `json:"msg"`
+			Took int64  `json:"took"`
+		}
+		if json.Unmarshal([]byte(line), &e) == nil && e.Msg == "hook: key pulled for an incoming migration" {
+			took = time.Duration(e.Took).Round(time.Millisecond).String()
+		}
+	}
+	return took
 }
 
 // waitOwner polls until exactly one host owns and runs the VM (the source
@@ -80,8 +101,8 @@ func TestHookModeVirshMigrate(t *testing.T) {
 		}
 		settled := waitOwner(ctx, t, f, vm, hop.dst.Name, 45*time.Second)
 		job, jerr := hop.dst.Hyp.CompletedJobStats(ctx, vm.UUID)
-		t.Logf("virsh migrate %s->%s with the hook: %v (libvirt job %v, downtime %v, %v); settled %v later",
-			hop.src.Name, hop.dst.Name, wall.Round(time.Millisecond), job.Elapsed, job.Downtime, jerr, settled.Round(time.Millisecond))
+		t.Logf("virsh migrate %s->%s with the hook: %v (libvirt job %v, downtime %v, %v; the pull in the hook took %s); settled %v later",
+			hop.src.Name, hop.dst.Name, wall.Round(time.Millisecond), job.Elapsed, job.Downtime, jerr, lastPullTook(t, hop.dst), settled.Round(time.Millisecond))
 	}
 
 	// Untrusted destination: virsh fails early, naming the rule.
