@@ -108,7 +108,10 @@ func (n *Node) Pull(ctx context.Context, req *PullRequest) (*PullResponse, error
 			return nil, fmt.Errorf("pull %s for %s: %w: no outgoing migration job on %s", id, req.Dest, ErrNotMigrating, n.cfg.Host)
 		}
 	}
-	if err := n.settleStalePulls(ctx, req.VMs); err != nil {
+	n.recoverMu.Lock() // not while the recovery loop settles the same transaction
+	err := n.settleStalePulls(ctx, req.VMs)
+	n.recoverMu.Unlock()
+	if err != nil {
 		return nil, err
 	}
 	txID, err := newTxID(n.cfg.Rand)
