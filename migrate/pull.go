@@ -22,10 +22,10 @@ import (
 // hypervisor really is migrating the VM away, then runs the first half of
 // a migration to the asking host (attest, wrap, Prepare with key proofs)
 // and answers. The transaction stays SrcPrepared, marked Pulled: the
-// hypervisor finishes the migration, and Reconcile (nudged by the source's
-// "release" hook, or the recovery loop) commits it once the VM runs on the
-// destination, or aborts it if the VM still runs here and no migration job
-// is left.
+// hypervisor finishes the migration, and Settle (nudged by the source's
+// "release end" hook or a libvirt lifecycle event) or the recovery loop
+// commits it once the VM runs on the destination, or aborts it if the VM
+// still runs here and no migration job is left.
 
 // PullRequest asks a VM's owner to release the VMs' keys to Dest, because
 // the owner's hypervisor is migrating them there.
@@ -86,34 +86,6 @@ func (n *Node) Pull(ctx context.Context, req *PullRequest) (*PullResponse, error
 	if req.Dest == n.cfg.Host {
 		return nil, fmt.Errorf("pull: %w: %s asks itself", ErrBadMessage, req.Dest)
 	}
-	for _, id := range req.VMs {
-		k, _, err := n.cfg.Keys.Get(ctx, id)
-		if errors.Is(err, vtpm.ErrKeyNotFound) {
-			return nil, fmt.Errorf("pull %s: %w", id, ErrNotOwner)
-		} else if err != nil {
-			return nil, fmt.Errorf("pull %s: %w", id, err)
-		}
-		k.Destroy()
-	}
-	jobs, ok := n.cfg.Hypervisor.(MigrationJobs)
-	if !ok {
-		return nil, fmt.Errorf("pull: %w: hypervisor %s cannot report migrations", ErrNotMigrating, n.cfg.Hypervisor.Name())
-	}
-	for _, id := range req.VMs {
-		out, err := jobs.MigratingOut(ctx, id)
-		if err != nil {
-			return nil, fmt.Errorf("pull %s: %w", id, err)
-		}
-		if !out {
-			return nil, fmt.Errorf("pull %s for %s: %w: no outgoing migration job on %s", id, req.Dest, ErrNotMigrating, n.cfg.Host)
-		}
-	}
-	n.recoverMu.Lock() // not while the recovery loop settles the same transaction
-	err := n.settleStalePulls(ctx, req.VMs)
-	n.recoverMu.Unlock()
-	if err != nil {
-		return nil, err
-	}
 	txID, err := newTxID(n.cfg.Rand)
 	if err != nil {
 		return nil, err
@@ -122,11 +94,35 @@ func (n *Node) Pull(ctx context.Context, req *PullRequest) (*PullResponse, error
 	defer destroyKeys(keys)
 	defer n.drive(txID)()
 	res := &Result{TxID: txID}
-	if _, _, err := n.release(ctx, releaseSpec{txID: txID, vms: req.VMs, dest: req.Dest, pulled: true}, keys, func(Phase, string) {}, res); err != nil {
+	spec := releaseSpec{txID: txID, vms: req.VMs, dest: req.Dest, pulled: true,
+		precheck: func(ctx context.Context) error { return n.pullPrecheck(ctx, req) }}
+	if _, _, err := n.release(ctx, spec, keys, func(Phase, string) {}, res); err != nil {
 		return nil, fmt.Errorf("pull: %w", err)
 	}
 	n.log.WithFields(logrus.Fields{"tx": txID, "dest": req.Dest, "vms": len(req.VMs), "warm": res.Warm}).Info("keys released for a hypervisor migration")
 	return &PullResponse{TxID: txID, Owner: n.cfg.Host, VMs: req.VMs, Warm: res.Warm}, nil
+}
+
+// pullPrecheck runs once this node owns every VM of req: the hypervisor
+// must be migrating each of them away right now, and an earlier pulled
+// transaction of the same VMs is settled first.
+func (n *Node) pullPrecheck(ctx context.Context, req *PullRequest) error {
+	jobs, ok := n.cfg.Hypervisor.(MigrationJobs)
+	if !ok {
+		return fmt.Errorf("pull: %w: hypervisor %s cannot report migrations", ErrNotMigrating, n.cfg.Hypervisor.Name())
+	}
+	for _, id := range req.VMs {
+		out, err := jobs.MigratingOut(ctx, id)
+		if err != nil {
+			return fmt.Errorf("pull %s: %w", id, err)
+		}
+		if !out {
+			return fmt.Errorf("pull %s for %s: %w: no outgoing migration job on %s", id, req.Dest, ErrNotMigrating, n.cfg.Host)
+		}
+	}
+	n.recoverMu.Lock() // not while the recovery loop settles the same transaction
+	defer n.recoverMu.Unlock()
+	return n.settleStalePulls(ctx, req.VMs)
 }
 
 // settleStalePulls resolves an earlier pulled transaction of the same VMs

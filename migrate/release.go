@@ -16,6 +16,9 @@ type releaseSpec struct {
 	// pulled marks a transaction the destination asked for (Pull): the
 	// hypervisor, not this node, migrates the VMs.
 	pulled bool
+	// precheck, when set, runs once this node is known to own every VM and
+	// before the transaction is opened; an error refuses the release.
+	precheck func(ctx context.Context) error
 }
 
 // release runs the first half of a migration, up to SrcPrepared: it opens
@@ -45,6 +48,11 @@ func (n *Node) release(ctx context.Context, s releaseSpec, keys map[string]vtpm.
 		}
 		keys[id] = k
 		tx.VMs = append(tx.VMs, TxVM{UUID: id, Generation: gen + 1})
+	}
+	if s.precheck != nil {
+		if err := s.precheck(ctx); err != nil {
+			return Tx{}, nil, err
+		}
 	}
 	if err := n.cfg.Ledger.Begin(tx); err != nil {
 		return Tx{}, nil, fmt.Errorf("migrate: %w", err)

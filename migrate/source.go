@@ -304,8 +304,10 @@ func (n *Node) completeSource(ctx context.Context, tx Tx) error {
 		if err := n.cfg.Keys.Delete(ctx, vm.UUID); err != nil && !errors.Is(err, vtpm.ErrKeyNotFound) {
 			return fmt.Errorf("migrate %s: shred source key of %s: %w", tx.ID, vm.UUID, err)
 		}
-		// The VM left: its secret has no business here any more (libvirt's
-		// own migration removes it too; a hook-mode migration does not).
+		// The VM left: its secret has no business here any more. The libvirt
+		// hypervisor's Migrate removes it too, but a hook-mode migration
+		// (plain virsh) does not, nor a crash between libvirt's return and
+		// that clean-up; a missing secret is no error.
 		if err := n.cfg.Hypervisor.UndefineSecret(ctx, vm.UUID); err != nil {
 			n.log.WithError(err).WithField("vm", vm.UUID).Warn("undefining the vTPM secret of a VM that left")
 		}

@@ -184,56 +184,50 @@ func installHook(dir, exe, socket string) (string, error) {
 //     the VM's transaction (asynchronously: libvirt holds the domain's lock
 //     until the hook returns). Never fails.
 func runQemuHook(ctx context.Context, c *adminClient, op, subop string, stdin io.Reader, stderr io.Writer) error {
-	var path string
-	switch op + " " + subop {
-	case "migrate begin":
-		path = "/v1/hook/pull"
-	case "prepare begin":
-		path = "/v1/hook/prepare"
-	case "release end":
-		path = "/v1/hook/released"
-	default:
+	ev, ok := hookEvents[op+" "+subop]
+	if !ok {
 		return nil
 	}
 	d, err := parseHookDomain(stdin)
-	if errors.Is(err, errNotOurs) {
+	if errors.Is(err, errNotOurs) || (err != nil && !ev.mustAnswer) {
 		return nil
 	}
 	if err != nil {
-		if path == "/v1/hook/released" {
-			return nil
-		}
 		return fmt.Errorf("vtpmm hook: %w", err)
 	}
 	ctx, cancel := context.WithTimeout(ctx, agent.HookTimeout)
 	defer cancel()
-	resp, err := c.do(ctx, http.MethodPost, path, agent.HookRequest{UUID: d.UUID, Name: d.Name})
-	if path == "/v1/hook/released" {
-		if err != nil {
-			fmt.Fprintf(stderr, "vtpmm hook: %v (vtpmd's recovery settles VM %s later)\n", err, d.Name)
-		} else {
-			resp.Body.Close()
+	resp, err := c.do(ctx, http.MethodPost, ev.path, agent.HookRequest{UUID: d.UUID, Name: d.Name})
+	switch {
+	case err == nil:
+		defer resp.Body.Close()
+		if ev.path == "/v1/hook/pull" {
+			var pr agent.HookPullResponse
+			_ = json.NewDecoder(resp.Body).Decode(&pr)
+			fmt.Fprintf(stderr, "vtpmm: vTPM key of VM %s pulled from %s (tx %s, %s)\n", d.Name, pr.Owner, pr.TxID, pr.Took)
 		}
 		return nil
-	}
-	if err != nil && path == "/v1/hook/prepare" {
-		if errors.Is(err, errUnreachable) {
-			// vtpmd down must not keep VMs from starting: libvirt uses the
-			// secret it has (and fails without one).
-			fmt.Fprintf(stderr, "vtpmm hook: %v; starting VM %s with the secret libvirt has\n", err, d.Name)
-			return nil
-		}
-		return fmt.Errorf("vtpmm refused to start VM %s (%s): %w", d.Name, d.UUID, err)
-	}
-	if err != nil {
-		return fmt.Errorf("vtpmm refused the incoming migration of VM %s (%s): %w", d.Name, d.UUID, err)
-	}
-	defer resp.Body.Close()
-	if path == "/v1/hook/prepare" {
+	case !ev.mustAnswer || (ev.startsWithoutVtpmd && errors.Is(err, errUnreachable)):
+		fmt.Fprintf(stderr, "vtpmm hook: %s of VM %s goes on: %v\n", op, d.Name, err)
 		return nil
 	}
-	var pr agent.HookPullResponse
-	_ = json.NewDecoder(resp.Body).Decode(&pr)
-	fmt.Fprintf(stderr, "vtpmm: vTPM key of VM %s pulled from %s (tx %s, %s)\n", d.Name, pr.Owner, pr.TxID, pr.Took)
-	return nil
+	return fmt.Errorf("vtpmm refused %s VM %s (%s): %w", ev.refusal, d.Name, d.UUID, err)
+}
+
+// hookEvent is how the hook handles one libvirt event.
+type hookEvent struct {
+	path string // vtpmd's admin endpoint
+	// mustAnswer: a failure fails libvirt's operation (exit 1). Otherwise
+	// the hook never fails (vtpmd's recovery catches up).
+	mustAnswer bool
+	// startsWithoutVtpmd: vtpmd being down does not fail the operation
+	// (libvirt goes on with the secret it has, and fails without one).
+	startsWithoutVtpmd bool
+	refusal            string // "the incoming migration of", "to start"
+}
+
+var hookEvents = map[string]hookEvent{
+	"migrate begin": {path: "/v1/hook/pull", mustAnswer: true, refusal: "the incoming migration of"},
+	"prepare begin": {path: "/v1/hook/prepare", mustAnswer: true, startsWithoutVtpmd: true, refusal: "to start"},
+	"release end":   {path: "/v1/hook/released"},
 }

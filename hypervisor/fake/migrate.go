@@ -23,10 +23,10 @@ const rollbackTimeout = 30 * time.Second
 // Migrate live-migrates a running VM to dest, libvirt style (peer to peer,
 // persistent on the destination, undefined on the source):
 //
-//  1. Prepare on the destination: its MigrateBegin hook runs (libvirt's
-//     qemu hook "migrate begin"; an error refuses the migration), the VM
-//     must not exist there, and its
-//     secret is read now (missing: ErrSecretMissing at once).
+//  1. Prepare on the destination: its MigrateBegin and PrepareBegin hooks
+//     run (libvirt's qemu hooks; an error refuses the migration), the VM
+//     must not exist there, and its secret is read now (missing:
+//     ErrSecretMissing at once).
 //  2. The guest pauses; the source swtpm hands out its state blobs,
 //     encrypted with the migration key, and stops (CMD_STOP).
 //  3. A new swtpm starts on the destination, on a fresh state directory
@@ -76,7 +76,7 @@ func (h *Host) Migrate(ctx context.Context, vmUUID string, dest hypervisor.Targe
 	if dst == h {
 		return fmt.Errorf("%s: %w: Requested operation is not valid: attempt to migrate guest to the same host", op, hypervisor.ErrMigrationFailed)
 	}
-	if err := dst.migrateBegin(ctx, vmUUID, d.name); err != nil {
+	if err := dst.incomingHooks(ctx, vmUUID, d.name); err != nil {
 		return fmt.Errorf("%s: %w", op, err)
 	}
 	pass, dstState, err := dst.prepareIncoming(vmUUID, d.name)
@@ -179,9 +179,9 @@ func (h *Host) prepareIncoming(vmUUID, name string) (pass []byte, stateDir strin
 	return pass, stateDir, nil
 }
 
-// migrateBegin runs the MigrateBegin and PrepareBegin hooks, if any, as
+// incomingHooks runs the MigrateBegin and PrepareBegin hooks, if any, as
 // libvirt runs "migrate begin" and then "prepare begin" on a destination.
-func (h *Host) migrateBegin(ctx context.Context, vmUUID, name string) error {
+func (h *Host) incomingHooks(ctx context.Context, vmUUID, name string) error {
 	h.mu.Lock()
 	hooks := []func(context.Context, string, string) error{h.MigrateBegin, h.PrepareBegin}
 	h.mu.Unlock()
