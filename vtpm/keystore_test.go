@@ -16,20 +16,28 @@ import (
 
 const vm1 = "0e2e0e2e-0000-4000-8000-000000000001"
 
+// newKeyStore makes a key store for host on a new vault of a new emulated
+// TPM; everything is closed when the test ends.
+func newKeyStore(t *testing.T, host string) (*vtpm.KeyStore, *vtpm.Vault, string) {
+	t.Helper()
+	_, tpm := tpmtest.NewHost(t)
+	dir := t.TempDir()
+	v, err := vtpm.InitVault(context.Background(), tpm, vtpm.VaultConfig{Dir: dir}, vtpm.InitOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(v.Close)
+	ks, err := vtpm.NewKeyStore(dir, host, v, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return ks, v, dir
+}
+
 func TestKeyStoreLifecycle(t *testing.T) {
 	t.Parallel()
 	ctx := context.Background()
-	_, tpm := tpmtest.NewHost(t)
-	dir := t.TempDir()
-	v, err := vtpm.InitVault(ctx, tpm, vtpm.VaultConfig{Dir: dir}, vtpm.InitOptions{})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer v.Close()
-	ks, err := vtpm.NewKeyStore(dir, "host-a", v, nil)
-	if err != nil {
-		t.Fatal(err)
-	}
+	ks, v, dir := newKeyStore(t, "host-a")
 	k, gen, err := ks.Create(ctx, vm1)
 	if err != nil || gen != 1 {
 		t.Fatalf("Create: gen %d, %v", gen, err)
@@ -182,14 +190,7 @@ func containsAny(s string, subs ...string) bool {
 func TestKeyStorePending(t *testing.T) {
 	t.Parallel()
 	ctx := context.Background()
-	_, tpm := tpmtest.NewHost(t)
-	dir := t.TempDir()
-	v, err := vtpm.InitVault(ctx, tpm, vtpm.VaultConfig{Dir: dir}, vtpm.InitOptions{})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer v.Close()
-	ks, _ := vtpm.NewKeyStore(dir, "host-b", v, nil)
+	ks, _, _ := newKeyStore(t, "host-b")
 	k, _ := vtpm.NewVMKey(nil)
 	const tx1, tx2 = "00112233aabbccdd", "99887766aabbccdd"
 	if err := ks.PutPending(ctx, vm1, tx1, 2, k); err != nil {
@@ -234,14 +235,7 @@ func TestKeyStorePending(t *testing.T) {
 func TestKeyStoreRefusesRestoredOldCopy(t *testing.T) {
 	t.Parallel()
 	ctx := context.Background()
-	_, tpm := tpmtest.NewHost(t)
-	dir := t.TempDir()
-	v, err := vtpm.InitVault(ctx, tpm, vtpm.VaultConfig{Dir: dir}, vtpm.InitOptions{})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer v.Close()
-	ks, _ := vtpm.NewKeyStore(dir, "host-a", v, nil)
+	ks, _, dir := newKeyStore(t, "host-a")
 	k, _, err := ks.Create(ctx, vm1)
 	if err != nil {
 		t.Fatal(err)
