@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"strings"
+	"time"
 
 	"google.golang.org/genproto/googleapis/rpc/errdetails"
 	"google.golang.org/grpc/codes"
@@ -179,8 +180,22 @@ func fromStatus(ctx context.Context, host, method string, err error) error {
 	if len(e.errs) == 0 {
 		e.errs = append(e.errs, migrate.ErrPeer)
 	}
-	if cerr := ctx.Err(); cerr != nil {
+	if cerr := callerContextErr(ctx, st.Code()); cerr != nil {
 		e.errs = append(e.errs, cerr)
 	}
 	return e
+}
+
+// callerContextErr is the caller's context error when the call ended with
+// it. gRPC can report DeadlineExceeded (the server's copy of the deadline
+// cancelled the stream) a moment before the caller's own context timer has
+// fired, so a passed deadline counts even while ctx.Err() is still nil.
+func callerContextErr(ctx context.Context, code codes.Code) error {
+	if err := ctx.Err(); err != nil {
+		return err
+	}
+	if dl, ok := ctx.Deadline(); ok && code == codes.DeadlineExceeded && !time.Now().Before(dl) {
+		return context.DeadlineExceeded
+	}
+	return nil
 }
