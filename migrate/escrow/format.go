@@ -112,8 +112,8 @@ type decoded struct {
 	ad     []byte   // magic .. header: the AEAD's associated data
 	shares [][]byte // the custodians' age files, in header order
 	nonce  []byte
-	ct    []byte
-	state []byte
+	ct     []byte
+	state  []byte
 }
 
 var (
