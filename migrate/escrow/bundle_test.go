@@ -174,6 +174,10 @@ func TestTamperNamesThePart(t *testing.T) {
 		{"VM name", func(f *frame) { f.h.VM.Name = "vm43" }, all, "header/", nil},
 		{"custodian renamed", func(f *frame) { f.h.Custodians[2].Name = "mallory" }, all, "header/", nil},
 		{"recipient label", func(f *frame) { f.h.Custodians[2].Recipients[0].Fingerprint = "0000000000000000" }, all, "header/", nil},
+		{"labels of the shares needed", func(f *frame) {
+			f.h.Custodians[0].Recipients[0].Fingerprint = "0000000000000000"
+			f.h.Custodians[1].Recipients[0].Fingerprint = "1111111111111111"
+		}, first2, "header/", nil},
 		{"state and its digest replaced", func(f *frame) {
 			f.state = []byte("other state")
 			f.h.State = StateInfo{Size: int64(len(f.state)), SHA256: digestHex(f.state)}

@@ -167,46 +167,59 @@ func gatherShares(ctx context.Context, d *decoded, id []byte, ids []*Identity) (
 		opened   = map[string]bool{}
 		matched  = map[*Identity]bool{}
 	)
-	for ci, c := range h.Custodians {
-		if len(got) >= h.Threshold {
-			break
-		}
-		if err := ctx.Err(); err != nil {
-			return got, nil, err
-		}
-		if digestHex(d.shares[ci]) != c.ShareSHA256 {
-			suspects = append(suspects, c.Name)
-			te := &TamperError{Part: "share", Custodian: c.Name, Detail: "its SHA-256 differs from the header (the share or the header changed after sealing)"}
-			tampered = append(tampered, te)
-			problems = append(problems, te.Error())
-			continue
-		}
-		for _, cand := range candidates(c, natives, plugins) {
-			pt, who, err := decryptShare(d.shares[ci], cand)
-			if err != nil {
-				var nm *age.NoIdentityMatchError
-				switch {
-				case errors.As(err, &nm):
-				case cand[0].kind.Plugin() != "":
-					problems = append(problems, fmt.Sprintf("custodian %s: %v: %v", c.Name, ErrPlugin, err))
-				default:
-					te := &TamperError{Part: "share", Custodian: c.Name, Detail: "the age file does not decrypt: " + err.Error()}
-					tampered = append(tampered, te)
-					problems = append(problems, te.Error())
-				}
-				continue
-			}
-			matched[who] = true
-			y, terr := checkShare(pt, id, c)
-			clear(pt)
-			if terr != nil {
-				tampered = append(tampered, terr)
-				problems = append(problems, terr.Error())
+	done := map[string]bool{} // opened, suspect or damaged: not tried again
+	// Pass 0 tries, for each custodian, the native identities whose
+	// recipient fingerprint is on the share's label, and the plugins that
+	// can serve it. Labels are not authenticated before unlock, so pass 1
+	// tries the remaining native identities on the shares still closed.
+	for pass := range 2 {
+		for ci, c := range h.Custodians {
+			if len(got) >= h.Threshold {
 				break
 			}
-			got = append(got, openedShare{custodian: c.Name, share: share{x: byte(c.X), y: y}})
-			opened[c.Name] = true
-			break
+			if done[c.Name] {
+				continue
+			}
+			if err := ctx.Err(); err != nil {
+				return got, nil, err
+			}
+			if digestHex(d.shares[ci]) != c.ShareSHA256 {
+				done[c.Name] = true
+				suspects = append(suspects, c.Name)
+				te := &TamperError{Part: "share", Custodian: c.Name, Detail: "its SHA-256 differs from the header (the share or the header changed after sealing)"}
+				tampered = append(tampered, te)
+				problems = append(problems, te.Error())
+				continue
+			}
+			for _, cand := range candidates(c, natives, plugins, pass) {
+				pt, who, err := decryptShare(d.shares[ci], cand)
+				if err != nil {
+					var nm *age.NoIdentityMatchError
+					switch {
+					case errors.As(err, &nm):
+					case cand[0].kind.Plugin() != "":
+						problems = append(problems, fmt.Sprintf("custodian %s: %v: %v", c.Name, ErrPlugin, err))
+					default:
+						done[c.Name] = true
+						te := &TamperError{Part: "share", Custodian: c.Name, Detail: "the age file does not decrypt: " + err.Error()}
+						tampered = append(tampered, te)
+						problems = append(problems, te.Error())
+					}
+					continue
+				}
+				matched[who] = true
+				done[c.Name] = true
+				y, terr := checkShare(pt, id, c)
+				clear(pt)
+				if terr != nil {
+					tampered = append(tampered, terr)
+					problems = append(problems, terr.Error())
+					break
+				}
+				got = append(got, openedShare{custodian: c.Name, share: share{x: byte(c.X), y: y}})
+				opened[c.Name] = true
+				break
+			}
 		}
 	}
 	if len(got) >= h.Threshold {
@@ -241,13 +254,32 @@ func gatherShares(ctx context.Context, d *decoded, id []byte, ids []*Identity) (
 	return nil, nil, e
 }
 
-// candidates lists the identity groups to try on one custodian's share:
-// all native identities at once, then each plugin identity that can serve
-// one of the custodian's recipients.
-func candidates(c CustodianShare, natives, plugins []*Identity) [][]*Identity {
+// candidates lists the identity groups to try on one custodian's share.
+// Pass 0: the native identities whose recipient is on the share's label,
+// then each plugin identity that can serve one of its recipients (the same
+// plugin, or a tagged hardware-key recipient). Pass 1: the other native
+// identities, in case the labels lie.
+func candidates(c CustodianShare, natives, plugins []*Identity, pass int) [][]*Identity {
+	labelled := func(id *Identity) bool {
+		for _, r := range c.Recipients {
+			if r.Fingerprint == id.fp {
+				return true
+			}
+		}
+		return false
+	}
+	var group []*Identity
+	for _, n := range natives {
+		if labelled(n) == (pass == 0) {
+			group = append(group, n)
+		}
+	}
 	var out [][]*Identity
-	if len(natives) > 0 {
-		out = append(out, natives)
+	if len(group) > 0 {
+		out = append(out, group)
+	}
+	if pass > 0 {
+		return out
 	}
 	for _, p := range plugins {
 		for _, r := range c.Recipients {
