@@ -14,8 +14,9 @@ import (
 type KeyCheck struct {
 	VMID string
 	File string // the envelope checked
-	// Pending is the transaction of a pending key (DIR/keys/<vm>.<tx>.pending);
-	// empty for the VM's active key.
+	// Pending is the transaction of a pending key (DIR/keys/<vm>.<tx>.pending),
+	// or "rekey" for the new key of an unfinished rekey (<vm>.rekey); empty
+	// for the VM's active key.
 	Pending string
 	// Generation is the envelope's generation when its header decodes.
 	Generation uint64
@@ -29,7 +30,11 @@ type KeyCheck struct {
 
 func (c KeyCheck) String() string {
 	what := "key"
-	if c.Pending != "" {
+	switch c.Pending {
+	case "":
+	case "rekey":
+		what = "new key of an unfinished rekey"
+	default:
 		what = "pending key (tx " + c.Pending + ")"
 	}
 	if !c.Damaged {
@@ -59,6 +64,10 @@ func (s *KeyStore) CheckKeys(ctx context.Context) ([]KeyCheck, error) {
 		name := e.Name()
 		if id, ok := strings.CutSuffix(name, ".key"); ok && CheckVMID(id) == nil {
 			out = append(out, s.checkOne(id, "", filepath.Join(s.dir, name)))
+			continue
+		}
+		if id, ok := strings.CutSuffix(name, ".rekey"); ok && CheckVMID(id) == nil {
+			out = append(out, s.checkOne(id, "rekey", filepath.Join(s.dir, name)))
 			continue
 		}
 		if rest, ok := strings.CutSuffix(name, ".pending"); ok {
