@@ -24,9 +24,6 @@ var (
 	ErrNotEncrypted = errors.New("vTPM state is not encrypted")
 	// ErrBadStateBlob means a state file or blob has an unknown format.
 	ErrBadStateBlob = errors.New("malformed swtpm state blob")
-	// ErrRekeyState means a vTPM's state directory is in the middle of an
-	// unfinished rekey (or its layout is inconsistent): run RecoverRekey.
-	ErrRekeyState = errors.New("vTPM rekey unfinished")
 )
 
 // ResultError is a non-zero TPM result returned by a control command.
