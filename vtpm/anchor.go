@@ -37,7 +37,7 @@ import (
 //   - file == TPM+1: a crash hit between 1 and 2: Check completes the
 //     increment (one more NV_Increment, in this case only) and goes on as
 //     above; the step stays unsettled (the caller never changed the key
-//     store, its VMs are at their old generations) until SettleAll;
+//     store, its VMs are at their old generations) until it is settled;
 //   - file < TPM: the directory is older than the TPM (a RollbackError);
 //   - file > TPM+1: the file belongs to another TPM (ErrAnchorAhead).
 //
@@ -114,7 +114,9 @@ type AnchorStatus struct {
 	// completed it: one more NV_Increment.
 	Repaired bool
 	// Pending lists unsettled steps (a crash between the increment and
-	// Settle): reconcile the ledger, then call SettleAll.
+	// Settle). Call SettleAll with the same facts before reconciling the
+	// ledger: it records where each of their VMs actually is, and a step
+	// that reconciliation re-runs takes a new Advance.
 	Pending []AnchorTicket
 	// Damaged echoes the VMs not compared (Facts.Damaged).
 	Damaged []string
