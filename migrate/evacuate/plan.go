@@ -150,7 +150,7 @@ func MakePlan(in Input) (Plan, error) {
 		to[h] = true
 	}
 
-	p := Plan{Source: in.Source, Assignments: []Assignment{}, Unplaced: []Unplaced{}}
+	p := Plan{Source: in.Source, Assignments: make([]Assignment, 0, len(vms)), Unplaced: []Unplaced{}}
 	idx := map[string]int{} // eligible host -> index in p.Hosts
 	for _, h := range hosts {
 		if h.Name == in.Source {
@@ -273,7 +273,7 @@ type roomHeap struct {
 
 func (h *roomHeap) Len() int { return len(h.idx) }
 func (h *roomHeap) Less(a, b int) bool {
-	x, y := h.plan.Hosts[h.idx[a]], h.plan.Hosts[h.idx[b]]
+	x, y := &h.plan.Hosts[h.idx[a]], &h.plan.Hosts[h.idx[b]]
 	lx, ly := x.Room-x.Assigned, y.Room-y.Assigned
 	if lx != ly {
 		return lx > ly

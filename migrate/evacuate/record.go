@@ -156,10 +156,12 @@ func (r *Record) validate() error {
 	if h := r.Holder; h != nil && (h.ID == "" || len(h.ID) > 256 || h.Session == "" || len(h.Session) > 256) {
 		return bad("holder %q session %q", h.ID, h.Session)
 	}
+	to := map[string]bool{}
 	for _, t := range r.Options.To {
-		if !hostIDRE.MatchString(t) || t == r.Source {
-			return bad("--to host %q", t)
+		if !hostIDRE.MatchString(t) || t == r.Source || to[t] {
+			return bad("--to host %q (malformed, the source or repeated)", t)
 		}
+		to[t] = true
 	}
 	seen := map[string]bool{}
 	for _, a := range r.Plan {

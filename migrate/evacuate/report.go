@@ -73,10 +73,12 @@ func (r *Report) finalize(elapsed time.Duration) {
 		r.Counts[v.Outcome]++
 	}
 	r.ElapsedMS = elapsed.Milliseconds()
-	r.ExitCode = r.exitCode()
+	r.ExitCode = ReportExitCode(r)
 }
 
-func (r *Report) exitCode() int {
+// ReportExitCode derives the exit code from the report's counts: the most
+// urgent outcome wins (open, failed, interrupted, refused or no room).
+func ReportExitCode(r *Report) int {
 	c := r.Counts
 	switch {
 	case c[OutcomeOpen] > 0:

@@ -140,6 +140,7 @@ func (e *Evacuator) Run(ctx context.Context, opts Options) (*Report, error) {
 	if opts.Parallel <= 0 {
 		opts.Parallel = DefaultParallel
 	}
+	opts.To = slices.Compact(slices.Sorted(slices.Values(opts.To)))
 	r := &run{e: e, opts: opts, start: start, slots: NewSlots(opts.Parallel),
 		recs: map[string]VMRecord{}, vms: map[string]VM{}, assign: map[string]string{},
 		results: map[string]VMReport{}, excluded: map[string]Exclusion{}, names: map[string]string{},
