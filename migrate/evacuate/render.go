@@ -6,6 +6,7 @@ import (
 	"os"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/vbauerster/cupwriter"
@@ -170,18 +171,20 @@ func hostLine(e Event) string {
 	return fmt.Sprintf("host %s %s: %s; %d VMs re-planned", e.Host, verb, e.Detail, e.Replanned)
 }
 
-// termRenderer keeps one line per VM updating in place while it moves
-// (mpb bars), a summary line, and prints each VM's final line above them
-// when it is done.
+// termRenderer keeps a summary line and one line per VM updating in place
+// from its migration to its commit (mpb bars), and prints each VM's final
+// line above them when it is done.
 type termRenderer struct {
 	w       io.Writer
 	p       *mpb.Progress
 	mu      sync.Mutex
 	lines   map[string]*vmLine
 	summary *mpb.Bar
-	planned int
-	done    int
-	moved   int
+	// Counts are atomics: decorators run on mpb's goroutines and must
+	// never wait for t.mu, which Event holds while it calls into mpb.
+	planned atomic.Int64
+	done    atomic.Int64
+	moved   atomic.Int64
 	report  *Report
 	closed  bool
 }
@@ -204,7 +207,7 @@ func newTermRenderer(w io.Writer, o RenderOptions) *termRenderer {
 	} else {
 		cw = &fixedConsole{out: w, width: max(o.Width, 40), height: max(o.Height, 10)}
 	}
-	opts := []mpb.ContainerOption{mpb.WithConsoleWriter(cw), mpb.PopCompletedMode(), mpb.WithWidth(max(o.Width, 40))}
+	opts := []mpb.ContainerOption{mpb.WithConsoleWriter(cw), mpb.WithWidth(max(o.Width, 40))}
 	if o.refresh != nil {
 		opts = append(opts, mpb.WithManualRefresh(o.refresh))
 	}
@@ -222,9 +225,9 @@ func (t *termRenderer) Event(e Event) {
 		var b strings.Builder
 		writePlan(&b, e)
 		_, _ = t.p.Write([]byte(b.String()))
-		t.planned = len(e.Plan.Assignments)
-		if !e.DryRun && t.planned > 0 {
-			t.summary = t.p.New(int64(t.planned), mpb.NopStyle(), mpb.BarPriority(-1), mpb.BarNoPop(),
+		t.planned.Store(int64(len(e.Plan.Assignments)))
+		if !e.DryRun && len(e.Plan.Assignments) > 0 {
+			t.summary = t.p.New(int64(len(e.Plan.Assignments)), mpb.NopStyle(), mpb.BarPriority(-1),
 				mpb.PrependDecorators(decor.Any(func(decor.Statistics) string { return t.summaryText() })))
 		}
 	case EventVMPhase:
@@ -234,21 +237,23 @@ func (t *termRenderer) Event(e Event) {
 		if e.Total > 0 {
 			l.total = e.Total
 		}
-		bar := l.bar
+		bar, total := l.bar, max(l.total, 1)
+		l.mu.Unlock()
 		if bar == nil && (e.Phase == PhaseMigrate || e.Phase == PhaseCommit) {
-			bar = t.p.New(int64(max(l.total, 1)), mpb.BarStyle(), mpb.BarWidth(24),
+			bar = t.p.New(int64(total), mpb.BarStyle(), mpb.BarWidth(24),
 				mpb.PrependDecorators(decor.Any(func(decor.Statistics) string { return l.head() })),
 				mpb.AppendDecorators(decor.Any(func(decor.Statistics) string { return l.tail() })))
+			l.mu.Lock()
 			l.bar = bar
+			l.mu.Unlock()
 		}
-		l.mu.Unlock()
 		if bar != nil {
-			bar.SetCurrent(int64(min(e.Bytes, max(l.total, 1))))
+			bar.SetCurrent(int64(min(e.Bytes, total)))
 		}
 	case EventVMDone:
-		t.done++
+		done := t.done.Add(1)
 		if e.Result.Outcome == OutcomeMoved {
-			t.moved++
+			t.moved.Add(1)
 		}
 		l := t.line(e)
 		l.mu.Lock()
@@ -256,12 +261,13 @@ func (t *termRenderer) Event(e Event) {
 		bar := l.bar
 		l.mu.Unlock()
 		if bar != nil {
-			bar.SetTotal(-1, true) // done: it pops above the live lines for good
-		} else {
-			_, _ = t.p.Write([]byte(doneLine(e.Result) + "\n"))
+			bar.Abort(true) // its live line goes away...
 		}
+		// ...and its final line is printed above the live ones for good
+		// (mpb shows only as many live lines as the terminal has rows).
+		_, _ = t.p.Write([]byte(doneLine(e.Result) + "\n"))
 		if t.summary != nil {
-			t.summary.SetCurrent(int64(min(t.done, t.planned)))
+			t.summary.SetCurrent(min(done, t.planned.Load()))
 		}
 	case EventHostRefused, EventHostFailed:
 		_, _ = t.p.Write([]byte(hostLine(e) + "\n"))
@@ -285,9 +291,7 @@ func (t *termRenderer) line(e Event) *vmLine {
 }
 
 func (t *termRenderer) summaryText() string {
-	t.mu.Lock()
-	defer t.mu.Unlock()
-	return fmt.Sprintf("evacuating: %d/%d done, %d moved", t.done, t.planned, t.moved)
+	return fmt.Sprintf("evacuating: %d/%d done, %d moved", t.done.Load(), t.planned.Load(), t.moved.Load())
 }
 
 func (l *vmLine) head() string {
@@ -308,10 +312,11 @@ func (t *termRenderer) Close() error {
 	t.closed = true
 	for _, l := range t.lines {
 		l.mu.Lock()
-		if l.bar != nil && !l.bar.Completed() {
-			l.bar.Abort(false)
-		}
+		bar := l.bar // never call into mpb holding l.mu: its decorators take it
 		l.mu.Unlock()
+		if bar != nil && !bar.Completed() {
+			bar.Abort(false)
+		}
 	}
 	if t.summary != nil {
 		t.summary.SetTotal(-1, true)

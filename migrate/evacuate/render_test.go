@@ -4,6 +4,7 @@ import (
 	"bufio"
 	"bytes"
 	"encoding/json"
+	"fmt"
 	"os"
 	"path/filepath"
 	"regexp"
@@ -142,7 +143,7 @@ func TestTerminalOutput(t *testing.T) {
 	plain := ansi.ReplaceAllString(out, "")
 	for i := range 6 {
 		name := "vm00" + string(rune('0'+i))
-		if !regexp.MustCompile(name + `\s+(moved|failed)\s+-> host-`).MatchString(plain) {
+		if !regexp.MustCompile(name + `\s+(moved|failed)\s+runs on host-`).MatchString(plain) {
 			t.Errorf("no final line for %s:\n%s", name, plain)
 		}
 	}
@@ -159,5 +160,27 @@ func TestIsTerminal(t *testing.T) {
 	defer f.Close()
 	if evacuate.IsTerminal(f) {
 		t.Error("a file is a terminal")
+	}
+}
+
+// TestTerminalManyVMs: 100 VMs on a 20-line terminal; every VM still gets
+// its final line (finished lines leave the live area for good).
+func TestTerminalManyVMs(t *testing.T) {
+	f := newFleet(t, 100, GiB, 40*GiB, 40*GiB, 40*GiB, 40*GiB)
+	var out bytes.Buffer
+	r := evacuate.NewRenderer(&out, evacuate.RenderOptions{Terminal: true, Width: 100, Height: 20})
+	rep, err := f.evacuator(t, f.process(), r).Run(ctxT(t), evacuate.Options{})
+	if err != nil || rep.ExitCode != evacuate.ExitOK {
+		t.Fatalf("%v, exit %d", err, rep.ExitCode)
+	}
+	if err := r.Close(); err != nil {
+		t.Fatal(err)
+	}
+	plain := ansi.ReplaceAllString(out.String(), "")
+	for i := range 100 {
+		name := fmt.Sprintf("vm%03d", i)
+		if !regexp.MustCompile(name + `\s+moved\s+runs on host-. at generation 2`).MatchString(plain) {
+			t.Fatalf("no final line for %s:\n%s", name, plain)
+		}
 	}
 }
