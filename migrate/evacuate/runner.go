@@ -270,7 +270,9 @@ func (r *run) saveRecord(ctx context.Context, state RecordState) error {
 	r.mu.Lock()
 	rec := *r.rec
 	rec.State, rec.Updated = state, r.e.cfg.Now()
-	rec.Plan = r.currentPlan()
+	if r.plan != nil { // before planning, keep the plan the record had
+		rec.Plan = r.currentPlan()
+	}
 	rec.Excluded = r.exclusions()
 	if state != StateRunning {
 		rec.Holder = nil
