@@ -3,6 +3,7 @@ package attest
 import (
 	"bytes"
 	"crypto/subtle"
+	"errors"
 	"strings"
 
 	"github.com/google/go-tpm/tpm2"
@@ -30,7 +31,9 @@ func VerifyCertify(ak, mk *Public, attestRaw, sigRaw, nonce []byte, pol MKPolicy
 	if err != nil {
 		return &RefusalError{Rule: RuleCertifySignature, Detail: err.Error(), Cause: err}
 	}
-	if _, err := VerifyTPMSignature(key, sigRaw, attestRaw); err != nil {
+	if _, err := VerifyTPMSignature(key, sigRaw, attestRaw); errors.Is(err, ErrSHA1Signature) {
+		return &RefusalError{Rule: RuleCertifySignature, Detail: "the certification is signed with SHA-1, refused (SHA-1 is accepted on EK certificate paths only)", Cause: err}
+	} else if err != nil {
 		return refuse(RuleCertifySignature, "certification not signed by the AK: %v", err)
 	}
 	if subtle.ConstantTimeCompare(att.A.ExtraData.Buffer, nonce) != 1 {

@@ -44,7 +44,7 @@ func FuzzParseCertificates(f *testing.F) {
 		store := NewRootStore(certs...)
 		for _, c := range certs {
 			_ = c.Label()
-			_, _ = store.VerifyEK(c, certs, CertPolicy{AllowSHA1: true, CheckValidity: true}, pinnedNow)
+			_, _ = store.VerifyEK(c, certs, CertPolicy{CheckValidity: true}, pinnedNow)
 		}
 	})
 }

@@ -3,6 +3,7 @@ package attest
 import (
 	"bytes"
 	"crypto/subtle"
+	"errors"
 	"fmt"
 	"strings"
 
@@ -82,6 +83,9 @@ func VerifyQuote(ak *Public, attestRaw, sigRaw, nonce []byte, pcrs PCRValues) (*
 		return nil, &RefusalError{Rule: RuleQuoteSignature, Detail: err.Error(), Cause: err}
 	}
 	h, err := VerifyTPMSignature(key, sigRaw, attestRaw)
+	if errors.Is(err, ErrSHA1Signature) {
+		return nil, &RefusalError{Rule: RuleQuoteSignature, Detail: "the quote is signed with SHA-1, refused (SHA-1 is accepted on EK certificate paths only)", Cause: err}
+	}
 	if err != nil {
 		return nil, refuse(RuleQuoteSignature, "quote not signed by the AK: %v", err)
 	}

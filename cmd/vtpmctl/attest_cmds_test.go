@@ -40,11 +40,13 @@ func TestAttestCommands(t *testing.T) {
 		wantOut    []string
 		wantErrOut []string
 	}{
-		{"ek verify stm with sha1", []string{"ek", "verify", real("ekcerts/stm/ab21ccf2-tpmcert.pem"), "--roots", real("roots"), "--allow-sha1"}, 0,
-			[]string{"STM TPM EK Intermediate CA 02", "trust anchor"}, nil},
-		{"ek verify stm sha1 refused", []string{"ek", "verify", real("ekcerts/stm/ab21ccf2-tpmcert.pem"), "--roots", real("roots")}, 2,
-			nil, []string{"rule ek-signature", "SHA-1"}},
-		{"ek verify ifx NV header", []string{"ek", "verify", real("ekcerts/ifx-tpm12/ek_cert_with_security_assertions.cer"), "--roots", real("roots"), "--allow-sha1"}, 0,
+		{"ek verify stm sha1 accepted by default", []string{"ek", "verify", real("ekcerts/stm/ab21ccf2-tpmcert.pem"), "--roots", real("roots")}, 0,
+			[]string{"STM TPM EK Intermediate CA 02", "trust anchor"}, []string{"warning: SHA-1 signature(s) accepted at depth [0]"}},
+		{"ek verify stm sha1 refused with --strict", []string{"ek", "verify", real("ekcerts/stm/ab21ccf2-tpmcert.pem"), "--roots", real("roots"), "--strict"}, 2,
+			nil, []string{"rule ek-signature", "SHA-1", "ek.strict"}},
+		{"ek verify deprecated --allow-sha1", []string{"ek", "verify", real("ekcerts/stm/ab21ccf2-tpmcert.pem"), "--roots", real("roots"), "--allow-sha1"}, 0,
+			[]string{"trust anchor"}, []string{"--allow-sha1 is deprecated", "--strict"}},
+		{"ek verify ifx NV header", []string{"ek", "verify", real("ekcerts/ifx-tpm12/ek_cert_with_security_assertions.cer"), "--roots", real("roots")}, 0,
 			[]string{"IFX TPM EK Intermediate CA 08"}, nil},
 		{"ek verify gce untrusted", []string{"ek", "verify", real("ekcerts/gce/pca_tpm_rsa_enc_cert.pem"), "--roots", real("roots")}, 2,
 			nil, []string{"rule ek-chain", "does not chain to a trusted root"}},
