@@ -12,8 +12,11 @@ import (
 	"crypto/x509/pkix"
 	"encoding/asn1"
 	"encoding/hex"
+	"encoding/json"
+	"encoding/pem"
 	"errors"
 	"math/big"
+	"os"
 	"path/filepath"
 	"strings"
 	"testing"
@@ -464,4 +467,44 @@ func publicFor(t testing.TB, key crypto.PublicKey, tmpl tpm2.TPMTPublic) *Public
 		t.Fatal(err)
 	}
 	return p
+}
+
+// TestWriteAKCertFixtures writes testdata/synthetic/akcert/: evidence
+// version 2 carrying an IAK-shaped certificate, the host's enrolment on it,
+// the EK and AK roots and a policy with enrollment: ak-certificate (used by
+// the vtpmctl tests and docs/attestation.md). Software keys only.
+func TestWriteAKCertFixtures(t *testing.T) {
+	if !*update {
+		t.Skip("run with -update to rewrite testdata/synthetic/akcert")
+	}
+	dir := filepath.Join("testdata", "synthetic", "akcert")
+	for _, d := range []string{"roots", "akroots"} {
+		if err := os.MkdirAll(filepath.Join(dir, d), 0o755); err != nil {
+			t.Fatal(err)
+		}
+	}
+	f := newAKCertFixture(t)
+	v := f.verifier(t, EnrollAKCertificate)
+	res, err := v.EnrollByAKCertificate(context.Background(), f.request(f.akCert))
+	if err != nil {
+		t.Fatal(err)
+	}
+	nonce := testNonce(1)
+	ev, _ := f.evidence(t, nonce).Encode()
+	v.Policy.Enrollment = EnrollAKCertificate
+	pol, _ := v.Policy.Marshal()
+	enr, _ := json.MarshalIndent([]Enrollment{*res.Enrollment}, "", "  ")
+	files := map[string][]byte{
+		"evidence.json":    ev,
+		"policy.yaml":      pol,
+		"enrollments.json": enr,
+		"nonce.hex":        []byte(hex.EncodeToString(nonce) + "\n"),
+		"roots/ca.pem":     pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: f.h.caDER}),
+		"akroots/root.pem": pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: f.root.der}),
+	}
+	for name, b := range files {
+		if err := os.WriteFile(filepath.Join(dir, name), b, 0o644); err != nil {
+			t.Fatal(err)
+		}
+	}
 }

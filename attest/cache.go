@@ -3,6 +3,7 @@ package attest
 import (
 	"crypto/sha256"
 	"encoding/binary"
+	"hash/maphash"
 	"sync"
 )
 
@@ -11,10 +12,14 @@ import (
 // replayed event logs. Every cache is bounded, safe for concurrent use and
 // keyed by a SHA-256 digest over the exact bytes (and the policy knobs) the
 // entry stands for, so a changed input is a different key and is verified
-// from scratch. Only successful outcomes are cached; refusals are always
-// recomputed. Entries are immutable once stored.
+// from scratch. Event logs are the exception, for speed: they are looked up
+// by a seeded 64-bit hash and served only when the stored copy is
+// byte-for-byte equal (see run.eventLog). Only successful outcomes are
+// cached; refusals are always recomputed. Entries are immutable once
+// stored.
 
-// Cache bounds. An event log entry costs about the size of the log.
+// Cache bounds. An event log entry costs twice the size of the log (the
+// stored copy and the parsed events).
 const (
 	maxCachedPublics   = 4096
 	maxCachedPaths     = 1024
@@ -115,6 +120,7 @@ func (c *boundedCache[V]) len() int {
 
 // verifierCache holds a Verifier's caches.
 type verifierCache struct {
+	logSeed  maphash.Seed
 	publics  *boundedCache[*Public]
 	ekPaths  *boundedCache[*pathCheck]
 	akChecks *boundedCache[*akCertCheck]
@@ -123,9 +129,20 @@ type verifierCache struct {
 
 func newVerifierCache() *verifierCache {
 	return &verifierCache{
+		logSeed:  maphash.MakeSeed(),
 		publics:  newBoundedCache[*Public](maxCachedPublics, maxCachedPublics),
 		ekPaths:  newBoundedCache[*pathCheck](maxCachedPaths, maxCachedPaths),
 		akChecks: newBoundedCache[*akCertCheck](maxCachedPaths, maxCachedPaths),
 		logs:     newBoundedCache[*logCheck](maxCachedLogs, maxCachedLogBytes),
 	}
+}
+
+// logKey is the lookup key of an event log: a seeded 64-bit hash and the
+// length. Entries found under it are compared byte for byte before use.
+func (c *verifierCache) logKey(raw []byte) cacheKey {
+	var k cacheKey
+	binary.BigEndian.PutUint64(k[:], maphash.Bytes(c.logSeed, raw))
+	binary.BigEndian.PutUint64(k[8:], uint64(len(raw)))
+	copy(k[16:], "eventlog")
+	return k
 }

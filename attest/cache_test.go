@@ -171,3 +171,24 @@ func TestBoundedCacheEvicts(t *testing.T) {
 		t.Fatal("cache keys are ambiguous")
 	}
 }
+
+// TestLogCacheComparesBytes: an entry found under a log's lookup key is
+// used only when its stored bytes equal the log (a hash collision, forced
+// here, falls back to parsing).
+func TestLogCacheComparesBytes(t *testing.T) {
+	h := newFakeHost(t)
+	other := readFile(t, "eventlogs/ubuntu-2104-no-secure-boot.bin")
+	r := &run{c: newVerifierCache()}
+	fake, err := r.eventLog(other)
+	if err != nil {
+		t.Fatal(err)
+	}
+	r.c.logs.put(r.c.logKey(h.log), fake, 1) // the other log's entry under this log's key
+	got, err := r.eventLog(h.log)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got == fake || !bytes.Equal(got.raw, h.log) || len(got.log.Events) != 44 {
+		t.Fatal("a cached entry of other bytes was served")
+	}
+}

@@ -8,8 +8,10 @@ import (
 	"strings"
 )
 
-// logCheck is a parsed and replayed event log with its facts, as cached.
+// logCheck is a parsed and replayed event log with its facts, as cached,
+// with the exact bytes it was parsed from.
 type logCheck struct {
+	raw      []byte
 	log      *EventLog
 	replay   PCRValues
 	facts    BootFacts
@@ -17,13 +19,16 @@ type logCheck struct {
 }
 
 // eventLog parses and replays raw, from the cache when the same bytes were
-// seen before.
+// seen before. Logs are tens of KiB, so the cache looks them up by a seeded
+// 64-bit hash (maphash, several GB/s) and then compares the stored copy
+// with raw byte for byte: only identical bytes are served, which is
+// stronger than equal SHA-256 digests and costs a memory compare.
 func (r *run) eventLog(raw []byte) (*logCheck, error) {
 	cacheable := len(raw) <= maxCacheableLogLen
 	var k cacheKey
 	if cacheable {
-		k = keyOf("eventlog", raw)
-		if lc, ok := r.c.logs.get(k); ok {
+		k = r.c.logKey(raw)
+		if lc, ok := r.c.logs.get(k); ok && bytes.Equal(lc.raw, raw) {
 			return lc, nil
 		}
 	}
@@ -31,10 +36,10 @@ func (r *run) eventLog(raw []byte) (*logCheck, error) {
 	if err != nil {
 		return nil, err
 	}
-	lc := &logCheck{log: log, replay: log.Replay()}
+	lc := &logCheck{raw: bytes.Clone(raw), log: log, replay: log.Replay()}
 	lc.facts, lc.factsErr = log.Facts()
 	if cacheable {
-		r.c.logs.put(k, lc, len(raw))
+		r.c.logs.put(k, lc, 2*len(raw))
 	}
 	return lc, nil
 }

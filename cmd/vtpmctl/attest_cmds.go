@@ -182,6 +182,12 @@ func printReplayTable(e *env, log *attest.EventLog, vals attest.PCRValues) {
 		format = "crypto-agile"
 	}
 	fmt.Fprintf(e.stdout, "%s event log, %d events\n", format, len(log.Events))
+	if loc, why := log.PCR0Locality(); loc != 0 {
+		fmt.Fprintf(e.stdout, "PCR 0 replayed from locality %d (%s)\n", loc, why)
+	}
+	for _, a := range log.UnknownAlgorithms() {
+		fmt.Fprintf(e.stdout, "digest algorithm 0x%04x skipped by its declared size (not replayed)\n", a)
+	}
 	tw := tabwriter.NewWriter(e.stdout, 0, 4, 2, ' ', 0)
 	fmt.Fprintln(tw, "BANK\tPCR\tVALUE")
 	for _, bank := range log.Banks {
@@ -271,6 +277,11 @@ func evidenceCommand(e *env) *cobra.Command {
 			}
 			if err != nil {
 				return refusalOrInput(err)
+			}
+			if !explain {
+				for _, w := range res.Warnings() {
+					fmt.Fprintf(e.stderr, "warning: %s: %s\n", res.Host, w)
+				}
 			}
 			fmt.Fprintf(e.stdout, "%s: attestation passed (AK %x, MK %x)\n", res.Host, []byte(res.AKName), []byte(res.MKName))
 			return nil
