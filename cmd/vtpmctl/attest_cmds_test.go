@@ -32,6 +32,8 @@ func TestAttestCommands(t *testing.T) {
 		t.Fatal(err)
 	}
 	verify := []string{"evidence", "verify", syn("evidence.json"), "--policy", syn("policy.yaml"), "--roots", syn("roots"), "--enrollments", syn("enrollments.json"), at}
+	ak := func(f string) string { return filepath.Join(td, "synthetic", "akcert", f) }
+	akv := []string{"evidence", "verify", ak("evidence.json"), "--policy", ak("policy.yaml"), "--roots", ak("roots"), "--enrollments", ak("enrollments.json"), "--nonce", nonce, at}
 
 	tests := []struct {
 		name       string
@@ -40,11 +42,13 @@ func TestAttestCommands(t *testing.T) {
 		wantOut    []string
 		wantErrOut []string
 	}{
-		{"ek verify stm with sha1", []string{"ek", "verify", real("ekcerts/stm/ab21ccf2-tpmcert.pem"), "--roots", real("roots"), "--allow-sha1"}, 0,
-			[]string{"STM TPM EK Intermediate CA 02", "trust anchor"}, nil},
-		{"ek verify stm sha1 refused", []string{"ek", "verify", real("ekcerts/stm/ab21ccf2-tpmcert.pem"), "--roots", real("roots")}, 2,
-			nil, []string{"rule ek-signature", "SHA-1"}},
-		{"ek verify ifx NV header", []string{"ek", "verify", real("ekcerts/ifx-tpm12/ek_cert_with_security_assertions.cer"), "--roots", real("roots"), "--allow-sha1"}, 0,
+		{"ek verify stm sha1 accepted by default", []string{"ek", "verify", real("ekcerts/stm/ab21ccf2-tpmcert.pem"), "--roots", real("roots")}, 0,
+			[]string{"STM TPM EK Intermediate CA 02", "trust anchor"}, []string{"warning: SHA-1 signature(s) accepted at depth [0]"}},
+		{"ek verify stm sha1 refused with --strict", []string{"ek", "verify", real("ekcerts/stm/ab21ccf2-tpmcert.pem"), "--roots", real("roots"), "--strict"}, 2,
+			nil, []string{"rule ek-signature", "SHA-1", "ek.strict"}},
+		{"ek verify deprecated --allow-sha1", []string{"ek", "verify", real("ekcerts/stm/ab21ccf2-tpmcert.pem"), "--roots", real("roots"), "--allow-sha1"}, 0,
+			[]string{"trust anchor"}, []string{"--allow-sha1 is deprecated", "--strict"}},
+		{"ek verify ifx NV header", []string{"ek", "verify", real("ekcerts/ifx-tpm12/ek_cert_with_security_assertions.cer"), "--roots", real("roots")}, 0,
 			[]string{"IFX TPM EK Intermediate CA 08"}, nil},
 		{"ek verify gce untrusted", []string{"ek", "verify", real("ekcerts/gce/pca_tpm_rsa_enc_cert.pem"), "--roots", real("roots")}, 2,
 			nil, []string{"rule ek-chain", "does not chain to a trusted root"}},
@@ -67,6 +71,12 @@ func TestAttestCommands(t *testing.T) {
 			nil, []string{"rule evidence-age"}},
 		{"evidence verify garbage", []string{"evidence", "verify", garbage, "--policy", syn("policy.yaml"), at}, 1,
 			nil, []string{"rule evidence-format"}},
+		{"evidence verify AK certificate", append(append([]string{}, akv...), "--ak-roots", ak("akroots"), "--explain"), 0,
+			[]string{"PASS ak-cert-chain", "PASS ak-cert-binding", "host-b: attestation passed"}, nil},
+		{"evidence verify AK certificate without AK roots", akv, 2,
+			nil, []string{"host-b: rule ak-cert-chain: no trust anchors configured"}},
+		{"eventlog replay H-CRTM", []string{"eventlog", "replay", filepath.Join(td, "field/eventlogs/hcrtm-swtpm.bin")}, 0,
+			[]string{"crypto-agile event log, 45 events", "PCR 0 replayed from locality 4 (H-CRTM", "sha256  0    05db9e5b8684a691"}, nil},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
