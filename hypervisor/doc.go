@@ -2,5 +2,5 @@
 // Hypervisor interface (consumed by package migrate), the errors that
 // classify hypervisor failures, and a working fake (hypervisor/fake) that
 // follows libvirt's rules and runs every vTPM as a real swtpm process. The
-// libvirt implementation arrives with issue #5.
+// libvirt implementation is hypervisor/libvirt (cgo).
 package hypervisor

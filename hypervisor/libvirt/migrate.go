@@ -101,7 +101,7 @@ func targetName(t hypervisor.Target) string {
 }
 
 // migrateParams checks that the VM runs here and, when its vTPM references
-// another secret than SecretUUID (an adopted domain), rewrites the
+// another secret than SecretUUID (a domain vtpmm did not define), rewrites the
 // destination's live and persistent XML to reference SecretUUID.
 func (h *Hypervisor) migrateParams(ctx context.Context, vmUUID string) (*golibvirt.DomainMigrateParameters, error) {
 	params := &golibvirt.DomainMigrateParameters{}

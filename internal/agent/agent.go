@@ -210,9 +210,6 @@ func checkHostRecord(cfg Config) error {
 	return nil
 }
 
-// Config returns the agent's configuration.
-func (a *Agent) Config() Config { return a.cfg }
-
 // Meter returns the metered host TPM transport (command counts, profile).
 func (a *Agent) Meter() *vtpm.Meter { return a.meter }
 

@@ -15,10 +15,11 @@ import (
 	"github.com/vtpmm/vtpmm/vtpm"
 )
 
-// Config is vtpmd's configuration file (YAML). Every field has a default;
-// see DefaultConfig and docs/configuration in the README.
+// Config is vtpmd's configuration file (YAML). Every field has a default
+// (DefaultConfig); the README's Configuration section and
+// packaging/vtpmd.yaml describe each one.
 type Config struct {
-	// HostID names this host in envelopes, logs and (later) the fleet.
+	// HostID names this host in envelopes, logs, certificates and to its peers.
 	// Default: the machine's hostname.
 	HostID string `yaml:"host_id"`
 	// DataDir holds the vault, the key store and the VM vTPM state.

@@ -206,9 +206,6 @@ func quotePCRs(v *attest.Verifier) map[attest.Bank][]int {
 	return identity.PCRsForPolicy(v.Policy)
 }
 
-// Node returns the migration node.
-func (d *Daemon) Node() *migrate.Node { return d.node }
-
 // Serve runs the agent wire, the admin API and metrics until ctx ends,
 // reconciling open transactions first. It then shuts down gracefully.
 func (d *Daemon) Serve(ctx context.Context) error {

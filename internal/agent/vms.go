@@ -276,19 +276,3 @@ func (a *Agent) StartAll(ctx context.Context) ([]VMStatus, error) {
 	}
 	return a.ListVMs(ctx)
 }
-
-// Run starts every VM's vTPM and keeps them running until ctx is done,
-// then stops them. ready, when non-nil, is called once all have started.
-func (a *Agent) Run(ctx context.Context, ready func([]VMStatus)) error {
-	started, err := a.StartAll(ctx)
-	if err != nil {
-		return err
-	}
-	if ready != nil {
-		ready(started)
-	}
-	<-ctx.Done()
-	stopCtx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 10*time.Second)
-	defer cancel()
-	return a.Close(stopCtx)
-}

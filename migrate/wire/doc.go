@@ -15,8 +15,8 @@
 //	/vtpmm.migrate.v1.Agent/Activate  migrate.ActivateRequest -> migrate.ActivateResponse
 //	/vtpmm.migrate.v1.Agent/Pull      migrate.PullRequest     -> migrate.PullResponse
 //
-// NewServer serves a migrate.Peer (a *migrate.Node); Dialer / NewClient
-// give a migrate.Dialer whose Peers call it, over one cached
+// NewServer serves a migrate.Peer (a *migrate.Node); NewClient gives a
+// Client whose Dial is a migrate.Dialer whose Peers call it, over one cached
 // *grpc.ClientConn per host.
 //
 // # Codec
