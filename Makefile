@@ -33,8 +33,8 @@ deps:
 ## build: the binaries into ./bin
 build: deps
 	@mkdir -p $(BIN)
-	$(GO) build -o $(BIN)/ ./cmd/vtpmd ./cmd/vtpmctl ./cmd/vtpmm-demo
-	CGO_ENABLED=0 $(GO) build -o $(BIN)/ ./cmd/vtpmm-guest
+	$(GO) build -o $(BIN)/ ./cmd/vtpmd ./cmd/vtpmm-demo
+	CGO_ENABLED=0 $(GO) build -o $(BIN)/ ./cmd/vtpmctl ./cmd/vtpmm-guest
 
 ## test: vet, every test on real swtpm processes, then the e2e suite on real libvirt (root)
 test: deps

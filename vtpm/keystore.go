@@ -14,6 +14,8 @@ import (
 	"strings"
 	"sync"
 	"time"
+
+	"github.com/vtpmm/vtpmm/internal/atomicfile"
 )
 
 // KeyStore keeps each VM's key on disk as an Envelope under the vault, one
@@ -119,7 +121,7 @@ func (s *KeyStore) write(ctx context.Context, vmID string, gen uint64, k VMKey) 
 	if err != nil {
 		return err
 	}
-	if err := WriteFileAtomic(s.keyPath(vmID), b); err != nil {
+	if err := atomicfile.WriteFile(s.keyPath(vmID), b, 0o600); err != nil {
 		return err
 	}
 	return s.writeSeen(vmID, gen)
@@ -250,5 +252,5 @@ func (s *KeyStore) writeSeen(vmID string, gen uint64) error {
 	if err != nil {
 		return err
 	}
-	return WriteFileAtomic(s.seenPath(vmID), b)
+	return atomicfile.WriteFile(s.seenPath(vmID), b, 0o600)
 }

@@ -8,6 +8,8 @@ import (
 	"io/fs"
 	"os"
 	"time"
+
+	"github.com/vtpmm/vtpmm/internal/atomicfile"
 )
 
 const (
@@ -63,5 +65,5 @@ func writeVaultFile(path string, f vaultFile) error {
 	if err != nil {
 		return err
 	}
-	return WriteFileAtomic(path, append(b, '\n'))
+	return atomicfile.WriteFile(path, append(b, '\n'), 0o600)
 }

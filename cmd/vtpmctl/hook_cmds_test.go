@@ -14,7 +14,7 @@ import (
 
 	"github.com/vtpmm/vtpmm/attest"
 	"github.com/vtpmm/vtpmm/hypervisor"
-	"github.com/vtpmm/vtpmm/hypervisor/libvirt"
+	"github.com/vtpmm/vtpmm/internal/adminapi"
 	"github.com/vtpmm/vtpmm/internal/devfleet"
 	"github.com/vtpmm/vtpmm/vtpm"
 )
@@ -106,7 +106,7 @@ func TestHookInstall(t *testing.T) {
 	// Events the hook does not handle, and domains that are not vtpmm's,
 	// exit 0 without contacting vtpmd.
 	for _, args := range [][]string{{"web-1", "started", "begin", "-"}, {"web-1", "migrate", "begin", "-"}} {
-		if err := runQemuHook(context.Background(), newAdminClient("/nonexistent.sock"), args[1], args[2],
+		if err := runQemuHook(context.Background(), adminapi.NewClient("/nonexistent.sock"), args[1], args[2],
 			strings.NewReader("<domain><name>plain</name><uuid>6f1c3a52-0c41-4d1c-9d55-3f1e7c2b9a10</uuid></domain>"), &errb); err != nil {
 			t.Fatalf("%v: %v", args, err)
 		}
@@ -114,12 +114,12 @@ func TestHookInstall(t *testing.T) {
 	// vtpmd down: a start goes on with libvirt's secret; an incoming
 	// migration is refused (the key cannot be pulled), saying why.
 	const vm = "6f1c3a52-0c41-4d1c-9d55-3f1e7c2b9a10"
-	down := newAdminClient("/nonexistent.sock")
+	down := adminapi.NewClient("/nonexistent.sock")
 	if err := runQemuHook(context.Background(), down, "prepare", "begin", strings.NewReader(domainXML("web-1", vm)), &errb); err != nil {
 		t.Fatalf("prepare begin without vtpmd: %v", err)
 	}
-	if err := runQemuHook(context.Background(), down, "migrate", "begin", strings.NewReader(domainXML("web-1", vm)), &errb); !errors.Is(err, errUnreachable) {
-		t.Fatalf("migrate begin without vtpmd: got %v, want errUnreachable", err)
+	if err := runQemuHook(context.Background(), down, "migrate", "begin", strings.NewReader(domainXML("web-1", vm)), &errb); !errors.Is(err, adminapi.ErrUnreachable) {
+		t.Fatalf("migrate begin without vtpmd: got %v, want adminapi.ErrUnreachable", err)
 	}
 }
 
@@ -127,7 +127,7 @@ func TestHookInstall(t *testing.T) {
 func domainXML(name, uuid string) string {
 	return fmt.Sprintf(`<domain type='kvm'><name>%s</name><uuid>%s</uuid><devices><tpm model='tpm-crb'>`+
 		`<backend type='emulator' version='2.0'><encryption secret='%s'/></backend></tpm></devices></domain>`,
-		name, uuid, libvirt.SecretUUID(uuid))
+		name, uuid, hypervisor.SecretUUID(uuid))
 }
 
 // TestHookModeFleet runs hook mode through real daemons (real TPMs, the
@@ -169,15 +169,15 @@ func TestHookModeFleet(t *testing.T) {
 		sock := h.Cfg.AdminSocketPath()
 		h.Hyp.MigrateBegin = func(ctx context.Context, vm, name string) error {
 			var errb bytes.Buffer
-			return runQemuHook(ctx, newAdminClient(sock), "migrate", "begin", strings.NewReader(domainXML(name, vm)), &errb)
+			return runQemuHook(ctx, adminapi.NewClient(sock), "migrate", "begin", strings.NewReader(domainXML(name, vm)), &errb)
 		}
 		h.Hyp.PrepareBegin = func(ctx context.Context, vm, name string) error {
 			var errb bytes.Buffer
-			return runQemuHook(ctx, newAdminClient(sock), "prepare", "begin", strings.NewReader(domainXML(name, vm)), &errb)
+			return runQemuHook(ctx, adminapi.NewClient(sock), "prepare", "begin", strings.NewReader(domainXML(name, vm)), &errb)
 		}
 		h.Hyp.Released = func(vm string) {
 			var errb bytes.Buffer
-			if err := runQemuHook(ctx, newAdminClient(sock), "release", "end", strings.NewReader(domainXML(names[vm], vm)), &errb); err != nil {
+			if err := runQemuHook(ctx, adminapi.NewClient(sock), "release", "end", strings.NewReader(domainXML(names[vm], vm)), &errb); err != nil {
 				t.Errorf("release hook: %v", err)
 			}
 		}
@@ -222,7 +222,7 @@ func TestHookModeFleet(t *testing.T) {
 		t.Fatalf("cold start on the owner through the hook: %v", err)
 	}
 	var errb bytes.Buffer
-	err = runQemuHook(ctx, newAdminClient(a.Cfg.AdminSocketPath()), "prepare", "begin", strings.NewReader(domainXML("web-1", vm)), &errb)
+	err = runQemuHook(ctx, adminapi.NewClient(a.Cfg.AdminSocketPath()), "prepare", "begin", strings.NewReader(domainXML("web-1", vm)), &errb)
 	if err == nil || !strings.Contains(err.Error(), "holds no key") {
 		t.Fatalf("start on A, which no longer owns the key: %v", err)
 	}

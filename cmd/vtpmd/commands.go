@@ -62,14 +62,14 @@ func runCmd(e *env) *cobra.Command {
 			if err != nil {
 				return err
 			}
-			d, err := agent.StartDaemon(cmd.Context(), cfg, agent.DaemonOptions{Options: e.opts()})
+			d, err := agent.StartDaemon(cmd.Context(), cfg, agent.DaemonOptions{Options: e.opts(), Hypervisors: e.deps.Hypervisors})
 			if err != nil {
 				return err
 			}
 			// Without a hypervisor, vtpmd runs each VM's vTPM itself; with
 			// one, the hypervisor does (libvirt starts swtpm with the key).
 			var vms []agent.VMStatus
-			if cfg.Hypervisor == "" {
+			if d.RunsVTPMs() {
 				if vms, err = d.StartAll(cmd.Context()); err != nil {
 					_ = d.Close(cmd.Context())
 					return err

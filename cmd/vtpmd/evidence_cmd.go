@@ -17,6 +17,7 @@ import (
 
 	"github.com/vtpmm/vtpmm/attest"
 	"github.com/vtpmm/vtpmm/internal/agent"
+	"github.com/vtpmm/vtpmm/internal/atomicfile"
 	"github.com/vtpmm/vtpmm/vtpm"
 	"github.com/vtpmm/vtpmm/vtpm/identity"
 )
@@ -314,5 +315,5 @@ func writeOutput(e *env, path string, data []byte) error {
 		_, err := e.stdout.Write(data)
 		return err
 	}
-	return vtpm.WriteFileAtomic(path, data)
+	return atomicfile.WriteFile(path, data, 0o600)
 }

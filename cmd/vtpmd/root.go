@@ -8,11 +8,20 @@ import (
 	"github.com/sirupsen/logrus"
 	"github.com/spf13/cobra"
 
+	"github.com/vtpmm/vtpmm/hypervisor"
 	"github.com/vtpmm/vtpmm/internal/agent"
 )
 
+// Deps are what the composition root (main) wires in.
+type Deps struct {
+	// Hypervisors opens the configured hypervisor URI (main registers
+	// hypervisor/libvirt; tests may leave it empty).
+	Hypervisors *hypervisor.Registry
+}
+
 // env carries what every command needs; nothing is global.
 type env struct {
+	deps           Deps
 	stdin          io.Reader
 	stdout, stderr io.Writer
 	log            *logrus.Logger
@@ -69,8 +78,8 @@ func (e *env) withAgent(ctx context.Context, f func(cfg agent.Config, a *agent.A
 }
 
 // Run runs vtpmd with args (without the program name).
-func Run(ctx context.Context, args []string, stdin io.Reader, stdout, stderr io.Writer) error {
-	e := &env{stdin: stdin, stdout: stdout, stderr: stderr, log: logrus.New()}
+func Run(ctx context.Context, args []string, stdin io.Reader, stdout, stderr io.Writer, deps Deps) error {
+	e := &env{deps: deps, stdin: stdin, stdout: stdout, stderr: stderr, log: logrus.New()}
 	e.log.SetOutput(stderr)
 	e.log.SetFormatter(&logrus.JSONFormatter{})
 	root := &cobra.Command{

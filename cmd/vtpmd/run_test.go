@@ -63,7 +63,7 @@ func TestRunCommands(t *testing.T) {
 	}
 	for _, tc := range tests {
 		var out, errb bytes.Buffer
-		err := Run(ctx, append([]string{"--config", cfg}, tc.args...), strings.NewReader(""), &out, &errb)
+		err := Run(ctx, append([]string{"--config", cfg}, tc.args...), strings.NewReader(""), &out, &errb, Deps{})
 		switch {
 		case tc.wantErr == "" && err != nil:
 			t.Fatalf("%s: %v\nstderr: %s", tc.name, err, errb.String())

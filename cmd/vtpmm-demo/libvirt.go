@@ -11,7 +11,6 @@ import (
 	"github.com/sirupsen/logrus"
 
 	"github.com/vtpmm/vtpmm/hypervisor"
-	"github.com/vtpmm/vtpmm/hypervisor/libvirt"
 	"github.com/vtpmm/vtpmm/test/guest"
 	"github.com/vtpmm/vtpmm/test/lab"
 	"github.com/vtpmm/vtpmm/vtpm"
@@ -55,7 +54,7 @@ func (d *demo) live(ctx context.Context, t lab.T) {
 	d.say("host-a: vtpmd vm create web-1; libvirt starts it (TCG, 256 MiB, TPM 2.0) with its VM key as an ephemeral private secret")
 	vm := f.CreateVM(ctx, a, "web-1", lab.LinuxSpec(img))
 	d.detail("VM key generation %d, in host-a's vault only; vTPM state encrypted with it; libvirt secret %s (ephemeral, private)",
-		vm.Generation, libvirt.SecretUUID(vm.UUID))
+		vm.Generation, hypervisor.SecretUUID(vm.UUID))
 	d.detail("web-1 (%s) is booting on host-a", vm.UUID)
 
 	d.say("vtpmd run on every host (inside its namespaces); each host enrols the others (vtpmctl host enroll: EK chain + AK activation)")

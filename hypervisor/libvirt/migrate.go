@@ -56,7 +56,7 @@ func (h *Hypervisor) MigrateWith(ctx context.Context, vmUUID string, dest hyperv
 	if err != nil {
 		return fmt.Errorf("%s: %w", op, err)
 	}
-	secretUUID := SecretUUID(vmUUID)
+	secretUUID := hypervisor.SecretUUID(vmUUID)
 	var peer *golibvirt.Connect
 	peerURI := dest.URI
 	if h.cfg.PeerURI != nil {
@@ -129,7 +129,7 @@ func (h *Hypervisor) migrateParams(ctx context.Context, vmUUID string) (*golibvi
 		if tpm == nil {
 			return ErrNoVTPM
 		}
-		want := SecretUUID(vmUUID)
+		want := hypervisor.SecretUUID(vmUUID)
 		if tpm.Encryption == nil || tpm.Encryption.Secret == want {
 			return nil
 		}

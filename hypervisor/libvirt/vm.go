@@ -9,6 +9,7 @@ import (
 	"libvirt.org/go/libvirtxml"
 
 	"github.com/vtpmm/vtpmm/hypervisor"
+	"github.com/vtpmm/vtpmm/internal/ids"
 )
 
 // VMSpec describes a VM with an encrypted emulator vTPM for DefineVM.
@@ -29,7 +30,7 @@ type VMSpec struct {
 	// TPMVersion is "2.0" (default, tpm-crb) or "1.2" (tpm-tis).
 	TPMVersion string
 	// SecretUUID is the secret the vTPM state is encrypted with; default
-	// SecretUUID(UUID), the one DefineSecret defines.
+	// hypervisor.SecretUUID(UUID), the one DefineSecret defines.
 	SecretUUID string
 	// Start cold-starts the VM after defining it.
 	Start bool
@@ -37,7 +38,7 @@ type VMSpec struct {
 
 // DomainXML renders the spec as libvirt domain XML.
 func (s VMSpec) DomainXML() (string, error) {
-	if s.Name == "" || !isUUID(s.UUID) {
+	if s.Name == "" || !ids.IsUUID(s.UUID) {
 		return "", fmt.Errorf("%w: VM name and canonical UUID required", ErrBadConfig)
 	}
 	mem, cpus := s.MemoryMiB, s.VCPUs
@@ -58,7 +59,7 @@ func (s VMSpec) DomainXML() (string, error) {
 	}
 	secret := s.SecretUUID
 	if secret == "" {
-		secret = SecretUUID(s.UUID)
+		secret = hypervisor.SecretUUID(s.UUID)
 	}
 	typ := "kvm"
 	if s.TCG {

@@ -14,51 +14,17 @@ import (
 
 	"github.com/vtpmm/vtpmm/attest"
 	"github.com/vtpmm/vtpmm/hypervisor"
+	"github.com/vtpmm/vtpmm/internal/adminapi"
 	"github.com/vtpmm/vtpmm/internal/audit"
+	"github.com/vtpmm/vtpmm/internal/errclass"
+	"github.com/vtpmm/vtpmm/internal/strictjson"
 	"github.com/vtpmm/vtpmm/migrate"
 	"github.com/vtpmm/vtpmm/vtpm"
 )
 
-// The admin API is vtpmctl's local access to vtpmd: JSON over HTTP on a
-// unix socket that only root can open (mode 0600). Migrations stream their
-// progress as JSON lines.
-
-// MigrateRequest is POST /v1/migrate.
-type MigrateRequest struct {
-	VMs []string `json:"vms"` // names or UUIDs
-	To  string   `json:"to"`
-}
-
-// MigrateEvent is one line of the /v1/migrate stream: a phase, or the end.
-type MigrateEvent struct {
-	Phase  string          `json:"phase,omitempty"`
-	Detail string          `json:"detail,omitempty"`
-	Done   bool            `json:"done,omitempty"`
-	Result *migrate.Result `json:"result,omitempty"`
-	Error  string          `json:"error,omitempty"`
-	// Code classifies the end: ok, refused, aborted, unresolved, busy, error.
-	Code string `json:"code,omitempty"`
-}
-
-// VMInfo is a VM as GET /v1/vms reports it.
-type VMInfo struct {
-	Name         string       `json:"name"`
-	UUID         string       `json:"uuid"`
-	Generation   uint64       `json:"generation"`
-	State        string       `json:"state"` // hypervisor state here
-	Owned        bool         `json:"owned"` // this host holds the active key
-	PendingTx    string       `json:"pending_tx,omitempty"`
-	Transactions []migrate.Tx `json:"transactions,omitempty"`
-}
-
-// HostInfo is a host as GET /v1/hosts reports it.
-type HostInfo struct {
-	Host      string `json:"host"`
-	Address   string `json:"address"`
-	Self      bool   `json:"self,omitempty"`
-	Reachable bool   `json:"reachable"`
-	Error     string `json:"error,omitempty"`
-}
+// The admin API (internal/adminapi) is vtpmctl's local access to vtpmd:
+// JSON over HTTP on a unix socket that only root can open (mode 0600).
+// Migrations stream their progress as JSON lines.
 
 func (d *Daemon) adminListener() (net.Listener, error) {
 	if d.dopts.AdminListener != nil {
@@ -82,15 +48,15 @@ func (d *Daemon) adminListener() (net.Listener, error) {
 
 func (d *Daemon) serveAdmin(ctx context.Context, lis net.Listener) error {
 	mux := http.NewServeMux()
-	mux.HandleFunc("POST /v1/migrate", d.handleMigrate)
-	mux.HandleFunc("GET /v1/vms", d.handleVMs)
-	mux.HandleFunc("GET /v1/vms/{ref}", d.handleVM)
-	mux.HandleFunc("GET /v1/hosts", d.handleHosts)
-	mux.HandleFunc("POST /v1/hosts/{host}/enroll", d.handleEnroll)
-	mux.HandleFunc("GET /v1/audit", d.handleAudit)
-	mux.HandleFunc("POST /v1/hook/pull", d.handleHookPull)
-	mux.HandleFunc("POST /v1/hook/prepare", d.handleHookPrepare)
-	mux.HandleFunc("POST /v1/hook/released", d.handleHookReleased)
+	mux.HandleFunc("POST "+adminapi.PathMigrate, d.handleMigrate)
+	mux.HandleFunc("GET "+adminapi.PathVMs, d.handleVMs)
+	mux.HandleFunc("GET "+adminapi.PathVMs+"/{ref}", d.handleVM)
+	mux.HandleFunc("GET "+adminapi.PathHosts, d.handleHosts)
+	mux.HandleFunc("POST "+adminapi.PathHosts+"/{host}/enroll", d.handleEnroll)
+	mux.HandleFunc("GET "+adminapi.PathAudit, d.handleAudit)
+	mux.HandleFunc("POST "+adminapi.PathHookPull, d.handleHookPull)
+	mux.HandleFunc("POST "+adminapi.PathHookPrepare, d.handleHookPrepare)
+	mux.HandleFunc("POST "+adminapi.PathHookReleased, d.handleHookReleased)
 	srv := &http.Server{Handler: mux, ReadHeaderTimeout: 10 * time.Second}
 	go func() {
 		<-ctx.Done()
@@ -104,45 +70,20 @@ func (d *Daemon) serveAdmin(ctx context.Context, lis net.Listener) error {
 	return nil
 }
 
-func writeJSON(w http.ResponseWriter, status int, v any) {
-	w.Header().Set("Content-Type", "application/json")
-	w.WriteHeader(status)
-	_ = json.NewEncoder(w).Encode(v)
-}
-
-func writeError(w http.ResponseWriter, status int, err error) {
-	writeJSON(w, status, map[string]string{"error": err.Error()})
-}
-
-// ErrorCode classifies a migration error for exit codes and scripts.
-func ErrorCode(err error) string {
-	switch {
-	case err == nil:
-		return "ok"
-	case errors.Is(err, migrate.ErrRefused):
-		return "refused"
-	case errors.Is(err, migrate.ErrUnresolved):
-		return "unresolved"
-	case errors.Is(err, migrate.ErrBusy):
-		return "busy"
-	case errors.Is(err, migrate.ErrHypervisor), errors.Is(err, migrate.ErrPeer), errors.Is(err, migrate.ErrKeyProof),
-		errors.Is(err, vtpm.ErrStaleGeneration):
-		return "aborted"
-	}
-	return "error"
-}
+// maxAdminRequest bounds an admin request's body.
+const maxAdminRequest = 1 << 20
 
 func (d *Daemon) handleMigrate(w http.ResponseWriter, r *http.Request) {
-	var req MigrateRequest
-	if err := json.NewDecoder(http.MaxBytesReader(w, r.Body, 1<<20)).Decode(&req); err != nil || req.To == "" || len(req.VMs) == 0 {
-		writeError(w, http.StatusBadRequest, fmt.Errorf("want {\"vms\": [...], \"to\": \"HOST\"}"))
+	var req adminapi.MigrateRequest
+	if err := strictjson.DecodeReader(r.Body, &req, maxAdminRequest); err != nil || req.To == "" || len(req.VMs) == 0 {
+		adminapi.WriteError(w, http.StatusBadRequest, fmt.Errorf("want {\"vms\": [...], \"to\": \"HOST\"}"))
 		return
 	}
 	ids := make([]string, 0, len(req.VMs))
 	for _, ref := range req.VMs {
 		id, err := d.resolveVM(r.Context(), ref)
 		if err != nil {
-			writeError(w, http.StatusNotFound, err)
+			adminapi.WriteError(w, http.StatusNotFound, err)
 			return
 		}
 		ids = append(ids, id)
@@ -156,10 +97,10 @@ func (d *Daemon) handleMigrate(w http.ResponseWriter, r *http.Request) {
 		}
 	}
 	res, err := d.node.Migrate(r.Context(), migrate.Request{VMs: ids, Dest: req.To}, func(p migrate.Phase, detail string) {
-		_ = enc.Encode(MigrateEvent{Phase: string(p), Detail: detail})
+		_ = enc.Encode(adminapi.MigrateEvent{Phase: string(p), Detail: detail})
 		flush()
 	})
-	end := MigrateEvent{Done: true, Result: res, Code: ErrorCode(err)}
+	end := adminapi.MigrateEvent{Done: true, Result: apiResult(res), Code: errclass.CodeOf(err), Reasons: errclass.Reasons(err)}
 	if err != nil {
 		end.Error = err.Error()
 	}
@@ -176,25 +117,23 @@ func (d *Daemon) resolveVM(ctx context.Context, ref string) (string, error) {
 	if vm, err := d.findVM(ref); err == nil {
 		return vm.UUID, nil
 	}
-	if d.hyp != nil {
-		doms, _ := d.hyp.Domains(ctx)
-		for _, dom := range doms {
-			if dom.Name == ref {
-				return dom.UUID, nil
-			}
+	doms, _ := d.hyp.Domains(ctx)
+	for _, dom := range doms {
+		if dom.Name == ref {
+			return dom.UUID, nil
 		}
 	}
 	return "", fmt.Errorf("%w: %q", ErrVMNotFound, ref)
 }
 
 // VMs lists the VMs this host owns or runs.
-func (d *Daemon) VMs(ctx context.Context) ([]VMInfo, error) {
-	byID := map[string]*VMInfo{}
-	get := func(id string) *VMInfo {
+func (d *Daemon) VMs(ctx context.Context) ([]adminapi.VMInfo, error) {
+	byID := map[string]*adminapi.VMInfo{}
+	get := func(id string) *adminapi.VMInfo {
 		if v, ok := byID[id]; ok {
 			return v
 		}
-		v := &VMInfo{UUID: id, State: string(hypervisor.StateAbsent)}
+		v := &adminapi.VMInfo{UUID: id, State: string(hypervisor.StateAbsent)}
 		byID[id] = v
 		return v
 	}
@@ -206,12 +145,10 @@ func (d *Daemon) VMs(ctx context.Context) ([]VMInfo, error) {
 		v := get(k.VMID)
 		v.Owned, v.Generation = true, k.Generation
 	}
-	if d.hyp != nil {
-		doms, _ := d.hyp.Domains(ctx)
-		for _, dom := range doms {
-			v := get(dom.UUID)
-			v.Name, v.State = dom.Name, string(dom.State)
-		}
+	doms, _ := d.hyp.Domains(ctx)
+	for _, dom := range doms {
+		v := get(dom.UUID)
+		v.Name, v.State = dom.Name, string(dom.State)
 	}
 	recs, _ := d.ListVMs(ctx)
 	for _, r := range recs {
@@ -219,7 +156,7 @@ func (d *Daemon) VMs(ctx context.Context) ([]VMInfo, error) {
 			v.Name = r.Name
 		}
 	}
-	out := make([]VMInfo, 0, len(byID))
+	out := make([]adminapi.VMInfo, 0, len(byID))
 	for _, v := range byID {
 		if tx, _, err := d.keys.Pending(ctx, v.UUID); err == nil {
 			v.PendingTx = tx
@@ -233,24 +170,24 @@ func (d *Daemon) VMs(ctx context.Context) ([]VMInfo, error) {
 func (d *Daemon) handleVMs(w http.ResponseWriter, r *http.Request) {
 	vms, err := d.VMs(r.Context())
 	if err != nil {
-		writeError(w, http.StatusInternalServerError, err)
+		adminapi.WriteError(w, http.StatusInternalServerError, err)
 		return
 	}
-	writeJSON(w, http.StatusOK, vms)
+	adminapi.WriteJSON(w, http.StatusOK, vms)
 }
 
 func (d *Daemon) handleVM(w http.ResponseWriter, r *http.Request) {
 	id, err := d.resolveVM(r.Context(), r.PathValue("ref"))
 	if err != nil {
-		writeError(w, http.StatusNotFound, err)
+		adminapi.WriteError(w, http.StatusNotFound, err)
 		return
 	}
 	vms, err := d.VMs(r.Context())
 	if err != nil {
-		writeError(w, http.StatusInternalServerError, err)
+		adminapi.WriteError(w, http.StatusInternalServerError, err)
 		return
 	}
-	info := VMInfo{UUID: id, State: string(hypervisor.StateAbsent)}
+	info := adminapi.VMInfo{UUID: id, State: string(hypervisor.StateAbsent)}
 	for _, v := range vms {
 		if v.UUID == id {
 			info = v
@@ -260,11 +197,11 @@ func (d *Daemon) handleVM(w http.ResponseWriter, r *http.Request) {
 	for _, tx := range txs {
 		for _, vm := range tx.VMs {
 			if vm.UUID == id {
-				info.Transactions = append(info.Transactions, tx)
+				info.Transactions = append(info.Transactions, apiTx(tx))
 			}
 		}
 	}
-	writeJSON(w, http.StatusOK, info)
+	adminapi.WriteJSON(w, http.StatusOK, info)
 }
 
 func (d *Daemon) handleHosts(w http.ResponseWriter, r *http.Request) {
@@ -272,14 +209,14 @@ func (d *Daemon) handleHosts(w http.ResponseWriter, r *http.Request) {
 	if d.dopts.WireListener != nil {
 		self = d.dopts.WireListener.Addr().String()
 	}
-	out := []HostInfo{{Host: d.cfg.HostID, Address: self, Self: true, Reachable: true}}
+	out := []adminapi.HostInfo{{Host: d.cfg.HostID, Address: self, Self: true, Reachable: true}}
 	names := make([]string, 0, len(d.cfg.Peers))
 	for h := range d.cfg.Peers {
 		names = append(names, h)
 	}
 	sort.Strings(names)
 	for _, h := range names {
-		hi := HostInfo{Host: h, Address: d.cfg.Peers[h]}
+		hi := adminapi.HostInfo{Host: h, Address: d.cfg.Peers[h]}
 		ctx, cancel := context.WithTimeout(r.Context(), 3*time.Second)
 		err := d.ping(ctx, h)
 		cancel()
@@ -289,32 +226,22 @@ func (d *Daemon) handleHosts(w http.ResponseWriter, r *http.Request) {
 		}
 		out = append(out, hi)
 	}
-	writeJSON(w, http.StatusOK, out)
-}
-
-// EnrollInfo is the answer of POST /v1/hosts/{host}/enroll.
-type EnrollInfo struct {
-	Host     string `json:"host"`
-	EKChain  string `json:"ek_chain"`
-	EKDigest string `json:"ek_digest"`
-	AKName   string `json:"ak_name"`
-	Error    string `json:"error,omitempty"`
-	Code     string `json:"code"`
+	adminapi.WriteJSON(w, http.StatusOK, out)
 }
 
 func (d *Daemon) handleEnroll(w http.ResponseWriter, r *http.Request) {
 	host := r.PathValue("host")
 	if _, ok := d.cfg.Peers[host]; !ok {
-		writeError(w, http.StatusNotFound, fmt.Errorf("%q is not in peers", host))
+		adminapi.WriteError(w, http.StatusNotFound, fmt.Errorf("%q is not in peers", host))
 		return
 	}
 	res, err := d.Enroll(r.Context(), host)
 	if err != nil {
-		writeJSON(w, http.StatusOK, EnrollInfo{Host: host, Error: err.Error(), Code: ErrorCode(err)})
+		adminapi.WriteJSON(w, http.StatusOK, adminapi.EnrollInfo{Host: host, Error: err.Error(), Code: errclass.CodeOf(err), Reasons: errclass.Reasons(err)})
 		return
 	}
-	writeJSON(w, http.StatusOK, EnrollInfo{Host: host, EKChain: res.EKChain, EKDigest: fmt.Sprintf("%x", res.EKDigest),
-		AKName: fmt.Sprintf("%x", res.AKName), Code: "ok"})
+	adminapi.WriteJSON(w, http.StatusOK, adminapi.EnrollInfo{Host: host, EKChain: res.EKChain, EKDigest: fmt.Sprintf("%x", res.EKDigest),
+		AKName: fmt.Sprintf("%x", res.AKName), Code: errclass.CodeOK})
 }
 
 // Enroll verifies a peer's EK, activates its AK and records the enrolment
@@ -341,7 +268,7 @@ func (d *Daemon) ping(ctx context.Context, host string) error {
 func (d *Daemon) handleAudit(w http.ResponseWriter, r *http.Request) {
 	f, err := os.Open(d.cfg.auditLogPath())
 	if err != nil {
-		writeError(w, http.StatusInternalServerError, err)
+		adminapi.WriteError(w, http.StatusInternalServerError, err)
 		return
 	}
 	defer f.Close()
@@ -353,11 +280,11 @@ func (d *Daemon) handleAudit(w http.ResponseWriter, r *http.Request) {
 		}
 		return nil
 	})
-	resp := map[string]any{"records": recs, "total": sum.Records, "head": sum.Last, "chain": "intact"}
+	resp := adminapi.AuditLog{Records: recs, Total: sum.Records, Head: sum.Last, Chain: adminapi.ChainIntact}
 	if err != nil {
-		resp["chain"] = err.Error()
+		resp.Chain = err.Error()
 	}
-	writeJSON(w, http.StatusOK, resp)
+	adminapi.WriteJSON(w, http.StatusOK, resp)
 }
 
 // recoveryLoop retries Reconcile while transactions stay open.
@@ -377,4 +304,22 @@ func (d *Daemon) recoveryLoop(ctx context.Context) error {
 			}
 		}
 	}
+}
+
+// apiResult is a migration's result as the admin API reports it.
+func apiResult(r *migrate.Result) *adminapi.Result {
+	if r == nil {
+		return nil
+	}
+	return &adminapi.Result{TxID: r.TxID, Committed: r.Committed, Failed: r.Failed, Warm: r.Warm, RoundTrips: r.RoundTrips}
+}
+
+// apiTx is a ledger transaction as the admin API reports it.
+func apiTx(tx migrate.Tx) adminapi.Tx {
+	out := adminapi.Tx{ID: tx.ID, Role: string(tx.Role), Peer: tx.Peer, State: string(tx.State), Reason: tx.Reason,
+		Pulled: tx.Pulled, Lease: tx.Lease, Created: tx.Created, Updated: tx.Updated}
+	for _, vm := range tx.VMs {
+		out.VMs = append(out.VMs, adminapi.TxVM{UUID: vm.UUID, Name: vm.Name, Generation: vm.Generation, Outcome: vm.Outcome, Error: vm.Error})
+	}
+	return out
 }

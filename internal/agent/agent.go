@@ -16,6 +16,7 @@ import (
 	"github.com/google/go-tpm/tpm2"
 	"github.com/sirupsen/logrus"
 
+	"github.com/vtpmm/vtpmm/internal/atomicfile"
 	"github.com/vtpmm/vtpmm/vtpm"
 	"github.com/vtpmm/vtpmm/vtpm/identity"
 )
@@ -128,7 +129,7 @@ func Init(ctx context.Context, cfg Config, opts Options, io InitOptions) (*InitR
 		return nil, fmt.Errorf("init: provision AK and migration key: %w", err)
 	}
 	b, _ := json.Marshal(hostRecord{HostID: cfg.HostID, Created: opts.Now().UTC()})
-	if err := vtpm.WriteFileAtomic(hostRecordPath(cfg), b); err != nil {
+	if err := atomicfile.WriteFile(hostRecordPath(cfg), b, 0o600); err != nil {
 		return nil, fmt.Errorf("init: %w", err)
 	}
 	opts.Log.WithFields(logrus.Fields{"host": cfg.HostID, "key_id": v.KeyID(), "sealed_to": v.SealedTo(),

@@ -15,7 +15,6 @@ import (
 
 	"github.com/vtpmm/vtpmm/attest"
 	"github.com/vtpmm/vtpmm/hypervisor"
-	"github.com/vtpmm/vtpmm/hypervisor/libvirt"
 	"github.com/vtpmm/vtpmm/internal/audit"
 	"github.com/vtpmm/vtpmm/internal/metrics"
 	"github.com/vtpmm/vtpmm/internal/pki"
@@ -28,8 +27,12 @@ import (
 // DaemonOptions are a daemon's injected dependencies.
 type DaemonOptions struct {
 	Options
-	// Hypervisor runs this host's VMs. Required for migrations.
+	// Hypervisor runs this host's VMs; nil: the configured one, opened
+	// through Hypervisors (hypervisor.None when none is configured).
 	Hypervisor hypervisor.Hypervisor
+	// Hypervisors opens the configured hypervisor URI (cmd/vtpmd registers
+	// hypervisor/libvirt's schemes).
+	Hypervisors *hypervisor.Registry
 	// Target maps a host to its hypervisor migration target
 	// (default: {Name: host}).
 	Target func(host string) (hypervisor.Target, error)
@@ -102,13 +105,13 @@ func StartDaemon(ctx context.Context, cfg Config, opts DaemonOptions) (_ *Daemon
 			eventLog = nil
 		}
 	}
-	if opts.Hypervisor == nil && cfg.Hypervisor != "" {
-		lv, err := libvirt.New(ctx, libvirt.Config{URI: cfg.Hypervisor, Name: cfg.HostID, Log: a.log})
+	if d.hyp == nil {
+		hyp, err := opts.Hypervisors.Open(ctx, hypervisor.Config{URI: cfg.Hypervisor, Name: cfg.HostID, Log: a.log})
 		if err != nil {
-			return nil, fmt.Errorf("start daemon: hypervisor %s: %w", cfg.Hypervisor, err)
+			return nil, fmt.Errorf("start daemon: %w", err)
 		}
-		d.closers = append(d.closers, lv.Close)
-		opts.Hypervisor, d.hyp = lv, lv
+		d.closers = append(d.closers, func() error { return hypervisor.Close(hyp) })
+		d.hyp = hyp
 	}
 	target := opts.Target
 	if target == nil {
@@ -123,12 +126,8 @@ func StartDaemon(ctx context.Context, cfg Config, opts DaemonOptions) (_ *Daemon
 	if d.dial, err = d.dialer(cfg); err != nil {
 		return nil, err
 	}
-	hyp := opts.Hypervisor
-	if hyp == nil {
-		hyp = noHypervisor{}
-	}
 	d.node = migrate.NewNode(migrate.Config{
-		Host: cfg.HostID, Keys: a.keys, TPM: a.meter, Identity: d.ident, Hypervisor: hyp, Ledger: d.ledger,
+		Host: cfg.HostID, Keys: a.keys, TPM: a.meter, Identity: d.ident, Hypervisor: d.hyp, Ledger: d.ledger,
 		Verifier: verifier, QuotePCRs: quotePCRs(verifier), EventLog: eventLog,
 		Dial: d.dial, Target: target, EvidenceMaxAge: maxAge, Crash: opts.Crash,
 		Audit: auditAdapter{d.audit}, Metrics: d.metrics, Now: a.opts.Now, Log: a.log,
@@ -251,7 +250,7 @@ func (d *Daemon) Serve(ctx context.Context) error {
 		run("metrics", func() error { return metrics.Serve(ctx, d.cfg.MetricsListen, d.metrics, d.log) })
 	}
 	run("recovery", func() error { return d.recoveryLoop(ctx) })
-	if w, ok := d.hyp.(lifecycleWatcher); ok {
+	if w, ok := d.hyp.(hypervisor.LifecycleWatcher); ok {
 		run("lifecycle events", func() error { return d.watchLifecycle(ctx, w) })
 	}
 	d.log.WithFields(logrus.Fields{"admin": d.cfg.AdminSocketPath()}).Info("vtpmd serving")
@@ -291,21 +290,9 @@ func (a auditAdapter) Audit(ctx context.Context, e migrate.AuditEvent) error {
 	return a.l.Append(ctx, audit.Record{Event: e.Event, VM: e.VM, Peer: e.Peer, Generation: e.Generation, Rule: e.Rule, Detail: detail})
 }
 
-// noHypervisor is used when vtpmd runs without a hypervisor: nothing can
-// be migrated, and the refusal says so.
-type noHypervisor struct{}
-
-var errNoHypervisor = fmt.Errorf("%w: vtpmd runs without a hypervisor", hypervisor.ErrMigrationFailed)
-
-func (noHypervisor) Name() string                                             { return "none" }
-func (noHypervisor) DefineSecret(context.Context, string, []byte) error       { return errNoHypervisor }
-func (noHypervisor) UndefineSecret(context.Context, string) error             { return nil }
-func (noHypervisor) HasSecret(context.Context, string) (bool, error)          { return false, nil }
-func (noHypervisor) Domains(context.Context) ([]hypervisor.Domain, error)     { return nil, nil }
-func (noHypervisor) Migrate(context.Context, string, hypervisor.Target) error { return errNoHypervisor }
-func (noHypervisor) Domain(_ context.Context, id string) (hypervisor.Domain, error) {
-	return hypervisor.Domain{UUID: id, State: hypervisor.StateAbsent}, nil
-}
+// RunsVTPMs reports whether this daemon runs the VMs' vTPMs itself: it has
+// no hypervisor (hypervisor.None), which would otherwise run them.
+func (d *Daemon) RunsVTPMs() bool { return hypervisor.IsNone(d.hyp) }
 
 // MetricsHandler serves the daemon's Prometheus metrics.
 func (d *Daemon) MetricsHandler() http.Handler { return d.metrics.Handler() }

@@ -7,25 +7,20 @@ import (
 
 	"github.com/sirupsen/logrus"
 
-	"github.com/vtpmm/vtpmm/hypervisor/libvirt"
+	"github.com/vtpmm/vtpmm/hypervisor"
+	"github.com/vtpmm/vtpmm/internal/adminapi"
 	"github.com/vtpmm/vtpmm/migrate"
 )
-
-// lifecycleWatcher is a hypervisor that reports domain lifecycle events
-// (libvirt.Hypervisor).
-type lifecycleWatcher interface {
-	WatchLifecycle(ctx context.Context, fn func(libvirt.LifecycleEvent)) error
-}
 
 // settlesOn reports whether a lifecycle event may end a migration whose
 // driver is gone: the VM stopped here (for any reason, "migrated"
 // included), or arrived here by migration.
-func settlesOn(e libvirt.LifecycleEvent) bool {
+func settlesOn(e hypervisor.LifecycleEvent) bool {
 	switch e.Event {
-	case "stopped":
+	case hypervisor.EventStopped:
 		return true
-	case "resumed", "started":
-		return e.Detail == "migrated"
+	case hypervisor.EventResumed, hypervisor.EventStarted:
+		return e.Detail == hypervisor.DetailMigrated
 	}
 	return false
 }
@@ -34,8 +29,8 @@ func settlesOn(e libvirt.LifecycleEvent) bool {
 // reports that it left, arrived or stopped: a third trigger besides hook
 // mode's "release end" and the recovery loop, which stay as they are.
 // Settle leaves transactions alone that a live driver or a pull lease owns.
-func (d *Daemon) watchLifecycle(ctx context.Context, w lifecycleWatcher) error {
-	return w.WatchLifecycle(ctx, func(e libvirt.LifecycleEvent) {
+func (d *Daemon) watchLifecycle(ctx context.Context, w hypervisor.LifecycleWatcher) error {
+	return w.WatchLifecycle(ctx, func(e hypervisor.LifecycleEvent) {
 		log := d.log.WithFields(logrus.Fields{"vm": e.VM, "name": e.Name, "event": e.Event, "detail": e.Detail})
 		if !settlesOn(e) {
 			log.Debug("lifecycle event")
@@ -68,7 +63,7 @@ func (d *Daemon) settle(vmUUID, trigger string) {
 		case <-time.After(settleDelay):
 		}
 		d.settling.Delete(vmUUID) // a trigger from now on schedules another settle
-		ctx, cancel := context.WithTimeout(d.bgCtx, HookTimeout)
+		ctx, cancel := context.WithTimeout(d.bgCtx, adminapi.HookTimeout)
 		defer cancel()
 		log := d.log.WithFields(logrus.Fields{"vm": vmUUID, "trigger": trigger})
 		switch err := d.node.Settle(ctx, vmUUID); {

@@ -2,7 +2,6 @@ package agent
 
 import (
 	"context"
-	"encoding/json"
 	"errors"
 	"fmt"
 	"net/http"
@@ -11,6 +10,9 @@ import (
 
 	"github.com/sirupsen/logrus"
 
+	"github.com/vtpmm/vtpmm/internal/adminapi"
+	"github.com/vtpmm/vtpmm/internal/ids"
+	"github.com/vtpmm/vtpmm/internal/strictjson"
 	"github.com/vtpmm/vtpmm/migrate"
 	"github.com/vtpmm/vtpmm/vtpm"
 )
@@ -34,31 +36,14 @@ import (
 //     the hook runs, so vtpmd settles the VM's transaction only after the
 //     hook has returned.
 
-// HookRequest is the body of POST /v1/hook/{pull,prepare,released}.
-type HookRequest struct {
-	UUID string `json:"uuid"`
-	Name string `json:"name,omitempty"`
-}
-
-// HookPullResponse reports a pull.
-type HookPullResponse struct {
-	TxID  string `json:"tx"`
-	Owner string `json:"owner"`
-	Warm  bool   `json:"warm,omitempty"`
-	Took  string `json:"took"`
-}
-
-// HookTimeout bounds a pull: libvirt waits for the hook meanwhile.
-const HookTimeout = 2 * time.Minute
-
 // settleDelay is how long after a "release end" vtpmd settles the VM: the
 // hook must have returned (and libvirt released the domain's lock) first.
 const settleDelay = 500 * time.Millisecond
 
-func decodeHook(w http.ResponseWriter, r *http.Request) (HookRequest, bool) {
-	var req HookRequest
-	if err := json.NewDecoder(http.MaxBytesReader(w, r.Body, 1<<16)).Decode(&req); err != nil || vtpm.CheckVMID(req.UUID) != nil {
-		writeError(w, http.StatusBadRequest, fmt.Errorf("want {\"uuid\": \"VM UUID\", \"name\": \"...\"}"))
+func decodeHook(w http.ResponseWriter, r *http.Request) (adminapi.HookRequest, bool) {
+	var req adminapi.HookRequest
+	if err := strictjson.DecodeReader(r.Body, &req, 1<<16); err != nil || !ids.IsUUID(req.UUID) {
+		adminapi.WriteError(w, http.StatusBadRequest, fmt.Errorf("want {\"uuid\": \"VM UUID\", \"name\": \"...\"}"))
 		return req, false
 	}
 	return req, true
@@ -69,19 +54,19 @@ func (d *Daemon) handleHookPull(w http.ResponseWriter, r *http.Request) {
 	if !ok {
 		return
 	}
-	ctx, cancel := context.WithTimeout(r.Context(), HookTimeout)
+	ctx, cancel := context.WithTimeout(r.Context(), adminapi.HookTimeout)
 	defer cancel()
 	t0 := time.Now()
 	log := d.log.WithFields(logrus.Fields{"vm": req.UUID, "name": req.Name})
 	resp, err := d.node.RequestPull(ctx, []string{req.UUID}, d.peerNames())
 	if err != nil {
 		log.WithError(err).Warn("hook: incoming migration refused")
-		writeJSON(w, http.StatusForbidden, map[string]string{"error": err.Error(), "code": ErrorCode(err)})
+		adminapi.WriteError(w, http.StatusForbidden, err)
 		return
 	}
 	took := time.Since(t0)
 	log.WithFields(logrus.Fields{"tx": resp.TxID, "owner": resp.Owner, "took": took}).Info("hook: key pulled for an incoming migration")
-	writeJSON(w, http.StatusOK, HookPullResponse{TxID: resp.TxID, Owner: resp.Owner, Warm: resp.Warm, Took: took.Round(time.Millisecond).String()})
+	adminapi.WriteJSON(w, http.StatusOK, adminapi.HookPullResponse{TxID: resp.TxID, Owner: resp.Owner, Warm: resp.Warm, Took: took.Round(time.Millisecond).String()})
 }
 
 func (d *Daemon) handleHookPrepare(w http.ResponseWriter, r *http.Request) {
@@ -92,7 +77,7 @@ func (d *Daemon) handleHookPrepare(w http.ResponseWriter, r *http.Request) {
 	ctx := r.Context()
 	log := d.log.WithFields(logrus.Fields{"vm": req.UUID, "name": req.Name})
 	if tx, _, err := d.keys.Pending(ctx, req.UUID); err == nil {
-		writeJSON(w, http.StatusOK, map[string]string{"status": "incoming migration", "tx": tx})
+		adminapi.WriteJSON(w, http.StatusOK, adminapi.HookPrepareResponse{Status: "incoming migration", TxID: tx})
 		return
 	}
 	k, gen, err := d.keys.Get(ctx, req.UUID)
@@ -100,11 +85,11 @@ func (d *Daemon) handleHookPrepare(w http.ResponseWriter, r *http.Request) {
 		err = fmt.Errorf("%w: VM %s (%s): %s holds no key for its vTPM; start it on the host that owns it "+
 			"('vtpmctl vm show %s' there) or move it here with 'vtpmctl migrate'", migrate.ErrNotOwner, req.Name, req.UUID, d.cfg.HostID, req.Name)
 		log.WithError(err).Warn("hook: start refused")
-		writeError(w, http.StatusForbidden, err)
+		adminapi.WriteError(w, http.StatusForbidden, err)
 		return
 	}
 	if err != nil {
-		writeError(w, http.StatusInternalServerError, err)
+		adminapi.WriteError(w, http.StatusInternalServerError, err)
 		return
 	}
 	pass := k.Passphrase()
@@ -112,11 +97,11 @@ func (d *Daemon) handleHookPrepare(w http.ResponseWriter, r *http.Request) {
 	err = d.hyp.DefineSecret(ctx, req.UUID, pass)
 	clear(pass)
 	if err != nil {
-		writeError(w, http.StatusInternalServerError, fmt.Errorf("define the vTPM secret of %s: %w", req.UUID, err))
+		adminapi.WriteError(w, http.StatusInternalServerError, fmt.Errorf("define the vTPM secret of %s: %w", req.UUID, err))
 		return
 	}
 	log.WithField("generation", gen).Info("hook: vTPM secret defined for a start")
-	writeJSON(w, http.StatusOK, map[string]any{"status": "secret defined", "generation": gen})
+	adminapi.WriteJSON(w, http.StatusOK, adminapi.HookPrepareResponse{Status: "secret defined", Generation: gen})
 }
 
 func (d *Daemon) handleHookReleased(w http.ResponseWriter, r *http.Request) {
@@ -125,7 +110,7 @@ func (d *Daemon) handleHookReleased(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	d.settle(req.UUID, "hook release end")
-	writeJSON(w, http.StatusAccepted, map[string]string{"status": "settling"})
+	adminapi.WriteJSON(w, http.StatusAccepted, adminapi.HookReleasedResponse{Status: "settling"})
 }
 
 // peerNames lists the configured peers, sorted.

@@ -15,6 +15,7 @@ import (
 
 	"github.com/sirupsen/logrus"
 
+	"github.com/vtpmm/vtpmm/internal/atomicfile"
 	"github.com/vtpmm/vtpmm/vtpm"
 	"github.com/vtpmm/vtpmm/vtpm/swtpm"
 )
@@ -98,7 +99,7 @@ func (a *Agent) CreateVM(ctx context.Context, name, uuid string) (VM, error) {
 	}
 	vm := VM{Name: name, UUID: uuid, Created: a.opts.Now().UTC()}
 	b, _ := json.Marshal(vm)
-	if err := vtpm.WriteFileAtomic(a.vmRecordPath(uuid), b); err != nil {
+	if err := atomicfile.WriteFile(a.vmRecordPath(uuid), b, 0o600); err != nil {
 		return VM{}, err
 	}
 	log.WithFields(logrus.Fields{"generation": gen, "took_ms": time.Since(start).Milliseconds()}).Info("vTPM created")

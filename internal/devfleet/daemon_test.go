@@ -1,19 +1,18 @@
 package devfleet_test
 
 import (
-	"bufio"
 	"bytes"
 	"context"
-	"encoding/json"
 	"io"
-	"net"
 	"net/http"
 	"os"
 	"strings"
 	"testing"
 
+	"github.com/vtpmm/vtpmm/internal/adminapi"
 	"github.com/vtpmm/vtpmm/internal/agent"
 	"github.com/vtpmm/vtpmm/internal/devfleet"
+	"github.com/vtpmm/vtpmm/internal/errclass"
 )
 
 const goodLog = "../../vtpm/emuhost/testdata/gce-cos-85.eventlog.bin"
@@ -46,13 +45,6 @@ func newFleet(t *testing.T, hosts ...string) *devfleet.Fleet {
 	return f
 }
 
-func adminClient(socket string) *http.Client {
-	return &http.Client{Transport: &http.Transport{DialContext: func(ctx context.Context, _, _ string) (net.Conn, error) {
-		var d net.Dialer
-		return d.DialContext(ctx, "unix", socket)
-	}}}
-}
-
 // TestDaemonsMigrateOverTheWire runs two real daemons: the migration goes
 // through the admin API (as vtpmctl does), the agent wire (gRPC over
 // mTLS), the fake hypervisor; metrics and the audit log record it; both
@@ -65,28 +57,11 @@ func TestDaemonsMigrateOverTheWire(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	body, _ := json.Marshal(agent.MigrateRequest{VMs: []string{"web-1"}, To: "host-b"})
-	resp, err := adminClient(a.Cfg.AdminSocketPath()).Post("http://vtpmd/v1/migrate", "application/json", bytes.NewReader(body))
-	if err != nil {
-		t.Fatal(err)
-	}
 	var phases []string
-	var end agent.MigrateEvent
-	sc := bufio.NewScanner(resp.Body)
-	for sc.Scan() {
-		var ev agent.MigrateEvent
-		if err := json.Unmarshal(sc.Bytes(), &ev); err != nil {
-			t.Fatal(err)
-		}
-		if ev.Done {
-			end = ev
-		} else {
-			phases = append(phases, ev.Phase)
-		}
-	}
-	resp.Body.Close()
-	if end.Code != "ok" || len(end.Result.Committed) != 1 || end.Result.Committed[0] != vm {
-		t.Fatalf("migration: %+v", end)
+	end, err := adminapi.NewClient(a.Cfg.AdminSocketPath()).Migrate(ctx, adminapi.MigrateRequest{VMs: []string{"web-1"}, To: "host-b"},
+		func(ev adminapi.MigrateEvent) { phases = append(phases, ev.Phase) })
+	if err != nil || end.Code != errclass.CodeOK || len(end.Result.Committed) != 1 || end.Result.Committed[0] != vm {
+		t.Fatalf("migration: %+v %v", end, err)
 	}
 	if strings.Join(phases, ",") != "attest,wrap,prepare,hypervisor,commit" {
 		t.Fatalf("phases %v", phases)
@@ -96,13 +71,10 @@ func TestDaemonsMigrateOverTheWire(t *testing.T) {
 		h     *devfleet.Host
 		owned bool
 	}{{a, false}, {b, true}} {
-		var vms []agent.VMInfo
-		r, err := adminClient(c.h.Cfg.AdminSocketPath()).Get("http://vtpmd/v1/vms")
+		vms, err := adminapi.NewClient(c.h.Cfg.AdminSocketPath()).VMs(ctx)
 		if err != nil {
 			t.Fatal(err)
 		}
-		_ = json.NewDecoder(r.Body).Decode(&vms)
-		r.Body.Close()
 		owned := false
 		for _, v := range vms {
 			if v.UUID == vm && v.Owned {
@@ -128,7 +100,7 @@ func TestDaemonsMigrateOverTheWire(t *testing.T) {
 		if err := h.StopDaemon(); err != nil {
 			t.Fatalf("%s: shutdown: %v", h.Name, err)
 		}
-		if _, err := adminClient(h.Cfg.AdminSocketPath()).Get("http://vtpmd/v1/vms"); err == nil {
+		if _, err := adminapi.NewClient(h.Cfg.AdminSocketPath()).VMs(ctx); err == nil {
 			t.Fatalf("%s: admin API still answers after shutdown", h.Name)
 		}
 	}

@@ -25,20 +25,20 @@ func TestErrorMapping(t *testing.T) {
 		reason   string
 		code     codes.Code
 	}{
-		{migrate.ErrBusy, ReasonBusy, codes.Aborted},
-		{migrate.ErrReplay, ReasonReplay, codes.AlreadyExists},
-		{migrate.ErrUnknownTx, ReasonUnknownTx, codes.NotFound},
-		{migrate.ErrBadMessage, ReasonBadMessage, codes.InvalidArgument},
-		{migrate.ErrRefused, ReasonRefused, codes.FailedPrecondition},
-		{migrate.ErrNotOwner, ReasonNotOwner, codes.FailedPrecondition},
-		{migrate.ErrHypervisor, ReasonHypervisor, codes.Internal},
-		{migrate.ErrUnresolved, ReasonUnresolved, codes.Aborted},
-		{migrate.ErrPeer, ReasonPeer, codes.Unavailable},
-		{migrate.ErrCrash, ReasonCrash, codes.Internal},
-		{vtpm.ErrStaleGeneration, ReasonStaleGeneration, codes.FailedPrecondition},
-		{vtpm.ErrWrongKey, ReasonWrongKey, codes.InvalidArgument},
-		{vtpm.ErrKeyExists, ReasonKeyExists, codes.AlreadyExists},
-		{vtpm.ErrKeyNotFound, ReasonKeyNotFound, codes.NotFound},
+		{migrate.ErrBusy, "ERR_BUSY", codes.Aborted},
+		{migrate.ErrReplay, "ERR_REPLAY", codes.AlreadyExists},
+		{migrate.ErrUnknownTx, "ERR_UNKNOWN_TX", codes.NotFound},
+		{migrate.ErrBadMessage, "ERR_BAD_MESSAGE", codes.InvalidArgument},
+		{migrate.ErrRefused, "ERR_REFUSED", codes.FailedPrecondition},
+		{migrate.ErrNotOwner, "ERR_NOT_OWNER", codes.FailedPrecondition},
+		{migrate.ErrHypervisor, "ERR_HYPERVISOR", codes.Internal},
+		{migrate.ErrUnresolved, "ERR_UNRESOLVED", codes.Aborted},
+		{migrate.ErrPeer, "ERR_PEER", codes.Unavailable},
+		{migrate.ErrCrash, "ERR_CRASH", codes.Internal},
+		{vtpm.ErrStaleGeneration, "ERR_STALE_GENERATION", codes.FailedPrecondition},
+		{vtpm.ErrWrongKey, "ERR_WRONG_KEY", codes.InvalidArgument},
+		{vtpm.ErrKeyExists, "ERR_KEY_EXISTS", codes.AlreadyExists},
+		{vtpm.ErrKeyNotFound, "ERR_KEY_NOT_FOUND", codes.NotFound},
 	} {
 		t.Run(tc.reason, func(t *testing.T) {
 			orig := fmt.Errorf("status %s: %w: detail 42", tx, tc.sentinel)

@@ -12,6 +12,7 @@ import (
 
 	"github.com/sirupsen/logrus"
 
+	"github.com/vtpmm/vtpmm/hypervisor"
 	"github.com/vtpmm/vtpmm/hypervisor/libvirt"
 	"github.com/vtpmm/vtpmm/internal/agent"
 	"github.com/vtpmm/vtpmm/test/guest"
@@ -255,7 +256,7 @@ func (f *Fleet) CreateVM(ctx context.Context, h *FleetHost, name string, spec li
 	if err != nil {
 		t.Fatal(err)
 	}
-	spec.Name, spec.UUID, spec.SecretUUID, spec.Start = name, vm.UUID, libvirt.SecretUUID(vm.UUID), true
+	spec.Name, spec.UUID, spec.SecretUUID, spec.Start = name, vm.UUID, hypervisor.SecretUUID(vm.UUID), true
 	if spec.Kernel != "" {
 		vm.Serial = "/var/log/libvirt/qemu/" + name + "-serial.log"
 		spec.SerialLog = vm.Serial
