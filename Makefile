@@ -11,7 +11,7 @@ DEB_PKGS := swtpm swtpm-tools libssl-dev libvirt-dev libvirt-daemon libvirt-daem
 	qemu-system-x86 iproute2 ca-certificates git gcc libc6-dev pkg-config make curl
 TEST_TIMEOUT ?= 20m
 BENCHTIME ?= 5x
-BENCH_PKGS ?= ./internal/agent/ ./attest/ ./vtpm/identity/ ./migrate/
+BENCH_PKGS ?= ./vtpm/host/ ./attest/ ./vtpm/identity/ ./migrate/
 
 .PHONY: all deps build test e2e e2e-bench demo bench fuzz vet fmt clean
 

@@ -197,8 +197,8 @@ func TestHookModeFleet(t *testing.T) {
 	// The source settles in the background after "release end".
 	deadline := time.Now().Add(30 * time.Second)
 	for {
-		_, _, errA := a.Daemon.Keys().Get(ctx, vm)
-		_, _, errB := b.Daemon.Keys().Get(ctx, vm)
+		_, _, errA := a.Daemon.Host().Keys().Get(ctx, vm)
+		_, _, errB := b.Daemon.Host().Keys().Get(ctx, vm)
 		if errors.Is(errA, vtpm.ErrKeyNotFound) && errB == nil {
 			break
 		}
@@ -238,7 +238,7 @@ func TestHookModeFleet(t *testing.T) {
 	if ok, _ := c.Hyp.HasSecret(ctx, vm); ok {
 		t.Fatal("untrusted C has the VM's secret")
 	}
-	if _, _, err := c.Daemon.Keys().Get(ctx, vm); err == nil {
+	if _, _, err := c.Daemon.Host().Keys().Get(ctx, vm); err == nil {
 		t.Fatal("untrusted C holds the VM's key")
 	}
 }

@@ -12,7 +12,8 @@ import (
 	"strings"
 	"time"
 
-	"github.com/vtpmm/vtpmm/internal/agent"
+	"github.com/vtpmm/vtpmm/cmd/vtpmd/daemon"
+	"github.com/vtpmm/vtpmm/vtpm/host"
 	"github.com/vtpmm/vtpmm/vtpm/swtpm"
 )
 
@@ -208,11 +209,11 @@ func (d *demo) tamperedBoot(ctx context.Context, cfgA, recovery string) error {
 // logs for the key as raw bytes, hex, HEX and base64.
 func (d *demo) scanForKeys(ctx context.Context, cfgFile, dataA string) error {
 	d.say("G1 check: no VM key, in any encoding, in any file vtpmd wrote or in its logs")
-	cfg, err := agent.LoadConfig(cfgFile)
+	cfg, err := daemon.LoadConfig(cfgFile)
 	if err != nil {
 		return err
 	}
-	a, err := agent.Open(ctx, cfg, agent.Options{})
+	a, err := host.Open(ctx, cfg.Config, host.Options{})
 	if err != nil {
 		return err
 	}

@@ -9,8 +9,8 @@ import (
 	"strings"
 	"testing"
 
+	"github.com/vtpmm/vtpmm/cmd/vtpmd/daemon"
 	"github.com/vtpmm/vtpmm/internal/adminapi"
-	"github.com/vtpmm/vtpmm/internal/agent"
 	"github.com/vtpmm/vtpmm/internal/devfleet"
 	"github.com/vtpmm/vtpmm/internal/errclass"
 )
@@ -95,7 +95,7 @@ func TestDaemonsMigrateOverTheWire(t *testing.T) {
 	if rec := httpGet(t, b.Daemon, "/metrics"); !strings.Contains(rec, `vtpmm_tpm_commands_total{command="Import"} 1`) {
 		t.Errorf("destination metrics lack its single Import")
 	}
-	// Graceful shutdown: Serve returns nil, the admin socket goes away with the listener.
+	// Graceful shutdown: Close returns nil, the admin socket goes away with the listener.
 	for _, h := range []*devfleet.Host{a, b} {
 		if err := h.StopDaemon(); err != nil {
 			t.Fatalf("%s: shutdown: %v", h.Name, err)
@@ -106,7 +106,7 @@ func TestDaemonsMigrateOverTheWire(t *testing.T) {
 	}
 }
 
-func httpGet(t *testing.T, d *agent.Daemon, path string) string {
+func httpGet(t *testing.T, d *daemon.Daemon, path string) string {
 	t.Helper()
 	srv := d.MetricsHandler()
 	rr := &recorder{header: http.Header{}}

@@ -16,10 +16,11 @@ import (
 
 	"github.com/sirupsen/logrus"
 
+	"github.com/vtpmm/vtpmm/cmd/vtpmd/daemon"
 	"github.com/vtpmm/vtpmm/hypervisor"
 	"github.com/vtpmm/vtpmm/hypervisor/fake"
-	"github.com/vtpmm/vtpmm/internal/agent"
 	"github.com/vtpmm/vtpmm/vtpm/emuhost"
+	"github.com/vtpmm/vtpmm/vtpm/host"
 )
 
 // Config is what the operator prepared: the agents' PKI (ca.crt and
@@ -44,13 +45,11 @@ type Fleet struct {
 // Host is one emulated host and its daemon.
 type Host struct {
 	Name   string
-	Cfg    agent.Config
+	Cfg    daemon.Config
 	Emu    *emuhost.Host
 	Hyp    *fake.Host
 	Wire   net.Listener
-	Daemon *agent.Daemon
-	done   chan error
-	cancel context.CancelFunc
+	Daemon *daemon.Daemon
 }
 
 // New starts an empty fleet.
@@ -81,16 +80,16 @@ func (f *Fleet) AddHost(ctx context.Context, name, bootLog string) (*Host, error
 	if err != nil {
 		return nil, err
 	}
-	c := agent.DefaultConfig()
+	c := daemon.DefaultConfig()
 	c.HostID, c.DataDir, c.RunDir, c.TPM = name, filepath.Join(dir, "data"), runDir, emu.URI()
-	c.TLS = agent.TLSConfig{CA: filepath.Join(f.cfg.PKIDir, "ca.crt"),
+	c.TLS = daemon.TLSConfig{CA: filepath.Join(f.cfg.PKIDir, "ca.crt"),
 		Cert: filepath.Join(f.cfg.PKIDir, name+".crt"), Key: filepath.Join(f.cfg.PKIDir, name+".key")}
-	c.Attestation = agent.AttestationConfig{Policy: f.cfg.PolicyFile, Roots: []string{f.RootsDir},
+	c.Attestation = daemon.AttestationConfig{Policy: f.cfg.PolicyFile, Roots: []string{f.RootsDir},
 		Enrollments: filepath.Join(dir, "enrollments.json"), EvidenceMaxAge: "60s"}
 	c.EventLog = bootLog
 	c.LogLevel = "debug"
 	h.Cfg = c
-	if _, err := agent.Init(ctx, c, agent.Options{}, agent.InitOptions{}); err != nil {
+	if _, err := host.Init(ctx, c.Config, host.Options{}, host.InitOptions{}); err != nil {
 		return nil, err
 	}
 	if err := os.MkdirAll(f.RootsDir, 0o700); err != nil {
@@ -138,8 +137,8 @@ func (f *Fleet) startDaemon(ctx context.Context, h *Host) error {
 	if f.cfg.Log != nil {
 		log = f.cfg.Log(h.Name)
 	}
-	d, err := agent.StartDaemon(ctx, h.Cfg, agent.DaemonOptions{
-		Options: agent.Options{Log: log}, Hypervisor: h.Hyp, WireListener: h.Wire,
+	d, err := daemon.Start(ctx, h.Cfg, daemon.Deps{
+		Host: host.Options{Log: log}, Hypervisor: h.Hyp, WireListener: h.Wire,
 		Target: func(host string) (hypervisor.Target, error) {
 			t, ok := f.Net.Host(host)
 			if !ok {
@@ -151,16 +150,15 @@ func (f *Fleet) startDaemon(ctx context.Context, h *Host) error {
 	if err != nil {
 		return fmt.Errorf("start vtpmd on %s: %w", h.Name, err)
 	}
-	sctx, cancel := context.WithCancel(context.WithoutCancel(ctx))
-	h.Daemon, h.done, h.cancel = d, make(chan error, 1), cancel
-	go func() { h.done <- d.Serve(sctx) }()
-	for i := 0; i < 200; i++ {
-		if _, err := os.Stat(h.Cfg.AdminSocketPath()); err == nil {
-			return nil
-		}
-		time.Sleep(10 * time.Millisecond)
+	h.Daemon = d
+	select {
+	case <-d.Ready():
+		return nil
+	case err := <-d.Err():
+		return fmt.Errorf("vtpmd on %s: %w", h.Name, err)
+	case <-ctx.Done():
+		return ctx.Err()
 	}
-	return fmt.Errorf("vtpmd on %s: admin socket did not appear", h.Name)
 }
 
 // EnrollAll has every host enrol every other host, over the agent wire,
@@ -179,29 +177,24 @@ func (f *Fleet) EnrollAll(ctx context.Context) error {
 	return nil
 }
 
-// StopDaemon shuts a host's daemon down gracefully and returns what Serve returned.
+// StopDaemon shuts a host's daemon down (Close).
 func (h *Host) StopDaemon() error {
-	if h.cancel == nil {
+	if h.Daemon == nil {
 		return nil
 	}
-	h.cancel()
-	h.cancel = nil
-	select {
-	case err := <-h.done:
-		return err
-	case <-time.After(30 * time.Second):
-		return errors.New("vtpmd did not shut down within 30 s")
-	}
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	return h.Daemon.Close(ctx)
 }
 
 // CreateRunningVM creates a VM's vTPM with vtpmd and has the hypervisor
 // define and start it with the VM key as its vTPM secret.
 func (h *Host) CreateRunningVM(ctx context.Context, name string) (string, error) {
-	vm, err := h.Daemon.CreateVM(ctx, name, "")
+	vm, err := h.Daemon.Host().CreateVM(ctx, name, "")
 	if err != nil {
 		return "", err
 	}
-	k, _, err := h.Daemon.Keys().Get(ctx, vm.UUID)
+	k, _, err := h.Daemon.Host().Keys().Get(ctx, vm.UUID)
 	if err != nil {
 		return "", err
 	}

@@ -1,14 +1,11 @@
-package agent
+package daemon
 
 import (
 	"context"
 	"encoding/json"
-	"errors"
 	"fmt"
-	"net"
 	"net/http"
 	"os"
-	"path/filepath"
 	"sort"
 	"time"
 
@@ -20,33 +17,15 @@ import (
 	"github.com/vtpmm/vtpmm/internal/strictjson"
 	"github.com/vtpmm/vtpmm/migrate"
 	"github.com/vtpmm/vtpmm/vtpm"
+	"github.com/vtpmm/vtpmm/vtpm/host"
 )
 
 // The admin API (internal/adminapi) is vtpmctl's local access to vtpmd:
 // JSON over HTTP on a unix socket that only root can open (mode 0600).
 // Migrations stream their progress as JSON lines.
 
-func (d *Daemon) adminListener() (net.Listener, error) {
-	if d.dopts.AdminListener != nil {
-		return d.dopts.AdminListener, nil
-	}
-	p := d.cfg.AdminSocketPath()
-	if err := os.MkdirAll(filepath.Dir(p), 0o700); err != nil {
-		return nil, err
-	}
-	_ = os.Remove(p)
-	lis, err := net.Listen("unix", p)
-	if err != nil {
-		return nil, fmt.Errorf("admin socket %s: %w", p, err)
-	}
-	if err := os.Chmod(p, 0o600); err != nil {
-		lis.Close()
-		return nil, err
-	}
-	return lis, nil
-}
-
-func (d *Daemon) serveAdmin(ctx context.Context, lis net.Listener) error {
+// adminServer is the admin API's HTTP server.
+func (d *Daemon) adminServer() *http.Server {
 	mux := http.NewServeMux()
 	mux.HandleFunc("POST "+adminapi.PathMigrate, d.handleMigrate)
 	mux.HandleFunc("GET "+adminapi.PathVMs, d.handleVMs)
@@ -57,17 +36,7 @@ func (d *Daemon) serveAdmin(ctx context.Context, lis net.Listener) error {
 	mux.HandleFunc("POST "+adminapi.PathHookPull, d.handleHookPull)
 	mux.HandleFunc("POST "+adminapi.PathHookPrepare, d.handleHookPrepare)
 	mux.HandleFunc("POST "+adminapi.PathHookReleased, d.handleHookReleased)
-	srv := &http.Server{Handler: mux, ReadHeaderTimeout: 10 * time.Second}
-	go func() {
-		<-ctx.Done()
-		sctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
-		defer cancel()
-		_ = srv.Shutdown(sctx)
-	}()
-	if err := srv.Serve(lis); err != nil && !errors.Is(err, http.ErrServerClosed) {
-		return err
-	}
-	return nil
+	return &http.Server{Handler: mux, ReadHeaderTimeout: 10 * time.Second}
 }
 
 // maxAdminRequest bounds an admin request's body.
@@ -114,7 +83,7 @@ func (d *Daemon) resolveVM(ctx context.Context, ref string) (string, error) {
 	if vtpm.CheckVMID(ref) == nil {
 		return ref, nil
 	}
-	if vm, err := d.findVM(ref); err == nil {
+	if vm, err := d.host.FindVM(ref); err == nil {
 		return vm.UUID, nil
 	}
 	doms, _ := d.hyp.Domains(ctx)
@@ -123,7 +92,7 @@ func (d *Daemon) resolveVM(ctx context.Context, ref string) (string, error) {
 			return dom.UUID, nil
 		}
 	}
-	return "", fmt.Errorf("%w: %q", ErrVMNotFound, ref)
+	return "", fmt.Errorf("%w: %q", host.ErrVMNotFound, ref)
 }
 
 // VMs lists the VMs this host owns or runs.
@@ -137,7 +106,7 @@ func (d *Daemon) VMs(ctx context.Context) ([]adminapi.VMInfo, error) {
 		byID[id] = v
 		return v
 	}
-	keys, err := d.keys.List(ctx)
+	keys, err := d.host.Keys().List(ctx)
 	if err != nil {
 		return nil, err
 	}
@@ -150,7 +119,7 @@ func (d *Daemon) VMs(ctx context.Context) ([]adminapi.VMInfo, error) {
 		v := get(dom.UUID)
 		v.Name, v.State = dom.Name, string(dom.State)
 	}
-	recs, _ := d.ListVMs(ctx)
+	recs, _ := d.host.ListVMs(ctx)
 	for _, r := range recs {
 		if v, ok := byID[r.UUID]; ok && v.Name == "" {
 			v.Name = r.Name
@@ -158,7 +127,7 @@ func (d *Daemon) VMs(ctx context.Context) ([]adminapi.VMInfo, error) {
 	}
 	out := make([]adminapi.VMInfo, 0, len(byID))
 	for _, v := range byID {
-		if tx, _, err := d.keys.Pending(ctx, v.UUID); err == nil {
+		if tx, _, err := d.host.Keys().Pending(ctx, v.UUID); err == nil {
 			v.PendingTx = tx
 		}
 		out = append(out, *v)
@@ -206,8 +175,8 @@ func (d *Daemon) handleVM(w http.ResponseWriter, r *http.Request) {
 
 func (d *Daemon) handleHosts(w http.ResponseWriter, r *http.Request) {
 	self := d.cfg.Listen
-	if d.dopts.WireListener != nil {
-		self = d.dopts.WireListener.Addr().String()
+	if a := d.WireAddr(); a != nil {
+		self = a.String()
 	}
 	out := []adminapi.HostInfo{{Host: d.cfg.HostID, Address: self, Self: true, Reachable: true}}
 	names := make([]string, 0, len(d.cfg.Peers))
@@ -266,7 +235,7 @@ func (d *Daemon) ping(ctx context.Context, host string) error {
 }
 
 func (d *Daemon) handleAudit(w http.ResponseWriter, r *http.Request) {
-	f, err := os.Open(d.cfg.auditLogPath())
+	f, err := os.Open(d.cfg.AuditLogPath())
 	if err != nil {
 		adminapi.WriteError(w, http.StatusInternalServerError, err)
 		return
@@ -285,25 +254,6 @@ func (d *Daemon) handleAudit(w http.ResponseWriter, r *http.Request) {
 		resp.Chain = err.Error()
 	}
 	adminapi.WriteJSON(w, http.StatusOK, resp)
-}
-
-// recoveryLoop retries Reconcile while transactions stay open.
-func (d *Daemon) recoveryLoop(ctx context.Context) error {
-	t := time.NewTicker(15 * time.Second)
-	defer t.Stop()
-	for {
-		select {
-		case <-ctx.Done():
-			return nil
-		case <-t.C:
-			if open, _ := d.ledger.OpenTxs(); len(open) == 0 {
-				continue
-			}
-			if err := d.node.Reconcile(ctx); err != nil {
-				d.log.WithError(err).Warn("recovery: transactions still open")
-			}
-		}
-	}
 }
 
 // apiResult is a migration's result as the admin API reports it.

@@ -1,4 +1,4 @@
-package agent_test
+package host_test
 
 import (
 	"bytes"
@@ -17,9 +17,9 @@ import (
 	"github.com/google/go-tpm/tpm2"
 	"github.com/sirupsen/logrus"
 
-	"github.com/vtpmm/vtpmm/internal/agent"
 	"github.com/vtpmm/vtpmm/vtpm"
 	"github.com/vtpmm/vtpmm/vtpm/emuhost"
+	"github.com/vtpmm/vtpmm/vtpm/host"
 	"github.com/vtpmm/vtpmm/vtpm/tpmtest"
 )
 
@@ -40,8 +40,8 @@ func (r *recordingRand) Read(p []byte) (int, error) {
 	return n, err
 }
 
-func testConfig(t *testing.T, h *emuhost.Host) agent.Config {
-	cfg := agent.DefaultConfig()
+func testConfig(t *testing.T, h *emuhost.Host) host.Config {
+	cfg := host.DefaultConfig()
 	cfg.HostID = "host-a"
 	cfg.DataDir = filepath.Join(t.TempDir(), "data")
 	cfg.RunDir = shortRunDir(t)
@@ -70,17 +70,17 @@ func TestAgentLifecycleAndNoPlaintextKeys(t *testing.T) {
 	log.SetFormatter(&logrus.JSONFormatter{})
 	log.SetLevel(logrus.TraceLevel)
 	rr := &recordingRand{}
-	opts := agent.Options{Log: log, Rand: rr}
+	opts := host.Options{Log: log, Rand: rr}
 
-	if _, err := agent.Init(ctx, cfg, opts, agent.InitOptions{}); err != nil {
+	if _, err := host.Init(ctx, cfg, opts, host.InitOptions{}); err != nil {
 		t.Fatalf("Init: %v", err)
 	}
-	a, err := agent.Open(ctx, cfg, opts)
+	a, err := host.Open(ctx, cfg, opts)
 	if err != nil {
 		t.Fatalf("Open: %v", err)
 	}
 	t.Cleanup(func() { _ = a.Close(ctx) })
-	var vms []agent.VM
+	var vms []host.VM
 	for _, name := range []string{"vm1", "vm2"} {
 		vm, err := a.CreateVM(ctx, name, "")
 		if err != nil {
@@ -88,7 +88,7 @@ func TestAgentLifecycleAndNoPlaintextKeys(t *testing.T) {
 		}
 		vms = append(vms, vm)
 	}
-	if _, err := a.CreateVM(ctx, "vm1", ""); !errors.Is(err, agent.ErrVMExists) {
+	if _, err := a.CreateVM(ctx, "vm1", ""); !errors.Is(err, host.ErrVMExists) {
 		t.Fatalf("duplicate CreateVM: %v", err)
 	}
 	// The source side opens a VM key with no TPM command.
@@ -134,7 +134,7 @@ func TestAgentLifecycleAndNoPlaintextKeys(t *testing.T) {
 	}
 
 	// Restart: the vault opens again, the vTPM starts on its encrypted state.
-	a2, err := agent.Open(ctx, cfg, opts)
+	a2, err := host.Open(ctx, cfg, opts)
 	if err != nil {
 		t.Fatalf("reopen: %v", err)
 	}
@@ -150,7 +150,7 @@ func TestAgentLifecycleAndNoPlaintextKeys(t *testing.T) {
 		t.Fatal(err)
 	}
 
-	// G1: no key in any form in any file the agent wrote, nor in its logs.
+	// G1: no key in any form in any file the host wrote, nor in its logs.
 	blobs := map[string][]byte{"log output": logs.Bytes()}
 	for _, dir := range []string{cfg.DataDir, cfg.RunDir} {
 		_ = filepath.WalkDir(dir, func(p string, d fs.DirEntry, err error) error {
@@ -164,7 +164,7 @@ func TestAgentLifecycleAndNoPlaintextKeys(t *testing.T) {
 		})
 	}
 	if len(blobs) < 8 {
-		t.Fatalf("scanned only %d files; the scan is not looking where the agent writes", len(blobs))
+		t.Fatalf("scanned only %d files; the scan is not looking where the host writes", len(blobs))
 	}
 	for where, b := range blobs {
 		for name, key := range secrets {
@@ -196,18 +196,18 @@ func TestAgentRefusesCopiedDataDir(t *testing.T) {
 	ctx := context.Background()
 	hA, hB := tpmtest.StartHost(t), tpmtest.StartHost(t)
 	cfg := testConfig(t, hA)
-	if _, err := agent.Init(ctx, cfg, agent.Options{}, agent.InitOptions{}); err != nil {
+	if _, err := host.Init(ctx, cfg, host.Options{}, host.InitOptions{}); err != nil {
 		t.Fatal(err)
 	}
 	cfgB := cfg
 	cfgB.TPM = hB.URI()
-	_, err := agent.Open(ctx, cfgB, agent.Options{})
+	_, err := host.Open(ctx, cfgB, host.Options{})
 	if !errors.Is(err, vtpm.ErrWrongTPM) {
 		t.Fatalf("copied data dir on another TPM: got %v, want ErrWrongTPM", err)
 	}
 	cfgC := cfg
 	cfgC.HostID = "host-c"
-	if _, err := agent.Open(ctx, cfgC, agent.Options{}); !errors.Is(err, agent.ErrConfig) {
+	if _, err := host.Open(ctx, cfgC, host.Options{}); !errors.Is(err, host.ErrConfig) {
 		t.Fatalf("data dir of another host ID: got %v, want ErrConfig", err)
 	}
 }
@@ -215,20 +215,20 @@ func TestAgentRefusesCopiedDataDir(t *testing.T) {
 func TestConfigValidation(t *testing.T) {
 	tests := []struct {
 		name string
-		mod  func(*agent.Config)
+		mod  func(*host.Config)
 		want string
 	}{
-		{"defaults", func(*agent.Config) {}, ""},
-		{"relative data dir", func(c *agent.Config) { c.DataDir = "data" }, "data_dir"},
-		{"bad profile", func(c *agent.Config) { c.TPMProfile = "slow" }, "tpm_profile"},
-		{"bad pcrs", func(c *agent.Config) { c.Vault.PCRs = "7,99" }, "vault.pcrs"},
-		{"bad srk", func(c *agent.Config) { c.Vault.SRKHandle = "0x80000001" }, "vault.srk_handle"},
-		{"host id with slash", func(c *agent.Config) { c.HostID = "a/b" }, "host_id"},
-		{"comma in data dir", func(c *agent.Config) { c.DataDir = "/var/lib/a,b" }, "data_dir"},
+		{"defaults", func(*host.Config) {}, ""},
+		{"relative data dir", func(c *host.Config) { c.DataDir = "data" }, "data_dir"},
+		{"bad profile", func(c *host.Config) { c.TPMProfile = "slow" }, "tpm_profile"},
+		{"bad pcrs", func(c *host.Config) { c.Vault.PCRs = "7,99" }, "vault.pcrs"},
+		{"bad srk", func(c *host.Config) { c.Vault.SRKHandle = "0x80000001" }, "vault.srk_handle"},
+		{"host id with slash", func(c *host.Config) { c.HostID = "a/b" }, "host_id"},
+		{"comma in data dir", func(c *host.Config) { c.DataDir = "/var/lib/a,b" }, "data_dir"},
 	}
 	for _, tc := range tests {
 		t.Run(tc.name, func(t *testing.T) {
-			c := agent.DefaultConfig()
+			c := host.DefaultConfig()
 			c.HostID = "h"
 			tc.mod(&c)
 			err := c.Validate()
@@ -238,7 +238,7 @@ func TestConfigValidation(t *testing.T) {
 				}
 				return
 			}
-			if !errors.Is(err, agent.ErrConfig) || !strings.Contains(err.Error(), tc.want) {
+			if !errors.Is(err, host.ErrConfig) || !strings.Contains(err.Error(), tc.want) {
 				t.Fatalf("got %v, want ErrConfig naming %s", err, tc.want)
 			}
 		})

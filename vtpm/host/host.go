@@ -1,4 +1,4 @@
-package agent
+package host
 
 import (
 	"context"
@@ -9,11 +9,9 @@ import (
 	"io"
 	"io/fs"
 	"os"
-	"path/filepath"
 	"sync"
 	"time"
 
-	"github.com/google/go-tpm/tpm2"
 	"github.com/sirupsen/logrus"
 
 	"github.com/vtpmm/vtpmm/internal/atomicfile"
@@ -21,9 +19,7 @@ import (
 	"github.com/vtpmm/vtpmm/vtpm/identity"
 )
 
-func tpmHandle(h uint32) tpm2.TPMHandle { return tpm2.TPMHandle(h) }
-
-// Options are the dependencies an Agent gets injected.
+// Options are the dependencies a Host gets injected.
 type Options struct {
 	Log         logrus.FieldLogger // nil: discard
 	Now         func() time.Time   // nil: time.Now
@@ -43,15 +39,17 @@ func (o Options) withDefaults() Options {
 	return o
 }
 
-// Agent is one host's vtpmd: an open, metered host TPM, the unsealed vault
-// and the key store. Create it with Open; Close wipes the vault key.
-type Agent struct {
-	cfg   Config
-	opts  Options
-	log   logrus.FieldLogger
-	meter *vtpm.Meter
-	vault *vtpm.Vault
-	keys  *vtpm.KeyStore
+// Host is one host's open, metered TPM, its unsealed vault and key store,
+// and the vTPMs it runs. Create it with Open or Recover; Close stops its
+// vTPMs, wipes the vault key and closes the TPM.
+type Host struct {
+	cfg    Config
+	layout Layout
+	opts   Options
+	log    logrus.FieldLogger
+	meter  *vtpm.Meter
+	vault  *vtpm.Vault
+	keys   *vtpm.KeyStore
 
 	mu     sync.Mutex
 	procs  map[string]*vmProcess // by VM UUID
@@ -64,9 +62,9 @@ type hostRecord struct {
 	Created time.Time `json:"created"`
 }
 
-func hostRecordPath(cfg Config) string { return filepath.Join(cfg.DataDir, "host.json") }
-
-func openMeteredTPM(ctx context.Context, cfg Config, opts Options) (*vtpm.Meter, error) {
+// OpenTPM opens the configured host TPM behind a command meter with the
+// configured latency profile. The caller closes it.
+func OpenTPM(ctx context.Context, cfg Config, opts Options) (*vtpm.Meter, error) {
 	prof, err := vtpm.ProfileByName(cfg.TPMProfile)
 	if err != nil {
 		return nil, fmt.Errorf("%w: tpm_profile: %v", ErrConfig, err)
@@ -97,7 +95,7 @@ type InitResult struct {
 }
 
 // Init provisions a host: the data directory, the SRK if the TPM has none,
-// and a new vault sealed to the configured PCRs.
+// a new vault sealed to the configured PCRs, and the AK and migration key.
 func Init(ctx context.Context, cfg Config, opts Options, io InitOptions) (*InitResult, error) {
 	opts = opts.withDefaults()
 	if err := cfg.Validate(); err != nil {
@@ -106,7 +104,7 @@ func Init(ctx context.Context, cfg Config, opts Options, io InitOptions) (*InitR
 	if err := os.MkdirAll(cfg.DataDir, 0o700); err != nil {
 		return nil, fmt.Errorf("init: %w", err)
 	}
-	m, err := openMeteredTPM(ctx, cfg, opts)
+	m, err := OpenTPM(ctx, cfg, opts)
 	if err != nil {
 		return nil, fmt.Errorf("init: %w", err)
 	}
@@ -129,7 +127,7 @@ func Init(ctx context.Context, cfg Config, opts Options, io InitOptions) (*InitR
 		return nil, fmt.Errorf("init: provision AK and migration key: %w", err)
 	}
 	b, _ := json.Marshal(hostRecord{HostID: cfg.HostID, Created: opts.Now().UTC()})
-	if err := atomicfile.WriteFile(hostRecordPath(cfg), b, 0o600); err != nil {
+	if err := atomicfile.WriteFile(cfg.Layout().HostRecord(), b, 0o600); err != nil {
 		return nil, fmt.Errorf("init: %w", err)
 	}
 	opts.Log.WithFields(logrus.Fields{"host": cfg.HostID, "key_id": v.KeyID(), "sealed_to": v.SealedTo(),
@@ -140,17 +138,17 @@ func Init(ctx context.Context, cfg Config, opts Options, io InitOptions) (*InitR
 
 // Open opens the host TPM and unseals the vault: the only TPM work a source
 // host does for its VMs. Afterwards opening a VM key costs no TPM command.
-func Open(ctx context.Context, cfg Config, opts Options) (*Agent, error) {
+func Open(ctx context.Context, cfg Config, opts Options) (*Host, error) {
 	return open(ctx, cfg, opts, nil)
 }
 
 // Recover opens the vault with the recovery key and reseals it to the
 // current boot state, so the next Open works by PCRs again.
-func Recover(ctx context.Context, cfg Config, opts Options, rk *vtpm.RecoveryKey) (*Agent, error) {
+func Recover(ctx context.Context, cfg Config, opts Options, rk *vtpm.RecoveryKey) (*Host, error) {
 	return open(ctx, cfg, opts, rk)
 }
 
-func open(ctx context.Context, cfg Config, opts Options, rk *vtpm.RecoveryKey) (*Agent, error) {
+func open(ctx context.Context, cfg Config, opts Options, rk *vtpm.RecoveryKey) (*Host, error) {
 	opts = opts.withDefaults()
 	if err := cfg.Validate(); err != nil {
 		return nil, err
@@ -158,9 +156,9 @@ func open(ctx context.Context, cfg Config, opts Options, rk *vtpm.RecoveryKey) (
 	if err := checkHostRecord(cfg); err != nil {
 		return nil, err
 	}
-	m, err := openMeteredTPM(ctx, cfg, opts)
+	m, err := OpenTPM(ctx, cfg, opts)
 	if err != nil {
-		return nil, fmt.Errorf("open agent: %w", err)
+		return nil, fmt.Errorf("open host: %w", err)
 	}
 	log := opts.Log.WithField("host", cfg.HostID)
 	start := time.Now()
@@ -190,64 +188,72 @@ func open(ctx context.Context, cfg Config, opts Options, rk *vtpm.RecoveryKey) (
 	log.WithFields(logrus.Fields{"key_id": v.KeyID(), "tpm_cmds": m.Stats().Total,
 		"tpm_commands": m.Stats().String(), "took_ms": time.Since(start).Milliseconds(),
 		"recovered": rk != nil}).Info("vault open")
-	return &Agent{cfg: cfg, opts: opts, log: log, meter: m, vault: v, keys: ks, procs: map[string]*vmProcess{}}, nil
+	return &Host{cfg: cfg, layout: cfg.Layout(), opts: opts, log: log, meter: m, vault: v, keys: ks, procs: map[string]*vmProcess{}}, nil
 }
 
 func checkHostRecord(cfg Config) error {
-	b, err := os.ReadFile(hostRecordPath(cfg))
+	p := cfg.Layout().HostRecord()
+	b, err := os.ReadFile(p)
 	if errors.Is(err, fs.ErrNotExist) {
-		return fmt.Errorf("open agent: %w: %s has no host.json (run 'vtpmd init')", vtpm.ErrVaultNotInitialized, cfg.DataDir)
+		return fmt.Errorf("open host: %w: %s has no host.json (run 'vtpmd init')", vtpm.ErrVaultNotInitialized, cfg.DataDir)
 	}
 	if err != nil {
-		return fmt.Errorf("open agent: %w", err)
+		return fmt.Errorf("open host: %w", err)
 	}
 	var r hostRecord
 	if err := json.Unmarshal(b, &r); err != nil {
-		return fmt.Errorf("open agent: %w: host.json: %v", vtpm.ErrCorrupt, err)
+		return fmt.Errorf("open host: %w: host.json: %v", vtpm.ErrCorrupt, err)
 	}
 	if r.HostID != cfg.HostID {
-		return fmt.Errorf("open agent: %w: data_dir %s belongs to host %q, the configuration says %q", ErrConfig, cfg.DataDir, r.HostID, cfg.HostID)
+		return fmt.Errorf("open host: %w: data_dir %s belongs to host %q, the configuration says %q", ErrConfig, cfg.DataDir, r.HostID, cfg.HostID)
 	}
 	return nil
 }
+
+// ID is the host's ID.
+func (h *Host) ID() string { return h.cfg.HostID }
+
+// Layout is where the host keeps its files.
+func (h *Host) Layout() Layout { return h.layout }
 
 // Meter returns the metered host TPM transport (command counts, profile).
-func (a *Agent) Meter() *vtpm.Meter { return a.meter }
+func (h *Host) Meter() *vtpm.Meter { return h.meter }
 
 // Keys returns the key store.
-func (a *Agent) Keys() *vtpm.KeyStore { return a.keys }
+func (h *Host) Keys() *vtpm.KeyStore { return h.keys }
 
 // VaultKeyID returns the vault key's ID.
-func (a *Agent) VaultKeyID() string { return a.vault.KeyID() }
+func (h *Host) VaultKeyID() string { return h.vault.KeyID() }
 
 // SealedTo describes what the vault is sealed to.
-func (a *Agent) SealedTo() []string { return a.vault.SealedTo() }
+func (h *Host) SealedTo() []string { return h.vault.SealedTo() }
 
 // Reseal seals the vault to the current PCRs plus predicted values.
-func (a *Agent) Reseal(ctx context.Context, predicted []vtpm.PCRValues) error {
-	if err := a.vault.Reseal(ctx, a.meter, vtpm.ResealOptions{Predicted: predicted}); err != nil {
+func (h *Host) Reseal(ctx context.Context, predicted []vtpm.PCRValues) error {
+	if err := h.vault.Reseal(ctx, h.meter, vtpm.ResealOptions{Predicted: predicted}); err != nil {
 		return err
 	}
-	a.log.WithField("sealed_to", a.vault.SealedTo()).Info("vault resealed")
+	h.log.WithField("sealed_to", h.vault.SealedTo()).Info("vault resealed")
 	return nil
 }
 
-// Close stops every vTPM this agent runs, wipes the vault key and closes the TPM.
-func (a *Agent) Close(ctx context.Context) error {
-	a.mu.Lock()
-	if a.closed {
-		a.mu.Unlock()
+// Close stops every vTPM this host runs, wipes the vault key and closes
+// the TPM. A second Close does nothing.
+func (h *Host) Close(ctx context.Context) error {
+	h.mu.Lock()
+	if h.closed {
+		h.mu.Unlock()
 		return nil
 	}
-	a.closed = true
-	procs := a.procs
-	a.procs = map[string]*vmProcess{}
-	a.mu.Unlock()
+	h.closed = true
+	procs := h.procs
+	h.procs = map[string]*vmProcess{}
+	h.mu.Unlock()
 	var errs []error
 	for _, p := range procs {
 		errs = append(errs, p.stop(ctx))
 	}
-	a.vault.Close()
-	errs = append(errs, a.meter.Close())
+	h.vault.Close()
+	errs = append(errs, h.meter.Close())
 	return errors.Join(errs...)
 }

@@ -1,37 +1,24 @@
-package agent
+package daemon
 
 import (
 	"bytes"
 	"fmt"
 	"net"
 	"os"
-	"path/filepath"
-	"strconv"
-	"strings"
 	"time"
 
 	"gopkg.in/yaml.v3"
 
-	"github.com/vtpmm/vtpmm/vtpm"
+	"github.com/vtpmm/vtpmm/migrate"
+	"github.com/vtpmm/vtpmm/vtpm/host"
 )
 
 // Config is vtpmd's configuration file (YAML). Every field has a default
 // (DefaultConfig); the README's Configuration section and
-// packaging/vtpmd.yaml describe each one.
+// packaging/vtpmd.yaml describe each one. The host's own part (host_id,
+// data_dir, tpm, vault, ...) is host.Config, inline.
 type Config struct {
-	// HostID names this host in envelopes, logs, certificates and to its peers.
-	// Default: the machine's hostname.
-	HostID string `yaml:"host_id"`
-	// DataDir holds the vault, the key store and the VM vTPM state.
-	DataDir string `yaml:"data_dir"`
-	// TPM is the host TPM URI: device:///dev/tpmrm0, swtpm+tcp://H:P or swtpm+unix:///path.
-	TPM string `yaml:"tpm"`
-	// TPMProfile injects latency per command class: none, ftpm or dtpm (for benchmarks and tests).
-	TPMProfile string `yaml:"tpm_profile"`
-	// Vault configures the host vault.
-	Vault VaultConfig `yaml:"vault"`
-	// RunDir holds the VM vTPM sockets while vtpmd runs them.
-	RunDir string `yaml:"run_dir"`
+	host.Config `yaml:",inline"`
 	// LogLevel is one of panic, fatal, error, warning, info, debug, trace.
 	LogLevel string `yaml:"log_level"`
 
@@ -52,8 +39,9 @@ type Config struct {
 	AuditLog string `yaml:"audit_log"`
 	// EventLog is this host's TCG event log, sent with its evidence.
 	EventLog string `yaml:"event_log"`
-	// Hypervisor is this host's libvirt URI (e.g. qemu:///system). Empty:
-	// no hypervisor; vtpmd then runs VM vTPMs itself and cannot migrate.
+	// Hypervisor is this host's hypervisor URI (libvirt: qemu:///system).
+	// Empty: no hypervisor (hypervisor.None); vtpmd then runs VM vTPMs
+	// itself and cannot migrate.
 	Hypervisor string `yaml:"hypervisor"`
 	// PeerHypervisors maps peers to the libvirt URI their migrations go to.
 	// Default: qemu+tcp://<host of the peer's address>/system.
@@ -67,7 +55,7 @@ type TLSConfig struct {
 	Key  string `yaml:"key"`
 }
 
-// AttestationConfig is the verifier side of this agent.
+// AttestationConfig is the verifier side of this host.
 type AttestationConfig struct {
 	// Policy is the attest policy file (YAML or JSON; vtpmctl eventlog golden).
 	Policy string `yaml:"policy"`
@@ -80,24 +68,10 @@ type AttestationConfig struct {
 	EvidenceMaxAge string `yaml:"evidence_max_age"`
 }
 
-// VaultConfig configures the host vault.
-type VaultConfig struct {
-	// PCRs is the SHA-256 PCR selection the vault key is sealed to, e.g. "0,2,4,7".
-	PCRs string `yaml:"pcrs"`
-	// SRKHandle is the persistent handle of the storage root key.
-	SRKHandle string `yaml:"srk_handle"`
-}
-
 // DefaultConfig returns the defaults.
 func DefaultConfig() Config {
-	host, _ := os.Hostname()
 	return Config{
-		HostID:      host,
-		DataDir:     "/var/lib/vtpmm",
-		TPM:         "device:///dev/tpmrm0",
-		TPMProfile:  "none",
-		Vault:       VaultConfig{PCRs: "0,2,4,7", SRKHandle: "0x81000001"},
-		RunDir:      "/run/vtpmm",
+		Config:      host.DefaultConfig(),
 		LogLevel:    "info",
 		Listen:      "127.0.0.1:7450",
 		EventLog:    "/sys/kernel/security/tpm0/binary_bios_measurements",
@@ -124,33 +98,15 @@ func LoadConfig(path string) (Config, error) {
 
 // Validate checks every field and names the one that is wrong.
 func (c Config) Validate() error {
-	switch {
-	case c.HostID == "" || strings.ContainsAny(c.HostID, " /\\\x00"):
-		return fmt.Errorf("%w: host_id %q must be non-empty, without spaces or slashes", ErrConfig, c.HostID)
-	case !filepath.IsAbs(c.DataDir):
-		return fmt.Errorf("%w: data_dir %q must be an absolute path", ErrConfig, c.DataDir)
-	case !filepath.IsAbs(c.RunDir):
-		return fmt.Errorf("%w: run_dir %q must be an absolute path", ErrConfig, c.RunDir)
-	case strings.ContainsAny(c.DataDir+c.RunDir, ",="):
-		return fmt.Errorf("%w: data_dir %q and run_dir %q must not contain ',' or '=' (swtpm options cannot carry them)", ErrConfig, c.DataDir, c.RunDir)
-	case c.TPM == "":
-		return fmt.Errorf("%w: tpm is empty (e.g. device:///dev/tpmrm0)", ErrConfig)
-	}
-	if _, err := vtpm.ProfileByName(c.TPMProfile); err != nil {
-		return fmt.Errorf("%w: tpm_profile %q: want none, ftpm or dtpm", ErrConfig, c.TPMProfile)
-	}
-	if _, err := vtpm.ParsePCRSelection(c.Vault.PCRs); err != nil {
-		return fmt.Errorf("%w: vault.pcrs: %v", ErrConfig, err)
-	}
-	if _, err := c.srkHandle(); err != nil {
+	if err := c.Config.Validate(); err != nil {
 		return err
 	}
 	if _, err := c.evidenceMaxAge(); err != nil {
 		return err
 	}
-	for host, addr := range c.Peers {
-		if host == c.HostID || host == "" || addr == "" {
-			return fmt.Errorf("%w: peers: %q -> %q (a peer needs a name other than host_id, and an address)", ErrConfig, host, addr)
+	for h, addr := range c.Peers {
+		if h == c.HostID || h == "" || addr == "" {
+			return fmt.Errorf("%w: peers: %q -> %q (a peer needs a name other than host_id, and an address)", ErrConfig, h, addr)
 		}
 	}
 	return nil
@@ -158,7 +114,7 @@ func (c Config) Validate() error {
 
 func (c Config) evidenceMaxAge() (time.Duration, error) {
 	if c.Attestation.EvidenceMaxAge == "" {
-		return migrateDefaultMaxAge, nil
+		return migrate.DefaultEvidenceMaxAge, nil
 	}
 	d, err := time.ParseDuration(c.Attestation.EvidenceMaxAge)
 	if err != nil || d < 0 {
@@ -179,11 +135,11 @@ func (c Config) PeerHypervisorURI(peer string) (string, error) {
 	if !ok {
 		return "", fmt.Errorf("%w: %q is not in peers", ErrConfig, peer)
 	}
-	host, _, err := net.SplitHostPort(addr)
+	h, _, err := net.SplitHostPort(addr)
 	if err != nil {
 		return "", fmt.Errorf("%w: peers.%s: %v", ErrConfig, peer, err)
 	}
-	return "qemu+tcp://" + net.JoinHostPort(host, "16509") + "/system", nil
+	return "qemu+tcp://" + net.JoinHostPort(h, "16509") + "/system", nil
 }
 
 // AdminSocketPath is AdminSocket or its default.
@@ -191,27 +147,13 @@ func (c Config) AdminSocketPath() string {
 	if c.AdminSocket != "" {
 		return c.AdminSocket
 	}
-	return filepath.Join(c.RunDir, "vtpmd.sock")
+	return c.Layout().AdminSocket()
 }
 
-// auditLogPath is AuditLog or its default.
-func (c Config) auditLogPath() string {
+// AuditLogPath is AuditLog or its default.
+func (c Config) AuditLogPath() string {
 	if c.AuditLog != "" {
 		return c.AuditLog
 	}
-	return filepath.Join(c.DataDir, "audit.log")
-}
-
-func (c Config) srkHandle() (uint32, error) {
-	h, err := strconv.ParseUint(c.Vault.SRKHandle, 0, 32)
-	if err != nil || h>>24 != 0x81 {
-		return 0, fmt.Errorf("%w: vault.srk_handle %q must be a persistent handle 0x81xxxxxx", ErrConfig, c.Vault.SRKHandle)
-	}
-	return uint32(h), nil
-}
-
-func (c Config) vaultConfig() vtpm.VaultConfig {
-	sel, _ := vtpm.ParsePCRSelection(c.Vault.PCRs)
-	h, _ := c.srkHandle()
-	return vtpm.VaultConfig{Dir: c.DataDir, PCRs: sel, SRKHandle: tpmHandle(h)}
+	return c.Layout().AuditLog()
 }

@@ -1,4 +1,4 @@
-package agent
+package daemon
 
 import (
 	"context"
@@ -76,11 +76,11 @@ func (d *Daemon) handleHookPrepare(w http.ResponseWriter, r *http.Request) {
 	}
 	ctx := r.Context()
 	log := d.log.WithFields(logrus.Fields{"vm": req.UUID, "name": req.Name})
-	if tx, _, err := d.keys.Pending(ctx, req.UUID); err == nil {
+	if tx, _, err := d.host.Keys().Pending(ctx, req.UUID); err == nil {
 		adminapi.WriteJSON(w, http.StatusOK, adminapi.HookPrepareResponse{Status: "incoming migration", TxID: tx})
 		return
 	}
-	k, gen, err := d.keys.Get(ctx, req.UUID)
+	k, gen, err := d.host.Keys().Get(ctx, req.UUID)
 	if errors.Is(err, vtpm.ErrKeyNotFound) {
 		err = fmt.Errorf("%w: VM %s (%s): %s holds no key for its vTPM; start it on the host that owns it "+
 			"('vtpmctl vm show %s' there) or move it here with 'vtpmctl migrate'", migrate.ErrNotOwner, req.Name, req.UUID, d.cfg.HostID, req.Name)

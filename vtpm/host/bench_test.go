@@ -1,4 +1,4 @@
-package agent_test
+package host_test
 
 import (
 	"context"
@@ -9,8 +9,8 @@ import (
 
 	"github.com/google/go-tpm/tpm2"
 
-	"github.com/vtpmm/vtpmm/internal/agent"
 	"github.com/vtpmm/vtpmm/vtpm"
+	"github.com/vtpmm/vtpmm/vtpm/host"
 	"github.com/vtpmm/vtpmm/vtpm/tpmtest"
 )
 
@@ -22,16 +22,16 @@ import (
 
 var profiles = []string{"none", "dtpm"}
 
-// benchAgent initialises a host and returns its config (the TPM is free).
-func benchAgent(b *testing.B, profile string) agent.Config {
+// benchHost initialises a host and returns its config (the TPM is free).
+func benchHost(b *testing.B, profile string) host.Config {
 	b.Helper()
 	h := tpmtest.StartHost(b)
-	cfg := agent.DefaultConfig()
+	cfg := host.DefaultConfig()
 	cfg.HostID = "bench"
 	cfg.DataDir = shortRunDirB(b) + "/data"
 	cfg.RunDir = shortRunDirB(b)
 	cfg.TPM = h.URI()
-	if _, err := agent.Init(context.Background(), cfg, agent.Options{}, agent.InitOptions{}); err != nil {
+	if _, err := host.Init(context.Background(), cfg, host.Options{}, host.InitOptions{}); err != nil {
 		b.Fatal(err)
 	}
 	cfg.TPMProfile = profile
@@ -51,12 +51,12 @@ func BenchmarkOpenVault(b *testing.B) {
 	for _, p := range profiles {
 		b.Run("profile="+p, func(b *testing.B) {
 			ctx := context.Background()
-			cfg := benchAgent(b, p)
+			cfg := benchHost(b, p)
 			var all vtpm.Stats
 			total := 0
 			b.ResetTimer()
 			for i := 0; i < b.N; i++ {
-				a, err := agent.Open(ctx, cfg, agent.Options{})
+				a, err := host.Open(ctx, cfg, host.Options{})
 				if err != nil {
 					b.Fatal(err)
 				}
@@ -133,11 +133,11 @@ func BenchmarkStartVTPM(b *testing.B) {
 	}
 }
 
-func openWithVM(b *testing.B, profile string) *agent.Agent {
+func openWithVM(b *testing.B, profile string) *host.Host {
 	b.Helper()
 	ctx := context.Background()
-	cfg := benchAgent(b, profile)
-	a, err := agent.Open(ctx, cfg, agent.Options{})
+	cfg := benchHost(b, profile)
+	a, err := host.Open(ctx, cfg, host.Options{})
 	if err != nil {
 		b.Fatal(err)
 	}
@@ -148,7 +148,7 @@ func openWithVM(b *testing.B, profile string) *agent.Agent {
 	return a
 }
 
-func vmUUID(b *testing.B, a *agent.Agent) string {
+func vmUUID(b *testing.B, a *host.Host) string {
 	vms, err := a.ListVMs(context.Background())
 	if err != nil || len(vms) == 0 {
 		b.Fatal("no VM", err)

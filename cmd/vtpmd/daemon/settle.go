@@ -1,4 +1,4 @@
-package agent
+package daemon
 
 import (
 	"context"
@@ -41,6 +41,11 @@ func (d *Daemon) watchLifecycle(ctx context.Context, w hypervisor.LifecycleWatch
 	})
 }
 
+// Settling: three triggers finish a VM's open transaction once its driver
+// is gone (a hook-mode migration, a crash): hook mode's "release end", the
+// hypervisor's lifecycle events, and the recovery loop. They share the
+// node's recovery lock (one recovery at a time).
+
 // settle reconciles the VM's open transaction soon, in the background:
 // after settleDelay (a hook must have returned, and libvirt released the
 // domain, first). Triggers that come while a settle of the VM is scheduled
@@ -73,4 +78,26 @@ func (d *Daemon) settle(vmUUID, trigger string) {
 			log.WithError(err).Warn("settle: the VM's transaction stays open; recovery retries")
 		}
 	}()
+}
+
+// RecoveryInterval is the period of the recovery loop.
+const RecoveryInterval = 15 * time.Second
+
+// recoveryLoop retries Reconcile while transactions stay open.
+func (d *Daemon) recoveryLoop(ctx context.Context) error {
+	t := time.NewTicker(RecoveryInterval)
+	defer t.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return nil
+		case <-t.C:
+			if open, _ := d.ledger.OpenTxs(); len(open) == 0 {
+				continue
+			}
+			if err := d.node.Reconcile(ctx); err != nil {
+				d.log.WithError(err).Warn("recovery: transactions still open")
+			}
+		}
+	}
 }

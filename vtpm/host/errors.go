@@ -1,8 +1,8 @@
-package agent
+package host
 
 import "errors"
 
-// Sentinel errors of package agent.
+// Sentinel errors of package host.
 var (
 	// ErrConfig means the configuration is invalid; the message names the field.
 	ErrConfig = errors.New("invalid configuration")
@@ -12,6 +12,8 @@ var (
 	ErrVMExists = errors.New("VM already exists")
 	// ErrVMRunning means the operation needs the VM's vTPM stopped.
 	ErrVMRunning = errors.New("VM vTPM is running")
-	// ErrClosed means the agent was closed.
-	ErrClosed = errors.New("agent closed")
+	// ErrVMNotRunning means the VM's vTPM does not run here.
+	ErrVMNotRunning = errors.New("VM vTPM is not running here")
+	// ErrClosed means the host was closed.
+	ErrClosed = errors.New("host closed")
 )
