@@ -154,6 +154,19 @@ func (s *KeyStore) Get(ctx context.Context, vmID string) (VMKey, uint64, error) 
 	return k, env.Generation, nil
 }
 
+// WithPassphrase opens a VM's key (no TPM command), hands its passphrase
+// to fn and wipes key and passphrase when fn returns. It returns the key's
+// generation. This is the one way vtpmm uses a stored key as libvirt's or
+// swtpm's secret.
+func (s *KeyStore) WithPassphrase(ctx context.Context, vmID string, fn func(pass []byte) error) (uint64, error) {
+	k, gen, err := s.Get(ctx, vmID)
+	if err != nil {
+		return 0, err
+	}
+	defer k.Destroy()
+	return gen, k.WithPassphrase(fn)
+}
+
 func (s *KeyStore) readEnvelope(vmID string) (*Envelope, error) {
 	b, err := os.ReadFile(s.keyPath(vmID))
 	if errors.Is(err, fs.ErrNotExist) {

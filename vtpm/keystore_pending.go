@@ -62,13 +62,10 @@ func (s *KeyStore) PutPending(ctx context.Context, vmID, txID string, gen uint64
 	return atomicfile.WriteFile(s.pendingPath(vmID, txID), b, 0o600)
 }
 
-// Pending returns the transaction and generation of a VM's pending key.
-func (s *KeyStore) Pending(ctx context.Context, vmID string) (txID string, gen uint64, err error) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.pendingLocked(vmID)
-}
-
+// pendingLocked returns the transaction and generation of a VM's pending
+// key file. Which transactions are pending is the ledger's to say
+// (migrate.Ledger); the key store uses this only to refuse a second
+// pending key for a VM.
 func (s *KeyStore) pendingLocked(vmID string) (string, uint64, error) {
 	matches, _ := filepath.Glob(filepath.Join(s.dir, vmID+".*.pending"))
 	if len(matches) == 0 {

@@ -1,7 +1,6 @@
 package vtpm
 
 import (
-	"bytes"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -10,6 +9,7 @@ import (
 	"time"
 
 	"github.com/vtpmm/vtpmm/internal/atomicfile"
+	"github.com/vtpmm/vtpmm/internal/strictjson"
 )
 
 const (
@@ -46,9 +46,7 @@ func decodeVaultFile(b []byte) (vaultFile, error) {
 		return vaultFile{}, fmt.Errorf("%w: vault file is %d bytes", ErrCorrupt, len(b))
 	}
 	var f vaultFile
-	dec := json.NewDecoder(bytes.NewReader(b))
-	dec.DisallowUnknownFields()
-	if err := dec.Decode(&f); err != nil {
+	if err := strictjson.Decode(b, &f, maxVaultFile); err != nil {
 		return vaultFile{}, fmt.Errorf("%w: vault file: %v", ErrCorrupt, err)
 	}
 	if f.Version != vaultFileVersion {

@@ -6,7 +6,6 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
-	"io"
 	"os"
 	"strconv"
 	"strings"
@@ -17,6 +16,7 @@ import (
 	"github.com/vtpmm/vtpmm/attest"
 	"github.com/vtpmm/vtpmm/cmd/vtpmd/daemon"
 	"github.com/vtpmm/vtpmm/internal/atomicfile"
+	"github.com/vtpmm/vtpmm/internal/strictjson"
 	"github.com/vtpmm/vtpmm/vtpm"
 	"github.com/vtpmm/vtpmm/vtpm/host"
 	"github.com/vtpmm/vtpmm/vtpm/identity"
@@ -193,9 +193,7 @@ func evidenceActivateCmd(e *env, f *evidenceFlags) *cobra.Command {
 				r = fh
 			}
 			var ch attest.ActivationChallenge
-			dec := json.NewDecoder(io.LimitReader(r, 1<<16))
-			dec.DisallowUnknownFields()
-			if err := dec.Decode(&ch); err != nil {
+			if err := strictjson.DecodeReader(r, &ch, 1<<16); err != nil {
 				return fmt.Errorf("activate: the challenge is not an activation challenge JSON: %w", err)
 			}
 			return withIdentity(cmd.Context(), e, *f, func(_ daemon.Config, m *vtpm.Meter, id *identity.Identity) error {

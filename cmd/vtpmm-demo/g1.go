@@ -28,21 +28,23 @@ func keyForms(ctx context.Context, keys *vtpm.KeyStore) (forms, int, error) {
 	}
 	var fs forms
 	for _, info := range infos {
-		k, _, err := keys.Get(ctx, info.VMID)
+		// The key as swtpm and libvirt get it (hex), copied out of the
+		// scoped passphrase: these copies are what the scan looks for.
+		_, err := keys.WithPassphrase(ctx, info.VMID, func(p []byte) error {
+			pass := bytes.Clone(p)
+			raw, err := hex.DecodeString(string(pass))
+			if err != nil || len(raw) == 0 {
+				clear(pass)
+				return fmt.Errorf("VM key of %s: passphrase is not hex", info.VMID)
+			}
+			fs = append(fs, raw, pass, []byte(strings.ToUpper(string(pass))),
+				[]byte(base64.StdEncoding.EncodeToString(raw)), []byte(base64.RawURLEncoding.EncodeToString(raw)))
+			return nil
+		})
 		if err != nil {
 			fs.wipe()
 			return nil, 0, err
 		}
-		pass := k.Passphrase() // the key as swtpm and libvirt get it: hex
-		k.Destroy()
-		raw, err := hex.DecodeString(string(pass))
-		if err != nil || len(raw) == 0 {
-			clear(pass)
-			fs.wipe()
-			return nil, 0, fmt.Errorf("VM key of %s: passphrase is not hex", info.VMID)
-		}
-		fs = append(fs, raw, pass, []byte(strings.ToUpper(string(pass))),
-			[]byte(base64.StdEncoding.EncodeToString(raw)), []byte(base64.RawURLEncoding.EncodeToString(raw)))
 	}
 	return fs, len(infos), nil
 }

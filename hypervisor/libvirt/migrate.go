@@ -27,10 +27,6 @@ type MigrateOptions struct {
 	// defined, domain absent), like a plain `virsh migrate`; libvirt's own
 	// errors are classified instead.
 	NoPrecheck bool
-	// KeepSourceSecret keeps the VM's secret on the source after a
-	// successful migration (by default it is undefined: the source no
-	// longer needs it and libvirt read it only when swtpm started).
-	KeepSourceSecret bool
 }
 
 // Migrate live-migrates a running VM to dest (MigrateWith with defaults).
@@ -85,11 +81,8 @@ func (h *Hypervisor) MigrateWith(ctx context.Context, vmUUID string, dest hyperv
 		return fmt.Errorf("%s: %w", op, err)
 	}
 	log.WithField("took", time.Since(t0)).Info("migrated")
-	if !opt.KeepSourceSecret {
-		if err := h.UndefineSecret(context.WithoutCancel(ctx), vmUUID); err != nil {
-			log.WithError(err).Warn("migrated, but the source secret was not undefined")
-		}
-	}
+	// The source's secret stays: its owner (the migration node) undefines
+	// it when the transaction commits.
 	return nil
 }
 

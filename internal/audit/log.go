@@ -120,7 +120,7 @@ func Open(path string, opts Options) (*Log, error) {
 // error and later ones wrap ErrFailed): reopen it to verify and repair the
 // tail before continuing the chain.
 func (l *Log) Append(ctx context.Context, rec Record) error {
-	op := "audit append " + rec.Event
+	op := "audit append " + string(rec.Event)
 	if !validEvent(rec.Event) {
 		return fmt.Errorf("%s: event %q: %w", op, rec.Event, ErrInvalidRecord)
 	}

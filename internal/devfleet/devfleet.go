@@ -194,18 +194,10 @@ func (h *Host) CreateRunningVM(ctx context.Context, name string) (string, error)
 	if err != nil {
 		return "", err
 	}
-	k, _, err := h.Daemon.Host().Keys().Get(ctx, vm.UUID)
+	_, err = h.Daemon.Host().Keys().WithPassphrase(ctx, vm.UUID, func(pass []byte) error {
+		return h.Hyp.DefineSecret(ctx, vm.UUID, pass)
+	})
 	if err != nil {
-		return "", err
-	}
-	pass := k.Passphrase()
-	k.Destroy()
-	defer func() {
-		for i := range pass {
-			pass[i] = 0
-		}
-	}()
-	if err := h.Hyp.DefineSecret(ctx, vm.UUID, pass); err != nil {
 		return "", err
 	}
 	state := filepath.Join(h.Cfg.DataDir, "vms", vm.UUID, "tpm2")

@@ -157,7 +157,9 @@ func createVM(ctx context.Context, t *testing.T, keys *vtpm.KeyStore, h *lab.Hos
 		t.Fatal(err)
 	}
 	defer k.Destroy()
-	startVM(ctx, t, h, id, name, k.Passphrase())
+	if err := k.WithPassphrase(func(pass []byte) error { startVM(ctx, t, h, id, name, pass); return nil }); err != nil {
+		t.Fatal(err)
+	}
 	return id
 }
 

@@ -244,15 +244,11 @@ func (f *Fleet) CreateVM(ctx context.Context, h *FleetHost, name string, spec li
 		}
 	}
 	err := h.Vtpmd.WithKeys(ctx, func(keys *vtpm.KeyStore) error {
-		k, gen, err := keys.Get(ctx, vm.UUID)
-		if err != nil {
-			return err
-		}
+		gen, err := keys.WithPassphrase(ctx, vm.UUID, func(pass []byte) error {
+			return h.Hyp.DefineSecret(ctx, vm.UUID, pass)
+		})
 		vm.Generation = gen
-		pass := k.Passphrase()
-		k.Destroy()
-		defer clear(pass)
-		return h.Hyp.DefineSecret(ctx, vm.UUID, pass)
+		return err
 	})
 	if err != nil {
 		t.Fatal(err)

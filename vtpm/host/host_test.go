@@ -117,14 +117,13 @@ func TestAgentLifecycleAndNoPlaintextKeys(t *testing.T) {
 		secrets["random draw "+string(rune('0'+i))] = d
 	}
 	for _, vm := range vms {
-		k, _, err := a.Keys().Get(ctx, vm.UUID)
-		if err != nil {
+		if _, err := a.Keys().WithPassphrase(ctx, vm.UUID, func(p []byte) error {
+			raw, err := hex.DecodeString(string(p))
+			secrets["VM key "+vm.Name] = raw
+			return err
+		}); err != nil {
 			t.Fatal(err)
 		}
-		p := k.Passphrase()
-		raw, _ := hex.DecodeString(string(p))
-		secrets["VM key "+vm.Name] = raw
-		k.Destroy()
 	}
 	if len(secrets) < 3 {
 		t.Fatalf("expected the vault key and two VM keys among the recorded draws, got %d", len(secrets))

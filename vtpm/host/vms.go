@@ -66,13 +66,13 @@ func (h *Host) CreateVM(ctx context.Context, name, uuid string) (VM, error) {
 		return VM{}, fmt.Errorf("create VM %s: %w", name, err)
 	}
 	defer key.Destroy()
-	pass := key.Passphrase()
-	defer wipe(pass)
 	if err := os.MkdirAll(h.layout.VM(uuid), 0o700); err != nil {
 		return VM{}, err
 	}
-	err = swtpm.Setup(ctx, swtpm.SetupConfig{
-		StateDir: h.layout.VMState(uuid), VMID: uuid, VMName: name, Passphrase: pass, CADir: h.layout.SwtpmCA(), Log: log,
+	err = key.WithPassphrase(func(pass []byte) error {
+		return swtpm.Setup(ctx, swtpm.SetupConfig{
+			StateDir: h.layout.VMState(uuid), VMID: uuid, VMName: name, Passphrase: pass, CADir: h.layout.SwtpmCA(), Log: log,
+		})
 	})
 	if err != nil {
 		_ = h.keys.Delete(ctx, uuid)
@@ -86,12 +86,6 @@ func (h *Host) CreateVM(ctx context.Context, name, uuid string) (VM, error) {
 	}
 	log.WithFields(logrus.Fields{"generation": gen, "took_ms": time.Since(start).Milliseconds()}).Info("vTPM created")
 	return vm, nil
-}
-
-func wipe(b []byte) {
-	for i := range b {
-		b[i] = 0
-	}
 }
 
 // ListVMs returns this host's VMs, sorted by name.
@@ -195,25 +189,23 @@ func (h *Host) StartVM(ctx context.Context, ref string) (VMStatus, error) {
 		return VMStatus{}, fmt.Errorf("start vTPM %s: %w", vm.Name, ErrVMRunning)
 	}
 	h.mu.Unlock()
-	key, gen, err := h.keys.Get(ctx, vm.UUID)
-	if err != nil {
-		return VMStatus{}, fmt.Errorf("start vTPM %s: %w", vm.Name, err)
-	}
-	pass := key.Passphrase()
-	key.Destroy()
-	defer wipe(pass)
-	log := h.log.WithFields(logrus.Fields{"vm": vm.Name, "vm_uuid": vm.UUID, "generation": gen})
 	sockDir := h.layout.VMSockets(vm.UUID)
 	if err := os.MkdirAll(sockDir, 0o700); err != nil {
 		return VMStatus{}, fmt.Errorf("start vTPM %s: %w", vm.Name, err)
 	}
-	proc, err := swtpm.Start(ctx, swtpm.ProcessConfig{
-		StateDir: h.layout.VMState(vm.UUID), Passphrase: pass,
-		SocketDir: sockDir, Log: log,
+	log := h.log.WithFields(logrus.Fields{"vm": vm.Name, "vm_uuid": vm.UUID})
+	var proc *swtpm.Process
+	gen, err := h.keys.WithPassphrase(ctx, vm.UUID, func(pass []byte) error {
+		var err error
+		proc, err = swtpm.Start(ctx, swtpm.ProcessConfig{
+			StateDir: h.layout.VMState(vm.UUID), Passphrase: pass, SocketDir: sockDir, Log: log,
+		})
+		return err
 	})
 	if err != nil {
 		return VMStatus{}, fmt.Errorf("start vTPM %s: %w", vm.Name, err)
 	}
+	log = log.WithField("generation", gen)
 	if err := proc.Init(ctx); err != nil {
 		_ = proc.Stop(ctx)
 		return VMStatus{}, fmt.Errorf("start vTPM %s: %w", vm.Name, err)

@@ -127,8 +127,8 @@ func (d *Daemon) VMs(ctx context.Context) ([]adminapi.VMInfo, error) {
 	}
 	out := make([]adminapi.VMInfo, 0, len(byID))
 	for _, v := range byID {
-		if tx, _, err := d.host.Keys().Pending(ctx, v.UUID); err == nil {
-			v.PendingTx = tx
+		if tx, ok := d.node.Incoming(v.UUID); ok {
+			v.PendingTx = tx.ID
 		}
 		out = append(out, *v)
 	}
@@ -244,7 +244,7 @@ func (d *Daemon) handleAudit(w http.ResponseWriter, r *http.Request) {
 	vm, event := r.URL.Query().Get("vm"), r.URL.Query().Get("event")
 	var recs []audit.Record
 	sum, err := audit.Read(f, func(rec audit.Record) error {
-		if (vm == "" || rec.VM == vm) && (event == "" || rec.Event == event) {
+		if (vm == "" || rec.VM == vm) && (event == "" || rec.Event == audit.Event(event)) {
 			recs = append(recs, rec)
 		}
 		return nil
@@ -269,7 +269,7 @@ func apiTx(tx migrate.Tx) adminapi.Tx {
 	out := adminapi.Tx{ID: tx.ID, Role: string(tx.Role), Peer: tx.Peer, State: string(tx.State), Reason: tx.Reason,
 		Pulled: tx.Pulled, Lease: tx.Lease, Created: tx.Created, Updated: tx.Updated}
 	for _, vm := range tx.VMs {
-		out.VMs = append(out.VMs, adminapi.TxVM{UUID: vm.UUID, Name: vm.Name, Generation: vm.Generation, Outcome: vm.Outcome, Error: vm.Error})
+		out.VMs = append(out.VMs, adminapi.TxVM{UUID: vm.UUID, Name: vm.Name, Generation: vm.Generation, Outcome: string(vm.Outcome), Error: vm.Error})
 	}
 	return out
 }

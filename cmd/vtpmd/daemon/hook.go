@@ -14,7 +14,6 @@ import (
 	"github.com/vtpmm/vtpmm/internal/ids"
 	"github.com/vtpmm/vtpmm/internal/strictjson"
 	"github.com/vtpmm/vtpmm/migrate"
-	"github.com/vtpmm/vtpmm/vtpm"
 )
 
 // Hook mode: libvirt's qemu hook (vtpmctl hook qemu) reaches vtpmd here.
@@ -76,12 +75,12 @@ func (d *Daemon) handleHookPrepare(w http.ResponseWriter, r *http.Request) {
 	}
 	ctx := r.Context()
 	log := d.log.WithFields(logrus.Fields{"vm": req.UUID, "name": req.Name})
-	if tx, _, err := d.host.Keys().Pending(ctx, req.UUID); err == nil {
-		adminapi.WriteJSON(w, http.StatusOK, adminapi.HookPrepareResponse{Status: "incoming migration", TxID: tx})
+	if tx, ok := d.node.Incoming(req.UUID); ok {
+		adminapi.WriteJSON(w, http.StatusOK, adminapi.HookPrepareResponse{Status: "incoming migration", TxID: tx.ID})
 		return
 	}
-	k, gen, err := d.host.Keys().Get(ctx, req.UUID)
-	if errors.Is(err, vtpm.ErrKeyNotFound) {
+	gen, err := d.node.DefineSecret(ctx, req.UUID)
+	if errors.Is(err, migrate.ErrNotOwner) {
 		err = fmt.Errorf("%w: VM %s (%s): %s holds no key for its vTPM; start it on the host that owns it "+
 			"('vtpmctl vm show %s' there) or move it here with 'vtpmctl migrate'", migrate.ErrNotOwner, req.Name, req.UUID, d.cfg.HostID, req.Name)
 		log.WithError(err).Warn("hook: start refused")
@@ -90,14 +89,6 @@ func (d *Daemon) handleHookPrepare(w http.ResponseWriter, r *http.Request) {
 	}
 	if err != nil {
 		adminapi.WriteError(w, http.StatusInternalServerError, err)
-		return
-	}
-	pass := k.Passphrase()
-	k.Destroy()
-	err = d.hyp.DefineSecret(ctx, req.UUID, pass)
-	clear(pass)
-	if err != nil {
-		adminapi.WriteError(w, http.StatusInternalServerError, fmt.Errorf("define the vTPM secret of %s: %w", req.UUID, err))
 		return
 	}
 	log.WithField("generation", gen).Info("hook: vTPM secret defined for a start")
