@@ -33,7 +33,7 @@ deps:
 ## build: the binaries into ./bin
 build: deps
 	@mkdir -p $(BIN)
-	$(GO) build -o $(BIN)/ ./cmd/vtpmd ./cmd/vtpmm-demo
+	$(GO) build -o $(BIN)/ ./cmd/vtpmd
 	CGO_ENABLED=0 $(GO) build -o $(BIN)/ ./cmd/vtpmctl ./cmd/vtpmm-guest
 
 ## test: vet, every test on real swtpm processes, then the e2e suite on real libvirt (root)
@@ -56,6 +56,7 @@ e2e-bench: deps
 ## demo: the main job, end to end on libvirt hosts in network namespaces (root; last line: DEMO OK)
 demo: build
 	@$(GO) build -o $(BIN)/ ./test/lab/cmd/subreaper
+	@$(GO) build -o $(BIN)/vtpmm-demo ./test/demo
 	$(BIN)/vtpmm-demo --bin $(BIN)
 
 ## bench: TPM command counts and time under the none and dtpm profiles

@@ -17,6 +17,7 @@ import (
 	"github.com/vtpmm/vtpmm/hypervisor"
 	"github.com/vtpmm/vtpmm/hypervisor/fake"
 	"github.com/vtpmm/vtpmm/internal/audit"
+	"github.com/vtpmm/vtpmm/internal/fixtures"
 	"github.com/vtpmm/vtpmm/internal/guestseal"
 	"github.com/vtpmm/vtpmm/migrate"
 	"github.com/vtpmm/vtpmm/vtpm"
@@ -26,9 +27,10 @@ import (
 	"github.com/vtpmm/vtpmm/vtpm/tpmtest"
 )
 
+// The boot logs (internal/fixtures) the emulated hosts replay.
 const (
-	goodLog = "../vtpm/emuhost/testdata/gce-cos-85.eventlog.bin"
-	badLog  = "../attest/testdata/realworld/eventlogs/ubuntu-2104-no-secure-boot.bin"
+	goodLog = "eventlogs/gce-cos-85.eventlog.bin"
+	badLog  = "eventlogs/ubuntu-2104-no-secure-boot.bin"
 )
 
 var quoted = []int{0, 1, 2, 3, 4, 5, 6, 7, 8, 9}
@@ -102,7 +104,7 @@ func newFleet(t testing.TB) *fleet {
 
 func readFile(t testing.TB, p string) []byte {
 	t.Helper()
-	b, err := os.ReadFile(p)
+	b, err := fixtures.File(p)
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -79,7 +79,7 @@ func TestE2EBench(t *testing.T) {
 	ctx, cancel := context.WithTimeout(context.Background(), 4*time.Minute+time.Duration(runs)*time.Minute)
 	defer cancel()
 
-	f := newVFleet(ctx, t, hostA, hostB)
+	f := newVFleet(ctx, t, hostA(), hostB())
 	a, b := f.Hosts["host-a"], f.Hosts["host-b"]
 	for _, h := range []*lab.FleetHost{a, b} {
 		if err := appendConfig(h.Vtpmd.ConfigPath, fmt.Sprintf("metrics_listen: %s:%d\n", h.IP, metricsPort)); err != nil {

@@ -139,9 +139,9 @@ func (w *eventWatch) probe(ctx context.Context, t *testing.T) {
 func TestLibvirtLifecycleEvents(t *testing.T) {
 	ctx, cancel := context.WithTimeout(context.Background(), 4*time.Minute)
 	defer cancel()
-	f := newFleet(ctx, t)
-	a := f.host(ctx, "host-a", "10.251.0.1", goodLog)
-	b := f.host(ctx, "host-b", "10.251.0.2", goodLog)
+	n := newNetwork(ctx, t)
+	a := newHost(ctx, t, n, "host-a", "10.251.0.1")
+	b := newHost(ctx, t, n, "host-b", "10.251.0.2")
 	wa, wb := watchEvents(ctx, t, a), watchEvents(ctx, t, b)
 	wa.probe(ctx, t)
 	wb.probe(ctx, t)

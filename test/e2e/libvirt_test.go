@@ -29,9 +29,9 @@ func passphrase() []byte {
 func TestLibvirtSecretRules(t *testing.T) {
 	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
 	defer cancel()
-	f := newFleet(ctx, t)
-	a := f.host(ctx, "host-a", "10.251.0.1", goodLog)
-	b := f.host(ctx, "host-b", "10.251.0.2", goodLog)
+	n := newNetwork(ctx, t)
+	a := newHost(ctx, t, n, "host-a", "10.251.0.1")
+	b := newHost(ctx, t, n, "host-b", "10.251.0.2")
 	vm, pass := lab.NewUUID(), passphrase()
 	startVM(ctx, t, a, vm, "plainvm", pass)
 	onA := map[*lab.Host]hypervisor.State{a: hypervisor.StateRunning, b: hypervisor.StateAbsent}

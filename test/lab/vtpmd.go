@@ -376,3 +376,18 @@ func (v *Vtpmd) LogTail(n int) string {
 	}
 	return string(b)
 }
+
+// Virsh runs virsh against the host's own libvirtd, inside its namespaces
+// (at most 2 minutes), and returns its combined output and wall time.
+func (h *Host) Virsh(ctx context.Context, args ...string) (string, time.Duration, error) {
+	rctx, cancel := context.WithTimeout(ctx, 2*time.Minute)
+	defer cancel()
+	cmd, err := h.NsCommand(rctx, "virsh", append([]string{"-c", "qemu:///system"}, args...)...)
+	if err != nil {
+		return "", 0, err
+	}
+	cmd.WaitDelay = 5 * time.Second
+	t0 := time.Now()
+	out, err := cmd.CombinedOutput()
+	return string(out), time.Since(t0), err
+}

@@ -17,6 +17,7 @@ import (
 	"syscall"
 	"time"
 
+	"github.com/vtpmm/vtpmm/internal/fixtures"
 	"github.com/vtpmm/vtpmm/test/lab"
 	"github.com/vtpmm/vtpmm/vtpm/emuhost"
 )
@@ -50,8 +51,8 @@ func newDemo(args []string, stdout, stderr io.Writer) (*demo, error) {
 	d := &demo{out: stdout, errw: stderr, start: time.Now()}
 	fs.StringVar(&d.bin, "bin", "bin", "directory holding vtpmd, vtpmctl and vtpmm-guest (and optionally subreaper)")
 	fs.StringVar(&d.work, "work", "", "work directory (default: a new one under /tmp)")
-	fs.StringVar(&d.goodLog, "boot-log", "vtpm/emuhost/testdata/gce-cos-85.eventlog.bin", "TCG event log the hosts boot with (crypto-agile, SHA-256 bank)")
-	fs.StringVar(&d.badLog, "tampered-log", "attest/testdata/realworld/eventlogs/ubuntu-2104-no-secure-boot.bin", "event log of a tampered boot")
+	fs.StringVar(&d.goodLog, "boot-log", "", "TCG event log the hosts boot with (crypto-agile, SHA-256 bank; default: the embedded GCE COS 85 log)")
+	fs.StringVar(&d.badLog, "tampered-log", "", "event log of a tampered boot (default: the embedded Ubuntu 21.04 log, Secure Boot off)")
 	fs.BoolVar(&d.keep, "keep", false, "keep the work and lab directories")
 	if err := fs.Parse(args); err != nil {
 		return nil, err
@@ -68,20 +69,30 @@ func newDemo(args []string, stdout, stderr io.Writer) (*demo, error) {
 	if d.bin, err = filepath.Abs(d.bin); err != nil {
 		return nil, err
 	}
-	for _, p := range []*string{&d.goodLog, &d.badLog} {
-		if *p, err = filepath.Abs(*p); err != nil {
-			return nil, err
-		}
-		if _, err := os.Stat(*p); err != nil {
-			return nil, fmt.Errorf("boot log: %w (run the demo from the module root, or give --boot-log and --tampered-log)", err)
-		}
-	}
 	if d.work == "" {
 		if d.work, err = os.MkdirTemp("/tmp", "vtpmm-demo-"); err != nil {
 			return nil, err
 		}
 	} else if err := os.MkdirAll(d.work, 0o700); err != nil {
 		return nil, err
+	}
+	good, tampered, err := fixtures.BootLogs(filepath.Join(d.work, "fixtures"))
+	if err != nil {
+		return nil, err
+	}
+	for _, l := range []struct {
+		p   *string
+		def string
+	}{{&d.goodLog, good}, {&d.badLog, tampered}} {
+		if *l.p == "" {
+			*l.p = l.def
+		}
+		if *l.p, err = filepath.Abs(*l.p); err != nil {
+			return nil, err
+		}
+		if _, err := os.Stat(*l.p); err != nil {
+			return nil, fmt.Errorf("boot log: %w", err)
+		}
 	}
 	if d.log, err = os.OpenFile(filepath.Join(d.work, "demo.log"), os.O_CREATE|os.O_WRONLY|os.O_APPEND, 0o600); err != nil {
 		return nil, err

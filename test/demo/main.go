@@ -11,6 +11,11 @@
 //     host-b, where it still unseals; host-c, booted from a tampered log, is
 //     refused.
 //
+// It lives under test/, not cmd/: it is not a product binary but a driver
+// of the lab (test/lab: namespaces, emulated host TPMs, the shared
+// fixtures), so that nothing under cmd/ imports test/. 'make demo' builds it
+// as bin/vtpmm-demo.
+//
 // It prints each step with its timing; the last line starts with DEMO OK.
 // Everything it starts is stopped and removed at the end, also after a
 // failure or Ctrl-C. It needs root, libvirt, QEMU and swtpm ('make deps').
