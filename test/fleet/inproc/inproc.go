@@ -7,8 +7,8 @@
 // files are made the way vtpmctl makes them (pki, golden policy), and the
 // hosts enrol each other through their admin APIs.
 //
-// It replaces internal/devfleet. It needs swtpm (and root for nothing
-// else); it runs under plain go test.
+// It replaces internal/devfleet. It needs swtpm and runs under plain go
+// test.
 package inproc
 
 import (
