@@ -26,10 +26,12 @@ func layer(pkg string) (int, string) {
 		return 3, "hypervisor"
 	case strings.HasPrefix(p, "hypervisor/"):
 		return 4, "hypervisor implementation"
-	case p == "migrate":
-		return 5, "migrate"
 	case p == "migrate/wire":
 		return 6, "migrate/wire"
+	case p == "migrate" || strings.HasPrefix(p, "migrate/"):
+		// migrate and the concerns big enough for a package of their own
+		// (the registry, escrow, ...): one layer.
+		return 5, "migrate"
 	case p == "cmd/vtpmd/daemon":
 		return 7, "daemon"
 	case strings.HasPrefix(p, "cmd/") || p == "packaging":
