@@ -381,15 +381,15 @@ func TestVerifyEnrollmentModes(t *testing.T) {
 	}
 }
 
-// TestWriteAKCertFixtures writes testdata/synthetic/akcert/: evidence
+// TestWriteAKCertFixtures writes internal/fixtures/synthetic/akcert/: evidence
 // version 2 carrying an IAK-shaped certificate, the host's enrolment on it,
 // the EK and AK roots and a policy with enrollment: ak-certificate (used by
 // the vtpmctl tests and docs/attestation.md). Software keys only.
 func TestWriteAKCertFixtures(t *testing.T) {
 	if !*update {
-		t.Skip("run with -update to rewrite testdata/synthetic/akcert")
+		t.Skip("run with -update to rewrite internal/fixtures/synthetic/akcert")
 	}
-	dir := filepath.Join("testdata", "synthetic", "akcert")
+	dir := filepath.Join("..", "internal", "fixtures", "synthetic", "akcert")
 	for _, d := range []string{"roots", "akroots"} {
 		if err := os.MkdirAll(filepath.Join(dir, d), 0o755); err != nil {
 			t.Fatal(err)

@@ -1,6 +1,8 @@
 package vtpm
 
 import (
+	"github.com/vtpmm/vtpmm/internal/atomicfile"
+
 	"bytes"
 	"crypto/hkdf"
 	"crypto/hmac"
@@ -80,7 +82,7 @@ func writeAnchorFile(path string, f anchorFile, key []byte) error {
 	if err != nil {
 		return err
 	}
-	return WriteFileAtomic(path, append(b, '\n'))
+	return atomicfile.WriteFile(path, append(b, '\n'), 0o600)
 }
 
 // AnchorFileError says what is wrong with the anchor file. It unwraps to

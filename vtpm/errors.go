@@ -1,8 +1,14 @@
 package vtpm
 
-import "errors"
+import (
+	"errors"
 
-// Sentinel errors of package vtpm. Match them with errors.Is.
+	"github.com/vtpmm/vtpmm/internal/errclass"
+)
+
+// Sentinel errors of package vtpm. Match them with errors.Is. The key
+// store's (ErrKeyNotFound, ErrKeyExists, ErrWrongKey, ErrStaleGeneration)
+// have classes in internal/errclass: they cross the agent wire.
 var (
 	// ErrBadURI means a TPM URI could not be parsed or names an unknown scheme.
 	ErrBadURI = errors.New("unsupported TPM URI")
@@ -30,14 +36,14 @@ var (
 	ErrUnsupportedVersion = errors.New("unsupported format version")
 
 	// ErrKeyNotFound means no key is stored for the VM.
-	ErrKeyNotFound = errors.New("no key stored for VM")
+	ErrKeyNotFound = errclass.New(errclass.KeyNotFound, "no key stored for VM")
 	// ErrKeyExists means a key is already stored for the VM.
-	ErrKeyExists = errors.New("key already stored for VM")
+	ErrKeyExists = errclass.New(errclass.KeyExists, "key already stored for VM")
 	// ErrWrongKey means an envelope does not open under the key presented
 	// (another host's vault, another VM, or another generation).
-	ErrWrongKey = errors.New("envelope does not open under this key")
+	ErrWrongKey = errclass.New(errclass.WrongKey, "envelope does not open under this key")
 	// ErrStaleGeneration means a key at or below an already-seen generation was presented.
-	ErrStaleGeneration = errors.New("stale generation")
+	ErrStaleGeneration = errclass.New(errclass.StaleGeneration, "stale generation")
 	// ErrBadVMID means a VM identifier is not a canonical UUID.
 	ErrBadVMID = errors.New("VM id is not a canonical UUID")
 

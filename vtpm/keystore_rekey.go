@@ -1,6 +1,8 @@
 package vtpm
 
 import (
+	"github.com/vtpmm/vtpmm/internal/atomicfile"
+
 	"context"
 	"errors"
 	"fmt"
@@ -45,7 +47,7 @@ func (s *KeyStore) PutRekey(ctx context.Context, vmID string, k VMKey) error {
 	if err != nil {
 		return err
 	}
-	return WriteFileAtomic(s.rekeyPath(vmID), b)
+	return atomicfile.WriteFile(s.rekeyPath(vmID), b, 0o600)
 }
 
 // GetRekey opens the pending new key of a rekey (no TPM command).
@@ -93,7 +95,7 @@ func (s *KeyStore) CommitRekey(ctx context.Context, vmID string) error {
 	if err := os.Rename(s.rekeyPath(vmID), s.keyPath(vmID)); err != nil {
 		return fmt.Errorf("commit rekey for %s: %w", vmID, err)
 	}
-	return syncDir(s.dir)
+	return atomicfile.SyncDir(s.dir)
 }
 
 // DropRekey shreds a pending new key; a missing one is not an error.

@@ -82,8 +82,8 @@ func TestNoPlaintextKeyWritten(t *testing.T) {
 				bk := bytes.Clone(rec.got[idBytes : idBytes+32])
 				// The recorded bytes are the bundle key: they open the sealed VM key.
 				d := mustDecode(t, b)
-				aead, _ := bundleAEAD(bk, rec.got[:idBytes])
-				if k, err := vtpm.OpenVMKeyWith(aead, d.nonce, d.ct, d.ad); err != nil || !k.Equal(key) {
+				sealer, _ := bundleSealer(bk, rec.got[:idBytes], nil)
+				if k, err := sealer.OpenKey(vtpm.Sealed{Nonce: d.nonce, Ciphertext: d.ct}, keyBinding(d.ad, c.Generation)); err != nil || !k.Equal(key) {
 					t.Fatalf("the scan would look for the wrong bundle key: %v", err)
 				}
 				for n, v := range forms(fmt.Sprintf("bundle key %d", i), bk) {

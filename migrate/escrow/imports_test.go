@@ -16,7 +16,7 @@ import (
 // VM ID check, none of which touches a TPM. Adding a TPM call here fails
 // this test.
 func TestNoTPMByConstruction(t *testing.T) {
-	allowed := map[string]bool{"VMKey": true, "OpenVMKeyWith": true, "CheckVMID": true}
+	allowed := map[string]bool{"VMKey": true, "Sealer": true, "Sealed": true, "Binding": true, "Domain": true, "NewAEADSealer": true, "CheckVMID": true}
 	files, _ := filepath.Glob("*.go")
 	fset := token.NewFileSet()
 	checked := 0

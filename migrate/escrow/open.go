@@ -112,11 +112,11 @@ func Open(ctx context.Context, bundle []byte, expectVM string, ids []*Identity, 
 		}
 	}
 	defer clear(bk)
-	aead, err := bundleAEAD(bk, id)
+	sealer, err := bundleSealer(bk, id, nil)
 	if err != nil {
 		return nil, fmt.Errorf("open bundle %s: %w", h.ID, err)
 	}
-	key, err := vtpm.OpenVMKeyWith(aead, d.nonce, d.ct, d.ad)
+	key, err := sealer.OpenKey(vtpm.Sealed{Nonce: d.nonce, Ciphertext: d.ct}, keyBinding(d.ad, h.Generation))
 	if err != nil {
 		return nil, fmt.Errorf("open bundle %s of VM %s: %w", h.ID, h.VM.UUID, &TamperError{Part: "header",
 			Detail: fmt.Sprintf("the bundle key rebuilt from the shares of %s does not authenticate the header and sealed key: they were changed after sealing (or shares were replaced together with their commitments)", strings.Join(used, ", "))})

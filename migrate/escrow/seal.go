@@ -3,8 +3,6 @@ package escrow
 import (
 	"bytes"
 	"context"
-	"crypto/aes"
-	"crypto/cipher"
 	"crypto/hkdf"
 	"crypto/rand"
 	"crypto/sha256"
@@ -150,18 +148,18 @@ func (s *Sealer) Seal(ctx context.Context, c Contents, key vtpm.VMKey) ([]byte, 
 		return nil, err
 	}
 	ad := framePrefix(hdr)
-	aead, err := bundleAEAD(bk, id)
+	sealer, err := bundleSealer(bk, id, s.rand)
 	if err != nil {
 		return nil, fmt.Errorf("seal bundle: %w", err)
 	}
-	nonce := make([]byte, nonceSize)
-	if _, err := io.ReadFull(s.rand, nonce); err != nil {
-		return nil, fmt.Errorf("seal bundle: %w", err)
-	}
-	sealed, err := key.SealWith(aead, nonce, ad)
+	sk, err := sealer.SealKey(key, keyBinding(ad, c.Generation))
 	if err != nil {
 		return nil, fmt.Errorf("seal bundle of %s: %w", c.VM.UUID, err)
 	}
+	if len(sk.Nonce) != nonceSize || len(sk.Ciphertext) != sealedKeySize {
+		return nil, fmt.Errorf("seal bundle of %s: sealed key of unexpected size", c.VM.UUID)
+	}
+	nonce, sealed := sk.Nonce, sk.Ciphertext
 	size := len(ad) + nonceSize + len(sealed) + 8 + len(c.State)
 	for _, f := range files {
 		size += 4 + len(f)
@@ -223,9 +221,21 @@ func encryptShare(c Custodian, pt []byte) ([]byte, error) {
 	return buf.Bytes(), nil
 }
 
-// bundleAEAD derives the AES-256-GCM key that seals the VM key:
-// HKDF-SHA-256(bundle key, salt = bundle ID).
-func bundleAEAD(bk, id []byte) (cipher.AEAD, error) {
+// DomainEscrow is the domain of a VM key sealed inside a bundle (see
+// vtpm.Binding): a key sealed for escrow never opens as an envelope at rest
+// or a transfer envelope, and vice versa.
+const DomainEscrow vtpm.Domain = "vtpmm/escrow/v1"
+
+// keyBinding binds the sealed VM key to every byte from the magic to the
+// end of the header (ad) and to the VM's generation.
+func keyBinding(ad []byte, gen uint64) vtpm.Binding {
+	return vtpm.Binding{Domain: DomainEscrow, Fields: [][]byte{ad}, Generation: gen}
+}
+
+// bundleSealer seals the VM key with AES-256-GCM under
+// HKDF-SHA-256(bundle key, salt = bundle ID), through the project's one
+// sealing API (vtpm.Sealer).
+func bundleSealer(bk, id []byte, rnd io.Reader) (vtpm.Sealer, error) {
 	if len(bk) != 32 {
 		return nil, errors.New("bundle key of wrong length")
 	}
@@ -234,9 +244,5 @@ func bundleAEAD(bk, id []byte) (cipher.AEAD, error) {
 		return nil, err
 	}
 	defer clear(k)
-	block, err := aes.NewCipher(k)
-	if err != nil {
-		return nil, err
-	}
-	return cipher.NewGCM(block)
+	return vtpm.NewAEADSealer(k, rnd)
 }

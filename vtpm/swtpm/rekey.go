@@ -1,6 +1,8 @@
 package swtpm
 
 import (
+	"github.com/vtpmm/vtpmm/internal/atomicfile"
+
 	"bytes"
 	"context"
 	"errors"
@@ -294,7 +296,7 @@ func RecoverRekey(ctx context.Context, stateDir string) (newKey bool, err error)
 				return false, fmt.Errorf("recover rekey %s: %w", d, err)
 			}
 		}
-		return false, syncDir(filepath.Dir(d))
+		return false, atomicfile.SyncDir(filepath.Dir(d))
 	case RekeySwapping:
 		if err := renameSync(d+rekeyNew, d); err != nil {
 			return false, fmt.Errorf("recover rekey %s: %w", d, err)
@@ -333,5 +335,5 @@ func FinishRekey(ctx context.Context, stateDir string) error {
 	if err := os.RemoveAll(old); err != nil {
 		return fmt.Errorf("finish rekey %s: %w", d, err)
 	}
-	return syncDir(filepath.Dir(d))
+	return atomicfile.SyncDir(filepath.Dir(d))
 }

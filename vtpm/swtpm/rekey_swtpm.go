@@ -1,6 +1,8 @@
 package swtpm
 
 import (
+	"github.com/vtpmm/vtpmm/internal/atomicfile"
+
 	"context"
 	"encoding/binary"
 	"errors"
@@ -207,21 +209,12 @@ func syncTree(dir string) error {
 			return err
 		}
 	}
-	return syncDir(dir)
+	return atomicfile.SyncDir(dir)
 }
 
 func renameSync(from, to string) error {
 	if err := os.Rename(from, to); err != nil {
 		return err
 	}
-	return syncDir(filepath.Dir(to))
-}
-
-func syncDir(dir string) error {
-	d, err := os.Open(dir)
-	if err != nil {
-		return err
-	}
-	defer d.Close()
-	return d.Sync()
+	return atomicfile.SyncDir(filepath.Dir(to))
 }

@@ -71,7 +71,7 @@ func vmKey(t *testing.T) (vtpm.VMKey, []byte) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	return k, k.Passphrase()
+	return k, passOf(t, k)
 }
 
 func cloneState(t *testing.T, state string) string {
@@ -116,7 +116,7 @@ func TestRekeyWithKeyStore(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	state := guestVTPM(t, oldKey.Passphrase())
+	state := guestVTPM(t, passOf(t, oldKey))
 	origPerm, _ := os.ReadFile(filepath.Join(state, "tpm2-00.permall"))
 
 	meter := vtpm.NewMeter(host, vtpm.ProfileDTPM, vtpm.WithSleep(func(time.Duration) {}))
@@ -138,7 +138,7 @@ func TestRekeyWithKeyStore(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	res, err := swtpm.Rekey(ctx, swtpm.RekeyConfig{StateDir: state, OldPassphrase: cur.Passphrase(), NewPassphrase: next.Passphrase()})
+	res, err := swtpm.Rekey(ctx, swtpm.RekeyConfig{StateDir: state, OldPassphrase: passOf(t, cur), NewPassphrase: passOf(t, next)})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -159,10 +159,10 @@ func TestRekeyWithKeyStore(t *testing.T) {
 	if err != nil || g2 != gen || !got.Equal(newKey) {
 		t.Fatalf("after commit: generation %d (want %d), new key %v, %v", g2, gen, got.Equal(newKey), err)
 	}
-	if err := opensWith(t, state, oldKey.Passphrase()); !errors.Is(err, swtpm.ErrWrongPassphrase) {
+	if err := opensWith(t, state, passOf(t, oldKey)); !errors.Is(err, swtpm.ErrWrongPassphrase) {
 		t.Fatalf("old key after rekey: %v, want ErrWrongPassphrase", err)
 	}
-	if err := opensWith(t, state, newKey.Passphrase()); err != nil {
+	if err := opensWith(t, state, passOf(t, newKey)); err != nil {
 		t.Fatalf("new key after rekey: %v", err)
 	}
 	if err := swtpm.CheckEncryptedAtRest(state); err != nil {
@@ -346,7 +346,7 @@ func BenchmarkRekey(b *testing.B) {
 		if err != nil {
 			b.Fatal(err)
 		}
-		keys[i] = k.Passphrase()
+		keys[i] = passOf(b, k)
 	}
 	dir := b.TempDir()
 	state := filepath.Join(dir, "vm", "tpm2")
@@ -363,4 +363,14 @@ func BenchmarkRekey(b *testing.B) {
 		}
 		i++
 	}
+}
+
+// passOf copies k's passphrase for a test that hands it to swtpm itself.
+func passOf(t testing.TB, k vtpm.VMKey) []byte {
+	t.Helper()
+	var p []byte
+	if err := k.WithPassphrase(func(pass []byte) error { p = bytes.Clone(pass); return nil }); err != nil {
+		t.Fatal(err)
+	}
+	return p
 }
