@@ -1,0 +1,78 @@
+package registry
+
+import (
+	"fmt"
+	"net/url"
+	"os"
+	"strings"
+
+	"github.com/sirupsen/logrus"
+	"go.etcd.io/etcd/client/pkg/v3/transport"
+	"go.etcd.io/etcd/server/v3/embed"
+)
+
+// startMember starts this host's etcd member in-process, the way k3s
+// embeds etcd: client and peer ports serve mutual TLS with the fleet PKI
+// (client-cert-auth, so etcd takes the user name from the certificate's
+// CN), and the peer port accepts only certificates valid for a member's
+// (or a spare's) host name. It returns once the listeners serve; it does
+// not wait for quorum (Client.Ready does).
+func startMember(cfg Config, log logrus.FieldLogger) (*embed.Etcd, error) {
+	em := cfg.Embedded
+	self := em.self()
+	ec := embed.NewConfig()
+	ec.Name = em.Name
+	ec.Dir = em.DataDir
+	pu, err := url.Parse(self.PeerURL)
+	if err != nil {
+		return nil, fmt.Errorf("%w: peer_url: %v", ErrConfig, err)
+	}
+	cu, err := url.Parse(self.ClientURL)
+	if err != nil {
+		return nil, fmt.Errorf("%w: client_url: %v", ErrConfig, err)
+	}
+	ec.ListenPeerUrls, ec.AdvertisePeerUrls = []url.URL{*pu}, []url.URL{*pu}
+	ec.ListenClientUrls, ec.AdvertiseClientUrls = []url.URL{*cu}, []url.URL{*cu}
+	initial := make([]string, 0, len(em.Members))
+	names := make([]string, 0, len(em.Members)+len(em.PeerNames))
+	for _, m := range em.Members {
+		initial = append(initial, m.Name+"="+m.PeerURL)
+		names = append(names, m.Name)
+	}
+	names = append(names, em.PeerNames...)
+	ec.InitialCluster = strings.Join(initial, ",")
+	ec.ClusterState = em.ClusterState
+	ec.InitialClusterToken = em.ClusterToken
+	ec.ClientTLSInfo = transport.TLSInfo{
+		CertFile:       cfg.CertFile,
+		KeyFile:        cfg.KeyFile,
+		TrustedCAFile:  cfg.CAFile,
+		ClientCertAuth: true,
+	}
+	ec.PeerTLSInfo = transport.TLSInfo{
+		CertFile:         cfg.CertFile,
+		KeyFile:          cfg.KeyFile,
+		TrustedCAFile:    cfg.CAFile,
+		ClientCertAuth:   true,
+		AllowedHostnames: names,
+	}
+	ec.TickMs = uint(em.HeartbeatInterval.Milliseconds())
+	ec.ElectionMs = uint(em.ElectionTimeout.Milliseconds())
+	ec.MaxTxnOps = uint(cfg.MaxTxnOps)
+	if em.QuotaBackendBytes > 0 {
+		ec.QuotaBackendBytes = em.QuotaBackendBytes
+	}
+	ec.AutoCompactionMode = "periodic"
+	ec.AutoCompactionRetention = em.CompactionRetention.String()
+	ec.EnableGRPCGateway = false // gRPC only: no HTTP/JSON surface
+	ec.Logger = "zap"
+	ec.ZapLoggerBuilder = embed.NewZapLoggerBuilder(zapLogger(log.WithField("member", em.Name), em.EtcdLogLevel))
+	if err := os.MkdirAll(em.DataDir, 0o700); err != nil {
+		return nil, fmt.Errorf("registry: member data dir: %w", err)
+	}
+	e, err := embed.StartEtcd(ec)
+	if err != nil {
+		return nil, fmt.Errorf("registry: start etcd member %s: %w", em.Name, err)
+	}
+	return e, nil
+}
