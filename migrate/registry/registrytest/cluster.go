@@ -24,12 +24,12 @@ import (
 
 // Options configures a test cluster. Zero values take test defaults.
 type Options struct {
-	Members   int           // default 1
-	Spares    []string      // extra peer names (member replacement)
-	TTL       time.Duration // liveness lease TTL (default 1 s, etcd's minimum)
-	OpTimeout time.Duration // default 2 s
-	Heartbeat time.Duration // default 25 ms
-	Election  time.Duration // default 250 ms
+	Members   int                // default 1
+	Spares    []string           // extra peer names (member replacement)
+	TTL       time.Duration      // liveness lease TTL (default 1 s, etcd's minimum)
+	OpTimeout time.Duration      // default 2 s
+	Heartbeat time.Duration      // default 25 ms
+	Election  time.Duration      // default 250 ms
 	Log       logrus.FieldLogger // default: discard
 }
 
