@@ -133,7 +133,13 @@ func (c *cache) load(b []byte) error {
 func (c *cache) put(rev int64, vms []VM, absent []string, all bool) {
 	c.mu.Lock()
 	if all {
+		old := c.vms
 		c.vms = map[string]cachedVM{}
+		for id, e := range old {
+			if e.rev > rev { // newer than this listing (seen by the watch)
+				c.vms[id] = e
+			}
+		}
 	}
 	for _, vm := range vms {
 		if old, ok := c.vms[vm.ID]; !ok || old.rev <= rev {
@@ -153,6 +159,15 @@ func (c *cache) put(rev int64, vms []VM, absent []string, all bool) {
 		case c.dirty <- struct{}{}:
 		default:
 		}
+	}
+	c.mu.Unlock()
+}
+
+// advance records that the view is complete up to rev.
+func (c *cache) advance(rev int64) {
+	c.mu.Lock()
+	if rev > c.rev {
+		c.rev = rev
 	}
 	c.mu.Unlock()
 }

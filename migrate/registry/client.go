@@ -107,6 +107,10 @@ func OpenClient(ctx context.Context, in Config) (_ *Client, err error) {
 		return nil, fmt.Errorf("registry: client: %w", err)
 	}
 	c.kv = NewCountingKV(c.cli.KV)
+	if !cfg.NoFollow {
+		c.wg.Add(1)
+		go c.followVMs()
+	}
 	return c, nil
 }
 
@@ -290,6 +294,12 @@ func tlsError(err error) error {
 		rerr  tls.RecordHeaderError
 	)
 	if errors.As(err, &alert) || errors.As(err, &verr) || errors.As(err, &uerr) || errors.As(err, &herr) || errors.As(err, &cerr) || errors.As(err, &rerr) {
+		return err
+	}
+	// An alert from the server (our certificate refused) comes as an
+	// OpError whose operation crypto/tls names "remote error".
+	var oerr *net.OpError
+	if errors.As(err, &oerr) && oerr.Op == "remote error" {
 		return err
 	}
 	return nil

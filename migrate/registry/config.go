@@ -59,6 +59,9 @@ type Config struct {
 	// CacheFile, if set, persists this host's last view of the VM records
 	// (Cached) across restarts; written atomically with mode 0600.
 	CacheFile string `yaml:"cache_file"`
+	// NoFollow turns off the watch that keeps the last view current with
+	// other hosts' changes (operator tools that only write need none).
+	NoFollow bool `yaml:"-"`
 
 	// Endpoints of an external cluster (ModeEtcd), e.g. https://etcd-1:2379.
 	Endpoints []string `yaml:"endpoints"`

@@ -6,6 +6,9 @@ import (
 	"testing"
 	"time"
 
+	"go.etcd.io/etcd/api/v3/v3rpc/rpctypes"
+	clientv3 "go.etcd.io/etcd/client/v3"
+
 	"github.com/vtpmm/vtpmm/migrate/registry"
 	"github.com/vtpmm/vtpmm/migrate/registry/registrytest"
 )
@@ -94,3 +97,11 @@ func waitEvent(t *testing.T, ch <-chan registry.LivenessEvent, ok func(registry.
 }
 
 func errorsIs(err, target error) bool { return errors.Is(err, target) }
+
+func withFromKey() []clientv3.OpOption { return []clientv3.OpOption{clientv3.WithFromKey()} }
+
+// isPermissionDenied matches etcd's own error for calls made on the raw
+// client (not through this package's classification).
+func isPermissionDenied(err error) bool {
+	return errors.Is(err, rpctypes.ErrPermissionDenied) || errors.Is(err, rpctypes.ErrGRPCPermissionDenied)
+}

@@ -84,26 +84,7 @@ func hostErrs(host string, state, enrol *etcdserverpb.ResponseOp, active bool) [
 func (c *Client) VMs(ctx context.Context, ids ...string) (View, error) {
 	const op = "registry: read VMs"
 	if len(ids) == 0 {
-		var resp *clientv3.GetResponse
-		err := c.do(ctx, op, func(ctx context.Context) (err error) {
-			resp, err = c.kv.Get(ctx, c.k.vms(), clientv3.WithPrefix())
-			return err
-		})
-		if err != nil {
-			return View{}, err
-		}
-		v := View{Rev: resp.Header.Revision, VMs: map[string]VM{}}
-		var errs []error
-		for _, kv := range resp.Kvs {
-			vm, err := c.decodeVMKV(kv)
-			if err != nil {
-				errs = append(errs, err)
-				continue
-			}
-			v.VMs[vm.ID] = vm
-		}
-		c.cache.put(v.Rev, mapValues(v.VMs), nil, true)
-		return v, joinOp(op, errs)
+		return c.allVMs(ctx, c.kv)
 	}
 	for _, id := range ids {
 		if err := validID("VM", id); err != nil {
@@ -149,6 +130,31 @@ func (c *Client) VMs(ctx context.Context, ids ...string) (View, error) {
 		}
 	}
 	c.cache.put(v.Rev, mapValues(v.VMs), absent, false)
+	return v, joinOp(op, errs)
+}
+
+// allVMs reads every VM record with one range read through kv.
+func (c *Client) allVMs(ctx context.Context, kv clientv3.KV) (View, error) {
+	const op = "registry: read VMs"
+	var resp *clientv3.GetResponse
+	err := c.do(ctx, op, func(ctx context.Context) (err error) {
+		resp, err = kv.Get(ctx, c.k.vms(), clientv3.WithPrefix())
+		return err
+	})
+	if err != nil {
+		return View{}, err
+	}
+	v := View{Rev: resp.Header.Revision, VMs: map[string]VM{}}
+	var errs []error
+	for _, kv := range resp.Kvs {
+		vm, err := c.decodeVMKV(kv)
+		if err != nil {
+			errs = append(errs, err)
+			continue
+		}
+		v.VMs[vm.ID] = vm
+	}
+	c.cache.put(v.Rev, mapValues(v.VMs), nil, true)
 	return v, joinOp(op, errs)
 }
 

@@ -46,6 +46,7 @@ type Cluster struct {
 	mu      sync.Mutex
 	running map[string]*registry.Client
 	dirs    map[string]string
+	used    map[string]bool
 }
 
 // Start starts the cluster and waits until every member is ready. Cleanup
@@ -78,7 +79,7 @@ func Start(tb testing.TB, opts Options) *Cluster {
 		tb.Fatal(err)
 	}
 	c := &Cluster{tb: tb, Dir: dir, CA: ca, CAFile: filepath.Join(dir, "ca", pki.CACertFile), Opts: opts,
-		running: map[string]*registry.Client{}, dirs: map[string]string{}}
+		running: map[string]*registry.Client{}, dirs: map[string]string{}, used: map[string]bool{}}
 	for i := 1; i <= opts.Members; i++ {
 		c.Members = append(c.Members, c.NewMember(fmt.Sprintf("member-%d", i)))
 	}
@@ -101,18 +102,28 @@ func Start(tb testing.TB, opts Options) *Cluster {
 	return c
 }
 
-// NewMember picks free loopback ports for a member named name.
+// NewMember picks free loopback ports for a member named name, never one
+// handed out before (a stopped member's client port must not become a new
+// member's peer port while clients still dial it).
 func (c *Cluster) NewMember(name string) registry.Member {
-	return registry.Member{Name: name, PeerURL: "https://" + freeAddr(c.tb), ClientURL: "https://" + freeAddr(c.tb)}
+	return registry.Member{Name: name, PeerURL: "https://" + c.freeAddr(), ClientURL: "https://" + c.freeAddr()}
 }
 
-func freeAddr(tb testing.TB) string {
-	l, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		tb.Fatal(err)
+func (c *Cluster) freeAddr() string {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	for {
+		l, err := net.Listen("tcp", "127.0.0.1:0")
+		if err != nil {
+			c.tb.Fatal(err)
+		}
+		addr := l.Addr().String()
+		l.Close()
+		if !c.used[addr] {
+			c.used[addr] = true
+			return addr
+		}
 	}
-	defer l.Close()
-	return l.Addr().String()
 }
 
 // Cert issues (once) a fleet certificate for host and returns its files.
