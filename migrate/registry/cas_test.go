@@ -6,6 +6,7 @@ import (
 	"testing"
 
 	"github.com/vtpmm/vtpmm/migrate/registry"
+	"github.com/vtpmm/vtpmm/migrate/registry/registrytest"
 )
 
 // TestCASRules: every ownership change is a compare-and-swap on the VM's
@@ -13,7 +14,12 @@ import (
 // destination's enrolment and state; a refusal names the rule and changes
 // nothing.
 func TestCASRules(t *testing.T) {
-	f := newFleet(t)
+	for _, impl := range impls {
+		t.Run(impl.name, func(t *testing.T) { testCASRules(t, impl.fleet(t)) })
+	}
+}
+
+func testCASRules(t *testing.T, f *regFleet) {
 	max := registry.MaxGeneration
 	type want struct {
 		owner string
@@ -91,6 +97,25 @@ func TestCASRules(t *testing.T) {
 			_, err := f.a.Commit(f.ctx, batch("tx1", "host-a", "host-b", gen(id, 1)))
 			return err
 		}, want: &want{"host-b", 2, ""}},
+		{name: "commit retried after the destination was fenced", setup: func(t *testing.T, id string) {
+			if _, err := f.op.CreateVM(f.ctx, id, "host-a"); err != nil {
+				t.Fatal(err)
+			}
+			to := "host-h"
+			if err := f.op.Enroll(f.ctx, registry.Enrolment{Host: to, Identity: registry.Identity{EK: "00", AK: "00"}}); err != nil {
+				t.Fatal(err)
+			}
+			if _, err := f.a.Commit(f.ctx, batch("", "host-a", to, gen(id, 1))); err != nil {
+				t.Fatal(err)
+			}
+			if err := f.op.SetState(f.ctx, to, registry.StateFenced); err != nil {
+				t.Fatal(err)
+			}
+		}, act: func(id string) error {
+			// It took effect before the fence: the retry reports so.
+			_, err := f.a.Commit(f.ctx, batch("", "host-a", "host-h", gen(id, 1)))
+			return err
+		}, want: &want{"host-h", 2, ""}},
 		{name: "commit of another transaction", setup: begun(f, "tx1", "host-b"), act: func(id string) error {
 			_, err := f.a.Commit(f.ctx, batch("tx2", "host-a", "host-b", gen(id, 1)))
 			return err
@@ -120,7 +145,9 @@ func TestCASRules(t *testing.T) {
 			if _, err := f.op.CreateVM(f.ctx, id, "host-a"); err != nil {
 				t.Fatal(err)
 			}
-			f.op.Enroll(f.ctx, registry.Enrolment{Host: "host-g" + id[len(id)-2:], Identity: registry.Identity{EK: "00", AK: "00"}})
+			if err := f.op.Enroll(f.ctx, registry.Enrolment{Host: "host-g" + id[len(id)-2:], Identity: registry.Identity{EK: "00", AK: "00"}}); err != nil {
+				t.Fatal(err)
+			}
 			to := "host-g" + id[len(id)-2:]
 			if _, err := f.a.Begin(f.ctx, batch("tx1", "host-a", to, gen(id, 1))); err != nil {
 				t.Fatal(err)
@@ -267,14 +294,14 @@ func TestCASRules(t *testing.T) {
 	}
 }
 
-func createVM(t *testing.T, f *fleet, id string) {
+func createVM(t *testing.T, f *regFleet, id string) {
 	t.Helper()
 	if _, err := f.op.CreateVM(f.ctx, id, "host-a"); err != nil {
 		t.Fatal(err)
 	}
 }
 
-func begun(f *fleet, tx, to string) func(t *testing.T, id string) {
+func begun(f *regFleet, tx, to string) func(t *testing.T, id string) {
 	return func(t *testing.T, id string) {
 		t.Helper()
 		createVM(t, f, id)
@@ -284,7 +311,7 @@ func begun(f *fleet, tx, to string) func(t *testing.T, id string) {
 	}
 }
 
-func bump(t *testing.T, f *fleet, id string, g uint64) {
+func bump(t *testing.T, f *regFleet, id string, g uint64) {
 	t.Helper()
 	if _, err := f.op.Bump(f.ctx, registry.Bump{VM: id, Owner: "host-a", Generation: g}); err != nil {
 		t.Fatal(err)
@@ -294,8 +321,13 @@ func bump(t *testing.T, f *fleet, id string, g uint64) {
 // TestConcurrentCommits: two hosts race to change the same VM from the
 // same (owner, generation); exactly one wins every round.
 func TestConcurrentCommits(t *testing.T) {
-	f := newFleet(t)
-	c := f.c.Open(t, "host-c")
+	for _, impl := range impls {
+		t.Run(impl.name, func(t *testing.T) { testConcurrentCommits(t, impl.fleet(t)) })
+	}
+}
+
+func testConcurrentCommits(t *testing.T, f *regFleet) {
+	c := f.open(t, "host-c")
 	createVM(t, f, "vm-race")
 	g := uint64(1)
 	owner := "host-a"
@@ -308,7 +340,7 @@ func TestConcurrentCommits(t *testing.T) {
 		} else if owner == "host-c" {
 			tos[1] = "host-a"
 		}
-		for i, cl := range []*registry.Client{f.b, c} {
+		for i, cl := range []registry.Registry{f.b, c} {
 			wg.Add(1)
 			go func() {
 				defer wg.Done()
@@ -368,4 +400,37 @@ func errorsIsAny(err error, targets ...error) bool {
 		}
 	}
 	return false
+}
+
+// TestFakeFollowsLiveness: the fake's injected failures and lease expiry,
+// as orchestration tests use them.
+func TestFakeFollowsLiveness(t *testing.T) {
+	fk := registrytest.NewFake()
+	op, a, b := fk.Client("root"), fk.Client("host-a"), fk.Client("host-b")
+	ctx := t.Context()
+	registrytest.Enroll(t, op, "host-a", "host-b")
+	if err := a.Register(ctx, hostRecord("host-a")); err != nil {
+		t.Fatal(err)
+	}
+	vm, err := a.CreateVM(ctx, "vm-1", "host-a")
+	if err != nil {
+		t.Fatal(err)
+	}
+	_, err = b.Bump(ctx, registry.Bump{VM: "vm-1", Expect: &vm, Owner: "host-b", Generation: 2, OwnerNotLive: true})
+	mustErrIs(t, err, registry.ErrHostLive)
+	fk.Expire("host-a")
+	if _, err := b.Bump(ctx, registry.Bump{VM: "vm-1", Expect: &vm, Owner: "host-b", Generation: 2, OwnerNotLive: true}); err != nil {
+		t.Fatal(err)
+	}
+	fk.Fail = func(op, host string) error {
+		if op == "commit" {
+			return registry.ErrNoQuorum
+		}
+		return nil
+	}
+	_, err = b.Commit(ctx, batch("", "host-b", "host-a", gen("vm-1", 2)))
+	mustErrIs(t, err, registry.ErrNoQuorum)
+	if v := b.Cached("vm-1").VMs["vm-1"]; v.Owner != "host-b" || v.Generation != 2 {
+		t.Fatalf("last view %+v", v)
+	}
 }

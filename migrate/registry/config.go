@@ -103,6 +103,10 @@ type Embedded struct {
 	// members (spare hosts that may replace a member). Only certificates
 	// of the CA valid for one of these names may talk raft to a member.
 	PeerNames []string `yaml:"peer_names"`
+	// HTTPURL is where the member serves etcd's HTTP endpoints (/health,
+	// /version); the client URL serves gRPC only. Default
+	// https://127.0.0.1:0 (a free loopback port).
+	HTTPURL string `yaml:"http_url"`
 	// HeartbeatInterval and ElectionTimeout (defaults 100 ms and 1 s, as
 	// etcd's). Tests shorten them.
 	HeartbeatInterval time.Duration `yaml:"heartbeat_interval"`
@@ -197,6 +201,12 @@ func (e *Embedded) check(host string) error {
 	}
 	if e.ClusterToken == "" {
 		e.ClusterToken = DefaultClusterToken
+	}
+	if e.HTTPURL == "" {
+		e.HTTPURL = "https://127.0.0.1:0"
+	}
+	if err := checkHTTPS(e.HTTPURL); err != nil {
+		return fmt.Errorf("%w: embedded http_url: %w", ErrConfig, err)
 	}
 	if e.HeartbeatInterval == 0 {
 		e.HeartbeatInterval = 100 * time.Millisecond

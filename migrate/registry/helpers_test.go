@@ -105,3 +105,49 @@ func withFromKey() []clientv3.OpOption { return []clientv3.OpOption{clientv3.Wit
 func isPermissionDenied(err error) bool {
 	return errors.Is(err, rpctypes.ErrPermissionDenied) || errors.Is(err, rpctypes.ErrGRPCPermissionDenied)
 }
+
+// regFleet is the fleet of newFleet seen through the Registry interface,
+// so that the rule tables run against the real registry and the fake.
+type regFleet struct {
+	op, a, b registry.Registry
+	open     func(t *testing.T, host string) registry.Registry
+	ctx      context.Context
+}
+
+func (f *regFleet) vm(t *testing.T, id string) registry.VM {
+	t.Helper()
+	v, err := f.op.VMs(f.ctx, id)
+	if err != nil {
+		t.Fatal(err)
+	}
+	vm, ok := v.VMs[id]
+	if !ok {
+		t.Fatalf("VM %s absent", id)
+	}
+	return vm
+}
+
+var impls = []struct {
+	name  string
+	fleet func(t *testing.T) *regFleet
+}{
+	{"etcd", func(t *testing.T) *regFleet {
+		f := newFleet(t)
+		return &regFleet{op: f.op, a: f.a, b: f.b, ctx: f.ctx,
+			open: func(t *testing.T, h string) registry.Registry { return f.c.Open(t, h) }}
+	}},
+	{"fake", func(t *testing.T) *regFleet {
+		fk := registrytest.NewFake()
+		fk.RBAC = true
+		f := &regFleet{op: fk.Client("root"), a: fk.Client("host-a"), b: fk.Client("host-b"), ctx: context.Background(),
+			open: func(t *testing.T, h string) registry.Registry { return fk.Client(h) }}
+		registrytest.Enroll(t, f.op, "host-a", "host-b", "host-c", "host-d", "host-f")
+		if err := f.op.SetState(f.ctx, "host-d", registry.StateDraining); err != nil {
+			t.Fatal(err)
+		}
+		if err := f.op.SetState(f.ctx, "host-f", registry.StateFenced); err != nil {
+			t.Fatal(err)
+		}
+		return f
+	}},
+}

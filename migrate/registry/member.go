@@ -33,6 +33,15 @@ func startMember(cfg Config, log logrus.FieldLogger) (*embed.Etcd, error) {
 	}
 	ec.ListenPeerUrls, ec.AdvertisePeerUrls = []url.URL{*pu}, []url.URL{*pu}
 	ec.ListenClientUrls, ec.AdvertiseClientUrls = []url.URL{*cu}, []url.URL{*cu}
+	// HTTP (health, version) on its own listener, so that the client URL
+	// serves gRPC natively: no gRPC-through-net/http handler, whose
+	// behaviour depends on the gRPC version and which answers requests
+	// racing a shutdown with malformed responses.
+	hu, err := url.Parse(em.HTTPURL)
+	if err != nil {
+		return nil, fmt.Errorf("%w: http_url: %v", ErrConfig, err)
+	}
+	ec.ListenClientHttpUrls = []url.URL{*hu}
 	initial := make([]string, 0, len(em.Members))
 	names := make([]string, 0, len(em.Members)+len(em.PeerNames))
 	for _, m := range em.Members {

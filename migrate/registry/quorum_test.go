@@ -49,8 +49,13 @@ func TestQuorum(t *testing.T) {
 	ctx := t.Context()
 	op := c.Open(t, "root")
 	registrytest.Enroll(t, op, "host-a", "host-b")
+	following := func(h string) *registry.Client {
+		cfg := c.Config(h)
+		cfg.NoFollow = false
+		return c.OpenConfig(t, cfg)
+	}
 	m := &mover{t: t, vm: "vm-q", owner: "host-a", gen: 1,
-		cl: map[string]*registry.Client{"host-a": c.Open(t, "host-a"), "host-b": c.Open(t, "host-b")}}
+		cl: map[string]*registry.Client{"host-a": following("host-a"), "host-b": following("host-b")}}
 	if _, err := m.cl["host-a"].CreateVM(ctx, "vm-q", "host-a"); err != nil {
 		t.Fatal(err)
 	}

@@ -354,6 +354,7 @@ func (c *Client) cas(ctx context.Context, b Batch, needTx bool, s casStep) ([]VM
 			continue
 		}
 		if string(kvs[0].Value) == expects[i] {
+			done = false
 			continue // this VM was fine; another condition failed
 		}
 		cur, err := c.decodeVMKV(kvs[0])
@@ -379,11 +380,11 @@ func (c *Client) cas(ctx context.Context, b Batch, needTx bool, s casStep) ([]VM
 		}
 	}
 	c.cache.put(resp.Header.Revision, current, absent, false)
+	if done && len(errs) == 0 {
+		return nexts, nil // a retry of a change that took effect
+	}
 	if s.hostCmps != nil {
 		errs = append(errs, hostErrs(b.To, resp.Responses[n], resp.Responses[n+1], s.hostActive)...)
-	}
-	if done && len(errs) == 0 {
-		return nexts, nil
 	}
 	if len(errs) == 0 {
 		errs = append(errs, fmt.Errorf("%w: the records changed during the change; read again", ErrConflict))

@@ -224,12 +224,17 @@ func (c *Cluster) Endpoints(members ...registry.Member) []string {
 }
 
 // Config is the ModeEtcd configuration of a host (or the operator, host
-// "root") reaching the cluster with its fleet certificate.
+// "root") reaching the cluster with its fleet certificate. It does not
+// follow other hosts' changes (NoFollow): a member stops gracefully, and
+// waits up to etcd's request timeout (5 s + 2 election timeouts) for open
+// watch streams, which tests that stop members would pay each time; set
+// NoFollow to false where the last view must follow.
 func (c *Cluster) Config(host string) registry.Config {
 	cert, key := c.Cert(host)
 	return registry.Config{
 		Mode: registry.ModeEtcd, Host: host, TTL: c.Opts.TTL, OpTimeout: c.Opts.OpTimeout,
 		Endpoints: c.Endpoints(), CAFile: c.CAFile, CertFile: cert, KeyFile: key, Log: c.Opts.Log,
+		NoFollow: true,
 	}
 }
 
