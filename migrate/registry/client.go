@@ -16,7 +16,6 @@ import (
 	"github.com/sirupsen/logrus"
 	"go.etcd.io/etcd/api/v3/v3rpc/rpctypes"
 	clientv3 "go.etcd.io/etcd/client/v3"
-	"go.etcd.io/etcd/server/v3/embed"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
 )
@@ -32,7 +31,7 @@ type Client struct {
 	k      keys
 	cli    *clientv3.Client
 	kv     *CountingKV
-	member *embed.Etcd // nil in ModeEtcd
+	member EmbeddedMember // nil in ModeEtcd
 	tls    *tls.Config
 	cache  *cache
 
@@ -50,6 +49,19 @@ type Client struct {
 }
 
 var _ Registry = (*Client)(nil)
+
+// EmbeddedMember is an etcd member running in this process. Package
+// migrate/registry/member starts one (member.Start); the daemon wires it
+// into Config.StartMember, so that tools that only talk to the registry do
+// not link etcd's server.
+type EmbeddedMember interface {
+	// Ready closes once the member has joined its cluster and serves.
+	Ready() <-chan struct{}
+	// Err reports asynchronous failures.
+	Err() <-chan error
+	// Close stops the member (gracefully, bounded by etcd's request timeout).
+	Close()
+}
 
 // Open returns the Registry that cfg selects: nil (and no error) for
 // ModeNone or an empty Mode, the one representation of a disabled
@@ -87,10 +99,13 @@ func OpenClient(ctx context.Context, in Config) (_ *Client, err error) {
 	}
 	endpoints := cfg.Endpoints
 	if cfg.Mode == ModeEmbedded {
-		if c.member, err = startMember(cfg, c.log); err != nil {
+		if cfg.StartMember == nil {
+			return nil, fmt.Errorf("%w: mode embedded needs Config.StartMember (member.Start, wired by the daemon)", ErrConfig)
+		}
+		if c.member, err = cfg.StartMember(cfg); err != nil {
 			return nil, err
 		}
-		endpoints = []string{cfg.Embedded.self().ClientURL}
+		endpoints = []string{cfg.Embedded.Self().ClientURL}
 	}
 	if c.tls, err = cfg.clientTLS(); err != nil {
 		return nil, err
@@ -101,7 +116,7 @@ func OpenClient(ctx context.Context, in Config) (_ *Client, err error) {
 		DialTimeout:        cfg.OpTimeout,
 		DialKeepAliveTime:  10 * time.Second,
 		MaxCallSendMsgSize: 2 << 20,
-		Logger:             zapLogger(c.log, "warn"),
+		Logger:             ZapLogger(c.log, "warn"),
 	})
 	if err != nil {
 		return nil, fmt.Errorf("registry: client: %w", err)
@@ -123,7 +138,7 @@ func (c *Client) Ready() <-chan struct{} {
 		close(ch)
 		return ch
 	}
-	return c.member.Server.ReadyNotify()
+	return c.member.Ready()
 }
 
 // Err reports asynchronous failures of the embedded member (nil channel in

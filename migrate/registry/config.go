@@ -75,6 +75,10 @@ type Config struct {
 
 	Embedded Embedded `yaml:"embedded"`
 
+	// StartMember starts the in-process member in ModeEmbedded
+	// (member.Start).
+	StartMember func(cfg Config) (EmbeddedMember, error) `yaml:"-"`
+
 	Log logrus.FieldLogger `yaml:"-"`
 	Now func() time.Time   `yaml:"-"`
 }
@@ -119,6 +123,10 @@ type Embedded struct {
 	// (default "warn").
 	EtcdLogLevel string `yaml:"etcd_log_level"`
 }
+
+// WithDefaults validates the configuration and fills in the defaults (Open
+// does it; the member package uses it).
+func (c *Config) WithDefaults() (Config, error) { return c.withDefaults() }
 
 func (c *Config) withDefaults() (Config, error) {
 	cfg := *c
@@ -252,7 +260,8 @@ func (e *Embedded) check(host string) error {
 	return nil
 }
 
-func (e *Embedded) self() Member {
+// Self returns this member's entry of Members.
+func (e *Embedded) Self() Member {
 	for _, m := range e.Members {
 		if m.Name == e.Name {
 			return m

@@ -6,9 +6,9 @@ import (
 	"go.uber.org/zap/zapcore"
 )
 
-// zapLogger forwards etcd's zap log lines at or above level to the
+// ZapLogger forwards etcd's zap log lines at or above level to the
 // injected logrus logger: the library logs only through the logger given.
-func zapLogger(log logrus.FieldLogger, level string) *zap.Logger {
+func ZapLogger(log logrus.FieldLogger, level string) *zap.Logger {
 	lvl, err := zapcore.ParseLevel(level)
 	if err != nil {
 		lvl = zapcore.WarnLevel

@@ -7,6 +7,7 @@ import (
 	"time"
 
 	"github.com/vtpmm/vtpmm/migrate/registry"
+	"github.com/vtpmm/vtpmm/migrate/registry/member"
 	"github.com/vtpmm/vtpmm/migrate/registry/registrytest"
 )
 
@@ -51,10 +52,10 @@ func TestSnapshotRestore(t *testing.T) {
 	c.StopMember("member-1")
 	cfg := c.MemberConfig("member-1", c.Members, "new")
 	cfg.Embedded.DataDir = filepath.Join(t.TempDir(), "restored")
-	if err := registry.Restore(snap, cfg, registry.RestoreOptions{}); err != nil {
+	if err := member.Restore(snap, cfg, member.RestoreOptions{}); err != nil {
 		t.Fatal(err)
 	}
-	if err := registry.Restore(snap, cfg, registry.RestoreOptions{}); !errorsIs(err, registry.ErrExists) {
+	if err := member.Restore(snap, cfg, member.RestoreOptions{}); !errorsIs(err, registry.ErrExists) {
 		t.Fatalf("restore over an existing directory: %v", err)
 	}
 	m := c.OpenConfig(t, cfg)

@@ -20,6 +20,7 @@ import (
 
 	"github.com/vtpmm/vtpmm/internal/pki"
 	"github.com/vtpmm/vtpmm/migrate/registry"
+	"github.com/vtpmm/vtpmm/migrate/registry/member"
 )
 
 // Options configures a test cluster. Zero values take test defaults.
@@ -152,7 +153,7 @@ func (c *Cluster) MemberConfig(name string, members []registry.Member, state str
 	c.mu.Unlock()
 	return registry.Config{
 		Mode: registry.ModeEmbedded, Host: name, TTL: c.Opts.TTL, OpTimeout: c.Opts.OpTimeout,
-		CAFile: c.CAFile, CertFile: cert, KeyFile: key, Log: c.Opts.Log,
+		CAFile: c.CAFile, CertFile: cert, KeyFile: key, Log: c.Opts.Log, StartMember: member.Start,
 		Embedded: registry.Embedded{
 			DataDir: d, Members: members, ClusterState: state, PeerNames: c.Opts.Spares,
 			HeartbeatInterval: c.Opts.Heartbeat, ElectionTimeout: c.Opts.Election,

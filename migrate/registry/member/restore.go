@@ -1,4 +1,4 @@
-package registry
+package member
 
 import (
 	"errors"
@@ -8,6 +8,8 @@ import (
 	"strings"
 
 	"go.etcd.io/etcd/etcdutl/v3/snapshot"
+
+	"github.com/vtpmm/vtpmm/migrate/registry"
 )
 
 // DefaultRevisionBump is how far Restore raises the restored revision by
@@ -23,23 +25,24 @@ type RestoreOptions struct {
 }
 
 // Restore builds this member's data directory (cfg.Embedded.DataDir,
-// which must not exist yet) from a snapshot written by Snapshot, for the
+// which must not exist yet) from a snapshot written by registry's
+// Snapshot, for the
 // members in cfg.Embedded.Members: the same as etcdutl snapshot restore.
 // Run it on every member host, with vtpmd stopped, then start them all.
 // Records, users and roles come back as they were at the snapshot; what
 // changed since is settled by the hosts (docs/registry.md, "A restore
 // older than the hosts' state").
-func Restore(snapshotPath string, in Config, opts RestoreOptions) error {
-	if in.Mode != ModeEmbedded {
-		return fmt.Errorf("registry restore: %w: only embedded members are restored here (use etcdutl for an external cluster)", ErrConfig)
+func Restore(snapshotPath string, in registry.Config, opts RestoreOptions) error {
+	if in.Mode != registry.ModeEmbedded {
+		return fmt.Errorf("registry restore: %w: only embedded members are restored here (use etcdutl for an external cluster)", registry.ErrConfig)
 	}
-	cfg, err := in.withDefaults()
+	cfg, err := in.WithDefaults()
 	if err != nil {
 		return err
 	}
 	em := cfg.Embedded
 	if _, err := os.Stat(em.DataDir); !errors.Is(err, fs.ErrNotExist) {
-		return fmt.Errorf("registry restore: data dir %s: %w (restore into a new directory)", em.DataDir, ErrExists)
+		return fmt.Errorf("registry restore: data dir %s: %w (restore into a new directory)", em.DataDir, registry.ErrExists)
 	}
 	if opts.RevisionBump == 0 {
 		opts.RevisionBump = DefaultRevisionBump
@@ -48,11 +51,11 @@ func Restore(snapshotPath string, in Config, opts RestoreOptions) error {
 	for _, m := range em.Members {
 		initial = append(initial, m.Name+"="+m.PeerURL)
 	}
-	err = snapshot.NewV3(zapLogger(cfg.Log, "warn")).Restore(snapshot.RestoreConfig{
+	err = snapshot.NewV3(registry.ZapLogger(cfg.Log, "warn")).Restore(snapshot.RestoreConfig{
 		SnapshotPath:        snapshotPath,
 		Name:                em.Name,
 		OutputDataDir:       em.DataDir,
-		PeerURLs:            []string{em.self().PeerURL},
+		PeerURLs:            []string{em.Self().PeerURL},
 		InitialCluster:      strings.Join(initial, ","),
 		InitialClusterToken: em.ClusterToken,
 		RevisionBump:        opts.RevisionBump,
