@@ -2,8 +2,14 @@ package registry_test
 
 import (
 	"bytes"
+	"crypto/tls"
+	"crypto/x509"
+	"fmt"
+	"net/http"
+	"os"
 	"path/filepath"
 	"testing"
+	"time"
 
 	"github.com/vtpmm/vtpmm/internal/pki"
 	"github.com/vtpmm/vtpmm/migrate/registry"
@@ -119,4 +125,43 @@ func TestRBAC(t *testing.T) {
 	_, err = stranger.VMs(ctx, "vm-1")
 	mustErrIs(t, err, registry.ErrTLS)
 	t.Logf("stranger: %v", err)
+}
+
+// TestPeerPortNames: a member's peer port (raft) accepts only fleet
+// certificates valid for a member's name; any other host of the fleet is
+// refused at the handshake.
+func TestPeerPortNames(t *testing.T) {
+	c := registrytest.Start(t, registrytest.Options{})
+	get := func(host string) error {
+		cert, key := c.Cert(host)
+		cfg := c.Config(host)
+		pair, err := tls.LoadX509KeyPair(cert, key)
+		if err != nil {
+			t.Fatal(err)
+		}
+		pool := x509.NewCertPool()
+		caPEM, err := os.ReadFile(cfg.CAFile)
+		if err != nil {
+			t.Fatal(err)
+		}
+		pool.AppendCertsFromPEM(caPEM)
+		hc := &http.Client{Timeout: 5 * time.Second, Transport: &http.Transport{TLSClientConfig: &tls.Config{
+			MinVersion: tls.VersionTLS13, RootCAs: pool, Certificates: []tls.Certificate{pair}}}}
+		defer hc.CloseIdleConnections()
+		resp, err := hc.Get(c.Members[0].PeerURL + "/version")
+		if err != nil {
+			return err
+		}
+		resp.Body.Close()
+		if resp.StatusCode != http.StatusOK {
+			return fmt.Errorf("status %s", resp.Status)
+		}
+		return nil
+	}
+	if err := get("member-1"); err != nil {
+		t.Fatalf("a member's certificate: %v", err)
+	}
+	if err := get("host-x"); err == nil {
+		t.Fatal("host-x's fleet certificate reached the peer port")
+	}
 }

@@ -299,7 +299,7 @@ func (c *Config) clientTLS() (*tls.Config, error) {
 	if err != nil {
 		return nil, fmt.Errorf("%w: cert_file/key_file: %v", ErrConfig, err)
 	}
-	return &tls.Config{MinVersion: tls.VersionTLS12, RootCAs: pool, Certificates: []tls.Certificate{cert}}, nil
+	return &tls.Config{MinVersion: tls.VersionTLS13, RootCAs: pool, Certificates: []tls.Certificate{cert}}, nil
 }
 
 type discard struct{}

@@ -94,6 +94,7 @@ func start(cfg registry.Config) (*embed.Etcd, error) {
 		ClientCertAuth:   true,
 		AllowedHostnames: names,
 	}
+	ec.TlsMinVersion = "TLS1.3" // as every vtpmm TLS endpoint
 	ec.TickMs = uint(em.HeartbeatInterval.Milliseconds())
 	ec.ElectionMs = uint(em.ElectionTimeout.Milliseconds())
 	ec.MaxTxnOps = uint(cfg.MaxTxnOps)
