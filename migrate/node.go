@@ -79,10 +79,12 @@ type Config struct {
 	Identity   *identity.Identity // loaded once (LoadIdentity)
 	Hypervisor hypervisor.Hypervisor
 	Ledger     *Ledger
-	Verifier   *attest.Verifier // verifies destinations (source side)
-	QuotePCRs  map[attest.Bank][]int
-	EventLog   []byte // this host's TCG event log, sent with evidence
-	Dial       Dialer
+	// Registry is the fleet registry (nil: registry mode none). See Registry.
+	Registry  Registry
+	Verifier  *attest.Verifier // verifies destinations (source side)
+	QuotePCRs map[attest.Bank][]int
+	EventLog  []byte // this host's TCG event log, sent with evidence
+	Dial      Dialer
 	// Target maps a destination host to its hypervisor target.
 	Target func(host string) (hypervisor.Target, error)
 	// EvidenceMaxAge: verified evidence of a destination is reused for
