@@ -60,7 +60,13 @@ type benchSummary struct {
 	// VtpmdOwn is the median of vtpmd's own phases per run (attest, wrap,
 	// prepare, commit: vtpmm_migration_phase_seconds_sum, both hosts; not
 	// the hypervisor phase, which is libvirt's migration).
-	VtpmdOwn    ms      `json:"median_vtpmd_phases_ms"`
+	VtpmdOwn ms `json:"median_vtpmd_phases_ms"`
+	// Hooks is the median time libvirtd spent in vtpmm's qemu hook per run
+	// (HookDst of it on the destination, inside libvirt's job); HookRuns
+	// counts the hook's runs over all the rounds.
+	Hooks       ms      `json:"median_hooks_ms"`
+	HookDst     ms      `json:"median_hooks_dst_ms"`
+	HookRuns    int     `json:"hook_runs"`
 	SrcTPM      float64 `json:"median_src_tpm"`
 	DstTPM      float64 `json:"median_dst_tpm"`
 	SrcTPMRange [2]int  `json:"src_tpm_range"`
@@ -86,7 +92,7 @@ func (r *benchReport) summarize() {
 	r.Methods = nil
 	for _, m := range benchMethods {
 		sum := benchSummary{Method: m, Label: benchLabels[m]}
-		var wall, job, down, outside, settle, own []float64
+		var wall, job, down, outside, settle, own, hooks, hookDst []float64
 		var frac, ratios []float64
 		var src, dst []int
 		accels := map[string]bool{}
@@ -108,6 +114,15 @@ func (r *benchReport) summarize() {
 			}
 			src, dst = append(src, s.SrcTPM), append(dst, s.DstTPM)
 			own = append(own, vtpmdOwn(s))
+			var hs, hd float64
+			for k, v := range s.Hooks {
+				hs += v
+				if strings.HasPrefix(k, "dst:") {
+					hd += v
+				}
+			}
+			hooks, hookDst = append(hooks, hs*float64(time.Millisecond)), append(hookDst, hd*float64(time.Millisecond))
+			sum.HookRuns += s.HookRuns
 			accels[s.Accel.String()] = true
 		}
 		sum.Runs, sum.JobRuns = len(wall), len(job)
@@ -118,6 +133,7 @@ func (r *benchReport) summarize() {
 		sum.DowntimeMin, sum.DowntimeMax = ms(quantile(down, 0)), ms(quantile(down, 1))
 		sum.Outside, sum.OutsideFrac = ms(quantile(outside, 0.5)), quantile(frac, 0.5)
 		sum.Settle, sum.VtpmdOwn = ms(quantile(settle, 0.5)), ms(quantile(own, 0.5))
+		sum.Hooks, sum.HookDst = ms(quantile(hooks, 0.5)), ms(quantile(hookDst, 0.5))
 		sum.SrcTPM, sum.DstTPM = quantile(ints(src), 0.5), quantile(ints(dst), 0.5)
 		sum.SrcTPMRange = [2]int{int(quantile(ints(src), 0)), int(quantile(ints(src), 1))}
 		sum.DstTPMRange = [2]int{int(quantile(ints(dst), 0)), int(quantile(ints(dst), 1))}
@@ -174,10 +190,10 @@ func (r *benchReport) table() string {
 				time.Duration(s.Wall-base).Round(time.Millisecond))
 		}
 	}
-	fmt.Fprintf(&b, "\n| method | wall min-max | wall p25-p75 | median wall - job | share of wall outside libvirt's job | vtpmd's own phases | downtime min-max | per-round ratio p25-p75 | settled after virsh returned |\n")
-	fmt.Fprintf(&b, "| --- | --- | --- | --- | --- | --- | --- | --- | --- |\n")
+	fmt.Fprintf(&b, "\n| method | wall min-max | wall p25-p75 | per-round ratio p25-p75 | median wall - job | share of wall outside libvirt's job | vtpmd's own phases | hook runs: time (on dst) | downtime min-max | settled after virsh returned |\n")
+	fmt.Fprintf(&b, "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |\n")
 	for _, s := range r.Methods {
-		iqr, settle, own := "-", "-", "-"
+		iqr, settle, own, hooks := "-", "-", "-", "0"
 		if s.Method != methodVirsh {
 			iqr = fmt.Sprintf("%.3f-%.3f", s.RoundRatioP25, s.RoundRatioP75)
 			own = s.VtpmdOwn.String()
@@ -185,8 +201,11 @@ func (r *benchReport) table() string {
 		if s.Settle > 0 {
 			settle = s.Settle.String()
 		}
-		fmt.Fprintf(&b, "| %s | %v-%v | %v-%v | %v | %.1f %% | %s | %v-%v | %s | %s |\n", s.Label, s.WallMin, s.WallMax,
-			s.WallP25, s.WallP75, s.Outside, 100*s.OutsideFrac, own, s.DowntimeMin, s.DowntimeMax, iqr, settle)
+		if s.HookRuns > 0 {
+			hooks = fmt.Sprintf("%d: %v (%v)", s.HookRuns, s.Hooks, s.HookDst)
+		}
+		fmt.Fprintf(&b, "| %s | %v-%v | %v-%v | %s | %v | %.1f %% | %s | %s | %v-%v | %s |\n", s.Label, s.WallMin, s.WallMax,
+			s.WallP25, s.WallP75, iqr, s.Outside, 100*s.OutsideFrac, own, hooks, s.DowntimeMin, s.DowntimeMax, settle)
 	}
 	fmt.Fprintf(&b, "\nwarm-up (not in the statistics: first p2p connection per source libvirtd, first attestation per destination):\n")
 	for _, s := range r.Samples {

@@ -53,6 +53,11 @@ type benchSample struct {
 	// Phases is vtpmd's vtpmm_migration_phase_seconds_sum during the run,
 	// by "src:"/"dst:" + phase, in ms.
 	Phases map[string]float64 `json:"phases_ms,omitempty"`
+	// Hooks is the time libvirtd spent running vtpmm's qemu hook during
+	// the run, by "src:"/"dst:" + event, in ms (from its debug log);
+	// HookRuns counts the runs (0 when the hook is off).
+	Hooks    map[string]float64 `json:"hooks_ms,omitempty"`
+	HookRuns int                `json:"hook_runs"`
 	// Accel is what the VM ran with on the destination afterwards.
 	Accel lab.Accel `json:"accel"`
 	Load1 float64   `json:"load1"` // load average when its round began
@@ -64,19 +69,27 @@ func (s benchSample) String() string {
 	if s.Settle > 0 {
 		r += fmt.Sprintf(", settled %v after virsh returned", s.Settle)
 	}
+	if s.HookRuns > 0 {
+		r += fmt.Sprintf(", %d hook runs %s", s.HookRuns, msMap(s.Hooks))
+	}
 	if len(s.Phases) > 0 {
-		keys := make([]string, 0, len(s.Phases))
-		for k := range s.Phases {
-			keys = append(keys, k)
-		}
-		sort.Strings(keys)
-		var ps []string
-		for _, k := range keys {
-			ps = append(ps, fmt.Sprintf("%s %.0fms", k, s.Phases[k]))
-		}
-		r += ", vtpmd phases " + strings.Join(ps, " ")
+		r += ", vtpmd phases " + msMap(s.Phases)
 	}
 	return r
+}
+
+// msMap renders a map of milliseconds sorted by key.
+func msMap(m map[string]float64) string {
+	keys := make([]string, 0, len(m))
+	for k := range m {
+		keys = append(keys, k)
+	}
+	sort.Strings(keys)
+	var ps []string
+	for _, k := range keys {
+		ps = append(ps, fmt.Sprintf("%s %.0fms", k, m[k]))
+	}
+	return strings.Join(ps, ", ")
 }
 
 // benchCtx is the benchmark's fleet and its VMs by method.
@@ -84,6 +97,28 @@ type benchCtx struct {
 	f   *lab.Fleet
 	c   fleet.Fleet
 	vms map[string]*lab.VM
+	// logAt is how far each host's libvirtd log was read for hook runs.
+	logAt map[string]int64
+}
+
+// hookRuns adds the hook runs h's libvirtd logged since the last call to
+// s (prefix "src:" or "dst:").
+func (bc *benchCtx) hookRuns(t *testing.T, h *lab.FleetHost, prefix string, s *benchSample) {
+	t.Helper()
+	runs, next, err := h.HookRuns(bc.logAt[h.Name])
+	if err != nil {
+		t.Fatalf("%s: hook runs: %v", h.Name, err)
+	}
+	bc.logAt[h.Name] = next
+	if s == nil {
+		return
+	}
+	for _, r := range runs {
+		s.HookRuns++
+		if r.Took >= 0 {
+			s.Hooks[prefix+r.Event] += float64(r.Took) / float64(time.Millisecond)
+		}
+	}
 }
 
 func (bc *benchCtx) fvm(method string) fleet.VM {
@@ -97,6 +132,8 @@ func (bc *benchCtx) run(ctx context.Context, t *testing.T, round, pos int, metho
 	vm := bc.vms[method]
 	s := benchSample{Round: round, Position: pos, Method: method, Src: src.Name, Dst: dst.Name}
 	srcBefore, dstBefore := scrape(ctx, t, src), scrape(ctx, t, dst)
+	bc.hookRuns(t, src, "", nil)
+	bc.hookRuns(t, dst, "", nil)
 	rctx, cancel := context.WithTimeout(ctx, 3*time.Minute)
 	defer cancel()
 	switch method {
@@ -134,6 +171,9 @@ func (bc *benchCtx) run(ctx context.Context, t *testing.T, round, pos int, metho
 		t.Fatalf("unknown method %q", method)
 	}
 	srcAfter, dstAfter := scrape(ctx, t, src), scrape(ctx, t, dst)
+	s.Hooks = map[string]float64{}
+	bc.hookRuns(t, src, "src:", &s)
+	bc.hookRuns(t, dst, "dst:", &s)
 	s.TPMByName, s.Phases = map[string]int{}, map[string]float64{}
 	s.SrcTPM = diffCommands(s.TPMByName, "src:", srcBefore.TPMCommands(), srcAfter.TPMCommands())
 	s.DstTPM = diffCommands(s.TPMByName, "dst:", dstBefore.TPMCommands(), dstAfter.TPMCommands())

@@ -77,7 +77,8 @@ const (
 // source and destination (each vtpmd's vtpmm_tpm_commands_total).
 //
 // VTPMM_E2E_BENCH_ROUNDS sets the rounds (default 12 under KVM, 24 under
-// TCG); VTPMM_E2E_BENCH_JSON the JSON file (default in the module's bin/).
+// TCG); VTPMM_E2E_BENCH_JSON the JSON file (default in the module's bin/);
+// VTPMM_E2E_BENCH_KEEP=1 keeps the lab's directories.
 func TestE2EBench(t *testing.T) {
 	if os.Getenv("VTPMM_E2E_BENCH") != "1" {
 		t.Skip("set VTPMM_E2E_BENCH=1 (make e2e-bench)")
@@ -114,7 +115,10 @@ func TestE2EBench(t *testing.T) {
 		VM: "firmware-only VM (SeaBIOS, no disk), 128 MiB, 1 vCPU, TPM 2.0 (tpm-crb) encrypted with its libvirt secret"}
 	rep.Host, _ = os.Hostname()
 
-	f := lab.NewFleet(ctx, t, lab.FleetConfig{Network: lab.NetworkConfig{Prefix: "ve2e"}, Tools: sharedTools(ctx, t),
+	// VTPMM_E2E_BENCH_KEEP=1 keeps the hosts' directories (libvirtd's
+	// debug log shows every hook run with its time).
+	keep := os.Getenv("VTPMM_E2E_BENCH_KEEP") == "1"
+	f := lab.NewFleet(ctx, t, lab.FleetConfig{Network: lab.NetworkConfig{Prefix: "ve2e", Keep: keep}, Tools: sharedTools(ctx, t),
 		GoodLog: goodLog, Hosts: []lab.HostSpec{hostA(), hostB()}, Log: logger(t), HookMode: true})
 	f.AddHosts(ctx)
 	a, b := f.Hosts["host-a"], f.Hosts["host-b"]
@@ -133,7 +137,7 @@ func TestE2EBench(t *testing.T) {
 		methodVirsh:   createPlainVM(ctx, t, spec, "vm-plain", a, b),
 	}
 	f.Start(ctx)
-	bc := &benchCtx{f: f, c: f.Contract(nil), vms: vms}
+	bc := &benchCtx{f: f, c: f.Contract(nil), vms: vms, logAt: map[string]int64{}}
 	for _, m := range []string{methodVtpmctl, methodHook} {
 		if owner, report, err := fleet.Owner(ctx, bc.c, bc.fvm(m)); err != nil || owner != a.Name {
 			t.Fatalf("%s before the first run: owner %q, %v\n%s", vms[m].Name, owner, err, report)

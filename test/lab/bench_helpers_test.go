@@ -3,6 +3,7 @@ package lab_test
 import (
 	"reflect"
 	"testing"
+	"time"
 
 	"github.com/vtpmm/vtpmm/test/lab"
 )
@@ -67,5 +68,26 @@ process_open_fds 12
 	}
 	if _, err := lab.ParseMetrics("broken_line_without_value\n"); err == nil {
 		t.Error("a line without a value parsed")
+	}
+}
+
+func TestParseHookRuns(t *testing.T) {
+	const log = `2026-12-06 20:38:39.055+0000: 27081: debug : qemuMigrationDstPrepareFresh:3266 : name=vm-hook, origname=<null>
+2026-12-06 20:38:39.059+0000: 27081: debug : virCommandRunAsync:2607 : About to run LC_ALL=C PATH=/usr/bin HOME=/root /etc/libvirt/hooks/qemu.d/vtpmm vm-hook migrate begin -
+2026-12-06 20:38:39.100+0000: 27090: debug : virCommandRunAsync:2607 : About to run /usr/bin/swtpm socket --tpm2
+2026-12-06 20:38:39.120+0000: 27090: debug : virCommandRun:2453 : Result exit status 0, stdout: '' stderr: ''
+2026-12-06 20:38:39.226+0000: 27081: debug : virCommandRun:2453 : Result status 0, stdout: '' stderr: 'vtpmm: vTPM key of VM vm-hook pulled
+  <name>vm-hook</name>
+2026-12-06 20:38:39.228+0000: 27081: debug : virCommandRunAsync:2607 : About to run LC_ALL=C HOME=/root /etc/libvirt/hooks/qemu.d/vtpmm vm-hook prepare begin -
+`
+	runs := lab.ParseHookRuns(log)
+	if len(runs) != 2 {
+		t.Fatalf("runs = %+v, want 2", runs)
+	}
+	if r := runs[0]; r.Domain != "vm-hook" || r.Event != "migrate begin" || r.Took != 167*time.Millisecond {
+		t.Errorf("first run = %+v", r)
+	}
+	if r := runs[1]; r.Event != "prepare begin" || r.Took != -1 {
+		t.Errorf("unfinished run = %+v, want Took -1", r)
 	}
 }
