@@ -64,13 +64,16 @@ type benchSummary struct {
 	// Hooks is the median time libvirtd spent in vtpmm's qemu hook per run
 	// (HookDst of it on the destination, inside libvirt's job); HookRuns
 	// counts the hook's runs over all the rounds.
-	Hooks       ms      `json:"median_hooks_ms"`
-	HookDst     ms      `json:"median_hooks_dst_ms"`
-	HookRuns    int     `json:"hook_runs"`
-	SrcTPM      float64 `json:"median_src_tpm"`
-	DstTPM      float64 `json:"median_dst_tpm"`
-	SrcTPMRange [2]int  `json:"src_tpm_range"`
-	DstTPMRange [2]int  `json:"dst_tpm_range"`
+	Hooks    ms      `json:"median_hooks_ms"`
+	HookDst  ms      `json:"median_hooks_dst_ms"`
+	HookRuns int     `json:"hook_runs"`
+	SrcTPM   float64 `json:"median_src_tpm"`
+	DstTPM   float64 `json:"median_dst_tpm"`
+	// SrcTPMRuns and DstTPMRuns count the runs by their number of host
+	// TPM commands (a destination whose evidence is older than
+	// evidence_max_age is attested again: 4 more commands).
+	SrcTPMRuns map[int]int `json:"src_tpm_runs"`
+	DstTPMRuns map[int]int `json:"dst_tpm_runs"`
 	// Ratio is this method's median wall over plain virsh's; the per-round
 	// ratios divide by plain virsh's wall in the same round.
 	Ratio         float64 `json:"ratio_to_virsh"`
@@ -135,8 +138,7 @@ func (r *benchReport) summarize() {
 		sum.Settle, sum.VtpmdOwn = ms(quantile(settle, 0.5)), ms(quantile(own, 0.5))
 		sum.Hooks, sum.HookDst = ms(quantile(hooks, 0.5)), ms(quantile(hookDst, 0.5))
 		sum.SrcTPM, sum.DstTPM = quantile(ints(src), 0.5), quantile(ints(dst), 0.5)
-		sum.SrcTPMRange = [2]int{int(quantile(ints(src), 0)), int(quantile(ints(src), 1))}
-		sum.DstTPMRange = [2]int{int(quantile(ints(dst), 0)), int(quantile(ints(dst), 1))}
+		sum.SrcTPMRuns, sum.DstTPMRuns = histogram(src), histogram(dst)
 		sum.RoundRatio, sum.RoundRatioMin, sum.RoundRatioMax = quantile(ratios, 0.5), quantile(ratios, 0), quantile(ratios, 1)
 		sum.RoundRatioP25, sum.RoundRatioP75 = quantile(ratios, 0.25), quantile(ratios, 0.75)
 		r.Methods = append(r.Methods, sum)
@@ -227,13 +229,36 @@ func vtpmdOwn(s benchSample) float64 {
 	return sum * float64(time.Millisecond)
 }
 
-// tpmCell is "median src / median dst", with the ranges when they vary.
+// tpmCell is "src / dst" commands per migration: the value when every
+// run had the same, else each value with its number of runs.
 func tpmCell(s benchSummary) string {
-	c := fmt.Sprintf("%g / %g", s.SrcTPM, s.DstTPM)
-	if s.SrcTPMRange[0] != s.SrcTPMRange[1] || s.DstTPMRange[0] != s.DstTPMRange[1] {
-		c += fmt.Sprintf(" (src %d-%d, dst %d-%d)", s.SrcTPMRange[0], s.SrcTPMRange[1], s.DstTPMRange[0], s.DstTPMRange[1])
+	return histCell(s.SrcTPMRuns) + " / " + histCell(s.DstTPMRuns)
+}
+
+func histCell(h map[int]int) string {
+	if len(h) == 1 {
+		for v := range h {
+			return fmt.Sprint(v)
+		}
 	}
-	return c
+	vals := make([]int, 0, len(h))
+	for v := range h {
+		vals = append(vals, v)
+	}
+	sort.Ints(vals)
+	var parts []string
+	for _, v := range vals {
+		parts = append(parts, fmt.Sprintf("%d (%dx)", v, h[v]))
+	}
+	return strings.Join(parts, ", ")
+}
+
+func histogram(xs []int) map[int]int {
+	h := map[int]int{}
+	for _, x := range xs {
+		h[x]++
+	}
+	return h
 }
 
 // quantile is the q-quantile of xs with linear interpolation (0: min,

@@ -76,7 +76,7 @@ const (
 // share of wall time outside libvirt's job, and the host TPM commands on
 // source and destination (each vtpmd's vtpmm_tpm_commands_total).
 //
-// VTPMM_E2E_BENCH_ROUNDS sets the rounds (default 12 under KVM, 24 under
+// VTPMM_E2E_BENCH_ROUNDS sets the rounds (default 12 under KVM, 18 under
 // TCG); VTPMM_E2E_BENCH_JSON the JSON file (default in the module's bin/);
 // VTPMM_E2E_BENCH_KEEP=1 keeps the lab's directories.
 func TestE2EBench(t *testing.T) {
