@@ -32,12 +32,13 @@ func (d ms) String() string { return time.Duration(d).Round(time.Millisecond).St
 
 // benchSample is one measured migration.
 type benchSample struct {
-	Round    int    `json:"round"`    // 0-based; -1 for the warm-up
-	Position int    `json:"position"` // 0, 1 or 2: when it ran in its round
-	Method   string `json:"method"`
-	Src      string `json:"src"`
-	Dst      string `json:"dst"`
-	Wall     ms     `json:"wall_ms"` // around the vtpmctl or virsh process
+	At       time.Time `json:"at"`
+	Round    int       `json:"round"`    // 0-based; -1 for the warm-up
+	Position int       `json:"position"` // 0, 1 or 2: when it ran in its round
+	Method   string    `json:"method"`
+	Src      string    `json:"src"`
+	Dst      string    `json:"dst"`
+	Wall     ms        `json:"wall_ms"` // around the vtpmctl or virsh process
 	// Job and Downtime are libvirt's completed job on the destination
 	// (JobOK false when they could not be read).
 	Job      ms   `json:"job_ms"`
@@ -130,7 +131,7 @@ func (bc *benchCtx) fvm(method string) fleet.VM {
 func (bc *benchCtx) run(ctx context.Context, t *testing.T, round, pos int, method string, src, dst *lab.FleetHost) benchSample {
 	t.Helper()
 	vm := bc.vms[method]
-	s := benchSample{Round: round, Position: pos, Method: method, Src: src.Name, Dst: dst.Name}
+	s := benchSample{At: time.Now().UTC(), Round: round, Position: pos, Method: method, Src: src.Name, Dst: dst.Name}
 	srcBefore, dstBefore := scrape(ctx, t, src), scrape(ctx, t, dst)
 	bc.hookRuns(t, src, "", nil)
 	bc.hookRuns(t, dst, "", nil)

@@ -110,3 +110,27 @@ func (m Metrics) TPMCommands() map[string]int {
 	}
 	return out
 }
+
+// SetEvidenceMaxAge rewrites attestation.evidence_max_age in the host's
+// vtpmd.yaml (NewVtpmd writes it; default 60s); the daemon must not be
+// running yet.
+func (v *Vtpmd) SetEvidenceMaxAge(age time.Duration) error {
+	if v.Running() {
+		return fmt.Errorf("%w: vtpmd on %s already runs; set evidence_max_age before Start", ErrVtpmd, v.Host.Name)
+	}
+	b, err := os.ReadFile(v.ConfigPath)
+	if err != nil {
+		return err
+	}
+	lines := strings.Split(string(b), "\n")
+	found := false
+	for i, l := range lines {
+		if strings.HasPrefix(l, "  evidence_max_age: ") {
+			lines[i], found = "  evidence_max_age: "+age.String(), true
+		}
+	}
+	if !found {
+		return fmt.Errorf("%w: no evidence_max_age in %s", ErrVtpmd, v.ConfigPath)
+	}
+	return os.WriteFile(v.ConfigPath, []byte(strings.Join(lines, "\n")), 0o600)
+}
