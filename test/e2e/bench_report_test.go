@@ -18,18 +18,23 @@ var benchLabels = map[string]string{
 
 // benchReport is everything one run measured (the JSON file).
 type benchReport struct {
-	Started      string    `json:"started"`
-	Host         string    `json:"host"`
-	CPUs         int       `json:"cpus"`
-	DevKVM       bool      `json:"dev_kvm"`
-	VM           string    `json:"vm"`
-	Rounds       int       `json:"rounds"`
-	Command      string    `json:"command"`
-	LoadStart    float64   `json:"load1_start"`
-	LoadEnd      float64   `json:"load1_end"`
-	RoundLoad    []float64 `json:"round_load1"`
-	SetupSeconds float64   `json:"setup_s"`
-	Seconds      float64   `json:"total_s"`
+	Started string `json:"started"`
+	Host    string `json:"host"`
+	CPUs    int    `json:"cpus"`
+	DevKVM  bool   `json:"dev_kvm"`
+	VM      string `json:"vm"`
+	Rounds  int    `json:"rounds"`
+	// RoundsPlanned were asked for; Budget bounds the default run ("0s":
+	// none) and BudgetStop says why it ended early.
+	RoundsPlanned int       `json:"rounds_planned"`
+	Budget        string    `json:"budget"`
+	BudgetStop    string    `json:"budget_stop,omitempty"`
+	Command       string    `json:"command"`
+	LoadStart     float64   `json:"load1_start"`
+	LoadEnd       float64   `json:"load1_end"`
+	RoundLoad     []float64 `json:"round_load1"`
+	SetupSeconds  float64   `json:"setup_s"`
+	Seconds       float64   `json:"total_s"`
 	// Methods are the statistics over the rounds (not the warm-up).
 	Methods []benchSummary `json:"methods"`
 	// Samples are every migration, the warm-up included (round -1).
@@ -163,9 +168,13 @@ func (r *benchReport) table() string {
 	for _, s := range r.Methods {
 		accels[s.Accel] = true
 	}
-	fmt.Fprintf(&b, "vtpmm e2e bench, %s: %s; %d rounds after a warm-up round trip, host-a <-> host-b; accelerator %s "+
+	rounds := fmt.Sprint(r.Rounds)
+	if r.BudgetStop != "" {
+		rounds += " (stopped " + r.BudgetStop + ")"
+	}
+	fmt.Fprintf(&b, "vtpmm e2e bench, %s: %s; %s rounds after a warm-up round trip, host-a <-> host-b; accelerator %s "+
 		"(read on each destination from the domain XML and the QEMU command line; /dev/kvm present: %v)\n",
-		r.Started, r.VM, r.Rounds, joinKeys(accels), r.DevKVM)
+		r.Started, r.VM, rounds, joinKeys(accels), r.DevKVM)
 	fmt.Fprintf(&b, "%d CPUs; load average %.2f at the start, %.2f at the end, %.2f-%.2f (median %.2f) at the rounds' starts; "+
 		"set-up %.0f s, total %.0f s\n", r.CPUs, r.LoadStart, r.LoadEnd, quantile(r.RoundLoad, 0), quantile(r.RoundLoad, 1),
 		quantile(r.RoundLoad, 0.5), r.SetupSeconds, r.Seconds)
