@@ -49,9 +49,13 @@ test: deps
 e2e: deps
 	$(GO) test -count=1 -tags e2e -timeout $(TEST_TIMEOUT) ./test/e2e/...
 
-## e2e-bench: vtpmctl migrate vs a plain virsh migrate with a pre-defined secret (median, ratio, downtime)
+## e2e-bench: vtpmctl migrate and virsh + vtpmm hook vs a plain virsh migrate with a pre-defined secret
+## (KVM if /dev/kvm exists, else TCG; medians, ratios, downtime, TPM commands; table at the end, JSON in E2E_BENCH_JSON)
+E2E_BENCH_ROUNDS ?=
+E2E_BENCH_JSON ?= $(CURDIR)/$(BIN)/e2e-bench.json
 e2e-bench: deps
-	VTPMM_E2E_BENCH=1 $(GO) test -count=1 -tags e2e -run TestE2EBench -v -timeout $(TEST_TIMEOUT) ./test/e2e/
+	VTPMM_E2E_BENCH=1 VTPMM_E2E_REQUIRE=1 VTPMM_E2E_BENCH_ROUNDS=$(E2E_BENCH_ROUNDS) VTPMM_E2E_BENCH_JSON=$(E2E_BENCH_JSON) \
+	  $(GO) test -count=1 -tags e2e -run '^TestE2EBench$$' -v -timeout 60m ./test/e2e/
 
 ## demo: the main job, end to end on libvirt hosts in network namespaces (root; last line: DEMO OK)
 demo: build
