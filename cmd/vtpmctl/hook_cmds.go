@@ -6,8 +6,10 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"maps"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 
 	"github.com/spf13/cobra"
@@ -131,12 +133,29 @@ func hookCommands(e *env) *cobra.Command {
 	return c
 }
 
-// hookScript is the script libvirt runs.
+// hookScript is the script libvirt runs. libvirt runs every hook for
+// every qemu domain event (six per live migration); the script starts
+// vtpmctl only for the events vtpmm acts on (hookEvents) and lets every
+// other one through at once, in the shell, which saves a process start
+// (50-100 ms under load) on each of the others.
 func hookScript(exe, socket string) string {
+	events := slices.Sorted(maps.Keys(hookEvents))
 	return "#!/bin/sh\n" +
 		"# vtpmm hook mode, installed by 'vtpmctl hook install': libvirt runs this for every qemu\n" +
-		"# domain event; it acts on vTPM VMs only (incoming migrations and releases).\n" +
+		"# domain event; it acts on vTPM VMs only (incoming migrations, starts and releases).\n" +
+		"case \"$2 $3\" in\n" +
+		"  " + strings.Join(quoteAll(events), "|") + ") ;;\n" +
+		"  *) exit 0 ;;\n" +
+		"esac\n" +
 		"exec " + shellQuote(exe) + " hook qemu --socket " + shellQuote(socket) + " \"$@\"\n"
+}
+
+func quoteAll(ss []string) []string {
+	out := make([]string, len(ss))
+	for i, s := range ss {
+		out[i] = shellQuote(s)
+	}
+	return out
 }
 
 func shellQuote(s string) string { return "'" + strings.ReplaceAll(s, "'", `'\''`) + "'" }
