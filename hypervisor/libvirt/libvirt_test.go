@@ -2,9 +2,12 @@ package libvirt
 
 import (
 	"errors"
+	"slices"
 	"testing"
+	"time"
 
 	golibvirt "libvirt.org/go/libvirt"
+	"libvirt.org/go/libvirtxml"
 
 	"github.com/vtpmm/vtpmm/hypervisor"
 )
@@ -28,6 +31,39 @@ func TestDomainXML(t *testing.T) {
 	}
 	if _, err := (VMSpec{Name: "v", UUID: vm, TPMVersion: "3"}).DomainXML(); !errors.Is(err, ErrBadConfig) {
 		t.Fatalf("bad TPM version: %v", err)
+	}
+}
+
+// TestDomainXMLMigrationMaxDowntime: the downtime limit travels in the
+// domain XML as a QEMU -global (so every QEMU of the domain, the incoming
+// one on a destination too, starts with it), and only when it is set.
+func TestDomainXMLMigrationMaxDowntime(t *testing.T) {
+	vm := "0e2e0e2e-0000-4000-8000-000000000001"
+	for _, tc := range []struct {
+		downtime time.Duration
+		args     []string
+	}{
+		{0, nil},
+		{10 * time.Second, []string{"-global", "migration.x-downtime-limit=10000"}},
+		{1500 * time.Millisecond, []string{"-global", "migration.x-downtime-limit=1500"}},
+	} {
+		doc, err := VMSpec{Name: "v", UUID: vm, TCG: true, MigrationMaxDowntime: tc.downtime}.DomainXML()
+		if err != nil {
+			t.Fatal(err)
+		}
+		var d libvirtxml.Domain
+		if err := d.Unmarshal(doc); err != nil {
+			t.Fatal(err)
+		}
+		var got []string
+		if d.QEMUCommandline != nil {
+			for _, a := range d.QEMUCommandline.Args {
+				got = append(got, a.Value)
+			}
+		}
+		if !slices.Equal(got, tc.args) {
+			t.Errorf("downtime %v: qemu:commandline %q, want %q\n%s", tc.downtime, got, tc.args, doc)
+		}
 	}
 }
 

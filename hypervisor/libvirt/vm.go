@@ -4,6 +4,7 @@ import (
 	"context"
 	"fmt"
 	"strings"
+	"time"
 
 	golibvirt "libvirt.org/go/libvirt"
 	"libvirt.org/go/libvirtxml"
@@ -34,6 +35,15 @@ type VMSpec struct {
 	SecretUUID string
 	// Start cold-starts the VM after defining it.
 	Start bool
+	// MigrationMaxDowntime, when set, is QEMU's maximum downtime for live
+	// migrations of this domain (its migration parameter downtime-limit,
+	// default 300 ms), given on the command line of each of its QEMU
+	// processes, the incoming one on a migration's destination included:
+	// <qemu:commandline> -global migration.x-downtime-limit=MS. A large
+	// value makes QEMU stop the guest after its first pre-copy pass. The
+	// lab's TCG guests need that: see docs/libvirt.md, "TCG guests lose
+	// memory writes in live migrations (QEMU 7.2)".
+	MigrationMaxDowntime time.Duration
 }
 
 // DomainXML renders the spec as libvirt domain XML.
@@ -87,6 +97,10 @@ func (s VMSpec) DomainXML() (string, error) {
 					Encryption: &libvirtxml.DomainTPMBackendEncryption{Secret: secret}}}}},
 			MemBalloon: &libvirtxml.DomainMemBalloon{Model: "none"},
 		},
+	}
+	if s.MigrationMaxDowntime > 0 {
+		d.QEMUCommandline = &libvirtxml.DomainQEMUCommandline{Args: []libvirtxml.DomainQEMUCommandlineArg{
+			{Value: "-global"}, {Value: fmt.Sprintf("migration.x-downtime-limit=%d", s.MigrationMaxDowntime.Milliseconds())}}}
 	}
 	return d.Marshal()
 }

@@ -22,12 +22,22 @@ const KernelMetaPackage = "linux-image-cloud-amd64"
 
 var kernelDep = regexp.MustCompile(`Depends:\s+(linux-image-[0-9][^\s]*-cloud-amd64)\b`)
 
-// kernelPackage asks apt-cache which linux-image-*-cloud-amd64 the meta
-// package depends on now, running apt-get update once if the package lists
-// do not know it yet.
+// KernelPackageEnv names the environment variable that pins the guest
+// kernel package when Config.KernelPackage is empty, e.g.
+// VTPMM_GUEST_KERNEL=linux-image-6.1.0-57-cloud-amd64. A pin holds only
+// while Debian's archive still serves that package (a superseded kernel
+// ABI package is removed from it some weeks later).
+const KernelPackageEnv = "VTPMM_GUEST_KERNEL"
+
+// kernelPackage is Config.KernelPackage, or $VTPMM_GUEST_KERNEL, or what
+// apt-cache says the meta package depends on now (running apt-get update
+// once if the package lists do not know it yet).
 func (b *builder) kernelPackage(ctx context.Context) (string, error) {
 	if b.cfg.KernelPackage != "" {
 		return b.cfg.KernelPackage, nil
+	}
+	if p := os.Getenv(KernelPackageEnv); p != "" {
+		return p, nil
 	}
 	for attempt := 0; ; attempt++ {
 		out, err := b.run(ctx, "", "apt-cache", "depends", KernelMetaPackage)

@@ -62,8 +62,9 @@ type Config struct {
 	Dir string
 	// Log receives progress (default: discarded).
 	Log logrus.FieldLogger
-	// KernelPackage overrides the kernel package (default: what
-	// linux-image-cloud-amd64 depends on, e.g. linux-image-6.1.0-56-cloud-amd64).
+	// KernelPackage overrides the kernel package (default:
+	// $VTPMM_GUEST_KERNEL, else what linux-image-cloud-amd64 depends on,
+	// e.g. linux-image-6.1.0-57-cloud-amd64).
 	KernelPackage string
 	// GuestBinary is a prebuilt static vtpmm-guest (default: go build it).
 	GuestBinary string

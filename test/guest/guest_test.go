@@ -394,3 +394,19 @@ func TestParseConsole(t *testing.T) {
 		t.Errorf("error tick parsed as %+v", c.Ticks)
 	}
 }
+
+// TestKernelPackagePin: Config.KernelPackage wins, then $VTPMM_GUEST_KERNEL
+// (apt is not asked: it would name another package).
+func TestKernelPackagePin(t *testing.T) {
+	for _, tc := range []struct{ cfg, env, want string }{
+		{"linux-image-cfg-cloud-amd64", "linux-image-env-cloud-amd64", "linux-image-cfg-cloud-amd64"},
+		{"", "linux-image-env-cloud-amd64", "linux-image-env-cloud-amd64"},
+	} {
+		t.Setenv(KernelPackageEnv, tc.env)
+		b := &builder{cfg: Config{KernelPackage: tc.cfg}}
+		got, err := b.kernelPackage(context.Background())
+		if err != nil || got != tc.want {
+			t.Errorf("cfg %q env %q: %q, %v; want %q", tc.cfg, tc.env, got, err, tc.want)
+		}
+	}
+}
