@@ -1,0 +1,162 @@
+package migrate
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"time"
+
+	"github.com/vtpmm/vtpmm/migrate/registry"
+)
+
+// The fleet registry's part of a migration (Config.Registry; nil is
+// registry mode none). The source opens the batch (Begin) after its
+// ledger's Begin and before it dials the destination, commits it (Commit)
+// after the hypervisor moved the VMs and before Finish, and aborts it
+// (Abort) when the migration fails before the hypervisor's part. The
+// generation is the fencing token: every change compares each VM's exact
+// record. docs/protocol.md, "Registry".
+
+// registryError adds migrate's class to an error of the registry, so that
+// the admin API and vtpmctl classify it (exit codes), and keeps the
+// registry's own sentinel (and its rule) in the chain.
+func registryError(err error) error {
+	if err == nil {
+		return nil
+	}
+	var classes []error
+	switch {
+	case errors.Is(err, registry.ErrNoQuorum), errors.Is(err, registry.ErrClosed),
+		errors.Is(err, registry.ErrTLS), errors.Is(err, registry.ErrPermission),
+		errors.Is(err, context.DeadlineExceeded):
+		classes = append(classes, ErrRegistryUnavailable)
+	default:
+		if errors.Is(err, registry.ErrWrongOwner) || errors.Is(err, registry.ErrStaleGeneration) {
+			classes = append(classes, ErrNotOwner)
+		}
+		if errors.Is(err, registry.ErrBusy) {
+			classes = append(classes, ErrBusy)
+		}
+		classes = append(classes, ErrRegistryRefused)
+	}
+	for _, c := range classes {
+		err = fmt.Errorf("%w: %w", c, err)
+	}
+	return err
+}
+
+// unavailable reports whether a registry error means "no quorum" rather
+// than a refusal.
+func unavailable(err error) bool { return errors.Is(err, ErrRegistryUnavailable) }
+
+// batch is the registry's view of VMs of tx moving from this host to the
+// transaction's peer: each at the generation the source holds now (one
+// below the one the destination will hold).
+func (n *Node) batch(tx Tx, vms []TxVM) registry.Batch {
+	b := registry.Batch{TxID: tx.ID, From: n.cfg.Host, To: tx.Peer}
+	for _, vm := range vms {
+		b.VMs = append(b.VMs, registry.VMGen{ID: vm.UUID, Generation: vm.Generation - 1})
+	}
+	return b
+}
+
+// regBegin opens tx in the registry: registry round trip 1.
+func (n *Node) regBegin(ctx context.Context, tx Tx) error {
+	_, err := n.cfg.Registry.Begin(ctx, n.batch(tx, tx.VMs))
+	if errors.Is(err, registry.ErrNotFound) {
+		// A VM this host holds that the registry does not know (created
+		// while the registry was down, or a restore older than the VM):
+		// record it (the restore rule, ownership.go) and begin again.
+		if aerr := n.adopt(ctx, tx.VMs); aerr != nil {
+			return registryError(errors.Join(err, aerr))
+		}
+		_, err = n.cfg.Registry.Begin(ctx, n.batch(tx, tx.VMs))
+	}
+	return registryError(err)
+}
+
+// regCommit commits the VMs of tx that moved (registry round trip 2, the
+// commit point) and aborts the others (failure path only). A commit that
+// fails leaves the transaction open for Reconcile, which sends the same
+// Commit again (CAS makes that safe even when the first one took effect).
+// A failed abort is only logged: it unblocks later migrations and
+// SyncOwnership finishes it.
+func (n *Node) regCommit(ctx context.Context, tx Tx) error {
+	var moved, failed []TxVM
+	for _, vm := range tx.VMs {
+		if vm.Outcome == OutcomeMigrated {
+			moved = append(moved, vm)
+		} else {
+			failed = append(failed, vm)
+		}
+	}
+	if len(moved) > 0 {
+		if _, err := n.cfg.Registry.Commit(ctx, n.batch(tx, moved)); err != nil {
+			return fmt.Errorf("migrate %s: registry commit: %w: %w", tx.ID, ErrUnresolved, registryError(err))
+		}
+	}
+	if len(failed) > 0 {
+		n.regAbort(ctx, tx, failed)
+	}
+	return nil
+}
+
+// regAbort closes the registry's transaction of the VMs (ownership and
+// generation stay). Best effort: SyncOwnership aborts a registry
+// transaction that no open ledger transaction holds.
+func (n *Node) regAbort(ctx context.Context, tx Tx, vms []TxVM) {
+	if n.cfg.Registry == nil || len(vms) == 0 {
+		return
+	}
+	if _, err := n.cfg.Registry.Abort(ctx, n.batch(tx, vms)); err != nil {
+		n.log.WithError(err).WithField("tx", tx.ID).Warn("registry abort failed; the owner's ownership sync retries it")
+	}
+}
+
+// registryRev is the revision of this host's last view of the VMs: a
+// destination waits for its own view to reach it before it reads.
+func (n *Node) registryRev(ids []string) int64 {
+	if n.cfg.Registry == nil {
+		return 0
+	}
+	return n.cfg.Registry.Cached(ids...).Rev
+}
+
+// revWaiter is implemented by registries whose last view follows other
+// hosts' changes (registry.Client): WaitRev waits until the view has
+// reached rev.
+type revWaiter interface {
+	WaitRev(ctx context.Context, rev int64) error
+}
+
+// cacheWait bounds how long a host waits for its last view to reach a
+// revision a peer named before it reads the registry instead.
+const cacheWait = 250 * time.Millisecond
+
+// registryView reads the VMs' records. When rev > 0 (a revision the peer
+// named: its change) and this host's last view reaches it within cacheWait
+// and satisfies ok, that view serves (no round trip); otherwise one read.
+// When the registry is unavailable it returns the last view (Stale) with
+// the error.
+func (n *Node) registryView(ctx context.Context, ids []string, rev int64, ok func(registry.View) bool) (registry.View, error) {
+	reg := n.cfg.Registry
+	if rev > 0 && ok != nil {
+		if w, can := reg.(revWaiter); can {
+			wctx, cancel := context.WithTimeout(ctx, cacheWait)
+			err := w.WaitRev(wctx, rev)
+			cancel()
+			if v := reg.Cached(ids...); err == nil && v.Rev >= rev && ok(v) {
+				return v, nil
+			}
+		}
+	}
+	v, err := reg.VMs(ctx, ids...)
+	if err != nil {
+		err = registryError(err)
+		if unavailable(err) {
+			return reg.Cached(ids...), err
+		}
+		return registry.View{}, err
+	}
+	return v, nil
+}
