@@ -35,14 +35,28 @@ func registryError(err error) error {
 			classes = append(classes, ErrNotOwner)
 		}
 		if errors.Is(err, registry.ErrBusy) {
-			classes = append(classes, ErrBusy)
+			classes = append(classes, ErrBusy) // another transaction holds the VM: exit 5, as in mode none
 		}
-		classes = append(classes, ErrRegistryRefused)
+		if len(classes) == 0 || !onlyBusy(err) {
+			classes = append(classes, ErrRegistryRefused)
+		}
 	}
 	for _, c := range classes {
 		err = fmt.Errorf("%w: %w", c, err)
 	}
 	return err
+}
+
+// onlyBusy reports whether err is a refusal for an open transaction only.
+func onlyBusy(err error) bool {
+	for _, other := range []error{registry.ErrWrongOwner, registry.ErrStaleGeneration, registry.ErrGenerationBounds,
+		registry.ErrHostFenced, registry.ErrHostNotActive, registry.ErrNotEnrolled, registry.ErrNotFound, registry.ErrExists,
+		registry.ErrConflict, registry.ErrBatchTooLarge, registry.ErrBadRecord, registry.ErrHostLive} {
+		if errors.Is(err, other) {
+			return false
+		}
+	}
+	return errors.Is(err, registry.ErrBusy)
 }
 
 // unavailable reports whether a registry error means "no quorum" rather
