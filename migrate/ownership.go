@@ -11,6 +11,7 @@ import (
 	"github.com/vtpmm/vtpmm/attest"
 	"github.com/vtpmm/vtpmm/internal/audit"
 	"github.com/vtpmm/vtpmm/migrate/registry"
+	"github.com/vtpmm/vtpmm/vtpm"
 )
 
 // Ownership against the fleet registry, outside migrations: the rule a
@@ -94,7 +95,7 @@ func (n *Node) CheckStart(ctx context.Context, vm string) (uint64, error) {
 	}
 	gl, ok := held[vm]
 	if !ok {
-		return 0, fmt.Errorf("start %s: %w: %s holds no key for it", vm, ErrNotOwner, n.cfg.Host)
+		return 0, fmt.Errorf("start %s: %w: %w: %s holds no key for it", vm, ErrNotOwner, vtpm.ErrKeyNotFound, n.cfg.Host)
 	}
 	if n.cfg.Registry == nil {
 		return gl, nil

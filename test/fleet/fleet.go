@@ -91,8 +91,10 @@ type Host interface {
 
 // Owner checks, once, that exactly one host owns the VM's key with no
 // pending transaction anywhere, that this host and only this one runs the
-// VM, and that only it holds the VM's hypervisor secret. It returns that
-// host, and every host's view for error messages.
+// VM, that only it holds the VM's hypervisor secret, and, when the fleet
+// runs a registry, that the registry shows it owning the VM at the
+// generation of its key with nothing open. It returns that host, and
+// every host's view for error messages.
 func Owner(ctx context.Context, f Fleet, vm VM) (string, string, error) {
 	var owners, running []string
 	var report strings.Builder
@@ -131,7 +133,43 @@ func Owner(ctx context.Context, f Fleet, vm VM) (string, string, error) {
 			return "", report.String(), fmt.Errorf("%w: hypervisor secret on %s: %v, %v (owner %s)", ErrNotSettled, name, has, err, owners[0])
 		}
 	}
+	if err := registryAgrees(ctx, f.Host(owners[0]), vm, &report); err != nil {
+		return "", report.String(), err
+	}
 	return owners[0], report.String(), nil
+}
+
+// registryAgrees checks, when the fleet runs a registry, that its record
+// shows owner's host owning vm at the generation of its key, with no
+// transaction open.
+func registryAgrees(ctx context.Context, owner Host, vm VM, report *strings.Builder) error {
+	info, err := owner.Admin().Registry(ctx)
+	if err != nil {
+		return err
+	}
+	if info.Mode == "none" {
+		return nil
+	}
+	gen, err := Generation(ctx, owner, vm)
+	if err != nil {
+		return err
+	}
+	list, err := owner.Admin().FleetVMs(ctx)
+	if err != nil {
+		return fmt.Errorf("%w: the registry's VMs: %v", ErrNotSettled, err)
+	}
+	for _, r := range list.VMs {
+		if r.UUID != vm.UUID {
+			continue
+		}
+		fmt.Fprintf(report, "registry (rev %d, stale %v): owner=%s generation=%d tx=%q\n", list.Rev, list.Stale, r.Owner, r.Generation, r.TxID)
+		if r.Owner != owner.Name() || r.Generation != gen || r.TxID != "" || list.Stale {
+			return fmt.Errorf("%w: the registry shows %s at generation %d (tx %q, stale %v); %s holds generation %d",
+				ErrNotSettled, r.Owner, r.Generation, r.TxID, list.Stale, owner.Name(), gen)
+		}
+		return nil
+	}
+	return fmt.Errorf("%w: the registry has no record of %s", ErrNotSettled, vm.Name)
 }
 
 // WaitOwner waits until Owner names want (recovery and hook mode settle in
