@@ -158,3 +158,7 @@ func (f *Fleet) enrolOnce(ctx context.Context) error {
 func (f *Fleet) EnrollVia(ctx context.Context, via *adminapi.Client, host string) (operator.EnrollReport, error) {
 	return operator.Enroll(ctx, f.op, via, host, operator.EnrollOptions{})
 }
+
+// PKIDir is the directory of the fleet's CA and certificates (the hosts',
+// the operator's "root", and the external members').
+func (f *Fleet) PKIDir() string { return f.pkiDir }
