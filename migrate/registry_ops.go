@@ -86,7 +86,40 @@ func (n *Node) regBegin(ctx context.Context, tx Tx) error {
 		}
 		_, err = n.cfg.Registry.Begin(ctx, n.batch(tx, tx.VMs))
 	}
+	if errors.Is(err, registry.ErrBusy) && n.abortOrphans(ctx, tx) {
+		// The registry showed transactions of this host that its ledger
+		// closed (an abort that did not reach the registry): closed now.
+		_, err = n.cfg.Registry.Begin(ctx, n.batch(tx, tx.VMs))
+	}
 	return registryError(err)
+}
+
+// abortOrphans aborts the registry transactions that the last view (the
+// refused Begin read the records) shows open on tx's VMs from this host
+// but that no open transaction of its ledger holds. It reports whether it
+// aborted any.
+func (n *Node) abortOrphans(ctx context.Context, tx Tx) bool {
+	view := n.cfg.Registry.Cached(vmIDs(tx.VMs)...)
+	orphans := map[registry.OpenTx][]registry.VMGen{}
+	for _, vm := range tx.VMs {
+		r, ok := view.VMs[vm.UUID]
+		if !ok || r.Tx == nil || r.Owner != n.cfg.Host || r.Generation != vm.Generation-1 || r.Tx.ID == tx.ID || n.driving(r.Tx.ID) {
+			continue
+		}
+		if old, err := n.cfg.Ledger.Get(r.Tx.ID); err == nil && !old.State.Final() {
+			continue // a live transaction of this host: busy indeed
+		}
+		orphans[*r.Tx] = append(orphans[*r.Tx], registry.VMGen{ID: vm.UUID, Generation: r.Generation})
+	}
+	aborted := false
+	for otx, vms := range orphans {
+		if _, err := n.cfg.Registry.Abort(ctx, registry.Batch{TxID: otx.ID, From: n.cfg.Host, To: otx.To, VMs: vms}); err != nil {
+			n.log.WithError(err).WithField("tx", otx.ID).Warn("aborting an orphan registry transaction")
+			continue
+		}
+		aborted = true
+	}
+	return aborted
 }
 
 // regCommit commits the VMs of tx that moved (registry round trip 2, the

@@ -66,7 +66,11 @@ func (n *Node) release(ctx context.Context, s releaseSpec, keys map[string]vtpm.
 		// this host's at exactly the generation its key store holds, the
 		// destination enrolled and active. Refused or without quorum,
 		// nothing moves.
-		if err := n.regBegin(ctx, tx); err != nil {
+		t0 := n.cfg.Now()
+		err := n.regBegin(ctx, tx)
+		res.Registry.RoundTrips++
+		res.Registry.Time += n.cfg.Now().Sub(t0)
+		if err != nil {
 			if _, lerr := n.cfg.Ledger.SetState(tx.ID, SrcAborted, "registry begin: "+err.Error()); lerr != nil {
 				n.log.WithError(lerr).WithField("tx", tx.ID).Error("ledger: abort")
 			}

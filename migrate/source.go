@@ -7,6 +7,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"time"
 
 	"github.com/sirupsen/logrus"
 
@@ -45,6 +46,12 @@ type Result struct {
 	Failed     map[string]string // VM -> reason; still owned by the source
 	Warm       bool              // destination evidence was reused
 	RoundTrips struct{ Before, After int }
+	// Registry is what the fleet registry cost the source: its round
+	// trips (Begin and Commit: 2 per batch) and their wall time.
+	Registry struct {
+		RoundTrips int
+		Time       time.Duration
+	}
 }
 
 func newTxID(r io.Reader) (string, error) {
@@ -120,7 +127,11 @@ func (n *Node) Migrate(ctx context.Context, req Request, progress Progress) (*Re
 	if n.cfg.Registry != nil {
 		// Registry round trip 2, the commit point: the destination owns
 		// the VMs that moved, at the next generation.
-		if err := n.regCommit(ctx, tx); err != nil {
+		t0 := n.cfg.Now()
+		err := n.regCommit(ctx, tx)
+		res.Registry.RoundTrips++
+		res.Registry.Time += n.cfg.Now().Sub(t0)
+		if err != nil {
 			return res, err
 		}
 		if err := n.crash(SrcAfterRegCommit); err != nil {

@@ -287,6 +287,10 @@ func printOutcome(e *env, ev adminapi.MigrateEvent, start time.Time) {
 		}
 		fmt.Fprintf(e.stdout, "%7.3fs  done       %d VM(s) migrated (tx %s, %s attestation, %d+%d round trips)\n",
 			took, len(ev.Result.Committed), ev.Result.TxID, mode, ev.Result.RoundTrips.Before, ev.Result.RoundTrips.After)
+		if reg := ev.Result.Registry; reg.RoundTrips > 0 {
+			fmt.Fprintf(e.stdout, "         registry   %d etcd round trips, %.1f ms (%.1f%% of %.3fs)\n",
+				reg.RoundTrips, float64(reg.Time.Microseconds())/1000, 100*reg.Time.Seconds()/took, took)
+		}
 	}
 	if ev.Result != nil && len(ev.Result.Failed) > 0 {
 		ids := make([]string, 0, len(ev.Result.Failed))

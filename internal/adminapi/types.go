@@ -73,6 +73,12 @@ type Result struct {
 	Failed     map[string]string // VM -> reason; still owned by the source
 	Warm       bool              // destination evidence was reused
 	RoundTrips struct{ Before, After int }
+	// Registry is the fleet registry's part on the source: its round
+	// trips (2 per batch: Begin, Commit) and their wall time.
+	Registry struct {
+		RoundTrips int
+		Time       time.Duration
+	}
 }
 
 // VMInfo is a VM as GET PathVMs reports it.

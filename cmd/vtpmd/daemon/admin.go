@@ -294,7 +294,9 @@ func apiResult(r *migrate.Result) *adminapi.Result {
 	if r == nil {
 		return nil
 	}
-	return &adminapi.Result{TxID: r.TxID, Committed: r.Committed, Failed: r.Failed, Warm: r.Warm, RoundTrips: r.RoundTrips}
+	out := &adminapi.Result{TxID: r.TxID, Committed: r.Committed, Failed: r.Failed, Warm: r.Warm, RoundTrips: r.RoundTrips}
+	out.Registry.RoundTrips, out.Registry.Time = r.Registry.RoundTrips, r.Registry.Time
+	return out
 }
 
 // apiTx is a ledger transaction as the admin API reports it.

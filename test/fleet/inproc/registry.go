@@ -110,7 +110,7 @@ func (f *Fleet) endpoints() []string {
 func (f *Fleet) Operator() *registry.Client { return f.op }
 
 // RegistryMode is the fleet's registry mode.
-func (f *Fleet) RegistryMode() registry.Mode { return f.cfg.Registry }
+func (f *Fleet) RegistryMode() string { return string(f.cfg.Registry) }
 
 // OpenOperator opens a registry client with the operator's certificate.
 func (f *Fleet) OpenOperator(ctx context.Context) (*registry.Client, error) {
