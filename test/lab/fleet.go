@@ -1,11 +1,14 @@
 package lab
 
 import (
+	"bytes"
 	"context"
+	"errors"
 	"crypto/rand"
 	"fmt"
 	"io"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"strings"
 	"time"
@@ -195,10 +198,43 @@ func (f *Fleet) Start(ctx context.Context) {
 }
 
 // OperatorArgs are the flags of an operator's registry command run on the
-// first host: its admin socket (the registry's endpoints) and the
-// operator's certificate ("root", in PKIDir).
+// first host (OperatorCtl): its admin socket (the registry's endpoints)
+// and the operator's certificate ("root", in PKIDir).
 func (f *Fleet) OperatorArgs() []string {
 	return []string{"--socket", f.Hosts[f.Order[0]].Vtpmd.Socket, "--pki", f.PKIDir}
+}
+
+// OperatorCtl runs vtpmctl as the operator does on the first host: inside
+// its namespaces (the registry's members listen on the lab network, which
+// the root namespace does not reach), with OperatorArgs appended.
+func (f *Fleet) OperatorCtl(ctx context.Context, args ...string) (Result, error) {
+	cmd, err := f.Hosts[f.Order[0]].NsCommand(ctx, f.Tools.Vtpmctl, append(args, f.OperatorArgs()...)...)
+	if err != nil {
+		return Result{Code: -1}, err
+	}
+	var out, errb bytes.Buffer
+	cmd.Stdout, cmd.Stderr = &out, &errb
+	cmd.WaitDelay = 5 * time.Second
+	err = cmd.Run()
+	r := Result{Stdout: out.String(), Stderr: errb.String()}
+	var ee *exec.ExitError
+	switch {
+	case errors.As(err, &ee):
+		r.Code, err = ee.ExitCode(), nil
+	case err != nil:
+		r.Code = -1
+	}
+	return r, err
+}
+
+// Operator is OperatorCtl, failing the test unless vtpmctl exits 0.
+func (f *Fleet) Operator(ctx context.Context, args ...string) Result {
+	f.T.Helper()
+	r, err := f.OperatorCtl(ctx, args...)
+	if err != nil || r.Code != 0 {
+		f.T.Fatalf("vtpmctl %s (the operator, on %s): %v %s", strings.Join(args, " "), f.Order[0], err, r)
+	}
+	return r
 }
 
 // Bootstrap runs 'vtpmctl registry bootstrap' as the operator, retrying
@@ -207,7 +243,7 @@ func (f *Fleet) Bootstrap(ctx context.Context) Result {
 	f.T.Helper()
 	deadline := time.Now().Add(time.Minute)
 	for {
-		r, err := f.Tools.Ctl(ctx, append([]string{"registry", "bootstrap"}, f.OperatorArgs()...)...)
+		r, err := f.OperatorCtl(ctx, "registry", "bootstrap")
 		if err == nil && r.Code == 0 {
 			return r
 		}
@@ -223,7 +259,7 @@ func (f *Fleet) Bootstrap(ctx context.Context) Result {
 // trusts.
 func (f *Fleet) EnrollOnce(ctx context.Context, host string) Result {
 	f.T.Helper()
-	return f.Ctl(ctx, append([]string{"host", "enroll", host}, f.OperatorArgs()...)...)
+	return f.Operator(ctx, "host", "enroll", host)
 }
 
 // StartDaemons runs 'vtpmd run' on every host, in its namespaces.

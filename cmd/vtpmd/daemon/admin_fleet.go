@@ -164,7 +164,18 @@ func (d *Daemon) CreateVM(ctx context.Context, name, uuid string) (host.VM, erro
 	var opts host.CreateOptions
 	if d.reg != nil {
 		opts.Record = func(ctx context.Context, id string) error {
-			if _, err := d.reg.CreateVM(ctx, id, d.cfg.HostID); err != nil {
+			_, err := d.reg.CreateVM(ctx, id, d.cfg.HostID)
+			if errors.Is(err, registry.ErrExists) {
+				// This host's ownership sync may have recorded the new key
+				// first (it raises what the registry does not know): that
+				// record is this creation's.
+				if v, rerr := d.reg.VMs(ctx, id); rerr == nil {
+					if r, ok := v.VMs[id]; ok && r.Owner == d.cfg.HostID && r.Generation == 1 && r.Tx == nil {
+						err = nil
+					}
+				}
+			}
+			if err != nil {
 				return fmt.Errorf("record it in the fleet registry: %w", err)
 			}
 			return nil

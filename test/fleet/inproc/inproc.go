@@ -67,6 +67,9 @@ type Config struct {
 	// three members, run in this process apart from the hosts) or none
 	// (peer-to-peer: static peers, every host enrols every other).
 	Registry registry.Mode
+	// EnrollLast leaves the last host unenrolled (registry modes): a
+	// benchmark enrols it (EnrollVia) and counts what that costs.
+	EnrollLast bool
 }
 
 // HostSpec names a host and whether it boots the tampered log.

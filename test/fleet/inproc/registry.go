@@ -143,7 +143,10 @@ func (f *Fleet) enrolOnce(ctx context.Context) error {
 	}
 	f.Enrolments = map[string]operator.EnrollReport{}
 	via := f.hosts[f.order[0]].admin
-	for _, name := range f.order {
+	for i, name := range f.order {
+		if f.cfg.EnrollLast && i == len(f.order)-1 {
+			break
+		}
 		rep, err := operator.Enroll(ctx, f.op, via, name, operator.EnrollOptions{})
 		if err != nil {
 			return fmt.Errorf("inproc: enrol %s: %w", name, err)
