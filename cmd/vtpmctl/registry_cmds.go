@@ -120,8 +120,12 @@ func registryCommands(e *env, socket *string) *cobra.Command {
 			if err != nil {
 				return registryExit(err)
 			}
-			fmt.Fprintf(e.stdout, "registry bootstrapped in %s (%d requests): authentication on; %s is root; hosts confined to the prefix: %s\n",
-				time.Since(t0).Round(time.Millisecond), n, rf.user, orDash(strings.Join(hosts, ", ")))
+			who := "hosts get their registry users when enrolled (host enroll) or added (registry add-host)"
+			if len(hosts) > 0 {
+				who = "registry users for " + strings.Join(hosts, ", ")
+			}
+			fmt.Fprintf(e.stdout, "registry bootstrapped in %s (%d requests): authentication on (client certificates); %s holds etcd's root role; %s; every host confined to vtpmm's prefix\n",
+				time.Since(t0).Round(time.Millisecond), n, rf.user, who)
 			return nil
 		},
 	}

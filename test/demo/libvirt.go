@@ -76,7 +76,7 @@ func (d *demo) live(ctx context.Context, t lab.T) {
 	d.detail("VM key generation %d, in host-a's vault only; vTPM state encrypted with it; libvirt secret %s (ephemeral, private)",
 		vm.Generation, hypervisor.SecretUUID(vm.UUID))
 	d.detail("web-1 (%s) is booting on host-a", vm.UUID)
-	d.fleetList(ctx, t, f, b, "before the migration")
+	d.fleetList(ctx, t, f, a, "before the migration")
 
 	d.say("The guest seals a random secret in its vTPM (SRK + PCR 16 policy) and unseals it every second; host-a's console:")
 	f.WaitTicks(ctx, vm, a.Name, 0, 2, 3*time.Minute)
@@ -104,7 +104,7 @@ func (d *demo) live(ctx context.Context, t lab.T) {
 	d.detail("same secret %s; ticks go on (#%d last on host-a, #%d first on host-b); one boot; PCR 16 = %s… on every tick",
 		secret, lastA, firstB, guest.ExpectedPCR16()[:16])
 	d.owner(ctx, t, f, vm, b, true)
-	d.fleetList(ctx, t, f, c, "after the migration")
+	d.fleetList(ctx, t, f, b, "after the migration")
 
 	d.say("vtpmctl migrate web-1 --to host-c (on host-b; host-c booted a tampered chain)")
 	t0 := time.Now()
@@ -255,7 +255,8 @@ func (d *demo) scanLab(ctx context.Context, t lab.T, f *lab.Fleet, h *lab.FleetH
 }
 
 // fleetList prints 'vtpmctl vm list --fleet' on h: the registry's view,
-// the same from every host.
+// the same from every host (h knows the VM's name: the registry does not
+// keep names).
 func (d *demo) fleetList(ctx context.Context, t lab.T, f *lab.Fleet, h *lab.FleetHost, when string) {
 	r, err := h.Vtpmd.Ctl(ctx, "vm", "list", "--fleet")
 	if err != nil || r.Code != 0 {
