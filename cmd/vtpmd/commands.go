@@ -18,6 +18,7 @@ import (
 
 	"github.com/vtpmm/vtpmm/cmd/vtpmd/daemon"
 	"github.com/vtpmm/vtpmm/migrate/registry"
+	"github.com/vtpmm/vtpmm/migrate/registry/member"
 	"github.com/vtpmm/vtpmm/vtpm"
 	"github.com/vtpmm/vtpmm/vtpm/host"
 )
@@ -315,4 +316,36 @@ func openRegistryClient(ctx context.Context, cfg daemon.Config, e *env) (*regist
 		return nil, fmt.Errorf("fleet registry: %w", err)
 	}
 	return c, nil
+}
+
+func registryCmd(e *env) *cobra.Command {
+	c := &cobra.Command{Use: "registry", Short: "This host's embedded fleet registry member"}
+	c.AddCommand(&cobra.Command{
+		Use:   "restore SNAPSHOT",
+		Short: "Build this host's registry member from a snapshot (vtpmctl registry snapshot), vtpmd stopped",
+		Long: "restore builds the embedded member's data directory (registry.embedded.data_dir, default\n" +
+			"DATA_DIR/registry, which must not exist: move the old one aside) from a snapshot, for the\n" +
+			"configured members, as 'etcdutl snapshot restore' does, raising the revision far above any\n" +
+			"the hosts saw. Run it on every member host with vtpmd stopped, then start them all. The\n" +
+			"records come back as they were at the snapshot: each host raises the VMs it holds at a newer\n" +
+			"generation, and keeps refusing copies the registry shows stale (docs/registry.md).",
+		Args: cobra.ExactArgs(1),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			cfg, err := e.config()
+			if err != nil {
+				return err
+			}
+			rc := cfg.RegistryConfig()
+			if rc.Mode != registry.ModeEmbedded {
+				return fmt.Errorf("%w: registry.mode is %s: restore an external cluster with etcdutl snapshot restore", daemon.ErrConfig, rc.Mode)
+			}
+			rc.Log = e.log
+			if err := member.Restore(args[0], rc, member.RestoreOptions{}); err != nil {
+				return err
+			}
+			fmt.Fprintf(e.stdout, "registry member %s restored from %s into %s; start vtpmd on every member\n", cfg.HostID, args[0], rc.Embedded.DataDir)
+			return nil
+		},
+	})
+	return c
 }
