@@ -10,11 +10,13 @@ type CrashPoint string
 // destination points with "dst/".
 const (
 	SrcAfterBegin      CrashPoint = "src/after-begin"      // ledger: begun; nothing sent
+	SrcAfterRegBegin   CrashPoint = "src/after-reg-begin"  // registry: transaction open; nothing sent
 	SrcAfterAttest     CrashPoint = "src/after-attest"     // destination verified; nothing sent
 	SrcAfterPrepare    CrashPoint = "src/after-prepare"    // destination holds PENDING keys; not yet persisted here
 	SrcAfterPrepared   CrashPoint = "src/after-prepared"   // ledger: prepared; hypervisor not yet asked
 	SrcAfterHypervisor CrashPoint = "src/after-hypervisor" // VM runs on the destination; not yet persisted here
 	SrcAfterMigrated   CrashPoint = "src/after-migrated"   // ledger: migrated; commit not yet sent
+	SrcAfterRegCommit  CrashPoint = "src/after-reg-commit" // registry: destination owns; Finish not yet sent
 	SrcAfterFinish     CrashPoint = "src/after-finish"     // destination committed; source key not yet shredded
 
 	DstAfterLedger  CrashPoint = "dst/after-ledger"  // ledger: pending; no key stored
@@ -25,9 +27,13 @@ const (
 
 // CrashPoints lists every crash point, for tests that visit them all.
 var CrashPoints = []CrashPoint{
-	SrcAfterBegin, SrcAfterAttest, SrcAfterPrepare, SrcAfterPrepared, SrcAfterHypervisor,
-	SrcAfterMigrated, SrcAfterFinish, DstAfterLedger, DstAfterKeys, DstAfterSecrets, DstAfterCommit,
+	SrcAfterBegin, SrcAfterRegBegin, SrcAfterAttest, SrcAfterPrepare, SrcAfterPrepared, SrcAfterHypervisor,
+	SrcAfterMigrated, SrcAfterRegCommit, SrcAfterFinish, DstAfterLedger, DstAfterKeys, DstAfterSecrets, DstAfterCommit,
 }
+
+// RegistryOnly reports whether p is a step of the fleet registry, reached
+// only when Config.Registry is set.
+func (p CrashPoint) RegistryOnly() bool { return p == SrcAfterRegBegin || p == SrcAfterRegCommit }
 
 // CrashHook is called at every crash point; a non-nil error stops the node there.
 type CrashHook func(CrashPoint) error

@@ -14,7 +14,7 @@ import (
 // the destination.
 var afterHypervisor = map[migrate.CrashPoint]bool{
 	migrate.SrcAfterHypervisor: true, migrate.SrcAfterMigrated: true,
-	migrate.SrcAfterFinish: true, migrate.DstAfterCommit: true,
+	migrate.SrcAfterFinish: true, migrate.DstAfterCommit: true, migrate.SrcAfterRegCommit: true,
 }
 
 // TestCrashAtEveryPoint kills one agent at each named crash point in turn,
@@ -24,14 +24,31 @@ var afterHypervisor = map[migrate.CrashPoint]bool{
 // chains verify.
 func TestCrashAtEveryPoint(t *testing.T) {
 	t.Parallel()
-	ctx := context.Background()
+	crashSeries(t, newFleet(t))
+}
+
+// TestCrashAtEveryPointRegistry is TestCrashAtEveryPoint with the fleet
+// registry (a real etcd): the registry's steps are crash points too, and
+// after each recovery the registry shows the single owner at the
+// generation of its key with no transaction open.
+func TestCrashAtEveryPointRegistry(t *testing.T) {
+	t.Parallel()
 	f := newFleet(t)
+	f.useRegistry("etcd")
+	crashSeries(t, f)
+}
+
+func crashSeries(t *testing.T, f *fleet) {
+	ctx := context.Background()
 	a, b := f.addHost("host-a", goodLog), f.addHost("host-b", goodLog)
 	vm := a.createVM("vm1")
 	secret := []byte("sealed before any crash")
 	a.guestSeal(vm, secret)
 	owner, other := a, b
 	for _, p := range migrate.CrashPoints {
+		if p.RegistryOnly() && f.regs == nil {
+			continue
+		}
 		t.Run(string(p), func(t *testing.T) {
 			victim := owner
 			if strings.HasPrefix(string(p), "dst/") {

@@ -11,6 +11,7 @@ import (
 	"github.com/vtpmm/vtpmm/attest"
 	"github.com/vtpmm/vtpmm/hypervisor"
 	"github.com/vtpmm/vtpmm/internal/audit"
+	"github.com/vtpmm/vtpmm/migrate/registry"
 	"github.com/vtpmm/vtpmm/vtpm"
 	"github.com/vtpmm/vtpmm/vtpm/identity"
 )
@@ -135,7 +136,45 @@ func (n *Node) Finish(ctx context.Context, req *FinishRequest) (*FinishResponse,
 	if tx.State.Final() {
 		return finishResponse(tx), nil
 	}
+	if n.cfg.Registry != nil && len(req.Commit) > 0 {
+		if err := n.registryShowsMine(ctx, tx, req.Commit, req.RegistryRev); err != nil {
+			return nil, fmt.Errorf("finish %s: %w", req.TxID, err)
+		}
+	}
 	return n.finishDest(ctx, tx, req.Commit, req.Abort)
+}
+
+// registryShowsMine checks, before a destination promotes PENDING keys,
+// that the registry shows this host as the owner of each VM at the
+// generation of the transaction (the source's Commit happened): from the
+// last view once it reached rev, else with one read. Otherwise the keys
+// stay PENDING and the transaction open (the source or recovery retries).
+func (n *Node) registryShowsMine(ctx context.Context, tx Tx, commit []string, rev int64) error {
+	gens := map[string]uint64{}
+	for _, vm := range tx.VMs {
+		gens[vm.UUID] = vm.Generation
+	}
+	mine := func(v registry.View) error {
+		for _, id := range commit {
+			r, ok := v.VMs[id]
+			switch {
+			case !ok:
+				return fmt.Errorf("%w: VM %s is not in the registry (rule registry-commit)", ErrRegistryRefused, id)
+			case r.Owner != n.cfg.Host || r.Generation != gens[id]:
+				return fmt.Errorf("%w: VM %s: the registry shows %s at generation %d, not %s at %d: the source has not committed (rule registry-commit)",
+					ErrRegistryRefused, id, r.Owner, r.Generation, n.cfg.Host, gens[id])
+			}
+		}
+		return nil
+	}
+	v, err := n.registryView(ctx, commit, rev, func(v registry.View) bool { return mine(v) == nil })
+	if err != nil {
+		if !v.Stale || mine(v) != nil {
+			return err
+		}
+		n.log.WithError(err).WithField("tx", tx.ID).Warn("registry unavailable: promoting by this host's last view, which shows the commit")
+	}
+	return mine(v)
 }
 
 func finishResponse(tx Tx) *FinishResponse {
@@ -251,6 +290,20 @@ func (n *Node) Status(ctx context.Context, req *StatusRequest) (*StatusResponse,
 	for _, vm := range req.VMs {
 		if d, err := n.cfg.Hypervisor.Domain(ctx, vm); err == nil && d.State == hypervisor.StateRunning {
 			resp.Running = append(resp.Running, vm)
+		}
+	}
+	if len(req.VMs) > 0 {
+		held, err := n.heldGenerations(ctx)
+		if err != nil {
+			return nil, fmt.Errorf("status: %w", err)
+		}
+		for _, vm := range req.VMs {
+			if g, ok := held[vm]; ok {
+				if resp.Held == nil {
+					resp.Held = map[string]uint64{}
+				}
+				resp.Held[vm] = g
+			}
 		}
 	}
 	return resp, nil

@@ -27,6 +27,10 @@ type IdentityResponse struct {
 	EKIntermediates [][]byte `json:"ek_intermediates,omitempty"`
 	EKPublic        []byte   `json:"ek_public"` // TPMT_PUBLIC
 	AKPublic        []byte   `json:"ak_public"` // TPMT_PUBLIC
+	// AKCert is the host's AK certificate (DER), when it has one: a
+	// verifier whose policy allows it enrols the host on it instead of a
+	// credential activation.
+	AKCert []byte `json:"ak_cert,omitempty"`
 }
 
 // ActivateRequest carries an activation challenge for the host's TPM.
@@ -46,7 +50,7 @@ func (n *Node) Identity(ctx context.Context, req *IdentityRequest) (*IdentityRes
 		return nil, fmt.Errorf("identity: %w: from %q", ErrBadMessage, req.From)
 	}
 	id := n.cfg.Identity
-	return &IdentityResponse{Host: n.cfg.Host, EKCert: id.EK.Cert, EKPublic: id.EK.Public, AKPublic: id.AK.Public}, nil
+	return &IdentityResponse{Host: n.cfg.Host, EKCert: id.EK.Cert, EKPublic: id.EK.Public, AKPublic: id.AK.Public, AKCert: id.AKCert}, nil
 }
 
 // Activate answers an activation challenge with this host's TPM: only the
@@ -68,14 +72,20 @@ func (n *Node) Activate(ctx context.Context, req *ActivateRequest) (*ActivateRes
 // EnrollResult reports an enrolment.
 type EnrollResult struct {
 	Host     string
-	EKChain  string // the verified EK certificate path, leaf first
+	EKChain  string // the verified EK certificate path, leaf first (activation)
 	EKDigest []byte
 	AKName   []byte
+	// Record is what was recorded in the enrolments store: with a fleet
+	// registry, the operator writes it there (vtpmctl host enroll).
+	Record attest.Enrollment
 }
 
-// Enroll verifies host's EK certificate against this node's roots and
-// policy, activates its AK, and records the enrolment. Until a host is
-// enrolled, evidence from it is refused (rule ak-activation).
+// Enroll verifies host's TPM and records the enrolment: on its AK
+// certificate when the host presents one and the policy allows it
+// (attest.Verifier.EnrollByAKCertificate), otherwise by checking its EK
+// certificate against this node's roots and policy and activating its AK
+// (TPM2_ActivateCredential against the EK). Until a host is enrolled,
+// evidence from it is refused (rule ak-activation).
 func (n *Node) Enroll(ctx context.Context, host string, enrollments attest.Enrollments) (*EnrollResult, error) {
 	if n.cfg.Verifier == nil {
 		return nil, fmt.Errorf("enroll %s: %w: this host has no attestation policy configured", host, ErrRefused)
@@ -90,6 +100,10 @@ func (n *Node) Enroll(ctx context.Context, host string, enrollments attest.Enrol
 	}
 	if id.Host != host {
 		return nil, fmt.Errorf("enroll %s: %w: the peer says it is %q", host, ErrRefused, id.Host)
+	}
+	v := n.cfg.Verifier
+	if len(id.AKCert) > 0 && v.Policy != nil && v.Policy.Enrollment.Allows(attest.MethodAKCertificate) {
+		return n.enrollByAKCert(ctx, host, id, enrollments)
 	}
 	chain, err := n.cfg.Verifier.CheckEK(ctx, host, id.EKCert, id.EKIntermediates, id.EKPublic)
 	if err != nil {
@@ -108,11 +122,35 @@ func (n *Node) Enroll(ctx context.Context, host string, enrollments attest.Enrol
 		n.audit(ctx, AuditEvent{Event: audit.EventEnrollRefused, Peer: host, Rule: ruleOf(err), Detail: err.Error()})
 		return nil, fmt.Errorf("enroll %s: %w: %w", host, ErrRefused, err)
 	}
-	if err := enrollments.Add(ctx, ch.Enrollment(host, n.cfg.Now())); err != nil {
+	rec := ch.Enrollment(host, n.cfg.Now())
+	if err := enrollments.Add(ctx, rec); err != nil {
 		return nil, fmt.Errorf("enroll %s: record: %w", host, err)
 	}
 	n.audit(ctx, AuditEvent{Event: audit.EventHostEnrolled, Peer: host, Detail: fmt.Sprintf("EK %x AK %x", ch.EKDigest[:8], ch.AKName[:10])})
-	return &EnrollResult{Host: host, EKChain: chain.String(), EKDigest: ch.EKDigest, AKName: ch.AKName}, nil
+	return &EnrollResult{Host: host, EKChain: chain.String(), EKDigest: ch.EKDigest, AKName: ch.AKName, Record: rec}, nil
+}
+
+// enrollByAKCert enrols host on its AK certificate: no activation round
+// trip (the AK certificate's issuer vouches that the AK lives in the TPM
+// whose EK it names).
+func (n *Node) enrollByAKCert(ctx context.Context, host string, id *IdentityResponse, enrollments attest.Enrollments) (*EnrollResult, error) {
+	v := n.cfg.Verifier
+	ev := &attest.Verifier{Roots: v.Roots, AKRoots: v.AKRoots, Policy: v.Policy, Enrollments: enrollments, Clock: v.Clock, Log: v.Log}
+	if ev.Clock == nil {
+		ev.Clock = n.cfg.Now
+	}
+	res, err := ev.EnrollByAKCertificate(ctx, attest.AKCertEnrollment{Host: host, EKPublic: id.EKPublic, EKCert: id.EKCert,
+		EKIntermediates: id.EKIntermediates, AKPublic: id.AKPublic, AKCert: id.AKCert})
+	if err != nil {
+		n.audit(ctx, AuditEvent{Event: audit.EventEnrollRefused, Peer: host, Rule: ruleOf(err), Detail: err.Error()})
+		if _, ok := asRefusal(err); ok {
+			return nil, fmt.Errorf("enroll %s: %w: %w", host, ErrRefused, err)
+		}
+		return nil, fmt.Errorf("enroll %s: %w", host, err)
+	}
+	rec := *res.Enrollment
+	n.audit(ctx, AuditEvent{Event: audit.EventHostEnrolled, Peer: host, Detail: fmt.Sprintf("EK %x AK %x on its AK certificate", rec.EKDigest[:8], rec.AKName[:10])})
+	return &EnrollResult{Host: host, EKChain: "AK certificate " + fmt.Sprintf("%x", rec.AKCertDigest), EKDigest: rec.EKDigest, AKName: rec.AKName, Record: rec}, nil
 }
 
 func ruleOf(err error) string {

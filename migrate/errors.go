@@ -36,4 +36,16 @@ var (
 	// unreachable); the VM keeps running where it runs, and a later
 	// Reconcile finishes the job.
 	ErrUnresolved = errclass.New(errclass.Unresolved, "transaction not resolved yet")
+	// ErrRegistryUnavailable means the fleet registry has no quorum or
+	// cannot be reached: an ownership change fails closed (nothing moved,
+	// or, at the commit, the transaction stays open for Reconcile), and
+	// running VMs are untouched. The chain also holds the registry's own
+	// sentinel (registry.ErrNoQuorum, ErrTLS, ...).
+	ErrRegistryUnavailable = errclass.New(errclass.RegistryUnavailable, "fleet registry unavailable")
+	// ErrRegistryRefused means the fleet registry's compare-and-swap
+	// refused an ownership change: the destination is not enrolled, not
+	// active or fenced, or the record is not what this host expected. The
+	// chain names each VM and the rule it failed (registry.ErrHostFenced,
+	// ...).
+	ErrRegistryRefused = errclass.New(errclass.RegistryRefused, "refused by the fleet registry")
 )

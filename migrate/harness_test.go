@@ -20,6 +20,8 @@ import (
 	"github.com/vtpmm/vtpmm/internal/fixtures"
 	"github.com/vtpmm/vtpmm/internal/guestseal"
 	"github.com/vtpmm/vtpmm/migrate"
+	"github.com/vtpmm/vtpmm/migrate/registry"
+	"github.com/vtpmm/vtpmm/migrate/registry/registrytest"
 	"github.com/vtpmm/vtpmm/vtpm"
 	"github.com/vtpmm/vtpmm/vtpm/emuhost"
 	"github.com/vtpmm/vtpmm/vtpm/identity"
@@ -52,6 +54,11 @@ type fleet struct {
 	pullLease time.Duration
 	// tamperPrepare, when set, rewrites every Prepare response on its way back.
 	tamperPrepare func(*migrate.PrepareResponse)
+	// registry, when set (useRegistry), gives each host its client of the
+	// fleet registry; op is the operator's (enrolments).
+	registry func(host string) migrate.Registry
+	regs     map[string]migrate.Registry
+	op       registry.Fleet
 }
 
 // host is one emulated host: TPM, vault, key store, identity, ledger,
@@ -149,6 +156,10 @@ func (f *fleet) addHost(name, bootLog string) *host {
 	}
 	tpmtest.TrustHostCA(t, f.roots, emu)
 	tpmtest.Enrol(t, h.meter, h.ident, name, f.enr)
+	if f.registry != nil {
+		registrytest.Enroll(t, f.op, name)
+		f.regs[name] = f.registry(name)
+	}
 	if h.vault, err = vtpm.InitVault(ctx, h.meter, vtpm.VaultConfig{Dir: dir, PCRs: vtpm.PCRSelection{PCRs: []int{7}}}, vtpm.InitOptions{}); err != nil {
 		t.Fatal(err)
 	}
@@ -193,6 +204,7 @@ func (h *host) restart() {
 		EvidenceMaxAge: h.f.maxAge,
 		PullLease:      h.f.pullLease,
 		Audit:          h.audit,
+		Registry:       h.f.regs[h.name],
 	})
 	h.down = false
 }
@@ -395,6 +407,11 @@ func (h *host) createVM(name string) string {
 	if err := h.hyp.StartDomain(ctx, id); err != nil {
 		t.Fatal(err)
 	}
+	if reg := h.f.regs[h.name]; reg != nil {
+		if _, err := reg.(registry.Ownership).CreateVM(ctx, id, h.name); err != nil {
+			t.Fatal(err)
+		}
+	}
 	return id
 }
 
@@ -450,4 +467,54 @@ func (h *host) passphrase(vm string) string {
 func (h *host) pendingKeyFiles(vm string) []string {
 	m, _ := filepath.Glob(filepath.Join(h.dir, "keys", vm+".*.pending"))
 	return m
+}
+
+// useRegistry gives every host added from now on a client of a fleet
+// registry and enrols it there: "etcd" is a real one-member etcd cluster
+// (registrytest.Start), "fake" the registry's fake (which follows the same
+// rules) for injecting failures. It returns the fake (nil for etcd).
+func (f *fleet) useRegistry(kind string) *registrytest.Fake {
+	t := f.t
+	t.Helper()
+	f.regs = map[string]migrate.Registry{}
+	switch kind {
+	case "etcd":
+		c := registrytest.Start(t, registrytest.Options{Members: 1})
+		f.op = c.Open(t, "root")
+		f.registry = func(host string) migrate.Registry {
+			cfg := c.Config(host)
+			cfg.NoFollow = false // the last view follows other hosts' changes, as vtpmd's does
+			return c.OpenConfig(t, cfg)
+		}
+		return nil
+	case "fake":
+		fk := registrytest.NewFake()
+		f.op = fk.Client("root")
+		f.registry = func(host string) migrate.Registry { return fk.Client(host) }
+		return fk
+	}
+	t.Fatalf("registry kind %q", kind)
+	return nil
+}
+
+// checkRegistry checks that the registry shows want owning vm at the
+// generation of its key, with no transaction open.
+func (f *fleet) checkRegistry(vm, want string) {
+	t, ctx := f.t, context.Background()
+	t.Helper()
+	if f.regs == nil {
+		return
+	}
+	_, gen, err := f.hosts[want].keys.Get(ctx, vm)
+	if err != nil {
+		t.Fatalf("%s: key of %s: %v", want, vm, err)
+	}
+	v, err := f.regs[want].VMs(ctx, vm)
+	if err != nil {
+		t.Fatal(err)
+	}
+	r, ok := v.VMs[vm]
+	if !ok || r.Owner != want || r.Generation != gen || r.Tx != nil {
+		t.Fatalf("registry record of %s: %+v (present %v); want %s at generation %d with nothing open", vm, r, ok, want, gen)
+	}
 }

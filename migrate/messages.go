@@ -52,6 +52,10 @@ type PrepareRequest struct {
 	EvidenceDigest []byte              `json:"evidence_digest"`
 	TransferKey    identity.WrappedKey `json:"transfer_key"`
 	VMs            []WrappedVM         `json:"vms"`
+	// RegistryRev is the fleet registry's revision at the source's Begin
+	// (0 in registry mode none): the destination's last view, once it has
+	// reached it, shows the batch open without a read.
+	RegistryRev int64 `json:"registry_rev,omitempty"`
 }
 
 // PrepareResponse acknowledges that every VM's key is PENDING and its
@@ -79,6 +83,11 @@ type FinishRequest struct {
 	Source  string   `json:"source"`
 	Commit  []string `json:"commit,omitempty"`
 	Abort   []string `json:"abort,omitempty"`
+	// RegistryRev is the fleet registry's revision at the source's Commit
+	// (0 in registry mode none): the destination promotes its keys only
+	// once the registry shows it as the owner, and its last view shows
+	// that without a read once it has reached this revision.
+	RegistryRev int64 `json:"registry_rev,omitempty"`
 }
 
 // FinishResponse reports the destination's final state.
@@ -103,6 +112,11 @@ type StatusResponse struct {
 	Known   bool     `json:"known"`
 	State   TxState  `json:"state,omitempty"`
 	Running []string `json:"running,omitempty"`
+	// Held is the generation of the active key this host holds for each
+	// of the VMs asked about (absent: none). A host whose copy the
+	// registry shows stale shreds it only once the registry's owner
+	// confirms here that it holds the newer generation.
+	Held map[string]uint64 `json:"held,omitempty"`
 }
 
 var txIDRE = regexp.MustCompile(`^[0-9a-f]{32}$`)
@@ -152,6 +166,8 @@ func (r *PrepareRequest) validate() error {
 		return fmt.Errorf("%w: transfer key is incomplete", ErrBadMessage)
 	case len(r.VMs) == 0 || len(r.VMs) > 4096:
 		return fmt.Errorf("%w: %d VMs in one batch (1..4096)", ErrBadMessage, len(r.VMs))
+	case r.RegistryRev < 0:
+		return fmt.Errorf("%w: registry revision %d", ErrBadMessage, r.RegistryRev)
 	}
 	seen := map[string]bool{}
 	for _, vm := range r.VMs {
@@ -181,8 +197,8 @@ func DecodeFinish(b []byte) (*FinishRequest, error) {
 }
 
 func (r *FinishRequest) validate() error {
-	if r.Version != ProtocolVersion || !txIDRE.MatchString(r.TxID) || !ids.IsHostID(r.Source) {
-		return fmt.Errorf("%w: version, transaction id or source", ErrBadMessage)
+	if r.Version != ProtocolVersion || !txIDRE.MatchString(r.TxID) || !ids.IsHostID(r.Source) || r.RegistryRev < 0 {
+		return fmt.Errorf("%w: version, transaction id, source or registry revision", ErrBadMessage)
 	}
 	for _, id := range append(append([]string{}, r.Commit...), r.Abort...) {
 		if !ids.IsUUID(id) {

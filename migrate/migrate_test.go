@@ -45,6 +45,7 @@ func (f *fleet) checkSingleOwner(vm string, want string) {
 	if len(running) != 1 || running[0] != want || len(keyed) != 1 || keyed[0] != want {
 		t.Fatalf("VM %s runs on %v and is keyed on %v; want exactly %s", vm, running, keyed, want)
 	}
+	f.checkRegistry(vm, want)
 }
 
 func TestMigrateHappyPathWarmAndBack(t *testing.T) {

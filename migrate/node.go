@@ -55,6 +55,8 @@ type Keys interface {
 	WithPassphrase(ctx context.Context, vmID string, fn func(pass []byte) error) (uint64, error)
 	CommitPending(ctx context.Context, vmID, txID string) (uint64, error)
 	DropPending(ctx context.Context, vmID, txID string) error
+	// List returns the active keys and their generations without opening them.
+	List(ctx context.Context) ([]vtpm.KeyInfo, error)
 }
 
 var _ Keys = (*vtpm.KeyStore)(nil)

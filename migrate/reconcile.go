@@ -9,8 +9,10 @@ import (
 	"github.com/vtpmm/vtpmm/hypervisor"
 )
 
-// Reconcile finishes or undoes every open transaction after a restart. For
-// each VM it asks this host's hypervisor and the peer where the VM runs:
+// Reconcile finishes or undoes every open transaction after a restart.
+// With a fleet registry, one read of the transaction's VMs decides first
+// (reconcile_registry.go). For each VM it asks this host's hypervisor and
+// the peer where the VM runs:
 //
 //   - source, VM runs here: abort (the source keeps its key);
 //   - source, VM runs on the peer: commit (the destination promotes its
@@ -84,6 +86,9 @@ func (n *Node) recoverSource(ctx context.Context, tx Tx) error {
 			return err
 		}
 	}
+	if n.cfg.Registry != nil {
+		return n.recoverSourceRegistry(ctx, tx, peer, st, peerErr, here)
+	}
 	allHere := true
 	tx, err = n.cfg.Ledger.Update(tx.ID, func(t *Tx) error {
 		for i := range t.VMs {
@@ -119,6 +124,11 @@ func (n *Node) recoverSource(ctx context.Context, tx Tx) error {
 }
 
 func (n *Node) recoverDest(ctx context.Context, tx Tx) error {
+	if n.cfg.Registry != nil {
+		if handled, err := n.recoverDestRegistry(ctx, tx); handled {
+			return err
+		}
+	}
 	ids := make([]string, 0, len(tx.VMs))
 	for _, vm := range tx.VMs {
 		ids = append(ids, vm.UUID)

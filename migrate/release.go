@@ -61,6 +61,26 @@ func (n *Node) release(ctx context.Context, s releaseSpec, keys map[string]vtpm.
 	if err := n.crash(SrcAfterBegin); err != nil {
 		return Tx{}, nil, err
 	}
+	if n.cfg.Registry != nil {
+		// Registry round trip 1, before anything is sent: each VM must be
+		// this host's at exactly the generation its key store holds, the
+		// destination enrolled and active. Refused or without quorum,
+		// nothing moves.
+		t0 := n.cfg.Now()
+		err := n.regBegin(ctx, tx)
+		res.Registry.RoundTrips++
+		res.Registry.Time += n.cfg.Now().Sub(t0)
+		if err != nil {
+			if _, lerr := n.cfg.Ledger.SetState(tx.ID, SrcAborted, "registry begin: "+err.Error()); lerr != nil {
+				n.log.WithError(lerr).WithField("tx", tx.ID).Error("ledger: abort")
+			}
+			n.done(OutcomeRefused)
+			return Tx{}, nil, fmt.Errorf("migrate to %s: registry: %w", s.dest, err)
+		}
+		if err := n.crash(SrcAfterRegBegin); err != nil {
+			return Tx{}, nil, err
+		}
+	}
 	peer, err := n.cfg.Dial(ctx, s.dest)
 	if err != nil {
 		n.abortLocal(ctx, tx, fmt.Sprintf("dial %s: %v", s.dest, err))
@@ -83,6 +103,9 @@ func (n *Node) release(ctx context.Context, s releaseSpec, keys map[string]vtpm.
 	progress(PhaseWrap, fmt.Sprintf("%d key(s) under one transfer key", len(tx.VMs)))
 	start = n.cfg.Now()
 	preq, err := n.wrap(tx, v, keys)
+	if err == nil {
+		preq.RegistryRev = n.registryRev(vmIDs(tx.VMs))
+	}
 	if err != nil {
 		n.abortLocal(ctx, tx, err.Error())
 		return Tx{}, nil, fmt.Errorf("migrate: wrap: %w", err)
@@ -120,6 +143,14 @@ func (n *Node) release(ctx context.Context, s releaseSpec, keys map[string]vtpm.
 		return Tx{}, nil, err
 	}
 	return tx, peer, nil
+}
+
+func vmIDs(vms []TxVM) []string {
+	out := make([]string, len(vms))
+	for i, vm := range vms {
+		out[i] = vm.UUID
+	}
+	return out
 }
 
 func destroyKeys(keys map[string]vtpm.VMKey) {

@@ -30,8 +30,12 @@ func (n *Node) undefineSecret(ctx context.Context, vm string) error {
 // DefineSecret defines the VM's vTPM secret from its active key, before
 // its vTPM starts here on a cold start (hook mode's "prepare begin": a
 // hypervisor forgets ephemeral secrets when it restarts). It returns the
-// key's generation; ErrNotOwner when this host holds no active key.
+// key's generation; ErrNotOwner when this host holds no active key or the
+// fleet registry refuses the start (CheckStart).
 func (n *Node) DefineSecret(ctx context.Context, vm string) (uint64, error) {
+	if _, err := n.CheckStart(ctx, vm); err != nil {
+		return 0, fmt.Errorf("define the vTPM secret of %s: %w", vm, err)
+	}
 	gen, err := n.cfg.Keys.WithPassphrase(ctx, vm, func(pass []byte) error {
 		return n.cfg.Hypervisor.DefineSecret(ctx, vm, pass)
 	})

@@ -7,6 +7,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"time"
 
 	"github.com/sirupsen/logrus"
 
@@ -45,6 +46,12 @@ type Result struct {
 	Failed     map[string]string // VM -> reason; still owned by the source
 	Warm       bool              // destination evidence was reused
 	RoundTrips struct{ Before, After int }
+	// Registry is what the fleet registry cost the source: its round
+	// trips (Begin and Commit: 2 per batch) and their wall time.
+	Registry struct {
+		RoundTrips int
+		Time       time.Duration
+	}
 }
 
 func newTxID(r io.Reader) (string, error) {
@@ -117,6 +124,20 @@ func (n *Node) Migrate(ctx context.Context, req Request, progress Progress) (*Re
 
 	progress(PhaseCommit, req.Dest)
 	start = n.cfg.Now()
+	if n.cfg.Registry != nil {
+		// Registry round trip 2, the commit point: the destination owns
+		// the VMs that moved, at the next generation.
+		t0 := n.cfg.Now()
+		err := n.regCommit(ctx, tx)
+		res.Registry.RoundTrips++
+		res.Registry.Time += n.cfg.Now().Sub(t0)
+		if err != nil {
+			return res, err
+		}
+		if err := n.crash(SrcAfterRegCommit); err != nil {
+			return res, err
+		}
+	}
 	res.RoundTrips.After++
 	if err := n.finishSource(ctx, peer, tx); err != nil {
 		return res, err
@@ -250,8 +271,11 @@ func (n *Node) refuse(ctx context.Context, tx Tx, err error) {
 	n.done(OutcomeRefused)
 }
 
-// abortLocal ends a transaction that never reached the destination.
+// abortLocal ends a transaction that never reached the destination, or
+// that the destination dropped: the registry's transaction first, then the
+// ledger's.
 func (n *Node) abortLocal(ctx context.Context, tx Tx, reason string) {
+	n.regAbort(ctx, tx, tx.VMs)
 	if _, err := n.cfg.Ledger.SetState(tx.ID, SrcAborted, reason); err != nil {
 		n.log.WithError(err).WithField("tx", tx.ID).Error("ledger: abort")
 	}
@@ -278,7 +302,7 @@ func (n *Node) abortRemote(ctx context.Context, peer Peer, tx Tx, reason string)
 // finishSource sends the outcome to the destination, then shreds the keys
 // of the VMs that moved and closes the transaction. Idempotent.
 func (n *Node) finishSource(ctx context.Context, peer Peer, tx Tx) error {
-	fin := &FinishRequest{Version: ProtocolVersion, TxID: tx.ID, Source: n.cfg.Host}
+	fin := &FinishRequest{Version: ProtocolVersion, TxID: tx.ID, Source: n.cfg.Host, RegistryRev: n.registryRev(vmIDs(tx.VMs))}
 	for _, vm := range tx.VMs {
 		if vm.Outcome == OutcomeMigrated {
 			fin.Commit = append(fin.Commit, vm.UUID)

@@ -57,14 +57,19 @@ func pkiIssueCommand(e *env) *cobra.Command {
 	var dir, out string
 	var dns, ips []string
 	var validity time.Duration
-	var force bool
+	var force, client bool
 	c := &cobra.Command{
 		Use:   "issue HOST --dir DIR",
 		Short: "Issue a host certificate for both server and client auth (OUT/HOST.crt, OUT/HOST.key, mode 0600)",
-		Args:  cobra.ExactArgs(1),
+		Long: "issue makes a host's fleet certificate: the agent wire's mTLS and, with a fleet registry, its\n" +
+			"etcd identity (the CN is its registry user) and, in registry mode embedded, its etcd member's\n" +
+			"client and peer certificate (give --ip for every address the member listens on). With\n" +
+			"--client it makes a client-only certificate for an operator's registry user instead, e.g.\n" +
+			"'vtpmctl pki issue root --client' for the registry's root (vtpmctl registry bootstrap).",
+		Args: cobra.ExactArgs(1),
 		RunE: func(cmd *cobra.Command, args []string) error {
 			host := args[0]
-			opts := pki.IssueOptions{DNSNames: dns, Validity: validity, Overwrite: force}
+			opts := pki.IssueOptions{DNSNames: dns, Validity: validity, Overwrite: force, ClientOnly: client}
 			for _, s := range ips {
 				ip := net.ParseIP(s)
 				if ip == nil {
@@ -108,6 +113,7 @@ func pkiIssueCommand(e *env) *cobra.Command {
 	c.Flags().StringArrayVar(&ips, "ip", nil, "IP address (repeatable); replaces the default 127.0.0.1 and ::1")
 	c.Flags().DurationVar(&validity, "validity", 0, "certificate validity (default 1 year, capped at the CA's)")
 	c.Flags().BoolVar(&force, "force", false, "replace an existing certificate and key for HOST")
+	c.Flags().BoolVar(&client, "client", false, "a client-only certificate (an operator's registry user): no server auth, no IP")
 	_ = c.MarkFlagRequired("dir")
 	return c
 }

@@ -8,6 +8,7 @@ import (
 	"errors"
 	"fmt"
 	"os"
+	"sort"
 	"strconv"
 	"strings"
 	"text/tabwriter"
@@ -16,6 +17,8 @@ import (
 	"github.com/spf13/cobra"
 
 	"github.com/vtpmm/vtpmm/cmd/vtpmd/daemon"
+	"github.com/vtpmm/vtpmm/migrate/registry"
+	"github.com/vtpmm/vtpmm/migrate/registry/member"
 	"github.com/vtpmm/vtpmm/vtpm"
 	"github.com/vtpmm/vtpmm/vtpm/host"
 )
@@ -88,8 +91,17 @@ func serve(ctx context.Context, e *env, d *daemon.Daemon) (err error) {
 	}()
 	var vms []host.VMStatus
 	if d.RunsVTPMs() {
-		if vms, err = d.Host().StartAll(ctx); err != nil {
+		var refused map[string]error
+		if vms, refused, err = d.StartVMs(ctx); err != nil {
 			return err
+		}
+		names := make([]string, 0, len(refused))
+		for name := range refused {
+			names = append(names, name)
+		}
+		sort.Strings(names)
+		for _, name := range names {
+			fmt.Fprintf(e.stdout, "vTPM %s not started: %v\n", name, refused[name])
 		}
 	}
 	select {
@@ -226,13 +238,38 @@ func vmCmd(e *env) *cobra.Command {
 		Use:   "create NAME",
 		Short: "Create a vTPM for a VM: a new VM key and an encrypted swtpm state with EK certificates",
 		Args:  cobra.ExactArgs(1),
+		Long: "create makes the VM's key and its encrypted vTPM state while vtpmd is not running (it holds the\n" +
+			"host TPM; with vtpmd running use 'vtpmctl vm create'). With a fleet registry it records the VM\n" +
+			"there at generation 1 through the registry's other members; when the registry cannot be\n" +
+			"reached, vtpmd records it at its next start (the registry has no record: this host's copy wins).",
 		RunE: func(cmd *cobra.Command, args []string) error {
 			return e.withHost(cmd.Context(), func(cfg daemon.Config, h *host.Host) error {
-				vm, err := h.CreateVM(cmd.Context(), args[0], uuid)
+				ctx := cmd.Context()
+				var opts host.CreateOptions
+				deferred := false
+				if cfg.RegistryMode() != registry.ModeNone {
+					reg, err := openRegistryClient(ctx, cfg, e)
+					if err != nil {
+						return err
+					}
+					defer reg.Close()
+					opts.Record = func(ctx context.Context, id string) error {
+						_, err := reg.CreateVM(ctx, id, cfg.HostID)
+						if errors.Is(err, registry.ErrNoQuorum) {
+							deferred = true
+							return nil
+						}
+						return err
+					}
+				}
+				vm, err := h.CreateVMWith(ctx, args[0], uuid, opts)
 				if err != nil {
 					return err
 				}
 				fmt.Fprintf(e.stdout, "created vTPM for VM %s (%s)\n", vm.Name, vm.UUID)
+				if deferred {
+					fmt.Fprintf(e.stdout, "the fleet registry is unavailable: vtpmd records the VM there at its next start\n")
+				}
 				return nil
 			})
 		},
@@ -263,5 +300,52 @@ func vmCmd(e *env) *cobra.Command {
 	}
 	list.Flags().BoolVar(&asJSON, "json", false, "print JSON")
 	c.AddCommand(create, list)
+	return c
+}
+
+// openRegistryClient opens the fleet registry as a client of the
+// configured cluster (every embedded member's client URL, or the external
+// endpoints) with this host's certificate, without starting a member:
+// vtpmd is not running.
+func openRegistryClient(ctx context.Context, cfg daemon.Config, e *env) (*registry.Client, error) {
+	rc := cfg.RegistryConfig()
+	rc.Mode, rc.Endpoints, rc.Embedded = registry.ModeEtcd, cfg.RegistryEndpoints(), registry.Embedded{}
+	rc.NoFollow, rc.CacheFile, rc.Log = true, "", e.log
+	c, err := registry.OpenClient(ctx, rc)
+	if err != nil {
+		return nil, fmt.Errorf("fleet registry: %w", err)
+	}
+	return c, nil
+}
+
+func registryCmd(e *env) *cobra.Command {
+	c := &cobra.Command{Use: "registry", Short: "This host's embedded fleet registry member"}
+	c.AddCommand(&cobra.Command{
+		Use:   "restore SNAPSHOT",
+		Short: "Build this host's registry member from a snapshot (vtpmctl registry snapshot), vtpmd stopped",
+		Long: "restore builds the embedded member's data directory (registry.embedded.data_dir, default\n" +
+			"DATA_DIR/registry, which must not exist: move the old one aside) from a snapshot, for the\n" +
+			"configured members, as 'etcdutl snapshot restore' does, raising the revision far above any\n" +
+			"the hosts saw. Run it on every member host with vtpmd stopped, then start them all. The\n" +
+			"records come back as they were at the snapshot: each host raises the VMs it holds at a newer\n" +
+			"generation, and keeps refusing copies the registry shows stale (docs/registry.md).",
+		Args: cobra.ExactArgs(1),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			cfg, err := e.config()
+			if err != nil {
+				return err
+			}
+			rc := cfg.RegistryConfig()
+			if rc.Mode != registry.ModeEmbedded {
+				return fmt.Errorf("%w: registry.mode is %s: restore an external cluster with etcdutl snapshot restore", daemon.ErrConfig, rc.Mode)
+			}
+			rc.Log = e.log
+			if err := member.Restore(args[0], rc, member.RestoreOptions{}); err != nil {
+				return err
+			}
+			fmt.Fprintf(e.stdout, "registry member %s restored from %s into %s; start vtpmd on every member\n", cfg.HostID, args[0], rc.Embedded.DataDir)
+			return nil
+		},
+	})
 	return c
 }

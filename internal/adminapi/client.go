@@ -125,11 +125,34 @@ func (c *Client) Hosts(ctx context.Context) ([]HostInfo, error) {
 // Enroll asks vtpmd to enrol host. The error (EnrollInfo.Err) says why it
 // was not enrolled.
 func (c *Client) Enroll(ctx context.Context, host string) (EnrollInfo, error) {
+	return c.EnrollWith(ctx, host, EnrollRequest{})
+}
+
+// EnrollWith is Enroll with a request body (HOST's address).
+func (c *Client) EnrollWith(ctx context.Context, host string, req EnrollRequest) (EnrollInfo, error) {
 	var out EnrollInfo
-	if err := c.call(ctx, http.MethodPost, PathHosts+"/"+url.PathEscape(host)+"/enroll", struct{}{}, &out); err != nil {
+	if err := c.call(ctx, http.MethodPost, PathHosts+"/"+url.PathEscape(host)+"/enroll", req, &out); err != nil {
 		return out, err
 	}
 	return out, out.Err()
+}
+
+// Registry reports how vtpmd reaches the fleet registry.
+func (c *Client) Registry(ctx context.Context) (RegistryInfo, error) {
+	var out RegistryInfo
+	return out, c.call(ctx, http.MethodGet, PathRegistry, nil, &out)
+}
+
+// FleetVMs lists the fleet registry's VM records.
+func (c *Client) FleetVMs(ctx context.Context) (FleetVMs, error) {
+	var out FleetVMs
+	return out, c.call(ctx, http.MethodGet, PathFleetVMs, nil, &out)
+}
+
+// CreateVM asks vtpmd to create a VM's vTPM.
+func (c *Client) CreateVM(ctx context.Context, req CreateVMRequest) (VMInfo, error) {
+	var out VMInfo
+	return out, c.call(ctx, http.MethodPost, PathVMs, req, &out)
 }
 
 // Audit reads the local audit log, filtered by VM and event when not empty.

@@ -10,7 +10,9 @@ import (
 // Paths of the admin API.
 const (
 	PathMigrate      = "/v1/migrate"      // POST MigrateRequest -> stream of MigrateEvent
-	PathVMs          = "/v1/vms"          // GET -> []VMInfo; GET PathVMs/{ref} -> VMInfo
+	PathVMs          = "/v1/vms"          // GET -> []VMInfo; GET PathVMs/{ref} -> VMInfo; POST CreateVMRequest -> VMInfo
+	PathFleetVMs     = "/v1/fleet/vms"    // GET -> []FleetVM (the fleet registry's VM records)
+	PathRegistry     = "/v1/registry"     // GET -> RegistryInfo
 	PathHosts        = "/v1/hosts"        // GET -> []HostInfo; POST PathHosts/{host}/enroll -> EnrollInfo
 	PathAudit        = "/v1/audit"        // GET ?vm=&event= -> AuditLog
 	PathHookPull     = "/v1/hook/pull"    // POST HookRequest -> HookPullResponse (403: refused)
@@ -71,6 +73,12 @@ type Result struct {
 	Failed     map[string]string // VM -> reason; still owned by the source
 	Warm       bool              // destination evidence was reused
 	RoundTrips struct{ Before, After int }
+	// Registry is the fleet registry's part on the source: its round
+	// trips (2 per batch: Begin, Commit) and their wall time.
+	Registry struct {
+		RoundTrips int
+		Time       time.Duration
+	}
 }
 
 // VMInfo is a VM as GET PathVMs reports it.
@@ -107,24 +115,95 @@ type TxVM struct {
 	Error      string `json:"error,omitempty"`
 }
 
-// HostInfo is a host as GET PathHosts reports it.
+// HostInfo is a host as GET PathHosts reports it: with a fleet registry,
+// every host the registry knows (its record, state, liveness and
+// enrolment); in registry mode none, this host and its static peers with
+// their reachability over mutual TLS.
 type HostInfo struct {
 	Host      string `json:"host"`
 	Address   string `json:"address"`
 	Self      bool   `json:"self,omitempty"`
 	Reachable bool   `json:"reachable"`
 	Error     string `json:"error,omitempty"`
+	// Registry modes only.
+	Registered bool      `json:"registered,omitempty"` // the host wrote its record
+	State      string    `json:"state,omitempty"`      // active, draining, fenced ("" not enrolled)
+	Live       bool      `json:"live,omitempty"`       // its liveness lease is alive
+	Enrolled   bool      `json:"enrolled,omitempty"`
+	EnrolledBy string    `json:"enrolled_by,omitempty"`
+	EnrolledAt time.Time `json:"enrolled_at,omitzero"`
+	Method     string    `json:"method,omitempty"` // activation, ak-certificate
+	EK         string    `json:"ek,omitempty"`     // the enrolled EK digest (hex)
+	AK         string    `json:"ak,omitempty"`     // the enrolled AK name (hex)
 }
 
-// EnrollInfo is the answer of POST PathHosts/{host}/enroll.
+// EnrollRequest is the (optional) body of POST PathHosts/{host}/enroll.
+type EnrollRequest struct {
+	// Addr is HOST's agent wire address, when neither the static peers
+	// nor the fleet registry know it yet.
+	Addr string `json:"addr,omitempty"`
+}
+
+// EnrollInfo is the answer of POST PathHosts/{host}/enroll: the verified
+// record. With a fleet registry vtpmd does not record it (hosts may not
+// write enrolments): vtpmctl writes it to the registry.
 type EnrollInfo struct {
-	Host     string        `json:"host"`
-	EKChain  string        `json:"ek_chain"`
-	EKDigest string        `json:"ek_digest"`
-	AKName   string        `json:"ak_name"`
-	Error    string        `json:"error,omitempty"`
-	Code     errclass.Code `json:"code"`
-	Reasons  []string      `json:"reasons,omitempty"`
+	Host         string        `json:"host"`
+	EKChain      string        `json:"ek_chain"`
+	EKDigest     string        `json:"ek_digest"`
+	AKName       string        `json:"ak_name"`
+	Method       string        `json:"method,omitempty"`
+	AKCertDigest string        `json:"ak_cert_digest,omitempty"`
+	EnrolledAt   time.Time     `json:"enrolled_at,omitzero"`
+	Registry     bool          `json:"registry,omitempty"` // vtpmd runs with a fleet registry: record it there
+	Error        string        `json:"error,omitempty"`
+	Code         errclass.Code `json:"code"`
+	Reasons      []string      `json:"reasons,omitempty"`
+}
+
+// RegistryInfo is the answer of GET PathRegistry: how vtpmd reaches the
+// fleet registry (operator tools use the endpoints with their own
+// certificate).
+type RegistryInfo struct {
+	Mode       string   `json:"mode"` // none, embedded, etcd
+	Host       string   `json:"host"`
+	Endpoints  []string `json:"endpoints,omitempty"`
+	Prefix     string   `json:"prefix,omitempty"`
+	CAFile     string   `json:"ca_file,omitempty"`
+	Live       bool     `json:"live,omitempty"`        // this host's lease is known alive
+	RoundTrips int64    `json:"round_trips,omitempty"` // etcd KV round trips this vtpmd made
+	ViewRev    int64    `json:"view_rev,omitempty"`    // revision of its last view
+}
+
+// FleetVM is a VM as the fleet registry records it (GET PathFleetVMs),
+// with what the asking host knows about it.
+type FleetVM struct {
+	UUID       string `json:"uuid"`
+	Name       string `json:"name,omitempty"` // when this host knows it
+	Owner      string `json:"owner"`
+	Generation uint64 `json:"generation"`
+	TxID       string `json:"tx,omitempty"` // an open migration
+	TxTo       string `json:"tx_to,omitempty"`
+	OwnerState string `json:"owner_state,omitempty"`
+	OwnerLive  bool   `json:"owner_live"`
+}
+
+// FleetVMs is the answer of GET PathFleetVMs.
+type FleetVMs struct {
+	Rev int64     `json:"rev"`
+	VMs []FleetVM `json:"vms"`
+	// Stale is set when the registry had no quorum: the list is this
+	// host's last view.
+	Stale bool   `json:"stale,omitempty"`
+	Error string `json:"error,omitempty"`
+}
+
+// CreateVMRequest is POST PathVMs: a new vTPM for a VM, created by vtpmd
+// (key, encrypted swtpm state, the fleet registry's record at generation
+// 1, the hypervisor's secret).
+type CreateVMRequest struct {
+	Name string `json:"name"`
+	UUID string `json:"uuid,omitempty"`
 }
 
 // Err is the enrolment's error (nil when HOST was enrolled).

@@ -24,6 +24,9 @@ const (
 	EventEnrollRefused     Event = "enroll-refused" // a peer's EK or AK was refused
 	EventBackup            Event = "backup"
 	EventRestore           Event = "restore"
+	EventStartRefused      Event = "start-refused"       // a VM's start was refused (the fleet registry disagrees)
+	EventStaleShredded     Event = "stale-copy-shredded" // a stale copy was shredded after its owner confirmed a newer one
+	EventRegistryRaised    Event = "registry-raised"     // the registry was older than this host's copy and was raised (Bump)
 )
 
 // Genesis is the prev value of the first record: 64 zeros.

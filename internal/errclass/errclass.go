@@ -22,13 +22,20 @@ const (
 	NotOwner        Class = "not-owner"
 	NotMigrating    Class = "not-migrating"
 	Refused         Class = "refused"
+	// RegistryRefused: the fleet registry's compare-and-swap refused an
+	// ownership change (the destination is not enrolled, not active or
+	// fenced; another transaction is open); nothing left the source.
+	RegistryRefused Class = "registry-refused"
 	KeyProof        Class = "key-proof"
 	Hypervisor      Class = "hypervisor"
 	Unresolved      Class = "unresolved"
-	Peer            Class = "peer"
-	Crash           Class = "crash"
-	Unauthorized    Class = "unauthorized"
-	BadMessage      Class = "bad-message"
+	// RegistryUnavailable: the fleet registry has no quorum (or cannot be
+	// reached): ownership changes fail closed, running VMs are untouched.
+	RegistryUnavailable Class = "registry-unavailable"
+	Peer                Class = "peer"
+	Crash               Class = "crash"
+	Unauthorized        Class = "unauthorized"
+	BadMessage          Class = "bad-message"
 )
 
 // Code is the admin API's classification of how an operation ended
@@ -42,8 +49,11 @@ const (
 	CodeRefused    Code = "refused"    // refused by attestation; nothing left this host
 	CodeUnresolved Code = "unresolved" // left open by a crash or a cut; recovery finishes it
 	CodeBusy       Code = "busy"       // another migration holds the VM
-	CodeAborted    Code = "aborted"    // failed and rolled back; the VM runs on the source
-	CodeError      Code = "error"      // anything else
+	// CodeUnavailable: the fleet registry has no quorum; nothing changed
+	// (fail closed) and the VM runs where it ran; retry once it is back.
+	CodeUnavailable Code = "unavailable"
+	CodeAborted     Code = "aborted" // failed and rolled back; the VM runs on the source
+	CodeError       Code = "error"   // anything else
 )
 
 // gRPC status codes (google.golang.org/grpc/codes), by number, so that
@@ -80,9 +90,11 @@ func table() []row {
 		{NotOwner, "ERR_NOT_OWNER", grpcFailedPrecondition, CodeError},
 		{NotMigrating, "ERR_NOT_MIGRATING", grpcFailedPrecondition, CodeError},
 		{Refused, "ERR_REFUSED", grpcFailedPrecondition, CodeRefused},
+		{RegistryRefused, "ERR_REGISTRY_REFUSED", grpcFailedPrecondition, CodeRefused},
 		{KeyProof, "ERR_KEY_PROOF", grpcFailedPrecondition, CodeAborted},
 		{Hypervisor, "ERR_HYPERVISOR", grpcInternal, CodeAborted},
 		{Unresolved, "ERR_UNRESOLVED", grpcAborted, CodeUnresolved},
+		{RegistryUnavailable, "ERR_REGISTRY_UNAVAILABLE", grpcUnavailable, CodeUnavailable},
 		{Peer, "ERR_PEER", grpcUnavailable, CodeAborted},
 		{Crash, "ERR_CRASH", grpcInternal, CodeError},
 		{Unauthorized, "ERR_UNAUTHORIZED", grpcPermissionDenied, CodeError},
@@ -91,7 +103,9 @@ func table() []row {
 }
 
 // codeOrder is the precedence of codes (CodeOf).
-func codeOrder() []Code { return []Code{CodeRefused, CodeUnresolved, CodeBusy, CodeAborted, CodeError} }
+func codeOrder() []Code {
+	return []Code{CodeRefused, CodeUnresolved, CodeBusy, CodeUnavailable, CodeAborted, CodeError}
+}
 
 func (c Class) row() (row, bool) {
 	for _, r := range table() {
@@ -211,7 +225,8 @@ func CodeOf(err error) Code {
 }
 
 // ExitCode is vtpmctl's exit code for an operation that ended with code:
-// 0 ok, 2 refused, 3 aborted, 4 unresolved, 5 busy, 1 anything else.
+// 0 ok, 2 refused, 3 aborted, 4 unresolved, 5 busy, 6 registry
+// unavailable, 1 anything else.
 func (c Code) ExitCode() int {
 	switch c {
 	case CodeOK:
@@ -224,6 +239,8 @@ func (c Code) ExitCode() int {
 		return 4
 	case CodeBusy:
 		return 5
+	case CodeUnavailable:
+		return 6
 	}
 	return 1
 }

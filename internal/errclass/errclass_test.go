@@ -11,6 +11,7 @@ var (
 	errRefused    = New(Refused, "destination refused by attestation policy")
 	errUnresolved = New(Unresolved, "transaction not resolved yet")
 	errPeer       = New(Peer, "peer agent unavailable")
+	errNoQuorum   = New(RegistryUnavailable, "fleet registry unavailable")
 )
 
 func TestTable(t *testing.T) {
@@ -43,6 +44,8 @@ func TestSentinelsAndCodes(t *testing.T) {
 		{fmt.Errorf("x: %w", errBusy), CodeBusy, 5},
 		{errors.Join(errBusy, errUnresolved), CodeUnresolved, 4},
 		{errors.Join(errBusy, errRefused), CodeRefused, 2},
+		{fmt.Errorf("begin: %w", errNoQuorum), CodeUnavailable, 6},
+		{fmt.Errorf("commit: %w: %w", errUnresolved, errNoQuorum), CodeUnresolved, 4},
 	} {
 		if got := CodeOf(tc.err); got != tc.code {
 			t.Errorf("CodeOf(%v) = %s, want %s", tc.err, got, tc.code)

@@ -54,6 +54,10 @@ type IssueOptions struct {
 	// Overwrite lets IssueToDir replace an existing HOST.crt/HOST.key
 	// (certificate renewal). Without it IssueToDir fails with ErrExists.
 	Overwrite bool
+	// ClientOnly issues a client certificate (client auth only, no IP
+	// SANs): an operator's identity for the fleet registry, where etcd
+	// takes the user name from the CN.
+	ClientOnly bool
 }
 
 // CA is a loaded certificate authority. Its private key never leaves the
@@ -192,7 +196,7 @@ func (c *CA) Issue(host string, opts IssueOptions) (certPEM, keyPEM []byte, err 
 		}
 	}
 	ips := opts.IPs
-	if ips == nil {
+	if ips == nil && !opts.ClientOnly {
 		ips = []net.IP{net.IPv4(127, 0, 0, 1), net.IPv6loopback}
 	}
 	for _, ip := range ips {
@@ -226,13 +230,17 @@ func (c *CA) Issue(host string, opts IssueOptions) (certPEM, keyPEM []byte, err 
 	if err != nil {
 		return nil, nil, fmt.Errorf("%s: %w", op, err)
 	}
+	usage := []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth, x509.ExtKeyUsageClientAuth}
+	if opts.ClientOnly {
+		usage = []x509.ExtKeyUsage{x509.ExtKeyUsageClientAuth}
+	}
 	tmpl := &x509.Certificate{
 		SerialNumber:          serial,
 		Subject:               pkix.Name{CommonName: host, Organization: []string{"vtpmm"}},
 		NotBefore:             now.Add(-Backdate),
 		NotAfter:              notAfter,
 		KeyUsage:              x509.KeyUsageDigitalSignature,
-		ExtKeyUsage:           []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth, x509.ExtKeyUsageClientAuth},
+		ExtKeyUsage:           usage,
 		BasicConstraintsValid: true,
 		DNSNames:              dns,
 		IPAddresses:           ips,

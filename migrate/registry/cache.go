@@ -2,6 +2,7 @@ package registry
 
 import (
 	"bytes"
+	"context"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -32,6 +33,8 @@ type cache struct {
 	dirty  chan struct{} // nil without a file
 	done   chan struct{}
 	closed bool
+	// moved is closed (and replaced) whenever rev advances: WaitRev.
+	moved chan struct{}
 }
 
 type cachedVM struct {
@@ -55,7 +58,7 @@ type cacheFileEntry struct {
 const maxCacheBytes = 32 << 20
 
 func openCache(file string, log logrus.FieldLogger) (*cache, error) {
-	c := &cache{vms: map[string]cachedVM{}, file: file, log: log}
+	c := &cache{vms: map[string]cachedVM{}, file: file, log: log, moved: make(chan struct{})}
 	if file == "" {
 		return c, nil
 	}
@@ -151,9 +154,7 @@ func (c *cache) put(rev int64, vms []VM, absent []string, all bool) {
 			delete(c.vms, id)
 		}
 	}
-	if rev > c.rev {
-		c.rev = rev
-	}
+	c.setRev(rev)
 	if c.dirty != nil && !c.closed {
 		select {
 		case c.dirty <- struct{}{}:
@@ -166,10 +167,36 @@ func (c *cache) put(rev int64, vms []VM, absent []string, all bool) {
 // advance records that the view is complete up to rev.
 func (c *cache) advance(rev int64) {
 	c.mu.Lock()
-	if rev > c.rev {
-		c.rev = rev
-	}
+	c.setRev(rev)
 	c.mu.Unlock()
+}
+
+// setRev raises the view's revision and wakes WaitRev. Called with mu held.
+func (c *cache) setRev(rev int64) {
+	if rev <= c.rev {
+		return
+	}
+	c.rev = rev
+	close(c.moved)
+	c.moved = make(chan struct{})
+}
+
+// waitRev waits until the view's revision is at least rev.
+func (c *cache) waitRev(ctx context.Context, rev int64) error {
+	for {
+		c.mu.Lock()
+		if c.rev >= rev {
+			c.mu.Unlock()
+			return nil
+		}
+		ch := c.moved
+		c.mu.Unlock()
+		select {
+		case <-ch:
+		case <-ctx.Done():
+			return ctx.Err()
+		}
+	}
 }
 
 func (c *cache) view(ids []string) View {

@@ -155,4 +155,26 @@ func TestRecordDecoding(t *testing.T) {
 			t.Errorf("host %s: %v", in, err)
 		}
 	}
+	const id = `"identity":{"ek":"00","ak":"00"}`
+	goodEnrol := []string{
+		`{"v":1,"host":"host-a",` + id + `,"at":"2026-01-02T03:04:05Z"}`,
+		`{"v":1,"host":"host-a",` + id + `,"at":"2026-01-02T03:04:05Z","method":"activation"}`,
+		`{"v":1,"host":"host-a",` + id + `,"at":"2026-01-02T03:04:05Z","method":"ak-certificate","ak_cert":"abcd"}`,
+	}
+	for _, in := range goodEnrol {
+		if _, err := registry.DecodeEnrolment([]byte(in)); err != nil {
+			t.Errorf("enrolment %s: %v", in, err)
+		}
+	}
+	badEnrol := []string{
+		`{"v":1,"host":"host-a",` + id + `,"at":"2026-01-02T03:04:05Z","method":"trust-me"}`,
+		`{"v":1,"host":"host-a",` + id + `,"at":"2026-01-02T03:04:05Z","method":"ak-certificate"}`,
+		`{"v":1,"host":"host-a",` + id + `,"at":"2026-01-02T03:04:05Z","ak_cert":"abcd"}`,
+		`{"v":1,"host":"host-a",` + id + `,"at":"2026-01-02T03:04:05Z","method":"ak-certificate","ak_cert":"XY"}`,
+	}
+	for _, in := range badEnrol {
+		if _, err := registry.DecodeEnrolment([]byte(in)); !errors.Is(err, registry.ErrBadRecord) {
+			t.Errorf("enrolment %s: %v", in, err)
+		}
+	}
 }

@@ -27,8 +27,10 @@ func (m *mover) move(ctx context.Context) error {
 	if m.owner == "host-b" {
 		to = "host-a"
 	}
-	m.n++
-	b := batch(fmt.Sprintf("tx-%d", m.n), m.owner, to, gen(m.vm, m.gen))
+	// The transaction ID changes only once a move succeeded: a move whose
+	// Begin or Commit had an unknown outcome (ErrNoQuorum) is retried as
+	// the same change, which the CAS settles either way.
+	b := batch(fmt.Sprintf("tx-%d", m.n+1), m.owner, to, gen(m.vm, m.gen))
 	c := m.cl[m.owner]
 	if _, err := c.Begin(ctx, b); err != nil {
 		return err
@@ -36,6 +38,7 @@ func (m *mover) move(ctx context.Context) error {
 	if _, err := c.Commit(ctx, b); err != nil {
 		return err
 	}
+	m.n++
 	m.owner, m.gen = to, m.gen+1
 	return nil
 }
@@ -95,7 +98,7 @@ func TestQuorum(t *testing.T) {
 	// The refused change's outcome was unknown (its proposal may have
 	// reached the old leader's log): the same change again settles it,
 	// whichever way it went.
-	b := batch(fmt.Sprintf("tx-%d", m.n), m.owner, other(m.owner), gen("vm-q", m.gen))
+	b := batch(fmt.Sprintf("tx-%d", m.n+1), m.owner, other(m.owner), gen("vm-q", m.gen))
 	err = retryNoQuorum(ctx, func() error {
 		if _, err := owner.Begin(ctx, b); err != nil && !errors.Is(err, registry.ErrBusy) {
 			return err
@@ -106,6 +109,7 @@ func TestQuorum(t *testing.T) {
 	if err != nil {
 		t.Fatalf("after restart: %v", err)
 	}
+	m.n++
 	m.owner, m.gen = other(m.owner), m.gen+1
 	if err := m.move(ctx); err != nil {
 		t.Fatal(err)
@@ -239,5 +243,45 @@ func TestMemberReplacement(t *testing.T) {
 	v := vmOf(t, fresh, "vm-r")
 	if v.Owner != m.owner || v.Generation != m.gen {
 		t.Fatalf("new member serves %+v, want %s at %d", v, m.owner, m.gen)
+	}
+}
+
+// TestWaitRev: a following client's last view reaches the revision of
+// another host's change (WaitRev returns) and then shows it, without a
+// read; a client that does not follow refuses to wait.
+func TestWaitRev(t *testing.T) {
+	c := registrytest.Start(t, registrytest.Options{Members: 1})
+	ctx := t.Context()
+	op := c.Open(t, "root")
+	registrytest.Enroll(t, op, "host-a", "host-b")
+	cfg := c.Config("host-b")
+	cfg.NoFollow = false
+	b := c.OpenConfig(t, cfg)
+	a := c.Open(t, "host-a")
+	if _, err := a.CreateVM(ctx, "vm-w", "host-a"); err != nil {
+		t.Fatal(err)
+	}
+	bt := batch("tx-w", "host-a", "host-b", gen("vm-w", 1))
+	if _, err := a.Begin(ctx, bt); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := a.Commit(ctx, bt); err != nil {
+		t.Fatal(err)
+	}
+	rev := a.Cached("vm-w").Rev
+	before := b.RoundTrips()
+	wctx, cancel := context.WithTimeout(ctx, 10*time.Second)
+	defer cancel()
+	if err := b.WaitRev(wctx, rev); err != nil {
+		t.Fatalf("WaitRev(%d): %v", rev, err)
+	}
+	if v := b.Cached("vm-w"); v.Rev < rev || v.VMs["vm-w"].Owner != "host-b" || v.VMs["vm-w"].Generation != 2 {
+		t.Fatalf("last view at %d: %+v", rev, v)
+	}
+	if n := b.RoundTrips() - before; n != 0 {
+		t.Fatalf("WaitRev made %d round trips", n)
+	}
+	if err := a.WaitRev(ctx, rev+1); !errors.Is(err, registry.ErrConfig) {
+		t.Fatalf("WaitRev of a client that does not follow: %v", err)
 	}
 }

@@ -83,7 +83,19 @@ type Enrolment struct {
 	At       time.Time `json:"at"`
 	// Detail is free text for operators (the EK certificate's issuer, ...).
 	Detail string `json:"detail,omitempty"`
+	// Method is how the operator's check proved the AK lives in the
+	// host's TPM: "activation" (credential activation against the EK; ""
+	// means the same) or "ak-certificate" (an AK certificate, whose
+	// SHA-256 is AKCert).
+	Method string `json:"method,omitempty"`
+	AKCert string `json:"ak_cert,omitempty"`
 }
+
+// Enrolment methods (Enrolment.Method), as package attest names them.
+const (
+	MethodActivation    = "activation"
+	MethodAKCertificate = "ak-certificate"
+)
 
 // liveRecord is the value of live/NAME, attached to the host's lease.
 type liveRecord struct {
@@ -257,6 +269,18 @@ func (e *Enrolment) validate() error {
 	}
 	if err := validText("detail", e.Detail, 1024); err != nil {
 		return err
+	}
+	switch e.Method {
+	case "", MethodActivation:
+		if e.AKCert != "" {
+			return fmt.Errorf("enrolment of %s: %w: an AK certificate digest without method %s", e.Host, ErrBadRecord, MethodAKCertificate)
+		}
+	case MethodAKCertificate:
+		if err := validHex("AK certificate digest", e.AKCert, true); err != nil {
+			return err
+		}
+	default:
+		return fmt.Errorf("enrolment of %s: %w: method %q", e.Host, ErrBadRecord, e.Method)
 	}
 	return e.Identity.validate()
 }

@@ -188,6 +188,17 @@ func joinOp(op string, errs []error) error {
 // Cached implements Ownership.
 func (c *Client) Cached(ids ...string) View { return c.cache.view(ids) }
 
+// WaitRev waits until this host's last view has reached revision rev (a
+// revision another host's change returned, which the watch delivers), or
+// ctx ends. Without the watch (Config.NoFollow) it fails at once: only
+// this host's own reads and writes would move the view.
+func (c *Client) WaitRev(ctx context.Context, rev int64) error {
+	if c.cfg.NoFollow {
+		return fmt.Errorf("registry: wait for revision %d: %w: this client does not follow the registry", rev, ErrConfig)
+	}
+	return c.cache.waitRev(ctx, rev)
+}
+
 // checkBatch validates a batch and the transaction's size.
 func (c *Client) checkBatch(b Batch, needTx bool) error {
 	if needTx || b.TxID != "" {

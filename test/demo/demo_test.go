@@ -61,6 +61,8 @@ func TestDemo(t *testing.T) {
 		// Part 2: libvirt.
 		"host-a console | VTPMM-SEALED", "host-b console | VTPMM-UNSEAL", "hypervisor", "commit",
 		"same secret", "only host-b owns (generation 2)",
+		"registry bootstrapped", "enrolled in the fleet registry", "3 enrolments for 3 hosts", "vm list --fleet on host-b, after the migration",
+		"2 etcd round trips", "registry (revision",
 		"refused (exit 2)", "rule pcr-policy", "host-c: no libvirt secret, no domain, no key file",
 		"chain intact", "none found", "no namespace and no process of the demo is left",
 	} {

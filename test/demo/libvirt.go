@@ -26,7 +26,7 @@ func (d *demo) live(ctx context.Context, t lab.T) {
 	d.say("Build the Linux guest: Debian cloud kernel + busybox initramfs running 'vtpmm-guest serve'")
 	img := d.guestImage(ctx, t)
 
-	d.say("Operator set-up: mTLS CA and host certificates (vtpmctl pki init / issue), policy from the good boot log (vtpmctl eventlog golden)")
+	d.say("Operator set-up: mTLS CA, host certificates and the operator's registry certificate (vtpmctl pki init / issue), policy from the good boot log (vtpmctl eventlog golden)")
 	specs := []lab.HostSpec{
 		{Name: "host-a", IP: "10.251.0.1", BootLog: d.goodLog},
 		{Name: "host-b", IP: "10.251.0.2", BootLog: d.goodLog},
@@ -35,13 +35,13 @@ func (d *demo) live(ctx context.Context, t lab.T) {
 	f := lab.NewFleet(ctx, t, lab.FleetConfig{
 		Network: lab.NetworkConfig{Prefix: "vdemo", Subreaper: d.subreaper(), Keep: d.keep},
 		Tools:   lab.Tools{Vtpmd: filepath.Join(d.bin, "vtpmd"), Vtpmctl: filepath.Join(d.bin, "vtpmctl")},
-		GoodLog: d.goodLog, Hosts: specs, Log: d.logger(),
+		GoodLog: d.goodLog, Hosts: specs, Log: d.logger(), Registry: "embedded",
 	})
 	d.net = f.Net
-	d.detail("lab directory %s; CA and certificates for host-a, host-b, host-c (by IP) in pki/", f.Net.Dir)
+	d.detail("lab directory %s; CA and certificates for host-a, host-b, host-c (by IP) and the operator (root, client only) in pki/", f.Net.Dir)
 	d.detail("policy.yaml pins PCRs %s (sha256) and the boot log's rules, from %s", lab.QuotedPCRs, filepath.Base(d.goodLog))
 
-	d.say("Three hosts, each with its own network, mount and UTS namespaces, libvirtd, host TPM and vtpmd (vtpmd init)")
+	d.say("Three hosts, each with its own network, mount and UTS namespaces, libvirtd, host TPM and vtpmd (vtpmd init; registry: embedded)")
 	for _, s := range specs {
 		t0 := time.Now()
 		h := f.AddHost(ctx, s.Name)
@@ -51,29 +51,39 @@ func (d *demo) live(ctx context.Context, t lab.T) {
 	}
 	a, b, c := f.Hosts["host-a"], f.Hosts["host-b"], f.Hosts["host-c"]
 
-	d.say("host-a: vtpmd vm create web-1; libvirt starts it (TCG, 256 MiB, TPM 2.0) with its VM key as an ephemeral private secret")
+	d.say("vtpmd run on every host (inside its namespaces): the fleet registry forms, a three-member etcd cluster with one member in each vtpmd")
+	f.StartDaemons(ctx)
+	r := f.Bootstrap(ctx)
+	d.detail("vtpmctl registry bootstrap: %s", firstLine(r.Stdout))
+	r = f.Operator(ctx, "registry", "members")
+	d.detail("vtpmctl registry members:\n     %s", indent(r.Stdout))
+
+	d.say("Enrol each host once for the whole fleet: vtpmctl host enroll HOST (EK chain + AK activation by host-a's vtpmd; the record goes to the registry, every host trusts it)")
+	for _, h := range f.Order {
+		r := f.EnrollOnce(ctx, h)
+		lines := strings.SplitN(r.Stdout, "\n", 3)
+		d.detail("%s", lines[0])
+		if len(lines) > 1 {
+			d.detail("%s", strings.TrimSpace(lines[1]))
+		}
+	}
+	d.detail("3 enrolments for 3 hosts (without the registry: 6, one per pair)")
+	r = f.Ctl(ctx, "host", "list", "--socket", a.Vtpmd.Socket)
+	d.detail("vtpmctl host list:\n     %s", indent(r.Stdout))
+
+	d.say("host-a: vtpmctl vm create web-1 (key, encrypted vTPM state, the registry's record, the libvirt secret); libvirt starts it (TCG, 256 MiB, TPM 2.0)")
 	vm := f.CreateVM(ctx, a, "web-1", lab.LinuxSpec(img))
 	d.detail("VM key generation %d, in host-a's vault only; vTPM state encrypted with it; libvirt secret %s (ephemeral, private)",
 		vm.Generation, hypervisor.SecretUUID(vm.UUID))
 	d.detail("web-1 (%s) is booting on host-a", vm.UUID)
-
-	d.say("vtpmd run on every host (inside its namespaces); each host enrols the others (vtpmctl host enroll: EK chain + AK activation)")
-	f.StartDaemons(ctx)
-	for _, h := range f.Order {
-		for _, other := range f.Order {
-			if other != h {
-				r := f.Enroll(ctx, f.Hosts[h], other)
-				d.detail("on %s: %s", h, firstLine(r.Stdout))
-			}
-		}
-	}
+	d.fleetList(ctx, t, f, a, "before the migration")
 
 	d.say("The guest seals a random secret in its vTPM (SRK + PCR 16 policy) and unseals it every second; host-a's console:")
 	f.WaitTicks(ctx, vm, a.Name, 0, 2, 3*time.Minute)
 	secret := f.VerifyConsole(vm, 2)
 	d.console(f, vm, a, 4)
 
-	d.say("vtpmctl migrate web-1 --to host-b (on host-a): attest host-b, wrap the key for its TPM, libvirt live migration, commit")
+	d.say("vtpmctl migrate web-1 --to host-b (on host-a): registry begin, attest host-b, wrap the key for its TPM, libvirt live migration, registry commit, finish")
 	m := f.Migrate(ctx, vm, a, b)
 	d.detail("%s", indent(m.Stdout))
 	if m.JobErr == nil {
@@ -94,6 +104,7 @@ func (d *demo) live(ctx context.Context, t lab.T) {
 	d.detail("same secret %s; ticks go on (#%d last on host-a, #%d first on host-b); one boot; PCR 16 = %s… on every tick",
 		secret, lastA, firstB, guest.ExpectedPCR16()[:16])
 	d.owner(ctx, t, f, vm, b, true)
+	d.fleetList(ctx, t, f, b, "after the migration")
 
 	d.say("vtpmctl migrate web-1 --to host-c (on host-b; host-c booted a tampered chain)")
 	t0 := time.Now()
@@ -241,4 +252,15 @@ func (d *demo) scanLab(ctx context.Context, t lab.T, f *lab.Fleet, h *lab.FleetH
 	}
 	d.detail("%d VM key(s) x %d encodings searched in %d files: every host's vtpmd data and logs, libvirt's /etc, /run, /var/lib and /var/log", n, len(keyEncodings), files)
 	d.detail("(swtpm state and logs, QEMU logs, guest consoles), host TPMs, PKI, and the demo's own files: none found")
+}
+
+// fleetList prints 'vtpmctl vm list --fleet' on h: the registry's view,
+// the same from every host (h knows the VM's name: the registry does not
+// keep names).
+func (d *demo) fleetList(ctx context.Context, t lab.T, f *lab.Fleet, h *lab.FleetHost, when string) {
+	r, err := h.Vtpmd.Ctl(ctx, "vm", "list", "--fleet")
+	if err != nil || r.Code != 0 {
+		t.Fatalf("vtpmctl vm list --fleet on %s: %v %s", h.Name, err, r)
+	}
+	d.detail("vtpmctl vm list --fleet on %s, %s:\n     %s", h.Name, when, indent(r.Stdout))
 }

@@ -90,9 +90,16 @@ func newNetwork(ctx context.Context, t *testing.T) *lab.Network {
 // from goodLog.
 func newVFleet(ctx context.Context, t *testing.T, specs ...lab.HostSpec) *lab.Fleet {
 	t.Helper()
+	return newRegistryFleet(ctx, t, "none", specs...)
+}
+
+// newRegistryFleet is newVFleet with the fleet registry in mode registry
+// ("none", or "embedded": an etcd member in every host's vtpmd).
+func newRegistryFleet(ctx context.Context, t *testing.T, registry string, specs ...lab.HostSpec) *lab.Fleet {
+	t.Helper()
 	requireLab(t)
 	f := lab.NewFleet(ctx, t, lab.FleetConfig{Network: lab.NetworkConfig{Prefix: "ve2e"}, Tools: sharedTools(ctx, t),
-		GoodLog: goodLog, Hosts: specs, Log: logger(t)})
+		GoodLog: goodLog, Hosts: specs, Log: logger(t), Registry: registry})
 	f.AddHosts(ctx)
 	return f
 }

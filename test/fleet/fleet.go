@@ -58,6 +58,10 @@ type Fleet interface {
 	// HookMode reports whether vtpmm's hypervisor hook is installed on
 	// every host (a plain hypervisor migration then moves the key).
 	HookMode() bool
+	// RegistryMode is the fleet registry's mode: "none", "embedded" (an
+	// etcd member in every host's vtpmd: killing a host's vtpmd stops its
+	// member) or "etcd" (an external cluster).
+	RegistryMode() string
 	// CreateVM creates a VM owned by host and starts it there. Its tenant
 	// has sealed a secret in its vTPM (Host.TenantSecret reads it).
 	CreateVM(ctx context.Context, host, name string) (VM, error)
@@ -91,12 +95,20 @@ type Host interface {
 
 // Owner checks, once, that exactly one host owns the VM's key with no
 // pending transaction anywhere, that this host and only this one runs the
-// VM, and that only it holds the VM's hypervisor secret. It returns that
-// host, and every host's view for error messages.
+// VM, that only it holds the VM's hypervisor secret, and, when the fleet
+// runs a registry, that the registry shows it owning the VM at the
+// generation of its key with nothing open. It returns that host, and
+// every host's view for error messages.
 func Owner(ctx context.Context, f Fleet, vm VM) (string, string, error) {
+	return OwnerAmong(ctx, f, vm, f.HostNames())
+}
+
+// OwnerAmong is Owner over the named hosts only (the others' vtpmd is
+// down).
+func OwnerAmong(ctx context.Context, f Fleet, vm VM, hosts []string) (string, string, error) {
 	var owners, running []string
 	var report strings.Builder
-	for _, name := range f.HostNames() {
+	for _, name := range hosts {
 		h := f.Host(name)
 		vms, err := h.Admin().VMs(ctx)
 		if err != nil {
@@ -125,21 +137,62 @@ func Owner(ctx context.Context, f Fleet, vm VM) (string, string, error) {
 	if len(owners) != 1 || len(running) != 1 || owners[0] != running[0] {
 		return "", report.String(), fmt.Errorf("%w: owners %v, running on %v", ErrNotSettled, owners, running)
 	}
-	for _, name := range f.HostNames() {
+	for _, name := range hosts {
 		has, err := f.Host(name).Hypervisor().HasSecret(ctx, vm.UUID)
 		if err != nil || has != (name == owners[0]) {
 			return "", report.String(), fmt.Errorf("%w: hypervisor secret on %s: %v, %v (owner %s)", ErrNotSettled, name, has, err, owners[0])
 		}
 	}
+	if err := registryAgrees(ctx, f.Host(owners[0]), vm, &report); err != nil {
+		return "", report.String(), err
+	}
 	return owners[0], report.String(), nil
+}
+
+// registryAgrees checks, when the fleet runs a registry, that its record
+// shows owner's host owning vm at the generation of its key, with no
+// transaction open.
+func registryAgrees(ctx context.Context, owner Host, vm VM, report *strings.Builder) error {
+	info, err := owner.Admin().Registry(ctx)
+	if err != nil {
+		return err
+	}
+	if info.Mode == "none" {
+		return nil
+	}
+	gen, err := Generation(ctx, owner, vm)
+	if err != nil {
+		return err
+	}
+	list, err := owner.Admin().FleetVMs(ctx)
+	if err != nil {
+		return fmt.Errorf("%w: the registry's VMs: %v", ErrNotSettled, err)
+	}
+	for _, r := range list.VMs {
+		if r.UUID != vm.UUID {
+			continue
+		}
+		fmt.Fprintf(report, "registry (rev %d, stale %v): owner=%s generation=%d tx=%q\n", list.Rev, list.Stale, r.Owner, r.Generation, r.TxID)
+		if r.Owner != owner.Name() || r.Generation != gen || r.TxID != "" || list.Stale {
+			return fmt.Errorf("%w: the registry shows %s at generation %d (tx %q, stale %v); %s holds generation %d",
+				ErrNotSettled, r.Owner, r.Generation, r.TxID, list.Stale, owner.Name(), gen)
+		}
+		return nil
+	}
+	return fmt.Errorf("%w: the registry has no record of %s", ErrNotSettled, vm.Name)
 }
 
 // WaitOwner waits until Owner names want (recovery and hook mode settle in
 // the background), at most limit.
 func WaitOwner(ctx context.Context, f Fleet, vm VM, want string, limit time.Duration) error {
+	return WaitOwnerAmong(ctx, f, vm, f.HostNames(), want, limit)
+}
+
+// WaitOwnerAmong is WaitOwner over the named hosts only.
+func WaitOwnerAmong(ctx context.Context, f Fleet, vm VM, hosts []string, want string, limit time.Duration) error {
 	deadline := time.Now().Add(limit)
 	for {
-		owner, report, err := Owner(ctx, f, vm)
+		owner, report, err := OwnerAmong(ctx, f, vm, hosts)
 		if err == nil && owner == want {
 			return nil
 		}

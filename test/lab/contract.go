@@ -46,6 +46,13 @@ var (
 func (c *contractFleet) Kind() string   { return "lab" }
 func (c *contractFleet) HookMode() bool { return c.f.cfg.HookMode }
 
+func (c *contractFleet) RegistryMode() string {
+	if c.f.cfg.Registry == "" {
+		return "none"
+	}
+	return c.f.cfg.Registry
+}
+
 func (c *contractFleet) Host(name string) fleet.Host {
 	h, ok := c.f.Hosts[name]
 	if !ok {
@@ -60,24 +67,31 @@ func (c *contractFleet) HostNames() []string {
 	return out
 }
 
-// CreateVM stops host's vtpmd (the lab creates a VM the way an operator
-// does before the daemon runs: 'vtpmd vm create' holds the host TPM),
-// creates and starts the VM (CreateVM) and starts vtpmd again.
+// CreateVM creates and starts the VM on host (Fleet.CreateVM): with a
+// fleet registry through the running vtpmd ('vtpmctl vm create', which
+// records it there); without, the way an operator does before the daemon
+// runs ('vtpmd vm create' holds the host TPM: vtpmd is stopped and started
+// again around it).
 func (c *contractFleet) CreateVM(ctx context.Context, host, name string) (fleet.VM, error) {
 	h, ok := c.f.Hosts[host]
 	if !ok {
 		return fleet.VM{}, fmt.Errorf("lab: no host %s", host)
 	}
-	if err := h.Vtpmd.Stop(); err != nil {
-		return fleet.VM{}, err
+	stop := !c.f.Embedded()
+	if stop {
+		if err := h.Vtpmd.Stop(); err != nil {
+			return fleet.VM{}, err
+		}
 	}
 	spec := libvirt.VMSpec{TCG: !KVM()}
 	if c.img != nil {
 		spec = LinuxSpec(c.img)
 	}
 	vm := c.f.CreateVM(ctx, h, name, spec)
-	if err := h.Vtpmd.Start(ctx); err != nil {
-		return fleet.VM{}, err
+	if stop {
+		if err := h.Vtpmd.Start(ctx); err != nil {
+			return fleet.VM{}, err
+		}
 	}
 	c.mu.Lock()
 	c.vms[vm.UUID] = vm

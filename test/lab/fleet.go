@@ -1,11 +1,14 @@
 package lab
 
 import (
+	"bytes"
 	"context"
 	"crypto/rand"
+	"errors"
 	"fmt"
 	"io"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"strings"
 	"time"
@@ -43,6 +46,10 @@ type FleetConfig struct {
 	// libvirtd starts ('vtpmctl hook install'), so a plain 'virsh migrate'
 	// moves the vTPM key.
 	HookMode bool
+	// Registry is the fleet registry's mode: "" or "none" (static peers,
+	// every host enrols every other) or "embedded" (an etcd member in each
+	// host's vtpmd; the operator bootstraps it and enrols each host once).
+	Registry string
 }
 
 // Fleet is a set of lab hosts, each running the real vtpmd binary in its
@@ -85,6 +92,9 @@ func NewFleet(ctx context.Context, t T, cfg FleetConfig) *Fleet {
 	f.Ctl(ctx, "pki", "init", "--dir", f.PKIDir)
 	for _, s := range cfg.Hosts {
 		f.Ctl(ctx, "pki", "issue", s.Name, "--dir", f.PKIDir, "--ip", s.IP)
+	}
+	if f.Embedded() {
+		f.Ctl(ctx, "pki", "issue", "root", "--client", "--dir", f.PKIDir) // the operator's registry user
 	}
 	r := f.Ctl(ctx, "eventlog", "golden", cfg.GoodLog, "--pcrs", QuotedPCRs)
 	if err := os.WriteFile(f.Policy, []byte(r.Stdout), 0o600); err != nil {
@@ -144,7 +154,7 @@ func (f *Fleet) AddHost(ctx context.Context, name string) *FleetHost {
 		}
 	}
 	d := NewVtpmd(ctx, t, h, VtpmdConfig{Tools: f.Tools, PKIDir: f.PKIDir, Policy: f.Policy,
-		RootsDir: f.RootsDir, Peers: peers, BootLog: spec.BootLog})
+		RootsDir: f.RootsDir, Peers: peers, BootLog: spec.BootLog, Registry: f.cfg.Registry})
 	fh := &FleetHost{Host: h, Vtpmd: d}
 	f.Hosts[spec.Name] = fh
 	f.Order = append(f.Order, spec.Name)
@@ -162,11 +172,22 @@ func (f *Fleet) Ctl(ctx context.Context, args ...string) Result {
 	return r
 }
 
-// Start runs every host's vtpmd (StartDaemons) and has every host enrol
-// every other one.
+// Embedded reports whether the fleet's registry is embedded in its vtpmds.
+func (f *Fleet) Embedded() bool { return f.cfg.Registry == "embedded" }
+
+// Start runs every host's vtpmd (StartDaemons) and enrols the hosts: with
+// an embedded registry, the operator bootstraps it and enrols each host
+// once (EnrollOnce); without, every host enrols every other one.
 func (f *Fleet) Start(ctx context.Context) {
 	f.T.Helper()
 	f.StartDaemons(ctx)
+	if f.Embedded() {
+		f.Bootstrap(ctx)
+		for _, name := range f.Order {
+			f.EnrollOnce(ctx, name)
+		}
+		return
+	}
 	for _, name := range f.Order {
 		for _, other := range f.Order {
 			if other != name {
@@ -174,6 +195,71 @@ func (f *Fleet) Start(ctx context.Context) {
 			}
 		}
 	}
+}
+
+// OperatorArgs are the flags of an operator's registry command run on the
+// first host (OperatorCtl): its admin socket (the registry's endpoints)
+// and the operator's certificate ("root", in PKIDir).
+func (f *Fleet) OperatorArgs() []string {
+	return []string{"--socket", f.Hosts[f.Order[0]].Vtpmd.Socket, "--pki", f.PKIDir}
+}
+
+// OperatorCtl runs vtpmctl as the operator does on the first host: inside
+// its namespaces (the registry's members listen on the lab network, which
+// the root namespace does not reach), with OperatorArgs appended.
+func (f *Fleet) OperatorCtl(ctx context.Context, args ...string) (Result, error) {
+	cmd, err := f.Hosts[f.Order[0]].NsCommand(ctx, f.Tools.Vtpmctl, append(args, f.OperatorArgs()...)...)
+	if err != nil {
+		return Result{Code: -1}, err
+	}
+	var out, errb bytes.Buffer
+	cmd.Stdout, cmd.Stderr = &out, &errb
+	cmd.WaitDelay = 5 * time.Second
+	err = cmd.Run()
+	r := Result{Stdout: out.String(), Stderr: errb.String()}
+	var ee *exec.ExitError
+	switch {
+	case errors.As(err, &ee):
+		r.Code, err = ee.ExitCode(), nil
+	case err != nil:
+		r.Code = -1
+	}
+	return r, err
+}
+
+// Operator is OperatorCtl, failing the test unless vtpmctl exits 0.
+func (f *Fleet) Operator(ctx context.Context, args ...string) Result {
+	f.T.Helper()
+	r, err := f.OperatorCtl(ctx, args...)
+	if err != nil || r.Code != 0 {
+		f.T.Fatalf("vtpmctl %s (the operator, on %s): %v %s", strings.Join(args, " "), f.Order[0], err, r)
+	}
+	return r
+}
+
+// Bootstrap runs 'vtpmctl registry bootstrap' as the operator, retrying
+// while the members elect their first leader.
+func (f *Fleet) Bootstrap(ctx context.Context) Result {
+	f.T.Helper()
+	deadline := time.Now().Add(time.Minute)
+	for {
+		r, err := f.OperatorCtl(ctx, "registry", "bootstrap")
+		if err == nil && r.Code == 0 {
+			return r
+		}
+		if time.Now().After(deadline) || (err == nil && r.Code != 6) {
+			f.T.Fatalf("vtpmctl registry bootstrap: %v %s", err, r)
+		}
+		time.Sleep(time.Second)
+	}
+}
+
+// EnrollOnce runs 'vtpmctl host enroll HOST' as the operator on the first
+// host: the fleet registry's one enrolment of HOST, which every host
+// trusts.
+func (f *Fleet) EnrollOnce(ctx context.Context, host string) Result {
+	f.T.Helper()
+	return f.Operator(ctx, "host", "enroll", host)
 }
 
 // StartDaemons runs 'vtpmd run' on every host, in its namespaces.
@@ -209,10 +295,13 @@ type VM struct {
 	Generation uint64
 }
 
-// CreateVM makes a VM on h before h's vtpmd runs (docs/libvirt.md,
-// "vtpmd e2e"):
-//   - 'vtpmd vm create NAME --uuid U' makes the VM key (generation 1) and an
-//     encrypted swtpm state with EK certificates in DATA/vms/U/tpm2;
+// CreateVM makes a VM on h (docs/libvirt.md, "vtpmd e2e"):
+//   - with h's vtpmd running, 'vtpmctl vm create NAME --uuid U' has it make
+//     the VM key (generation 1) and an encrypted swtpm state with EK
+//     certificates in DATA/vms/U/tpm2, record the VM in the fleet registry
+//     and define the libvirt secret; the rest below is the same;
+//   - before h's vtpmd runs, 'vtpmd vm create NAME --uuid U' makes the key
+//     and the state;
 //   - that state is copied to libvirt's /var/lib/libvirt/swtpm/U/tpm2, so
 //     libvirt starts swtpm on it and does not run swtpm_setup;
 //   - the lab opens the host's vault (host.Open; the host TPM is free
@@ -224,12 +313,18 @@ type VM struct {
 func (f *Fleet) CreateVM(ctx context.Context, h *FleetHost, name string, spec libvirt.VMSpec) *VM {
 	t := f.T
 	t.Helper()
-	if h.Vtpmd.Running() {
-		t.Fatalf("CreateVM on %s: vtpmd holds the host TPM", h.Name)
-	}
 	vm := &VM{Name: name, UUID: NewUUID()}
 	t0 := time.Now()
-	if r, err := h.Vtpmd.Run(ctx, "vm", "create", name, "--uuid", vm.UUID); err != nil || r.Code != 0 {
+	running := h.Vtpmd.Running()
+	if running {
+		// 'vtpmctl vm create': the running vtpmd makes the key and the
+		// state, records the VM in the fleet registry and defines the
+		// libvirt secret.
+		if r, err := h.Vtpmd.Ctl(ctx, "vm", "create", name, "--uuid", vm.UUID); err != nil || r.Code != 0 {
+			t.Fatalf("vtpmctl vm create %s: %v %s", name, err, r)
+		}
+		vm.Generation = 1
+	} else if r, err := h.Vtpmd.Run(ctx, "vm", "create", name, "--uuid", vm.UUID); err != nil || r.Code != 0 {
 		t.Fatalf("vtpmd vm create %s: %v %s", name, err, r)
 	}
 	created := time.Since(t0)
@@ -243,15 +338,17 @@ func (f *Fleet) CreateVM(ctx context.Context, h *FleetHost, name string, spec li
 			t.Fatal(err)
 		}
 	}
-	err := h.Vtpmd.WithKeys(ctx, func(keys *vtpm.KeyStore) error {
-		gen, err := keys.WithPassphrase(ctx, vm.UUID, func(pass []byte) error {
-			return h.Hyp.DefineSecret(ctx, vm.UUID, pass)
+	if !running {
+		err := h.Vtpmd.WithKeys(ctx, func(keys *vtpm.KeyStore) error {
+			gen, err := keys.WithPassphrase(ctx, vm.UUID, func(pass []byte) error {
+				return h.Hyp.DefineSecret(ctx, vm.UUID, pass)
+			})
+			vm.Generation = gen
+			return err
 		})
-		vm.Generation = gen
-		return err
-	})
-	if err != nil {
-		t.Fatal(err)
+		if err != nil {
+			t.Fatal(err)
+		}
 	}
 	spec.Name, spec.UUID, spec.SecretUUID, spec.Start = name, vm.UUID, hypervisor.SecretUUID(vm.UUID), true
 	if spec.Kernel != "" {

@@ -2,6 +2,7 @@ package lab
 
 import (
 	"context"
+	"encoding/json"
 	"fmt"
 	"os"
 	"strings"
@@ -9,6 +10,7 @@ import (
 
 	"github.com/vtpmm/vtpmm/hypervisor"
 	"github.com/vtpmm/vtpmm/hypervisor/libvirt"
+	"github.com/vtpmm/vtpmm/internal/adminapi"
 	"github.com/vtpmm/vtpmm/test/guest"
 )
 
@@ -140,7 +142,51 @@ func (f *Fleet) Owner(ctx context.Context, vm *VM) (string, string, error) {
 			return "", report.String(), fmt.Errorf("libvirt secret on %s: %v, %v (owner %s)", name, has, err, owners[0])
 		}
 	}
+	if f.Embedded() {
+		if err := f.registryAgrees(ctx, f.Hosts[owners[0]], vm, &report); err != nil {
+			return "", report.String(), err
+		}
+	}
 	return owners[0], report.String(), nil
+}
+
+// FleetVMs runs 'vtpmctl vm list --fleet --json' on h: the registry's
+// records.
+func (f *Fleet) FleetVMs(ctx context.Context, h *FleetHost) (adminapi.FleetVMs, error) {
+	var out adminapi.FleetVMs
+	r, err := h.Vtpmd.Ctl(ctx, "vm", "list", "--fleet", "--json")
+	if err != nil || r.Code != 0 {
+		return out, fmt.Errorf("%s: vtpmctl vm list --fleet: %v %s", h.Name, err, r)
+	}
+	if err := json.Unmarshal([]byte(r.Stdout), &out); err != nil {
+		return out, fmt.Errorf("%s: vtpmctl vm list --fleet --json: %w", h.Name, err)
+	}
+	return out, nil
+}
+
+// registryAgrees checks that the registry shows owner owning vm at the
+// generation of its key, with no migration open.
+func (f *Fleet) registryAgrees(ctx context.Context, owner *FleetHost, vm *VM, report *strings.Builder) error {
+	rows, _, err := f.VMList(ctx, owner)
+	if err != nil {
+		return err
+	}
+	list, err := f.FleetVMs(ctx, owner)
+	if err != nil {
+		return err
+	}
+	for _, r := range list.VMs {
+		if r.UUID != vm.UUID {
+			continue
+		}
+		fmt.Fprintf(report, "registry (revision %d): owner %s, generation %d, migration %q\n", list.Rev, r.Owner, r.Generation, r.TxID)
+		if r.Owner != owner.Name || fmt.Sprint(r.Generation) != rows[vm.UUID].Gen || r.TxID != "" || list.Stale {
+			return fmt.Errorf("the registry shows %s at generation %d (migration %q, stale %v); %s holds generation %s",
+				r.Owner, r.Generation, r.TxID, list.Stale, owner.Name, rows[vm.UUID].Gen)
+		}
+		return nil
+	}
+	return fmt.Errorf("the registry has no record of %s", vm.Name)
 }
 
 // Migration is what Migrate measured.

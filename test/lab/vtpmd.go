@@ -10,6 +10,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"sort"
 	"strconv"
 	"strings"
 	"syscall"
@@ -115,7 +116,18 @@ type VtpmdConfig struct {
 	BootLog string
 	// EvidenceMaxAge is attestation.evidence_max_age (default 60s).
 	EvidenceMaxAge string
+	// Registry is the fleet registry's mode: "none" (static peers) or
+	// "embedded" (an etcd member in every host's vtpmd, on the host's IP,
+	// ports RegistryClientPort and RegistryPeerPort; peers are discovered
+	// from the registry).
+	Registry string
 }
+
+// The embedded registry members' ports on each lab host.
+const (
+	RegistryClientPort = 2379
+	RegistryPeerPort   = 2380
+)
 
 // Vtpmd is the real vtpmd of one host. It runs in the host's network,
 // mount and UTS namespaces (entered with nsenter through the subreaper
@@ -178,9 +190,11 @@ func NewVtpmd(ctx context.Context, t T, h *Host, cfg VtpmdConfig) *Vtpmd {
 		t.Fatal(err)
 	}
 	var peers strings.Builder
-	for name, ip := range cfg.Peers {
-		if name != h.Name {
-			fmt.Fprintf(&peers, "  %s: %s\n", name, net.JoinHostPort(ip, strconv.Itoa(WirePort)))
+	if cfg.Registry != "embedded" {
+		for name, ip := range cfg.Peers {
+			if name != h.Name {
+				fmt.Fprintf(&peers, "  %s: %s\n", name, net.JoinHostPort(ip, strconv.Itoa(WirePort)))
+			}
 		}
 	}
 	conf := fmt.Sprintf(`host_id: %s
@@ -205,6 +219,9 @@ event_log: %s
 `, h.Name, v.DataDir, v.RunDir, h.Emu.URI(), net.JoinHostPort(h.IP, strconv.Itoa(WirePort)), v.Socket, peers.String(),
 		filepath.Join(cfg.PKIDir, "ca.crt"), filepath.Join(cfg.PKIDir, h.Name+".crt"), filepath.Join(cfg.PKIDir, h.Name+".key"),
 		cfg.Policy, cfg.RootsDir, filepath.Join(v.DataDir, "enrollments.json"), cfg.EvidenceMaxAge, bootLog)
+	if cfg.Registry == "embedded" {
+		conf += registryYAML(cfg.Peers)
+	}
 	if err := os.WriteFile(v.ConfigPath, []byte(conf), 0o600); err != nil {
 		t.Fatal(err)
 	}
@@ -390,4 +407,22 @@ func (h *Host) Virsh(ctx context.Context, args ...string) (string, time.Duration
 	t0 := time.Now()
 	out, err := cmd.CombinedOutput()
 	return string(out), time.Since(t0), err
+}
+
+// registryYAML is the registry section of every host of an embedded
+// registry: one member per host, on its IP.
+func registryYAML(hosts map[string]string) string {
+	names := make([]string, 0, len(hosts))
+	for n := range hosts {
+		names = append(names, n)
+	}
+	sort.Strings(names)
+	var b strings.Builder
+	b.WriteString("registry:\n  mode: embedded\n  ttl: 5s\n  embedded:\n    members:\n")
+	for _, n := range names {
+		ip := hosts[n]
+		fmt.Fprintf(&b, "      - {name: %s, peer_url: \"https://%s\", client_url: \"https://%s\"}\n", n,
+			net.JoinHostPort(ip, strconv.Itoa(RegistryPeerPort)), net.JoinHostPort(ip, strconv.Itoa(RegistryClientPort)))
+	}
+	return b.String()
 }

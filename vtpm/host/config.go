@@ -106,6 +106,12 @@ func (l Layout) HostRecord() string { return filepath.Join(l.DataDir, "host.json
 // Ledger is the migration ledger (bbolt).
 func (l Layout) Ledger() string { return filepath.Join(l.DataDir, "ledger.db") }
 
+// Registry is the embedded fleet registry member's data directory (etcd's).
+func (l Layout) Registry() string { return filepath.Join(l.DataDir, "registry") }
+
+// RegistryView is this host's last view of the fleet registry (cache_file).
+func (l Layout) RegistryView() string { return filepath.Join(l.DataDir, "registry-view.json") }
+
 // AuditLog is the default audit log.
 func (l Layout) AuditLog() string { return filepath.Join(l.DataDir, "audit.log") }
 

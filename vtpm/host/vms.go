@@ -37,10 +37,24 @@ type VMStatus struct {
 
 var vmNameRE = regexp.MustCompile(`^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$`)
 
+// CreateOptions configures CreateVMWith.
+type CreateOptions struct {
+	// Record, when set, is called once the key and the encrypted state
+	// exist and before the VM's record is written: it records the new VM
+	// elsewhere (the fleet registry, at generation 1). An error undoes the
+	// creation (key shredded, state removed) and is returned.
+	Record func(ctx context.Context, uuid string) error
+}
+
 // CreateVM creates a vTPM for a VM: a fresh VM key in the key store, and an
 // swtpm state manufactured with EK certificates and encrypted under that
 // key, exactly as libvirt will later open it. uuid may be empty.
 func (h *Host) CreateVM(ctx context.Context, name, uuid string) (VM, error) {
+	return h.CreateVMWith(ctx, name, uuid, CreateOptions{})
+}
+
+// CreateVMWith is CreateVM with options.
+func (h *Host) CreateVMWith(ctx context.Context, name, uuid string, opts CreateOptions) (VM, error) {
 	if !vmNameRE.MatchString(name) {
 		return VM{}, fmt.Errorf("create VM: %w: name %q (letters, digits, . _ -; at most 64)", ErrConfig, name)
 	}
@@ -74,6 +88,9 @@ func (h *Host) CreateVM(ctx context.Context, name, uuid string) (VM, error) {
 			StateDir: h.layout.VMState(uuid), VMID: uuid, VMName: name, Passphrase: pass, CADir: h.layout.SwtpmCA(), Log: log,
 		})
 	})
+	if err == nil && opts.Record != nil {
+		err = opts.Record(ctx, uuid)
+	}
 	if err != nil {
 		_ = h.keys.Delete(ctx, uuid)
 		_ = os.RemoveAll(h.layout.VM(uuid))

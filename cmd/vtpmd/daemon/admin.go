@@ -29,6 +29,9 @@ func (d *Daemon) adminServer() *http.Server {
 	mux := http.NewServeMux()
 	mux.HandleFunc("POST "+adminapi.PathMigrate, d.handleMigrate)
 	mux.HandleFunc("GET "+adminapi.PathVMs, d.handleVMs)
+	mux.HandleFunc("POST "+adminapi.PathVMs, d.handleCreateVM)
+	mux.HandleFunc("GET "+adminapi.PathFleetVMs, d.handleFleetVMs)
+	mux.HandleFunc("GET "+adminapi.PathRegistry, d.handleRegistry)
 	mux.HandleFunc("GET "+adminapi.PathVMs+"/{ref}", d.handleVM)
 	mux.HandleFunc("GET "+adminapi.PathHosts, d.handleHosts)
 	mux.HandleFunc("POST "+adminapi.PathHosts+"/{host}/enroll", d.handleEnroll)
@@ -174,6 +177,15 @@ func (d *Daemon) handleVM(w http.ResponseWriter, r *http.Request) {
 }
 
 func (d *Daemon) handleHosts(w http.ResponseWriter, r *http.Request) {
+	if d.reg != nil {
+		hosts, err := d.registryHosts(r.Context())
+		if err != nil {
+			adminapi.WriteError(w, http.StatusServiceUnavailable, err)
+			return
+		}
+		adminapi.WriteJSON(w, http.StatusOK, hosts)
+		return
+	}
 	self := d.cfg.Listen
 	if a := d.WireAddr(); a != nil {
 		self = a.String()
@@ -200,17 +212,38 @@ func (d *Daemon) handleHosts(w http.ResponseWriter, r *http.Request) {
 
 func (d *Daemon) handleEnroll(w http.ResponseWriter, r *http.Request) {
 	host := r.PathValue("host")
-	if _, ok := d.cfg.Peers[host]; !ok {
-		adminapi.WriteError(w, http.StatusNotFound, fmt.Errorf("%q is not in peers", host))
+	var req adminapi.EnrollRequest
+	if err := strictjson.DecodeReader(r.Body, &req, maxAdminRequest); err != nil {
+		adminapi.WriteError(w, http.StatusBadRequest, fmt.Errorf("want {} or {\"addr\": \"HOST:PORT\"}"))
 		return
 	}
-	res, err := d.Enroll(r.Context(), host)
+	ctx := r.Context()
+	if req.Addr != "" {
+		if d.wire == nil {
+			adminapi.WriteError(w, http.StatusBadRequest, fmt.Errorf("%w: no tls configured, this host cannot reach peers", migrate.ErrPeer))
+			return
+		}
+		d.addrs.Store(host, req.Addr)
+	}
+	var (
+		res *migrate.EnrollResult
+		err error
+	)
+	switch {
+	case d.reg != nil:
+		res, err = d.enrollForRegistry(ctx, host)
+	default:
+		if _, ok := d.cfg.Peers[host]; !ok && req.Addr == "" {
+			adminapi.WriteError(w, http.StatusNotFound, fmt.Errorf("%q is not in peers", host))
+			return
+		}
+		res, err = d.Enroll(ctx, host)
+	}
 	if err != nil {
 		adminapi.WriteJSON(w, http.StatusOK, adminapi.EnrollInfo{Host: host, Error: err.Error(), Code: errclass.CodeOf(err), Reasons: errclass.Reasons(err)})
 		return
 	}
-	adminapi.WriteJSON(w, http.StatusOK, adminapi.EnrollInfo{Host: host, EKChain: res.EKChain, EKDigest: fmt.Sprintf("%x", res.EKDigest),
-		AKName: fmt.Sprintf("%x", res.AKName), Code: errclass.CodeOK})
+	adminapi.WriteJSON(w, http.StatusOK, enrollInfo(host, res, d.reg != nil))
 }
 
 // Enroll verifies a peer's EK, activates its AK and records the enrolment
@@ -261,7 +294,9 @@ func apiResult(r *migrate.Result) *adminapi.Result {
 	if r == nil {
 		return nil
 	}
-	return &adminapi.Result{TxID: r.TxID, Committed: r.Committed, Failed: r.Failed, Warm: r.Warm, RoundTrips: r.RoundTrips}
+	out := &adminapi.Result{TxID: r.TxID, Committed: r.Committed, Failed: r.Failed, Warm: r.Warm, RoundTrips: r.RoundTrips}
+	out.Registry.RoundTrips, out.Registry.Time = r.Registry.RoundTrips, r.Registry.Time
+	return out
 }
 
 // apiTx is a ledger transaction as the admin API reports it.

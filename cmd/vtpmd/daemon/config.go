@@ -10,6 +10,7 @@ import (
 	"gopkg.in/yaml.v3"
 
 	"github.com/vtpmm/vtpmm/migrate"
+	"github.com/vtpmm/vtpmm/migrate/registry"
 	"github.com/vtpmm/vtpmm/vtpm/host"
 )
 
@@ -27,8 +28,21 @@ type Config struct {
 	// AdminSocket is the local API for vtpmctl (HTTP over a unix socket,
 	// mode 0600). Default: RUN_DIR/vtpmd.sock.
 	AdminSocket string `yaml:"admin_socket"`
-	// Peers maps other hosts' IDs to their wire addresses.
+	// Advertise is the agent wire address other hosts dial, as this host
+	// registers it in the fleet registry (default: the bound listen
+	// address, which must then not be a wildcard).
+	Advertise string `yaml:"advertise"`
+	// Peers maps other hosts' IDs to their wire addresses. With a fleet
+	// registry, peers are discovered from it (their registered addresses)
+	// and this map, if set, only overrides addresses.
 	Peers map[string]string `yaml:"peers"`
+	// Registry is the fleet registry (docs/registry.md): mode none (the
+	// default: peer-to-peer, static peers, per-pair enrolment), embedded
+	// (an etcd member inside vtpmd) or etcd (an external cluster). The
+	// TLS files default to the tls section's, host to host_id, the
+	// embedded member's data_dir to DATA_DIR/registry and cache_file to
+	// DATA_DIR/registry-view.json.
+	Registry registry.Config `yaml:"registry"`
 	// TLS holds the agent's mTLS files (vtpmctl pki init / issue).
 	TLS TLSConfig `yaml:"tls"`
 	// Attestation configures how destinations are verified.
@@ -61,8 +75,17 @@ type AttestationConfig struct {
 	Policy string `yaml:"policy"`
 	// Roots are directories of trusted EK roots and intermediates.
 	Roots []string `yaml:"roots"`
-	// Enrollments is the JSON file of activated (EK, AK) pairs.
+	// Enrollments is the JSON file of activated (EK, AK) pairs (registry
+	// mode none; with a fleet registry every host trusts its enrolment
+	// records instead).
 	Enrollments string `yaml:"enrollments"`
+	// AKRoots are directories of trusted AK certificate roots: a host
+	// presenting an AK certificate is enrolled on it when the policy's
+	// enrollment allows ak-certificate.
+	AKRoots []string `yaml:"ak_roots"`
+	// AKCert is this host's own AK certificate (a file), presented when
+	// it is enrolled and carried in its evidence.
+	AKCert string `yaml:"ak_cert"`
 	// EvidenceMaxAge: verified evidence of a destination is reused for this
 	// long (Go duration; default 60s; "0s" disables reuse).
 	EvidenceMaxAge string `yaml:"evidence_max_age"`
@@ -109,7 +132,59 @@ func (c Config) Validate() error {
 			return fmt.Errorf("%w: peers: %q -> %q (a peer needs a name other than host_id, and an address)", ErrConfig, h, addr)
 		}
 	}
+	if c.RegistryMode() != registry.ModeNone {
+		rc := c.RegistryConfig()
+		if _, err := rc.WithDefaults(); err != nil {
+			return fmt.Errorf("%w: registry: %w", ErrConfig, err)
+		}
+		if c.TLS.CA == "" {
+			return fmt.Errorf("%w: registry mode %s needs the agent wire (tls): peers reach each other over it", ErrConfig, rc.Mode)
+		}
+	}
 	return nil
+}
+
+// RegistryMode is registry.mode, ModeNone when empty.
+func (c Config) RegistryMode() registry.Mode {
+	if c.Registry.Mode == "" {
+		return registry.ModeNone
+	}
+	return c.Registry.Mode
+}
+
+// RegistryConfig is the registry section with its defaults from the rest
+// of the configuration: host_id, the tls files, the data directory.
+func (c Config) RegistryConfig() registry.Config {
+	rc := c.Registry
+	if rc.Mode == "" {
+		rc.Mode = registry.ModeNone
+	}
+	if rc.Host == "" {
+		rc.Host = c.HostID
+	}
+	if rc.CAFile == "" && rc.CertFile == "" && rc.KeyFile == "" {
+		rc.CAFile, rc.CertFile, rc.KeyFile = c.TLS.CA, c.TLS.Cert, c.TLS.Key
+	}
+	if rc.Mode == registry.ModeEmbedded && rc.Embedded.DataDir == "" {
+		rc.Embedded.DataDir = c.Layout().Registry()
+	}
+	if rc.CacheFile == "" {
+		rc.CacheFile = c.Layout().RegistryView()
+	}
+	return rc
+}
+
+// RegistryEndpoints are the client URLs of the fleet registry: the
+// external cluster's, or every embedded member's.
+func (c Config) RegistryEndpoints() []string {
+	if c.Registry.Mode != registry.ModeEmbedded {
+		return c.Registry.Endpoints
+	}
+	var eps []string
+	for _, m := range c.Registry.Embedded.Members {
+		eps = append(eps, m.ClientURL)
+	}
+	return eps
 }
 
 func (c Config) evidenceMaxAge() (time.Duration, error) {
@@ -135,11 +210,20 @@ func (c Config) PeerHypervisorURI(peer string) (string, error) {
 	if !ok {
 		return "", fmt.Errorf("%w: %q is not in peers", ErrConfig, peer)
 	}
-	h, _, err := net.SplitHostPort(addr)
-	if err != nil {
+	if _, _, err := net.SplitHostPort(addr); err != nil {
 		return "", fmt.Errorf("%w: peers.%s: %v", ErrConfig, peer, err)
 	}
-	return "qemu+tcp://" + net.JoinHostPort(h, "16509") + "/system", nil
+	return hypervisorURI(addr), nil
+}
+
+// hypervisorURI is the default libvirt URI of a host whose agent wire
+// listens at addr (HOST:PORT): qemu+tcp://HOST:16509/system.
+func hypervisorURI(addr string) string {
+	h, _, err := net.SplitHostPort(addr)
+	if err != nil {
+		h = addr
+	}
+	return "qemu+tcp://" + net.JoinHostPort(h, "16509") + "/system"
 }
 
 // AdminSocketPath is AdminSocket or its default.

@@ -21,6 +21,7 @@ import (
 	"github.com/vtpmm/vtpmm/internal/metrics"
 	"github.com/vtpmm/vtpmm/internal/pki"
 	"github.com/vtpmm/vtpmm/migrate"
+	"github.com/vtpmm/vtpmm/migrate/registry"
 	"github.com/vtpmm/vtpmm/migrate/wire"
 	"github.com/vtpmm/vtpmm/vtpm"
 	"github.com/vtpmm/vtpmm/vtpm/host"
@@ -68,6 +69,12 @@ type Daemon struct {
 	wire     *wire.Client
 	enroll   attest.Enrollments // where enrolments are recorded (the verifier's store)
 	node     *migrate.Node
+	now      func() time.Time
+
+	reg     *registry.Client // nil in registry mode none
+	fleet   *fleetView       // the registry's hosts, cached
+	syncNow chan struct{}    // asks the registry loop for an ownership sync
+	addrs   sync.Map         // host -> wire address an enrolment request named
 
 	wireLis, adminLis, metricsLis net.Listener
 	services                      []service
@@ -103,7 +110,7 @@ func Start(ctx context.Context, cfg Config, deps Deps) (_ *Daemon, err error) {
 		return nil, err
 	}
 	d := &Daemon{cfg: cfg, deps: deps, metrics: metrics.New(), hyp: deps.Hypervisor,
-		ready: make(chan struct{}), errc: make(chan error, 8)}
+		ready: make(chan struct{}), errc: make(chan error, 8), syncNow: make(chan struct{}, 1)}
 	d.bgCtx, d.bgCancel = context.WithCancel(context.WithoutCancel(ctx))
 	defer func() {
 		if err != nil {
@@ -122,13 +129,17 @@ func Start(ctx context.Context, cfg Config, deps Deps) (_ *Daemon, err error) {
 	if now == nil {
 		now = time.Now
 	}
-	if d.ident, err = identity.LoadIdentity(ctx, d.host.Meter(), identity.LoadOptions{}); err != nil {
+	d.now = now
+	if d.ident, err = identity.LoadIdentity(ctx, d.host.Meter(), identity.LoadOptions{AKCert: identity.AKCertSource{File: cfg.Attestation.AKCert}}); err != nil {
 		return nil, fmt.Errorf("start daemon: %w (run 'vtpmd init' or 'vtpmd evidence provision')", err)
 	}
 	if d.ledger, err = migrate.OpenLedger(cfg.Layout().Ledger(), now); err != nil {
 		return nil, err
 	}
 	if d.audit, err = audit.Open(cfg.AuditLogPath(), audit.Options{Host: cfg.HostID, Now: now, Log: d.log}); err != nil {
+		return nil, err
+	}
+	if err := d.openRegistry(ctx); err != nil {
 		return nil, err
 	}
 	verifier, err := d.verifier(now)
@@ -148,18 +159,12 @@ func Start(ctx context.Context, cfg Config, deps Deps) (_ *Daemon, err error) {
 		t := cfg.TLS
 		d.wire = wire.NewClient(
 			func(h string) (*tls.Config, error) { return pki.ClientTLS(t.CA, t.Cert, t.Key, h) },
-			func(h string) (string, error) {
-				addr, ok := cfg.Peers[h]
-				if !ok {
-					return "", fmt.Errorf("%w: %q is not in peers", migrate.ErrPeer, h)
-				}
-				return addr, nil
-			})
+			func(h string) (string, error) { return d.peerAddr(context.Background(), h) })
 	}
 	maxAge, _ := cfg.evidenceMaxAge()
 	d.node = migrate.NewNode(migrate.Config{
 		Host: cfg.HostID, Keys: d.host.Keys(), TPM: d.host.Meter(), Identity: d.ident, Hypervisor: d.hyp, Ledger: d.ledger,
-		Verifier: verifier, QuotePCRs: quotePCRs(verifier), EventLog: d.eventLog(),
+		Registry: d.migrateRegistry(), Verifier: verifier, QuotePCRs: quotePCRs(verifier), EventLog: d.eventLog(),
 		Dial: d.dial, Target: d.target(), EvidenceMaxAge: maxAge, Crash: deps.Crash,
 		Audit: auditAdapter{d.audit}, Metrics: d.metrics, Now: now, Log: d.log,
 	})
@@ -201,6 +206,14 @@ func (d *Daemon) verifier(now func() time.Time) (*attest.Verifier, error) {
 	}
 	if v.Roots, err = attest.LoadRootStore(a.Roots...); err != nil {
 		return nil, fmt.Errorf("%w: attestation.roots: %w", ErrConfig, err)
+	}
+	if len(a.AKRoots) > 0 {
+		if v.AKRoots, err = attest.LoadRootStore(a.AKRoots...); err != nil {
+			return nil, fmt.Errorf("%w: attestation.ak_roots: %w", ErrConfig, err)
+		}
+	}
+	if v.Enrollments == nil && d.reg != nil {
+		v.Enrollments = regEnrollments{d.fleet} // every host trusts the registry's enrolments
 	}
 	if v.Enrollments == nil {
 		if a.Enrollments == "" {
@@ -246,12 +259,38 @@ func (d *Daemon) target() func(string) (hypervisor.Target, error) {
 		return d.deps.Target
 	}
 	return func(h string) (hypervisor.Target, error) {
+		if _, static := d.cfg.PeerHypervisors[h]; !static && d.fleet != nil {
+			if _, static := d.cfg.Peers[h]; !static {
+				addr, err := d.fleet.addr(context.Background(), h)
+				if err != nil {
+					return hypervisor.Target{}, err
+				}
+				return hypervisor.Target{Name: h, URI: hypervisorURI(addr)}, nil
+			}
+		}
 		uri, err := d.cfg.PeerHypervisorURI(h)
 		if err != nil {
 			return hypervisor.Target{}, err
 		}
 		return hypervisor.Target{Name: h, URI: uri}, nil
 	}
+}
+
+// peerAddr is a peer's agent wire address: the static peers map, else
+// (registry modes) its registered address.
+func (d *Daemon) peerAddr(ctx context.Context, h string) (string, error) {
+	if addr, ok := d.cfg.Peers[h]; ok {
+		return addr, nil
+	}
+	if addr, ok := d.addrs.Load(h); ok {
+		return addr.(string), nil
+	}
+	if d.fleet == nil {
+		return "", fmt.Errorf("%w: %q is not in peers", migrate.ErrPeer, h)
+	}
+	ctx, cancel := context.WithTimeout(ctx, 10*time.Second)
+	defer cancel()
+	return d.fleet.addr(ctx, h)
 }
 
 // listen binds the agent wire (when TLS is configured or a listener is
@@ -288,6 +327,9 @@ func (d *Daemon) listen() error {
 		}})
 	}
 	d.services = append(d.services, service{"recovery", d.recoveryLoop})
+	if d.reg != nil {
+		d.services = append(d.services, service{"registry", d.registryLoop})
+	}
 	if w, ok := d.hyp.(hypervisor.LifecycleWatcher); ok {
 		d.services = append(d.services, service{"lifecycle events", func(ctx context.Context) error { return d.watchLifecycle(ctx, w) }})
 	}
@@ -409,9 +451,11 @@ func (d *Daemon) MetricsHandler() http.Handler { return d.metrics.Handler() }
 //     recovery loop and the lifecycle watcher end;
 //  2. background work requests started (hook mode's settling);
 //  3. the agent wire's client connections;
-//  4. the hypervisor connection, when the daemon opened it;
-//  5. the audit log, then the ledger;
-//  6. the host: the vTPMs it runs stop, the vault key is wiped, the TPM
+//  4. the fleet registry: the liveness lease is revoked (the host is at
+//     once not live), the client closed, the embedded member stopped;
+//  5. the hypervisor connection, when the daemon opened it;
+//  6. the audit log, then the ledger;
+//  7. the host: the vTPMs it runs stop, the vault key is wiped, the TPM
 //     is closed.
 //
 // Listeners given in Deps are closed too. Close is idempotent and safe
@@ -440,6 +484,9 @@ func (d *Daemon) close(ctx context.Context) error {
 	}
 	if d.wire != nil {
 		errs = append(errs, d.wire.Close())
+	}
+	if d.reg != nil {
+		errs = append(errs, d.reg.Close())
 	}
 	if d.closeHyp && d.hyp != nil {
 		errs = append(errs, hypervisor.Close(d.hyp))

@@ -14,6 +14,7 @@ import (
 	"github.com/vtpmm/vtpmm/internal/ids"
 	"github.com/vtpmm/vtpmm/internal/strictjson"
 	"github.com/vtpmm/vtpmm/migrate"
+	"github.com/vtpmm/vtpmm/vtpm"
 )
 
 // Hook mode: libvirt's qemu hook (vtpmctl hook qemu) reaches vtpmd here.
@@ -80,10 +81,19 @@ func (d *Daemon) handleHookPrepare(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	gen, err := d.node.DefineSecret(ctx, req.UUID)
-	if errors.Is(err, migrate.ErrNotOwner) {
+	if errors.Is(err, vtpm.ErrKeyNotFound) {
 		err = fmt.Errorf("%w: VM %s (%s): %s holds no key for its vTPM; start it on the host that owns it "+
 			"('vtpmctl vm show %s' there) or move it here with 'vtpmctl migrate'", migrate.ErrNotOwner, req.Name, req.UUID, d.cfg.HostID, req.Name)
 		log.WithError(err).Warn("hook: start refused")
+		adminapi.WriteError(w, http.StatusForbidden, err)
+		return
+	}
+	if errors.Is(err, migrate.ErrNotOwner) {
+		// The fleet registry disagrees (CheckStart says why and which
+		// rule); a stale copy is cleaned by the next ownership sync, once
+		// its owner confirms.
+		log.WithError(err).Warn("hook: start refused")
+		d.requestSync()
 		adminapi.WriteError(w, http.StatusForbidden, err)
 		return
 	}
@@ -104,11 +114,23 @@ func (d *Daemon) handleHookReleased(w http.ResponseWriter, r *http.Request) {
 	adminapi.WriteJSON(w, http.StatusAccepted, adminapi.HookReleasedResponse{Status: "settling"})
 }
 
-// peerNames lists the configured peers, sorted.
+// peerNames lists the peers, sorted: the configured ones and, with a
+// fleet registry, every registered host.
 func (d *Daemon) peerNames() []string {
+	seen := map[string]bool{}
 	out := make([]string, 0, len(d.cfg.Peers))
 	for h := range d.cfg.Peers {
+		seen[h] = true
 		out = append(out, h)
+	}
+	if d.fleet != nil {
+		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+		defer cancel()
+		for _, h := range d.fleet.names(ctx, d.cfg.HostID) {
+			if !seen[h] {
+				out = append(out, h)
+			}
+		}
 	}
 	sort.Strings(out)
 	return out

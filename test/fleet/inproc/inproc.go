@@ -35,6 +35,8 @@ import (
 	"github.com/vtpmm/vtpmm/internal/fixtures"
 	"github.com/vtpmm/vtpmm/internal/guestseal"
 	"github.com/vtpmm/vtpmm/internal/pki"
+	"github.com/vtpmm/vtpmm/migrate/registry"
+	"github.com/vtpmm/vtpmm/migrate/registry/operator"
 	"github.com/vtpmm/vtpmm/test/fleet"
 	"github.com/vtpmm/vtpmm/vtpm/emuhost"
 	"github.com/vtpmm/vtpmm/vtpm/host"
@@ -60,6 +62,14 @@ type Config struct {
 	Hook     HookFunc
 	// Log returns the logger of a host's daemon (nil: discard).
 	Log func(host string) logrus.FieldLogger
+	// Registry is the fleet registry's mode: embedded (the default: every
+	// host's vtpmd runs an etcd member), etcd (an external cluster of
+	// three members, run in this process apart from the hosts) or none
+	// (peer-to-peer: static peers, every host enrols every other).
+	Registry registry.Mode
+	// EnrollLast leaves the last host unenrolled (registry modes): a
+	// benchmark enrols it (EnrollVia) and counts what that costs.
+	EnrollLast bool
 }
 
 // HostSpec names a host and whether it boots the tampered log.
@@ -78,18 +88,25 @@ type Fleet struct {
 	net      *fake.Network
 	hosts    map[string]*Host
 	order    []string
+
+	members  []registry.Member  // the registry's members (embedded: the hosts; etcd: etcd-N)
+	external []*registry.Client // the external cluster's members (mode etcd)
+	op       *registry.Client   // the operator's registry client (root)
+	// Enrolments reports each host's one enrolment (registry modes).
+	Enrolments map[string]operator.EnrollReport
 }
 
 var _ fleet.Fleet = (*Fleet)(nil)
 
 // Host is one in-process host. It implements fleet.Host.
 type Host struct {
-	f     *Fleet
-	name  string
-	cfg   daemon.Config
-	emu   *emuhost.Host
-	hyp   *fake.Host
-	admin *adminapi.Client
+	f      *Fleet
+	name   string
+	cfg    daemon.Config
+	member registry.Member // its registry member (mode embedded)
+	emu    *emuhost.Host
+	hyp    *fake.Host
+	admin  *adminapi.Client
 
 	mu     sync.Mutex
 	d      *daemon.Daemon
@@ -110,6 +127,9 @@ func New(ctx context.Context, cfg Config) (_ *Fleet, err error) {
 	if cfg.HookMode && cfg.Hook == nil {
 		cfg.Hook = DirectHook
 	}
+	if cfg.Registry == "" {
+		cfg.Registry = registry.ModeEmbedded
+	}
 	dir, err := os.MkdirTemp("/tmp", "vtpmm-fleet-")
 	if err != nil {
 		return nil, err
@@ -124,6 +144,9 @@ func New(ctx context.Context, cfg Config) (_ *Fleet, err error) {
 	if err := f.provision(); err != nil {
 		return nil, err
 	}
+	if err := f.startExternal(ctx); err != nil {
+		return nil, err
+	}
 	wires := map[string]net.Listener{}
 	for _, s := range cfg.Hosts {
 		h, lis, err := f.addHost(ctx, s)
@@ -133,19 +156,26 @@ func New(ctx context.Context, cfg Config) (_ *Fleet, err error) {
 		wires[s.Name] = lis
 		h.cfg.Listen = lis.Addr().String()
 	}
-	for _, name := range f.order {
-		h := f.hosts[name]
-		h.cfg.Peers = map[string]string{}
-		for _, o := range f.order {
-			if o != name {
-				h.cfg.Peers[o] = f.hosts[o].cfg.Listen
+	if cfg.Registry == registry.ModeNone {
+		for _, name := range f.order {
+			h := f.hosts[name]
+			h.cfg.Peers = map[string]string{}
+			for _, o := range f.order {
+				if o != name {
+					h.cfg.Peers[o] = f.hosts[o].cfg.Listen
+				}
 			}
 		}
+	} else {
+		f.configureRegistry()
 	}
 	for _, name := range f.order {
 		if err := f.hosts[name].start(ctx, wires[name]); err != nil {
 			return nil, err
 		}
+	}
+	if cfg.Registry != registry.ModeNone {
+		return f, f.enrolOnce(ctx)
 	}
 	for _, name := range f.order {
 		for _, other := range f.order {
@@ -168,9 +198,16 @@ func (f *Fleet) provision() error {
 	if err != nil {
 		return fmt.Errorf("inproc: %w", err)
 	}
+	names := []string{"root"} // the operator, etcd's root user
 	for _, s := range f.cfg.Hosts {
-		if _, _, err := ca.IssueToDir(s.Name, f.pkiDir, pki.IssueOptions{}); err != nil {
-			return fmt.Errorf("inproc: issue %s: %w", s.Name, err)
+		names = append(names, s.Name)
+	}
+	if f.cfg.Registry == registry.ModeEtcd {
+		names = append(names, externalMembers...)
+	}
+	for _, n := range names {
+		if _, _, err := ca.IssueToDir(n, f.pkiDir, pki.IssueOptions{}); err != nil {
+			return fmt.Errorf("inproc: issue %s: %w", n, err)
 		}
 	}
 	l, err := attest.ParseEventLog(fixtures.GoodBootLog())
@@ -200,6 +237,11 @@ func (f *Fleet) addHost(ctx context.Context, s HostSpec) (*Host, net.Listener, e
 		return nil, nil, err
 	}
 	h := &Host{f: f, name: s.Name, emu: emu}
+	if f.cfg.Registry == registry.ModeEmbedded {
+		if h.member, err = newMember(s.Name); err != nil {
+			return nil, nil, err
+		}
+	}
 	f.hosts[s.Name] = h
 	f.order = append(f.order, s.Name)
 	bootLog := "eventlogs/gce-cos-85.eventlog.bin"
@@ -317,23 +359,18 @@ func (f *Fleet) HostNames() []string {
 	return out
 }
 
-// CreateVM creates a VM on host as an operator does: 'vtpmd vm create'
-// (the daemon's host makes the key and the encrypted swtpm state), its
-// passphrase as the hypervisor's secret, the domain defined and started;
-// then its tenant seals a random secret in the vTPM (PCR 16 policy).
+// CreateVM creates a VM on host as an operator does: 'vtpmctl vm create'
+// (the daemon makes the key and the encrypted swtpm state, records the VM
+// in the fleet registry and defines its secret on the hypervisor), the
+// domain defined and started; then its tenant seals a random secret in
+// the vTPM (PCR 16 policy).
 func (f *Fleet) CreateVM(ctx context.Context, hostName, name string) (fleet.VM, error) {
 	h, ok := f.hosts[hostName]
 	if !ok {
 		return fleet.VM{}, fmt.Errorf("inproc: no host %s", hostName)
 	}
 	d := h.daemon()
-	vm, err := d.Host().CreateVM(ctx, name, "")
-	if err != nil {
-		return fleet.VM{}, err
-	}
-	_, err = d.Host().Keys().WithPassphrase(ctx, vm.UUID, func(pass []byte) error {
-		return h.hyp.DefineSecret(ctx, vm.UUID, pass)
-	})
+	vm, err := d.CreateVM(ctx, name, "") // key, state, registry record, hypervisor secret
 	if err != nil {
 		return fleet.VM{}, err
 	}
@@ -369,15 +406,32 @@ func (f *Fleet) RemoveVM(ctx context.Context, vm fleet.VM) error {
 	return errors.Join(errs...)
 }
 
-// Close stops every daemon, hypervisor host and TPM and removes the
-// fleet's directory.
+// Close stops every daemon (at once: the registry's embedded members go
+// together), the external registry, hypervisor hosts and TPMs, and removes
+// the fleet's directory.
 func (f *Fleet) Close(ctx context.Context) error {
 	var errs []error
+	if f.op != nil {
+		errs = append(errs, f.op.Close())
+	}
+	var mu sync.Mutex
+	var wg sync.WaitGroup
 	for _, name := range f.order {
 		h := f.hosts[name]
 		if d := h.daemon(); d != nil {
-			errs = append(errs, d.Close(ctx))
+			wg.Add(1)
+			go func() {
+				defer wg.Done()
+				err := d.Close(ctx)
+				mu.Lock()
+				errs = append(errs, err)
+				mu.Unlock()
+			}()
 		}
+	}
+	wg.Wait()
+	for _, m := range f.external {
+		errs = append(errs, m.Close())
 	}
 	errs = append(errs, f.net.Close(ctx))
 	for _, name := range f.order {

@@ -9,6 +9,7 @@ import (
 	"time"
 
 	"github.com/vtpmm/vtpmm/internal/adminapi"
+	"github.com/vtpmm/vtpmm/migrate/registry"
 	"github.com/vtpmm/vtpmm/test/fleet"
 	"github.com/vtpmm/vtpmm/test/fleet/inproc"
 	"github.com/vtpmm/vtpmm/test/fleet/scenarios"
@@ -16,9 +17,14 @@ import (
 
 func newFleet(t *testing.T, hookMode bool) *inproc.Fleet {
 	t.Helper()
+	return newFleetWith(t, inproc.Config{HookMode: hookMode})
+}
+
+func newFleetWith(t *testing.T, cfg inproc.Config) *inproc.Fleet {
+	t.Helper()
 	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
 	defer cancel()
-	f, err := inproc.New(ctx, inproc.Config{HookMode: hookMode})
+	f, err := inproc.New(ctx, cfg)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -33,17 +39,26 @@ func newFleet(t *testing.T, hookMode bool) *inproc.Fleet {
 }
 
 // TestScenarios runs the migration scenarios (test/fleet) on the
-// in-process fleet; test/e2e runs the same on the libvirt lab.
+// in-process fleet with the fleet registry embedded in the daemons (three
+// members, one per host); test/e2e runs the same on the libvirt lab.
 func TestScenarios(t *testing.T) {
 	t.Parallel()
 	scenarios.Run(t, newFleet(t, false))
 }
 
 // TestScenariosHookMode runs them with the hooks installed on every fake
-// hypervisor host, hook mode included.
+// hypervisor host, hook mode included, and the registry an external etcd
+// cluster (registry mode etcd).
 func TestScenariosHookMode(t *testing.T) {
 	t.Parallel()
-	scenarios.Run(t, newFleet(t, true))
+	scenarios.Run(t, newFleetWith(t, inproc.Config{HookMode: true, Registry: registry.ModeEtcd}))
+}
+
+// TestScenariosNoRegistry runs them in registry mode none (static peers,
+// every host enrols every other).
+func TestScenariosNoRegistry(t *testing.T) {
+	t.Parallel()
+	scenarios.Run(t, newFleetWith(t, inproc.Config{Registry: registry.ModeNone}))
 }
 
 // TestMetricsAndShutdown: a migration through the admin API shows in both

@@ -26,7 +26,8 @@ import (
 
 // Run runs every scenario on f as subtests: cold, warm, refused, crash
 // (source and destination, during prepare and during the hypervisor's
-// migration) and, on a fleet in hook mode, hook mode.
+// migration), on a fleet in hook mode, hook mode, and with the registry
+// embedded in the hosts, the registry's quorum.
 func Run(t *testing.T, f fleet.Fleet) {
 	t.Run("cold", func(t *testing.T) { Cold(t, f) })
 	t.Run("warm", func(t *testing.T) { Warm(t, f) })
@@ -38,6 +39,9 @@ func Run(t *testing.T, f fleet.Fleet) {
 	}
 	if f.HookMode() {
 		t.Run("hook mode", func(t *testing.T) { HookMode(t, f) })
+	}
+	if f.RegistryMode() == "embedded" {
+		t.Run("registry quorum", func(t *testing.T) { RegistryQuorum(t, f) })
 	}
 }
 
@@ -253,4 +257,89 @@ func HookMode(t *testing.T, f fleet.Fleet) {
 		t.Fatal(err)
 	}
 	tenantKeeps(ctx, t, f, vm, fleet.HostA, secret)
+}
+
+// RegistryQuorum (registry mode embedded, a member in each host's vtpmd):
+// with host-c's vtpmd (and its member) down, a migration host-a -> host-b
+// goes through (two of three members); with host-a's down too, the
+// registry has no quorum: a migration host-b -> host-a is refused before
+// anything moved (exit 6), the VM keeps running on host-b, and host-b may
+// still start it by its last view (the prepare-begin hook's start rule)
+// while host-a may not; once both are back, the migration goes through.
+func RegistryQuorum(t *testing.T, f fleet.Fleet) {
+	ctx := scenarioContext(t, 8*time.Minute)
+	vm, secret := newVM(ctx, t, f, fleet.HostA, "quorum-1")
+	a, b, c := f.Host(fleet.HostA), f.Host(fleet.HostB), f.Host(fleet.HostC)
+	restart := func(h fleet.Host) {
+		if err := h.Restart(ctx); err != nil {
+			t.Fatalf("restart %s: %v", h.Name(), err)
+		}
+	}
+	if err := c.Kill(ctx); err != nil {
+		t.Fatal(err)
+	}
+	// If host-c's member led the cluster, a change racing its death has an
+	// unknown outcome (exit 6, after op_timeout) until the others elected
+	// a new leader: the operator's retry then goes through.
+	var end adminapi.MigrateEvent
+	var err error
+	deadline := time.Now().Add(time.Minute)
+	for {
+		end, err = migrateVM(ctx, t, f, vm, fleet.HostA, fleet.HostB, nil)
+		if !errors.Is(err, migrate.ErrRegistryUnavailable) || time.Now().After(deadline) {
+			break
+		}
+		time.Sleep(time.Second)
+	}
+	if err != nil || end.Result == nil || len(end.Result.Committed) != 1 {
+		t.Fatalf("migration with one registry member down: %+v %v", end, err)
+	}
+	if err := fleet.WaitOwnerAmong(ctx, f, vm, []string{fleet.HostA, fleet.HostB}, fleet.HostB, 45*time.Second); err != nil {
+		t.Fatal(err)
+	}
+	tenantKeeps(ctx, t, f, vm, fleet.HostB, secret)
+
+	if err := a.Kill(ctx); err != nil {
+		t.Fatal(err)
+	}
+	// host-a's vtpmd restarts only at the end: until then its member is
+	// down, and with host-c's the registry has no quorum. A killed vtpmd
+	// may take a moment to be gone (in process it closes in the
+	// background): until the quorum is lost, the migration fails at the
+	// dead destination instead, after the registry's Begin and Abort.
+	deadline = time.Now().Add(time.Minute)
+	for {
+		end, err = migrateVM(ctx, t, f, vm, fleet.HostB, fleet.HostA, nil)
+		if errors.Is(err, migrate.ErrRegistryUnavailable) || !errors.Is(err, migrate.ErrPeer) || time.Now().After(deadline) {
+			break
+		}
+		time.Sleep(time.Second)
+	}
+	if !errors.Is(err, migrate.ErrRegistryUnavailable) || end.Code != errclass.CodeUnavailable || errclass.ExitCode(err) != 6 {
+		t.Fatalf("migration without quorum: %v (code %s), want refused as registry-unavailable (exit 6)", err, end.Code)
+	}
+	if d, err := b.Hypervisor().Domain(ctx, vm.UUID); err != nil || d.State != hypervisor.StateRunning {
+		t.Fatalf("the VM does not run on host-b any more: %s %v", d.State, err)
+	}
+	tenantKeeps(ctx, t, f, vm, fleet.HostB, secret)
+	if g, err := fleet.Generation(ctx, b, vm); err != nil || g != 2 {
+		t.Fatalf("host-b's generation %d (%v), want 2", g, err)
+	}
+	if resp, err := b.Admin().HookPrepare(ctx, adminapi.HookRequest{UUID: vm.UUID, Name: vm.Name}); err != nil || resp.Generation != 2 {
+		t.Fatalf("host-b's start by its last view without quorum: %+v %v", resp, err)
+	}
+	restart(a)
+	restart(c)
+	deadline = time.Now().Add(2 * time.Minute)
+	for {
+		end, err = migrateVM(ctx, t, f, vm, fleet.HostB, fleet.HostA, nil)
+		if err == nil || !errors.Is(err, migrate.ErrRegistryUnavailable) || time.Now().After(deadline) {
+			break
+		}
+		time.Sleep(time.Second) // the members are electing a leader again
+	}
+	if err != nil || end.Result == nil || len(end.Result.Committed) != 1 {
+		t.Fatalf("migration once the quorum is back: %+v %v", end, err)
+	}
+	moved(ctx, t, f, vm, fleet.HostA, 3, secret)
 }

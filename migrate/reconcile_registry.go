@@ -1,0 +1,235 @@
+package migrate
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"slices"
+
+	"github.com/vtpmm/vtpmm/migrate/registry"
+)
+
+// Recovery with the fleet registry: one read of the transaction's VMs
+// decides what the registry already settled; the hypervisors and the peer
+// decide the rest, as in registry mode none, and the registry is changed
+// (Commit or Abort, compare-and-swap) before the hosts act on it.
+//
+// Per VM, as the source sees the registry's record (g: the generation the
+// source held; tx: this transaction):
+//
+//	{peer, g+1}            committed: finish (the destination promotes), then shred here
+//	{self, g, tx open}     not committed: the VM runs here -> Abort; runs on the peer -> Commit; else wait
+//	{self, g}              aborted (or never begun): the VM runs here -> abort; on the peer -> Commit without Begin
+//	absent                 the registry is older than the VM (a restore): decide as in mode none; SyncOwnership records it
+//	anything else          the registry moved on (a takeover): never commit; the VM keeps running where it runs
+//
+// Without quorum the last view serves: what it shows committed is
+// finished; an abort completes locally (SyncOwnership aborts the
+// registry's transaction later); a commit waits (fail closed).
+
+// regState is what the registry says about one VM of a transaction.
+type regState int
+
+const (
+	regCommitted regState = iota // the destination owns it at the new generation
+	regOpen                      // the source owns it with this transaction open
+	regClosed                    // the source owns it, nothing open
+	regAbsent                    // the registry has no record
+	regOther                     // another owner or generation: the registry moved on
+)
+
+func classify(tx Tx, vm TxVM, src, dst string, v registry.View) (regState, registry.VM) {
+	r, ok := v.VMs[vm.UUID]
+	switch {
+	case !ok:
+		return regAbsent, r
+	case r.Owner == dst && r.Generation == vm.Generation && r.Tx == nil:
+		return regCommitted, r
+	case r.Owner == src && r.Generation == vm.Generation-1 && r.Tx != nil && r.Tx.ID == tx.ID && r.Tx.To == dst:
+		return regOpen, r
+	case r.Owner == src && r.Generation == vm.Generation-1 && r.Tx == nil:
+		return regClosed, r
+	}
+	return regOther, r
+}
+
+// recoverSourceRegistry is recoverSource with a registry.
+func (n *Node) recoverSourceRegistry(ctx context.Context, tx Tx, peer Peer, st *StatusResponse, peerErr error, here map[string]bool) error {
+	ids := vmIDs(tx.VMs)
+	view, verr := n.registryView(ctx, ids, 0, nil)
+	if verr != nil && !view.Stale {
+		return fmt.Errorf("%w: %w", ErrUnresolved, verr)
+	}
+	onPeer := func(id string) bool { return st != nil && slices.Contains(st.Running, id) }
+	var commit, commitNoTx, abort []TxVM
+	outcome := map[string]Outcome{}
+	var errs []error
+	for _, vm := range tx.VMs {
+		s, r := classify(tx, vm, n.cfg.Host, tx.Peer, view)
+		id := vm.UUID
+		switch {
+		case s == regCommitted && here[id]:
+			errs = append(errs, fmt.Errorf("%w: VM %s runs here but the registry shows %s owning it at generation %d", ErrUnresolved, id, r.Owner, r.Generation))
+		case s == regCommitted:
+			outcome[id] = OutcomeMigrated
+		case s == regOther:
+			if here[id] {
+				outcome[id] = OutcomeFailed // keep the copy; SyncOwnership decides about it
+				continue
+			}
+			errs = append(errs, fmt.Errorf("%w: VM %s: the registry shows %s at generation %d: another change superseded transaction %s", ErrUnresolved, id, r.Owner, r.Generation, tx.ID))
+		case here[id]:
+			outcome[id] = OutcomeFailed
+			if s == regOpen {
+				abort = append(abort, vm)
+			}
+		case onPeer(id):
+			outcome[id] = OutcomeMigrated
+			switch s {
+			case regOpen:
+				commit = append(commit, vm)
+			case regClosed:
+				commitNoTx = append(commitNoTx, vm)
+			}
+		default:
+			errs = append(errs, fmt.Errorf("%w: VM %s runs neither here nor (as far as %s says) there: %v", ErrUnresolved, id, tx.Peer, peerErr))
+		}
+	}
+	if len(errs) > 0 {
+		return errors.Join(errs...)
+	}
+	if len(commit)+len(commitNoTx) > 0 {
+		if verr != nil {
+			return fmt.Errorf("%w: the VMs run on %s, and their commit waits for the registry: %w", ErrUnresolved, tx.Peer, verr)
+		}
+		if len(commit) > 0 {
+			if _, err := n.cfg.Registry.Commit(ctx, n.batch(tx, commit)); err != nil {
+				return fmt.Errorf("%w: registry commit: %w", ErrUnresolved, registryError(err))
+			}
+		}
+		if len(commitNoTx) > 0 {
+			b := n.batch(tx, commitNoTx)
+			b.TxID = ""
+			if _, err := n.cfg.Registry.Commit(ctx, b); err != nil {
+				return fmt.Errorf("%w: registry commit: %w", ErrUnresolved, registryError(err))
+			}
+		}
+	}
+	if verr == nil {
+		n.regAbort(ctx, tx, abort)
+	}
+	tx, err := n.cfg.Ledger.Update(tx.ID, func(t *Tx) error {
+		for i := range t.VMs {
+			o := outcome[t.VMs[i].UUID]
+			t.VMs[i].Outcome = o
+			if o == OutcomeFailed {
+				t.VMs[i].Error = "recovered: VM runs on the source"
+			}
+		}
+		t.State = SrcMigrated
+		return nil
+	})
+	if err != nil {
+		return err
+	}
+	allHere := true
+	for _, vm := range tx.VMs {
+		allHere = allHere && vm.Outcome == OutcomeFailed
+	}
+	switch {
+	case peerErr != nil && allHere:
+		return n.completeSource(ctx, tx)
+	case peerErr != nil:
+		return fmt.Errorf("%w: %s unreachable: %v", ErrUnresolved, tx.Peer, peerErr)
+	case !st.Known:
+		return n.completeSource(ctx, tx)
+	}
+	return n.finishSource(ctx, peer, tx)
+}
+
+// recoverDestRegistry is recoverDest with a registry. Per VM (g: the
+// generation this host would hold):
+//
+//	{self, g}                  committed: promote
+//	{source, g-1, tx open}     the source drives; if it is gone and the VM runs here, this host commits (CAS) and promotes
+//	{source, g-1} / others     not committed: drop the PENDING key (never while the VM runs here)
+//	absent                     decide as in registry mode none
+func (n *Node) recoverDestRegistry(ctx context.Context, tx Tx) (bool, error) {
+	ids := vmIDs(tx.VMs)
+	view, verr := n.registryView(ctx, ids, 0, nil)
+	if verr != nil && !view.Stale {
+		return true, fmt.Errorf("%w: %w", ErrUnresolved, verr)
+	}
+	var commit, drop, open []string
+	for _, vm := range tx.VMs {
+		switch s, _ := classify(tx, vm, tx.Peer, n.cfg.Host, view); s {
+		case regCommitted:
+			commit = append(commit, vm.UUID)
+		case regOpen:
+			open = append(open, vm.UUID)
+		case regAbsent:
+			if verr == nil {
+				return false, nil // the registry does not know these VMs: mode none's rules
+			}
+			open = append(open, vm.UUID)
+		default:
+			if verr != nil {
+				open = append(open, vm.UUID) // a stale view never drops a key
+				continue
+			}
+			drop = append(drop, vm.UUID)
+		}
+	}
+	if len(open) == 0 {
+		_, err := n.finishDest(ctx, tx, commit, drop)
+		return true, err
+	}
+	// Some VMs are still open in the registry: the source decides (it is
+	// alive and drives, or final), or, gone, this host commits the VMs
+	// that run here.
+	var st *StatusResponse
+	peer, err := n.cfg.Dial(ctx, tx.Peer)
+	if err == nil {
+		st, err = peer.Status(ctx, &StatusRequest{TxID: tx.ID, VMs: ids, From: n.cfg.Host})
+	}
+	if err == nil {
+		switch {
+		case !st.Known || st.State == SrcAborted:
+			// The source aborted (its registry abort may have failed);
+			// the VMs open in the registry are not committed.
+			_, err := n.finishDest(ctx, tx, commit, append(drop, open...))
+			return true, err
+		case st.State == SrcCommitted:
+			// A source commits in the registry before it finishes: the
+			// open records are stale reads; read again next round.
+			return true, fmt.Errorf("%w: source %s committed; the registry read showed it open", ErrUnresolved, tx.Peer)
+		}
+		return true, fmt.Errorf("%w: source %s is %s and will finish it", ErrUnresolved, tx.Peer, st.State)
+	}
+	if verr != nil {
+		return true, fmt.Errorf("%w: source %s unreachable (%v) and the registry unavailable: %w", ErrUnresolved, tx.Peer, err, verr)
+	}
+	var mine []TxVM
+	for _, vm := range tx.VMs {
+		if !slices.Contains(open, vm.UUID) {
+			continue
+		}
+		if here, _ := n.runsHere(ctx, vm.UUID); !here {
+			return true, fmt.Errorf("%w: source %s unreachable (%v) and VM %s does not run here", ErrUnresolved, tx.Peer, err, vm.UUID)
+		}
+		mine = append(mine, vm)
+	}
+	// The VMs run here and their source is gone: commit them in the
+	// registry (CAS against the source's open transaction; if the source
+	// comes back and aborts first, this fails and the next round drops
+	// nothing that runs here).
+	b := registry.Batch{TxID: tx.ID, From: tx.Peer, To: n.cfg.Host}
+	for _, vm := range mine {
+		b.VMs = append(b.VMs, registry.VMGen{ID: vm.UUID, Generation: vm.Generation - 1})
+	}
+	if _, cerr := n.cfg.Registry.Commit(ctx, b); cerr != nil {
+		return true, fmt.Errorf("%w: registry commit by the destination: %w", ErrUnresolved, registryError(cerr))
+	}
+	_, ferr := n.finishDest(ctx, tx, append(commit, vmIDs(mine)...), drop)
+	return true, ferr
+}
