@@ -1,6 +1,10 @@
 package migrate
 
-import "github.com/vtpmm/vtpmm/internal/errclass"
+import (
+	"errors"
+
+	"github.com/vtpmm/vtpmm/internal/errclass"
+)
 
 // Sentinel errors of package migrate. Match them with errors.Is. Each is
 // of its own class in internal/errclass, which gives its wire reason, gRPC
@@ -36,4 +40,18 @@ var (
 	// unreachable); the VM keeps running where it runs, and a later
 	// Reconcile finishes the job.
 	ErrUnresolved = errclass.New(errclass.Unresolved, "transaction not resolved yet")
+)
+
+// Sentinel errors of the ledger check (ledger_check.go). The damaged ones
+// are of class damaged (internal/errclass), each matching only itself.
+var (
+	// ErrLedgerDamaged means the ledger file is damaged; the concrete error
+	// is a *LedgerError naming the file, what is wrong and what to do.
+	ErrLedgerDamaged = errclass.Mark(errclass.Damaged, "ledger file damaged")
+	// ErrLedgerHistoryLost means the ledger is missing or empty although
+	// the data directory shows this host had history (its rollback anchor
+	// counted ownership changes): it must not be silently re-created.
+	ErrLedgerHistoryLost = errclass.Mark(errclass.Damaged, "ledger history lost")
+	// ErrLedgerInUse means another process holds the ledger open.
+	ErrLedgerInUse = errors.New("ledger in use by another process")
 )

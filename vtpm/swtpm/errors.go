@@ -1,6 +1,10 @@
 package swtpm
 
-import "errors"
+import (
+	"errors"
+
+	"github.com/vtpmm/vtpmm/internal/errclass"
+)
 
 // Sentinel errors of package swtpm. Match them with errors.Is.
 var (
@@ -24,6 +28,10 @@ var (
 	ErrNotEncrypted = errors.New("vTPM state is not encrypted")
 	// ErrBadStateBlob means a state file or blob has an unknown format.
 	ErrBadStateBlob = errors.New("malformed swtpm state blob")
+	// ErrRekeyState means a vTPM's state directory is in the middle of an
+	// unfinished rekey (or its layout is inconsistent): run RecoverRekey.
+	// Class damaged (internal/errclass).
+	ErrRekeyState = errclass.Mark(errclass.Damaged, "vTPM rekey unfinished")
 )
 
 // ResultError is a non-zero TPM result returned by a control command.

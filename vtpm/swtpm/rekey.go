@@ -52,12 +52,6 @@ import (
 // Rekey costs no host TPM command: the keys come from the key store, which
 // opens envelopes with the vault key in memory.
 
-// ErrRekeyState means a vTPM's state directory is in the middle of an
-// unfinished rekey (or its layout is inconsistent): run RecoverRekey.
-// (Kept here rather than in errors.go while other work edits the package's
-// existing files; move it there when merging.)
-var ErrRekeyState = errors.New("vTPM rekey unfinished")
-
 // RekeyPoint names a step of Rekey where a test can make it "crash".
 type RekeyPoint string
 
