@@ -168,10 +168,9 @@ func (n *Node) destEvidence(ctx context.Context, peer Peer, dest string, res *Re
 	if err != nil {
 		return verified{}, false, fmt.Errorf("migrate to %s: %w: %w", dest, ErrRefused, err)
 	}
-	if ev.HostID != dest {
-		return verified{}, false, fmt.Errorf("migrate to %s: %w: evidence is from host %q", dest, ErrRefused, ev.HostID)
-	}
-	r, err := n.cfg.Verifier.Verify(ctx, ev, nonce)
+	// The evidence must name the host dialled, and its AK must be the one
+	// enrolled for that host (rule enrolled-host).
+	r, err := n.cfg.Verifier.VerifyHost(ctx, dest, ev, nonce)
 	var re *attest.RefusalError
 	if errors.As(err, &re) {
 		return verified{}, false, fmt.Errorf("migrate to %s: %w: %w", dest, ErrRefused, err)
