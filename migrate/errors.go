@@ -40,6 +40,15 @@ var (
 	// unreachable); the VM keeps running where it runs, and a later
 	// Reconcile finishes the job.
 	ErrUnresolved = errclass.New(errclass.Unresolved, "transaction not resolved yet")
+	// ErrDenied means a destination's authorisation refused a request
+	// (authz.go); the error is an *AuthzError naming the rule. A refused
+	// Prepare left nothing on the destination.
+	ErrDenied = errclass.New(errclass.Denied, "refused by the destination's authorisation")
+	// ErrDestTPM means the destination's TPM failed (the transfer key did
+	// not unwrap); nothing was migrated.
+	ErrDestTPM = errclass.New(errclass.TPM, "the destination's TPM failed")
+	// ErrNoSpace means a host's disk is full.
+	ErrNoSpace = errclass.New(errclass.NoSpace, "no space left on the host's disk")
 )
 
 // Sentinel errors of the ledger check (ledger_check.go). The damaged ones

@@ -52,6 +52,11 @@ type fleet struct {
 	pullLease time.Duration
 	// tamperPrepare, when set, rewrites every Prepare response on its way back.
 	tamperPrepare func(*migrate.PrepareResponse)
+	// onPrepare and onFinish, when set, run on the way to a node's
+	// Prepare and Finish (a source's registry steps, for a destination
+	// with a registry); an error is the call's.
+	onPrepare func(from, to *host, r *migrate.PrepareRequest) error
+	onFinish  func(from, to *host, r *migrate.FinishRequest) error
 }
 
 // host is one emulated host: TPM, vault, key store, identity, ledger,
@@ -72,6 +77,8 @@ type host struct {
 	down   bool
 	wire   *wireLog
 	logs   *syncBuffer // the node's JSON logs, at trace level
+	// reg, when set before restart, is the node's registry.
+	reg migrate.Registry
 }
 
 func newFleet(t testing.TB) *fleet {
@@ -122,7 +129,11 @@ func tempDir(t testing.TB, prefix string) string {
 }
 
 // addHost provisions a host booted from bootLog and enrols it.
-func (f *fleet) addHost(name, bootLog string) *host {
+func (f *fleet) addHost(name, bootLog string) *host { return f.addHostEnrolled(name, bootLog, true) }
+
+// addHostEnrolled provisions a host, enrolled (in the fleet's one enrolment
+// store every node trusts) or not.
+func (f *fleet) addHostEnrolled(name, bootLog string, enrol bool) *host {
 	t, ctx := f.t, context.Background()
 	t.Helper()
 	dir := tempDir(t, "mig-"+name+"-")
@@ -148,7 +159,9 @@ func (f *fleet) addHost(name, bootLog string) *host {
 		t.Fatal(err)
 	}
 	tpmtest.TrustHostCA(t, f.roots, emu)
-	tpmtest.Enrol(t, h.meter, h.ident, name, f.enr)
+	if enrol {
+		tpmtest.Enrol(t, h.meter, h.ident, name, f.enr)
+	}
 	if h.vault, err = vtpm.InitVault(ctx, h.meter, vtpm.VaultConfig{Dir: dir, PCRs: vtpm.PCRSelection{PCRs: []int{7}}}, vtpm.InitOptions{}); err != nil {
 		t.Fatal(err)
 	}
@@ -177,11 +190,12 @@ func (h *host) restart() {
 		t.Fatal(err)
 	}
 	h.node = migrate.NewNode(migrate.Config{
-		Host: h.name, Keys: h.keys, TPM: h.meter, Identity: h.ident, Hypervisor: h.hyp, Ledger: h.ledger,
-		Verifier:  &attest.Verifier{Roots: h.f.roots, Policy: h.f.policy, Enrollments: h.f.enr, Clock: time.Now},
-		QuotePCRs: map[attest.Bank][]int{"sha256": quoted},
-		EventLog:  readFile(t, bootLogOf(h)),
-		Dial:      h.f.dial(h.name),
+		Host: h.name, Keys: h.keys, TPM: h.meter, Identity: h.ident, Hypervisor: h.hyp, Ledger: h.ledger, Registry: h.reg,
+		Verifier:    &attest.Verifier{Roots: h.f.roots, Policy: h.f.policy, Enrollments: h.f.enr, Clock: time.Now},
+		Enrollments: h.f.enr,
+		QuotePCRs:   map[attest.Bank][]int{"sha256": quoted},
+		EventLog:    readFile(t, bootLogOf(h)),
+		Dial:        h.f.dial(h.name),
 		Target: func(name string) (hypervisor.Target, error) {
 			if d, ok := h.f.hosts[name]; ok {
 				return d.hyp.Target(), nil
@@ -280,6 +294,11 @@ func (p *testPeer) Evidence(ctx context.Context, r *migrate.EvidenceRequest) (*m
 	return call(p, "Evidence", r, func(n *migrate.Node) (*migrate.EvidenceResponse, error) { return n.Evidence(ctx, r) })
 }
 func (p *testPeer) Prepare(ctx context.Context, r *migrate.PrepareRequest) (*migrate.PrepareResponse, error) {
+	if hook := p.to.f.onPrepare; hook != nil && !p.to.down && !p.from.down {
+		if err := hook(p.from, p.to, r); err != nil {
+			return nil, err
+		}
+	}
 	resp, err := call(p, "Prepare", r, func(n *migrate.Node) (*migrate.PrepareResponse, error) { return n.Prepare(ctx, r) })
 	if err == nil && p.to.f.tamperPrepare != nil {
 		p.to.f.tamperPrepare(resp)
@@ -287,6 +306,11 @@ func (p *testPeer) Prepare(ctx context.Context, r *migrate.PrepareRequest) (*mig
 	return resp, err
 }
 func (p *testPeer) Finish(ctx context.Context, r *migrate.FinishRequest) (*migrate.FinishResponse, error) {
+	if hook := p.to.f.onFinish; hook != nil && !p.to.down && !p.from.down {
+		if err := hook(p.from, p.to, r); err != nil {
+			return nil, err
+		}
+	}
 	return call(p, "Finish", r, func(n *migrate.Node) (*migrate.FinishResponse, error) { return n.Finish(ctx, r) })
 }
 func (p *testPeer) Status(ctx context.Context, r *migrate.StatusRequest) (*migrate.StatusResponse, error) {

@@ -231,13 +231,23 @@ func TestReplayAndStaleGenerationRefused(t *testing.T) {
 	if _, err := b.node.Prepare(ctx, req); !errors.Is(err, migrate.ErrReplay) {
 		t.Fatalf("replayed Prepare: %v, want ErrReplay", err)
 	}
-	// The same message under a fresh transaction id: the AEAD binding fails.
+	// The same message under a fresh transaction id, while B owns the VM:
+	// the destination's authorisation refuses it (owned-here).
 	req.TxID = strings.Repeat("ab", 16)
+	if _, err := b.node.Prepare(ctx, req); !errors.Is(err, migrate.ErrDenied) {
+		t.Fatalf("Prepare with a rewritten transaction id while B owns the VM: %v, want ErrDenied", err)
+	}
+	// Once the VM went back to A, the authorisation lets it through, and
+	// the AEAD binding fails.
+	if _, err := b.node.Migrate(ctx, migrate.Request{VMs: []string{vm}, Dest: "host-a"}, nil); err != nil {
+		t.Fatal(err)
+	}
+	req.TxID = strings.Repeat("ef", 16)
 	if _, err := b.node.Prepare(ctx, req); !errors.Is(err, vtpm.ErrWrongKey) {
 		t.Fatalf("Prepare with a rewritten transaction id: %v, want ErrWrongKey", err)
 	}
-	// An old copy of the VM (generation 1 -> 2 again) offered to B, which holds 2.
-	f.checkSingleOwner(vm, "host-b")
+	// An old copy of the VM (generation 1 -> 2 again) offered to B, which held 2.
+	f.checkSingleOwner(vm, "host-a")
 	k, _ := vtpm.NewVMKey(nil)
 	if err := b.keys.PutPending(ctx, vm, strings.Repeat("cd", 16), 2, k); !errors.Is(err, vtpm.ErrStaleGeneration) {
 		t.Fatalf("stale generation: %v", err)

@@ -53,6 +53,8 @@ type Keys interface {
 	PutPending(ctx context.Context, vmID, txID string, gen uint64, k vtpm.VMKey) error
 	GetPending(ctx context.Context, vmID, txID string) (vtpm.VMKey, uint64, error)
 	WithPassphrase(ctx context.Context, vmID string, fn func(pass []byte) error) (uint64, error)
+	// HighWater is the highest generation this host has held for the VM.
+	HighWater(ctx context.Context, vmID string) (uint64, error)
 	CommitPending(ctx context.Context, vmID, txID string) (uint64, error)
 	DropPending(ctx context.Context, vmID, txID string) error
 }
@@ -80,11 +82,15 @@ type Config struct {
 	Hypervisor hypervisor.Hypervisor
 	Ledger     *Ledger
 	// Registry is the fleet registry (nil: registry mode none). See Registry.
-	Registry  Registry
-	Verifier  *attest.Verifier // verifies destinations (source side)
-	QuotePCRs map[attest.Bank][]int
-	EventLog  []byte // this host's TCG event log, sent with evidence
-	Dial      Dialer
+	Registry Registry
+	Verifier *attest.Verifier // verifies destinations (source side)
+	// Enrollments is the store of enrolled hosts: this host answers
+	// Prepare, Finish, Evidence, Status and Pull from enrolled hosts only
+	// (authz.go; it must implement attest.HostFinder). nil trusts no peer.
+	Enrollments attest.Enrollments
+	QuotePCRs   map[attest.Bank][]int
+	EventLog    []byte // this host's TCG event log, sent with evidence
+	Dial        Dialer
 	// Target maps a destination host to its hypervisor target.
 	Target func(host string) (hypervisor.Target, error)
 	// EvidenceMaxAge: verified evidence of a destination is reused for

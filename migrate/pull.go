@@ -87,6 +87,9 @@ func (n *Node) Pull(ctx context.Context, req *PullRequest) (*PullResponse, error
 	if req.Dest == n.cfg.Host {
 		return nil, fmt.Errorf("pull: %w: %s asks itself", ErrBadMessage, req.Dest)
 	}
+	if err := n.authorizePeer(ctx, "pull", req.Dest); err != nil {
+		return nil, err
+	}
 	txID, err := newTxID(n.cfg.Rand)
 	if err != nil {
 		return nil, err

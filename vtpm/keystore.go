@@ -247,6 +247,20 @@ func (s *KeyStore) seenGeneration(vmID string) (uint64, error) {
 	return r.MaxGen, nil
 }
 
+// HighWater is the highest generation this host has held for the VM (its
+// active key's, or the mark kept after the key left); 0 if none.
+func (s *KeyStore) HighWater(ctx context.Context, vmID string) (uint64, error) {
+	if err := CheckVMID(vmID); err != nil {
+		return 0, fmt.Errorf("high-water mark: %w", err)
+	}
+	if err := ctx.Err(); err != nil {
+		return 0, err
+	}
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.highWater(vmID)
+}
+
 func (s *KeyStore) highWater(vmID string) (uint64, error) {
 	max, err := s.seenGeneration(vmID)
 	if err != nil {

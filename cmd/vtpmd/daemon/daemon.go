@@ -137,6 +137,12 @@ func Start(ctx context.Context, cfg Config, deps Deps) (_ *Daemon, err error) {
 	}
 	if verifier != nil {
 		d.enroll = verifier.Enrollments
+	} else if deps.Enrollments != nil {
+		d.enroll = deps.Enrollments
+	} else if cfg.Attestation.Enrollments != "" {
+		// A host without a policy sends no vTPMs, but it answers enrolled
+		// peers only, and so needs the store of enrolments.
+		d.enroll = &attest.FileEnrollments{Path: cfg.Attestation.Enrollments}
 	}
 	if d.hyp == nil {
 		if d.hyp, err = deps.Hypervisors.Open(ctx, hypervisor.Config{URI: cfg.Hypervisor, Name: cfg.HostID, Log: d.log}); err != nil {
@@ -159,7 +165,7 @@ func Start(ctx context.Context, cfg Config, deps Deps) (_ *Daemon, err error) {
 	maxAge, _ := cfg.evidenceMaxAge()
 	d.node = migrate.NewNode(migrate.Config{
 		Host: cfg.HostID, Keys: d.host.Keys(), TPM: d.host.Meter(), Identity: d.ident, Hypervisor: d.hyp, Ledger: d.ledger,
-		Verifier: verifier, QuotePCRs: quotePCRs(verifier), EventLog: d.eventLog(),
+		Verifier: verifier, Enrollments: d.enroll, QuotePCRs: quotePCRs(verifier), EventLog: d.eventLog(),
 		Dial: d.dial, Target: d.target(), EvidenceMaxAge: maxAge, Crash: deps.Crash,
 		Audit: auditAdapter{d.audit}, Metrics: d.metrics, Now: now, Log: d.log,
 	})
