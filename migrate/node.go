@@ -41,6 +41,15 @@ type MigrationJobs interface {
 	MigratingOut(ctx context.Context, vmUUID string) (bool, error)
 }
 
+// OutgoingJobs is implemented by hypervisors that tell more about an
+// outgoing job than MigratingOut: when it started, and where it goes (the
+// fake hypervisor both, libvirt the start). Pull uses it to bind a pull to
+// the job: the caller must be the job's destination, and a second pull
+// during one job is refused without disturbing the first.
+type OutgoingJobs interface {
+	OutgoingJob(ctx context.Context, vmUUID string) (hypervisor.OutgoingJob, error)
+}
+
 var _ Peer = (*Node)(nil)
 
 // Dialer returns the Peer for a host name.

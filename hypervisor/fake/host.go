@@ -48,6 +48,9 @@ type Host struct {
 	// this host (an outgoing migration completed, or an incoming one
 	// failed), like libvirt's qemu hook "release end". No lock is held.
 	Released func(vmUUID string)
+	// JobDestUnknown makes OutgoingJob report no destination, as libvirt,
+	// which cannot tell where a running migration goes.
+	JobDestUnknown bool
 
 	name string
 	dir  string
@@ -91,6 +94,10 @@ type domain struct {
 	pass       []byte         // the passphrase proc runs with (swtpm holds it too)
 	job        job
 	paused     bool
+	// jobStarted and jobDest describe the current outgoing migration job
+	// (OutgoingJob).
+	jobStarted time.Time
+	jobDest    string
 }
 
 func (d *domain) state() hypervisor.State {
@@ -252,6 +259,7 @@ func (h *Host) claimLocked(vmUUID string, j job) (*domain, error) {
 		return nil, fmt.Errorf("%w (job %q)", ErrBusy, d.job)
 	}
 	d.job = j
+	d.jobStarted, d.jobDest = time.Now(), ""
 	return d, nil
 }
 
