@@ -66,6 +66,10 @@ func TestCrashAtEveryPoint(t *testing.T) {
 				want = other
 			}
 			f.checkSingleOwner(vm, want.name)
+			// The anchor's steps, before and after each crash point, leave
+			// both data directories in agreement with their TPMs.
+			a.checkAnchor()
+			b.checkAnchor()
 			if got := want.guestUnseal(vm); !bytes.Equal(got, secret) {
 				t.Fatalf("unsealed %q on %s", got, want.name)
 			}

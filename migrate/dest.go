@@ -176,6 +176,19 @@ func finishResponse(tx Tx) *FinishResponse {
 
 func (n *Node) finishDest(ctx context.Context, tx Tx, commit, abort []string) (*FinishResponse, error) {
 	outcome := map[string]Outcome{}
+	// The batch's ownership step, counted in the host TPM before any
+	// pending key becomes active (one NV_Increment per batch).
+	var changes []vtpm.Change
+	for _, vm := range tx.VMs {
+		if slices.Contains(commit, vm.UUID) {
+			changes = append(changes, vtpm.Change{VMID: vm.UUID, Generation: vm.Generation})
+		}
+	}
+	settle, err := n.advance(ctx, tx, changes)
+	if err != nil {
+		return nil, err
+	}
+	defer settle()
 	for _, vm := range tx.VMs {
 		switch {
 		case slices.Contains(commit, vm.UUID):

@@ -79,6 +79,69 @@ type host struct {
 	logs   *syncBuffer // the node's JSON logs, at trace level
 	// reg, when set before restart, is the node's registry.
 	reg migrate.Registry
+	// anchor is the host's rollback anchor, opened and checked at every
+	// restart as vtpmd does (docs/anchor.md).
+	anchor *vtpm.Anchor
+}
+
+// harnessAnchor is the node's view of the host's anchor, as the daemon's
+// adapter: settle with the key store's facts and the audit log's head.
+type harnessAnchor struct{ h *host }
+
+func (a harnessAnchor) Advance(ctx context.Context, changes []vtpm.Change) (vtpm.AnchorTicket, error) {
+	return a.h.anchor.Advance(ctx, changes)
+}
+
+func (a harnessAnchor) Settle(ctx context.Context, t vtpm.AnchorTicket) error {
+	facts, err := a.h.keys.Facts(ctx)
+	if err != nil {
+		return err
+	}
+	seq, head := a.h.audit.log.Head()
+	a.h.anchor.SetAuditMark(vtpm.AuditMark{Seq: seq, Head: head})
+	return a.h.anchor.Settle(ctx, t, facts)
+}
+
+// openAnchor opens and checks the host's rollback anchor as vtpmd does at
+// start, and settles what a crash left unsettled.
+func (h *host) openAnchor() {
+	t, ctx := h.f.t, context.Background()
+	t.Helper()
+	if h.anchor != nil {
+		h.anchor.Close()
+	}
+	a, err := vtpm.OpenAnchor(ctx, h.meter, h.vault, vtpm.AnchorConfig{Dir: h.dir})
+	if err != nil {
+		t.Fatalf("%s: open anchor: %v", h.name, err)
+	}
+	checks, err := h.keys.CheckKeys(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	facts := vtpm.FactsFromChecks(checks)
+	if _, err := a.Check(ctx, facts); err != nil {
+		t.Fatalf("%s: anchor check at restart: %v", h.name, err)
+	}
+	if err := a.SettleAll(ctx, facts); err != nil {
+		t.Fatalf("%s: settle the anchor at restart: %v", h.name, err)
+	}
+	h.anchor = a
+}
+
+// checkAnchor checks, as a fresh start would, that the data directory
+// agrees with the host TPM's anchor (no false rollback).
+func (h *host) checkAnchor() {
+	t, ctx := h.f.t, context.Background()
+	t.Helper()
+	a, err := vtpm.OpenAnchor(ctx, h.meter, h.vault, vtpm.AnchorConfig{Dir: h.dir})
+	if err != nil {
+		t.Fatalf("%s: open anchor: %v", h.name, err)
+	}
+	defer a.Close()
+	checks, _ := h.keys.CheckKeys(ctx)
+	if _, err := a.Check(ctx, vtpm.FactsFromChecks(checks)); err != nil {
+		t.Fatalf("%s: the data directory disagrees with the anchor: %v", h.name, err)
+	}
 }
 
 func newFleet(t testing.TB) *fleet {
@@ -166,6 +229,11 @@ func (f *fleet) addHostEnrolled(name, bootLog string, enrol bool) *host {
 		t.Fatal(err)
 	}
 	t.Cleanup(h.vault.Close)
+	a, err := vtpm.InitAnchor(ctx, h.meter, h.vault, vtpm.AnchorConfig{Dir: dir}, vtpm.Facts{}, vtpm.AnchorInitOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	a.Close()
 	if h.hyp, err = f.net.AddHost(ctx, fake.HostConfig{Name: name, Dir: filepath.Join(dir, "hyp")}); err != nil {
 		t.Fatal(err)
 	}
@@ -189,8 +257,10 @@ func (h *host) restart() {
 	if h.keys, err = vtpm.NewKeyStore(h.dir, h.name, h.vault, nil); err != nil {
 		t.Fatal(err)
 	}
+	h.openAnchor()
 	h.node = migrate.NewNode(migrate.Config{
 		Host: h.name, Keys: h.keys, TPM: h.meter, Identity: h.ident, Hypervisor: h.hyp, Ledger: h.ledger, Registry: h.reg,
+		Anchor:      harnessAnchor{h},
 		Verifier:    &attest.Verifier{Roots: h.f.roots, Policy: h.f.policy, Enrollments: h.f.enr, Clock: time.Now},
 		Enrollments: h.f.enr,
 		QuotePCRs:   map[attest.Bank][]int{"sha256": quoted},
@@ -398,11 +468,18 @@ func (h *host) createVM(name string) string {
 	t, ctx := h.f.t, context.Background()
 	t.Helper()
 	id := newUUID(t)
+	ticket, err := h.anchor.Advance(ctx, []vtpm.Change{{VMID: id, Generation: 1}})
+	if err != nil {
+		t.Fatal(err)
+	}
 	k, _, err := h.keys.Create(ctx, id)
 	if err != nil {
 		t.Fatal(err)
 	}
 	defer k.Destroy()
+	if err := (harnessAnchor{h}).Settle(ctx, ticket); err != nil {
+		t.Fatal(err)
+	}
 	state := filepath.Join(h.dir, "vms", id, "tpm2")
 	err = k.WithPassphrase(func(pass []byte) error {
 		if err := swtpm.Setup(ctx, swtpm.SetupConfig{StateDir: state, VMID: id, VMName: name, Passphrase: pass, CADir: filepath.Join(h.dir, "vm-ca")}); err != nil {

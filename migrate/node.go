@@ -70,6 +70,16 @@ type Keys interface {
 
 var _ Keys = (*vtpm.KeyStore)(nil)
 
+// Anchor is the host's rollback anchor as the migration engine uses it
+// (vtpm/host.Host through the daemon; docs/anchor.md): Advance counts an
+// ownership step in the host TPM (one NV_Increment) before the key store
+// changes, Settle records the key store's outcome (and the audit log's
+// position) after. nil: no anchor (tests of the protocol alone).
+type Anchor interface {
+	Advance(ctx context.Context, changes []vtpm.Change) (vtpm.AnchorTicket, error)
+	Settle(ctx context.Context, t vtpm.AnchorTicket) error
+}
+
 // Auditor records AuditEvents (internal/audit adapts to it).
 type Auditor interface {
 	Audit(ctx context.Context, e AuditEvent) error
@@ -92,6 +102,9 @@ type Config struct {
 	Ledger     *Ledger
 	// Registry is the fleet registry (nil: registry mode none). See Registry.
 	Registry Registry
+	// Anchor is the host's rollback anchor (nil: none). The source's and
+	// the destination's commit each advance it once per batch.
+	Anchor   Anchor
 	Verifier *attest.Verifier // verifies destinations (source side)
 	// Enrollments is the store of enrolled hosts: this host answers
 	// Prepare, Finish, Evidence, Status and Pull from enrolled hosts only

@@ -296,6 +296,20 @@ func (n *Node) finishSource(ctx context.Context, peer Peer, tx Tx) error {
 
 func (n *Node) completeSource(ctx context.Context, tx Tx) error {
 	final, result := SrcAborted, OutcomeAborted
+	// The batch's ownership step, counted in the host TPM before any key
+	// is shredded (one NV_Increment per batch). If it fails nothing was
+	// shredded: the transaction stays open and recovery retries.
+	var changes []vtpm.Change
+	for _, vm := range tx.VMs {
+		if vm.Outcome == OutcomeMigrated {
+			changes = append(changes, vtpm.Change{VMID: vm.UUID})
+		}
+	}
+	settle, err := n.advance(ctx, tx, changes)
+	if err != nil {
+		return err
+	}
+	defer settle()
 	for _, vm := range tx.VMs {
 		if vm.Outcome != OutcomeMigrated {
 			n.audit(ctx, AuditEvent{Event: audit.EventMigrationAbort, VM: vm.UUID, Peer: tx.Peer, TxID: tx.ID, Detail: vm.Error})

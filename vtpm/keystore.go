@@ -196,6 +196,9 @@ func (s *KeyStore) Delete(ctx context.Context, vmID string) error {
 	if errors.Is(err, fs.ErrNotExist) {
 		return fmt.Errorf("delete key for %s: %w", vmID, ErrKeyNotFound)
 	}
+	if rerr := os.Remove(s.rotatePath(vmID)); rerr != nil && !errors.Is(rerr, fs.ErrNotExist) && err == nil {
+		err = rerr
+	}
 	return err
 }
 

@@ -369,6 +369,18 @@ func (h *Host) UndefineDomain(ctx context.Context, vmUUID string) error {
 	return nil
 }
 
+// VTPMStateDir returns the directory of a VM's vTPM state here (a key
+// rotation re-encrypts it while the VM is shut off).
+func (h *Host) VTPMStateDir(ctx context.Context, vmUUID string) (string, error) {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	d, ok := h.domains[vmUUID]
+	if !ok {
+		return "", fmt.Errorf("vTPM state of %s on %s: %w", vmUUID, h.name, hypervisor.ErrNoDomain)
+	}
+	return d.stateDir, nil
+}
+
 // VTPMURI returns the data URI of a running VM's vTPM (for vtpm.Open), so
 // a test "guest" can use it. swtpm serves one connection at a time.
 func (h *Host) VTPMURI(vmUUID string) (string, error) {

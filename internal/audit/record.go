@@ -24,6 +24,8 @@ const (
 	EventEnrollRefused     Event = "enroll-refused" // a peer's EK or AK was refused
 	EventBackup            Event = "backup"
 	EventRestore           Event = "restore"
+	EventRekey             Event = "vm-rekey"      // a VM's key was replaced and its vTPM state re-encrypted
+	EventAnchorAccept      Event = "anchor-accept" // an operator accepted the data directory after a refusal
 )
 
 // Genesis is the prev value of the first record: 64 zeros.

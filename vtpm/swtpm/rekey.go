@@ -152,6 +152,22 @@ func RekeyPhaseOf(stateDir string) (RekeyPhase, error) {
 		d, ErrRekeyState, cur, nw, old)
 }
 
+// RekeyLeftovers reports whether a rekey left directories next to
+// stateDir (D.rekey-src, D.rekey-new or D.rekey-old): a rekey to recover,
+// even when D itself is gone (a crash between the two renames).
+func RekeyLeftovers(stateDir string) bool {
+	d, err := filepath.Abs(stateDir)
+	if err != nil {
+		return false
+	}
+	for _, s := range []string{rekeySrc, rekeyNew, rekeyOld} {
+		if _, err := os.Lstat(d + s); err == nil {
+			return true
+		}
+	}
+	return false
+}
+
 // Rekey re-encrypts the vTPM state in cfg.StateDir from OldPassphrase to
 // NewPassphrase (see the comment above for the steps and the recovery).
 // It refuses to run while an earlier rekey of D is unfinished
@@ -237,6 +253,11 @@ func Rekey(ctx context.Context, cfg RekeyConfig) (RekeyResult, error) {
 	}
 	if err := CheckEncryptedAtRest(nd); err != nil {
 		return res, fmt.Errorf("rekey %s: verify: %w", d, err)
+	}
+	// The new state belongs to whoever owned the old one (libvirt runs
+	// swtpm as its swtpm_user).
+	if err := copyOwner(d, nd); err != nil {
+		return res, fmt.Errorf("rekey %s: %w", d, err)
 	}
 	if err := syncTree(nd); err != nil {
 		return res, fmt.Errorf("rekey %s: %w", d, err)

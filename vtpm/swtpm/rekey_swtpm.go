@@ -11,6 +11,7 @@ import (
 	"os"
 	"path/filepath"
 	"strings"
+	"syscall"
 
 	"github.com/sirupsen/logrus"
 )
@@ -141,6 +142,32 @@ func startKeys(ctx context.Context, dir string, key, migKey []byte, log logrus.F
 	}
 	p.ownSock = true // Stop removes sockDir with the log
 	return p, nil
+}
+
+// copyOwner gives dir and every file in it the owner and group of ref.
+func copyOwner(ref, dir string) error {
+	st, err := os.Stat(ref)
+	if err != nil {
+		return err
+	}
+	sys, ok := st.Sys().(*syscall.Stat_t)
+	if !ok {
+		return nil
+	}
+	uid, gid := int(sys.Uid), int(sys.Gid)
+	if uid == os.Getuid() && gid == os.Getgid() {
+		return nil
+	}
+	ents, err := os.ReadDir(dir)
+	if err != nil {
+		return err
+	}
+	for _, e := range ents {
+		if err := os.Lchown(filepath.Join(dir, e.Name()), uid, gid); err != nil {
+			return err
+		}
+	}
+	return os.Lchown(dir, uid, gid)
 }
 
 func copyFile(src, dst string) error {

@@ -80,6 +80,8 @@ type Daemon struct {
 	bgCancel context.CancelFunc
 	bg       sync.WaitGroup
 	settling sync.Map // VM UUID -> struct{}: a settle is scheduled
+	// rekeyMu serialises key rotations and hook-mode start preparations.
+	rekeyMu sync.Mutex
 
 	closeOnce sync.Once
 	closeErr  error
@@ -110,7 +112,9 @@ func Start(ctx context.Context, cfg Config, deps Deps) (_ *Daemon, err error) {
 			_ = d.Close(context.WithoutCancel(ctx))
 		}
 	}()
-	if d.host, err = host.Open(ctx, cfg.Config, deps.Host); err != nil {
+	hostOpts := deps.Host
+	hostOpts.Rekeyed = d.auditRekey
+	if d.host, err = host.Open(ctx, cfg.Config, hostOpts); err != nil {
 		return nil, err
 	}
 	d.log = deps.Host.Log
@@ -124,6 +128,9 @@ func Start(ctx context.Context, cfg Config, deps Deps) (_ *Daemon, err error) {
 	}
 	if d.ident, err = identity.LoadIdentity(ctx, d.host.Meter(), identity.LoadOptions{}); err != nil {
 		return nil, fmt.Errorf("start daemon: %w (run 'vtpmd init' or 'vtpmd evidence provision')", err)
+	}
+	if err := d.checkFiles(); err != nil {
+		return nil, err
 	}
 	if d.ledger, err = migrate.OpenLedger(cfg.Layout().Ledger(), now); err != nil {
 		return nil, err
@@ -143,6 +150,9 @@ func Start(ctx context.Context, cfg Config, deps Deps) (_ *Daemon, err error) {
 		// A host without a policy sends no vTPMs, but it answers enrolled
 		// peers only, and so needs the store of enrolments.
 		d.enroll = &attest.FileEnrollments{Path: cfg.Attestation.Enrollments}
+	}
+	if err := d.checkEnrollments(ctx); err != nil {
+		return nil, err
 	}
 	if d.hyp == nil {
 		if d.hyp, err = deps.Hypervisors.Open(ctx, hypervisor.Config{URI: cfg.Hypervisor, Name: cfg.HostID, Log: d.log}); err != nil {
@@ -165,6 +175,7 @@ func Start(ctx context.Context, cfg Config, deps Deps) (_ *Daemon, err error) {
 	maxAge, _ := cfg.evidenceMaxAge()
 	d.node = migrate.NewNode(migrate.Config{
 		Host: cfg.HostID, Keys: d.host.Keys(), TPM: d.host.Meter(), Identity: d.ident, Hypervisor: d.hyp, Ledger: d.ledger,
+		Anchor: anchorAdapter{d.host, d.audit},
 		Verifier: verifier, Enrollments: d.enroll, QuotePCRs: quotePCRs(verifier), EventLog: d.eventLog(),
 		Dial: d.dial, Target: d.target(), EvidenceMaxAge: maxAge, Crash: deps.Crash,
 		Audit: auditAdapter{d.audit}, Metrics: d.metrics, Now: now, Log: d.log,
