@@ -175,7 +175,7 @@ func Start(ctx context.Context, cfg Config, deps Deps) (_ *Daemon, err error) {
 	maxAge, _ := cfg.evidenceMaxAge()
 	d.node = migrate.NewNode(migrate.Config{
 		Host: cfg.HostID, Keys: d.host.Keys(), TPM: d.host.Meter(), Identity: d.ident, Hypervisor: d.hyp, Ledger: d.ledger,
-		Anchor: anchorAdapter{d.host, d.audit},
+		Anchor:   anchorAdapter{d.host, d.audit},
 		Verifier: verifier, Enrollments: d.enroll, QuotePCRs: quotePCRs(verifier), EventLog: d.eventLog(),
 		Dial: d.dial, Target: d.target(), EvidenceMaxAge: maxAge, Crash: deps.Crash,
 		Audit: auditAdapter{d.audit}, Metrics: d.metrics, Now: now, Log: d.log,
