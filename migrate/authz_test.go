@@ -365,3 +365,56 @@ func newFakeRegistry(t testing.TB, hosts ...string) *registrytest.Fake {
 	registrytest.Enroll(t, reg.Client("root"), hosts...)
 	return reg
 }
+
+// TestRelayedEvidenceRefused is issue 10's attack 5: enrolled host B
+// relays the evidence of enrolled host D (fresh, over A's own nonce) under
+// its own name. The honest twin first: A migrates to B with B's evidence.
+// Then, cold again, B answers A's Evidence with D's: refused by rule
+// enrolled-host (D's AK is enrolled for host-d), before any Prepare.
+func TestRelayedEvidenceRefused(t *testing.T) {
+	t.Parallel()
+	ctx := context.Background()
+	f := newFleet(t)
+	f.maxAge = -1 // every migration is cold
+	a, b, d := f.addHost("host-a", goodLog), f.addHost("host-b", goodLog), f.addHost("host-d", goodLog)
+	vm := a.createVM("vm1")
+	for _, hop := range [][2]*host{{a, b}, {b, a}} {
+		if _, err := hop[0].node.Migrate(ctx, migrate.Request{VMs: []string{vm}, Dest: hop[1].name}, nil); err != nil {
+			t.Fatalf("honest migration %s -> %s: %v", hop[0].name, hop[1].name, err)
+		}
+	}
+	for _, rename := range []bool{false, true} {
+		f.onEvidence = func(from, to *host, r *migrate.EvidenceRequest, resp *migrate.EvidenceResponse) (*migrate.EvidenceResponse, error) {
+			if to != b {
+				return resp, nil
+			}
+			// B asks D for evidence over A's nonce, as B (enrolled at D).
+			relayed, err := d.node.Evidence(ctx, &migrate.EvidenceRequest{Version: r.Version, Nonce: r.Nonce, PCRs: r.PCRs, Source: "host-b"})
+			if err != nil || !rename {
+				return relayed, err
+			}
+			ev, err := attest.DecodeEvidence(relayed.Evidence)
+			if err != nil {
+				return nil, err
+			}
+			ev.HostID = "host-b" // not under any TPM signature
+			raw, err := ev.Encode()
+			return &migrate.EvidenceResponse{Evidence: raw}, err
+		}
+		prepares := len(slices.DeleteFunc(b.wire.methods(), func(m string) bool { return m != "Prepare" }))
+		_, err := a.node.Migrate(ctx, migrate.Request{VMs: []string{vm}, Dest: "host-b"}, nil)
+		var re *attest.RefusalError
+		if !errors.As(err, &re) || re.Rule != attest.RuleEnrolledHost || !errors.Is(err, migrate.ErrRefused) {
+			t.Fatalf("relayed evidence (renamed %v): %v, want rule enrolled-host", rename, err)
+		}
+		t.Logf("relayed evidence (renamed %v): %v", rename, err)
+		if n := len(slices.DeleteFunc(b.wire.methods(), func(m string) bool { return m != "Prepare" })); n != prepares {
+			t.Fatal("a Prepare reached the relaying host")
+		}
+		f.checkSingleOwner(vm, "host-a")
+	}
+	f.onEvidence = nil
+	if _, err := a.node.Migrate(ctx, migrate.Request{VMs: []string{vm}, Dest: "host-b"}, nil); err != nil {
+		t.Fatalf("honest migration after the relays: %v", err)
+	}
+}

@@ -57,6 +57,9 @@ type fleet struct {
 	// with a registry); an error is the call's.
 	onPrepare func(from, to *host, r *migrate.PrepareRequest) error
 	onFinish  func(from, to *host, r *migrate.FinishRequest) error
+	// onEvidence, when set, rewrites the evidence a host answers with (a
+	// rogue host relaying another's).
+	onEvidence func(from, to *host, r *migrate.EvidenceRequest, resp *migrate.EvidenceResponse) (*migrate.EvidenceResponse, error)
 }
 
 // host is one emulated host: TPM, vault, key store, identity, ledger,
@@ -361,7 +364,11 @@ func call[Req, Resp any](p *testPeer, method string, req Req, f func(*migrate.No
 }
 
 func (p *testPeer) Evidence(ctx context.Context, r *migrate.EvidenceRequest) (*migrate.EvidenceResponse, error) {
-	return call(p, "Evidence", r, func(n *migrate.Node) (*migrate.EvidenceResponse, error) { return n.Evidence(ctx, r) })
+	resp, err := call(p, "Evidence", r, func(n *migrate.Node) (*migrate.EvidenceResponse, error) { return n.Evidence(ctx, r) })
+	if hook := p.to.f.onEvidence; hook != nil && err == nil {
+		return hook(p.from, p.to, r, resp)
+	}
+	return resp, err
 }
 func (p *testPeer) Prepare(ctx context.Context, r *migrate.PrepareRequest) (*migrate.PrepareResponse, error) {
 	if hook := p.to.f.onPrepare; hook != nil && !p.to.down && !p.from.down {
