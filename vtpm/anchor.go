@@ -230,6 +230,24 @@ func (a *Anchor) SetAuditMark(m AuditMark) {
 	a.mark = &m
 }
 
+// RecordAuditMark writes the audit log's position into the anchor file now
+// (one file write, no TPM command), so that a log cut back or replaced
+// after it is detected at the next start even before the next ownership
+// step (vtpmd records it when it starts and when it stops).
+func (a *Anchor) RecordAuditMark(ctx context.Context, m AuditMark) error {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	if err := ctx.Err(); err != nil {
+		return err
+	}
+	a.mark = &m
+	if err := a.save(a.file); err != nil {
+		return fmt.Errorf("record audit mark: %w", err)
+	}
+	a.file.Audit = &m
+	return nil
+}
+
 // Close wipes the derived keys.
 func (a *Anchor) Close() {
 	a.mu.Lock()

@@ -288,4 +288,18 @@ func TestRunRefusesRolledBackDataDir(t *testing.T) {
 		t.Fatal(err)
 	}
 	v.serves("after putting the envelope back")
+
+	// The audit log holds the acceptance: deleted, it is refused, never
+	// re-created empty (vtpmd records the log's position at every start
+	// and stop).
+	logPath := filepath.Join(v.data, "audit.log")
+	saved, _ := os.ReadFile(logPath)
+	if err := os.Remove(logPath); err != nil {
+		t.Fatal(err)
+	}
+	v.refused("deleted audit log", "audit log "+logPath, "audit log history lost", "Restore the log")
+	if err := os.WriteFile(logPath, saved, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	v.serves("after restoring the audit log")
 }

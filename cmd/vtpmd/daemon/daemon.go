@@ -138,6 +138,7 @@ func Start(ctx context.Context, cfg Config, deps Deps) (_ *Daemon, err error) {
 	if d.audit, err = audit.Open(cfg.AuditLogPath(), audit.Options{Host: cfg.HostID, Now: now, Log: d.log}); err != nil {
 		return nil, err
 	}
+	d.recordAuditMark(ctx)
 	verifier, err := d.verifier(now)
 	if err != nil {
 		return nil, err
@@ -462,6 +463,7 @@ func (d *Daemon) close(ctx context.Context) error {
 		errs = append(errs, hypervisor.Close(d.hyp))
 	}
 	if d.audit != nil {
+		d.recordAuditMark(ctx)
 		errs = append(errs, d.audit.Close())
 	}
 	if d.ledger != nil {

@@ -33,7 +33,13 @@ import (
 func (d *Daemon) checkFiles() error {
 	a := d.host.Anchor()
 	hist := a.Advances() > 0
-	if _, err := migrate.CheckLedger(d.cfg.Layout().Ledger(), migrate.LedgerCheckOptions{HadHistory: hist}); err != nil {
+	// A pending key is a transaction the ledger had open: its ledger had
+	// history even before the first committed migration.
+	ledgerHist := hist
+	for _, c := range d.host.KeyChecks() {
+		ledgerHist = ledgerHist || c.Pending != "" && c.Pending != "rekey"
+	}
+	if _, err := migrate.CheckLedger(d.cfg.Layout().Ledger(), migrate.LedgerCheckOptions{HadHistory: ledgerHist}); err != nil {
 		return err
 	}
 	var mark *audit.Mark
@@ -62,6 +68,19 @@ func (d *Daemon) checkEnrollments(ctx context.Context) error {
 // crash during an append leaves; audit.Open removes it.
 func onlyTruncated(err error) bool {
 	return errors.Is(err, audit.ErrTruncated) && !errors.Is(err, audit.ErrTampered) && !errors.Is(err, audit.ErrHistoryLost)
+}
+
+// recordAuditMark writes the audit log's position into the anchor file
+// (vtpmd does at start and at stop), so that a log cut back or replaced
+// since is refused at the next start.
+func (d *Daemon) recordAuditMark(ctx context.Context) {
+	if d.audit == nil || d.host == nil || d.host.Anchor() == nil {
+		return
+	}
+	seq, head := d.audit.Head()
+	if err := d.host.Anchor().RecordAuditMark(ctx, vtpm.AuditMark{Seq: seq, Head: head}); err != nil {
+		d.log.WithError(err).Warn("recording the audit log's position in the rollback anchor")
+	}
 }
 
 // anchorAdapter is the migration node's view of the host's rollback
