@@ -234,22 +234,3 @@ func statusVMs(tx Tx, asked []string) []string {
 
 // denied reports whether err is a refusal by a peer's authorisation.
 func denied(err error) bool { return errors.Is(err, ErrDenied) }
-
-// advance counts a batch's ownership step in the rollback anchor, before
-// the key store changes, and returns the func that settles it (after the
-// key store changed and the step was audited). No changes, or no anchor:
-// nothing to count.
-func (n *Node) advance(ctx context.Context, tx Tx, changes []vtpm.Change) (func(), error) {
-	if n.cfg.Anchor == nil || len(changes) == 0 {
-		return func() {}, nil
-	}
-	t, err := n.cfg.Anchor.Advance(ctx, changes)
-	if err != nil {
-		return nil, fmt.Errorf("transaction %s: rollback anchor: %w", tx.ID, err)
-	}
-	return func() {
-		if err := n.cfg.Anchor.Settle(context.WithoutCancel(ctx), t); err != nil {
-			n.log.WithError(err).WithField("tx", tx.ID).Error("rollback anchor: the step stays unsettled until the next start")
-		}
-	}, nil
-}

@@ -68,6 +68,9 @@ func (d *Daemon) rekey(ctx context.Context, vm, why string, checkShutoff bool) (
 			if err != nil {
 				return host.RekeyResult{}, fmt.Errorf("rekey %s: %w", vm, err)
 			}
+			if dom.State == hypervisor.StateAbsent {
+				return host.RekeyResult{}, fmt.Errorf("rekey %s: %w: the hypervisor on %s does not define the VM", vm, hypervisor.ErrNoDomain, d.cfg.HostID)
+			}
 			if dom.State != hypervisor.StateShutoff {
 				return host.RekeyResult{}, fmt.Errorf("rekey %s: %w: the VM is %s on %s; shut it off first (its running vTPM holds the state)",
 					vm, host.ErrVMRunning, dom.State, d.cfg.HostID)
