@@ -21,6 +21,9 @@ func (r *run) checkEnrolled(ek, ak *Public, akName []byte, ekCert *Cert) error {
 	}
 	method := rec.method()
 	r.pass(RuleAKActivation, "AK enrolled with EK %s by %s (enrolment record)", short(ek.Digest()), method)
+	if err := r.checkHost(rec); err != nil {
+		return err
+	}
 	if !v.Policy.Enrollment.Allows(method) {
 		return refuse(RuleEnrollmentMethod, "the host was enrolled by %s, policy enrollment is %s", method, v.Policy.Enrollment)
 	}
@@ -108,5 +111,27 @@ func (r *run) enrollAKCert(req AKCertEnrollment) error {
 		return fmt.Errorf("enrollments: %w", err)
 	}
 	r.res.Enrollment = &e
+	return nil
+}
+
+// checkHost is rule enrolled-host: the evidence names the host the
+// verifier dialled, and the (EK, AK) pair is enrolled for that host. An
+// enrolled host relaying another enrolled host's evidence under its own
+// name fails here (the enrolment lookup itself matches the TPM keys only).
+func (r *run) checkHost(rec *Enrollment) error {
+	want := r.host
+	if want == "" {
+		want = r.ev.HostID
+	}
+	switch {
+	case r.ev.HostID != want:
+		return refuse(RuleEnrolledHost, "the evidence names host %q, the verifier asked host %q", r.ev.HostID, want)
+	case rec.Host == "":
+		return refuse(RuleEnrolledHost, "the enrolment record of AK %s names no host; enrol %s again", short(rec.AKName), want)
+	case rec.Host != want:
+		return refuse(RuleEnrolledHost, "AK %s and EK %s are enrolled for host %q, not for %q (evidence relayed from another host?)",
+			short(rec.AKName), short(rec.EKDigest), rec.Host, want)
+	}
+	r.pass(RuleEnrolledHost, "AK enrolled for host %s, the host asked", want)
 	return nil
 }

@@ -92,10 +92,14 @@ func (m *MemoryEnrollments) Find(_ context.Context, ekDigest, akName []byte) (*E
 	return findRecord(m.list, ekDigest, akName), nil
 }
 
-// Add implements Enrollments.
+// Add implements Enrollments. It refuses a record whose EK or AK is
+// enrolled for another host (rule enrolled-host).
 func (m *MemoryEnrollments) Add(_ context.Context, e Enrollment) error {
 	m.mu.Lock()
 	defer m.mu.Unlock()
+	if err := checkIdentity(m.list, e); err != nil {
+		return err
+	}
 	m.list = append(m.list, e)
 	return nil
 }
@@ -166,12 +170,16 @@ func (f *FileEnrollments) Find(_ context.Context, ekDigest, akName []byte) (*Enr
 	return findRecord(list, ekDigest, akName), nil
 }
 
-// Add implements Enrollments.
+// Add implements Enrollments. It refuses a record whose EK or AK is
+// enrolled for another host (rule enrolled-host).
 func (f *FileEnrollments) Add(_ context.Context, e Enrollment) error {
 	f.mu.Lock()
 	defer f.mu.Unlock()
 	list, err := f.load()
 	if err != nil {
+		return err
+	}
+	if err := checkIdentity(list, e); err != nil {
 		return err
 	}
 	data, err := json.MarshalIndent(append(append([]Enrollment(nil), list...), e), "", "  ")

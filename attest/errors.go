@@ -20,6 +20,7 @@ const (
 	RuleEKPublic         Rule = "ek-public"
 	RuleAKAttributes     Rule = "ak-attributes"
 	RuleAKActivation     Rule = "ak-activation"
+	RuleEnrolledHost     Rule = "enrolled-host"
 	RuleEnrollmentMethod Rule = "enrollment-method"
 	RuleAKCertChain      Rule = "ak-cert-chain"
 	RuleAKCertSignature  Rule = "ak-cert-signature"
@@ -53,6 +54,7 @@ var (
 	ErrEKMismatch        = errors.New("EK certificate does not match the EK public area")
 	ErrAKAttributes      = errors.New("AK is not a restricted TPM signing key")
 	ErrAKNotActivated    = errors.New("AK was never activated with this EK")
+	ErrWrongHost         = errors.New("the TPM is not the one enrolled for this host")
 	ErrEnrollmentMethod  = errors.New("enrolment method not allowed by policy")
 	ErrAKCertUntrusted   = errors.New("AK certificate does not chain to a trusted AK root")
 	ErrAKCertSignature   = errors.New("AK certificate chain signature invalid")
@@ -103,6 +105,8 @@ func ruleSentinel(r Rule) error {
 		return ErrAKAttributes
 	case RuleAKActivation:
 		return ErrAKNotActivated
+	case RuleEnrolledHost:
+		return ErrWrongHost
 	case RuleEnrollmentMethod:
 		return ErrEnrollmentMethod
 	case RuleAKCertChain:

@@ -112,6 +112,9 @@ type run struct {
 	res   *Result
 	nonce []byte
 	now   time.Time
+	// host is the host the verifier dialled (VerifyHost); the evidence
+	// must name it and its AK must be enrolled for it (enrolled-host).
+	host string
 }
 
 func (r *run) step(rule Rule, outcome, format string, args ...any) {
@@ -153,11 +156,21 @@ func (v *Verifier) finish(res *Result, err error, what string) error {
 // Result is returned in both cases (for --explain). nonce is the value this
 // verifier issued for this evidence.
 func (v *Verifier) Verify(ctx context.Context, ev *Evidence, nonce []byte) (*Result, error) {
-	res := &Result{}
+	host := ""
 	if ev != nil {
-		res.Host = ev.HostID
+		host = ev.HostID
 	}
-	r := &run{v: v, ctx: ctx, ev: ev, res: res, nonce: nonce}
+	return v.VerifyHost(ctx, host, ev, nonce)
+}
+
+// VerifyHost is Verify for evidence fetched from host (the host the caller
+// dialled, as its transport authenticated it): the evidence must name host,
+// and its (EK, AK) pair must be enrolled for host (rule enrolled-host), so
+// a host relaying another enrolled host's evidence under its own name is
+// refused. Verify is VerifyHost with the name the evidence gives.
+func (v *Verifier) VerifyHost(ctx context.Context, host string, ev *Evidence, nonce []byte) (*Result, error) {
+	res := &Result{Host: host}
+	r := &run{v: v, ctx: ctx, ev: ev, res: res, nonce: nonce, host: host}
 	return res, v.finish(res, r.all(), "attestation")
 }
 

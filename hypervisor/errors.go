@@ -38,4 +38,8 @@ var (
 	// ErrUnknownScheme means no Opener is registered for a hypervisor URI's
 	// scheme (Registry.Open).
 	ErrUnknownScheme = errors.New("unknown hypervisor URI scheme")
+	// ErrManagedSave means the domain has a saved image (libvirt managed
+	// save): it carries vTPM blobs under the current key, so the key must
+	// not change until the image is removed or the VM resumed from it.
+	ErrManagedSave = errors.New("domain has a managed save image")
 )

@@ -1,6 +1,9 @@
 package hypervisor
 
-import "context"
+import (
+	"context"
+	"time"
+)
 
 // Hypervisor is one host's hypervisor as vtpmm sees it. It mirrors libvirt
 // 9.0's rules for a VM with an encrypted emulator vTPM:
@@ -33,6 +36,18 @@ type Hypervisor interface {
 	// on the destination, undefined on the source). It returns when the
 	// migration has completed or failed; on failure the VM still runs here.
 	Migrate(ctx context.Context, vmUUID string, dest Target) error
+}
+
+// OutgoingJob is a VM's outgoing migration job as a hypervisor reports it
+// (migrate.OutgoingJobs).
+type OutgoingJob struct {
+	Active bool // an outgoing migration job runs
+	// Started is when the job started; zero when the hypervisor cannot
+	// tell. A pull made after the job started belongs to it.
+	Started time.Time
+	// Dest names the job's destination host; empty when the hypervisor
+	// cannot tell (libvirt 9.0's job statistics name no destination).
+	Dest string
 }
 
 // Target names a migration destination.

@@ -83,6 +83,10 @@ func crashSeries(t *testing.T, f *fleet) {
 				want = other
 			}
 			f.checkSingleOwner(vm, want.name)
+			// The anchor's steps, before and after each crash point, leave
+			// both data directories in agreement with their TPMs.
+			a.checkAnchor()
+			b.checkAnchor()
 			if got := want.guestUnseal(vm); !bytes.Equal(got, secret) {
 				t.Fatalf("unsealed %q on %s", got, want.name)
 			}

@@ -22,6 +22,12 @@ func (n *Node) Evidence(ctx context.Context, req *EvidenceRequest) (*EvidenceRes
 	if req.Version != ProtocolVersion || len(req.Nonce) < attest.MinNonceSize || len(req.Nonce) > attest.MaxNonceSize {
 		return nil, fmt.Errorf("evidence: %w: version %d, nonce of %d bytes", ErrBadMessage, req.Version, len(req.Nonce))
 	}
+	if err := checkPCRs(req.PCRs); err != nil {
+		return nil, fmt.Errorf("evidence: %w", err)
+	}
+	if err := n.authorizePeer(ctx, "evidence", req.Source); err != nil {
+		return nil, err
+	}
 	pcrs := req.PCRs
 	if len(pcrs) == 0 {
 		pcrs = n.cfg.QuotePCRs
@@ -31,8 +37,11 @@ func (n *Node) Evidence(ctx context.Context, req *EvidenceRequest) (*EvidenceRes
 		HostID: n.cfg.Host, Nonce: req.Nonce, PCRs: pcrs, EventLog: n.cfg.EventLog, Identity: n.cfg.Identity, Now: n.cfg.Now,
 	})
 	n.tpmMu.Unlock()
+	if errors.Is(err, identity.ErrBadOptions) {
+		return nil, fmt.Errorf("evidence: %w: %w", ErrBadMessage, err)
+	}
 	if err != nil {
-		return nil, fmt.Errorf("evidence: %w", err)
+		return nil, fmt.Errorf("evidence: %w: %w", ErrDestTPM, err)
 	}
 	b, err := ev.Encode()
 	if err != nil {
@@ -41,10 +50,12 @@ func (n *Node) Evidence(ctx context.Context, req *EvidenceRequest) (*EvidenceRes
 	return &EvidenceResponse{Evidence: b}, nil
 }
 
-// Prepare receives a batch: it persists the transaction, unwraps the
-// transfer key in the TPM (Import, Load, Unseal, Flush: once per batch),
-// stores every VM key as PENDING under the vault, defines each VM's vTPM
-// secret on the hypervisor, and only then acknowledges.
+// Prepare receives a batch: it authorises it (authz.go: nothing is
+// written before), persists the transaction, unwraps the transfer key in
+// the TPM (Import, Load, Unseal, Flush: once per batch), stores every VM
+// key as PENDING under the vault, defines each VM's vTPM secret on the
+// hypervisor, and only then acknowledges. A failure undoes only what this
+// transaction created.
 func (n *Node) Prepare(ctx context.Context, req *PrepareRequest) (*PrepareResponse, error) {
 	if err := req.validate(); err != nil {
 		return nil, fmt.Errorf("prepare: %w", err)
@@ -52,28 +63,35 @@ func (n *Node) Prepare(ctx context.Context, req *PrepareRequest) (*PrepareRespon
 	if req.Dest != n.cfg.Host {
 		return nil, fmt.Errorf("prepare: %w: addressed to %s, this is %s", ErrBadMessage, req.Dest, n.cfg.Host)
 	}
+	if err := n.authorizePrepare(ctx, req); err != nil {
+		n.log.WithError(err).WithFields(logrus.Fields{"tx": req.TxID, "source": req.Source}).Warn("prepare refused")
+		return nil, err
+	}
 	log := n.log.WithFields(logrus.Fields{"tx": req.TxID, "source": req.Source})
 	tx := Tx{ID: req.TxID, Role: RoleDestination, Peer: req.Source, State: DstPending}
 	for _, w := range req.VMs {
 		tx.VMs = append(tx.VMs, TxVM{UUID: w.UUID, Name: w.Name, Generation: w.Generation})
 	}
 	if err := n.cfg.Ledger.Begin(tx); err != nil {
-		return nil, fmt.Errorf("prepare: %w", err)
+		return nil, fmt.Errorf("prepare: %w", storageErr(err))
 	}
 	if err := n.crash(DstAfterLedger); err != nil {
 		return nil, err
 	}
+	// made records what this transaction created, so that a failure undoes
+	// that and nothing else.
+	made := map[string]bool{}
 	n.tpmMu.Lock()
 	tk, err := identity.Unwrap(ctx, n.cfg.TPM, n.cfg.Identity.MK, &req.TransferKey, identity.UnwrapOptions{})
 	n.tpmMu.Unlock()
 	if err != nil {
-		n.abortDest(ctx, tx, fmt.Sprintf("unwrap transfer key: %v", err))
-		return nil, fmt.Errorf("prepare %s: %w", req.TxID, err)
+		n.abortDest(ctx, tx, fmt.Sprintf("unwrap transfer key: %v", err), made)
+		return nil, fmt.Errorf("prepare %s: %w: unwrap the transfer key: %w", req.TxID, ErrDestTPM, err)
 	}
 	sealer, err := transferSealer(tk, nil)
 	wipe(tk)
 	if err != nil {
-		n.abortDest(ctx, tx, err.Error())
+		n.abortDest(ctx, tx, err.Error(), made)
 		return nil, err
 	}
 	keys := make([]vtpm.VMKey, 0, len(req.VMs))
@@ -86,10 +104,10 @@ func (n *Node) Prepare(ctx context.Context, req *PrepareRequest) (*PrepareRespon
 		k, err := openFromTransfer(sealer, req, w)
 		if err == nil {
 			keys = append(keys, k)
-			err = n.cfg.Keys.PutPending(ctx, w.UUID, req.TxID, w.Generation, k)
+			err = storageErr(n.cfg.Keys.PutPending(ctx, w.UUID, req.TxID, w.Generation, k))
 		}
 		if err != nil {
-			n.abortDest(ctx, tx, fmt.Sprintf("VM %s: %v", w.UUID, err))
+			n.abortDest(ctx, tx, fmt.Sprintf("VM %s: %v", w.UUID, err), made)
 			return nil, fmt.Errorf("prepare %s: VM %s: %w", req.TxID, w.UUID, err)
 		}
 	}
@@ -97,8 +115,11 @@ func (n *Node) Prepare(ctx context.Context, req *PrepareRequest) (*PrepareRespon
 		return nil, err
 	}
 	for i, w := range req.VMs {
+		// Marked before the call: a failed define may have replaced the
+		// value, and the abort then removes what this transaction wrote.
+		made[w.UUID] = true
 		if err := n.defineSecret(ctx, w.UUID, keys[i]); err != nil {
-			n.abortDest(ctx, tx, fmt.Sprintf("define secret of %s: %v", w.UUID, err))
+			n.abortDest(ctx, tx, fmt.Sprintf("define secret of %s: %v", w.UUID, err), made)
 			return nil, fmt.Errorf("prepare %s: define vTPM secret of %s: %w", req.TxID, w.UUID, err)
 		}
 	}
@@ -109,7 +130,7 @@ func (n *Node) Prepare(ctx context.Context, req *PrepareRequest) (*PrepareRespon
 	for i, w := range req.VMs {
 		proof, err := keys[i].Proof(KeyProofLabel(req.TxID, w.UUID, w.Generation))
 		if err != nil {
-			n.abortDest(ctx, tx, err.Error())
+			n.abortDest(ctx, tx, err.Error(), made)
 			return nil, err
 		}
 		resp.Proofs[w.UUID] = proof
@@ -126,12 +147,15 @@ func (n *Node) Finish(ctx context.Context, req *FinishRequest) (*FinishResponse,
 	if err := req.validate(); err != nil {
 		return nil, fmt.Errorf("finish: %w", err)
 	}
+	if err := n.authorizePeer(ctx, "finish", req.Source); err != nil {
+		return nil, err
+	}
 	tx, err := n.cfg.Ledger.Get(req.TxID)
 	if err != nil {
 		return nil, fmt.Errorf("finish: %w", err)
 	}
-	if tx.Role != RoleDestination || tx.Peer != req.Source {
-		return nil, fmt.Errorf("finish %s: %w: transaction belongs to %s as %s", req.TxID, ErrBadMessage, tx.Peer, tx.Role)
+	if err := n.authorizeFinish(ctx, req, tx); err != nil {
+		return nil, err
 	}
 	if tx.State.Final() {
 		return finishResponse(tx), nil
@@ -191,9 +215,27 @@ func finishResponse(tx Tx) *FinishResponse {
 
 func (n *Node) finishDest(ctx context.Context, tx Tx, commit, abort []string) (*FinishResponse, error) {
 	outcome := map[string]Outcome{}
+	// The batch's ownership step, counted in the host TPM before any
+	// pending key becomes active (one NV_Increment per batch).
+	var changes []vtpm.Change
+	for _, vm := range tx.VMs {
+		if slices.Contains(commit, vm.UUID) {
+			changes = append(changes, vtpm.Change{VMID: vm.UUID, Generation: vm.Generation})
+		}
+	}
+	settle, err := n.advance(ctx, tx, changes)
+	if err != nil {
+		return nil, err
+	}
+	defer settle()
 	for _, vm := range tx.VMs {
 		switch {
 		case slices.Contains(commit, vm.UUID):
+			// Never replace an active key this transaction did not create.
+			if _, gen, err := n.cfg.Keys.Get(ctx, vm.UUID); err == nil && gen != vm.Generation {
+				return nil, fmt.Errorf("finish %s: commit %s: %w: %s holds the VM's active key at generation %d; refusing to replace it with generation %d",
+					tx.ID, vm.UUID, vtpm.ErrKeyExists, n.cfg.Host, gen, vm.Generation)
+			}
 			if _, err := n.cfg.Keys.CommitPending(ctx, vm.UUID, tx.ID); err != nil {
 				// Already promoted before a crash?
 				if _, gen, gerr := n.cfg.Keys.Get(ctx, vm.UUID); !errors.Is(err, vtpm.ErrKeyNotFound) || gerr != nil || gen != vm.Generation {
@@ -202,7 +244,7 @@ func (n *Node) finishDest(ctx context.Context, tx Tx, commit, abort []string) (*
 			}
 			outcome[vm.UUID] = OutcomeCommitted
 		case slices.Contains(abort, vm.UUID):
-			if err := n.dropVM(ctx, tx, vm.UUID); err != nil {
+			if err := n.dropVM(ctx, tx, vm.UUID, true); err != nil {
 				return nil, err
 			}
 			outcome[vm.UUID] = OutcomeAborted
@@ -242,9 +284,12 @@ func (n *Node) finishDest(ctx context.Context, tx Tx, commit, abort []string) (*
 	return finishResponse(final), nil
 }
 
-// dropVM shreds a VM's pending key and undefines its secret, unless the VM
+// dropVM shreds the VM's pending key of this transaction and, when secret
+// is set (the transaction defined it), undefines its secret, unless the VM
 // runs here (then its secret is in use and the source must not abort it).
-func (n *Node) dropVM(ctx context.Context, tx Tx, vm string) error {
+// The secret stays when this host holds an active key of the VM (or one it
+// cannot read): then the secret is the owner's, not this transaction's.
+func (n *Node) dropVM(ctx context.Context, tx Tx, vm string, secret bool) error {
 	d, err := n.cfg.Hypervisor.Domain(ctx, vm)
 	if err == nil && d.State == hypervisor.StateRunning {
 		return fmt.Errorf("abort %s: VM %s runs on %s: refusing to drop its key", tx.ID, vm, n.cfg.Host)
@@ -252,13 +297,22 @@ func (n *Node) dropVM(ctx context.Context, tx Tx, vm string) error {
 	if err := n.cfg.Keys.DropPending(ctx, vm, tx.ID); err != nil {
 		return err
 	}
+	if !secret {
+		return nil
+	}
+	if _, _, err := n.cfg.Keys.Get(ctx, vm); !errors.Is(err, vtpm.ErrKeyNotFound) {
+		n.log.WithFields(logrus.Fields{"tx": tx.ID, "vm": vm}).Warn("abort: this host holds the VM's key; its secret is the owner's and stays")
+		return nil
+	}
 	return n.undefineSecret(ctx, vm)
 }
 
-// abortDest undoes a Prepare that failed here.
-func (n *Node) abortDest(ctx context.Context, tx Tx, reason string) {
+// abortDest undoes a Prepare that failed here: the pending keys this
+// transaction stored (the key store's file of this transaction) and the
+// secrets it defined (made), nothing else.
+func (n *Node) abortDest(ctx context.Context, tx Tx, reason string, made map[string]bool) {
 	for _, vm := range tx.VMs {
-		if err := n.dropVM(ctx, tx, vm.UUID); err != nil {
+		if err := n.dropVM(ctx, tx, vm.UUID, made[vm.UUID]); err != nil {
 			n.log.WithError(err).Error("abort: drop VM")
 		}
 	}
@@ -274,20 +328,27 @@ func (n *Node) abortDest(ctx context.Context, tx Tx, reason string) {
 }
 
 // Status reports this host's view of a transaction, for the peer's recovery.
+// It answers enrolled hosts only, and reports only the VMs of a
+// transaction with the asking host.
 func (n *Node) Status(ctx context.Context, req *StatusRequest) (*StatusResponse, error) {
-	if !txIDRE.MatchString(req.TxID) {
-		return nil, fmt.Errorf("status: %w: transaction id", ErrBadMessage)
+	if !txIDRE.MatchString(req.TxID) || len(req.VMs) > 4096 {
+		return nil, fmt.Errorf("status: %w: transaction id or %d VMs", ErrBadMessage, len(req.VMs))
+	}
+	if err := n.authorizePeer(ctx, "status", req.From); err != nil {
+		return nil, err
 	}
 	resp := &StatusResponse{TxID: req.TxID}
+	var vms []string
 	if tx, err := n.cfg.Ledger.Get(req.TxID); err == nil {
 		if tx.Peer != req.From {
-			return nil, fmt.Errorf("status %s: %w: not a transaction with %s", req.TxID, ErrBadMessage, req.From)
+			return nil, deny("status", req.From, "", RuleTxPeer, "transaction %s is not a transaction with %s", req.TxID, req.From)
 		}
 		resp.Known, resp.State = true, tx.State
+		vms = statusVMs(tx, req.VMs)
 	} else if !errors.Is(err, ErrUnknownTx) {
 		return nil, err
 	}
-	for _, vm := range req.VMs {
+	for _, vm := range vms {
 		if d, err := n.cfg.Hypervisor.Domain(ctx, vm); err == nil && d.State == hypervisor.StateRunning {
 			resp.Running = append(resp.Running, vm)
 		}

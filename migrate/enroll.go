@@ -124,6 +124,12 @@ func (n *Node) Enroll(ctx context.Context, host string, enrollments attest.Enrol
 	}
 	rec := ch.Enrollment(host, n.cfg.Now())
 	if err := enrollments.Add(ctx, rec); err != nil {
+		if _, ok := asRefusal(err); ok {
+			// One TPM, one host: this EK or AK is enrolled for another
+			// host (rule enrolled-host).
+			n.audit(ctx, AuditEvent{Event: audit.EventEnrollRefused, Peer: host, Rule: ruleOf(err), Detail: err.Error()})
+			return nil, fmt.Errorf("enroll %s: %w: %w", host, ErrRefused, err)
+		}
 		return nil, fmt.Errorf("enroll %s: record: %w", host, err)
 	}
 	n.audit(ctx, AuditEvent{Event: audit.EventHostEnrolled, Peer: host, Detail: fmt.Sprintf("EK %x AK %x", ch.EKDigest[:8], ch.AKName[:10])})

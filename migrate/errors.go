@@ -1,6 +1,10 @@
 package migrate
 
-import "github.com/vtpmm/vtpmm/internal/errclass"
+import (
+	"errors"
+
+	"github.com/vtpmm/vtpmm/internal/errclass"
+)
 
 // Sentinel errors of package migrate. Match them with errors.Is. Each is
 // of its own class in internal/errclass, which gives its wire reason, gRPC
@@ -48,4 +52,27 @@ var (
 	// chain names each VM and the rule it failed (registry.ErrHostFenced,
 	// ...).
 	ErrRegistryRefused = errclass.New(errclass.RegistryRefused, "refused by the fleet registry")
+	// ErrDenied means a destination's authorisation refused a request
+	// (authz.go); the error is an *AuthzError naming the rule. A refused
+	// Prepare left nothing on the destination.
+	ErrDenied = errclass.New(errclass.Denied, "refused by the destination's authorisation")
+	// ErrDestTPM means the destination's TPM failed (the transfer key did
+	// not unwrap); nothing was migrated.
+	ErrDestTPM = errclass.New(errclass.TPM, "the destination's TPM failed")
+	// ErrNoSpace means a host's disk is full.
+	ErrNoSpace = errclass.New(errclass.NoSpace, "no space left on the host's disk")
+)
+
+// Sentinel errors of the ledger check (ledger_check.go). The damaged ones
+// are of class damaged (internal/errclass), each matching only itself.
+var (
+	// ErrLedgerDamaged means the ledger file is damaged; the concrete error
+	// is a *LedgerError naming the file, what is wrong and what to do.
+	ErrLedgerDamaged = errclass.Mark(errclass.Damaged, "ledger file damaged")
+	// ErrLedgerHistoryLost means the ledger is missing or empty although
+	// the data directory shows this host had history (its rollback anchor
+	// counted ownership changes): it must not be silently re-created.
+	ErrLedgerHistoryLost = errclass.Mark(errclass.Damaged, "ledger history lost")
+	// ErrLedgerInUse means another process holds the ledger open.
+	ErrLedgerInUse = errors.New("ledger in use by another process")
 )

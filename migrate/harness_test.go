@@ -59,6 +59,14 @@ type fleet struct {
 	registry func(host string) migrate.Registry
 	regs     map[string]migrate.Registry
 	op       registry.Fleet
+	// onPrepare and onFinish, when set, run on the way to a node's
+	// Prepare and Finish (a source's registry steps, for a destination
+	// with a registry); an error is the call's.
+	onPrepare func(from, to *host, r *migrate.PrepareRequest) error
+	onFinish  func(from, to *host, r *migrate.FinishRequest) error
+	// onEvidence, when set, rewrites the evidence a host answers with (a
+	// rogue host relaying another's).
+	onEvidence func(from, to *host, r *migrate.EvidenceRequest, resp *migrate.EvidenceResponse) (*migrate.EvidenceResponse, error)
 }
 
 // host is one emulated host: TPM, vault, key store, identity, ledger,
@@ -79,6 +87,110 @@ type host struct {
 	down   bool
 	wire   *wireLog
 	logs   *syncBuffer // the node's JSON logs, at trace level
+	// reg, when set before restart, is the node's registry.
+	reg migrate.Registry
+	// anchor is the host's rollback anchor, opened and checked at every
+	// restart as vtpmd does (docs/anchor.md).
+	anchor *vtpm.Anchor
+}
+
+// harnessAnchor is the node's view of the host's anchor, as the daemon's
+// adapter: settle with the key store's facts and the audit log's head.
+type harnessAnchor struct{ h *host }
+
+func (a harnessAnchor) Advance(ctx context.Context, changes []vtpm.Change) (vtpm.AnchorTicket, error) {
+	return a.h.anchor.Advance(ctx, changes)
+}
+
+func (a harnessAnchor) Settle(ctx context.Context, t vtpm.AnchorTicket) error {
+	facts, err := a.h.keys.Facts(ctx)
+	if err != nil {
+		return err
+	}
+	seq, head := a.h.audit.log.Head()
+	a.h.anchor.SetAuditMark(vtpm.AuditMark{Seq: seq, Head: head})
+	return a.h.anchor.Settle(ctx, t, facts)
+}
+
+// openAnchor opens and checks the host's rollback anchor as vtpmd does at
+// start, and settles what a crash left unsettled.
+func (h *host) openAnchor() {
+	t, ctx := h.f.t, context.Background()
+	t.Helper()
+	if h.anchor != nil {
+		h.anchor.Close()
+	}
+	a, err := vtpm.OpenAnchor(ctx, h.meter, h.vault, vtpm.AnchorConfig{Dir: h.dir})
+	if err != nil {
+		t.Fatalf("%s: open anchor: %v", h.name, err)
+	}
+	checks, err := h.keys.CheckKeys(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	facts := vtpm.FactsFromChecks(checks)
+	if _, err := a.Check(ctx, facts); err != nil {
+		t.Fatalf("%s: anchor check at restart: %v", h.name, err)
+	}
+	if err := a.SettleAll(ctx, facts); err != nil {
+		t.Fatalf("%s: settle the anchor at restart: %v", h.name, err)
+	}
+	h.anchor = a
+}
+
+// acceptAnchor plays an operator who runs 'vtpmd anchor accept' on a
+// host whose data directory the anchor refuses: it checks the refusal,
+// then accepts the key store as it is. The host is restarted afterwards.
+func (h *host) acceptAnchor() {
+	t, ctx := h.f.t, context.Background()
+	t.Helper()
+	if h.anchor != nil {
+		h.anchor.Close()
+		h.anchor = nil
+	}
+	keys, err := vtpm.NewKeyStore(h.dir, h.name, h.vault, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	checks, err := keys.CheckKeys(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	facts := vtpm.FactsFromChecks(checks)
+	a, err := vtpm.OpenAnchor(ctx, h.meter, h.vault, vtpm.AnchorConfig{Dir: h.dir})
+	if err != nil {
+		t.Fatal(err)
+	}
+	_, err = a.Check(ctx, facts)
+	a.Close()
+	if err == nil {
+		t.Fatalf("%s: the anchor accepted a data directory that changed behind its back", h.name)
+	}
+	t.Logf("%s: anchor refused: %v", h.name, err)
+	acc, _, err := vtpm.AcceptAnchorState(ctx, h.meter, h.vault, vtpm.AnchorConfig{Dir: h.dir}, facts, vtpm.AnchorAcceptance{
+		Operator: "test", Reason: "accepted without confirming the owners",
+		Audit: func(context.Context, vtpm.AnchorAcceptRecord) error { return nil },
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	acc.Close()
+}
+
+// checkAnchor checks, as a fresh start would, that the data directory
+// agrees with the host TPM's anchor (no false rollback).
+func (h *host) checkAnchor() {
+	t, ctx := h.f.t, context.Background()
+	t.Helper()
+	a, err := vtpm.OpenAnchor(ctx, h.meter, h.vault, vtpm.AnchorConfig{Dir: h.dir})
+	if err != nil {
+		t.Fatalf("%s: open anchor: %v", h.name, err)
+	}
+	defer a.Close()
+	checks, _ := h.keys.CheckKeys(ctx)
+	if _, err := a.Check(ctx, vtpm.FactsFromChecks(checks)); err != nil {
+		t.Fatalf("%s: the data directory disagrees with the anchor: %v", h.name, err)
+	}
 }
 
 func newFleet(t testing.TB) *fleet {
@@ -129,7 +241,11 @@ func tempDir(t testing.TB, prefix string) string {
 }
 
 // addHost provisions a host booted from bootLog and enrols it.
-func (f *fleet) addHost(name, bootLog string) *host {
+func (f *fleet) addHost(name, bootLog string) *host { return f.addHostEnrolled(name, bootLog, true) }
+
+// addHostEnrolled provisions a host, enrolled (in the fleet's one enrolment
+// store every node trusts) or not.
+func (f *fleet) addHostEnrolled(name, bootLog string, enrol bool) *host {
 	t, ctx := f.t, context.Background()
 	t.Helper()
 	dir := tempDir(t, "mig-"+name+"-")
@@ -155,15 +271,24 @@ func (f *fleet) addHost(name, bootLog string) *host {
 		t.Fatal(err)
 	}
 	tpmtest.TrustHostCA(t, f.roots, emu)
-	tpmtest.Enrol(t, h.meter, h.ident, name, f.enr)
+	if enrol {
+		tpmtest.Enrol(t, h.meter, h.ident, name, f.enr)
+		if f.registry != nil {
+			registrytest.Enroll(t, f.op, name)
+		}
+	}
 	if f.registry != nil {
-		registrytest.Enroll(t, f.op, name)
 		f.regs[name] = f.registry(name)
 	}
 	if h.vault, err = vtpm.InitVault(ctx, h.meter, vtpm.VaultConfig{Dir: dir, PCRs: vtpm.PCRSelection{PCRs: []int{7}}}, vtpm.InitOptions{}); err != nil {
 		t.Fatal(err)
 	}
 	t.Cleanup(h.vault.Close)
+	a, err := vtpm.InitAnchor(ctx, h.meter, h.vault, vtpm.AnchorConfig{Dir: dir}, vtpm.Facts{}, vtpm.AnchorInitOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	a.Close()
 	if h.hyp, err = f.net.AddHost(ctx, fake.HostConfig{Name: name, Dir: filepath.Join(dir, "hyp")}); err != nil {
 		t.Fatal(err)
 	}
@@ -187,12 +312,19 @@ func (h *host) restart() {
 	if h.keys, err = vtpm.NewKeyStore(h.dir, h.name, h.vault, nil); err != nil {
 		t.Fatal(err)
 	}
+	h.openAnchor()
+	reg := h.reg // a test's own client, else the fleet's (useRegistry)
+	if reg == nil {
+		reg = h.f.regs[h.name]
+	}
 	h.node = migrate.NewNode(migrate.Config{
-		Host: h.name, Keys: h.keys, TPM: h.meter, Identity: h.ident, Hypervisor: h.hyp, Ledger: h.ledger,
-		Verifier:  &attest.Verifier{Roots: h.f.roots, Policy: h.f.policy, Enrollments: h.f.enr, Clock: time.Now},
-		QuotePCRs: map[attest.Bank][]int{"sha256": quoted},
-		EventLog:  readFile(t, bootLogOf(h)),
-		Dial:      h.f.dial(h.name),
+		Host: h.name, Keys: h.keys, TPM: h.meter, Identity: h.ident, Hypervisor: h.hyp, Ledger: h.ledger, Registry: reg,
+		Anchor:      harnessAnchor{h},
+		Verifier:    &attest.Verifier{Roots: h.f.roots, Policy: h.f.policy, Enrollments: h.f.enr, Clock: time.Now},
+		Enrollments: h.f.enr,
+		QuotePCRs:   map[attest.Bank][]int{"sha256": quoted},
+		EventLog:    readFile(t, bootLogOf(h)),
+		Dial:        h.f.dial(h.name),
 		Target: func(name string) (hypervisor.Target, error) {
 			if d, ok := h.f.hosts[name]; ok {
 				return d.hyp.Target(), nil
@@ -204,7 +336,6 @@ func (h *host) restart() {
 		EvidenceMaxAge: h.f.maxAge,
 		PullLease:      h.f.pullLease,
 		Audit:          h.audit,
-		Registry:       h.f.regs[h.name],
 	})
 	h.down = false
 }
@@ -289,9 +420,18 @@ func call[Req, Resp any](p *testPeer, method string, req Req, f func(*migrate.No
 }
 
 func (p *testPeer) Evidence(ctx context.Context, r *migrate.EvidenceRequest) (*migrate.EvidenceResponse, error) {
-	return call(p, "Evidence", r, func(n *migrate.Node) (*migrate.EvidenceResponse, error) { return n.Evidence(ctx, r) })
+	resp, err := call(p, "Evidence", r, func(n *migrate.Node) (*migrate.EvidenceResponse, error) { return n.Evidence(ctx, r) })
+	if hook := p.to.f.onEvidence; hook != nil && err == nil {
+		return hook(p.from, p.to, r, resp)
+	}
+	return resp, err
 }
 func (p *testPeer) Prepare(ctx context.Context, r *migrate.PrepareRequest) (*migrate.PrepareResponse, error) {
+	if hook := p.to.f.onPrepare; hook != nil && !p.to.down && !p.from.down {
+		if err := hook(p.from, p.to, r); err != nil {
+			return nil, err
+		}
+	}
 	resp, err := call(p, "Prepare", r, func(n *migrate.Node) (*migrate.PrepareResponse, error) { return n.Prepare(ctx, r) })
 	if err == nil && p.to.f.tamperPrepare != nil {
 		p.to.f.tamperPrepare(resp)
@@ -299,6 +439,11 @@ func (p *testPeer) Prepare(ctx context.Context, r *migrate.PrepareRequest) (*mig
 	return resp, err
 }
 func (p *testPeer) Finish(ctx context.Context, r *migrate.FinishRequest) (*migrate.FinishResponse, error) {
+	if hook := p.to.f.onFinish; hook != nil && !p.to.down && !p.from.down {
+		if err := hook(p.from, p.to, r); err != nil {
+			return nil, err
+		}
+	}
 	return call(p, "Finish", r, func(n *migrate.Node) (*migrate.FinishResponse, error) { return n.Finish(ctx, r) })
 }
 func (p *testPeer) Status(ctx context.Context, r *migrate.StatusRequest) (*migrate.StatusResponse, error) {
@@ -386,11 +531,18 @@ func (h *host) createVM(name string) string {
 	t, ctx := h.f.t, context.Background()
 	t.Helper()
 	id := newUUID(t)
+	ticket, err := h.anchor.Advance(ctx, []vtpm.Change{{VMID: id, Generation: 1}})
+	if err != nil {
+		t.Fatal(err)
+	}
 	k, _, err := h.keys.Create(ctx, id)
 	if err != nil {
 		t.Fatal(err)
 	}
 	defer k.Destroy()
+	if err := (harnessAnchor{h}).Settle(ctx, ticket); err != nil {
+		t.Fatal(err)
+	}
 	state := filepath.Join(h.dir, "vms", id, "tpm2")
 	err = k.WithPassphrase(func(pass []byte) error {
 		if err := swtpm.Setup(ctx, swtpm.SetupConfig{StateDir: state, VMID: id, VMName: name, Passphrase: pass, CADir: filepath.Join(h.dir, "vm-ca")}); err != nil {

@@ -17,21 +17,6 @@ import (
 	"github.com/vtpmm/vtpmm/vtpm"
 )
 
-// Sentinel errors of the ledger check. (Kept here rather than in errors.go
-// while other work edits the package's existing files; move them there when
-// merging.)
-var (
-	// ErrLedgerDamaged means the ledger file is damaged; the concrete error
-	// is a *LedgerError naming the file, what is wrong and what to do.
-	ErrLedgerDamaged = errors.New("ledger file damaged")
-	// ErrLedgerHistoryLost means the ledger is missing or empty although
-	// the data directory shows this host had history (its rollback anchor
-	// counted ownership changes): it must not be silently re-created.
-	ErrLedgerHistoryLost = errors.New("ledger history lost")
-	// ErrLedgerInUse means another process holds the ledger open.
-	ErrLedgerInUse = errors.New("ledger in use by another process")
-)
-
 // LedgerError says what is wrong with a ledger file and what to do.
 type LedgerError struct {
 	Path    string

@@ -41,6 +41,15 @@ type MigrationJobs interface {
 	MigratingOut(ctx context.Context, vmUUID string) (bool, error)
 }
 
+// OutgoingJobs is implemented by hypervisors that tell more about an
+// outgoing job than MigratingOut: when it started, and where it goes (the
+// fake hypervisor both, libvirt the start). Pull uses it to bind a pull to
+// the job: the caller must be the job's destination, and a second pull
+// during one job is refused without disturbing the first.
+type OutgoingJobs interface {
+	OutgoingJob(ctx context.Context, vmUUID string) (hypervisor.OutgoingJob, error)
+}
+
 var _ Peer = (*Node)(nil)
 
 // Dialer returns the Peer for a host name.
@@ -53,6 +62,8 @@ type Keys interface {
 	PutPending(ctx context.Context, vmID, txID string, gen uint64, k vtpm.VMKey) error
 	GetPending(ctx context.Context, vmID, txID string) (vtpm.VMKey, uint64, error)
 	WithPassphrase(ctx context.Context, vmID string, fn func(pass []byte) error) (uint64, error)
+	// HighWater is the highest generation this host has held for the VM.
+	HighWater(ctx context.Context, vmID string) (uint64, error)
 	CommitPending(ctx context.Context, vmID, txID string) (uint64, error)
 	DropPending(ctx context.Context, vmID, txID string) error
 	// List returns the active keys and their generations without opening them.
@@ -60,6 +71,16 @@ type Keys interface {
 }
 
 var _ Keys = (*vtpm.KeyStore)(nil)
+
+// Anchor is the host's rollback anchor as the migration engine uses it
+// (vtpm/host.Host through the daemon; docs/anchor.md): Advance counts an
+// ownership step in the host TPM (one NV_Increment) before the key store
+// changes, Settle records the key store's outcome (and the audit log's
+// position) after. nil: no anchor (tests of the protocol alone).
+type Anchor interface {
+	Advance(ctx context.Context, changes []vtpm.Change) (vtpm.AnchorTicket, error)
+	Settle(ctx context.Context, t vtpm.AnchorTicket) error
+}
 
 // Auditor records AuditEvents (internal/audit adapts to it).
 type Auditor interface {
@@ -82,11 +103,18 @@ type Config struct {
 	Hypervisor hypervisor.Hypervisor
 	Ledger     *Ledger
 	// Registry is the fleet registry (nil: registry mode none). See Registry.
-	Registry  Registry
-	Verifier  *attest.Verifier // verifies destinations (source side)
-	QuotePCRs map[attest.Bank][]int
-	EventLog  []byte // this host's TCG event log, sent with evidence
-	Dial      Dialer
+	Registry Registry
+	// Anchor is the host's rollback anchor (nil: none). The source's and
+	// the destination's commit each advance it once per batch.
+	Anchor   Anchor
+	Verifier *attest.Verifier // verifies destinations (source side)
+	// Enrollments is the store of enrolled hosts: this host answers
+	// Prepare, Finish, Evidence, Status and Pull from enrolled hosts only
+	// (authz.go; it must implement attest.HostFinder). nil trusts no peer.
+	Enrollments attest.Enrollments
+	QuotePCRs   map[attest.Bank][]int
+	EventLog    []byte // this host's TCG event log, sent with evidence
+	Dial        Dialer
 	// Target maps a destination host to its hypervisor target.
 	Target func(host string) (hypervisor.Target, error)
 	// EvidenceMaxAge: verified evidence of a destination is reused for

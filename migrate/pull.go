@@ -11,6 +11,7 @@ import (
 
 	"github.com/sirupsen/logrus"
 
+	"github.com/vtpmm/vtpmm/hypervisor"
 	"github.com/vtpmm/vtpmm/internal/ids"
 	"github.com/vtpmm/vtpmm/vtpm"
 )
@@ -87,6 +88,9 @@ func (n *Node) Pull(ctx context.Context, req *PullRequest) (*PullResponse, error
 	if req.Dest == n.cfg.Host {
 		return nil, fmt.Errorf("pull: %w: %s asks itself", ErrBadMessage, req.Dest)
 	}
+	if err := n.authorizePeer(ctx, "pull", req.Dest); err != nil {
+		return nil, err
+	}
 	txID, err := newTxID(n.cfg.Rand)
 	if err != nil {
 		return nil, err
@@ -105,32 +109,53 @@ func (n *Node) Pull(ctx context.Context, req *PullRequest) (*PullResponse, error
 }
 
 // pullPrecheck runs once this node owns every VM of req: the hypervisor
-// must be migrating each of them away right now, and an earlier pulled
-// transaction of the same VMs is settled first.
+// must be migrating each of them away right now, to the caller where the
+// hypervisor names the job's destination, and an earlier pulled
+// transaction of the same VMs is settled first if its job is over; while
+// it runs, the second pull is refused and the first left alone.
 func (n *Node) pullPrecheck(ctx context.Context, req *PullRequest) error {
-	jobs, ok := n.cfg.Hypervisor.(MigrationJobs)
-	if !ok {
-		return fmt.Errorf("pull: %w: hypervisor %s cannot report migrations", ErrNotMigrating, n.cfg.Hypervisor.Name())
-	}
+	jobs := map[string]hypervisor.OutgoingJob{}
 	for _, id := range req.VMs {
-		out, err := jobs.MigratingOut(ctx, id)
+		job, err := n.outgoingJob(ctx, id)
 		if err != nil {
 			return fmt.Errorf("pull %s: %w", id, err)
 		}
-		if !out {
+		if !job.Active {
 			return fmt.Errorf("pull %s for %s: %w: no outgoing migration job on %s", id, req.Dest, ErrNotMigrating, n.cfg.Host)
 		}
+		if job.Dest != "" && job.Dest != req.Dest {
+			return fmt.Errorf("pull %s for %s: %w: the hypervisor on %s migrates it to %s, not to %s", id, req.Dest, ErrNotMigrating, n.cfg.Host, job.Dest, req.Dest)
+		}
+		jobs[id] = job
 	}
 	n.recoverMu.Lock() // not while the recovery loop settles the same transaction
 	defer n.recoverMu.Unlock()
-	return n.settleStalePulls(ctx, req.VMs)
+	return n.settleStalePulls(ctx, req, jobs)
+}
+
+// outgoingJob asks the hypervisor about the VM's outgoing job, with the
+// detail it can give (OutgoingJobs), or whether there is one
+// (MigrationJobs).
+func (n *Node) outgoingJob(ctx context.Context, vm string) (hypervisor.OutgoingJob, error) {
+	if j, ok := n.cfg.Hypervisor.(OutgoingJobs); ok {
+		return j.OutgoingJob(ctx, vm)
+	}
+	j, ok := n.cfg.Hypervisor.(MigrationJobs)
+	if !ok {
+		return hypervisor.OutgoingJob{}, fmt.Errorf("%w: hypervisor %s cannot report migrations", ErrNotMigrating, n.cfg.Hypervisor.Name())
+	}
+	out, err := j.MigratingOut(ctx, vm)
+	return hypervisor.OutgoingJob{Active: out}, err
 }
 
 // settleStalePulls resolves an earlier pulled transaction of the same VMs
-// before a new one: a new outgoing job means the hypervisor has finished
-// the previous one, so the VM's fate is known.
-func (n *Node) settleStalePulls(ctx context.Context, vms []string) error {
-	for _, id := range vms {
+// before a new one, once the hypervisor shows that its job is over: the
+// current job goes to another host than the earlier pull's, or started
+// after it. Otherwise (the job is the earlier pull's, or the hypervisor
+// cannot tell) the new pull is refused (ErrBusy) and the earlier one is
+// left alone: one destination per job.
+func (n *Node) settleStalePulls(ctx context.Context, req *PullRequest, jobs map[string]hypervisor.OutgoingJob) error {
+	for _, id := range req.VMs {
 		txID, err := n.cfg.Ledger.Holder(id)
 		if errors.Is(err, errNoHolder) {
 			continue
@@ -140,6 +165,12 @@ func (n *Node) settleStalePulls(ctx context.Context, vms []string) error {
 		tx, err := n.cfg.Ledger.Get(txID)
 		if err != nil || !tx.Pulled || tx.Role != RoleSource || n.driving(txID) {
 			return fmt.Errorf("pull %s: %w: transaction %s is open", id, ErrBusy, txID)
+		}
+		job := jobs[id]
+		over := (job.Dest != "" && job.Dest != tx.Peer) || (!job.Started.IsZero() && job.Started.After(tx.Created))
+		if !over {
+			return fmt.Errorf("pull %s for %s: %w: the VM's outgoing job belongs to transaction %s, pulled by %s; one destination per job",
+				id, req.Dest, ErrBusy, txID, tx.Peer)
 		}
 		if err := n.recoverSource(ctx, tx); err != nil {
 			return fmt.Errorf("pull %s: %w: earlier transaction %s: %w", id, ErrBusy, txID, err)

@@ -196,3 +196,86 @@ func TestDecodePull(t *testing.T) {
 		})
 	}
 }
+
+// TestPullBoundToTheJob is issue 10's attack 4: while A's hypervisor
+// migrates a VM to D (hook mode: D pulled the key), enrolled host B pulls
+// the same VM. The honest twin first (a plain migration to D and back).
+// Then B's pull is refused and D's pulled transaction is undisturbed: the
+// migration to D completes. Twice: with a hypervisor that names the job's
+// destination (the fake: B is not the destination, ErrNotMigrating) and
+// with one that cannot (as libvirt: the job started before D's pull, so it
+// is D's, ErrBusy). Last, a pull whose job ended elsewhere: B's pulled key
+// is dropped and its secret undefined when A's next job goes to D.
+func TestPullBoundToTheJob(t *testing.T) {
+	t.Parallel()
+	ctx := context.Background()
+	f := newFleet(t)
+	a, b, d := f.addHost("host-a", goodLog), f.addHost("host-b", goodLog), f.addHost("host-d", goodLog)
+	f.hookMode()
+	vm := a.createVM("vm1")
+	secret := []byte("one destination per job")
+	a.guestSeal(vm, secret)
+	plain := func(from, to *host) {
+		t.Helper()
+		if err := from.hyp.Migrate(ctx, vm, to.hyp.Target()); err != nil {
+			t.Fatalf("plain migration %s -> %s: %v", from.name, to.name, err)
+		}
+		if err := from.node.Settle(ctx, vm); err != nil {
+			t.Fatalf("settle on %s: %v", from.name, err)
+		}
+		f.checkSingleOwner(vm, to.name)
+	}
+	plain(a, d)
+	plain(d, a)
+
+	// B pulls right after D's pull, while the VM still runs on A.
+	dPull := d.hyp.MigrateBegin
+	for _, destKnown := range []bool{true, false} {
+		a.hyp.JobDestUnknown = !destKnown
+		var pullErr error
+		d.hyp.MigrateBegin = func(ctx context.Context, id, name string) error {
+			if err := dPull(ctx, id, name); err != nil {
+				return err
+			}
+			_, pullErr = b.node.RequestPull(ctx, []string{vm}, []string{"host-a", "host-d"})
+			return nil
+		}
+		plain(a, d)
+		d.hyp.MigrateBegin = dPull
+		want := migrate.ErrNotMigrating
+		if !destKnown {
+			want = migrate.ErrBusy
+		}
+		if !errors.Is(pullErr, want) {
+			t.Fatalf("destination known %v: B's pull during A's job to D: %v, want %v", destKnown, pullErr, want)
+		}
+		t.Logf("destination known %v: B's pull refused: %v", destKnown, pullErr)
+		if has, _ := b.hyp.HasSecret(ctx, vm); has || len(b.pendingKeyFiles(vm)) > 0 {
+			t.Fatalf("B holds a secret (%v) or a pending key after its refused pull", has)
+		}
+		plain(d, a)
+		if got := a.guestUnseal(vm); !bytes.Equal(got, secret) {
+			t.Fatalf("guest secret on A: %q", got)
+		}
+	}
+
+	// B pulls for a job to B that fails late; the VM stays on A and B's
+	// pulled key waits (leased). A's next job goes to D: D's pull settles
+	// B's transaction, so B drops its key and secret.
+	a.hyp.JobDestUnknown = false
+	a.hyp.BeforeMigrateCommit = func() error { return errors.New("injected late failure") }
+	if err := a.hyp.Migrate(ctx, vm, b.hyp.Target()); err == nil {
+		t.Fatal("the failing migration to B succeeded")
+	}
+	a.hyp.BeforeMigrateCommit = nil
+	if has, _ := b.hyp.HasSecret(ctx, vm); !has || len(b.pendingKeyFiles(vm)) != 1 {
+		t.Fatalf("B should hold the pulled key while the pull is leased (secret %v, files %v)", has, b.pendingKeyFiles(vm))
+	}
+	plain(a, d)
+	if has, _ := b.hyp.HasSecret(ctx, vm); has || len(b.pendingKeyFiles(vm)) > 0 {
+		t.Fatalf("B kept the pulled key or its secret after the job ended elsewhere (secret %v)", has)
+	}
+	if _, ok := b.node.Incoming(vm); ok {
+		t.Fatal("B's pulled transaction is still open")
+	}
+}

@@ -172,8 +172,9 @@ func TestRegistryRefusesHostStates(t *testing.T) {
 }
 
 // TestStaleCopyRefusedAndCleaned: host-a's data directory is restored from
-// before the VM moved to host-b (its old key file is back). Its start is
-// refused, naming the owner and the generation; the copy is kept while
+// before the VM moved to host-b (its old key file is back). The rollback
+// anchor refuses it first; an operator accepts it anyway ('vtpmd anchor
+// accept' without confirming the owners). Its start is then refused, naming the owner and the generation; the copy is kept while
 // host-b cannot confirm, and shredded once host-b confirms over the wire
 // that it holds the newer generation.
 func TestStaleCopyRefusedAndCleaned(t *testing.T) {
@@ -195,6 +196,7 @@ func TestStaleCopyRefusedAndCleaned(t *testing.T) {
 	if err := os.WriteFile(keyFile, old, 0o600); err != nil { // the restore
 		t.Fatal(err)
 	}
+	a.acceptAnchor()
 	a.restart()
 	b.down = true // host-b cannot confirm yet
 	_, err = a.node.CheckStart(ctx, vm)

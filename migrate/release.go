@@ -121,7 +121,16 @@ func (n *Node) release(ctx context.Context, s releaseSpec, keys map[string]vtpm.
 	}
 	if err != nil {
 		n.ForgetEvidence(s.dest)
-		n.abortRemote(ctx, peer, tx, fmt.Sprintf("prepare: %v", err))
+		if denied(err) {
+			// The destination's authorisation runs before it writes
+			// anything: there is nothing to abort there.
+			n.abortLocal(ctx, tx, fmt.Sprintf("prepare: %v", err))
+			for _, vm := range tx.VMs {
+				n.audit(ctx, AuditEvent{Event: audit.EventMigrationAbort, VM: vm.UUID, Peer: tx.Peer, TxID: tx.ID, Detail: err.Error()})
+			}
+		} else {
+			n.abortRemote(ctx, peer, tx, fmt.Sprintf("prepare: %v", err))
+		}
 		n.done(OutcomeFailed)
 		return Tx{}, nil, fmt.Errorf("migrate to %s: prepare: %w", s.dest, err)
 	}

@@ -189,10 +189,9 @@ func (n *Node) destEvidence(ctx context.Context, peer Peer, dest string, res *Re
 	if err != nil {
 		return verified{}, false, fmt.Errorf("migrate to %s: %w: %w", dest, ErrRefused, err)
 	}
-	if ev.HostID != dest {
-		return verified{}, false, fmt.Errorf("migrate to %s: %w: evidence is from host %q", dest, ErrRefused, ev.HostID)
-	}
-	r, err := n.cfg.Verifier.Verify(ctx, ev, nonce)
+	// The evidence must name the host dialled, and its AK must be the one
+	// enrolled for that host (rule enrolled-host).
+	r, err := n.cfg.Verifier.VerifyHost(ctx, dest, ev, nonce)
 	var re *attest.RefusalError
 	if errors.As(err, &re) {
 		return verified{}, false, fmt.Errorf("migrate to %s: %w: %w", dest, ErrRefused, err)
@@ -321,6 +320,20 @@ func (n *Node) finishSource(ctx context.Context, peer Peer, tx Tx) error {
 
 func (n *Node) completeSource(ctx context.Context, tx Tx) error {
 	final, result := SrcAborted, OutcomeAborted
+	// The batch's ownership step, counted in the host TPM before any key
+	// is shredded (one NV_Increment per batch). If it fails nothing was
+	// shredded: the transaction stays open and recovery retries.
+	var changes []vtpm.Change
+	for _, vm := range tx.VMs {
+		if vm.Outcome == OutcomeMigrated {
+			changes = append(changes, vtpm.Change{VMID: vm.UUID})
+		}
+	}
+	settle, err := n.advance(ctx, tx, changes)
+	if err != nil {
+		return err
+	}
+	defer settle()
 	for _, vm := range tx.VMs {
 		if vm.Outcome != OutcomeMigrated {
 			n.audit(ctx, AuditEvent{Event: audit.EventMigrationAbort, VM: vm.UUID, Peer: tx.Peer, TxID: tx.ID, Detail: vm.Error})

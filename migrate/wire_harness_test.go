@@ -94,10 +94,12 @@ func (w *wireNet) attach(h *host) {
 	w.clients[h.name] = c
 	h.node = migrate.NewNode(migrate.Config{
 		Host: h.name, Keys: h.keys, TPM: h.meter, Identity: h.ident, Hypervisor: h.hyp, Ledger: h.ledger,
-		Verifier:  &attest.Verifier{Roots: h.f.roots, Policy: h.f.policy, Enrollments: h.f.enr, Clock: time.Now},
-		QuotePCRs: map[attest.Bank][]int{"sha256": quoted},
-		EventLog:  readFile(t, bootLogOf(h)),
-		Dial:      c.Dial,
+		Anchor:      harnessAnchor{h},
+		Verifier:    &attest.Verifier{Roots: h.f.roots, Policy: h.f.policy, Enrollments: h.f.enr, Clock: time.Now},
+		Enrollments: h.f.enr,
+		QuotePCRs:   map[attest.Bank][]int{"sha256": quoted},
+		EventLog:    readFile(t, bootLogOf(h)),
+		Dial:        c.Dial,
 		Target: func(name string) (hypervisor.Target, error) {
 			if d, ok := h.f.hosts[name]; ok {
 				return d.hyp.Target(), nil

@@ -120,8 +120,8 @@ func TestWireMigration(t *testing.T) {
 	if status.Code(err) != codes.PermissionDenied {
 		t.Fatalf("Status from host-x claiming host-a: %v", err)
 	}
-	if _, err := xp.Status(mctx, &migrate.StatusRequest{TxID: prep.TxID, From: "host-x"}); !errors.Is(err, migrate.ErrBadMessage) {
-		t.Fatalf("host-x asking honestly about A's transaction: %v", err) // authorized, then refused by the node
+	if _, err := xp.Status(mctx, &migrate.StatusRequest{TxID: prep.TxID, From: "host-x"}); !errors.Is(err, migrate.ErrDenied) || status.Code(err) != codes.PermissionDenied {
+		t.Fatalf("host-x asking honestly about A's transaction: %v", err) // authenticated, then refused by the node: not enrolled
 	}
 
 	// A certificate from another CA: the handshake fails, B sees nothing.

@@ -202,7 +202,8 @@ func (a *Anchor) Counter() uint64 {
 	return a.file.Counter
 }
 
-// Advances counts the ownership steps since init. A host with Advances > 0
+// Advances counts the ownership steps since init that the ledger and the
+// audit log record (migrations; not AdvanceCreate). A host with Advances > 0
 // has committed migrations, so its ledger and audit log must have history.
 func (a *Anchor) Advances() uint64 {
 	a.mu.Lock()
@@ -227,6 +228,24 @@ func (a *Anchor) SetAuditMark(m AuditMark) {
 	a.mu.Lock()
 	defer a.mu.Unlock()
 	a.mark = &m
+}
+
+// RecordAuditMark writes the audit log's position into the anchor file now
+// (one file write, no TPM command), so that a log cut back or replaced
+// after it is detected at the next start even before the next ownership
+// step (vtpmd records it when it starts and when it stops).
+func (a *Anchor) RecordAuditMark(ctx context.Context, m AuditMark) error {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	if err := ctx.Err(); err != nil {
+		return err
+	}
+	a.mark = &m
+	if err := a.save(a.file); err != nil {
+		return fmt.Errorf("record audit mark: %w", err)
+	}
+	a.file.Audit = &m
+	return nil
 }
 
 // Close wipes the derived keys.
@@ -297,6 +316,18 @@ func (a *Anchor) Check(ctx context.Context, facts Facts) (*AnchorStatus, error) 
 // what this host will hold after the step (Generation 0: no key). A VM of
 // an unsettled step is refused (ErrAnchorBusy).
 func (a *Anchor) Advance(ctx context.Context, changes []Change) (AnchorTicket, error) {
+	return a.advance(ctx, changes, true)
+}
+
+// AdvanceCreate is Advance for the creation of VMs on this host: the same
+// step, counted in the TPM, but not in Advances, because a creation leaves
+// no record in the ledger or the audit log (Advances > 0 tells that they
+// must have history).
+func (a *Anchor) AdvanceCreate(ctx context.Context, changes []Change) (AnchorTicket, error) {
+	return a.advance(ctx, changes, false)
+}
+
+func (a *Anchor) advance(ctx context.Context, changes []Change, history bool) (AnchorTicket, error) {
 	a.mu.Lock()
 	defer a.mu.Unlock()
 	if err := ctx.Err(); err != nil {
@@ -329,7 +360,9 @@ func (a *Anchor) Advance(ctx context.Context, changes []Change) (AnchorTicket, e
 	}
 	next := a.file
 	next.Counter++
-	next.Advances++
+	if history {
+		next.Advances++
+	}
 	next.Holdings = sortedHoldings(m)
 	next.Pending = append(slices.Clone(a.file.Pending), step)
 	if err := a.save(next); err != nil {

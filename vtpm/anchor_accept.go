@@ -18,6 +18,15 @@ type AnchorAcceptance struct {
 	// Audit records the acceptance before the file is rewritten (required):
 	// an acceptance that could not be audited does not happen.
 	Audit func(ctx context.Context, r AnchorAcceptRecord) error
+	// Mark, when set, is called after Audit and gives the audit log's
+	// position the file records from now on (the log may be a new one,
+	// started by the acceptance record itself).
+	Mark func() *AuditMark
+	// ResetHistory starts the anchor's history anew (Advances 0): the
+	// operator accepts that the ledger or the audit log lost its history
+	// (moved aside as damaged, or gone), so that vtpmd no longer requires
+	// it. Without it the count of ownership steps carries over.
+	ResetHistory bool
 }
 
 // AnchorAcceptRecord is what an acceptance changed, for the audit log.
@@ -35,6 +44,8 @@ type AnchorAcceptRecord struct {
 	// (empty when the old file could not be read).
 	Diffs    []HoldingDiff
 	Holdings int // VMs held after the acceptance
+	// HistoryReset reports AnchorAcceptance.ResetHistory.
+	HistoryReset bool
 }
 
 func (r AnchorAcceptRecord) String() string {
@@ -42,6 +53,9 @@ func (r AnchorAcceptRecord) String() string {
 		r.Operator, r.Reason, r.File, r.OldCounter, r.TPMCounter, r.Holdings, len(r.Diffs))
 	if r.OldProblem != "" {
 		s += "; the old file: " + r.OldProblem
+	}
+	if r.HistoryReset {
+		s += "; history reset (ledger and audit log start anew)"
 	}
 	return s
 }
@@ -66,7 +80,8 @@ func AcceptAnchorState(ctx context.Context, tpm transport.TPM, v *Vault, cfg Anc
 	if err := ctx.Err(); err != nil {
 		return nil, AnchorAcceptRecord{}, err
 	}
-	rec := AnchorAcceptRecord{File: cfg.path(), Index: fmt.Sprintf("0x%08x", uint32(cfg.Index)), Operator: acc.Operator, Reason: acc.Reason}
+	rec := AnchorAcceptRecord{File: cfg.path(), Index: fmt.Sprintf("0x%08x", uint32(cfg.Index)), Operator: acc.Operator, Reason: acc.Reason,
+		HistoryReset: acc.ResetHistory}
 	old, ferr := readAnchorFile(cfg.path(), a.keyID, a.macKey)
 	var afe *AnchorFileError
 	switch {
@@ -92,9 +107,15 @@ func AcceptAnchorState(ctx context.Context, tpm transport.TPM, v *Vault, cfg Anc
 	if f.Created.IsZero() {
 		f.Created = cfg.Now().UTC()
 	}
+	if acc.ResetHistory {
+		f.Advances, f.Audit = 0, nil
+	}
 	rec.Holdings = len(f.Holdings)
 	if err := acc.Audit(ctx, rec); err != nil {
 		return nil, AnchorAcceptRecord{}, fmt.Errorf("accept anchor state: audit: %w", err)
+	}
+	if acc.Mark != nil {
+		f.Audit = acc.Mark()
 	}
 	a.mark = f.Audit
 	if err := a.save(f); err != nil {

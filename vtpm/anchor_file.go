@@ -43,8 +43,9 @@ type anchorFile struct {
 	NVName  string `json:"nv_name"`  // hex name of the written index
 	// Counter is the TPM counter value this directory's state corresponds to.
 	Counter uint64 `json:"counter"`
-	// Advances counts the Advance calls since init: > 0 means the host has
-	// committed ownership changes, so its ledger and audit log have history.
+	// Advances counts the Advance calls since init (AdvanceCreate does not
+	// count): > 0 means the host has committed migrations, so its ledger
+	// and audit log have history.
 	Advances uint64          `json:"advances"`
 	Holdings []Holding       `json:"holdings"`
 	Pending  []anchorPending `json:"pending,omitempty"`

@@ -196,6 +196,9 @@ func (s *KeyStore) Delete(ctx context.Context, vmID string) error {
 	if errors.Is(err, fs.ErrNotExist) {
 		return fmt.Errorf("delete key for %s: %w", vmID, ErrKeyNotFound)
 	}
+	if rerr := os.Remove(s.rotatePath(vmID)); rerr != nil && !errors.Is(rerr, fs.ErrNotExist) && err == nil {
+		err = rerr
+	}
 	return err
 }
 
@@ -245,6 +248,20 @@ func (s *KeyStore) seenGeneration(vmID string) (uint64, error) {
 		return 0, fmt.Errorf("%w: generation record %s", ErrCorrupt, s.seenPath(vmID))
 	}
 	return r.MaxGen, nil
+}
+
+// HighWater is the highest generation this host has held for the VM (its
+// active key's, or the mark kept after the key left); 0 if none.
+func (s *KeyStore) HighWater(ctx context.Context, vmID string) (uint64, error) {
+	if err := CheckVMID(vmID); err != nil {
+		return 0, fmt.Errorf("high-water mark: %w", err)
+	}
+	if err := ctx.Err(); err != nil {
+		return 0, err
+	}
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.highWater(vmID)
 }
 
 func (s *KeyStore) highWater(vmID string) (uint64, error) {

@@ -116,6 +116,12 @@ func (s *KeyStore) CommitPending(ctx context.Context, vmID, txID string) (uint64
 	if env.Generation <= seen {
 		return 0, fmt.Errorf("commit pending key for %s: %w: generation %d, already held %d", vmID, ErrStaleGeneration, env.Generation, seen)
 	}
+	// The key came from another host, which may have kept a copy: replace
+	// it at the VM's next cold start (keystore_rekey.go). Marked before the
+	// rename, so that a crash never leaves a received key unmarked.
+	if err := atomicfile.WriteFile(s.rotatePath(vmID), nil, 0o600); err != nil {
+		return 0, fmt.Errorf("commit pending key for %s: %w", vmID, err)
+	}
 	if err := os.Rename(p, s.keyPath(vmID)); err != nil {
 		return 0, fmt.Errorf("commit pending key for %s: %w", vmID, err)
 	}

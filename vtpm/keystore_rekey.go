@@ -18,7 +18,20 @@ import (
 // active key still opens the state; after a crash, swtpm.RecoverRekey says
 // which of the two opens it, and the caller commits or drops accordingly.
 
-func (s *KeyStore) rekeyPath(vmID string) string { return filepath.Join(s.dir, vmID+".rekey") }
+func (s *KeyStore) rekeyPath(vmID string) string  { return filepath.Join(s.dir, vmID+".rekey") }
+func (s *KeyStore) rotatePath(vmID string) string { return filepath.Join(s.dir, vmID+".rotate") }
+
+// NeedsRotation reports whether the VM's key came from another host
+// (CommitPending) and was not replaced since (CommitRekey): every host that
+// held the VM before may still have it, so the key is replaced at the VM's
+// next cold start.
+func (s *KeyStore) NeedsRotation(vmID string) bool {
+	if CheckVMID(vmID) != nil {
+		return false
+	}
+	_, err := os.Lstat(s.rotatePath(vmID))
+	return err == nil
+}
 
 // PutRekey stores the new key of a rekey, beside the VM's active key and at
 // its generation. It refuses a VM without an active key, and a second
@@ -93,6 +106,9 @@ func (s *KeyStore) CommitRekey(ctx context.Context, vmID string) error {
 		return fmt.Errorf("commit rekey for %s: %w: the active key is generation %d, the rekey was for %d", vmID, ErrStaleGeneration, cur.Generation, ne.Generation)
 	}
 	if err := os.Rename(s.rekeyPath(vmID), s.keyPath(vmID)); err != nil {
+		return fmt.Errorf("commit rekey for %s: %w", vmID, err)
+	}
+	if err := os.Remove(s.rotatePath(vmID)); err != nil && !errors.Is(err, fs.ErrNotExist) {
 		return fmt.Errorf("commit rekey for %s: %w", vmID, err)
 	}
 	return atomicfile.SyncDir(s.dir)

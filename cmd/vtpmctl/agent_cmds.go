@@ -81,9 +81,16 @@ func agentCommands(e *env) []*cobra.Command {
 				return json.NewEncoder(e.stdout).Encode(vms)
 			}
 			w := tabwriter.NewWriter(e.stdout, 0, 4, 2, ' ', 0)
-			fmt.Fprintln(w, "NAME\tUUID\tOWNED\tGENERATION\tSTATE\tPENDING")
+			fmt.Fprintln(w, "NAME\tUUID\tOWNED\tGENERATION\tSTATE\tPENDING\tNOTE")
 			for _, v := range vms {
-				fmt.Fprintf(w, "%s\t%s\t%v\t%d\t%s\t%s\n", orDash(v.Name), v.UUID, v.Owned, v.Generation, v.State, orDash(v.PendingTx))
+				note := "-"
+				switch {
+				case v.Damaged != "":
+					note = "DAMAGED: " + v.Damaged
+				case v.Rotate:
+					note = "key rotates at the next cold start"
+				}
+				fmt.Fprintf(w, "%s\t%s\t%v\t%d\t%s\t%s\t%s\n", orDash(v.Name), v.UUID, v.Owned, v.Generation, v.State, orDash(v.PendingTx), note)
 			}
 			return w.Flush()
 		},
@@ -120,6 +127,25 @@ func agentCommands(e *env) []*cobra.Command {
 			for _, tx := range v.Transactions {
 				fmt.Fprintf(e.stdout, "tx %s  %-11s peer %-10s %-13s %s %s\n", tx.ID, tx.Role, tx.Peer, tx.State, tx.Updated.Format(time.RFC3339), tx.Reason)
 			}
+			return nil
+		},
+	})
+	vm.AddCommand(&cobra.Command{
+		Use:   "rekey VM",
+		Short: "Replace a shut-off VM's key and re-encrypt its vTPM state (a former holder's key opens nothing)",
+		Long: "rekey asks the local vtpmd to replace the VM's key: a new random key, the VM's vTPM state\n" +
+			"re-encrypted under it through swtpm (no plaintext state on disk), the hypervisor's secret\n" +
+			"redefined. Every copy of the old key, on hosts that held the VM before, then opens nothing.\n" +
+			"The VM must be owned here and shut off. vtpmd also rotates a VM's key by itself at its first\n" +
+			"cold start after a migration. Exit codes: 0 done; 5 the VM is running or in a migration;\n" +
+			"7 its key envelope is damaged; 1 anything else (not owned here, unknown VM).",
+		Args: cobra.ExactArgs(1),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			info, err := client().Rekey(cmd.Context(), args[0])
+			if err != nil {
+				return &exitError{code: errclass.ExitCode(err), err: err}
+			}
+			fmt.Fprintf(e.stdout, "VM %s: key replaced at generation %d; %d bytes of vTPM state re-encrypted in %s\n", info.UUID, info.Generation, info.Bytes, info.Took)
 			return nil
 		},
 	})

@@ -219,7 +219,7 @@ func printEvents(e *env, log *attest.EventLog) {
 
 func evidenceCommand(e *env) *cobra.Command {
 	evc := &cobra.Command{Use: "evidence", Short: "Attestation evidence"}
-	var policyPath, nonceHex, enrollPath, at string
+	var policyPath, nonceHex, enrollPath, at, hostName string
 	var roots, akRoots []string
 	var explain bool
 	verify := &cobra.Command{
@@ -271,7 +271,10 @@ func evidenceCommand(e *env) *cobra.Command {
 				fmt.Fprintln(e.stderr, "warning: no --nonce given; freshness is NOT checked (the evidence's own nonce is used)")
 			}
 			v := &attest.Verifier{Roots: store, AKRoots: akStore, Policy: pol, Enrollments: enr, Clock: func() time.Time { return now }, Log: e.log}
-			res, err := v.Verify(cmd.Context(), ev, nonce)
+			if hostName == "" {
+				hostName = ev.HostID
+			}
+			res, err := v.VerifyHost(cmd.Context(), hostName, ev, nonce)
 			if explain {
 				fmt.Fprint(e.stdout, res.Explain())
 			}
@@ -295,6 +298,7 @@ func evidenceCommand(e *env) *cobra.Command {
 	f.StringVar(&enrollPath, "enrollments", "", "enrolment file (JSON) recording activated (EK, AK) pairs")
 	f.BoolVar(&explain, "explain", false, "print every rule with its outcome")
 	f.StringVar(&at, "at", "", "verification time (RFC 3339; default now)")
+	f.StringVar(&hostName, "host", "", "the host the evidence was fetched from (default: the name the evidence gives); its AK must be enrolled for it (rule enrolled-host)")
 	_ = verify.MarkFlagRequired("policy")
 	evc.AddCommand(verify)
 	return evc

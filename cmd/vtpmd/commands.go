@@ -24,7 +24,7 @@ import (
 )
 
 func initCmd(e *env) *cobra.Command {
-	var recovery bool
+	var recovery, replaceAnchor bool
 	c := &cobra.Command{
 		Use:   "init",
 		Short: "Provision this host: SRK, and a vault key sealed to the TPM and the current boot state",
@@ -34,13 +34,14 @@ func initCmd(e *env) *cobra.Command {
 			if err != nil {
 				return err
 			}
-			res, err := host.Init(cmd.Context(), cfg.Config, e.opts(), host.InitOptions{RecoveryKey: recovery})
+			res, err := host.Init(cmd.Context(), cfg.Config, e.opts(), host.InitOptions{RecoveryKey: recovery, ReplaceAnchor: replaceAnchor})
 			if err != nil {
 				return err
 			}
 			fmt.Fprintf(e.stdout, "host %s initialised: vault key %s sealed to %s (%d TPM commands)\n",
 				res.HostID, res.KeyID, strings.Join(res.SealedTo, "; "), res.TPMStats.Total)
 			fmt.Fprintf(e.stdout, "attestation key %s and migration key %s are persistent in the TPM\n", res.AKName[:16], res.MKName[:16])
+			fmt.Fprintf(e.stdout, "rollback anchor: NV counter %s at %d\n", res.AnchorIndex, res.AnchorCounter)
 			if res.RecoveryKey != nil {
 				fmt.Fprintf(e.stdout, "RECOVERY KEY (shown once, store it offline; it opens the vault on this TPM only):\n  %s\n",
 					res.RecoveryKey.Reveal())
@@ -50,6 +51,7 @@ func initCmd(e *env) *cobra.Command {
 		},
 	}
 	c.Flags().BoolVar(&recovery, "recovery-key", false, "also create a recovery key and print it once")
+	c.Flags().BoolVar(&replaceAnchor, "replace-anchor", false, "replace a rollback anchor index another vault defined on this TPM (an earlier init whose data directory is gone)")
 	return c
 }
 
@@ -290,9 +292,13 @@ func vmCmd(e *env) *cobra.Command {
 					return json.NewEncoder(e.stdout).Encode(vms)
 				}
 				w := tabwriter.NewWriter(e.stdout, 0, 4, 2, ' ', 0)
-				fmt.Fprintln(w, "NAME\tUUID\tGENERATION\tCREATED")
+				fmt.Fprintln(w, "NAME\tUUID\tGENERATION\tCREATED\tSTATE")
 				for _, vm := range vms {
-					fmt.Fprintf(w, "%s\t%s\t%d\t%s\n", vm.Name, vm.UUID, vm.Generation, vm.Created.Format("2006-01-02T15:04:05Z"))
+					state := "ok"
+					if vm.Damaged != "" {
+						state = "DAMAGED: " + vm.Damaged
+					}
+					fmt.Fprintf(w, "%s\t%s\t%d\t%s\t%s\n", orDash(vm.Name), vm.UUID, vm.Generation, vm.Created.Format("2006-01-02T15:04:05Z"), state)
 				}
 				return w.Flush()
 			})
@@ -348,4 +354,11 @@ func registryCmd(e *env) *cobra.Command {
 		},
 	})
 	return c
+}
+
+func orDash(s string) string {
+	if s == "" {
+		return "-"
+	}
+	return s
 }

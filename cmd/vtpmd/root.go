@@ -102,7 +102,7 @@ func Run(ctx context.Context, args []string, stdin io.Reader, stdout, stderr io.
 	root.SetIn(stdin)
 	root.SetOut(stdout)
 	root.SetErr(stderr)
-	root.AddCommand(initCmd(e), runCmd(e), vaultCmd(e), vmCmd(e), evidenceCmd(e), registryCmd(e))
+	root.AddCommand(initCmd(e), runCmd(e), vaultCmd(e), vmCmd(e), evidenceCmd(e), registryCmd(e), anchorCmd(e))
 	err := root.ExecuteContext(ctx)
 	if err != nil {
 		fmt.Fprintf(stderr, "vtpmd: %v\n", err)

@@ -51,7 +51,7 @@ func TestRunCommands(t *testing.T) {
 		{"vault before init", []string{"vault", "status"}, "", "run 'vtpmd init'"},
 		{"init", []string{"init"}, "initialised: vault key", ""},
 		{"init twice", []string{"init"}, "", "already initialized"},
-		{"vault status", []string{"vault", "status"}, "unseal cost: 7 TPM commands", ""},
+		{"vault status", []string{"vault", "status"}, "unseal cost: 8 TPM commands", ""},
 		{"vm create", []string{"vm", "create", "web-1", "--uuid", "0e2e0e2e-0000-4000-8000-0000000000c1"}, "created vTPM for VM web-1", ""},
 		{"vm create bad name", []string{"vm", "create", "web 1"}, "", "name \"web 1\""},
 		{"vm list", []string{"vm", "list"}, "web-1", ""},

@@ -48,6 +48,9 @@ type Host struct {
 	// this host (an outgoing migration completed, or an incoming one
 	// failed), like libvirt's qemu hook "release end". No lock is held.
 	Released func(vmUUID string)
+	// JobDestUnknown makes OutgoingJob report no destination, as libvirt,
+	// which cannot tell where a running migration goes.
+	JobDestUnknown bool
 
 	name string
 	dir  string
@@ -91,6 +94,10 @@ type domain struct {
 	pass       []byte         // the passphrase proc runs with (swtpm holds it too)
 	job        job
 	paused     bool
+	// jobStarted and jobDest describe the current outgoing migration job
+	// (OutgoingJob).
+	jobStarted time.Time
+	jobDest    string
 }
 
 func (d *domain) state() hypervisor.State {
@@ -252,6 +259,7 @@ func (h *Host) claimLocked(vmUUID string, j job) (*domain, error) {
 		return nil, fmt.Errorf("%w (job %q)", ErrBusy, d.job)
 	}
 	d.job = j
+	d.jobStarted, d.jobDest = time.Now(), ""
 	return d, nil
 }
 
@@ -359,6 +367,18 @@ func (h *Host) UndefineDomain(ctx context.Context, vmUUID string) error {
 		return fmt.Errorf("%s: %w", op, err)
 	}
 	return nil
+}
+
+// VTPMStateDir returns the directory of a VM's vTPM state here (a key
+// rotation re-encrypts it while the VM is shut off).
+func (h *Host) VTPMStateDir(ctx context.Context, vmUUID string) (string, error) {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	d, ok := h.domains[vmUUID]
+	if !ok {
+		return "", fmt.Errorf("vTPM state of %s on %s: %w", vmUUID, h.name, hypervisor.ErrNoDomain)
+	}
+	return d.stateDir, nil
 }
 
 // VTPMURI returns the data URI of a running VM's vTPM (for vtpm.Open), so

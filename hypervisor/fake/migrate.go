@@ -73,6 +73,9 @@ func (h *Host) Migrate(ctx context.Context, vmUUID string, dest hypervisor.Targe
 	if err != nil {
 		return fmt.Errorf("%s: %w", op, err)
 	}
+	h.mu.Lock()
+	d.jobDest = dst.name
+	h.mu.Unlock()
 	if dst == h {
 		return fmt.Errorf("%s: %w: Requested operation is not valid: attempt to migrate guest to the same host", op, hypervisor.ErrMigrationFailed)
 	}
@@ -213,6 +216,22 @@ func (h *Host) MigratingOut(ctx context.Context, vmUUID string) (bool, error) {
 	defer h.mu.Unlock()
 	d, ok := h.domains[vmUUID]
 	return ok && d.job == jobOutgoing, nil
+}
+
+// OutgoingJob reports the VM's outgoing migration job: when it started and
+// the destination host (migrate.OutgoingJobs).
+func (h *Host) OutgoingJob(ctx context.Context, vmUUID string) (hypervisor.OutgoingJob, error) {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	d, ok := h.domains[vmUUID]
+	if !ok || d.job != jobOutgoing {
+		return hypervisor.OutgoingJob{}, nil
+	}
+	j := hypervisor.OutgoingJob{Active: true, Started: d.jobStarted, Dest: d.jobDest}
+	if h.JobDestUnknown {
+		j.Dest = ""
+	}
+	return j, nil
 }
 
 // abortIncoming removes the reserved domain and its state.

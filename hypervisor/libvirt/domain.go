@@ -4,7 +4,9 @@ import (
 	"cmp"
 	"context"
 	"fmt"
+	"path/filepath"
 	"slices"
+	"strings"
 
 	golibvirt "libvirt.org/go/libvirt"
 	"libvirt.org/go/libvirtxml"
@@ -67,6 +69,48 @@ func lookup(c *golibvirt.Connect, vmUUID string) (*golibvirt.Domain, error) {
 		return nil, wrapLibvirt(err)
 	}
 	return d, nil
+}
+
+// SwtpmStateRoot is where libvirt 9.0 keeps a domain's emulated TPM state
+// (swtpm's --tpmstate), per domain UUID; TPM 2.0 state is in its tpm2/.
+const SwtpmStateRoot = "/var/lib/libvirt/swtpm"
+
+// VTPMStateDir returns the directory of a domain's TPM 2.0 emulator state
+// (SwtpmStateRoot/UUID/tpm2), for a key rotation while it is shut off. A
+// domain without an emulator TPM is ErrNoDomain's kin (no vTPM); one with a
+// managed save image is ErrManagedSave (the image holds vTPM blobs under
+// the current key).
+func (h *Hypervisor) VTPMStateDir(ctx context.Context, vmUUID string) (string, error) {
+	err := h.with(ctx, func(c *golibvirt.Connect) error {
+		d, err := lookup(c, vmUUID)
+		if err != nil {
+			return err
+		}
+		defer d.Free()
+		doc, err := d.GetXMLDesc(golibvirt.DOMAIN_XML_INACTIVE)
+		if err != nil {
+			return wrapLibvirt(err)
+		}
+		tpm, err := emulatorTPM(doc)
+		if err != nil {
+			return err
+		}
+		if tpm == nil {
+			return fmt.Errorf("%w: the domain has no emulated TPM", hypervisor.ErrNoDomain)
+		}
+		saved, err := d.HasManagedSaveImage(0)
+		if err != nil {
+			return wrapLibvirt(err)
+		}
+		if saved {
+			return hypervisor.ErrManagedSave
+		}
+		return nil
+	})
+	if err != nil {
+		return "", fmt.Errorf("vTPM state of %s on %s: %w", vmUUID, h.cfg.Name, err)
+	}
+	return filepath.Join(SwtpmStateRoot, strings.ToLower(vmUUID), "tpm2"), nil
 }
 
 // Domain reports a VM's state here (StateAbsent when it is not defined).

@@ -57,6 +57,42 @@ func (h *Hypervisor) jobStats(ctx context.Context, vmUUID string, flags golibvir
 	return out, nil
 }
 
+// OutgoingJob reports the domain's outgoing migration job
+// (migrate.OutgoingJobs): whether one runs, and when it started (now minus
+// its elapsed time). libvirt 9.0 cannot tell its destination: the job
+// statistics (virDomainGetJobStats) carry the operation, times and
+// counters, no URI or host, and no other API names the destination of a
+// running peer-to-peer migration; Dest stays empty, and hook mode binds a
+// pull to the job by its start time instead (a second pull during one job
+// is refused).
+func (h *Hypervisor) OutgoingJob(ctx context.Context, vmUUID string) (hypervisor.OutgoingJob, error) {
+	var out hypervisor.OutgoingJob
+	err := h.with(ctx, func(c *golibvirt.Connect) error {
+		d, err := lookup(c, vmUUID)
+		if err != nil {
+			return err
+		}
+		defer d.Free()
+		j, err := d.GetJobStats(0)
+		if err != nil {
+			return wrapLibvirt(err)
+		}
+		now := time.Now()
+		out.Active = j.Type != golibvirt.DOMAIN_JOB_NONE && j.OperationSet && j.Operation == golibvirt.DOMAIN_JOB_OPERATION_MIGRATION_OUT
+		if out.Active && j.TimeElapsedSet {
+			out.Started = now.Add(-time.Duration(j.TimeElapsed) * time.Millisecond)
+		}
+		return nil
+	})
+	if errors.Is(err, hypervisor.ErrNoDomain) {
+		return hypervisor.OutgoingJob{}, nil
+	}
+	if err != nil {
+		return hypervisor.OutgoingJob{}, fmt.Errorf("job of %s on %s: %w", vmUUID, h.cfg.Name, err)
+	}
+	return out, nil
+}
+
 // MigratingOut reports whether the domain's current job is an outgoing
 // migration (migrate.MigrationJobs): hook mode releases a VM's key only
 // while its owner's libvirt migrates it away. An absent domain is not

@@ -116,6 +116,12 @@ func (c *Client) VM(ctx context.Context, ref string) (VMInfo, error) {
 	return out, c.call(ctx, http.MethodGet, PathVMs+"/"+url.PathEscape(ref), nil, &out)
 }
 
+// Rekey asks vtpmd to replace a shut-off VM's key now.
+func (c *Client) Rekey(ctx context.Context, ref string) (RekeyInfo, error) {
+	var out RekeyInfo
+	return out, c.call(ctx, http.MethodPost, PathVMs+"/"+url.PathEscape(ref)+"/rekey", struct{}{}, &out)
+}
+
 // Hosts lists this host and its peers, with their reachability.
 func (c *Client) Hosts(ctx context.Context) ([]HostInfo, error) {
 	var out []HostInfo

@@ -10,7 +10,7 @@ import (
 // Paths of the admin API.
 const (
 	PathMigrate      = "/v1/migrate"      // POST MigrateRequest -> stream of MigrateEvent
-	PathVMs          = "/v1/vms"          // GET -> []VMInfo; GET PathVMs/{ref} -> VMInfo; POST CreateVMRequest -> VMInfo
+	PathVMs          = "/v1/vms"          // GET -> []VMInfo; GET PathVMs/{ref} -> VMInfo; POST CreateVMRequest -> VMInfo; POST PathVMs/{ref}/rekey -> RekeyInfo
 	PathFleetVMs     = "/v1/fleet/vms"    // GET -> []FleetVM (the fleet registry's VM records)
 	PathRegistry     = "/v1/registry"     // GET -> RegistryInfo
 	PathHosts        = "/v1/hosts"        // GET -> []HostInfo; POST PathHosts/{host}/enroll -> EnrollInfo
@@ -81,6 +81,15 @@ type Result struct {
 	}
 }
 
+// RekeyInfo is the answer to POST PathVMs/{ref}/rekey: the VM's key was
+// replaced and its vTPM state re-encrypted under the new one.
+type RekeyInfo struct {
+	UUID       string `json:"uuid"`
+	Generation uint64 `json:"generation"` // unchanged: a rekey is no ownership step
+	Bytes      int    `json:"bytes"`      // vTPM state re-encrypted
+	Took       string `json:"took"`
+}
+
 // VMInfo is a VM as GET PathVMs reports it.
 type VMInfo struct {
 	Name         string `json:"name"`
@@ -90,6 +99,12 @@ type VMInfo struct {
 	Owned        bool   `json:"owned"` // this host holds the active key
 	PendingTx    string `json:"pending_tx,omitempty"`
 	Transactions []Tx   `json:"transactions,omitempty"`
+	// Damaged says why this host cannot use the VM's key (its envelope is
+	// damaged): the VM is listed, marked, and every other VM stays usable.
+	Damaged string `json:"damaged,omitempty"`
+	// Rotate: the VM's key came by migration and is replaced at its next
+	// cold start ('vtpmctl vm rekey' replaces it now).
+	Rotate bool `json:"rotate,omitempty"`
 }
 
 // Tx is a transaction as a host's ledger records it (migrate.Tx).

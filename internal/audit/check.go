@@ -7,12 +7,6 @@ import (
 	"os"
 )
 
-// ErrHistoryLost means the audit log is missing, empty or shorter than the
-// data directory says it was (its rollback anchor recorded a later
-// position). (Kept here rather than in errors.go while other work edits
-// the package's existing files; move it there when merging.)
-var ErrHistoryLost = errors.New("audit log history lost")
-
 // Mark is a position of the log recorded outside it (vtpmd records it in
 // its rollback anchor file, authenticated by the vault key): the number of
 // records and the SHA-256 of the last of them (Log.Head).

@@ -3,6 +3,8 @@ package audit
 import (
 	"errors"
 	"fmt"
+
+	"github.com/vtpmm/vtpmm/internal/errclass"
 )
 
 // Sentinel errors of package audit; test them with errors.Is.
@@ -27,6 +29,10 @@ var (
 	// uncertain, so the Log refuses further appends until it is reopened
 	// (which verifies and repairs the tail).
 	ErrFailed = errors.New("audit log failed")
+	// ErrHistoryLost means the audit log is missing, empty or shorter than
+	// the data directory says it was (its rollback anchor recorded a later
+	// position). Class damaged (internal/errclass).
+	ErrHistoryLost = errclass.Mark(errclass.Damaged, "audit log history lost")
 )
 
 // ChainError locates a defect found by Verify. It unwraps to ErrTampered,

@@ -27,6 +27,8 @@ const (
 	EventStartRefused      Event = "start-refused"       // a VM's start was refused (the fleet registry disagrees)
 	EventStaleShredded     Event = "stale-copy-shredded" // a stale copy was shredded after its owner confirmed a newer one
 	EventRegistryRaised    Event = "registry-raised"     // the registry was older than this host's copy and was raised (Bump)
+	EventRekey             Event = "vm-rekey"            // a VM's key was replaced and its vTPM state re-encrypted
+	EventAnchorAccept      Event = "anchor-accept"       // an operator accepted the data directory after a refusal
 )
 
 // Genesis is the prev value of the first record: 64 zeros.

@@ -8,7 +8,8 @@
 //	ErrBusy = errclass.New(errclass.Busy, "VM is already being migrated")
 //
 // errors.Is(err, errclass.Busy) matches such a sentinel anywhere in err's
-// chain. An error decoded from another process (Decode, and the agent
+// chain. A class with several sentinels (Damaged) defines them with Mark,
+// which match their class and only themselves. An error decoded from another process (Decode, and the agent
 // wire's RemoteError) carries the classes the sender named, and
 // errors.Is matches it against the sentinels of those classes, so
 // errors.Is(remote, migrate.ErrBusy) holds on the client as on the server.

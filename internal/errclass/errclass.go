@@ -35,7 +35,20 @@ const (
 	Peer                Class = "peer"
 	Crash               Class = "crash"
 	Unauthorized        Class = "unauthorized"
-	BadMessage          Class = "bad-message"
+	// Denied: a destination's authorisation refused a transfer (the
+	// sender is not enrolled, the VM is owned or runs here, the generation
+	// is not the next one).
+	Denied Class = "denied"
+	// TPM: a host TPM failed a command (the destination's unwrap).
+	TPM Class = "tpm"
+	// NoSpace: a host's disk is full.
+	NoSpace Class = "no-space"
+	// InUse: the VM is running or otherwise in use, and the operation
+	// needs it shut off.
+	InUse Class = "in-use"
+	// Damaged: state on disk is damaged, lost or rolled back.
+	Damaged    Class = "damaged"
+	BadMessage Class = "bad-message"
 )
 
 // Code is the admin API's classification of how an operation ended
@@ -53,6 +66,7 @@ const (
 	// (fail closed) and the VM runs where it ran; retry once it is back.
 	CodeUnavailable Code = "unavailable"
 	CodeAborted     Code = "aborted" // failed and rolled back; the VM runs on the source
+	CodeDamaged     Code = "damaged" // damaged, lost or rolled-back state on a host
 	CodeError       Code = "error"   // anything else
 )
 
@@ -63,10 +77,12 @@ const (
 	grpcNotFound           = 5
 	grpcAlreadyExists      = 6
 	grpcPermissionDenied   = 7
+	grpcResourceExhausted  = 8
 	grpcFailedPrecondition = 9
 	grpcAborted            = 10
 	grpcInternal           = 13
 	grpcUnavailable        = 14
+	grpcDataLoss           = 15
 )
 
 // row is one line of the table.
@@ -97,14 +113,19 @@ func table() []row {
 		{RegistryUnavailable, "ERR_REGISTRY_UNAVAILABLE", grpcUnavailable, CodeUnavailable},
 		{Peer, "ERR_PEER", grpcUnavailable, CodeAborted},
 		{Crash, "ERR_CRASH", grpcInternal, CodeError},
-		{Unauthorized, "ERR_UNAUTHORIZED", grpcPermissionDenied, CodeError},
+		{Unauthorized, "ERR_UNAUTHORIZED", grpcPermissionDenied, CodeRefused},
+		{Denied, "ERR_DENIED", grpcPermissionDenied, CodeRefused},
+		{TPM, "ERR_TPM", grpcInternal, CodeAborted},
+		{NoSpace, "ERR_NO_SPACE", grpcResourceExhausted, CodeAborted},
+		{InUse, "ERR_IN_USE", grpcFailedPrecondition, CodeBusy},
+		{Damaged, "ERR_DAMAGED", grpcDataLoss, CodeDamaged},
 		{BadMessage, "ERR_BAD_MESSAGE", grpcInvalidArgument, CodeError},
 	}
 }
 
 // codeOrder is the precedence of codes (CodeOf).
 func codeOrder() []Code {
-	return []Code{CodeRefused, CodeUnresolved, CodeBusy, CodeUnavailable, CodeAborted, CodeError}
+	return []Code{CodeRefused, CodeDamaged, CodeUnresolved, CodeBusy, CodeUnavailable, CodeAborted, CodeError}
 }
 
 func (c Class) row() (row, bool) {
@@ -169,6 +190,23 @@ type sentinel struct {
 // sentinel per class, in the package's errors.go.
 func New(c Class, msg string) error { return &sentinel{class: c, msg: msg} }
 
+// Mark returns a sentinel error that belongs to class c but matches only
+// itself under errors.Is (and the class): for a class with several
+// sentinels, which New would make match each other. An error decoded from
+// another process matches the class, not a Mark sentinel.
+func Mark(c Class, msg string) error { return &marked{class: c, msg: msg} }
+
+// marked is a sentinel made by Mark.
+type marked struct {
+	class Class
+	msg   string
+}
+
+func (m *marked) Error() string { return m.msg }
+
+// Unwrap returns the class, so that errors.Is(err, c) holds.
+func (m *marked) Unwrap() error { return m.class }
+
 func (s *sentinel) Error() string { return s.msg }
 
 // Is matches the sentinel's class, and any sentinel of the same class (so
@@ -226,7 +264,7 @@ func CodeOf(err error) Code {
 
 // ExitCode is vtpmctl's exit code for an operation that ended with code:
 // 0 ok, 2 refused, 3 aborted, 4 unresolved, 5 busy, 6 registry
-// unavailable, 1 anything else.
+// unavailable, 7 damaged, 1 anything else.
 func (c Code) ExitCode() int {
 	switch c {
 	case CodeOK:
@@ -241,6 +279,8 @@ func (c Code) ExitCode() int {
 		return 5
 	case CodeUnavailable:
 		return 6
+	case CodeDamaged:
+		return 7
 	}
 	return 1
 }

@@ -59,6 +59,24 @@ func TestSentinelsAndCodes(t *testing.T) {
 	}
 }
 
+// TestMark: Mark sentinels of one class match their class and themselves,
+// never each other; their code follows the class.
+func TestMark(t *testing.T) {
+	a, b := Mark(Damaged, "ledger damaged"), Mark(Damaged, "rekey unfinished")
+	err := fmt.Errorf("start: %w", a)
+	switch {
+	case !errors.Is(err, a) || !errors.Is(err, Damaged):
+		t.Error("a Mark sentinel does not match itself and its class")
+	case errors.Is(err, b):
+		t.Error("two Mark sentinels of one class match each other")
+	case CodeOf(err) != CodeDamaged || ExitCode(err) != 7:
+		t.Errorf("code %s, exit %d; want damaged, 7", CodeOf(err), ExitCode(err))
+	}
+	if got := Reasons(err); len(got) != 1 || got[0] != "ERR_DAMAGED" {
+		t.Errorf("reasons %v", got)
+	}
+}
+
 // TestDecode: an error decoded from its reasons matches the sentinels of
 // its classes, as errors.Is sees them, and keeps the sender's code.
 func TestDecode(t *testing.T) {

@@ -226,6 +226,42 @@ func (c *Client) do(ctx context.Context, op string, f func(ctx context.Context) 
 	return nil
 }
 
+// read runs an idempotent read as do does, and repeats it while the
+// cluster elects a leader: etcd answers "leader changed" or "no leader" at
+// once then, and a read changes nothing, so repeating it is safe. (A write
+// is not repeated here: its outcome may be unknown, and the caller's
+// compare-and-swap decides.) OpTimeout bounds the whole.
+func (c *Client) read(ctx context.Context, op string, f func(ctx context.Context) error) error {
+	if c.closed.Load() {
+		return fmt.Errorf("%s: %w", op, ErrClosed)
+	}
+	octx, cancel := context.WithTimeout(clientv3.WithRequireLeader(ctx), c.cfg.OpTimeout)
+	defer cancel()
+	delay := 10 * time.Millisecond
+	for {
+		err := f(octx)
+		if err == nil {
+			return nil
+		}
+		if !electing(err) {
+			return fmt.Errorf("%s: %w", op, c.classify(ctx, err))
+		}
+		select {
+		case <-octx.Done():
+			return fmt.Errorf("%s: %w", op, c.classify(ctx, err))
+		case <-time.After(delay):
+		}
+		delay = min(2*delay, 200*time.Millisecond)
+	}
+}
+
+// electing reports an error etcd returns while its members elect a leader.
+func electing(err error) bool {
+	err = rpctypes.Error(err)
+	return errors.Is(err, rpctypes.ErrLeaderChanged) || errors.Is(err, rpctypes.ErrNoLeader) ||
+		errors.Is(err, rpctypes.ErrGRPCLeaderChanged) || errors.Is(err, rpctypes.ErrGRPCNoLeader)
+}
+
 // classify maps an etcd client error to a sentinel. ctx is the caller's:
 // its own cancellation is reported as such, not as a lost quorum.
 func (c *Client) classify(ctx context.Context, err error) error {

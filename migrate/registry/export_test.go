@@ -19,3 +19,6 @@ func DecodeStateForTest(b []byte) (HostState, error) { return decodeState(b) }
 
 // StateValueForTest is the canonical state record.
 func StateValueForTest(s HostState) string { return stateValue(s) }
+
+// ElectingForTest exposes the read retry's test of an election error.
+func ElectingForTest(err error) bool { return electing(err) }

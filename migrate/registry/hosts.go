@@ -134,7 +134,7 @@ func (c *Client) Hosts(ctx context.Context, names ...string) (HostsView, error) 
 		}
 	}
 	var resp *clientv3.TxnResponse
-	err := c.do(ctx, "registry: hosts", func(ctx context.Context) (err error) {
+	err := c.read(ctx, "registry: hosts", func(ctx context.Context) (err error) {
 		resp, err = c.kv.Txn(ctx).Then(ops...).Commit()
 		return err
 	})

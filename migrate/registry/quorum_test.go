@@ -285,3 +285,29 @@ func TestWaitRev(t *testing.T) {
 		t.Fatalf("WaitRev of a client that does not follow: %v", err)
 	}
 }
+
+// TestCloseWithoutQuorum: a member that never became ready (it restarted
+// while the others were down) closes; etcd's own Close would wait forever
+// for servers that wait for the member to become ready.
+func TestCloseWithoutQuorum(t *testing.T) {
+	c := registrytest.Start(t, registrytest.Options{Members: 3, OpTimeout: time.Second})
+	for _, m := range []string{"member-1", "member-2", "member-3"} {
+		c.StopMember(m)
+	}
+	cl, err := registry.OpenClient(context.Background(), c.MemberConfig("member-1", c.Members, "existing"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	select {
+	case <-cl.Ready():
+		t.Fatal("one of three members became ready")
+	case <-time.After(2 * time.Second):
+	}
+	closed := make(chan struct{})
+	go func() { cl.Close(); close(closed) }()
+	select {
+	case <-closed:
+	case <-time.After(2 * time.Minute):
+		t.Fatal("Close of a member without quorum did not return in 2 minutes")
+	}
+}

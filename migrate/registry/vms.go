@@ -105,7 +105,7 @@ func (c *Client) VMs(ctx context.Context, ids ...string) (View, error) {
 			ops[i] = clientv3.OpGet(c.k.vm(id), getOpts...)
 		}
 		var resp *clientv3.TxnResponse
-		err := c.do(ctx, op, func(ctx context.Context) (err error) {
+		err := c.read(ctx, op, func(ctx context.Context) (err error) {
 			resp, err = c.kv.Txn(ctx).Then(ops...).Commit()
 			return err
 		})
@@ -137,7 +137,7 @@ func (c *Client) VMs(ctx context.Context, ids ...string) (View, error) {
 func (c *Client) allVMs(ctx context.Context, kv clientv3.KV) (View, error) {
 	const op = "registry: read VMs"
 	var resp *clientv3.GetResponse
-	err := c.do(ctx, op, func(ctx context.Context) (err error) {
+	err := c.read(ctx, op, func(ctx context.Context) (err error) {
 		resp, err = kv.Get(ctx, c.k.vms(), clientv3.WithPrefix())
 		return err
 	})

@@ -84,6 +84,7 @@ func Tail(s string, n int) string {
 type VMRow struct {
 	Name, UUID, Gen, State, Pending string
 	Owned                           bool
+	Note                            string // "-", "DAMAGED: ...", or the rotation note
 }
 
 // VMList runs 'vtpmctl vm list' on h's vtpmd: its rows by VM UUID, and
@@ -96,10 +97,11 @@ func (f *Fleet) VMList(ctx context.Context, h *FleetHost) (map[string]VMRow, str
 	rows := map[string]VMRow{}
 	for i, l := range strings.Split(strings.TrimSpace(r.Stdout), "\n") {
 		fs := strings.Fields(l)
-		if i == 0 || len(fs) != 6 {
+		if i == 0 || len(fs) < 7 {
 			continue
 		}
-		rows[fs[1]] = VMRow{Name: fs[0], UUID: fs[1], Owned: fs[2] == "true", Gen: fs[3], State: fs[4], Pending: fs[5]}
+		rows[fs[1]] = VMRow{Name: fs[0], UUID: fs[1], Owned: fs[2] == "true", Gen: fs[3], State: fs[4], Pending: fs[5],
+			Note: strings.Join(fs[6:], " ")}
 	}
 	return rows, r.Stdout, nil
 }

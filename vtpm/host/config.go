@@ -6,6 +6,7 @@ import (
 	"path/filepath"
 	"strconv"
 	"strings"
+	"time"
 
 	"github.com/google/go-tpm/tpm2"
 
@@ -29,6 +30,15 @@ type Config struct {
 	Vault VaultConfig `yaml:"vault"`
 	// RunDir holds the VM vTPM sockets while vtpmd runs them.
 	RunDir string `yaml:"run_dir"`
+	// Anchor configures the rollback anchor in the host TPM (docs/anchor.md).
+	Anchor AnchorConfig `yaml:"anchor"`
+}
+
+// AnchorConfig configures the rollback anchor.
+type AnchorConfig struct {
+	// NVIndex is the anchor's NV counter index, in the owner range
+	// 0x01000000-0x013FFFFF (default 0x01307601).
+	NVIndex string `yaml:"nv_index"`
 }
 
 // VaultConfig configures the host vault.
@@ -49,6 +59,7 @@ func DefaultConfig() Config {
 		TPMProfile: "none",
 		Vault:      VaultConfig{PCRs: "0,2,4,7", SRKHandle: "0x81000001"},
 		RunDir:     "/run/vtpmm",
+		Anchor:     AnchorConfig{NVIndex: fmt.Sprintf("0x%08x", uint32(vtpm.DefaultAnchorIndex))},
 	}
 }
 
@@ -75,7 +86,28 @@ func (c Config) Validate() error {
 	if _, err := c.SRKHandle(); err != nil {
 		return err
 	}
+	if _, err := c.AnchorIndex(); err != nil {
+		return err
+	}
 	return nil
+}
+
+// AnchorIndex is the rollback anchor's NV index (anchor.nv_index; empty:
+// the default).
+func (c Config) AnchorIndex() (tpm2.TPMHandle, error) {
+	if c.Anchor.NVIndex == "" {
+		return vtpm.DefaultAnchorIndex, nil
+	}
+	h, err := strconv.ParseUint(c.Anchor.NVIndex, 0, 32)
+	if err != nil || h < 0x01000000 || h > 0x013FFFFF {
+		return 0, fmt.Errorf("%w: anchor.nv_index %q must be an NV index in the owner range 0x01000000-0x013FFFFF", ErrConfig, c.Anchor.NVIndex)
+	}
+	return tpm2.TPMHandle(h), nil
+}
+
+func (c Config) anchorConfig(now func() time.Time) vtpm.AnchorConfig {
+	idx, _ := c.AnchorIndex()
+	return vtpm.AnchorConfig{Dir: c.DataDir, Index: idx, Now: now}
 }
 
 // SRKHandle is the storage root key's persistent handle (vault.srk_handle).

@@ -25,6 +25,9 @@ type Options struct {
 	Now         func() time.Time   // nil: time.Now
 	OpenOptions []vtpm.OpenOption  // extra TPM URI schemes (e.g. the simulator)
 	Rand        io.Reader          // source of vault and VM keys; nil: crypto/rand
+	// Rekeyed, when set, is told of each key rotation the host made at a
+	// VM's start (the daemon audits it).
+	Rekeyed func(ctx context.Context, vm, why string)
 }
 
 func (o Options) withDefaults() Options {
@@ -50,6 +53,9 @@ type Host struct {
 	meter  *vtpm.Meter
 	vault  *vtpm.Vault
 	keys   *vtpm.KeyStore
+	anchor *vtpm.Anchor
+	// checks are the key store's per-VM checks made at Open (state.go).
+	checks []vtpm.KeyCheck
 
 	mu     sync.Mutex
 	procs  map[string]*vmProcess // by VM UUID
@@ -80,6 +86,10 @@ func OpenTPM(ctx context.Context, cfg Config, opts Options) (*vtpm.Meter, error)
 type InitOptions struct {
 	// RecoveryKey asks for a recovery key slot; the key is returned once.
 	RecoveryKey bool
+	// ReplaceAnchor undefines a rollback anchor index that another vault
+	// defined on this TPM (an earlier init whose data directory is gone)
+	// and defines it anew (vtpm.AnchorInitOptions.Replace).
+	ReplaceAnchor bool
 }
 
 // InitResult reports what Init created. RecoveryKey, when set, must be
@@ -92,6 +102,10 @@ type InitResult struct {
 	TPMStats    vtpm.Stats
 	AKName      string // attestation key (persistent in the TPM)
 	MKName      string // migration key (persistent in the TPM)
+	// AnchorIndex and AnchorCounter are the rollback anchor's NV index and
+	// its counter value.
+	AnchorIndex   string
+	AnchorCounter uint64
 }
 
 // Init provisions a host: the data directory, the SRK if the TPM has none,
@@ -126,6 +140,12 @@ func Init(ctx context.Context, cfg Config, opts Options, io InitOptions) (*InitR
 	if err != nil {
 		return nil, fmt.Errorf("init: provision AK and migration key: %w", err)
 	}
+	// The rollback anchor (docs/anchor.md): a new host holds nothing yet.
+	a, err := vtpm.InitAnchor(ctx, m, v, cfg.anchorConfig(opts.Now), vtpm.Facts{}, vtpm.AnchorInitOptions{Replace: io.ReplaceAnchor})
+	if err != nil {
+		return nil, fmt.Errorf("init: %w", err)
+	}
+	defer a.Close()
 	b, _ := json.Marshal(hostRecord{HostID: cfg.HostID, Created: opts.Now().UTC()})
 	if err := atomicfile.WriteFile(cfg.Layout().HostRecord(), b, 0o600); err != nil {
 		return nil, fmt.Errorf("init: %w", err)
@@ -133,7 +153,8 @@ func Init(ctx context.Context, cfg Config, opts Options, io InitOptions) (*InitR
 	opts.Log.WithFields(logrus.Fields{"host": cfg.HostID, "key_id": v.KeyID(), "sealed_to": v.SealedTo(),
 		"tpm_cmds": m.Stats().Total}).Info("vault initialised")
 	return &InitResult{HostID: cfg.HostID, KeyID: v.KeyID(), SealedTo: v.SealedTo(), RecoveryKey: rk, TPMStats: m.Stats(),
-		AKName: hex.EncodeToString(id.AK.Name), MKName: hex.EncodeToString(id.MK.Name)}, nil
+		AKName: hex.EncodeToString(id.AK.Name), MKName: hex.EncodeToString(id.MK.Name),
+		AnchorIndex: cfg.Anchor.NVIndex, AnchorCounter: a.Counter()}, nil
 }
 
 // Open opens the host TPM and unseals the vault: the only TPM work a source
@@ -155,6 +176,9 @@ func open(ctx context.Context, cfg Config, opts Options, rk *vtpm.RecoveryKey) (
 	}
 	if err := checkHostRecord(cfg); err != nil {
 		return nil, err
+	}
+	if err := vtpm.CheckVaultFile(cfg.DataDir); err != nil {
+		return nil, fmt.Errorf("open host: %w", err)
 	}
 	m, err := OpenTPM(ctx, cfg, opts)
 	if err != nil {
@@ -188,7 +212,13 @@ func open(ctx context.Context, cfg Config, opts Options, rk *vtpm.RecoveryKey) (
 	log.WithFields(logrus.Fields{"key_id": v.KeyID(), "tpm_cmds": m.Stats().Total,
 		"tpm_commands": m.Stats().String(), "took_ms": time.Since(start).Milliseconds(),
 		"recovered": rk != nil}).Info("vault open")
-	return &Host{cfg: cfg, layout: cfg.Layout(), opts: opts, log: log, meter: m, vault: v, keys: ks, procs: map[string]*vmProcess{}}, nil
+	h := &Host{cfg: cfg, layout: cfg.Layout(), opts: opts, log: log, meter: m, vault: v, keys: ks, procs: map[string]*vmProcess{}}
+	if err := h.openState(ctx); err != nil {
+		v.Close()
+		m.Close()
+		return nil, fmt.Errorf("open host: %w", err)
+	}
+	return h, nil
 }
 
 func checkHostRecord(cfg Config) error {
@@ -202,7 +232,8 @@ func checkHostRecord(cfg Config) error {
 	}
 	var r hostRecord
 	if err := json.Unmarshal(b, &r); err != nil {
-		return fmt.Errorf("open host: %w: host.json: %v", vtpm.ErrCorrupt, err)
+		return fmt.Errorf("open host: %w: %s does not decode (%v); it ties the data directory to its host: restore it from this host's backup, or write {\"host_id\": %q}",
+			vtpm.ErrCorrupt, p, err, cfg.HostID)
 	}
 	if r.HostID != cfg.HostID {
 		return fmt.Errorf("open host: %w: data_dir %s belongs to host %q, the configuration says %q", ErrConfig, cfg.DataDir, r.HostID, cfg.HostID)
@@ -252,6 +283,9 @@ func (h *Host) Close(ctx context.Context) error {
 	var errs []error
 	for _, p := range procs {
 		errs = append(errs, p.stop(ctx))
+	}
+	if h.anchor != nil {
+		h.anchor.Close()
 	}
 	h.vault.Close()
 	errs = append(errs, h.meter.Close())

@@ -33,6 +33,9 @@ type VMStatus struct {
 	Running    bool
 	SocketURI  string // vtpm.Open URI of the running vTPM's TPM channel
 	CtrlSocket string
+	// Damaged says why the VM cannot be used (its key envelope or its
+	// record is damaged); empty when it is fine. Other VMs stay usable.
+	Damaged string `json:",omitempty"`
 }
 
 var vmNameRE = regexp.MustCompile(`^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$`)
@@ -75,6 +78,21 @@ func (h *Host) CreateVMWith(ctx context.Context, name, uuid string, opts CreateO
 	}
 	log := h.log.WithFields(logrus.Fields{"vm": name, "vm_uuid": uuid})
 	start := time.Now()
+	// A new VM is an ownership step: counted in the rollback anchor before
+	// the key exists (one NV_Increment), settled after.
+	hw, err := h.keys.HighWater(ctx, uuid)
+	if err != nil {
+		return VM{}, fmt.Errorf("create VM %s: %w", name, err)
+	}
+	ticket, err := h.anchor.AdvanceCreate(ctx, []vtpm.Change{{VMID: uuid, Generation: hw + 1}})
+	if err != nil {
+		return VM{}, fmt.Errorf("create VM %s: %w", name, err)
+	}
+	defer func() {
+		if serr := h.Settle(context.WithoutCancel(ctx), ticket, nil); serr != nil {
+			log.WithError(serr).Error("settling the rollback anchor after creating the VM")
+		}
+	}()
 	key, gen, err := h.keys.Create(ctx, uuid)
 	if err != nil {
 		return VM{}, fmt.Errorf("create VM %s: %w", name, err)
@@ -114,7 +132,10 @@ func (h *Host) ListVMs(ctx context.Context) ([]VMStatus, error) {
 	if err != nil {
 		return nil, err
 	}
-	gens := h.generations(ctx)
+	checks, err := h.CheckKeys(ctx)
+	if err != nil {
+		return nil, err
+	}
 	var out []VMStatus
 	for _, e := range ents {
 		if vtpm.CheckVMID(e.Name()) != nil {
@@ -122,27 +143,37 @@ func (h *Host) ListVMs(ctx context.Context) ([]VMStatus, error) {
 		}
 		vm, err := h.readVM(e.Name())
 		if err != nil {
-			return nil, err
+			// One damaged record marks its VM, never the list.
+			out = append(out, VMStatus{VM: VM{UUID: e.Name()}, Damaged: err.Error()})
+			continue
 		}
-		out = append(out, h.status(vm, gens[vm.UUID]))
+		out = append(out, h.status(vm, checks[vm.UUID]))
 	}
 	sort.Slice(out, func(i, j int) bool { return out[i].Name < out[j].Name })
 	return out, nil
 }
 
-// generations reads every VM's key generation once (no key is opened).
-func (h *Host) generations(ctx context.Context) map[string]uint64 {
-	out := map[string]uint64{}
-	if infos, err := h.keys.List(ctx); err == nil {
-		for _, k := range infos {
-			out[k.VMID] = k.Generation
+// CheckKeys checks every VM's active key envelope (KeyStore.CheckKeys: no
+// TPM command) and returns the result per VM.
+func (h *Host) CheckKeys(ctx context.Context) (map[string]vtpm.KeyCheck, error) {
+	cs, err := h.keys.CheckKeys(ctx)
+	if err != nil {
+		return nil, err
+	}
+	out := make(map[string]vtpm.KeyCheck, len(cs))
+	for _, c := range cs {
+		if c.Pending == "" {
+			out[c.VMID] = c
 		}
 	}
-	return out
+	return out, nil
 }
 
-func (h *Host) status(vm VM, gen uint64) VMStatus {
-	st := VMStatus{VM: vm, Generation: gen}
+func (h *Host) status(vm VM, c vtpm.KeyCheck) VMStatus {
+	st := VMStatus{VM: vm, Generation: c.Generation}
+	if c.Damaged {
+		st.Damaged = fmt.Sprintf("key envelope %s: %s", c.File, c.Reason)
+	}
 	h.mu.Lock()
 	if p, ok := h.procs[vm.UUID]; ok {
 		st.Running, st.SocketURI, st.CtrlSocket = true, p.proc.DataURI(), p.proc.CtrlSocket()
@@ -211,6 +242,15 @@ func (h *Host) StartVM(ctx context.Context, ref string) (VMStatus, error) {
 		return VMStatus{}, fmt.Errorf("start vTPM %s: %w", vm.Name, err)
 	}
 	log := h.log.WithFields(logrus.Fields{"vm": vm.Name, "vm_uuid": vm.UUID})
+	if h.keys.NeedsRotation(vm.UUID) {
+		// A cold start after the VM arrived by migration: replace its key.
+		if _, err := h.Rekey(ctx, vm.UUID, h.layout.VMState(vm.UUID), nil); err != nil {
+			return VMStatus{}, fmt.Errorf("start vTPM %s: %w", vm.Name, err)
+		}
+		if h.opts.Rekeyed != nil {
+			h.opts.Rekeyed(ctx, vm.UUID, "cold start after a migration")
+		}
+	}
 	var proc *swtpm.Process
 	gen, err := h.keys.WithPassphrase(ctx, vm.UUID, func(pass []byte) error {
 		var err error
@@ -220,6 +260,9 @@ func (h *Host) StartVM(ctx context.Context, ref string) (VMStatus, error) {
 		return err
 	})
 	if err != nil {
+		if c, ok := h.checkOf(ctx, vm.UUID); ok && c.Damaged {
+			err = fmt.Errorf("%w: %s: %w", ErrVMDamaged, c.Reason, err)
+		}
 		return VMStatus{}, fmt.Errorf("start vTPM %s: %w", vm.Name, err)
 	}
 	log = log.WithField("generation", gen)
@@ -231,7 +274,17 @@ func (h *Host) StartVM(ctx context.Context, ref string) (VMStatus, error) {
 	h.procs[vm.UUID] = &vmProcess{vm: vm, proc: proc}
 	h.mu.Unlock()
 	log.WithField("socket", proc.DataURI()).Info("vTPM started")
-	return h.status(vm, gen), nil
+	return h.status(vm, vtpm.KeyCheck{Generation: gen}), nil
+}
+
+// checkOf checks one VM's key envelope.
+func (h *Host) checkOf(ctx context.Context, vm string) (vtpm.KeyCheck, bool) {
+	cs, err := h.CheckKeys(ctx)
+	if err != nil {
+		return vtpm.KeyCheck{}, false
+	}
+	c, ok := cs[vm]
+	return c, ok
 }
 
 // StopVM stops a VM's vTPM, saving its state.
@@ -262,6 +315,11 @@ func (h *Host) StartAll(ctx context.Context) ([]VMStatus, error) {
 		return nil, err
 	}
 	for _, vm := range vms {
+		if vm.Damaged != "" {
+			// One damaged VM does not keep the others from starting.
+			h.log.WithFields(logrus.Fields{"vm": vm.Name, "vm_uuid": vm.UUID, "reason": vm.Damaged}).Error("not starting a damaged VM")
+			continue
+		}
 		if _, err := h.StartVM(ctx, vm.UUID); err != nil {
 			return nil, err
 		}

@@ -1,6 +1,10 @@
 package swtpm
 
-import "errors"
+import (
+	"errors"
+
+	"github.com/vtpmm/vtpmm/internal/errclass"
+)
 
 // Sentinel errors of package swtpm. Match them with errors.Is.
 var (
@@ -24,6 +28,14 @@ var (
 	ErrNotEncrypted = errors.New("vTPM state is not encrypted")
 	// ErrBadStateBlob means a state file or blob has an unknown format.
 	ErrBadStateBlob = errors.New("malformed swtpm state blob")
+	// ErrStateInUse means a running swtpm holds the vTPM state directory
+	// (its lock file): the state cannot be re-encrypted under it. Class
+	// in-use (internal/errclass).
+	ErrStateInUse = errclass.Mark(errclass.InUse, "vTPM state in use by a running swtpm")
+	// ErrRekeyState means a vTPM's state directory is in the middle of an
+	// unfinished rekey (or its layout is inconsistent): run RecoverRekey.
+	// Class damaged (internal/errclass).
+	ErrRekeyState = errclass.Mark(errclass.Damaged, "vTPM rekey unfinished")
 )
 
 // ResultError is a non-zero TPM result returned by a control command.

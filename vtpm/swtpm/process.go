@@ -28,6 +28,10 @@ type ProcessConfig struct {
 	// given to swtpm twice, as --key pwdfd= and --migration-key pwdfd=, each
 	// on its own inherited pipe, like libvirt does.
 	Passphrase []byte
+	// MigrationPassphrase, when set, is given as --migration-key instead of
+	// Passphrase: state blobs leave and enter swtpm under it while the state
+	// at rest stays under Passphrase (a rekey exports under the new key).
+	MigrationPassphrase []byte
 	// SocketDir receives swtpm.sock and swtpm-ctrl.sock. Empty: a fresh
 	// short directory under /tmp, removed by Stop. Unix socket paths must
 	// stay under 108 bytes.
@@ -104,7 +108,11 @@ func Start(ctx context.Context, cfg ProcessConfig) (*Process, error) {
 		return nil, fmt.Errorf("swtpm start: %w", err)
 	}
 	defer keyPipe.Close()
-	migPipe, err := secretPipe(cfg.Passphrase)
+	migPass := cfg.Passphrase
+	if len(cfg.MigrationPassphrase) > 0 {
+		migPass = cfg.MigrationPassphrase
+	}
+	migPipe, err := secretPipe(migPass)
 	if err != nil {
 		p.cleanup()
 		return nil, fmt.Errorf("swtpm start: %w", err)

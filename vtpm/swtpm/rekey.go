@@ -52,12 +52,6 @@ import (
 // Rekey costs no host TPM command: the keys come from the key store, which
 // opens envelopes with the vault key in memory.
 
-// ErrRekeyState means a vTPM's state directory is in the middle of an
-// unfinished rekey (or its layout is inconsistent): run RecoverRekey.
-// (Kept here rather than in errors.go while other work edits the package's
-// existing files; move it there when merging.)
-var ErrRekeyState = errors.New("vTPM rekey unfinished")
-
 // RekeyPoint names a step of Rekey where a test can make it "crash".
 type RekeyPoint string
 
@@ -158,6 +152,22 @@ func RekeyPhaseOf(stateDir string) (RekeyPhase, error) {
 		d, ErrRekeyState, cur, nw, old)
 }
 
+// RekeyLeftovers reports whether a rekey left directories next to
+// stateDir (D.rekey-src, D.rekey-new or D.rekey-old): a rekey to recover,
+// even when D itself is gone (a crash between the two renames).
+func RekeyLeftovers(stateDir string) bool {
+	d, err := filepath.Abs(stateDir)
+	if err != nil {
+		return false
+	}
+	for _, s := range []string{rekeySrc, rekeyNew, rekeyOld} {
+		if _, err := os.Lstat(d + s); err == nil {
+			return true
+		}
+	}
+	return false
+}
+
 // Rekey re-encrypts the vTPM state in cfg.StateDir from OldPassphrase to
 // NewPassphrase (see the comment above for the steps and the recovery).
 // It refuses to run while an earlier rekey of D is unfinished
@@ -180,6 +190,11 @@ func Rekey(ctx context.Context, cfg RekeyConfig) (RekeyResult, error) {
 	}
 	if err := checkOptPath(d + rekeyNew); err != nil {
 		return RekeyResult{}, fmt.Errorf("rekey: %w", err)
+	}
+	if pid, inUse, err := StateInUse(d); err != nil {
+		return RekeyResult{}, fmt.Errorf("rekey: %w", err)
+	} else if inUse {
+		return RekeyResult{}, fmt.Errorf("rekey: %w: swtpm (pid %d) holds %s: the VM's vTPM runs; stop it first", ErrStateInUse, pid, d)
 	}
 	log := logger(cfg.Log).WithField("vtpm", filepath.Base(filepath.Dir(d)))
 	crash := func(p RekeyPoint) error {
@@ -243,6 +258,11 @@ func Rekey(ctx context.Context, cfg RekeyConfig) (RekeyResult, error) {
 	}
 	if err := CheckEncryptedAtRest(nd); err != nil {
 		return res, fmt.Errorf("rekey %s: verify: %w", d, err)
+	}
+	// The new state belongs to whoever owned the old one (libvirt runs
+	// swtpm as its swtpm_user).
+	if err := copyOwner(d, nd); err != nil {
+		return res, fmt.Errorf("rekey %s: %w", d, err)
 	}
 	if err := syncTree(nd); err != nil {
 		return res, fmt.Errorf("rekey %s: %w", d, err)

@@ -9,7 +9,6 @@ import (
 	"fmt"
 	"io"
 	"os"
-	"os/exec"
 	"path/filepath"
 	"strings"
 	"syscall"
@@ -127,49 +126,48 @@ func runSwtpm(ctx context.Context, dir string, key, migKey []byte, log logrus.Fi
 }
 
 // startKeys is Start with a state key and a migration key that differ
-// (Start gives swtpm the same passphrase for both, as libvirt does). The
-// sockets and swtpm's log live in a private directory under /tmp that Stop
-// removes.
+// (Start gives swtpm the same passphrase for both unless told otherwise, as
+// libvirt does). The sockets and swtpm's log live in a private directory
+// under /tmp that Stop removes.
 func startKeys(ctx context.Context, dir string, key, migKey []byte, log logrus.FieldLogger) (*Process, error) {
 	sockDir, err := os.MkdirTemp("/tmp", "vtpm-rekey-")
 	if err != nil {
 		return nil, err
 	}
-	cfg := ProcessConfig{StateDir: dir, Passphrase: key, SocketDir: sockDir, LogFile: filepath.Join(sockDir, "swtpm.log"), Log: log}
-	p := &Process{cfg: cfg, log: logger(log).WithField("vtpm", filepath.Base(dir)), sockDir: sockDir, ownSock: true}
-	ctrlSock := filepath.Join(p.sockDir, "swtpm-ctrl.sock")
-	p.dataSock = filepath.Join(p.sockDir, "swtpm.sock")
-	p.ctrl = NewCtrlClient(ctrlSock)
-	keyPipe, err := secretPipe(key)
+	p, err := Start(ctx, ProcessConfig{StateDir: dir, Passphrase: key, MigrationPassphrase: migKey,
+		SocketDir: sockDir, LogFile: filepath.Join(sockDir, "swtpm.log"), Log: log})
 	if err != nil {
-		p.cleanup()
+		_ = os.RemoveAll(sockDir)
 		return nil, err
 	}
-	defer keyPipe.Close()
-	migPipe, err := secretPipe(migKey)
-	if err != nil {
-		p.cleanup()
-		return nil, err
-	}
-	defer migPipe.Close()
-	p.output = &syncBuffer{}
-	p.cmd = exec.Command("swtpm", ProcessArgs(dir, p.dataSock, ctrlSock, cfg.LogFile, 3, 4)...)
-	p.cmd.ExtraFiles = []*os.File{keyPipe, migPipe}
-	p.cmd.Stdout, p.cmd.Stderr = p.output, p.output
-	p.cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
-	if err := p.cmd.Start(); err != nil {
-		p.cleanup()
-		return nil, fmt.Errorf("%w: %v", ErrStart, err)
-	}
-	p.done = make(chan struct{})
-	go func() { p.waitErr = p.cmd.Wait(); close(p.done) }()
-	if err := p.waitCtrl(ctx); err != nil {
-		_ = p.cmd.Process.Kill()
-		<-p.done
-		p.cleanup()
-		return nil, fmt.Errorf("%w: %v (%s)", ErrStart, err, p.diagnostics())
-	}
+	p.ownSock = true // Stop removes sockDir with the log
 	return p, nil
+}
+
+// copyOwner gives dir and every file in it the owner and group of ref.
+func copyOwner(ref, dir string) error {
+	st, err := os.Stat(ref)
+	if err != nil {
+		return err
+	}
+	sys, ok := st.Sys().(*syscall.Stat_t)
+	if !ok {
+		return nil
+	}
+	uid, gid := int(sys.Uid), int(sys.Gid)
+	if uid == os.Getuid() && gid == os.Getgid() {
+		return nil
+	}
+	ents, err := os.ReadDir(dir)
+	if err != nil {
+		return err
+	}
+	for _, e := range ents {
+		if err := os.Lchown(filepath.Join(dir, e.Name()), uid, gid); err != nil {
+			return err
+		}
+	}
+	return os.Lchown(dir, uid, gid)
 }
 
 func copyFile(src, dst string) error {

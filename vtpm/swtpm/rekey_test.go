@@ -13,6 +13,7 @@ import (
 
 	"github.com/google/go-tpm/tpm2"
 
+	"github.com/vtpmm/vtpmm/internal/errclass"
 	"github.com/vtpmm/vtpmm/internal/guestseal"
 	"github.com/vtpmm/vtpmm/vtpm"
 	"github.com/vtpmm/vtpmm/vtpm/swtpm"
@@ -197,6 +198,34 @@ func TestRekeyRefusals(t *testing.T) {
 	noLeftovers(t, state)
 	if _, err := swtpm.Rekey(ctx, swtpm.RekeyConfig{StateDir: state, OldPassphrase: oldPass, NewPassphrase: oldPass}); !errors.Is(err, swtpm.ErrBadConfig) {
 		t.Fatalf("Rekey to the same key: %v", err)
+	}
+	// A running swtpm holds the state (a VM's vTPM, or libvirt's): refused,
+	// untouched; once it stopped, nothing holds the state.
+	p, err := swtpm.Start(ctx, swtpm.ProcessConfig{StateDir: state, Passphrase: oldPass})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := p.Init(ctx); err != nil { // QEMU's first command: swtpm opens (and locks) the state
+		t.Fatal(err)
+	}
+	if pid, inUse, err := swtpm.StateInUse(state); err != nil || !inUse || pid == 0 {
+		t.Fatalf("StateInUse under a running swtpm: %d %v %v", pid, inUse, err)
+	}
+	running, _ := os.ReadFile(filepath.Join(state, "tpm2-00.permall"))
+	_, err = swtpm.Rekey(ctx, swtpm.RekeyConfig{StateDir: state, OldPassphrase: oldPass, NewPassphrase: newPass})
+	now, _ := os.ReadFile(filepath.Join(state, "tpm2-00.permall"))
+	if stopErr := p.Stop(ctx); stopErr != nil {
+		t.Fatal(stopErr)
+	}
+	if !errors.Is(err, swtpm.ErrStateInUse) || !errors.Is(err, errclass.InUse) {
+		t.Fatalf("Rekey under a running swtpm: %v, want ErrStateInUse (class in-use)", err)
+	}
+	if !bytes.Equal(now, running) {
+		t.Fatal("a refused rekey changed the state")
+	}
+	noLeftovers(t, state)
+	if _, inUse, err := swtpm.StateInUse(state); err != nil || inUse {
+		t.Fatalf("StateInUse after swtpm stopped: %v %v", inUse, err)
 	}
 	// An unfinished earlier rekey must be recovered first.
 	if err := os.Mkdir(state+".rekey-src", 0o700); err != nil {

@@ -33,6 +33,7 @@ func (d *Daemon) adminServer() *http.Server {
 	mux.HandleFunc("GET "+adminapi.PathFleetVMs, d.handleFleetVMs)
 	mux.HandleFunc("GET "+adminapi.PathRegistry, d.handleRegistry)
 	mux.HandleFunc("GET "+adminapi.PathVMs+"/{ref}", d.handleVM)
+	mux.HandleFunc("POST "+adminapi.PathVMs+"/{ref}/rekey", d.handleRekey)
 	mux.HandleFunc("GET "+adminapi.PathHosts, d.handleHosts)
 	mux.HandleFunc("POST "+adminapi.PathHosts+"/{host}/enroll", d.handleEnroll)
 	mux.HandleFunc("GET "+adminapi.PathAudit, d.handleAudit)
@@ -109,13 +110,20 @@ func (d *Daemon) VMs(ctx context.Context) ([]adminapi.VMInfo, error) {
 		byID[id] = v
 		return v
 	}
-	keys, err := d.host.Keys().List(ctx)
+	// Every envelope is checked (no TPM command): one damaged envelope
+	// marks its VM and leaves the others listed and usable.
+	checks, err := d.host.CheckKeys(ctx)
 	if err != nil {
 		return nil, err
 	}
-	for _, k := range keys {
-		v := get(k.VMID)
-		v.Owned, v.Generation = true, k.Generation
+	for id, c := range checks {
+		v := get(id)
+		v.Generation = c.Generation
+		if c.Damaged {
+			v.Damaged = fmt.Sprintf("key envelope %s: %s", c.File, c.Reason)
+			continue
+		}
+		v.Owned, v.Rotate = true, d.host.NeedsRotation(id)
 	}
 	doms, _ := d.hyp.Domains(ctx)
 	for _, dom := range doms {

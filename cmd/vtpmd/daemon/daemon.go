@@ -87,6 +87,8 @@ type Daemon struct {
 	bgCancel context.CancelFunc
 	bg       sync.WaitGroup
 	settling sync.Map // VM UUID -> struct{}: a settle is scheduled
+	// rekeyMu serialises key rotations and hook-mode start preparations.
+	rekeyMu sync.Mutex
 
 	closeOnce sync.Once
 	closeErr  error
@@ -117,7 +119,9 @@ func Start(ctx context.Context, cfg Config, deps Deps) (_ *Daemon, err error) {
 			_ = d.Close(context.WithoutCancel(ctx))
 		}
 	}()
-	if d.host, err = host.Open(ctx, cfg.Config, deps.Host); err != nil {
+	hostOpts := deps.Host
+	hostOpts.Rekeyed = d.auditRekey
+	if d.host, err = host.Open(ctx, cfg.Config, hostOpts); err != nil {
 		return nil, err
 	}
 	d.log = deps.Host.Log
@@ -133,12 +137,16 @@ func Start(ctx context.Context, cfg Config, deps Deps) (_ *Daemon, err error) {
 	if d.ident, err = identity.LoadIdentity(ctx, d.host.Meter(), identity.LoadOptions{AKCert: identity.AKCertSource{File: cfg.Attestation.AKCert}}); err != nil {
 		return nil, fmt.Errorf("start daemon: %w (run 'vtpmd init' or 'vtpmd evidence provision')", err)
 	}
+	if err := d.checkFiles(); err != nil {
+		return nil, err
+	}
 	if d.ledger, err = migrate.OpenLedger(cfg.Layout().Ledger(), now); err != nil {
 		return nil, err
 	}
 	if d.audit, err = audit.Open(cfg.AuditLogPath(), audit.Options{Host: cfg.HostID, Now: now, Log: d.log}); err != nil {
 		return nil, err
 	}
+	d.recordAuditMark(ctx)
 	if err := d.openRegistry(ctx); err != nil {
 		return nil, err
 	}
@@ -148,6 +156,17 @@ func Start(ctx context.Context, cfg Config, deps Deps) (_ *Daemon, err error) {
 	}
 	if verifier != nil {
 		d.enroll = verifier.Enrollments
+	} else if deps.Enrollments != nil {
+		d.enroll = deps.Enrollments
+	} else if d.reg != nil {
+		d.enroll = regEnrollments{d.fleet} // every host trusts the registry's enrolments
+	} else if cfg.Attestation.Enrollments != "" {
+		// A host without a policy sends no vTPMs, but it answers enrolled
+		// peers only, and so needs the store of enrolments.
+		d.enroll = &attest.FileEnrollments{Path: cfg.Attestation.Enrollments}
+	}
+	if err := d.checkEnrollments(ctx); err != nil {
+		return nil, err
 	}
 	if d.hyp == nil {
 		if d.hyp, err = deps.Hypervisors.Open(ctx, hypervisor.Config{URI: cfg.Hypervisor, Name: cfg.HostID, Log: d.log}); err != nil {
@@ -164,7 +183,8 @@ func Start(ctx context.Context, cfg Config, deps Deps) (_ *Daemon, err error) {
 	maxAge, _ := cfg.evidenceMaxAge()
 	d.node = migrate.NewNode(migrate.Config{
 		Host: cfg.HostID, Keys: d.host.Keys(), TPM: d.host.Meter(), Identity: d.ident, Hypervisor: d.hyp, Ledger: d.ledger,
-		Registry: d.migrateRegistry(), Verifier: verifier, QuotePCRs: quotePCRs(verifier), EventLog: d.eventLog(),
+		Anchor: anchorAdapter{d.host, d.audit}, Registry: d.migrateRegistry(),
+		Verifier: verifier, Enrollments: d.enroll, QuotePCRs: quotePCRs(verifier), EventLog: d.eventLog(),
 		Dial: d.dial, Target: d.target(), EvidenceMaxAge: maxAge, Crash: deps.Crash,
 		Audit: auditAdapter{d.audit}, Metrics: d.metrics, Now: now, Log: d.log,
 	})
@@ -492,6 +512,7 @@ func (d *Daemon) close(ctx context.Context) error {
 		errs = append(errs, hypervisor.Close(d.hyp))
 	}
 	if d.audit != nil {
+		d.recordAuditMark(ctx)
 		errs = append(errs, d.audit.Close())
 	}
 	if d.ledger != nil {

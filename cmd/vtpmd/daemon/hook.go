@@ -80,6 +80,9 @@ func (d *Daemon) handleHookPrepare(w http.ResponseWriter, r *http.Request) {
 		adminapi.WriteJSON(w, http.StatusOK, adminapi.HookPrepareResponse{Status: "incoming migration", TxID: tx.ID})
 		return
 	}
+	d.rekeyMu.Lock()
+	defer d.rekeyMu.Unlock()
+	d.rotateOnStart(ctx, req.UUID)
 	gen, err := d.node.DefineSecret(ctx, req.UUID)
 	if errors.Is(err, vtpm.ErrKeyNotFound) {
 		err = fmt.Errorf("%w: VM %s (%s): %s holds no key for its vTPM; start it on the host that owns it "+

@@ -251,6 +251,7 @@ type regEnrollments struct{ f *fleetView }
 var (
 	_ attest.Enrollments      = regEnrollments{}
 	_ attest.EnrollmentFinder = regEnrollments{}
+	_ attest.HostFinder       = regEnrollments{}
 )
 
 // Find implements attest.EnrollmentFinder.
@@ -270,14 +271,40 @@ func (r regEnrollments) Find(ctx context.Context, ekDigest, akName []byte) (*att
 		}
 		rec = findEnrolment(v, match)
 	}
-	if rec == nil {
-		return nil, nil
+	return toAttestEnrollment(rec), nil
+}
+
+// FindHost implements attest.HostFinder: the registry's enrolment of
+// host (the migration engine answers enrolled hosts only).
+func (r regEnrollments) FindHost(ctx context.Context, host string) (*attest.Enrollment, error) {
+	match := func(h registry.HostView) bool { return h.Enrolment != nil && h.Enrolment.Host == host }
+	v, err := r.f.get(ctx, fleetViewAge)
+	if err != nil {
+		return nil, err
 	}
-	out := &attest.Enrollment{Host: rec.Host, EKDigest: ekDigest, AKName: akName, EnrolledAt: rec.At, Method: rec.Method}
+	rec := findEnrolment(v, match)
+	if rec == nil {
+		if v, err = r.f.get(ctx, fleetViewMiss); err != nil {
+			return nil, err
+		}
+		rec = findEnrolment(v, match)
+	}
+	return toAttestEnrollment(rec), nil
+}
+
+// toAttestEnrollment is a registry enrolment as package attest records
+// it; nil for nil.
+func toAttestEnrollment(rec *registry.Enrolment) *attest.Enrollment {
+	if rec == nil {
+		return nil
+	}
+	out := &attest.Enrollment{Host: rec.Host, EnrolledAt: rec.At, Method: rec.Method}
+	out.EKDigest, _ = hex.DecodeString(rec.Identity.EK)
+	out.AKName, _ = hex.DecodeString(rec.Identity.AK)
 	if rec.AKCert != "" {
 		out.AKCertDigest, _ = hex.DecodeString(rec.AKCert)
 	}
-	return out, nil
+	return out
 }
 
 func findEnrolment(v registry.HostsView, match func(registry.HostView) bool) *registry.Enrolment {

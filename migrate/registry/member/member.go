@@ -38,7 +38,20 @@ type etcdMember struct{ e *embed.Etcd }
 
 func (m *etcdMember) Ready() <-chan struct{} { return m.e.Server.ReadyNotify() }
 func (m *etcdMember) Err() <-chan error      { return m.e.Err() }
-func (m *etcdMember) Close()                 { m.e.Close() }
+
+// Close stops the member. etcd's own Close waits for its client servers,
+// and each of those waits until the member is ready or stopping; a member
+// that never became ready (it never saw a quorum, e.g. when vtpmd's start
+// failed before the other members came up) would make Close wait forever.
+// Such a member is stopped first, which its servers see.
+func (m *etcdMember) Close() {
+	select {
+	case <-m.e.Server.ReadyNotify():
+	default:
+		m.e.Server.Stop()
+	}
+	m.e.Close()
+}
 
 func start(cfg registry.Config) (*embed.Etcd, error) {
 	log := cfg.Log

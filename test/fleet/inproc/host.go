@@ -108,11 +108,14 @@ func (h *Host) Kill(ctx context.Context) error {
 }
 
 // Restart waits for the killed daemon to be gone and starts a new one on
-// the same configuration (it reconciles open transactions at start).
+// the same configuration (it reconciles open transactions at start). A
+// start that fails (vtpmd refused its data directory) may be retried with
+// Restart.
 func (h *Host) Restart(ctx context.Context) error {
 	if h.closed != nil {
 		select {
 		case <-h.closed:
+			h.closed = nil
 		case <-ctx.Done():
 			return ctx.Err()
 		case <-time.After(time.Minute):
