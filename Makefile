@@ -50,11 +50,13 @@ e2e: deps
 	$(GO) test -count=1 -tags e2e -timeout $(TEST_TIMEOUT) ./test/e2e/...
 
 ## e2e-bench: vtpmctl migrate and virsh + vtpmm hook vs a plain virsh migrate with a pre-defined secret
-## (KVM if /dev/kvm exists, else TCG; medians, ratios, downtime, TPM commands; table at the end, JSON in E2E_BENCH_JSON)
+## (fleet registry embedded unless E2E_BENCH_REGISTRY=none; KVM if /dev/kvm exists, else TCG; medians, ratios, downtime, TPM commands; table at the end, JSON in E2E_BENCH_JSON)
 E2E_BENCH_ROUNDS ?=
 E2E_BENCH_JSON ?= $(CURDIR)/$(BIN)/e2e-bench.json
+E2E_BENCH_REGISTRY ?= embedded
 e2e-bench: deps
 	VTPMM_E2E_BENCH=1 VTPMM_E2E_REQUIRE=1 VTPMM_E2E_BENCH_ROUNDS=$(E2E_BENCH_ROUNDS) VTPMM_E2E_BENCH_JSON=$(E2E_BENCH_JSON) \
+	  VTPMM_E2E_BENCH_REGISTRY=$(E2E_BENCH_REGISTRY) \
 	  $(GO) test -count=1 -tags e2e -run '^TestE2EBench$$' -v -timeout 60m ./test/e2e/
 
 ## demo: the main job, end to end on libvirt hosts in network namespaces (root; last line: DEMO OK)

@@ -23,7 +23,9 @@ type benchReport struct {
 	CPUs    int    `json:"cpus"`
 	DevKVM  bool   `json:"dev_kvm"`
 	VM      string `json:"vm"`
-	Rounds  int    `json:"rounds"`
+	// Registry is the fleet registry's mode the hosts ran with.
+	Registry string `json:"registry"`
+	Rounds   int    `json:"rounds"`
 	// RoundsPlanned were asked for; Budget bounds the default run ("0s":
 	// none) and BudgetStop says why it ended early.
 	RoundsPlanned int       `json:"rounds_planned"`
@@ -172,9 +174,9 @@ func (r *benchReport) table() string {
 	if r.BudgetStop != "" {
 		rounds += " (stopped " + r.BudgetStop + ")"
 	}
-	fmt.Fprintf(&b, "vtpmm e2e bench, %s: %s; %s rounds after a warm-up round trip, host-a <-> host-b; accelerator %s "+
+	fmt.Fprintf(&b, "vtpmm e2e bench, %s: %s; %s rounds after a warm-up round trip, host-a <-> host-b; fleet registry %s; accelerator %s "+
 		"(read on each destination from the domain XML and the QEMU command line; /dev/kvm present: %v)\n",
-		r.Started, r.VM, rounds, joinKeys(accels), r.DevKVM)
+		r.Started, r.VM, rounds, orNone(r.Registry), joinKeys(accels), r.DevKVM)
 	fmt.Fprintf(&b, "%d CPUs; load average %.2f at the start, %.2f at the end, %.2f-%.2f (median %.2f) at the rounds' starts; "+
 		"set-up %.0f s, total %.0f s\n", r.CPUs, r.LoadStart, r.LoadEnd, quantile(r.RoundLoad, 0), quantile(r.RoundLoad, 1),
 		quantile(r.RoundLoad, 0.5), r.SetupSeconds, r.Seconds)
@@ -301,4 +303,11 @@ func joinKeys(m map[string]bool) string {
 	}
 	sort.Strings(keys)
 	return strings.Join(keys, " + ")
+}
+
+func orNone(s string) string {
+	if s == "" {
+		return "none"
+	}
+	return s
 }

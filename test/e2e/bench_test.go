@@ -95,7 +95,9 @@ const benchEvidenceMaxAge = 30 * time.Minute
 // VTPMM_E2E_BENCH_ROUNDS sets the rounds, all of which then run (default
 // 12 under KVM, 24 under TCG, fewer when benchBudget would be exceeded);
 // VTPMM_E2E_BENCH_JSON the JSON file (default in the module's bin/);
-// VTPMM_E2E_BENCH_KEEP=1 keeps the lab's directories.
+// VTPMM_E2E_BENCH_KEEP=1 keeps the lab's directories;
+// VTPMM_E2E_BENCH_REGISTRY the fleet registry's mode (default embedded: an
+// etcd member in each host's vtpmd, as in production; none: static peers).
 func TestE2EBench(t *testing.T) {
 	if os.Getenv("VTPMM_E2E_BENCH") != "1" {
 		t.Skip("set VTPMM_E2E_BENCH=1 (make e2e-bench)")
@@ -136,8 +138,12 @@ func TestE2EBench(t *testing.T) {
 	// VTPMM_E2E_BENCH_KEEP=1 keeps the hosts' directories (libvirtd's
 	// debug log shows every hook run with its time).
 	keep := os.Getenv("VTPMM_E2E_BENCH_KEEP") == "1"
+	rep.Registry = os.Getenv("VTPMM_E2E_BENCH_REGISTRY")
+	if rep.Registry == "" {
+		rep.Registry = "embedded"
+	}
 	f := lab.NewFleet(ctx, t, lab.FleetConfig{Network: lab.NetworkConfig{Prefix: "ve2e", Keep: keep}, Tools: sharedTools(ctx, t),
-		GoodLog: goodLog, Hosts: []lab.HostSpec{hostA(), hostB()}, Log: logger(t), HookMode: true})
+		GoodLog: goodLog, Hosts: []lab.HostSpec{hostA(), hostB()}, Log: logger(t), HookMode: true, Registry: rep.Registry})
 	f.AddHosts(ctx)
 	a, b := f.Hosts["host-a"], f.Hosts["host-b"]
 	for _, h := range []*lab.FleetHost{a, b} {
