@@ -188,22 +188,29 @@ func (n *Node) settleStalePulls(ctx context.Context, req *PullRequest, jobs map[
 	return nil
 }
 
-// leased reports whether Reconcile must leave a pulled transaction alone:
-// the hypervisor still migrates one of its VMs, or the lease has not run
-// out and the VMs still run here (libvirt has not started copying yet).
+// leased reports whether Reconcile must leave a source transaction alone:
+// the hypervisor still migrates one of its VMs (any open source
+// transaction, pulled or not: after a vtpmd crash the hypervisor's job may
+// outlive the Migrate that started it, and an abort now would drop the
+// key the destination's paused VM is about to run on; model F6), or, for
+// a pulled one, the lease has not run out and the VMs still run here
+// (libvirt has not started copying yet).
 func (n *Node) leased(ctx context.Context, tx Tx) bool {
-	if !tx.Pulled || tx.Role != RoleSource || tx.State != SrcPrepared {
+	if tx.Role != RoleSource || tx.State.Final() {
 		return false
 	}
 	jobs, _ := n.cfg.Hypervisor.(MigrationJobs)
-	inLease := n.cfg.Now().Before(tx.Lease)
+	inLease := tx.Pulled && tx.State == SrcPrepared && n.cfg.Now().Before(tx.Lease)
 	for _, vm := range tx.VMs {
 		if jobs != nil {
 			if out, err := jobs.MigratingOut(ctx, vm.UUID); err != nil || out {
 				return true // ask again later rather than race the hypervisor
 			}
 		}
-		if here, err := n.runsHere(ctx, vm.UUID); inLease && (err != nil || here) {
+		if !inLease {
+			continue
+		}
+		if here, err := n.runsHere(ctx, vm.UUID); err != nil || here {
 			return true
 		}
 	}

@@ -156,3 +156,72 @@ func TestPendingKeyServesOnlyItsJob(t *testing.T) {
 		h.audit.verify(t)
 	}
 }
+
+// TestRecoveryLeavesARunningJobAlone (F6): vtpmd on the source dies
+// during a vtpmm-driven migration while the hypervisor's job goes on (the
+// node is rebuilt while the destination prepares, and the old Migrate
+// dies once the hypervisor returns). Reconcile on either host during the
+// job leaves the transaction open: the source's because its hypervisor
+// still migrates the VM, the destination's because the source has not
+// decided. And an abort that reaches the destination while its incoming VM
+// is paused (its vTPM already runs on the PENDING key's secret) is
+// refused. After the job, recovery commits: the VM runs on the
+// destination with its key, and nowhere else.
+func TestRecoveryLeavesARunningJobAlone(t *testing.T) {
+	t.Parallel()
+	ctx := context.Background()
+	f := newFleet(t)
+	a, b := f.addHost("host-a", goodLog), f.addHost("host-b", goodLog)
+	vm := a.createVM("vm1")
+	secret := []byte("the job outlives vtpmd")
+	a.guestSeal(vm, secret)
+
+	var during, abort error
+	b.hyp.PrepareBegin = func(ctx context.Context, id, _ string) error {
+		b.hyp.PrepareBegin = nil
+		a.restart() // vtpmd on A restarts; its old Migrate is still in the hypervisor
+		during = errors.Join(a.node.Reconcile(ctx), b.node.Reconcile(ctx))
+		if open, _ := a.ledger.OpenTxs(); len(open) != 1 {
+			t.Errorf("reconcile during the hypervisor's job closed the source's transaction: %+v", open)
+		}
+		return nil
+	}
+	a.hyp.BeforeMigrateCommit = func() error {
+		a.hyp.BeforeMigrateCommit = nil
+		tx, ok := b.node.Incoming(vm)
+		if !ok {
+			t.Error("B holds no PENDING key while its incoming VM is paused")
+			return nil
+		}
+		_, abort = b.node.Finish(ctx, &migrate.FinishRequest{Version: migrate.ProtocolVersion, TxID: tx.ID, Source: "host-a", Abort: []string{vm}})
+		return nil
+	}
+	f.crashMu.Lock()
+	f.crash["host-a"] = migrate.CrashAt(migrate.SrcAfterHypervisor)
+	f.crashMu.Unlock()
+	if _, err := a.node.Migrate(ctx, migrate.Request{VMs: []string{vm}, Dest: "host-b"}, nil); !errors.Is(err, migrate.ErrCrash) {
+		t.Fatalf("migration with a crash after the hypervisor: %v", err)
+	}
+	f.crashMu.Lock()
+	delete(f.crash, "host-a")
+	f.crashMu.Unlock()
+	t.Logf("reconcile during the job: %v", during)
+	if abort == nil || !strings.Contains(abort.Error(), "paused") {
+		t.Fatalf("abort on B while its incoming VM is paused: %v, want a refusal", abort)
+	}
+	t.Logf("abort refused: %v", abort)
+	a.restart()
+	var err error
+	for round := 0; round < 3; round++ {
+		if err = errors.Join(a.node.Reconcile(ctx), b.node.Reconcile(ctx)); err == nil {
+			break
+		}
+	}
+	if err != nil {
+		t.Fatalf("reconcile after the job: %v", err)
+	}
+	f.checkSingleOwner(vm, "host-b")
+	if got := b.guestUnseal(vm); !bytes.Equal(got, secret) {
+		t.Fatalf("guest secret on B: %q", got)
+	}
+}
