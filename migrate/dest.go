@@ -286,13 +286,15 @@ func (n *Node) finishDest(ctx context.Context, tx Tx, commit, abort []string) (*
 
 // dropVM shreds the VM's pending key of this transaction and, when secret
 // is set (the transaction defined it), undefines its secret, unless the VM
-// runs here (then its secret is in use and the source must not abort it).
-// The secret stays when this host holds an active key of the VM (or one it
-// cannot read): then the secret is the owner's, not this transaction's.
+// runs here or is paused here (an incoming migration's VM is paused until
+// the hypervisor commits it: model F6): then its secret is in use and the
+// source must not abort it. The secret stays when this host holds an
+// active key of the VM (or one it cannot read): then the secret is the
+// owner's, not this transaction's.
 func (n *Node) dropVM(ctx context.Context, tx Tx, vm string, secret bool) error {
 	d, err := n.cfg.Hypervisor.Domain(ctx, vm)
-	if err == nil && d.State == hypervisor.StateRunning {
-		return fmt.Errorf("abort %s: VM %s runs on %s: refusing to drop its key", tx.ID, vm, n.cfg.Host)
+	if err == nil && (d.State == hypervisor.StateRunning || d.State == hypervisor.StatePaused) {
+		return fmt.Errorf("abort %s: VM %s is %s on %s: refusing to drop its key", tx.ID, vm, d.State, n.cfg.Host)
 	}
 	if err := n.cfg.Keys.DropPending(ctx, vm, tx.ID); err != nil {
 		return err

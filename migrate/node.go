@@ -155,6 +155,9 @@ type Node struct {
 	// recovery loop, a hook and a lifecycle event may all want to settle
 	// the same transaction at the same moment.
 	recoverMu sync.Mutex
+
+	armMu sync.Mutex
+	armed map[string]incomingArm // VM -> the incoming migration whose "migrate begin" pulled its key (incoming.go)
 }
 
 type verified struct {
@@ -183,7 +186,8 @@ func NewNode(cfg Config) *Node {
 		l.SetOutput(io.Discard)
 		log = l
 	}
-	return &Node{cfg: cfg, log: log.WithField("host", cfg.Host), cache: map[string]verified{}, active: map[string]bool{}}
+	return &Node{cfg: cfg, log: log.WithField("host", cfg.Host), cache: map[string]verified{}, active: map[string]bool{},
+		armed: map[string]incomingArm{}}
 }
 
 // Host returns the node's host name.

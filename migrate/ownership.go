@@ -27,6 +27,12 @@ import (
 //	gr = gl, another owner      contradiction at the same fencing token: neither starts (rule generation-conflict)
 //	owner = self, open tx that no open ledger transaction holds   abort it (restored from before the transaction ended)
 //
+// Before any of these, CheckStart refuses while an open ledger transaction
+// holds the VM (rule open-transaction): on a source the key was released
+// (the destination may already run the VM), on a destination it is
+// PENDING; an incoming migration's PENDING key is admitted only by the
+// hook's IncomingMigration, never by a start.
+//
 // Without quorum the last view serves, and only "agree" lets a start
 // through (a host may start a VM that both its TPM anchor and its last
 // view say it owns).
@@ -37,6 +43,7 @@ const (
 	RuleGenerationConflict = "generation-conflict"
 	RuleRegistryView       = "registry-last-view"
 	RuleRegistryPending    = "registry-pending"
+	RuleOpenTx             = "open-transaction"
 )
 
 // startAction is the decision of the start rule for one VM.
@@ -94,6 +101,13 @@ func (n *Node) CheckStart(ctx context.Context, vm string) (uint64, error) {
 		return 0, fmt.Errorf("start %s: %w", vm, err)
 	}
 	gl, ok := held[vm]
+	if txID, err := n.cfg.Ledger.Holder(vm); err == nil {
+		// A source transaction has released the key (the destination holds
+		// it PENDING, and may run the VM), or the key is PENDING here for
+		// an incoming migration: no cold start until the transaction ends.
+		return 0, n.refuseStart(ctx, vm, gl, fmt.Errorf("start %s: %w: open transaction %s (%s) holds it: no start until it ends (rule %s)",
+			vm, ErrNotOwner, txID, n.txRole(txID), RuleOpenTx))
+	}
 	if !ok {
 		return 0, fmt.Errorf("start %s: %w: %w: %s holds no key for it", vm, ErrNotOwner, vtpm.ErrKeyNotFound, n.cfg.Host)
 	}
@@ -132,6 +146,18 @@ func (n *Node) CheckStart(ctx context.Context, vm string) (uint64, error) {
 	err = fmt.Errorf("start %s: %w: the registry shows %s owning it at generation %d, this host's copy is at %d: it is stale and is kept until %s confirms over the agent wire, then shredded (rule %s)",
 		vm, ErrNotOwner, r.Owner, r.Generation, gl, r.Owner, RuleStaleCopy)
 	return 0, n.refuseStart(ctx, vm, gl, err)
+}
+
+// txRole describes an open transaction for a refusal.
+func (n *Node) txRole(txID string) string {
+	tx, err := n.cfg.Ledger.Get(txID)
+	switch {
+	case err != nil:
+		return "unreadable: " + err.Error()
+	case tx.Role == RoleSource:
+		return fmt.Sprintf("the key is released to %s, %s", tx.Peer, tx.State)
+	}
+	return fmt.Sprintf("the key is PENDING here from %s, %s", tx.Peer, tx.State)
 }
 
 func (n *Node) refuseStart(ctx context.Context, vm string, gl uint64, err error) error {

@@ -35,6 +35,10 @@ type PullRequest struct {
 	Version int      `json:"version"`
 	Dest    string   `json:"dest"` // the asking host (must be the caller)
 	VMs     []string `json:"vms"`
+	// Tx, when set, asks only for a confirmation (incoming.go): the VMs'
+	// keys are PENDING at Dest under this transaction; does the owner's
+	// hypervisor migrate them to Dest for it right now? Nothing is released.
+	Tx string `json:"tx,omitempty"`
 }
 
 // PullResponse reports a Pull: the keys are PENDING on the destination and
@@ -66,6 +70,8 @@ func (r *PullRequest) validate() error {
 		return fmt.Errorf("%w: host id %q", ErrBadMessage, r.Dest)
 	case len(r.VMs) == 0 || len(r.VMs) > 4096:
 		return fmt.Errorf("%w: %d VMs in one pull (1..4096)", ErrBadMessage, len(r.VMs))
+	case r.Tx != "" && !txIDRE.MatchString(r.Tx):
+		return fmt.Errorf("%w: transaction id %q", ErrBadMessage, r.Tx)
 	}
 	seen := map[string]bool{}
 	for _, id := range r.VMs {
@@ -90,6 +96,9 @@ func (n *Node) Pull(ctx context.Context, req *PullRequest) (*PullResponse, error
 	}
 	if err := n.authorizePeer(ctx, "pull", req.Dest); err != nil {
 		return nil, err
+	}
+	if req.Tx != "" {
+		return n.confirmPull(ctx, req)
 	}
 	txID, err := newTxID(n.cfg.Rand)
 	if err != nil {
@@ -179,22 +188,29 @@ func (n *Node) settleStalePulls(ctx context.Context, req *PullRequest, jobs map[
 	return nil
 }
 
-// leased reports whether Reconcile must leave a pulled transaction alone:
-// the hypervisor still migrates one of its VMs, or the lease has not run
-// out and the VMs still run here (libvirt has not started copying yet).
+// leased reports whether Reconcile must leave a source transaction alone:
+// the hypervisor still migrates one of its VMs (any open source
+// transaction, pulled or not: after a vtpmd crash the hypervisor's job may
+// outlive the Migrate that started it, and an abort now would drop the
+// key the destination's paused VM is about to run on; model F6), or, for
+// a pulled one, the lease has not run out and the VMs still run here
+// (libvirt has not started copying yet).
 func (n *Node) leased(ctx context.Context, tx Tx) bool {
-	if !tx.Pulled || tx.Role != RoleSource || tx.State != SrcPrepared {
+	if tx.Role != RoleSource || tx.State.Final() {
 		return false
 	}
 	jobs, _ := n.cfg.Hypervisor.(MigrationJobs)
-	inLease := n.cfg.Now().Before(tx.Lease)
+	inLease := tx.Pulled && tx.State == SrcPrepared && n.cfg.Now().Before(tx.Lease)
 	for _, vm := range tx.VMs {
 		if jobs != nil {
 			if out, err := jobs.MigratingOut(ctx, vm.UUID); err != nil || out {
 				return true // ask again later rather than race the hypervisor
 			}
 		}
-		if here, err := n.runsHere(ctx, vm.UUID); inLease && (err != nil || here) {
+		if !inLease {
+			continue
+		}
+		if here, err := n.runsHere(ctx, vm.UUID); err != nil || here {
 			return true
 		}
 	}
@@ -233,21 +249,35 @@ func (n *Node) Settle(ctx context.Context, vmUUID string) error {
 // answer, the owner's refusal (e.g. the attestation rule) first.
 //
 // VMs whose keys are already PENDING here (a migration vtpmm drives, whose
-// Prepare came before the hypervisor's migration) need no pull; if all
-// are, RequestPull answers with that transaction at once.
+// Prepare came before the hypervisor's migration) need no pull, if their
+// transaction's source confirms that its hypervisor migrates them here for
+// that transaction now (a PENDING key serves only the job its transaction
+// started); otherwise the stale transaction is settled first, and the key
+// pulled afresh, or the pull refused while it stays open. On success the
+// VMs are marked for the "prepare begin" that follows (AdmitIncoming).
 func (n *Node) RequestPull(ctx context.Context, vms []string, peers []string) (*PullResponse, error) {
-	var missing []string
-	var pending Tx
-	for _, id := range vms {
-		if tx, ok := n.Incoming(id); ok {
-			pending = tx
-			continue
-		}
-		missing = append(missing, id)
+	missing, pending, err := n.pendingForJob(ctx, vms)
+	if err != nil {
+		return nil, fmt.Errorf("request pull: %w", err)
 	}
 	if len(missing) == 0 && len(vms) > 0 {
-		return &PullResponse{TxID: pending.ID, Owner: pending.Peer, VMs: vms}, nil
+		tx := pending[vms[0]]
+		n.arm(pending)
+		return &PullResponse{TxID: tx.ID, Owner: tx.Peer, VMs: vms}, nil
 	}
+	resp, err := n.requestPull(ctx, missing, peers)
+	if err != nil {
+		return nil, err
+	}
+	for _, id := range missing {
+		pending[id] = Tx{ID: resp.TxID, Peer: resp.Owner}
+	}
+	n.arm(pending)
+	return resp, nil
+}
+
+// requestPull asks the peers to release the missing VMs' keys (Pull).
+func (n *Node) requestPull(ctx context.Context, missing []string, peers []string) (*PullResponse, error) {
 	req := &PullRequest{Version: ProtocolVersion, Dest: n.cfg.Host, VMs: missing}
 	if err := req.validate(); err != nil {
 		return nil, fmt.Errorf("request pull: %w", err)

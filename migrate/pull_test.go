@@ -31,7 +31,19 @@ func (f *fleet) hookMode() {
 			_, err := h.node.RequestPull(ctx, []string{vm}, peers)
 			return err
 		}
+		h.hyp.PrepareBegin = func(ctx context.Context, vm, _ string) error { return h.prepareBegin(ctx, vm) }
 	}
+}
+
+// prepareBegin is vtpmd's "prepare begin" hook (cmd/vtpmd/daemon/hook.go):
+// an incoming migration's PENDING key is admitted by AdmitIncoming only;
+// anything else is a start, through the start rule (DefineSecret).
+func (h *host) prepareBegin(ctx context.Context, vm string) error {
+	if _, ok, err := h.node.AdmitIncoming(ctx, vm); ok || err != nil {
+		return err
+	}
+	_, err := h.node.DefineSecret(ctx, vm)
+	return err
 }
 
 // TestHookModePlainMigration: a migration the hypervisor starts by itself
@@ -151,7 +163,9 @@ func TestHookModeFailedMigrationAborts(t *testing.T) {
 
 // TestHookModeWithVtpmmMigration: with the hook installed, a migration
 // vtpmm drives (Node.Migrate) still works: the destination's hook finds
-// the key already PENDING and pulls nothing.
+// the key already PENDING and pulls nothing; it only asks the source to
+// confirm the job, at "migrate begin" and at "prepare begin" (Pull with
+// the transaction), and the source opens no second transaction.
 func TestHookModeWithVtpmmMigration(t *testing.T) {
 	t.Parallel()
 	ctx := context.Background()
@@ -163,8 +177,11 @@ func TestHookModeWithVtpmmMigration(t *testing.T) {
 		t.Fatal(err)
 	}
 	f.checkSingleOwner(vm, "host-b")
-	if n := strings.Count(strings.Join(a.wire.methods(), " "), "Pull"); n != 0 {
-		t.Fatalf("the source served %d Pulls during a vtpmm-driven migration", n)
+	if n := strings.Count(strings.Join(a.wire.methods(), " "), "Pull-response"); n != 2 {
+		t.Fatalf("the source confirmed %d Pulls during a vtpmm-driven migration, want 2 (migrate begin, prepare begin)", n)
+	}
+	if all, _ := a.ledger.All(); len(all) != 1 {
+		t.Fatalf("the source's ledger holds %d transactions, want the one Migrate opened: %+v", len(all), all)
 	}
 }
 
@@ -181,6 +198,8 @@ func TestDecodePull(t *testing.T) {
 		{"no VM", `{"version":1,"dest":"host-b","vms":[]}`, false},
 		{"repeated VM", `{"version":1,"dest":"host-b","vms":["` + vm + `","` + vm + `"]}`, false},
 		{"bad uuid", `{"version":1,"dest":"host-b","vms":["../etc"]}`, false},
+		{"confirmation", `{"version":1,"dest":"host-b","vms":["` + vm + `"],"tx":"0123456789abcdef0123456789abcdef"}`, true},
+		{"bad transaction id", `{"version":1,"dest":"host-b","vms":["` + vm + `"],"tx":"../x"}`, false},
 		{"unknown field", `{"version":1,"dest":"host-b","vms":["` + vm + `"],"x":1}`, false},
 		{"trailing", `{"version":1,"dest":"host-b","vms":["` + vm + `"]} {}`, false},
 	}

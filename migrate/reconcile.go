@@ -26,8 +26,10 @@ import (
 //
 // Transactions this node is driving right now (a Migrate in progress) are
 // skipped: mid-migration the VM still runs on the source, and aborting
-// then would race the hypervisor. So are pulled ones (hook mode) while the
-// hypervisor migrates their VMs or their lease runs.
+// then would race the hypervisor. So is every source transaction while
+// the hypervisor reports an outgoing migration job for one of its VMs (a
+// job can outlive a crashed vtpmd), and a pulled one (hook mode) while its
+// lease runs.
 func (n *Node) Reconcile(ctx context.Context) error {
 	n.recoverMu.Lock()
 	defer n.recoverMu.Unlock()
@@ -41,7 +43,7 @@ func (n *Node) Reconcile(ctx context.Context) error {
 			continue // in flight in this process: its own code path finishes it
 		}
 		if n.leased(ctx, tx) {
-			continue // pulled: the hypervisor is still migrating
+			continue // the hypervisor is still migrating (or a pull's lease runs)
 		}
 		var err error
 		if tx.Role == RoleSource {

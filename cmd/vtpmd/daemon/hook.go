@@ -29,8 +29,11 @@ import (
 //     secret just in time from the vault when this host owns the key, so a
 //     plain 'virsh start' works after a reboot (libvirt forgets ephemeral
 //     secrets when it restarts). An incoming migration's PENDING key needs
-//     nothing. A VM whose key this host does not hold is refused (403): it
-//     would otherwise start without, or with a stale, vTPM key.
+//     nothing, if its "migrate begin" came first here and its source
+//     confirms the job (AdmitIncoming); a start from a PENDING key, or
+//     while a transaction holds the VM, is refused (403). So is a VM whose
+//     key this host does not hold: it would otherwise start without, or
+//     with a stale, vTPM key.
 //   - POST /v1/hook/released, at "release end": the hypervisor let go of
 //     the VM here. Asynchronous (202): libvirt holds the domain's lock while
 //     the hook runs, so vtpmd settles the VM's transaction only after the
@@ -76,7 +79,14 @@ func (d *Daemon) handleHookPrepare(w http.ResponseWriter, r *http.Request) {
 	}
 	ctx := r.Context()
 	log := d.log.WithFields(logrus.Fields{"vm": req.UUID, "name": req.Name})
-	if tx, ok := d.node.Incoming(req.UUID); ok {
+	// A PENDING key serves only the incoming migration whose "migrate
+	// begin" pulled it here, as its source confirms; never a cold start
+	// (model F1; migrate/incoming.go).
+	if tx, ok, err := d.node.AdmitIncoming(ctx, req.UUID); err != nil {
+		log.WithError(err).Warn("hook: start from a PENDING key refused")
+		adminapi.WriteError(w, http.StatusForbidden, err)
+		return
+	} else if ok {
 		adminapi.WriteJSON(w, http.StatusOK, adminapi.HookPrepareResponse{Status: "incoming migration", TxID: tx.ID})
 		return
 	}
