@@ -88,7 +88,7 @@ func agentCommands(e *env) []*cobra.Command {
 				case v.Damaged != "":
 					note = "DAMAGED: " + v.Damaged
 				case v.Rotate:
-					note = "key rotates at the next cold start"
+					note = "key rotates when the VM stops here"
 				}
 				fmt.Fprintf(w, "%s\t%s\t%v\t%d\t%s\t%s\t%s\n", orDash(v.Name), v.UUID, v.Owned, v.Generation, v.State, orDash(v.PendingTx), note)
 			}
@@ -136,8 +136,8 @@ func agentCommands(e *env) []*cobra.Command {
 		Long: "rekey asks the local vtpmd to replace the VM's key: a new random key, the VM's vTPM state\n" +
 			"re-encrypted under it through swtpm (no plaintext state on disk), the hypervisor's secret\n" +
 			"redefined. Every copy of the old key, on hosts that held the VM before, then opens nothing.\n" +
-			"The VM must be owned here and shut off. vtpmd also rotates a VM's key by itself at its first\n" +
-			"cold start after a migration. Exit codes: 0 done; 5 the VM is running or in a migration;\n" +
+			"The VM must be owned here and shut off. vtpmd also rotates a VM's key by itself once the VM\n" +
+			"first stopped here after a migration. Exit codes: 0 done; 5 the VM is running or in a migration;\n" +
 			"7 its key envelope is damaged; 1 anything else (not owned here, unknown VM).",
 		Args: cobra.ExactArgs(1),
 		RunE: func(cmd *cobra.Command, args []string) error {

@@ -332,15 +332,18 @@ func (h *Host) DestroyDomain(ctx context.Context, vmUUID string) error {
 	if err != nil {
 		return fmt.Errorf("%s: %w", op, err)
 	}
-	defer h.release(d)
 	err = d.proc.Stop(ctx)
 	h.mu.Lock()
 	clear(d.pass)
 	d.proc, d.pass = nil, nil
 	h.mu.Unlock()
+	h.release(d)
 	if err != nil {
 		return fmt.Errorf("%s: %w", op, err)
 	}
+	// libvirt runs the qemu hook's "release end" after every stop, not
+	// only after a migration, once the domain let go of its resources.
+	h.released(vmUUID)
 	return nil
 }
 

@@ -92,7 +92,6 @@ func (d *Daemon) handleHookPrepare(w http.ResponseWriter, r *http.Request) {
 	}
 	d.rekeyMu.Lock()
 	defer d.rekeyMu.Unlock()
-	d.rotateOnStart(ctx, req.UUID)
 	gen, err := d.node.DefineSecret(ctx, req.UUID)
 	if errors.Is(err, vtpm.ErrKeyNotFound) {
 		err = fmt.Errorf("%w: VM %s (%s): %s holds no key for its vTPM; start it on the host that owns it "+
@@ -124,6 +123,7 @@ func (d *Daemon) handleHookReleased(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	d.settle(req.UUID, "hook release end")
+	d.rotateStopped(req.UUID) // after a stop here (after a migration away, it holds no key)
 	adminapi.WriteJSON(w, http.StatusAccepted, adminapi.HookReleasedResponse{Status: "settling"})
 }
 

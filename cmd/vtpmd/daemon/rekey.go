@@ -16,9 +16,10 @@ import (
 )
 
 // Key rotation (docs/rekey.md): a VM's key is replaced, and its shut-off
-// vTPM state re-encrypted under the new key, at the VM's next cold start
-// after it arrived by migration (hook mode's "prepare begin", and vtpmd's
-// own starts on hosts without a hypervisor: vtpm/host.StartVM), and on
+// vTPM state re-encrypted under the new key, once the VM stopped after it
+// arrived by migration (the hypervisor's stopped event; never inside a
+// libvirt hook, which holds the domain's lock), at vtpmd's own starts on
+// hosts without a hypervisor (vtpm/host.StartVM), and on
 // demand with 'vtpmctl vm rekey VM' (POST PathVMs/{ref}/rekey). The
 // hypervisor's secret is redefined with the new key. A former holder's
 // copy of the old key then opens nothing.
@@ -32,65 +33,93 @@ type vtpmStates interface {
 // Rekey replaces a VM's key now. The VM must be owned here, usable, in no
 // open transaction and shut off (host.ErrVMRunning otherwise, class
 // in-use).
+//
+// The hypervisor is asked (domain state, vTPM state directory, managed
+// save) before rekeyMu is taken, never under it: libvirt holds a domain's
+// lock while it runs that domain's hooks, and the prepare-begin hook waits
+// for rekeyMu, so a libvirt domain call under rekeyMu could deadlock with a
+// start. A start that slips in between is caught by swtpm's state lock
+// (swtpm.ErrStateInUse, class in-use) or is serialised by rekeyMu before
+// libvirt starts swtpm.
 func (d *Daemon) Rekey(ctx context.Context, vm, why string) (host.RekeyResult, error) {
-	d.rekeyMu.Lock()
-	defer d.rekeyMu.Unlock()
-	return d.rekey(ctx, vm, why, true)
-}
-
-// rekey runs with rekeyMu held; starting is set on a cold start (hook
-// "prepare begin"), when the domain is on its way up and its state must
-// not be checked.
-func (d *Daemon) rekey(ctx context.Context, vm, why string, checkShutoff bool) (host.RekeyResult, error) {
-	checks, err := d.host.CheckKeys(ctx)
+	if err := d.checkRekeyable(ctx, vm); err != nil { // the key's own state first: damaged, not here, busy
+		return host.RekeyResult{}, err
+	}
+	plan, err := d.planRekey(ctx, vm)
 	if err != nil {
 		return host.RekeyResult{}, err
 	}
-	c, ok := checks[vm]
-	switch {
-	case !ok:
-		return host.RekeyResult{}, fmt.Errorf("rekey %s: %w: %s holds no key for it", vm, migrate.ErrNotOwner, d.cfg.HostID)
-	case c.Damaged:
-		return host.RekeyResult{}, fmt.Errorf("rekey %s: %w: %s", vm, host.ErrVMDamaged, c.Reason)
-	}
-	if tx, ok := d.holder(vm); ok {
-		return host.RekeyResult{}, fmt.Errorf("rekey %s: %w: transaction %s holds the VM", vm, migrate.ErrBusy, tx)
-	}
-	var (
-		stateDir string
-		define   func(pass []byte) error
-	)
+	d.rekeyMu.Lock()
+	defer d.rekeyMu.Unlock()
+	return d.rekey(ctx, vm, why, plan)
+}
+
+// rekeyPlan is what the hypervisor told about a VM's vTPM state.
+type rekeyPlan struct {
+	stateDir string
+	define   func(pass []byte) error
+}
+
+// planRekey asks the hypervisor where the shut-off VM's vTPM state is (or
+// takes vtpmd's own layout when vtpmd runs the vTPMs). No lock is held.
+func (d *Daemon) planRekey(ctx context.Context, vm string) (rekeyPlan, error) {
 	if d.RunsVTPMs() {
-		stateDir = d.host.Layout().VMState(vm)
-	} else {
-		if checkShutoff {
-			dom, err := d.hyp.Domain(ctx, vm)
-			if err != nil {
-				return host.RekeyResult{}, fmt.Errorf("rekey %s: %w", vm, err)
-			}
-			if dom.State == hypervisor.StateAbsent {
-				return host.RekeyResult{}, fmt.Errorf("rekey %s: %w: the hypervisor on %s does not define the VM", vm, hypervisor.ErrNoDomain, d.cfg.HostID)
-			}
-			if dom.State != hypervisor.StateShutoff {
-				return host.RekeyResult{}, fmt.Errorf("rekey %s: %w: the VM is %s on %s; shut it off first (its running vTPM holds the state)",
-					vm, host.ErrVMRunning, dom.State, d.cfg.HostID)
-			}
-		}
-		st, ok := d.hyp.(vtpmStates)
-		if !ok {
-			return host.RekeyResult{}, fmt.Errorf("rekey %s: hypervisor %s cannot name the VM's vTPM state directory", vm, d.hyp.Name())
-		}
-		if stateDir, err = st.VTPMStateDir(ctx, vm); err != nil {
-			return host.RekeyResult{}, fmt.Errorf("rekey %s: %w", vm, err)
-		}
-		define = func(pass []byte) error { return d.hyp.DefineSecret(ctx, vm, pass) }
+		return rekeyPlan{stateDir: d.host.Layout().VMState(vm)}, nil
 	}
-	res, err := d.host.Rekey(ctx, vm, stateDir, define)
+	dom, err := d.hyp.Domain(ctx, vm)
+	if err != nil {
+		return rekeyPlan{}, fmt.Errorf("rekey %s: %w", vm, err)
+	}
+	if dom.State == hypervisor.StateAbsent {
+		return rekeyPlan{}, fmt.Errorf("rekey %s: %w: the hypervisor on %s does not define the VM", vm, hypervisor.ErrNoDomain, d.cfg.HostID)
+	}
+	if dom.State != hypervisor.StateShutoff {
+		return rekeyPlan{}, fmt.Errorf("rekey %s: %w: the VM is %s on %s; shut it off first (its running vTPM holds the state)",
+			vm, host.ErrVMRunning, dom.State, d.cfg.HostID)
+	}
+	st, ok := d.hyp.(vtpmStates)
+	if !ok {
+		return rekeyPlan{}, fmt.Errorf("rekey %s: hypervisor %s cannot name the VM's vTPM state directory", vm, d.hyp.Name())
+	}
+	dir, err := st.VTPMStateDir(ctx, vm)
+	if err != nil {
+		return rekeyPlan{}, fmt.Errorf("rekey %s: %w", vm, err)
+	}
+	return rekeyPlan{stateDir: dir, define: func(pass []byte) error { return d.hyp.DefineSecret(ctx, vm, pass) }}, nil
+}
+
+// rekey runs with rekeyMu held and makes no libvirt domain call (the
+// secret's definition is the secret driver's).
+func (d *Daemon) rekey(ctx context.Context, vm, why string, plan rekeyPlan) (host.RekeyResult, error) {
+	if err := d.checkRekeyable(ctx, vm); err != nil {
+		return host.RekeyResult{}, err
+	}
+	res, err := d.host.Rekey(ctx, vm, plan.stateDir, plan.define)
 	if err != nil && res.VM == "" {
 		return res, err
 	}
 	d.auditRekey(ctx, vm, fmt.Sprintf("%s; generation %d, %d bytes of vTPM state re-encrypted in %v", why, res.Generation, res.Bytes, res.Elapsed.Round(time.Millisecond)))
 	return res, err
+}
+
+// checkRekeyable refuses a VM whose key is not here, is damaged, or is
+// held by an open transaction.
+func (d *Daemon) checkRekeyable(ctx context.Context, vm string) error {
+	checks, err := d.host.CheckKeys(ctx)
+	if err != nil {
+		return err
+	}
+	c, ok := checks[vm]
+	switch {
+	case !ok:
+		return fmt.Errorf("rekey %s: %w: %s holds no key for it", vm, migrate.ErrNotOwner, d.cfg.HostID)
+	case c.Damaged:
+		return fmt.Errorf("rekey %s: %w: %s", vm, host.ErrVMDamaged, c.Reason)
+	}
+	if tx, ok := d.holder(vm); ok {
+		return fmt.Errorf("rekey %s: %w: transaction %s holds the VM", vm, migrate.ErrBusy, tx)
+	}
+	return nil
 }
 
 // holder returns the open transaction that holds the VM, if any.
@@ -109,20 +138,34 @@ func (d *Daemon) holder(vm string) (string, bool) {
 	return "", false
 }
 
-// rotateOnStart replaces the key of a VM that arrived by migration, at its
-// cold start (hook "prepare begin"). A failure is logged and the start
-// goes on with the key the state opens with: the VM stays marked, and its
-// next start tries again.
-func (d *Daemon) rotateOnStart(ctx context.Context, vm string) {
-	if !d.host.NeedsRotation(vm) {
+// rotateStopped replaces the key of a VM that arrived by migration once
+// it stopped here (the hypervisor's lifecycle event), so that its next
+// cold start uses a key no former holder has. It runs in the background,
+// after settleDelay, outside any hook (libvirt is asked about the domain).
+// A refusal (the VM started again, a managed save image, an open
+// transaction) is logged; the VM stays marked and its next stop tries
+// again.
+func (d *Daemon) rotateStopped(vm string) {
+	if d.RunsVTPMs() || !d.host.NeedsRotation(vm) {
 		return
 	}
-	log := d.log.WithField("vm", vm)
-	if _, err := d.rekey(ctx, vm, "cold start after a migration", false); err != nil {
-		log.WithError(err).Warn("key rotation at the cold start failed; the VM starts with its current key and rotates at its next start")
-		return
-	}
-	log.Info("VM key rotated at its first cold start after a migration")
+	d.bg.Add(1)
+	go func() {
+		defer d.bg.Done()
+		select {
+		case <-d.bgCtx.Done():
+			return
+		case <-time.After(settleDelay):
+		}
+		ctx, cancel := context.WithTimeout(d.bgCtx, adminapi.HookTimeout)
+		defer cancel()
+		log := d.log.WithField("vm", vm)
+		if _, err := d.Rekey(ctx, vm, "first stop after a migration"); err != nil {
+			log.WithError(err).Warn("key rotation after the VM stopped failed; it stays marked and rotates at its next stop")
+			return
+		}
+		log.Info("VM key rotated after its first stop since it arrived by migration")
+	}()
 }
 
 func (d *Daemon) handleRekey(w http.ResponseWriter, r *http.Request) {

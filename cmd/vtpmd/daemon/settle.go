@@ -32,6 +32,9 @@ func settlesOn(e hypervisor.LifecycleEvent) bool {
 func (d *Daemon) watchLifecycle(ctx context.Context, w hypervisor.LifecycleWatcher) error {
 	return w.WatchLifecycle(ctx, func(e hypervisor.LifecycleEvent) {
 		log := d.log.WithFields(logrus.Fields{"vm": e.VM, "name": e.Name, "event": e.Event, "detail": e.Detail})
+		if e.Event == hypervisor.EventStopped && e.Detail != hypervisor.DetailMigrated {
+			d.rotateStopped(e.VM)
+		}
 		if !settlesOn(e) {
 			log.Debug("lifecycle event")
 			return
