@@ -73,8 +73,10 @@ bench: deps
 ## coverage instrumentation (go test -c -fuzz), its targets are listed with -test.list '^Fuzz' and
 ## run from the package's directory with go test's fuzz cache. A crasher fails the run (after the
 ## other targets ran) and stays in the package's testdata/fuzz/TARGET/ as a regression input, which
-## every go test runs from then on; fix the bug and commit the file.
+## every go test runs from then on; fix the bug and commit the file. FUZZMINIMIZETIME bounds the
+## minimisation of each new input (go's default, 60s, would stall short runs on large seeds).
 FUZZTIME ?= 30s
+FUZZMINIMIZETIME ?= 5s
 FUZZTIME_SMOKE ?= 2s
 FUZZ_DIRS = $$(grep -rl --include='*_test.go' --exclude-dir=testdata --exclude-dir=.git '^func Fuzz' . | xargs -n1 dirname | sort -u)
 fuzz: deps
@@ -83,7 +85,7 @@ fuzz: deps
 	  pkg=$$(cd $$dir && $(GO) list .) && $(GO) test -c -fuzz . -o $$bin/fuzz.test $$dir || { failed="$$failed $$dir(build)"; continue; }; \
 	  for f in $$(cd $$dir && $$bin/fuzz.test -test.list '^Fuzz'); do \
 	    n=$$((n+1)); echo "fuzz $$pkg $$f ($(FUZZTIME))"; \
-	    (cd $$dir && $$bin/fuzz.test -test.run '^$$' -test.fuzz "^$$f$$" -test.fuzztime $(FUZZTIME) -test.fuzzcachedir $$cache/$$pkg) 2>&1 | \
+	    (cd $$dir && $$bin/fuzz.test -test.run '^$$' -test.fuzz "^$$f$$" -test.fuzztime $(FUZZTIME) -test.fuzzminimizetime $(FUZZMINIMIZETIME) -test.fuzzcachedir $$cache/$$pkg) 2>&1 | \
 	      grep -v -e '^fuzz: elapsed: .*gathering baseline' -e '^PASS$$'; \
 	    test $${PIPESTATUS[0]} -eq 0 || failed="$$failed $$dir:$$f"; done; done; \
 	echo "fuzz: $$n targets, $(FUZZTIME) each, $$(( $$(date +%s) - start )) s"; \
@@ -91,7 +93,7 @@ fuzz: deps
 
 ## fuzz-smoke: every fuzz target for FUZZTIME_SMOKE (make test runs it; prints the total time)
 fuzz-smoke:
-	@$(MAKE) --no-print-directory fuzz FUZZTIME=$(FUZZTIME_SMOKE)
+	@$(MAKE) --no-print-directory fuzz FUZZTIME=$(FUZZTIME_SMOKE) FUZZMINIMIZETIME=1s
 
 vet:
 	$(GO) vet ./...
