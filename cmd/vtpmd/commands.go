@@ -228,6 +228,11 @@ func readPredicted(path string) (vtpm.PCRValues, error) {
 		if err != nil || herr != nil || len(d) != 32 || i < 0 || i > 23 {
 			return nil, fmt.Errorf("--predict %s: PCR %q = %q is not a PCR index with a SHA-256 value", path, k, v)
 		}
+		if _, dup := out[i]; dup {
+			// "7" and "07" (or "+7"): which value wins would depend on
+			// the map's iteration order.
+			return nil, fmt.Errorf("--predict %s: PCR %d is named twice", path, i)
+		}
 		out[i] = d
 	}
 	return out, nil
