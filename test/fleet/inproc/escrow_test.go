@@ -32,7 +32,7 @@ type custodians struct {
 	files map[string]string // name -> identity file
 }
 
-func newCustodians(t *testing.T) custodians {
+func newCustodians(t testing.TB) custodians {
 	t.Helper()
 	dir := t.TempDir()
 	c := custodians{cfg: escrow.Config{Threshold: 2}, files: map[string]string{}}
