@@ -3,6 +3,8 @@ package inproc_test
 import (
 	"bytes"
 	"context"
+	"crypto/rand"
+	"crypto/sha256"
 	"encoding/base64"
 	"encoding/hex"
 	"errors"
@@ -280,6 +282,34 @@ func TestRestoreAfterHostTPMLoss(t *testing.T) {
 	if err != nil || len(ret.VMs) != 2 {
 		t.Fatalf("retire host-b: %+v, %v", ret, err)
 	}
+
+	// An enrolled host relaying a restore the operator did not open in the
+	// registry (a compromised host pushing a key): rule restore, before
+	// anything is written.
+	att, err := a.Admin().RestoreAttest(ctx, fleet.HostA)
+	if err != nil {
+		t.Fatal(err)
+	}
+	forged, err := vtpm.NewVMKey(nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer forged.Destroy()
+	pr, err := migrate.SealBatch(rand.Reader, att.MKPublic, att.EvidenceDigest, "00112233445566778899aabbccddeeff", att.Source, fleet.HostA,
+		[]migrate.TxVM{{UUID: db.UUID, Name: db.Name, Generation: 2}}, map[string]vtpm.VMKey{db.UUID: forged})
+	if err != nil {
+		t.Fatal(err)
+	}
+	blob := []byte("forged vTPM state")
+	sum := sha256.Sum256(blob)
+	_, err = a.Admin().RestorePrepare(ctx, &migrate.RestoreRequest{Prepare: *pr,
+		States: []migrate.RestoredState{{UUID: db.UUID, Bundle: strings.Repeat("ab", 16), SHA256: sum[:], Blob: blob}}})
+	if !errors.Is(err, migrate.ErrDenied) || !strings.Contains(err.Error(), "rule restore") {
+		t.Errorf("a restore without the registry's Begin: %v, want rule restore", err)
+	} else {
+		t.Logf("restore without the operator's Begin: %v", err)
+	}
+	unchanged("restore without the registry's Begin")
 
 	refusals := []struct {
 		name   string
