@@ -75,7 +75,7 @@ func (n *Node) Prepare(ctx context.Context, req *PrepareRequest) (*PrepareRespon
 // secrets, proofs.
 func (n *Node) accept(ctx context.Context, req *PrepareRequest, states []RestoredState) (*PrepareResponse, error) {
 	log := n.log.WithFields(logrus.Fields{"tx": req.TxID, "source": req.Source})
-	tx := Tx{ID: req.TxID, Role: RoleDestination, Peer: req.Source, State: DstPending}
+	tx := Tx{ID: req.TxID, Role: RoleDestination, Peer: req.Source, State: DstPending, Restore: states != nil}
 	for _, w := range req.VMs {
 		tx.VMs = append(tx.VMs, TxVM{UUID: w.UUID, Name: w.Name, Generation: w.Generation})
 	}

@@ -311,6 +311,59 @@ func TestRestoreAfterHostTPMLoss(t *testing.T) {
 	}
 	unchanged("restore without the registry's Begin")
 
+	// A restore open in the registry (the operator's Begin) and prepared on
+	// host-a survives host-a's recovery (the relay keeps no ledger: the
+	// registry decides); once the operator aborts it, recovery drops
+	// everything it staged.
+	openTx := "aabbccddeeff00112233445566778899"
+	batch := registry.Batch{TxID: openTx, From: fleet.HostB, To: fleet.HostA, VMs: []registry.VMGen{{ID: db.UUID, Generation: 1}}}
+	if _, err := op.Begin(ctx, batch); err != nil {
+		t.Fatal(err)
+	}
+	if pr, err = migrate.SealBatch(rand.Reader, att.MKPublic, att.EvidenceDigest, openTx, att.Source, fleet.HostA,
+		[]migrate.TxVM{{UUID: db.UUID, Name: db.Name, Generation: 2}}, map[string]vtpm.VMKey{db.UUID: forged}); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := a.Admin().RestorePrepare(ctx, &migrate.RestoreRequest{Prepare: *pr,
+		States: []migrate.RestoredState{{UUID: db.UUID, Bundle: strings.Repeat("ab", 16), SHA256: sum[:], Blob: blob}}}); err != nil {
+		t.Fatalf("a restore the registry shows open: %v", err)
+	}
+	settle := func() {
+		if err := a.Admin().HookReleased(ctx, adminapi.HookRequest{UUID: db.UUID, Name: db.Name}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	settle()
+	time.Sleep(3 * time.Second) // the settle runs 0.5 s after the trigger
+	txState := func() string {
+		info, err := a.Admin().VM(ctx, db.UUID)
+		if err != nil {
+			t.Fatal(err)
+		}
+		for _, tx := range info.Transactions {
+			if tx.ID == openTx {
+				return tx.State
+			}
+		}
+		return "none"
+	}
+	if st := txState(); st != string(migrate.DstPending) {
+		t.Fatalf("host-a's recovery during an open restore: transaction %s is %s, want %s", openTx, st, migrate.DstPending)
+	}
+	if _, err := op.Abort(ctx, batch); err != nil {
+		t.Fatal(err)
+	}
+	for deadline := time.Now().Add(30 * time.Second); ; time.Sleep(500 * time.Millisecond) {
+		settle()
+		if txState() == string(migrate.DstAborted) {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatal("host-a kept the aborted restore's pending key")
+		}
+	}
+	unchanged("an aborted restore")
+
 	refusals := []struct {
 		name   string
 		bundle []byte
