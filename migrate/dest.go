@@ -150,7 +150,7 @@ func (n *Node) accept(ctx context.Context, req *PrepareRequest, states []Restore
 		resp.Accepted = append(resp.Accepted, w.UUID)
 		detail := ""
 		if states != nil {
-			detail = "restored from an escrow bundle, relayed by " + req.Source
+			detail = fmt.Sprintf("restored from escrow bundle %s, relayed by %s", states[i].Bundle, req.Source)
 		}
 		n.audit(ctx, AuditEvent{Event: audit.EventKeyReceived, VM: w.UUID, Peer: req.Source, TxID: req.TxID, Generation: w.Generation, Detail: detail})
 	}
