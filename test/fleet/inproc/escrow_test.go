@@ -265,6 +265,18 @@ func TestRestoreAfterHostTPMLoss(t *testing.T) {
 		t.Logf("owner alive: %v", err)
 	}
 	unchanged("owner alive")
+	// A draining owner: only with --force (the new generation would fence
+	// its copy).
+	if err := op.SetState(ctx, fleet.HostB, registry.StateDraining); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := restore(bundleOf[db.UUID], db.UUID, fleet.HostA, two); !errors.Is(err, escrow.ErrOwnerActive) || !strings.Contains(err.Error(), "force") {
+		t.Errorf("restore while host-b drains, without --force: %v, want ErrOwnerActive naming --force", err)
+	}
+	unchanged("owner draining")
+	if err := op.SetState(ctx, fleet.HostB, registry.StateActive); err != nil {
+		t.Fatal(err)
+	}
 
 	// Disaster: host-b and its TPM are gone.
 	if err := b.LoseTPM(ctx); err != nil {
