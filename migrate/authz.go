@@ -107,36 +107,46 @@ func (n *Node) authorizePrepare(ctx context.Context, req *PrepareRequest) error 
 		return fmt.Errorf("prepare %s: %w: transaction id already used on this host", req.TxID, ErrReplay)
 	}
 	for _, w := range req.VMs {
-		if w.Generation == 0 || w.Generation > registry.MaxGeneration {
-			return deny(call, req.Source, w.UUID, RuleGeneration, "generation %d is outside 1..%d", w.Generation, registry.MaxGeneration)
-		}
-		_, gen, err := n.cfg.Keys.Get(ctx, w.UUID)
-		switch {
-		case err == nil:
-			return deny(call, req.Source, w.UUID, RuleOwnedHere, "%s owns the VM at generation %d; a destination never replaces an active key", n.cfg.Host, gen)
-		case !errors.Is(err, vtpm.ErrKeyNotFound):
-			return deny(call, req.Source, w.UUID, RuleOwnedHere, "%s holds a key file for the VM that does not open (%v); it cannot prove it does not own it", n.cfg.Host, err)
-		}
-		d, err := n.cfg.Hypervisor.Domain(ctx, w.UUID)
-		if err != nil {
-			return fmt.Errorf("%s from %s: VM %s: %w", call, req.Source, w.UUID, err)
-		}
-		if d.State == hypervisor.StateRunning {
-			return deny(call, req.Source, w.UUID, RuleRunsHere, "the VM runs on %s; a running VM's secret is never replaced", n.cfg.Host)
-		}
-		if n.cfg.Registry == nil {
-			hw, err := n.cfg.Keys.HighWater(ctx, w.UUID)
-			if err != nil {
-				return fmt.Errorf("%s from %s: VM %s: %w", call, req.Source, w.UUID, err)
-			}
-			if w.Generation > hw+MaxGenerationStep {
-				return deny(call, req.Source, w.UUID, RuleGeneration, "generation %d is more than %d above the highest generation %s has held (%d)",
-					w.Generation, MaxGenerationStep, n.cfg.Host, hw)
-			}
+		if err := n.authorizeVM(ctx, call, req.Source, w); err != nil {
+			return err
 		}
 	}
 	if n.cfg.Registry != nil {
 		return n.authorizeRegistry(ctx, req)
+	}
+	return nil
+}
+
+// authorizeVM runs the per-VM rules of a Prepare (and of a restore):
+// generation bounds, owned-here, runs-here and, without a registry, the
+// high-water step.
+func (n *Node) authorizeVM(ctx context.Context, call, sender string, w WrappedVM) error {
+	if w.Generation == 0 || w.Generation > registry.MaxGeneration {
+		return deny(call, sender, w.UUID, RuleGeneration, "generation %d is outside 1..%d", w.Generation, registry.MaxGeneration)
+	}
+	_, gen, err := n.cfg.Keys.Get(ctx, w.UUID)
+	switch {
+	case err == nil:
+		return deny(call, sender, w.UUID, RuleOwnedHere, "%s owns the VM at generation %d; a destination never replaces an active key", n.cfg.Host, gen)
+	case !errors.Is(err, vtpm.ErrKeyNotFound):
+		return deny(call, sender, w.UUID, RuleOwnedHere, "%s holds a key file for the VM that does not open (%v); it cannot prove it does not own it", n.cfg.Host, err)
+	}
+	d, err := n.cfg.Hypervisor.Domain(ctx, w.UUID)
+	if err != nil {
+		return fmt.Errorf("%s from %s: VM %s: %w", call, sender, w.UUID, err)
+	}
+	if d.State == hypervisor.StateRunning {
+		return deny(call, sender, w.UUID, RuleRunsHere, "the VM runs on %s; a running VM's secret is never replaced", n.cfg.Host)
+	}
+	if n.cfg.Registry == nil {
+		hw, err := n.cfg.Keys.HighWater(ctx, w.UUID)
+		if err != nil {
+			return fmt.Errorf("%s from %s: VM %s: %w", call, sender, w.UUID, err)
+		}
+		if w.Generation > hw+MaxGenerationStep {
+			return deny(call, sender, w.UUID, RuleGeneration, "generation %d is more than %d above the highest generation %s has held (%d)",
+				w.Generation, MaxGenerationStep, n.cfg.Host, hw)
+		}
 	}
 	return nil
 }

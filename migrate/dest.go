@@ -67,8 +67,15 @@ func (n *Node) Prepare(ctx context.Context, req *PrepareRequest) (*PrepareRespon
 		n.log.WithError(err).WithFields(logrus.Fields{"tx": req.TxID, "source": req.Source}).Warn("prepare refused")
 		return nil, err
 	}
+	return n.accept(ctx, req, nil)
+}
+
+// accept is an authorised Prepare's work (a migration's, or a restore's
+// with the VMs' states to stage): ledger, unwrap, pending keys, states,
+// secrets, proofs.
+func (n *Node) accept(ctx context.Context, req *PrepareRequest, states []RestoredState) (*PrepareResponse, error) {
 	log := n.log.WithFields(logrus.Fields{"tx": req.TxID, "source": req.Source})
-	tx := Tx{ID: req.TxID, Role: RoleDestination, Peer: req.Source, State: DstPending}
+	tx := Tx{ID: req.TxID, Role: RoleDestination, Peer: req.Source, State: DstPending, Restore: states != nil}
 	for _, w := range req.VMs {
 		tx.VMs = append(tx.VMs, TxVM{UUID: w.UUID, Name: w.Name, Generation: w.Generation})
 	}
@@ -111,6 +118,12 @@ func (n *Node) Prepare(ctx context.Context, req *PrepareRequest) (*PrepareRespon
 			return nil, fmt.Errorf("prepare %s: VM %s: %w", req.TxID, w.UUID, err)
 		}
 	}
+	for _, st := range states {
+		if err := n.stageState(ctx, req.TxID, st); err != nil {
+			n.abortDest(ctx, tx, fmt.Sprintf("stage the vTPM state of %s: %v", st.UUID, err), made)
+			return nil, fmt.Errorf("prepare %s: stage the vTPM state of %s: %w", req.TxID, st.UUID, storageErr(err))
+		}
+	}
 	if err := n.crash(DstAfterKeys); err != nil {
 		return nil, err
 	}
@@ -135,7 +148,11 @@ func (n *Node) Prepare(ctx context.Context, req *PrepareRequest) (*PrepareRespon
 		}
 		resp.Proofs[w.UUID] = proof
 		resp.Accepted = append(resp.Accepted, w.UUID)
-		n.audit(ctx, AuditEvent{Event: audit.EventKeyReceived, VM: w.UUID, Peer: req.Source, TxID: req.TxID, Generation: w.Generation})
+		detail := ""
+		if states != nil {
+			detail = fmt.Sprintf("restored from escrow bundle %s, relayed by %s", states[i].Bundle, req.Source)
+		}
+		n.audit(ctx, AuditEvent{Event: audit.EventKeyReceived, VM: w.UUID, Peer: req.Source, TxID: req.TxID, Generation: w.Generation, Detail: detail})
 	}
 	log.WithField("vms", len(req.VMs)).Info("keys pending")
 	return resp, nil
@@ -236,6 +253,11 @@ func (n *Node) finishDest(ctx context.Context, tx Tx, commit, abort []string) (*
 				return nil, fmt.Errorf("finish %s: commit %s: %w: %s holds the VM's active key at generation %d; refusing to replace it with generation %d",
 					tx.ID, vm.UUID, vtpm.ErrKeyExists, n.cfg.Host, gen, vm.Generation)
 			}
+			// A restore's vTPM state goes into place before its key
+			// becomes active (nothing staged: a migration, a no-op).
+			if err := n.placeState(ctx, tx.ID, vm.UUID); err != nil {
+				return nil, fmt.Errorf("finish %s: commit %s: %w", tx.ID, vm.UUID, err)
+			}
 			if _, err := n.cfg.Keys.CommitPending(ctx, vm.UUID, tx.ID); err != nil {
 				// Already promoted before a crash?
 				if _, gen, gerr := n.cfg.Keys.Get(ctx, vm.UUID); !errors.Is(err, vtpm.ErrKeyNotFound) || gerr != nil || gen != vm.Generation {
@@ -298,6 +320,11 @@ func (n *Node) dropVM(ctx context.Context, tx Tx, vm string, secret bool) error 
 	}
 	if err := n.cfg.Keys.DropPending(ctx, vm, tx.ID); err != nil {
 		return err
+	}
+	if n.cfg.States != nil {
+		if err := n.cfg.States.Drop(ctx, tx.ID, vm); err != nil {
+			return err
+		}
 	}
 	if !secret {
 		return nil

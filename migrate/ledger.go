@@ -60,8 +60,12 @@ type Tx struct {
 	// Pulled marks a source transaction the destination asked for (hook
 	// mode): the hypervisor migrates the VMs, and Reconcile leaves the
 	// transaction alone while the hypervisor migrates them or until Lease.
-	Pulled  bool      `json:"pulled,omitempty"`
-	Lease   time.Time `json:"lease,omitzero"`
+	Pulled bool      `json:"pulled,omitempty"`
+	Lease  time.Time `json:"lease,omitzero"`
+	// Restore marks a destination transaction that restores keys from
+	// escrow bundles (migrate/restore.go): the operator's registry
+	// transaction, not the relaying peer, decides its outcome.
+	Restore bool      `json:"restore,omitempty"`
 	Created time.Time `json:"created"`
 	Updated time.Time `json:"updated"`
 }

@@ -125,12 +125,15 @@ type Config struct {
 	// alone even if the hypervisor reports no migration job yet (default
 	// DefaultPullLease). While a job runs it is left alone regardless.
 	PullLease time.Duration
-	Crash     CrashHook
-	Audit     Auditor
-	Metrics   Observer
-	Now       func() time.Time
-	Rand      io.Reader
-	Log       logrus.FieldLogger
+	// States stages and places the vTPM states a restore from escrow
+	// brings (nil: this host accepts no restore).
+	States  RestoredStates
+	Crash   CrashHook
+	Audit   Auditor
+	Metrics Observer
+	Now     func() time.Time
+	Rand    io.Reader
+	Log     logrus.FieldLogger
 }
 
 // DefaultEvidenceMaxAge is how long verified evidence is reused.

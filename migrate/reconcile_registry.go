@@ -53,6 +53,21 @@ func classify(tx Tx, vm TxVM, src, dst string, v registry.View) (regState, regis
 	return regOther, r
 }
 
+// classifyRestore is classify for a restore: the registry's owner is the
+// host the operator replaces, whoever relayed.
+func classifyRestore(tx Tx, vm TxVM, dst string, v registry.View) regState {
+	r, ok := v.VMs[vm.UUID]
+	switch {
+	case !ok:
+		return regAbsent
+	case r.Owner == dst && r.Generation == vm.Generation && r.Tx == nil:
+		return regCommitted
+	case r.Generation == vm.Generation-1 && r.Tx != nil && r.Tx.ID == tx.ID && r.Tx.To == dst:
+		return regOpen
+	}
+	return regOther
+}
+
 // recoverSourceRegistry is recoverSource with a registry.
 func (n *Node) recoverSourceRegistry(ctx context.Context, tx Tx, peer Peer, st *StatusResponse, peerErr error, here map[string]bool) error {
 	ids := vmIDs(tx.VMs)
@@ -162,7 +177,11 @@ func (n *Node) recoverDestRegistry(ctx context.Context, tx Tx) (bool, error) {
 	}
 	var commit, drop, open []string
 	for _, vm := range tx.VMs {
-		switch s, _ := classify(tx, vm, tx.Peer, n.cfg.Host, view); s {
+		s, _ := classify(tx, vm, tx.Peer, n.cfg.Host, view)
+		if tx.Restore {
+			s = classifyRestore(tx, vm, n.cfg.Host, view)
+		}
+		switch s {
 		case regCommitted:
 			commit = append(commit, vm.UUID)
 		case regOpen:
@@ -183,6 +202,11 @@ func (n *Node) recoverDestRegistry(ctx context.Context, tx Tx) (bool, error) {
 	if len(open) == 0 {
 		_, err := n.finishDest(ctx, tx, commit, drop)
 		return true, err
+	}
+	if tx.Restore {
+		// The relay keeps no ledger: the operator's registry transaction
+		// alone decides (vtpmctl commits or aborts it).
+		return true, fmt.Errorf("%w: the restore is open in the registry; the operator's vtpmctl commits or aborts it", ErrUnresolved)
 	}
 	// Some VMs are still open in the registry: the source decides (it is
 	// alive and drives, or final), or, gone, this host commits the VMs

@@ -207,23 +207,37 @@ func (n *Node) destEvidence(ctx context.Context, peer Peer, dest string, res *Re
 }
 
 func (n *Node) wrap(tx Tx, v verified, keys map[string]vtpm.VMKey) (*PrepareRequest, error) {
+	return SealBatch(n.cfg.Rand, v.mkPublic, v.digest, tx.ID, n.cfg.Host, tx.Peer, tx.VMs, keys)
+}
+
+// SealBatch builds the Prepare a source sends: one random transfer key
+// wrapped for the destination's certified migration key (identity.Wrap,
+// in software: no TPM), and each VM key under it, bound to the
+// transaction, the VM, its new generation, both hosts and the digest of
+// the evidence the source verified. A migration (Node.wrap) and a restore
+// from escrow (migrate/recovery) both use it.
+func SealBatch(rnd io.Reader, mkPublic, evidenceDigest []byte, txID, source, dest string, vms []TxVM, keys map[string]vtpm.VMKey) (*PrepareRequest, error) {
 	tk := make([]byte, 32)
 	defer wipe(tk)
-	if _, err := io.ReadFull(n.cfg.Rand, tk); err != nil {
+	if _, err := io.ReadFull(rnd, tk); err != nil {
 		return nil, err
 	}
-	wk, err := identity.Wrap(n.cfg.Rand, v.mkPublic, tk)
+	wk, err := identity.Wrap(rnd, mkPublic, tk)
 	if err != nil {
 		return nil, err
 	}
-	sealer, err := transferSealer(tk, n.cfg.Rand)
+	sealer, err := transferSealer(tk, rnd)
 	if err != nil {
 		return nil, err
 	}
-	req := &PrepareRequest{Version: ProtocolVersion, TxID: tx.ID, Source: n.cfg.Host, Dest: tx.Peer,
-		EvidenceDigest: v.digest, TransferKey: *wk}
-	for _, vm := range tx.VMs {
-		w, err := sealForTransfer(sealer, req, vm, keys[vm.UUID])
+	req := &PrepareRequest{Version: ProtocolVersion, TxID: txID, Source: source, Dest: dest,
+		EvidenceDigest: evidenceDigest, TransferKey: *wk}
+	for _, vm := range vms {
+		k, ok := keys[vm.UUID]
+		if !ok || !k.Valid() {
+			return nil, fmt.Errorf("seal batch %s: no key for VM %s", txID, vm.UUID)
+		}
+		w, err := sealForTransfer(sealer, req, vm, k)
 		if err != nil {
 			return nil, err
 		}

@@ -200,9 +200,10 @@ func agentCommands(e *env) []*cobra.Command {
 	hostList.Flags().BoolVar(&hostsJSON, "json", false, "print JSON")
 	host.AddCommand(enroll, hostList)
 	host.AddCommand(hostStateCommands(e, rf)...)
+	host.AddCommand(retireCommand(e, rf))
 	rf.add(host)
 	reg := registryCommands(e, &socket)
-	return []*cobra.Command{addSocket(mig), addSocket(vm), addSocket(host), addSocket(reg)}
+	return append([]*cobra.Command{addSocket(mig), addSocket(vm), addSocket(host), addSocket(reg)}, escrowCommands(e, &socket, &registryFlags{socket: &socket})...)
 }
 
 // printHosts prints 'host list': the registry's view when the hosts carry

@@ -236,6 +236,13 @@ func (p *remotePeer) Pull(ctx context.Context, req *migrate.PullRequest) (*migra
 	return roundTrip[migrate.PullResponse](ctx, p, MethodPull, req)
 }
 
+// Restore relays a restore from escrow (migrate.Restorer).
+func (p *remotePeer) Restore(ctx context.Context, req *migrate.RestoreRequest) (*migrate.PrepareResponse, error) {
+	return roundTrip[migrate.PrepareResponse](ctx, p, MethodRestore, req)
+}
+
+var _ migrate.Restorer = (*remotePeer)(nil)
+
 // hostCreds wraps the TLS credentials of one peer: after the handshake
 // (which already verified the chain and the server name), the server's
 // verified certificate must name the host dialled, so an address that

@@ -33,6 +33,9 @@ const (
 	MethodIdentity = "Identity"
 	MethodActivate = "Activate"
 	MethodPull     = "Pull"
+	// MethodRestore carries a restore from escrow (migrate.RestoreRequest),
+	// relayed by the operator's host.
+	MethodRestore = "Restore"
 )
 
 // FullMethod returns the full gRPC method name ("/vtpmm.migrate.v1.Agent/Prepare").
@@ -52,7 +55,7 @@ type agentService interface {
 }
 
 // serviceDesc is the hand-written descriptor of vtpmm.migrate.v1.Agent:
-// seven unary methods, JSON messages (no protobuf schema).
+// eight unary methods, JSON messages (no protobuf schema).
 func serviceDesc() *grpc.ServiceDesc {
 	return &grpc.ServiceDesc{
 		ServiceName: ServiceName,
@@ -91,10 +94,22 @@ func serviceDesc() *grpc.ServiceDesc {
 			{MethodName: MethodPull, Handler: handler(MethodPull, migrate.DecodePull,
 				func(r *migrate.PullRequest) string { return r.Dest },
 				migrate.Peer.Pull)},
+			{MethodName: MethodRestore, Handler: handler(MethodRestore, migrate.DecodeRestore,
+				func(r *migrate.RestoreRequest) string { return r.Prepare.Source },
+				restore)},
 		},
 		Streams:  []grpc.StreamDesc{},
 		Metadata: "vtpmm/migrate/v1/agent (hand-written, JSON codec)",
 	}
+}
+
+// restore calls the node's Restore, if it takes restores.
+func restore(p migrate.Peer, ctx context.Context, r *migrate.RestoreRequest) (*migrate.PrepareResponse, error) {
+	rs, ok := p.(migrate.Restorer)
+	if !ok {
+		return nil, status.Error(codes.Unimplemented, "this agent takes no restores")
+	}
+	return rs.Restore(ctx, r)
 }
 
 // Server serves a migrate.Peer (a *migrate.Node) to other agents over

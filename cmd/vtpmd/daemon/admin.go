@@ -40,6 +40,10 @@ func (d *Daemon) adminServer() *http.Server {
 	mux.HandleFunc("POST "+adminapi.PathHookPull, d.handleHookPull)
 	mux.HandleFunc("POST "+adminapi.PathHookPrepare, d.handleHookPrepare)
 	mux.HandleFunc("POST "+adminapi.PathHookReleased, d.handleHookReleased)
+	mux.HandleFunc("POST "+adminapi.PathBackup, d.handleBackup)
+	mux.HandleFunc("POST "+adminapi.PathRestoreAttest, d.handleRestoreAttest)
+	mux.HandleFunc("POST "+adminapi.PathRestorePrepare, d.handleRestorePrepare)
+	mux.HandleFunc("POST "+adminapi.PathRestoreFinish, d.handleRestoreFinish)
 	return &http.Server{Handler: mux, ReadHeaderTimeout: 10 * time.Second}
 }
 

@@ -10,6 +10,7 @@ import (
 	"gopkg.in/yaml.v3"
 
 	"github.com/vtpmm/vtpmm/migrate"
+	"github.com/vtpmm/vtpmm/migrate/escrow"
 	"github.com/vtpmm/vtpmm/migrate/registry"
 	"github.com/vtpmm/vtpmm/vtpm/host"
 )
@@ -60,7 +61,31 @@ type Config struct {
 	// PeerHypervisors maps peers to the libvirt URI their migrations go to.
 	// Default: qemu+tcp://<host of the peer's address>/system.
 	PeerHypervisors map[string]string `yaml:"peer_hypervisors"`
+	// Escrow names the offline custodians of the backup bundles and the
+	// threshold k of them needed to restore (docs/escrow.md). Empty: no
+	// backups (vtpmctl backup is refused).
+	Escrow escrow.Config `yaml:"escrow"`
+	// Backup is the periodic backup of every VM this host owns (needs
+	// escrow): one bundle per VM every interval in dir, older ones pruned.
+	Backup BackupConfig `yaml:"backup"`
 }
+
+// BackupConfig schedules backups (docs/escrow.md, docs/recovery.md).
+type BackupConfig struct {
+	// Dir receives the bundles, DIR/<vm-uuid>/<generation>-<time>.vtpmbundle
+	// (mode 0600, directories 0700); also the default of 'vtpmctl backup'.
+	Dir string `yaml:"dir"`
+	// Interval between two backups of every owned VM (Go duration, e.g.
+	// 6h). Empty or 0: no schedule ('vtpmctl backup' still works).
+	Interval string `yaml:"interval"`
+	// Keep is how many bundles are kept per VM (default 7): older ones are
+	// removed after each backup, but never the newest bundle of the VM's
+	// current generation nor any of a higher one (escrow.Retain).
+	Keep int `yaml:"keep"`
+}
+
+// DefaultBackupKeep is backup.keep's default.
+const DefaultBackupKeep = 7
 
 // TLSConfig names the mTLS files of the agent wire.
 type TLSConfig struct {
@@ -131,6 +156,9 @@ func (c Config) Validate() error {
 		if h == c.HostID || h == "" || addr == "" {
 			return fmt.Errorf("%w: peers: %q -> %q (a peer needs a name other than host_id, and an address)", ErrConfig, h, addr)
 		}
+	}
+	if err := c.validateBackup(); err != nil {
+		return err
 	}
 	if c.RegistryMode() != registry.ModeNone {
 		rc := c.RegistryConfig()
@@ -240,4 +268,36 @@ func (c Config) AuditLogPath() string {
 		return c.AuditLog
 	}
 	return c.Layout().AuditLog()
+}
+
+// backupInterval is backup.interval (0: no schedule).
+func (c Config) backupInterval() (time.Duration, error) {
+	if c.Backup.Interval == "" {
+		return 0, nil
+	}
+	d, err := time.ParseDuration(c.Backup.Interval)
+	if err != nil || d < 0 {
+		return 0, fmt.Errorf("%w: backup.interval %q is not a duration >= 0 (e.g. 6h)", ErrConfig, c.Backup.Interval)
+	}
+	return d, nil
+}
+
+// validateBackup checks the escrow and backup sections: a schedule needs
+// a directory and custodians; the custodians' policy is built (and its
+// recipients parsed) when the daemon starts.
+func (c Config) validateBackup() error {
+	iv, err := c.backupInterval()
+	if err != nil {
+		return err
+	}
+	if c.Backup.Keep < 0 {
+		return fmt.Errorf("%w: backup.keep %d (want >= 1, or 0 for the default %d)", ErrConfig, c.Backup.Keep, DefaultBackupKeep)
+	}
+	if iv > 0 && c.Backup.Dir == "" {
+		return fmt.Errorf("%w: backup.interval is set but backup.dir is empty", ErrConfig)
+	}
+	if iv > 0 && len(c.Escrow.Custodians) == 0 {
+		return fmt.Errorf("%w: backup.interval is set but escrow has no custodians: bundles need recipients to be sealed for", ErrConfig)
+	}
+	return nil
 }

@@ -21,6 +21,7 @@ import (
 	"github.com/vtpmm/vtpmm/internal/metrics"
 	"github.com/vtpmm/vtpmm/internal/pki"
 	"github.com/vtpmm/vtpmm/migrate"
+	"github.com/vtpmm/vtpmm/migrate/escrow"
 	"github.com/vtpmm/vtpmm/migrate/registry"
 	"github.com/vtpmm/vtpmm/migrate/wire"
 	"github.com/vtpmm/vtpmm/vtpm"
@@ -70,6 +71,7 @@ type Daemon struct {
 	enroll   attest.Enrollments // where enrolments are recorded (the verifier's store)
 	node     *migrate.Node
 	now      func() time.Time
+	sealer   *escrow.Sealer // nil without escrow custodians
 
 	reg     *registry.Client // nil in registry mode none
 	fleet   *fleetView       // the registry's hosts, cached
@@ -140,6 +142,9 @@ func Start(ctx context.Context, cfg Config, deps Deps) (_ *Daemon, err error) {
 	if err := d.checkFiles(); err != nil {
 		return nil, err
 	}
+	if err := d.openEscrow(); err != nil {
+		return nil, err
+	}
 	if d.ledger, err = migrate.OpenLedger(cfg.Layout().Ledger(), now); err != nil {
 		return nil, err
 	}
@@ -185,7 +190,7 @@ func Start(ctx context.Context, cfg Config, deps Deps) (_ *Daemon, err error) {
 		Host: cfg.HostID, Keys: d.host.Keys(), TPM: d.host.Meter(), Identity: d.ident, Hypervisor: d.hyp, Ledger: d.ledger,
 		Anchor: anchorAdapter{d.host, d.audit}, Registry: d.migrateRegistry(),
 		Verifier: verifier, Enrollments: d.enroll, QuotePCRs: quotePCRs(verifier), EventLog: d.eventLog(),
-		Dial: d.dial, Target: d.target(), EvidenceMaxAge: maxAge, Crash: deps.Crash,
+		Dial: d.dial, Target: d.target(), EvidenceMaxAge: maxAge, Crash: deps.Crash, States: restoredStates{d},
 		Audit: auditAdapter{d.audit}, Metrics: d.metrics, Now: now, Log: d.log,
 	})
 	d.metrics.SetTPMCounter(func() map[string]int {
@@ -349,6 +354,9 @@ func (d *Daemon) listen() error {
 	d.services = append(d.services, service{"recovery", d.recoveryLoop})
 	if d.reg != nil {
 		d.services = append(d.services, service{"registry", d.registryLoop})
+	}
+	if iv, _ := d.cfg.backupInterval(); iv > 0 {
+		d.services = append(d.services, service{"backup", d.backupLoop})
 	}
 	if w, ok := d.hyp.(hypervisor.LifecycleWatcher); ok {
 		d.services = append(d.services, service{"lifecycle events", func(ctx context.Context) error { return d.watchLifecycle(ctx, w) }})

@@ -4,6 +4,7 @@ import (
 	"context"
 	"fmt"
 	"net"
+	"os"
 	"time"
 
 	"github.com/google/go-tpm/tpm2/transport"
@@ -148,4 +149,39 @@ func (h *Host) withVTPM(ctx context.Context, vm string, fn func(transport.TPM) e
 	}
 	defer tpm.Close()
 	return fn(tpm)
+}
+
+// LoseTPM destroys the host as a disaster does: its daemon dies (its
+// registry member and liveness lease with it) and its host TPM's state is
+// wiped, so its vault, and every VM key sealed under it, is gone for good.
+// The VMs it ran are gone too (their domains destroyed). The host does not
+// come back with Restart: it would need 'vtpmd init' on a new TPM.
+func (h *Host) LoseTPM(ctx context.Context) error {
+	if err := h.Kill(ctx); err != nil {
+		return err
+	}
+	select {
+	case <-h.closed:
+		h.closed = nil
+	case <-ctx.Done():
+		return ctx.Err()
+	case <-time.After(time.Minute):
+		return fmt.Errorf("inproc: vtpmd on %s did not stop", h.name)
+	}
+	doms, _ := h.hyp.Domains(ctx)
+	for _, d := range doms {
+		if d.State == hypervisor.StateRunning {
+			_ = h.hyp.DestroyDomain(ctx, d.UUID)
+		}
+	}
+	if err := h.emu.Stop(ctx); err != nil {
+		return err
+	}
+	if err := os.RemoveAll(h.emu.Dir()); err != nil {
+		return err
+	}
+	h.mu.Lock()
+	h.d = nil
+	h.mu.Unlock()
+	return nil
 }

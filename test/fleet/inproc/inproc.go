@@ -70,6 +70,9 @@ type Config struct {
 	// EnrollLast leaves the last host unenrolled (registry modes): a
 	// benchmark enrols it (EnrollVia) and counts what that costs.
 	EnrollLast bool
+	// Configure, when set, adjusts each host's vtpmd configuration before
+	// its daemon starts (escrow custodians, backup schedule).
+	Configure func(host string, c *daemon.Config)
 }
 
 // HostSpec names a host and whether it boots the tampered log.
@@ -168,6 +171,11 @@ func New(ctx context.Context, cfg Config) (_ *Fleet, err error) {
 		}
 	} else {
 		f.configureRegistry()
+	}
+	if cfg.Configure != nil {
+		for _, name := range f.order {
+			cfg.Configure(name, &f.hosts[name].cfg)
+		}
 	}
 	for _, name := range f.order {
 		if err := f.hosts[name].start(ctx, wires[name]); err != nil {
