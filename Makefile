@@ -11,7 +11,7 @@ DEB_PKGS := swtpm swtpm-tools libssl-dev libvirt-dev libvirt-daemon libvirt-daem
 	qemu-system-x86 iproute2 ca-certificates git gcc libc6-dev pkg-config make curl spin
 TEST_TIMEOUT ?= 20m
 BENCHTIME ?= 5x
-BENCH_PKGS ?= ./internal/agent/ ./attest/ ./vtpm/identity/ ./migrate/
+BENCH_PKGS ?= ./vtpm/host/ ./attest/ ./vtpm/identity/ ./migrate/
 
 .PHONY: all deps build test e2e e2e-bench demo bench fuzz fuzz-smoke model vet fmt clean
 
@@ -33,12 +33,13 @@ deps:
 ## build: the binaries into ./bin
 build: deps
 	@mkdir -p $(BIN)
-	$(GO) build -o $(BIN)/ ./cmd/vtpmd ./cmd/vtpmctl ./cmd/vtpmm-demo
-	CGO_ENABLED=0 $(GO) build -o $(BIN)/ ./cmd/vtpmm-guest
+	$(GO) build -o $(BIN)/ ./cmd/vtpmd
+	CGO_ENABLED=0 $(GO) build -o $(BIN)/ ./cmd/vtpmctl ./cmd/vtpmm-guest
 
 ## test: vet, every test on real swtpm processes, then the e2e suite on real libvirt (root)
 test: deps
 	@test -z "$$(gofmt -l $$(git ls-files '*.go' 2>/dev/null || find . -name '*.go'))" || { echo "gofmt needed:"; gofmt -l .; exit 1; }
+	@$(GO) mod tidy -diff >/dev/null || { echo "go.mod/go.sum are not tidy (go mod tidy):"; $(GO) mod tidy -diff; exit 1; }
 	$(GO) vet ./...
 	$(GO) vet -tags e2e ./test/...
 	VTPMM_E2E_REQUIRE=1 $(GO) test -count=1 -timeout $(TEST_TIMEOUT) ./...
@@ -56,6 +57,7 @@ e2e-bench: deps
 ## demo: the main job, end to end on libvirt hosts in network namespaces (root; last line: DEMO OK)
 demo: build
 	@$(GO) build -o $(BIN)/ ./test/lab/cmd/subreaper
+	@$(GO) build -o $(BIN)/vtpmm-demo ./test/demo
 	$(BIN)/vtpmm-demo --bin $(BIN)
 
 ## bench: TPM command counts and time under the none and dtpm profiles

@@ -75,5 +75,5 @@ func VerifyActivation(ch *ActivationChallenge, answer []byte) error {
 
 // Enrollment returns the record to store after a successful activation.
 func (ch *ActivationChallenge) Enrollment(host string, now time.Time) Enrollment {
-	return Enrollment{Host: host, EKDigest: ch.EKDigest, AKName: ch.AKName, EnrolledAt: now.UTC()}
+	return Enrollment{Host: host, EKDigest: ch.EKDigest, AKName: ch.AKName, EnrolledAt: now.UTC(), Method: MethodActivation}
 }

@@ -38,6 +38,15 @@ type Cert struct {
 	AuthorityKey []byte
 	PublicKey    crypto.PublicKey // *rsa.PublicKey or *ecdsa.PublicKey; nil if unsupported
 	PublicKeyAlg asn1.ObjectIdentifier
+	// HasKeyUsage reports a keyUsage extension; KeyUsage holds its bits
+	// (x509.KeyUsage numbering: digitalSignature = 1, keyEncipherment = 4...).
+	HasKeyUsage bool
+	KeyUsage    x509.KeyUsage
+	// ExtKeyUsage lists the extendedKeyUsage OIDs (nil: no extension).
+	ExtKeyUsage []asn1.ObjectIdentifier
+	// RawSAN is the subjectAltName extension value (the GeneralNames DER),
+	// nil when absent.
+	RawSAN []byte
 }
 
 var (
@@ -60,6 +69,9 @@ var (
 	oidExtBasicCons  = asn1.ObjectIdentifier{2, 5, 29, 19}
 	oidExtSKI        = asn1.ObjectIdentifier{2, 5, 29, 14}
 	oidExtAKI        = asn1.ObjectIdentifier{2, 5, 29, 35}
+	oidExtKeyUsage   = asn1.ObjectIdentifier{2, 5, 29, 15}
+	oidExtEKU        = asn1.ObjectIdentifier{2, 5, 29, 37}
+	oidExtSAN        = asn1.ObjectIdentifier{2, 5, 29, 17}
 )
 
 func certErr(format string, args ...any) error {
@@ -264,6 +276,36 @@ func (c *Cert) parseExtensions(b []byte) error {
 					c.AuthorityKey = id.content
 				}
 			}
+		case oid.Equal(oidExtKeyUsage):
+			c.HasKeyUsage = true
+			if bits, _, err := expect(value.content, tagBitString); err == nil && len(bits.content) >= 1 {
+				// DER BIT STRING: bit 0 is the most significant bit of the
+				// first content octet (x509.KeyUsage numbers it 1 << 0).
+				for i, b := range bits.content[1:] {
+					for j := 0; j < 8 && i*8+j < 16; j++ {
+						if b&(0x80>>j) != 0 {
+							c.KeyUsage |= 1 << (i*8 + j)
+						}
+					}
+				}
+			}
+		case oid.Equal(oidExtEKU):
+			c.ExtKeyUsage = []asn1.ObjectIdentifier{}
+			if seq, _, err := expect(value.content, tagSequence); err == nil {
+				for r := seq.content; len(r) > 0; {
+					var o derElem
+					if o, r, err = expect(r, tagOID); err != nil {
+						return certErr("bad extendedKeyUsage")
+					}
+					eku, err := parseOID(o)
+					if err != nil {
+						return certErr("bad extendedKeyUsage OID")
+					}
+					c.ExtKeyUsage = append(c.ExtKeyUsage, eku)
+				}
+			}
+		case oid.Equal(oidExtSAN):
+			c.RawSAN = value.content
 		}
 	}
 	return nil

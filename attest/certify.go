@@ -3,6 +3,7 @@ package attest
 import (
 	"bytes"
 	"crypto/subtle"
+	"errors"
 	"strings"
 
 	"github.com/google/go-tpm/tpm2"
@@ -26,26 +27,24 @@ func VerifyCertify(ak, mk *Public, attestRaw, sigRaw, nonce []byte, pol MKPolicy
 	if err != nil {
 		return refuse(RuleCertifySignature, "AK public key: %v", err)
 	}
-	att, err := ParseAttest(attestRaw, tpmSTAttestCertify)
+	att, err := decodeAttest(attestRaw, tpmSTAttestCertify)
 	if err != nil {
 		return &RefusalError{Rule: RuleCertifySignature, Detail: err.Error(), Cause: err}
 	}
-	if _, err := VerifyTPMSignature(key, sigRaw, attestRaw); err != nil {
+	if _, err := verifyTPMSignature(key, sigRaw, attestRaw); errors.Is(err, ErrSHA1Signature) {
+		return &RefusalError{Rule: RuleCertifySignature, Detail: "the certification is signed with SHA-1, refused (SHA-1 is accepted on EK certificate paths only)", Cause: err}
+	} else if err != nil {
 		return refuse(RuleCertifySignature, "certification not signed by the AK: %v", err)
 	}
-	if subtle.ConstantTimeCompare(att.A.ExtraData.Buffer, nonce) != 1 {
-		return refuse(RuleCertifyNonce, "certify extraData %s, want the verifier's nonce %s", short(att.A.ExtraData.Buffer), short(nonce))
-	}
-	info, err := att.A.Attested.Certify()
-	if err != nil {
-		return refuse(RuleCertifySignature, "no certify info: %v", err)
+	if subtle.ConstantTimeCompare(att.extraData, nonce) != 1 {
+		return refuse(RuleCertifyNonce, "certify extraData %s, want the verifier's nonce %s", short(att.extraData), short(nonce))
 	}
 	name, err := mk.Name()
 	if err != nil {
 		return refuse(RuleMKName, "migration key: %v", err)
 	}
-	if !bytes.Equal(info.Name.Buffer, name) {
-		return refuse(RuleMKName, "certified name %s, the migration key's public area has name %s", short(info.Name.Buffer), short(name))
+	if !bytes.Equal(att.name, name) {
+		return refuse(RuleMKName, "certified name %s, the migration key's public area has name %s", short(att.name), short(name))
 	}
 	if err := checkMKShape(mk.Pub); err != nil {
 		return err

@@ -1,10 +1,10 @@
 package attest
 
 import (
-	"bytes"
 	"crypto"
 	"crypto/ecdsa"
 	"crypto/rsa"
+	"crypto/sha256"
 	"encoding/asn1"
 	"errors"
 	"fmt"
@@ -12,6 +12,7 @@ import (
 	"path/filepath"
 	"sort"
 	"strings"
+	"sync"
 	"time"
 
 	// Register the hashes used by certificate signatures.
@@ -22,9 +23,18 @@ import (
 
 // CertPolicy is the EK certificate chain policy.
 type CertPolicy struct {
-	// AllowSHA1 accepts SHA-1 signatures on the path. Default false: only
-	// TPM 1.2-era chains (Infineon, STMicro ST33ZP24) need it.
-	AllowSHA1 bool `json:"allow_sha1" yaml:"allow_sha1"`
+	// Strict refuses SHA-1 signatures on the EK path. Default false: a
+	// SHA-1 signature on an EK chain is accepted (with a warning in the
+	// explanation), because STMicro ST33, Nuvoton NPCT6xx and Infineon
+	// TPM 1.2-era EK chains are signed with sha1WithRSA and a collision
+	// attack needs the factory CA to sign an attacker-chosen certificate.
+	// SHA-1 is refused everywhere else (quotes, certifications, AK
+	// certificate paths) whatever this says.
+	Strict bool `json:"strict" yaml:"strict"`
+	// AllowSHA1 is deprecated and has no effect: SHA-1-signed EK chains are
+	// accepted by default and Strict refuses them. It is kept so that
+	// existing policy files still load; Policy.Deprecations names it.
+	AllowSHA1 *bool `json:"allow_sha1,omitempty" yaml:"allow_sha1,omitempty"`
 	// CheckValidity enforces notBefore/notAfter of every certificate on the
 	// path at verification time. Default false: an EK certificate names a
 	// key burnt into the chip for the chip's life, and real EK certificates
@@ -33,16 +43,30 @@ type CertPolicy struct {
 	CheckValidity bool `json:"check_validity" yaml:"check_validity"`
 }
 
+// ekPath is how EK chains are verified under pol.
+func (pol CertPolicy) ekPath() pathOptions {
+	return pathOptions{
+		what: "EK certificate", allowSHA1: !pol.Strict, checkValidity: pol.CheckValidity,
+		sha1Refusal: "refused by policy (ek.strict: true)",
+		rules:       pathRules{chain: RuleEKChain, signature: RuleEKSignature, validity: RuleEKValidity},
+	}
+}
+
 // maxChainDepth bounds path building.
 const maxChainDepth = 8
 
 // RootStore holds trust anchors. Every certificate in the store is an
 // anchor, whether self-signed or not: manufacturer trust stores (keylime's
 // tpm_cert_store) mix roots and intermediates, some of whose issuers are
-// absent. A path ends at the first store certificate that verifies it.
+// absent. A path ends at the first store certificate that verifies it. A
+// RootStore is safe for concurrent use; Add bumps its generation, which
+// invalidates every cached path verified against it.
 type RootStore struct {
+	mu    sync.RWMutex
 	certs []*Cert
 	files []string // source file per cert, for messages
+	index map[[32]byte]int
+	gen   uint64
 }
 
 // NewRootStore returns a store holding certs.
@@ -56,17 +80,41 @@ func NewRootStore(certs ...*Cert) *RootStore {
 
 // Add adds one anchor (duplicates are ignored).
 func (s *RootStore) Add(c *Cert, source string) {
-	for _, have := range s.certs {
-		if bytes.Equal(have.Raw, c.Raw) {
-			return
-		}
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.index == nil {
+		s.index = map[[32]byte]int{}
 	}
+	d := sha256.Sum256(c.Raw)
+	if _, dup := s.index[d]; dup {
+		return
+	}
+	s.index[d] = len(s.certs)
 	s.certs = append(s.certs, c)
 	s.files = append(s.files, source)
+	s.gen++
 }
 
 // Len returns the number of anchors.
-func (s *RootStore) Len() int { return len(s.certs) }
+func (s *RootStore) Len() int {
+	s.mu.RLock()
+	defer s.mu.RUnlock()
+	return len(s.certs)
+}
+
+// generation changes whenever an anchor is added.
+func (s *RootStore) generation() uint64 {
+	s.mu.RLock()
+	defer s.mu.RUnlock()
+	return s.gen
+}
+
+func (s *RootStore) indexOfLocked(c *Cert) int {
+	if i, ok := s.index[sha256.Sum256(c.Raw)]; ok {
+		return i
+	}
+	return -1
+}
 
 // LoadRootStore loads every .crt .cer .pem .der file of each directory
 // (not recursive). A file may hold several PEM blocks, text around them,
@@ -106,173 +154,14 @@ func LoadRootStore(dirs ...string) (*RootStore, error) {
 	return s, nil
 }
 
-// ChainLink is one certificate of a verified path.
-type ChainLink struct {
-	Cert   *Cert
-	Anchor bool   // true for the trust anchor that ends the path
-	Source string // file the anchor came from, if known
-}
-
-// Chain is a verified path, leaf first.
-type Chain []ChainLink
-
-func (c Chain) String() string {
-	var b strings.Builder
-	for i, l := range c {
-		fmt.Fprintf(&b, "%d: %s", i, l.Cert.Label())
-		if l.Anchor {
-			b.WriteString(" [trust anchor")
-			if l.Source != "" {
-				fmt.Fprintf(&b, " %s", filepath.Base(l.Source))
-			}
-			b.WriteString("]")
-		}
-		fmt.Fprintf(&b, " (%s)\n", sigAlgName(l.Cert.SigAlg))
-	}
-	return b.String()
-}
-
 // VerifyEK builds a path from leaf to a trust anchor, through optional
 // untrusted intermediates, checking every signature on the path. Issuers are
 // matched by name (and by AKI/SKI when both are present); among candidates
-// the first whose key verifies the signature wins. Refusals are
+// the first whose key verifies the signature wins. SHA-1 signatures are
+// accepted unless pol.Strict (Chain.SHA1Depths lists them). Refusals are
 // *RefusalError with rule ek-chain, ek-signature or ek-validity.
 func (s *RootStore) VerifyEK(leaf *Cert, intermediates []*Cert, pol CertPolicy, now time.Time) (Chain, error) {
-	if s == nil || len(s.certs) == 0 {
-		return nil, refuse(RuleEKChain, "no trust anchors configured")
-	}
-	chain := Chain{{Cert: leaf}}
-	cur := leaf
-	for depth := 1; depth <= maxChainDepth; depth++ {
-		if pol.CheckValidity {
-			if err := checkValidity(cur, depth-1, now); err != nil {
-				return nil, err
-			}
-		}
-		if i := s.indexOf(cur); i >= 0 {
-			chain[len(chain)-1].Anchor = true
-			chain[len(chain)-1].Source = s.files[i]
-			return chain, nil
-		}
-		var sigErr error
-		next, anchor, src, err := s.findIssuer(cur, intermediates, pol, depth, &sigErr)
-		if err != nil {
-			return nil, err
-		}
-		if next == nil {
-			if sigErr != nil {
-				return nil, sigErr
-			}
-			return nil, refuse(RuleEKChain, "EK certificate does not chain to a trusted root (issuer %q of the certificate at depth %d is not in the store)", cur.Issuer(), depth-1)
-		}
-		if !anchor && depth > 1 && cur.HasBasicCons && !cur.IsCA {
-			return nil, refuse(RuleEKChain, "certificate at depth %d (%s) is not a CA", depth-1, cur.Label())
-		}
-		if anchor {
-			if pol.CheckValidity {
-				if err := checkValidity(next, depth, now); err != nil {
-					return nil, err
-				}
-			}
-			chain = append(chain, ChainLink{Cert: next, Anchor: true, Source: src})
-			return chain, nil
-		}
-		if next.HasBasicCons && !next.IsCA {
-			return nil, refuse(RuleEKChain, "issuer at depth %d (%s) is not a CA", depth, next.Label())
-		}
-		chain = append(chain, ChainLink{Cert: next})
-		cur = next
-	}
-	return nil, refuse(RuleEKChain, "EK certificate path longer than %d", maxChainDepth)
-}
-
-func (s *RootStore) indexOf(c *Cert) int {
-	for i, a := range s.certs {
-		if bytes.Equal(a.Raw, c.Raw) {
-			return i
-		}
-	}
-	return -1
-}
-
-// findIssuer looks for the issuer of child among anchors first, then among
-// intermediates. A name match whose signature fails is remembered in sigErr.
-func (s *RootStore) findIssuer(child *Cert, intermediates []*Cert, pol CertPolicy, depth int, sigErr *error) (*Cert, bool, string, error) {
-	try := func(cand *Cert) (bool, error) {
-		if !sameName(cand.RawSubject, child.RawIssuer) {
-			return false, nil
-		}
-		if len(child.AuthorityKey) > 0 && len(cand.SubjectKeyID) > 0 && !bytes.Equal(child.AuthorityKey, cand.SubjectKeyID) {
-			return false, nil
-		}
-		if err := checkCertSignature(child, cand, pol); err != nil {
-			var re *RefusalError
-			if errors.As(err, &re) && re.Rule == RuleEKSignature && strings.Contains(re.Detail, "SHA-1") {
-				return false, err // policy refusal: report it as is
-			}
-			if *sigErr == nil {
-				*sigErr = refuse(RuleEKSignature, "bad signature at depth %d: %s (issuer %q)", depth-1, err, child.Issuer())
-			}
-			return false, nil
-		}
-		return true, nil
-	}
-	for i, a := range s.certs {
-		ok, err := try(a)
-		if err != nil {
-			return nil, false, "", withDepth(err, depth-1)
-		}
-		if ok {
-			return a, true, s.files[i], nil
-		}
-	}
-	for _, c := range intermediates {
-		if bytes.Equal(c.Raw, child.Raw) {
-			continue
-		}
-		ok, err := try(c)
-		if err != nil {
-			return nil, false, "", withDepth(err, depth-1)
-		}
-		if ok {
-			return c, false, "", nil
-		}
-	}
-	return nil, false, "", nil
-}
-
-func withDepth(err error, depth int) error {
-	var re *RefusalError
-	if errors.As(err, &re) {
-		re.Detail = fmt.Sprintf("at depth %d: %s", depth, re.Detail)
-	}
-	return err
-}
-
-func checkValidity(c *Cert, depth int, now time.Time) error {
-	if c.NotBefore.IsZero() || c.NotAfter.IsZero() {
-		return refuse(RuleEKValidity, "certificate at depth %d (%s) has an unparseable validity", depth, c.Label())
-	}
-	if now.Before(c.NotBefore) || now.After(c.NotAfter) {
-		return refuse(RuleEKValidity, "certificate at depth %d (%s) valid %s..%s, not at %s", depth, c.Label(),
-			c.NotBefore.Format(time.DateOnly), c.NotAfter.Format(time.DateOnly), now.UTC().Format(time.DateOnly))
-	}
-	return nil
-}
-
-// checkCertSignature verifies child's signature with parent's public key.
-func checkCertSignature(child, parent *Cert, pol CertPolicy) error {
-	h, kind, err := sigAlgHash(child.SigAlg, child.SigParams)
-	if err != nil {
-		return err
-	}
-	if h == crypto.SHA1 && !pol.AllowSHA1 {
-		return refuse(RuleEKSignature, "SHA-1 signature (%s) by %q refused by policy (allow_sha1: false)", sigAlgName(child.SigAlg), parent.Label())
-	}
-	if parent.PublicKey == nil {
-		return fmt.Errorf("issuer key algorithm %v unsupported", parent.PublicKeyAlg)
-	}
-	return verifySig(parent.PublicKey, h, kind, child.RawTBS, child.Signature)
+	return s.verifyPath(leaf, intermediates, pol.ekPath(), now)
 }
 
 type sigKind int

@@ -74,13 +74,13 @@ func TestVerifyEKRealWorld(t *testing.T) {
 		wantLen int
 		wantErr error
 	}{
-		{"stm leaf under keylime roots", "ekcerts/stm/ab21ccf2-tpmcert.pem", mustStore(t, roots), nil, CertPolicy{AllowSHA1: true}, 2, nil},
-		{"stm leaf sha1 refused by default", "ekcerts/stm/ab21ccf2-tpmcert.pem", mustStore(t, roots), nil, CertPolicy{}, 0, ErrEKSignature},
-		{"stm leaf expired when validity checked", "ekcerts/stm/ab21ccf2-tpmcert.pem", mustStore(t, roots), nil, CertPolicy{AllowSHA1: true, CheckValidity: true}, 0, ErrEKExpired},
-		{"stm leaf via non-DER original intermediate", "ekcerts/stm/ab21ccf2-tpmcert.pem", stmRootOnly, append(stmOrigInter, stmRT...), CertPolicy{AllowSHA1: true}, 4, nil},
-		{"ifx NV-header leaf under keylime roots", "ekcerts/ifx-tpm12/ek_cert_with_security_assertions.cer", mustStore(t, roots), nil, CertPolicy{AllowSHA1: true}, 2, nil},
-		{"ifx leaf to verisign root", "ekcerts/ifx-tpm12/ek_cert_with_security_assertions.cer", ifxRoot, ifxInter, CertPolicy{AllowSHA1: true}, 4, nil},
-		{"ifx leaf untrusted without intermediates", "ekcerts/ifx-tpm12/ek_cert_with_security_assertions.cer", ifxRoot, nil, CertPolicy{AllowSHA1: true}, 0, ErrEKUntrustedRoot},
+		{"stm leaf (sha1) accepted by default", "ekcerts/stm/ab21ccf2-tpmcert.pem", mustStore(t, roots), nil, CertPolicy{}, 2, nil},
+		{"stm leaf sha1 refused when strict", "ekcerts/stm/ab21ccf2-tpmcert.pem", mustStore(t, roots), nil, CertPolicy{Strict: true}, 0, ErrEKSignature},
+		{"stm leaf expired when validity checked", "ekcerts/stm/ab21ccf2-tpmcert.pem", mustStore(t, roots), nil, CertPolicy{CheckValidity: true}, 0, ErrEKExpired},
+		{"stm leaf via non-DER original intermediate", "ekcerts/stm/ab21ccf2-tpmcert.pem", stmRootOnly, append(stmOrigInter, stmRT...), CertPolicy{}, 4, nil},
+		{"ifx NV-header leaf under keylime roots", "ekcerts/ifx-tpm12/ek_cert_with_security_assertions.cer", mustStore(t, roots), nil, CertPolicy{}, 2, nil},
+		{"ifx leaf to verisign root", "ekcerts/ifx-tpm12/ek_cert_with_security_assertions.cer", ifxRoot, ifxInter, CertPolicy{}, 4, nil},
+		{"ifx leaf untrusted without intermediates", "ekcerts/ifx-tpm12/ek_cert_with_security_assertions.cer", ifxRoot, nil, CertPolicy{}, 0, ErrEKUntrustedRoot},
 		{"gce leaf under keylime roots is untrusted", "ekcerts/gce/uca_tpm_rsa_enc_cert.pem", mustStore(t, roots), nil, CertPolicy{}, 0, ErrEKUntrustedRoot},
 		{"gce ak cert from attestation", "attestations/extracted/gce-cos-85.akcert.pem", gceStore, gceInter, CertPolicy{CheckValidity: true}, 3, nil},
 	}
@@ -135,7 +135,7 @@ func TestLoadRootStoreSkipsLeaves(t *testing.T) {
 func TestVerifyEKTampered(t *testing.T) {
 	store := mustStore(t, filepath.Join(rw, "roots"))
 	orig := mustCerts(t, filepath.Join(rw, "ekcerts", "stm", "ab21ccf2-tpmcert.pem"))[0]
-	pol := CertPolicy{AllowSHA1: true}
+	pol := CertPolicy{}
 	if _, err := store.VerifyEK(orig, nil, pol, pinnedNow); err != nil {
 		t.Fatalf("untampered: %v", err)
 	}

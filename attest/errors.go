@@ -20,6 +20,13 @@ const (
 	RuleEKPublic         Rule = "ek-public"
 	RuleAKAttributes     Rule = "ak-attributes"
 	RuleAKActivation     Rule = "ak-activation"
+	RuleEnrollmentMethod Rule = "enrollment-method"
+	RuleAKCertChain      Rule = "ak-cert-chain"
+	RuleAKCertSignature  Rule = "ak-cert-signature"
+	RuleAKCertValidity   Rule = "ak-cert-validity"
+	RuleAKCertKey        Rule = "ak-cert-key"
+	RuleAKCertUsage      Rule = "ak-cert-usage"
+	RuleAKCertBinding    Rule = "ak-cert-binding"
 	RuleCertifySignature Rule = "certify-signature"
 	RuleCertifyNonce     Rule = "certify-nonce"
 	RuleMKName           Rule = "mk-name"
@@ -46,6 +53,13 @@ var (
 	ErrEKMismatch        = errors.New("EK certificate does not match the EK public area")
 	ErrAKAttributes      = errors.New("AK is not a restricted TPM signing key")
 	ErrAKNotActivated    = errors.New("AK was never activated with this EK")
+	ErrEnrollmentMethod  = errors.New("enrolment method not allowed by policy")
+	ErrAKCertUntrusted   = errors.New("AK certificate does not chain to a trusted AK root")
+	ErrAKCertSignature   = errors.New("AK certificate chain signature invalid")
+	ErrAKCertExpired     = errors.New("AK certificate chain outside its validity period")
+	ErrAKCertMismatch    = errors.New("AK certificate does not certify the AK")
+	ErrAKCertUsage       = errors.New("AK certificate usage does not fit a restricted signing key")
+	ErrAKCertBinding     = errors.New("AK certificate is not bound to the EK")
 	ErrCertifySignature  = errors.New("migration-key certification signature invalid")
 	ErrCertifyNonce      = errors.New("migration-key certification nonce mismatch")
 	ErrMKName            = errors.New("certified name does not match the migration key")
@@ -65,6 +79,9 @@ var (
 	ErrMalformedEventLog    = errors.New("malformed event log")
 	ErrMalformedTPMStruct   = errors.New("malformed TPM structure")
 	ErrInvalidPolicy        = errors.New("invalid policy")
+	// ErrSHA1Signature is a TPM signature (quote, certification) made with
+	// SHA-1: refused, SHA-1 is accepted on EK certificate paths only.
+	ErrSHA1Signature = errors.New("SHA-1 signature refused: SHA-1 is accepted on EK certificate paths only")
 )
 
 // ruleSentinel maps each rule to the sentinel its RefusalError unwraps to.
@@ -86,6 +103,20 @@ func ruleSentinel(r Rule) error {
 		return ErrAKAttributes
 	case RuleAKActivation:
 		return ErrAKNotActivated
+	case RuleEnrollmentMethod:
+		return ErrEnrollmentMethod
+	case RuleAKCertChain:
+		return ErrAKCertUntrusted
+	case RuleAKCertSignature:
+		return ErrAKCertSignature
+	case RuleAKCertValidity:
+		return ErrAKCertExpired
+	case RuleAKCertKey:
+		return ErrAKCertMismatch
+	case RuleAKCertUsage:
+		return ErrAKCertUsage
+	case RuleAKCertBinding:
+		return ErrAKCertBinding
 	case RuleCertifySignature:
 		return ErrCertifySignature
 	case RuleCertifyNonce:

@@ -13,6 +13,9 @@ const (
 	maxEventLogSize  = 16 << 20
 	maxEventDataSize = 1 << 20
 	maxEvents        = 100000
+	// maxPCRIndex bounds the PCR of a measured event (TPM 2.0 PC Client
+	// TPMs have 24 PCRs; the parser tolerates up to 32).
+	maxPCRIndex = 31
 )
 
 // EventType is a TCG PC Client event type.
@@ -131,9 +134,60 @@ type EventLog struct {
 	Banks       []Bank // banks the log carries, in SpecID order
 	Events      []Event
 	// startupLocality is the locality from the StartupLocality EV_NO_ACTION
-	// event; it sets the initial value of PCR 0.
+	// event on PCR 0; it sets the initial value of PCR 0.
 	startupLocality byte
-	unknownAlgs     []uint16 // banks present in the log that cannot be replayed
+	// hcrtm is true when the first measurement in PCR 0 is an
+	// EV_EFI_HCRTM_EVENT: the H-CRTM sequence ran before TPM2_Startup, and
+	// PCR 0 started at 4 (locality 4) in every bank.
+	hcrtm       bool
+	unknownAlgs []uint16 // banks present in the log that cannot be replayed
+}
+
+// hcrtmLocality is the initial last octet of PCR 0 after an H-CRTM
+// sequence (TPM 2.0 Part 1, H-CRTM before TPM2_Startup: the PCR is reset
+// to the locality 4 value before the H-CRTM digest is extended).
+const hcrtmLocality = 4
+
+// PCR0Locality returns the locality PCR 0 starts from in the replay and
+// why: 4 after an H-CRTM sequence, the StartupLocality event's value, or 0.
+func (l *EventLog) PCR0Locality() (byte, string) {
+	switch {
+	case l.hcrtm:
+		return hcrtmLocality, "H-CRTM: the first PCR 0 event is EV_EFI_HCRTM_EVENT"
+	case l.startupLocality != 0:
+		return l.startupLocality, "StartupLocality event"
+	}
+	return 0, "no StartupLocality or H-CRTM event"
+}
+
+// UnknownAlgorithms lists the digest algorithms the log declares but the
+// parser does not know (for example SM3_256, 0x0012): their digests are
+// skipped by their declared sizes and not replayed.
+func (l *EventLog) UnknownAlgorithms() []uint16 { return append([]uint16(nil), l.unknownAlgs...) }
+
+// replayNote describes the non-default parts of the replay, for
+// explanations ("" when there are none).
+func (l *EventLog) replayNote() string {
+	var parts []string
+	if loc, why := l.PCR0Locality(); loc != 0 {
+		parts = append(parts, fmt.Sprintf("PCR 0 from locality %d (%s)", loc, why))
+	}
+	for _, a := range l.unknownAlgs {
+		parts = append(parts, fmt.Sprintf("digest algorithm 0x%04x skipped (not replayed)", a))
+	}
+	if len(parts) == 0 {
+		return ""
+	}
+	return "; " + strings.Join(parts, "; ")
+}
+
+// replayHint explains how PCR i was started, for a replay mismatch.
+func (l *EventLog) replayHint(i int) string {
+	if i != 0 {
+		return ""
+	}
+	loc, why := l.PCR0Locality()
+	return fmt.Sprintf(" (PCR 0 replayed from locality %d: %s)", loc, why)
 }
 
 func logErr(format string, args ...any) error {
@@ -183,12 +237,46 @@ func ParseEventLog(data []byte) (*EventLog, error) {
 		if err != nil {
 			return nil, err
 		}
-		if ev.Type == EvNoAction && bytes.HasPrefix(ev.Data, []byte("StartupLocality\x00")) && len(ev.Data) >= 17 {
+		if ev.Type == EvNoAction && ev.PCR == 0 && bytes.HasPrefix(ev.Data, []byte("StartupLocality\x00")) && len(ev.Data) >= 17 {
 			log.startupLocality = ev.Data[16]
 		}
 		log.Events = append(log.Events, ev)
 	}
+	if err := log.findHCRTM(); err != nil {
+		return nil, err
+	}
 	return log, nil
+}
+
+// findHCRTM sets hcrtm when the first measurement extended into PCR 0 is an
+// EV_EFI_HCRTM_EVENT. An H-CRTM event anywhere else in PCR 0 cannot be
+// replayed (the H-CRTM sequence runs before TPM2_Startup, so it is the
+// first PCR 0 measurement or none): the log is refused.
+func (l *EventLog) findHCRTM() error {
+	first := true
+	for _, ev := range l.Events {
+		if ev.PCR != 0 || ev.Type == EvNoAction {
+			continue
+		}
+		if ev.Type == EvEFIHCRTMEvent {
+			if !first {
+				return logErr("event %d: EV_EFI_HCRTM_EVENT is not the first measurement in PCR 0", ev.Index)
+			}
+			l.hcrtm = true
+		}
+		first = false
+	}
+	return nil
+}
+
+// checkPCRIndex refuses a measured event outside the PCRs a TPM can have.
+// EV_NO_ACTION events are never extended, so their index is not a PCR
+// (Windows logs carry some on 0xFFFFFFFF) and is not checked.
+func checkPCRIndex(ev *Event) error {
+	if ev.Type != EvNoAction && ev.PCR > maxPCRIndex {
+		return logErr("event %d: %s extends PCR index %d, out of range 0..%d", ev.Index, ev.Type, ev.PCR, maxPCRIndex)
+	}
+	return nil
 }
 
 func isPadding(b []byte) bool {
@@ -205,8 +293,8 @@ func readLegacyEvent(b []byte, idx int) (Event, []byte, error) {
 	if n > maxEventDataSize || int(n) > len(b)-32 {
 		return Event{}, nil, logErr("event %d: data size %d exceeds the remaining %d bytes", idx, n, len(b)-32)
 	}
-	if ev.PCR > 31 {
-		return Event{}, nil, logErr("event %d: PCR index %d out of range", idx, ev.PCR)
+	if err := checkPCRIndex(&ev); err != nil {
+		return Event{}, nil, err
 	}
 	ev.Data = append([]byte(nil), b[32:32+n]...)
 	return ev, b[32+n:], nil
@@ -248,8 +336,8 @@ func (l *EventLog) readAgileEvent(b []byte, idx int, sizes map[uint16]int) (Even
 		return Event{}, nil, logErr("event %d: truncated header", idx)
 	}
 	ev := Event{Index: idx, PCR: int(binary.LittleEndian.Uint32(b)), Type: EventType(binary.LittleEndian.Uint32(b[4:])), Digests: map[Bank][]byte{}}
-	if ev.PCR > 31 {
-		return Event{}, nil, logErr("event %d: PCR index %d out of range", idx, ev.PCR)
+	if err := checkPCRIndex(&ev); err != nil {
+		return Event{}, nil, err
 	}
 	count := binary.LittleEndian.Uint32(b[8:])
 	if count > uint32(len(sizes)) {
@@ -294,7 +382,7 @@ func (e *Event) Describe() string {
 		if v, err := parseEFIVariable(e.Data); err == nil {
 			return v.Name
 		}
-	case EvEFIAction, EvAction, EvSCRTMVersion, EvIPL, EvPostCode:
+	case EvEFIAction, EvAction, EvSCRTMVersion, EvIPL, EvPostCode, EvEFIHCRTMEvent:
 		s := strings.Map(func(r rune) rune {
 			if r < 0x20 || r > 0x7e {
 				return -1

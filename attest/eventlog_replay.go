@@ -13,11 +13,14 @@ import (
 type PCRValues map[Bank]map[int][]byte
 
 // Replay computes the final value of every PCR the log extends, per bank the
-// log carries. EV_NO_ACTION events are not extended. PCR 0 starts at the
+// log carries. EV_NO_ACTION events are not extended (whatever their PCR
+// index). PCR 0 starts at 00..04 in every bank when the first PCR 0 event is
+// EV_EFI_HCRTM_EVENT (H-CRTM before TPM2_Startup), else at the
 // StartupLocality value when the log has one; PCRs 17-22 start at 0xff..
 // (they are only reset by a dynamic launch).
 func (l *EventLog) Replay() PCRValues {
 	out := PCRValues{}
+	locality, _ := l.PCR0Locality()
 	for _, bank := range l.Banks {
 		h, _ := bank.Hash()
 		vals := map[int][]byte{}
@@ -31,7 +34,7 @@ func (l *EventLog) Replay() PCRValues {
 			}
 			cur, ok := vals[ev.PCR]
 			if !ok {
-				cur = initialPCR(ev.PCR, h.Size(), l.startupLocality)
+				cur = initialPCR(ev.PCR, h.Size(), locality)
 			}
 			hh := h.New()
 			hh.Write(cur)

@@ -14,8 +14,17 @@ import (
 
 // Evidence format identification and limits.
 const (
-	EvidenceFormat  = "vtpmm-evidence"
+	EvidenceFormat = "vtpmm-evidence"
+	// EvidenceVersion is the version of evidence without an AK
+	// certificate; such evidence is still encoded as version 1, so older
+	// verifiers keep reading it.
 	EvidenceVersion = 1
+	// EvidenceVersionAKCert is the version that adds the optional
+	// ak_cert and ak_intermediates fields; Encode uses it only when the
+	// evidence carries an AK certificate.
+	EvidenceVersionAKCert = 2
+	// MaxEvidenceVersion is the newest version this verifier decodes.
+	MaxEvidenceVersion = EvidenceVersionAKCert
 
 	MaxEvidenceSize = 24 << 20 // an event log is at most 16 MiB, base64 adds a third
 	MinNonceSize    = 16
@@ -64,6 +73,12 @@ type Evidence struct {
 	MKCertifyInfo   []byte   `json:"mk_certify_info"`            // TPMS_ATTEST (TPM_ST_ATTEST_CERTIFY)
 	MKCertifySig    []byte   `json:"mk_certify_signature"`       // TPMT_SIGNATURE
 
+	// AKCert is the AK certificate (DER), version 2 only: an IAK
+	// certificate from the TPM or platform manufacturer, or an enterprise
+	// CA's AK certificate. AKIntermediates help build its path (untrusted).
+	AKCert          []byte   `json:"ak_cert,omitempty"`
+	AKIntermediates [][]byte `json:"ak_intermediates,omitempty"`
+
 	Quotes   []QuoteBlob                  `json:"quotes"`
 	PCRs     map[Bank]map[string]HexBytes `json:"pcrs"` // bank → PCR index → value
 	EventLog []byte                       `json:"event_log,omitempty"`
@@ -95,10 +110,20 @@ func (e *Evidence) SetPCRValues(v PCRValues) {
 	}
 }
 
-// Encode writes the evidence as JSON.
+// MinVersion is the lowest evidence version that can carry e: 2 when it
+// has an AK certificate, 1 otherwise.
+func (e *Evidence) MinVersion() int {
+	if len(e.AKCert) > 0 || len(e.AKIntermediates) > 0 {
+		return EvidenceVersionAKCert
+	}
+	return EvidenceVersion
+}
+
+// Encode writes the evidence as JSON, with the lowest version that carries
+// it (version 1 unless it has an AK certificate).
 func (e *Evidence) Encode() ([]byte, error) {
 	c := *e
-	c.Format, c.Version = EvidenceFormat, EvidenceVersion
+	c.Format, c.Version = EvidenceFormat, e.MinVersion()
 	return json.MarshalIndent(&c, "", "  ")
 }
 
@@ -124,8 +149,8 @@ func DecodeEvidence(data []byte) (*Evidence, error) {
 	if hdr.Format != EvidenceFormat {
 		return nil, malformed("format %q, want %q", hdr.Format, EvidenceFormat)
 	}
-	if hdr.Version != EvidenceVersion {
-		re := malformed("evidence version %d, this verifier understands version %d", hdr.Version, EvidenceVersion)
+	if hdr.Version < EvidenceVersion || hdr.Version > MaxEvidenceVersion {
+		re := malformed("evidence version %d, this verifier understands versions %d..%d", hdr.Version, EvidenceVersion, MaxEvidenceVersion)
 		re.Cause = ErrUnknownVersion
 		return nil, withHost(re, printableHost(hdr.HostID))
 	}
@@ -169,8 +194,11 @@ func (e *Evidence) Validate() error {
 		return malformed("host_id missing or not printable")
 	}
 	fail := func(format string, args ...any) error { return withHost(malformed(format, args...), e.HostID) }
-	if e.Format != EvidenceFormat || e.Version != EvidenceVersion {
+	if e.Format != EvidenceFormat || e.Version < EvidenceVersion || e.Version > MaxEvidenceVersion {
 		return fail("format %q version %d", e.Format, e.Version)
+	}
+	if e.Version < e.MinVersion() {
+		return fail("ak_cert and ak_intermediates need evidence version %d, the evidence says %d", EvidenceVersionAKCert, e.Version)
 	}
 	if len(e.Nonce) < MinNonceSize || len(e.Nonce) > MaxNonceSize {
 		return fail("nonce of %d bytes, want %d..%d", len(e.Nonce), MinNonceSize, MaxNonceSize)
@@ -183,6 +211,14 @@ func (e *Evidence) Validate() error {
 	}
 	if len(e.EKCert) > maxCertSize || len(e.EKIntermediates) > maxChainDepth {
 		return fail("EK certificate chain too large")
+	}
+	if len(e.AKCert) > maxCertSize || len(e.AKIntermediates) > maxChainDepth || (len(e.AKCert) == 0 && len(e.AKIntermediates) > 0) {
+		return fail("AK certificate chain too large, or intermediates without an AK certificate")
+	}
+	for _, c := range append(append([][]byte{}, e.EKIntermediates...), e.AKIntermediates...) {
+		if len(c) == 0 || len(c) > maxCertSize {
+			return fail("empty or oversize intermediate certificate")
+		}
 	}
 	if len(e.Quotes) == 0 || len(e.Quotes) > maxQuotes {
 		return fail("%d quotes, want 1..%d", len(e.Quotes), maxQuotes)

@@ -20,7 +20,7 @@ import (
 	"github.com/google/go-tpm/tpm2"
 )
 
-var update = flag.Bool("update", false, "rewrite testdata/synthetic (fixtures used by the CLI tests and docs)")
+var update = flag.Bool("update", false, "rewrite internal/fixtures/synthetic (fixtures used by the CLI tests and docs)")
 
 func TestEvidenceRoundTrip(t *testing.T) {
 	h := newFakeHost(t)
@@ -64,7 +64,8 @@ func TestDecodeEvidenceRefusals(t *testing.T) {
 		{"trailing data", append(append([]byte(nil), good...), []byte(`{"x":1}`)...), ErrMalformedEvidence},
 		{"oversize", make([]byte, MaxEvidenceSize+1), ErrMalformedEvidence},
 		{"wrong format", edit(func(m map[string]any) { m["format"] = "other" }), ErrMalformedEvidence},
-		{"unknown version", edit(func(m map[string]any) { m["version"] = 2 }), ErrUnknownVersion},
+		{"unknown version", edit(func(m map[string]any) { m["version"] = 3 }), ErrUnknownVersion},
+		{"ak_cert in version 1", edit(func(m map[string]any) { m["ak_cert"] = "MAA=" }), ErrMalformedEvidence},
 		{"unknown field", edit(func(m map[string]any) { m["extra"] = true }), ErrMalformedEvidence},
 		{"short nonce", edit(func(m map[string]any) { m["nonce"] = "AAAA" }), ErrMalformedEvidence},
 		{"no quotes", edit(func(m map[string]any) { m["quotes"] = []any{} }), ErrMalformedEvidence},
@@ -222,14 +223,15 @@ func TestGoldenFromEventLogRoundTrip(t *testing.T) {
 	}
 }
 
-// TestWriteFixtures rewrites testdata/synthetic with -update: a complete,
+// TestWriteFixtures rewrites the shared fixtures' synthetic set
+// (internal/fixtures/synthetic) with -update: a complete,
 // verifiable evidence file and what verifies it (used by cmd/vtpmctl tests
 // and the example in docs/attestation.md).
 func TestWriteFixtures(t *testing.T) {
 	if !*update {
-		t.Skip("run with -update to rewrite testdata/synthetic")
+		t.Skip("run with -update to rewrite internal/fixtures/synthetic")
 	}
-	dir := filepath.Join("testdata", "synthetic")
+	dir := filepath.Join("..", "internal", "fixtures", "synthetic")
 	if err := os.MkdirAll(filepath.Join(dir, "roots"), 0o755); err != nil {
 		t.Fatal(err)
 	}

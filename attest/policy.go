@@ -25,6 +25,12 @@ type Policy struct {
 	EventLog   EventLogPolicy              `yaml:"event_log" json:"event_log"`
 	EK         CertPolicy                  `yaml:"ek" json:"ek"`
 	MK         MKPolicyFile                `yaml:"migration_key" json:"migration_key"`
+	// Enrollment says how hosts may be enrolled: by credential activation
+	// against the EK (default), on an AK certificate, or either.
+	Enrollment EnrollmentMode `yaml:"enrollment,omitempty" json:"enrollment,omitempty"`
+	// AKCert is the AK certificate policy (enrollment ak-certificate or
+	// either).
+	AKCert AKCertPolicy `yaml:"ak_certificate,omitempty" json:"ak_certificate,omitempty"`
 	// MaxEvidenceAge bounds now - evidence.produced_at (0: not checked).
 	MaxEvidenceAge time.Duration `yaml:"max_evidence_age" json:"max_evidence_age"`
 }
@@ -45,6 +51,59 @@ type EventLogPolicy struct {
 	// AllowedBootComponents, when non-empty, lists the only acceptable
 	// digests (any bank) of EV_EFI_BOOT_SERVICES_APPLICATION events in PCR 4.
 	AllowedBootComponents []HexBytes `yaml:"allowed_boot_components,omitempty" json:"allowed_boot_components,omitempty"`
+}
+
+// EnrollmentMode is the policy's enrolment method.
+type EnrollmentMode string
+
+// Enrolment modes. The empty mode is EnrollActivation.
+const (
+	// EnrollActivation: the verifier challenges the AK with credential
+	// activation against the EK (TPM2_ActivateCredential).
+	EnrollActivation EnrollmentMode = "activation"
+	// EnrollAKCertificate: the host presents an AK certificate (an IAK
+	// from its manufacturer, or an enterprise CA's) that chains to one of
+	// the verifier's AK roots; no activation round trip.
+	EnrollAKCertificate EnrollmentMode = "ak-certificate"
+	// EnrollEither accepts both.
+	EnrollEither EnrollmentMode = "either"
+)
+
+// Allows reports whether an enrolment made by method (MethodActivation or
+// MethodAKCertificate; "" is an activation) is acceptable under m.
+func (m EnrollmentMode) Allows(method string) bool {
+	if method == "" {
+		method = MethodActivation
+	}
+	switch m {
+	case "", EnrollActivation:
+		return method == MethodActivation
+	case EnrollAKCertificate:
+		return method == MethodAKCertificate
+	case EnrollEither:
+		return method == MethodActivation || method == MethodAKCertificate
+	}
+	return false
+}
+
+func (m EnrollmentMode) String() string {
+	if m == "" {
+		return string(EnrollActivation)
+	}
+	return string(m)
+}
+
+// AKCertPolicy is the AK certificate section of the policy file.
+type AKCertPolicy struct {
+	// RequireEKBinding refuses an AK certificate that does not name the
+	// EK (a TCG EK permanent identifier in its subjectAltName). By
+	// default such a certificate is accepted with a warning: the AK CA
+	// then vouches that the AK is a TPM key, but not of which TPM.
+	RequireEKBinding bool `yaml:"require_ek_binding" json:"require_ek_binding"`
+	// SkipValidity does not enforce notBefore/notAfter on the AK
+	// certificate path (enforced by default: unlike EK certificates,
+	// enterprise AK certificates are meant to expire).
+	SkipValidity bool `yaml:"skip_validity" json:"skip_validity"`
 }
 
 // MKPolicyFile is the migration-key section of the policy file.
@@ -157,7 +216,22 @@ func (p *Policy) Validate() error {
 	if p.MaxEvidenceAge < 0 {
 		return bad("max_evidence_age is negative")
 	}
+	switch p.Enrollment {
+	case "", EnrollActivation, EnrollAKCertificate, EnrollEither:
+	default:
+		return bad("enrollment %q: want activation, ak-certificate or either", p.Enrollment)
+	}
 	return nil
+}
+
+// Deprecations lists the deprecated settings the policy uses, with what to
+// do instead. Callers print or log them when they load a policy.
+func (p *Policy) Deprecations() []string {
+	var out []string
+	if p.EK.AllowSHA1 != nil {
+		out = append(out, fmt.Sprintf("ek.allow_sha1: %v is deprecated and has no effect: SHA-1-signed EK chains (ST33, NPCT6xx, TPM 1.2-era Infineon) are accepted by default with a warning; set ek.strict: true to refuse them", *p.EK.AllowSHA1))
+	}
+	return out
 }
 
 // Marshal encodes the policy as YAML.

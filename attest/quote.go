@@ -3,6 +3,7 @@ package attest
 import (
 	"bytes"
 	"crypto/subtle"
+	"errors"
 	"fmt"
 	"strings"
 
@@ -77,27 +78,25 @@ func VerifyQuote(ak *Public, attestRaw, sigRaw, nonce []byte, pcrs PCRValues) (*
 	if err != nil {
 		return nil, refuse(RuleQuoteSignature, "AK public key: %v", err)
 	}
-	att, err := ParseAttest(attestRaw, tpmSTAttestQuote)
+	att, err := decodeAttest(attestRaw, tpmSTAttestQuote)
 	if err != nil {
 		return nil, &RefusalError{Rule: RuleQuoteSignature, Detail: err.Error(), Cause: err}
 	}
-	h, err := VerifyTPMSignature(key, sigRaw, attestRaw)
+	h, err := verifyTPMSignature(key, sigRaw, attestRaw)
+	if errors.Is(err, ErrSHA1Signature) {
+		return nil, &RefusalError{Rule: RuleQuoteSignature, Detail: "the quote is signed with SHA-1, refused (SHA-1 is accepted on EK certificate paths only)", Cause: err}
+	}
 	if err != nil {
 		return nil, refuse(RuleQuoteSignature, "quote not signed by the AK: %v", err)
 	}
-	if subtle.ConstantTimeCompare(att.A.ExtraData.Buffer, nonce) != 1 {
-		return nil, refuse(RuleQuoteNonce, "quote extraData %s, want the verifier's nonce %s", short(att.A.ExtraData.Buffer), short(nonce))
+	if subtle.ConstantTimeCompare(att.extraData, nonce) != 1 {
+		return nil, refuse(RuleQuoteNonce, "quote extraData %s, want the verifier's nonce %s", short(att.extraData), short(nonce))
 	}
-	info, err := att.A.Attested.Quote()
-	if err != nil {
-		return nil, refuse(RuleQuoteSignature, "no quote info: %v", err)
-	}
-	sels, err := selections(info.PCRSelect)
-	if err != nil {
-		return nil, refuse(RulePCRDigest, "%v", err)
+	if att.selErr != nil {
+		return nil, refuse(RulePCRDigest, "%v", att.selErr)
 	}
 	hh := h.New()
-	for _, s := range sels {
+	for _, s := range att.sels {
 		for _, i := range s.PCRs {
 			v, ok := pcrs[s.Bank][i]
 			if !ok {
@@ -106,10 +105,10 @@ func VerifyQuote(ak *Public, attestRaw, sigRaw, nonce []byte, pcrs PCRValues) (*
 			hh.Write(v)
 		}
 	}
-	if got := hh.Sum(nil); !bytes.Equal(got, info.PCRDigest.Buffer) {
-		return nil, refuse(RulePCRDigest, "pcrDigest %s, the PCR values hash to %s", short(info.PCRDigest.Buffer), short(got))
+	if got := hh.Sum(nil); !bytes.Equal(got, att.pcrDigest) {
+		return nil, refuse(RulePCRDigest, "pcrDigest %s, the PCR values hash to %s", short(att.pcrDigest), short(got))
 	}
-	return &QuoteResult{Selections: sels, Clock: att.A.ClockInfo.Clock, ResetCount: att.A.ClockInfo.ResetCount}, nil
+	return &QuoteResult{Selections: att.sels, Clock: att.clock, ResetCount: att.resetCount}, nil
 }
 
 // short renders a digest as its first 6 bytes in hex.

@@ -58,10 +58,19 @@ func unmarshal[T tpm2.Marshallable, P interface {
 	return v, nil
 }
 
-// Public is a parsed TPMT_PUBLIC with its exact bytes.
+// Public is a parsed TPMT_PUBLIC with its exact bytes. Treat it as
+// read-only: the verifier shares parsed public areas between calls.
 type Public struct {
 	Raw []byte
 	Pub *tpm2.TPMTPublic
+
+	// Computed once by prepare (cached public areas), else on demand.
+	prepared bool
+	name     []byte
+	nameErr  error
+	digest   []byte
+	key      crypto.PublicKey
+	keyErr   error
 }
 
 // ParsePublic parses a TPMT_PUBLIC (no TPM2B size prefix).
@@ -73,8 +82,24 @@ func ParsePublic(what string, raw []byte) (*Public, error) {
 	return &Public{Raw: raw, Pub: p}, nil
 }
 
+// prepare computes the name, digest and Go key once, so that a cached
+// Public answers without work and is never written again.
+func (p *Public) prepare() {
+	p.name, p.nameErr = p.computeName()
+	p.digest = p.computeDigest()
+	p.key, p.keyErr = p.computeKey()
+	p.prepared = true
+}
+
 // Name returns the TPM Name: nameAlg || H_nameAlg(TPMT_PUBLIC bytes).
 func (p *Public) Name() ([]byte, error) {
+	if p.prepared {
+		return bytes.Clone(p.name), p.nameErr
+	}
+	return p.computeName()
+}
+
+func (p *Public) computeName() ([]byte, error) {
 	h, err := p.Pub.NameAlg.Hash()
 	if err != nil {
 		return nil, fmt.Errorf("%w: nameAlg %v: %v", ErrMalformedTPMStruct, p.Pub.NameAlg, err)
@@ -88,12 +113,27 @@ func (p *Public) Name() ([]byte, error) {
 // Digest is SHA-256 over the TPMT_PUBLIC bytes; it identifies an EK in
 // enrolment records.
 func (p *Public) Digest() []byte {
+	if p.prepared {
+		return bytes.Clone(p.digest)
+	}
+	return p.computeDigest()
+}
+
+func (p *Public) computeDigest() []byte {
 	d := sha256.Sum256(p.Raw)
 	return d[:]
 }
 
 // CryptoKey returns the Go public key (*rsa.PublicKey or *ecdsa.PublicKey).
+// Do not modify it: cached public areas share it.
 func (p *Public) CryptoKey() (crypto.PublicKey, error) {
+	if p.prepared {
+		return p.key, p.keyErr
+	}
+	return p.computeKey()
+}
+
+func (p *Public) computeKey() (crypto.PublicKey, error) {
 	switch p.Pub.Type {
 	case tpm2.TPMAlgRSA:
 		parms, err := p.Pub.Parameters.RSADetail()
@@ -163,7 +203,9 @@ func ParseAttest(raw []byte, wantType uint16) (*Attest, error) {
 }
 
 // VerifyTPMSignature checks a TPMT_SIGNATURE by key over msg. Supported:
-// RSASSA, RSAPSS and ECDSA with SHA-1/256/384/512. It returns the hash used.
+// RSASSA, RSAPSS and ECDSA with SHA-256/384/512. SHA-1 signatures are
+// refused (ErrSHA1Signature): they are accepted on EK certificate paths
+// only. It returns the hash used.
 func VerifyTPMSignature(key crypto.PublicKey, sigRaw, msg []byte) (crypto.Hash, error) {
 	sig, err := unmarshal[tpm2.TPMTSignature]("TPMT_SIGNATURE", sigRaw)
 	if err != nil {
@@ -186,6 +228,9 @@ func VerifyTPMSignature(key crypto.PublicKey, sigRaw, msg []byte) (crypto.Hash, 
 		if err != nil {
 			return 0, tpmErr("TPMT_SIGNATURE", "hash %v", hashAlg)
 		}
+		if h == crypto.SHA1 {
+			return h, ErrSHA1Signature
+		}
 		k, ok := key.(*rsa.PublicKey)
 		if !ok {
 			return 0, fmt.Errorf("RSA signature but the key is %T", key)
@@ -203,6 +248,9 @@ func VerifyTPMSignature(key crypto.PublicKey, sigRaw, msg []byte) (crypto.Hash, 
 		h, err := s.Hash.Hash()
 		if err != nil {
 			return 0, tpmErr("TPMT_SIGNATURE", "hash %v", s.Hash)
+		}
+		if h == crypto.SHA1 {
+			return h, ErrSHA1Signature
 		}
 		k, ok := key.(*ecdsa.PublicKey)
 		if !ok {

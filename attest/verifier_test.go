@@ -227,21 +227,6 @@ func (c constReader) Read(p []byte) (int, error) {
 	return len(p), nil
 }
 
-func BenchmarkVerify(b *testing.B) {
-	h := newFakeHost(b)
-	v := h.verifier(b)
-	nonce := testNonce(1)
-	ev := h.evidence(b, nonce)
-	ctx := context.Background()
-	b.ResetTimer()
-	for i := 0; i < b.N; i++ {
-		if _, err := v.Verify(ctx, ev, nonce); err != nil {
-			b.Fatal(err)
-		}
-	}
-	b.ReportMetric(float64(b.N)/b.Elapsed().Seconds(), "verifications/s")
-}
-
 // TestVerifyEnrolledEKWithoutCertificate: a TPM without a usable EK
 // certificate is accepted only through its enrolment record.
 func TestVerifyEnrolledEKWithoutCertificate(t *testing.T) {

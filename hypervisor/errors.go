@@ -1,6 +1,9 @@
 package hypervisor
 
-import "errors"
+import (
+	"errors"
+	"fmt"
+)
 
 // Errors that classify hypervisor failures. libvirt's generic messages are
 // mapped onto these so that a refusal says what went wrong.
@@ -29,4 +32,10 @@ var (
 	ErrHookRefused = errors.New("destination hook refused the migration")
 	// ErrAlreadyExists means the VM is already defined on the destination.
 	ErrAlreadyExists = errors.New("domain already exists on the destination")
+	// ErrNoHypervisor means vtpmd runs without a hypervisor (None): nothing
+	// can be migrated and no secret defined. It is a migration failure.
+	ErrNoHypervisor = fmt.Errorf("%w: vtpmd runs without a hypervisor", ErrMigrationFailed)
+	// ErrUnknownScheme means no Opener is registered for a hypervisor URI's
+	// scheme (Registry.Open).
+	ErrUnknownScheme = errors.New("unknown hypervisor URI scheme")
 )

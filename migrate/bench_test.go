@@ -1,6 +1,7 @@
 package migrate_test
 
 import (
+	"bytes"
 	"context"
 	"fmt"
 	"os"
@@ -104,7 +105,8 @@ func batchVMs(b *testing.B, h *host, n int) []string {
 		b.Fatal(err)
 	}
 	defer k.Destroy()
-	pass := k.Passphrase()
+	var pass []byte
+	_ = k.WithPassphrase(func(p []byte) error { pass = bytes.Clone(p); return nil })
 	src := filepath.Join(h.dir, "vms", first, "tpm2")
 	ids := []string{first}
 	for i := 1; i < n; i++ {

@@ -10,6 +10,7 @@ import (
 
 	"github.com/vtpmm/vtpmm/attest"
 	"github.com/vtpmm/vtpmm/hypervisor"
+	"github.com/vtpmm/vtpmm/internal/audit"
 	"github.com/vtpmm/vtpmm/vtpm"
 	"github.com/vtpmm/vtpmm/vtpm/identity"
 )
@@ -68,7 +69,7 @@ func (n *Node) Prepare(ctx context.Context, req *PrepareRequest) (*PrepareRespon
 		n.abortDest(ctx, tx, fmt.Sprintf("unwrap transfer key: %v", err))
 		return nil, fmt.Errorf("prepare %s: %w", req.TxID, err)
 	}
-	aead, err := transferAEAD(tk)
+	sealer, err := transferSealer(tk, nil)
 	wipe(tk)
 	if err != nil {
 		n.abortDest(ctx, tx, err.Error())
@@ -81,7 +82,7 @@ func (n *Node) Prepare(ctx context.Context, req *PrepareRequest) (*PrepareRespon
 		}
 	}()
 	for _, w := range req.VMs {
-		k, err := openFromTransfer(aead, req, w)
+		k, err := openFromTransfer(sealer, req, w)
 		if err == nil {
 			keys = append(keys, k)
 			err = n.cfg.Keys.PutPending(ctx, w.UUID, req.TxID, w.Generation, k)
@@ -95,10 +96,7 @@ func (n *Node) Prepare(ctx context.Context, req *PrepareRequest) (*PrepareRespon
 		return nil, err
 	}
 	for i, w := range req.VMs {
-		pass := keys[i].Passphrase()
-		err := n.cfg.Hypervisor.DefineSecret(ctx, w.UUID, pass)
-		wipe(pass)
-		if err != nil {
+		if err := n.defineSecret(ctx, w.UUID, keys[i]); err != nil {
 			n.abortDest(ctx, tx, fmt.Sprintf("define secret of %s: %v", w.UUID, err))
 			return nil, fmt.Errorf("prepare %s: define vTPM secret of %s: %w", req.TxID, w.UUID, err)
 		}
@@ -115,7 +113,7 @@ func (n *Node) Prepare(ctx context.Context, req *PrepareRequest) (*PrepareRespon
 		}
 		resp.Proofs[w.UUID] = proof
 		resp.Accepted = append(resp.Accepted, w.UUID)
-		n.audit(ctx, AuditEvent{Event: "key-received", VM: w.UUID, Peer: req.Source, TxID: req.TxID, Generation: w.Generation})
+		n.audit(ctx, AuditEvent{Event: audit.EventKeyReceived, VM: w.UUID, Peer: req.Source, TxID: req.TxID, Generation: w.Generation})
 	}
 	log.WithField("vms", len(req.VMs)).Info("keys pending")
 	return resp, nil
@@ -143,7 +141,7 @@ func (n *Node) Finish(ctx context.Context, req *FinishRequest) (*FinishResponse,
 func finishResponse(tx Tx) *FinishResponse {
 	r := &FinishResponse{TxID: tx.ID, State: tx.State}
 	for _, vm := range tx.VMs {
-		if vm.Outcome == "committed" {
+		if vm.Outcome == OutcomeCommitted {
 			r.Committed = append(r.Committed, vm.UUID)
 		} else {
 			r.Aborted = append(r.Aborted, vm.UUID)
@@ -153,7 +151,7 @@ func finishResponse(tx Tx) *FinishResponse {
 }
 
 func (n *Node) finishDest(ctx context.Context, tx Tx, commit, abort []string) (*FinishResponse, error) {
-	outcome := map[string]string{}
+	outcome := map[string]Outcome{}
 	for _, vm := range tx.VMs {
 		switch {
 		case slices.Contains(commit, vm.UUID):
@@ -163,12 +161,12 @@ func (n *Node) finishDest(ctx context.Context, tx Tx, commit, abort []string) (*
 					return nil, fmt.Errorf("finish %s: commit %s: %w", tx.ID, vm.UUID, err)
 				}
 			}
-			outcome[vm.UUID] = "committed"
+			outcome[vm.UUID] = OutcomeCommitted
 		case slices.Contains(abort, vm.UUID):
 			if err := n.dropVM(ctx, tx, vm.UUID); err != nil {
 				return nil, err
 			}
-			outcome[vm.UUID] = "aborted"
+			outcome[vm.UUID] = OutcomeAborted
 		}
 	}
 	if err := n.crash(DstAfterCommit); err != nil {
@@ -180,7 +178,7 @@ func (n *Node) finishDest(ctx context.Context, tx Tx, commit, abort []string) (*
 			if o, ok := outcome[t.VMs[i].UUID]; ok {
 				t.VMs[i].Outcome = o
 			}
-			if t.VMs[i].Outcome == "committed" {
+			if t.VMs[i].Outcome == OutcomeCommitted {
 				t.State = DstCommitted
 			}
 		}
@@ -195,9 +193,9 @@ func (n *Node) finishDest(ctx context.Context, tx Tx, commit, abort []string) (*
 		return nil, err
 	}
 	for _, vm := range final.VMs {
-		ev := "migration-abort"
-		if vm.Outcome == "committed" {
-			ev = "migration-commit"
+		ev := audit.EventMigrationAbort
+		if vm.Outcome == OutcomeCommitted {
+			ev = audit.EventMigrationCommit
 		}
 		n.audit(ctx, AuditEvent{Event: ev, VM: vm.UUID, Peer: tx.Peer, TxID: tx.ID, Generation: vm.Generation})
 	}
@@ -215,7 +213,7 @@ func (n *Node) dropVM(ctx context.Context, tx Tx, vm string) error {
 	if err := n.cfg.Keys.DropPending(ctx, vm, tx.ID); err != nil {
 		return err
 	}
-	return n.cfg.Hypervisor.UndefineSecret(ctx, vm)
+	return n.undefineSecret(ctx, vm)
 }
 
 // abortDest undoes a Prepare that failed here.
@@ -228,7 +226,7 @@ func (n *Node) abortDest(ctx context.Context, tx Tx, reason string) {
 	if _, err := n.cfg.Ledger.Update(tx.ID, func(t *Tx) error {
 		t.State, t.Reason = DstAborted, reason
 		for i := range t.VMs {
-			t.VMs[i].Outcome = "aborted"
+			t.VMs[i].Outcome = OutcomeAborted
 		}
 		return nil
 	}); err != nil {

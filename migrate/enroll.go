@@ -5,6 +5,8 @@ import (
 	"fmt"
 
 	"github.com/vtpmm/vtpmm/attest"
+	"github.com/vtpmm/vtpmm/internal/audit"
+	"github.com/vtpmm/vtpmm/internal/ids"
 	"github.com/vtpmm/vtpmm/vtpm/identity"
 )
 
@@ -40,7 +42,7 @@ type ActivateResponse struct {
 
 // Identity returns this host's TPM identity (read once, at start).
 func (n *Node) Identity(ctx context.Context, req *IdentityRequest) (*IdentityResponse, error) {
-	if !hostIDRE.MatchString(req.From) {
+	if !ids.IsHostID(req.From) {
 		return nil, fmt.Errorf("identity: %w: from %q", ErrBadMessage, req.From)
 	}
 	id := n.cfg.Identity
@@ -50,7 +52,7 @@ func (n *Node) Identity(ctx context.Context, req *IdentityRequest) (*IdentityRes
 // Activate answers an activation challenge with this host's TPM: only the
 // TPM holding the EK can open it, and only for its own AK.
 func (n *Node) Activate(ctx context.Context, req *ActivateRequest) (*ActivateResponse, error) {
-	if !hostIDRE.MatchString(req.From) {
+	if !ids.IsHostID(req.From) {
 		return nil, fmt.Errorf("activate: %w: from %q", ErrBadMessage, req.From)
 	}
 	n.tpmMu.Lock()
@@ -91,7 +93,7 @@ func (n *Node) Enroll(ctx context.Context, host string, enrollments attest.Enrol
 	}
 	chain, err := n.cfg.Verifier.CheckEK(ctx, host, id.EKCert, id.EKIntermediates, id.EKPublic)
 	if err != nil {
-		n.audit(ctx, AuditEvent{Event: "enroll-refused", Peer: host, Rule: ruleOf(err), Detail: err.Error()})
+		n.audit(ctx, AuditEvent{Event: audit.EventEnrollRefused, Peer: host, Rule: ruleOf(err), Detail: err.Error()})
 		return nil, fmt.Errorf("enroll %s: %w: %w", host, ErrRefused, err)
 	}
 	ch, err := attest.NewActivationChallenge(n.cfg.Rand, id.EKPublic, id.AKPublic)
@@ -103,13 +105,13 @@ func (n *Node) Enroll(ctx context.Context, host string, enrollments attest.Enrol
 		return nil, fmt.Errorf("enroll %s: activate: %w", host, err)
 	}
 	if err := attest.VerifyActivation(ch, ans.Secret); err != nil {
-		n.audit(ctx, AuditEvent{Event: "enroll-refused", Peer: host, Rule: ruleOf(err), Detail: err.Error()})
+		n.audit(ctx, AuditEvent{Event: audit.EventEnrollRefused, Peer: host, Rule: ruleOf(err), Detail: err.Error()})
 		return nil, fmt.Errorf("enroll %s: %w: %w", host, ErrRefused, err)
 	}
 	if err := enrollments.Add(ctx, ch.Enrollment(host, n.cfg.Now())); err != nil {
 		return nil, fmt.Errorf("enroll %s: record: %w", host, err)
 	}
-	n.audit(ctx, AuditEvent{Event: "host-enrolled", Peer: host, Detail: fmt.Sprintf("EK %x AK %x", ch.EKDigest[:8], ch.AKName[:10])})
+	n.audit(ctx, AuditEvent{Event: audit.EventHostEnrolled, Peer: host, Detail: fmt.Sprintf("EK %x AK %x", ch.EKDigest[:8], ch.AKName[:10])})
 	return &EnrollResult{Host: host, EKChain: chain.String(), EKDigest: ch.EKDigest, AKName: ch.AKName}, nil
 }
 

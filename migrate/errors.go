@@ -1,37 +1,39 @@
 package migrate
 
-import "errors"
+import "github.com/vtpmm/vtpmm/internal/errclass"
 
-// Sentinel errors of package migrate. Match them with errors.Is.
+// Sentinel errors of package migrate. Match them with errors.Is. Each is
+// of its own class in internal/errclass, which gives its wire reason, gRPC
+// code and admin API code; errors decoded from a peer match them too.
 var (
 	// ErrBusy means another migration of the same VM is in progress.
-	ErrBusy = errors.New("VM is already being migrated")
+	ErrBusy = errclass.New(errclass.Busy, "VM is already being migrated")
 	// ErrRefused means the destination failed attestation; the error chain
 	// also holds the *attest.RefusalError naming the rule.
-	ErrRefused = errors.New("destination refused by attestation policy")
+	ErrRefused = errclass.New(errclass.Refused, "destination refused by attestation policy")
 	// ErrReplay means a transfer message was seen before.
-	ErrReplay = errors.New("replayed transfer")
+	ErrReplay = errclass.New(errclass.Replay, "replayed transfer")
 	// ErrUnknownTx means the transaction is not known on this host.
-	ErrUnknownTx = errors.New("unknown transaction")
+	ErrUnknownTx = errclass.New(errclass.UnknownTx, "unknown transaction")
 	// ErrBadMessage means a protocol message failed to decode or validate.
-	ErrBadMessage = errors.New("malformed protocol message")
+	ErrBadMessage = errclass.New(errclass.BadMessage, "malformed protocol message")
 	// ErrPeer means the peer agent failed or could not be reached.
-	ErrPeer = errors.New("peer agent unavailable")
+	ErrPeer = errclass.New(errclass.Peer, "peer agent unavailable")
 	// ErrNotOwner means this host holds no active key for the VM.
-	ErrNotOwner = errors.New("this host does not own the VM's vTPM")
+	ErrNotOwner = errclass.New(errclass.NotOwner, "this host does not own the VM's vTPM")
 	// ErrKeyProof means the destination could not prove it holds the key
 	// that was sent; nothing was migrated.
-	ErrKeyProof = errors.New("destination key proof mismatch")
+	ErrKeyProof = errclass.New(errclass.KeyProof, "destination key proof mismatch")
 	// ErrNotMigrating means a Pull named a VM this host's hypervisor is not
 	// migrating away: keys are released only for a migration in progress.
-	ErrNotMigrating = errors.New("the VM is not being migrated from this host")
+	ErrNotMigrating = errclass.New(errclass.NotMigrating, "the VM is not being migrated from this host")
 	// ErrHypervisor means the hypervisor's migration failed; the VM stays on the source.
-	ErrHypervisor = errors.New("hypervisor migration failed")
+	ErrHypervisor = errclass.New(errclass.Hypervisor, "hypervisor migration failed")
 	// ErrCrash is returned at an injected crash point: the node stops as if
 	// its process had died there. Tests use it; production never injects it.
-	ErrCrash = errors.New("injected crash")
+	ErrCrash = errclass.New(errclass.Crash, "injected crash")
 	// ErrUnresolved means recovery could not decide yet (the peer is
 	// unreachable); the VM keeps running where it runs, and a later
 	// Reconcile finishes the job.
-	ErrUnresolved = errors.New("transaction not resolved yet")
+	ErrUnresolved = errclass.New(errclass.Unresolved, "transaction not resolved yet")
 )

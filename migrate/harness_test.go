@@ -17,6 +17,7 @@ import (
 	"github.com/vtpmm/vtpmm/hypervisor"
 	"github.com/vtpmm/vtpmm/hypervisor/fake"
 	"github.com/vtpmm/vtpmm/internal/audit"
+	"github.com/vtpmm/vtpmm/internal/fixtures"
 	"github.com/vtpmm/vtpmm/internal/guestseal"
 	"github.com/vtpmm/vtpmm/migrate"
 	"github.com/vtpmm/vtpmm/vtpm"
@@ -26,9 +27,10 @@ import (
 	"github.com/vtpmm/vtpmm/vtpm/tpmtest"
 )
 
+// The boot logs (internal/fixtures) the emulated hosts replay.
 const (
-	goodLog = "../vtpm/emuhost/testdata/gce-cos-85.eventlog.bin"
-	badLog  = "../attest/testdata/realworld/eventlogs/ubuntu-2104-no-secure-boot.bin"
+	goodLog = "eventlogs/gce-cos-85.eventlog.bin"
+	badLog  = "eventlogs/ubuntu-2104-no-secure-boot.bin"
 )
 
 var quoted = []int{0, 1, 2, 3, 4, 5, 6, 7, 8, 9}
@@ -102,7 +104,7 @@ func newFleet(t testing.TB) *fleet {
 
 func readFile(t testing.TB, p string) []byte {
 	t.Helper()
-	b, err := os.ReadFile(p)
+	b, err := fixtures.File(p)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -354,7 +356,7 @@ func (a *memAudit) verify(t testing.TB) int {
 	return sum.Records
 }
 
-func (a *memAudit) count(event string) int {
+func (a *memAudit) count(event audit.Event) int {
 	a.mu.Lock()
 	defer a.mu.Unlock()
 	n := 0
@@ -377,12 +379,14 @@ func (h *host) createVM(name string) string {
 		t.Fatal(err)
 	}
 	defer k.Destroy()
-	pass := k.Passphrase()
 	state := filepath.Join(h.dir, "vms", id, "tpm2")
-	if err := swtpm.Setup(ctx, swtpm.SetupConfig{StateDir: state, VMID: id, VMName: name, Passphrase: pass, CADir: filepath.Join(h.dir, "vm-ca")}); err != nil {
-		t.Fatal(err)
-	}
-	if err := h.hyp.DefineSecret(ctx, id, pass); err != nil {
+	err = k.WithPassphrase(func(pass []byte) error {
+		if err := swtpm.Setup(ctx, swtpm.SetupConfig{StateDir: state, VMID: id, VMName: name, Passphrase: pass, CADir: filepath.Join(h.dir, "vm-ca")}); err != nil {
+			return err
+		}
+		return h.hyp.DefineSecret(ctx, id, pass)
+	})
+	if err != nil {
 		t.Fatal(err)
 	}
 	if err := h.hyp.DefineVTPMDomain(ctx, hypervisor.Domain{UUID: id, Name: name}, state); err != nil {
@@ -429,4 +433,21 @@ func (p *testPeer) Pull(ctx context.Context, r *migrate.PullRequest) (*migrate.P
 
 func (p *testPeer) Activate(ctx context.Context, r *migrate.ActivateRequest) (*migrate.ActivateResponse, error) {
 	return call(p, "Activate", r, func(n *migrate.Node) (*migrate.ActivateResponse, error) { return n.Activate(ctx, r) })
+}
+
+// passphrase is a copy of the VM key's passphrase, for tests that look for
+// it where it must not be.
+func (h *host) passphrase(vm string) string {
+	h.f.t.Helper()
+	var out string
+	if _, err := h.keys.WithPassphrase(context.Background(), vm, func(p []byte) error { out = string(p); return nil }); err != nil {
+		h.f.t.Fatal(err)
+	}
+	return out
+}
+
+// pendingKeyFiles lists the VM's PENDING key files left in h's key store.
+func (h *host) pendingKeyFiles(vm string) []string {
+	m, _ := filepath.Glob(filepath.Join(h.dir, "keys", vm+".*.pending"))
+	return m
 }

@@ -42,11 +42,11 @@ func (s TxState) Final() bool {
 
 // TxVM is one VM in a transaction.
 type TxVM struct {
-	UUID       string `json:"uuid"`
-	Name       string `json:"name,omitempty"`
-	Generation uint64 `json:"generation"`        // the generation the destination will hold
-	Outcome    string `json:"outcome,omitempty"` // "migrated", "failed" (source, after the hypervisor)
-	Error      string `json:"error,omitempty"`
+	UUID       string  `json:"uuid"`
+	Name       string  `json:"name,omitempty"`
+	Generation uint64  `json:"generation"`        // the generation the destination will hold
+	Outcome    Outcome `json:"outcome,omitempty"` // source: migrated, failed; destination: committed, aborted
+	Error      string  `json:"error,omitempty"`
 }
 
 // Tx is a transaction as one host's ledger records it.

@@ -1,13 +1,13 @@
 package migrate
 
 import (
-	"bytes"
 	"encoding/json"
 	"fmt"
-	"io"
 	"regexp"
 
 	"github.com/vtpmm/vtpmm/attest"
+	"github.com/vtpmm/vtpmm/internal/ids"
+	"github.com/vtpmm/vtpmm/internal/strictjson"
 	"github.com/vtpmm/vtpmm/vtpm/identity"
 )
 
@@ -105,27 +105,25 @@ type StatusResponse struct {
 	Running []string `json:"running,omitempty"`
 }
 
-var (
-	txIDRE   = regexp.MustCompile(`^[0-9a-f]{32}$`)
-	uuidRE   = regexp.MustCompile(`^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$`)
-	hostIDRE = regexp.MustCompile(`^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$`)
-)
+var txIDRE = regexp.MustCompile(`^[0-9a-f]{32}$`)
 
-// decodeStrict decodes one JSON message: size-limited, no unknown fields,
-// no trailing data.
+// decodeStrict decodes one message (internal/strictjson): size-limited, no
+// unknown fields, no trailing data. Errors wrap ErrBadMessage.
 func decodeStrict(b []byte, v any) error {
-	if len(b) > maxMessage {
-		return fmt.Errorf("%w: %d bytes (limit %d)", ErrBadMessage, len(b), maxMessage)
-	}
-	dec := json.NewDecoder(bytes.NewReader(b))
-	dec.DisallowUnknownFields()
-	if err := dec.Decode(v); err != nil {
+	if err := strictjson.Decode(b, v, maxMessage); err != nil {
 		return fmt.Errorf("%w: %v", ErrBadMessage, err)
 	}
-	if _, err := dec.Token(); err != io.EOF {
-		return fmt.Errorf("%w: trailing data after the message", ErrBadMessage)
-	}
 	return nil
+}
+
+// DecodeStrict decodes a message that has no decoder of its own below
+// (Evidence, Status, Identity, Activate requests) with the same rules.
+func DecodeStrict[T any](what string, b []byte) (*T, error) {
+	var v T
+	if err := decodeStrict(b, &v); err != nil {
+		return nil, fmt.Errorf("decode %s: %w", what, err)
+	}
+	return &v, nil
 }
 
 // DecodePrepare decodes and validates a PrepareRequest (untrusted input).
@@ -146,7 +144,7 @@ func (r *PrepareRequest) validate() error {
 		return fmt.Errorf("%w: protocol version %d (this host speaks %d)", ErrBadMessage, r.Version, ProtocolVersion)
 	case !txIDRE.MatchString(r.TxID):
 		return fmt.Errorf("%w: transaction id %q", ErrBadMessage, r.TxID)
-	case !hostIDRE.MatchString(r.Source) || !hostIDRE.MatchString(r.Dest):
+	case !ids.IsHostID(r.Source) || !ids.IsHostID(r.Dest):
 		return fmt.Errorf("%w: host ids %q -> %q", ErrBadMessage, r.Source, r.Dest)
 	case len(r.EvidenceDigest) != 32:
 		return fmt.Errorf("%w: evidence digest of %d bytes", ErrBadMessage, len(r.EvidenceDigest))
@@ -158,7 +156,7 @@ func (r *PrepareRequest) validate() error {
 	seen := map[string]bool{}
 	for _, vm := range r.VMs {
 		switch {
-		case !uuidRE.MatchString(vm.UUID):
+		case !ids.IsUUID(vm.UUID):
 			return fmt.Errorf("%w: VM id %q", ErrBadMessage, vm.UUID)
 		case seen[vm.UUID]:
 			return fmt.Errorf("%w: VM %s twice in one batch", ErrBadMessage, vm.UUID)
@@ -183,11 +181,11 @@ func DecodeFinish(b []byte) (*FinishRequest, error) {
 }
 
 func (r *FinishRequest) validate() error {
-	if r.Version != ProtocolVersion || !txIDRE.MatchString(r.TxID) || !hostIDRE.MatchString(r.Source) {
+	if r.Version != ProtocolVersion || !txIDRE.MatchString(r.TxID) || !ids.IsHostID(r.Source) {
 		return fmt.Errorf("%w: version, transaction id or source", ErrBadMessage)
 	}
 	for _, id := range append(append([]string{}, r.Commit...), r.Abort...) {
-		if !uuidRE.MatchString(id) {
+		if !ids.IsUUID(id) {
 			return fmt.Errorf("%w: VM id %q", ErrBadMessage, id)
 		}
 	}

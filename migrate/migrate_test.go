@@ -32,8 +32,11 @@ func (f *fleet) checkSingleOwner(vm string, want string) {
 		if _, _, err := h.keys.Get(ctx, vm); err == nil {
 			keyed = append(keyed, name)
 		}
-		if tx, _, err := h.keys.Pending(ctx, vm); err == nil {
-			t.Errorf("%s: PENDING key of %s left behind (tx %s)", name, vm, tx)
+		if tx, ok := h.node.Incoming(vm); ok {
+			t.Errorf("%s: incoming transaction %s of %s left open", name, tx.ID, vm)
+		}
+		if files := h.pendingKeyFiles(vm); len(files) > 0 {
+			t.Errorf("%s: PENDING key of %s left behind: %v", name, vm, files)
 		}
 		if open, _ := h.ledger.OpenTxs(); len(open) != 0 {
 			t.Errorf("%s: %d open transactions left: %+v", name, len(open), open)
@@ -52,13 +55,8 @@ func TestMigrateHappyPathWarmAndBack(t *testing.T) {
 	vm := a.createVM("vm1")
 	secret := []byte("tenant disk key 1234")
 	a.guestSeal(vm, secret)
-	k, _, err := a.keys.Get(ctx, vm)
-	if err != nil {
-		t.Fatal(err)
-	}
-	pass := k.Passphrase()
-	k.Destroy()
-	raw, _ := hex.DecodeString(string(pass))
+	pass := a.passphrase(vm)
+	raw, _ := hex.DecodeString(pass)
 
 	var phases []migrate.Phase
 	before := [2]vtpm.Stats{a.meter.Stats(), b.meter.Stats()}
@@ -109,7 +107,7 @@ func TestMigrateHappyPathWarmAndBack(t *testing.T) {
 	// G1 across both agents: no form of the VM key in any file either host
 	// wrote (key stores, ledgers, audit logs, hypervisor state and logs), in
 	// their logs, or in anything that crossed the wire.
-	forms := map[string][]byte{"raw": raw, "hex": pass, "HEX": []byte(strings.ToUpper(string(pass))),
+	forms := map[string][]byte{"raw": raw, "hex": []byte(pass), "HEX": []byte(strings.ToUpper(string(pass))),
 		"base64": []byte(base64.StdEncoding.EncodeToString(raw)), "base64url": []byte(base64.RawURLEncoding.EncodeToString(raw))}
 	scanned := 0
 	for _, h := range []*host{a, b} {
@@ -146,15 +144,10 @@ func TestRefusedDestinationReceivesNoKeyBytes(t *testing.T) {
 	f := newFleet(t)
 	a, c := f.addHost("host-a", goodLog), f.addHost("host-c", badLog)
 	vm := a.createVM("vm1")
-	k, _, err := a.keys.Get(ctx, vm)
-	if err != nil {
-		t.Fatal(err)
-	}
-	pass := string(k.Passphrase())
+	pass := a.passphrase(vm)
 	raw, _ := hex.DecodeString(pass)
-	k.Destroy()
 
-	_, err = a.node.Migrate(ctx, migrate.Request{VMs: []string{vm}, Dest: "host-c"}, nil)
+	_, err := a.node.Migrate(ctx, migrate.Request{VMs: []string{vm}, Dest: "host-c"}, nil)
 	var re *attest.RefusalError
 	if !errors.Is(err, migrate.ErrRefused) || !errors.As(err, &re) || re.Rule != attest.RulePCRPolicy {
 		t.Fatalf("migrate to a host with a tampered boot: %v, want ErrRefused by rule pcr-policy", err)

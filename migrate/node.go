@@ -52,22 +52,12 @@ type Keys interface {
 	Delete(ctx context.Context, vmID string) error
 	PutPending(ctx context.Context, vmID, txID string, gen uint64, k vtpm.VMKey) error
 	GetPending(ctx context.Context, vmID, txID string) (vtpm.VMKey, uint64, error)
+	WithPassphrase(ctx context.Context, vmID string, fn func(pass []byte) error) (uint64, error)
 	CommitPending(ctx context.Context, vmID, txID string) (uint64, error)
 	DropPending(ctx context.Context, vmID, txID string) error
 }
 
 var _ Keys = (*vtpm.KeyStore)(nil)
-
-// AuditEvent is one key release or refusal, for the audit log.
-type AuditEvent struct {
-	Event      string // key-release, key-release-refused, migration-commit, migration-abort, key-received
-	VM         string
-	Peer       string
-	TxID       string
-	Generation uint64
-	Rule       string
-	Detail     string
-}
 
 // Auditor records AuditEvents (internal/audit adapts to it).
 type Auditor interface {
@@ -89,10 +79,12 @@ type Config struct {
 	Identity   *identity.Identity // loaded once (LoadIdentity)
 	Hypervisor hypervisor.Hypervisor
 	Ledger     *Ledger
-	Verifier   *attest.Verifier // verifies destinations (source side)
-	QuotePCRs  map[attest.Bank][]int
-	EventLog   []byte // this host's TCG event log, sent with evidence
-	Dial       Dialer
+	// Registry is the fleet registry (nil: registry mode none). See Registry.
+	Registry  Registry
+	Verifier  *attest.Verifier // verifies destinations (source side)
+	QuotePCRs map[attest.Bank][]int
+	EventLog  []byte // this host's TCG event log, sent with evidence
+	Dial      Dialer
 	// Target maps a destination host to its hypervisor target.
 	Target func(host string) (hypervisor.Target, error)
 	// EvidenceMaxAge: verified evidence of a destination is reused for
@@ -182,9 +174,9 @@ func (n *Node) observe(phase string, start time.Time) {
 	}
 }
 
-func (n *Node) done(result string) {
+func (n *Node) done(result Outcome) {
 	if n.cfg.Metrics != nil {
-		n.cfg.Metrics.MigrationDone(result)
+		n.cfg.Metrics.MigrationDone(string(result))
 	}
 }
 

@@ -11,6 +11,7 @@ import (
 
 	"github.com/sirupsen/logrus"
 
+	"github.com/vtpmm/vtpmm/internal/ids"
 	"github.com/vtpmm/vtpmm/vtpm"
 )
 
@@ -60,14 +61,14 @@ func (r *PullRequest) validate() error {
 	switch {
 	case r.Version != ProtocolVersion:
 		return fmt.Errorf("%w: protocol version %d (this host speaks %d)", ErrBadMessage, r.Version, ProtocolVersion)
-	case !hostIDRE.MatchString(r.Dest):
+	case !ids.IsHostID(r.Dest):
 		return fmt.Errorf("%w: host id %q", ErrBadMessage, r.Dest)
 	case len(r.VMs) == 0 || len(r.VMs) > 4096:
 		return fmt.Errorf("%w: %d VMs in one pull (1..4096)", ErrBadMessage, len(r.VMs))
 	}
 	seen := map[string]bool{}
 	for _, id := range r.VMs {
-		if !uuidRE.MatchString(id) || seen[id] {
+		if !ids.IsUUID(id) || seen[id] {
 			return fmt.Errorf("%w: VM id %q (malformed or repeated)", ErrBadMessage, id)
 		}
 		seen[id] = true
@@ -207,11 +208,9 @@ func (n *Node) RequestPull(ctx context.Context, vms []string, peers []string) (*
 	var missing []string
 	var pending Tx
 	for _, id := range vms {
-		if txID, err := n.cfg.Ledger.Holder(id); err == nil {
-			if tx, err := n.cfg.Ledger.Get(txID); err == nil && tx.Role == RoleDestination && tx.State == DstPending {
-				pending = tx
-				continue
-			}
+		if tx, ok := n.Incoming(id); ok {
+			pending = tx
+			continue
 		}
 		missing = append(missing, id)
 	}

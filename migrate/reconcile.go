@@ -89,9 +89,9 @@ func (n *Node) recoverSource(ctx context.Context, tx Tx) error {
 		for i := range t.VMs {
 			switch id := t.VMs[i].UUID; {
 			case here[id]:
-				t.VMs[i].Outcome, t.VMs[i].Error = "failed", "recovered: VM runs on the source"
+				t.VMs[i].Outcome, t.VMs[i].Error = OutcomeFailed, "recovered: VM runs on the source"
 			case st != nil && slices.Contains(st.Running, id):
-				t.VMs[i].Outcome, allHere = "migrated", false
+				t.VMs[i].Outcome, allHere = OutcomeMigrated, false
 			default:
 				allHere = false
 				return fmt.Errorf("%w: VM %s runs neither here nor (as far as %s says) there: %v", ErrUnresolved, id, t.Peer, peerErr)

@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 
+	"github.com/vtpmm/vtpmm/internal/audit"
 	"github.com/vtpmm/vtpmm/vtpm"
 )
 
@@ -98,7 +99,7 @@ func (n *Node) release(ctx context.Context, s releaseSpec, keys map[string]vtpm.
 	if err != nil {
 		n.ForgetEvidence(s.dest)
 		n.abortRemote(ctx, peer, tx, fmt.Sprintf("prepare: %v", err))
-		n.done("failed")
+		n.done(OutcomeFailed)
 		return Tx{}, nil, fmt.Errorf("migrate to %s: prepare: %w", s.dest, err)
 	}
 	if err := n.crash(SrcAfterPrepare); err != nil {
@@ -109,7 +110,7 @@ func (n *Node) release(ctx context.Context, s releaseSpec, keys map[string]vtpm.
 		detail = "pulled by the destination for a hypervisor migration"
 	}
 	for _, vm := range tx.VMs {
-		n.audit(ctx, AuditEvent{Event: "key-release", VM: vm.UUID, Peer: s.dest, TxID: tx.ID, Generation: vm.Generation, Detail: detail})
+		n.audit(ctx, AuditEvent{Event: audit.EventKeyRelease, VM: vm.UUID, Peer: s.dest, TxID: tx.ID, Generation: vm.Generation, Detail: detail})
 	}
 	if tx, err = n.cfg.Ledger.SetState(tx.ID, SrcPrepared, ""); err != nil {
 		return Tx{}, nil, err

@@ -11,6 +11,7 @@ import (
 	"github.com/sirupsen/logrus"
 
 	"github.com/vtpmm/vtpmm/attest"
+	"github.com/vtpmm/vtpmm/internal/audit"
 	"github.com/vtpmm/vtpmm/vtpm"
 	"github.com/vtpmm/vtpmm/vtpm/identity"
 )
@@ -99,9 +100,9 @@ func (n *Node) Migrate(ctx context.Context, req Request, progress Progress) (*Re
 	tx, err = n.cfg.Ledger.Update(txID, func(t *Tx) error {
 		for i := range t.VMs {
 			if e := outcomes[t.VMs[i].UUID]; e != nil {
-				t.VMs[i].Outcome, t.VMs[i].Error = "failed", e.Error()
+				t.VMs[i].Outcome, t.VMs[i].Error = OutcomeFailed, e.Error()
 			} else {
-				t.VMs[i].Outcome = "migrated"
+				t.VMs[i].Outcome = OutcomeMigrated
 			}
 		}
 		t.State = SrcMigrated
@@ -122,7 +123,7 @@ func (n *Node) Migrate(ctx context.Context, req Request, progress Progress) (*Re
 	}
 	n.observe(string(PhaseCommit), start)
 	for _, vm := range tx.VMs {
-		if vm.Outcome == "migrated" {
+		if vm.Outcome == OutcomeMigrated {
 			res.Committed = append(res.Committed, vm.UUID)
 		} else {
 			res.Failed[vm.UUID] = fmt.Sprintf("%v: %s", ErrHypervisor, vm.Error)
@@ -195,14 +196,14 @@ func (n *Node) wrap(tx Tx, v verified, keys map[string]vtpm.VMKey) (*PrepareRequ
 	if err != nil {
 		return nil, err
 	}
-	aead, err := transferAEAD(tk)
+	sealer, err := transferSealer(tk, n.cfg.Rand)
 	if err != nil {
 		return nil, err
 	}
 	req := &PrepareRequest{Version: ProtocolVersion, TxID: tx.ID, Source: n.cfg.Host, Dest: tx.Peer,
 		EvidenceDigest: v.digest, TransferKey: *wk}
 	for _, vm := range tx.VMs {
-		w, err := sealForTransfer(aead, n.cfg.Rand, req, vm, keys[vm.UUID])
+		w, err := sealForTransfer(sealer, req, vm, keys[vm.UUID])
 		if err != nil {
 			return nil, err
 		}
@@ -243,10 +244,10 @@ func (n *Node) refuse(ctx context.Context, tx Tx, err error) {
 		n.cfg.Metrics.AttestationRefused(rule)
 	}
 	for _, vm := range tx.VMs {
-		n.audit(ctx, AuditEvent{Event: "key-release-refused", VM: vm.UUID, Peer: tx.Peer, TxID: tx.ID, Rule: rule, Detail: err.Error()})
+		n.audit(ctx, AuditEvent{Event: audit.EventKeyReleaseRefused, VM: vm.UUID, Peer: tx.Peer, TxID: tx.ID, Rule: rule, Detail: err.Error()})
 	}
 	n.abortLocal(ctx, tx, err.Error())
-	n.done("refused")
+	n.done(OutcomeRefused)
 }
 
 // abortLocal ends a transaction that never reached the destination.
@@ -270,7 +271,7 @@ func (n *Node) abortRemote(ctx context.Context, peer Peer, tx Tx, reason string)
 	}
 	n.abortLocal(ctx, tx, reason)
 	for _, id := range ids {
-		n.audit(ctx, AuditEvent{Event: "migration-abort", VM: id, Peer: tx.Peer, TxID: tx.ID, Detail: reason})
+		n.audit(ctx, AuditEvent{Event: audit.EventMigrationAbort, VM: id, Peer: tx.Peer, TxID: tx.ID, Detail: reason})
 	}
 }
 
@@ -279,7 +280,7 @@ func (n *Node) abortRemote(ctx context.Context, peer Peer, tx Tx, reason string)
 func (n *Node) finishSource(ctx context.Context, peer Peer, tx Tx) error {
 	fin := &FinishRequest{Version: ProtocolVersion, TxID: tx.ID, Source: n.cfg.Host}
 	for _, vm := range tx.VMs {
-		if vm.Outcome == "migrated" {
+		if vm.Outcome == OutcomeMigrated {
 			fin.Commit = append(fin.Commit, vm.UUID)
 		} else {
 			fin.Abort = append(fin.Abort, vm.UUID)
@@ -295,24 +296,23 @@ func (n *Node) finishSource(ctx context.Context, peer Peer, tx Tx) error {
 }
 
 func (n *Node) completeSource(ctx context.Context, tx Tx) error {
-	final, result := SrcAborted, "aborted"
+	final, result := SrcAborted, OutcomeAborted
 	for _, vm := range tx.VMs {
-		if vm.Outcome != "migrated" {
-			n.audit(ctx, AuditEvent{Event: "migration-abort", VM: vm.UUID, Peer: tx.Peer, TxID: tx.ID, Detail: vm.Error})
+		if vm.Outcome != OutcomeMigrated {
+			n.audit(ctx, AuditEvent{Event: audit.EventMigrationAbort, VM: vm.UUID, Peer: tx.Peer, TxID: tx.ID, Detail: vm.Error})
 			continue
 		}
 		if err := n.cfg.Keys.Delete(ctx, vm.UUID); err != nil && !errors.Is(err, vtpm.ErrKeyNotFound) {
 			return fmt.Errorf("migrate %s: shred source key of %s: %w", tx.ID, vm.UUID, err)
 		}
-		// The VM left: its secret has no business here any more. The libvirt
-		// hypervisor's Migrate removes it too, but a hook-mode migration
-		// (plain virsh) does not, nor a crash between libvirt's return and
-		// that clean-up; a missing secret is no error.
-		if err := n.cfg.Hypervisor.UndefineSecret(ctx, vm.UUID); err != nil {
+		// The VM left: its secret has no business here any more. The node
+		// owns it (secrets.go); the hypervisor's Migrate leaves it, and a
+		// hook-mode migration (plain virsh) or a crash reaches here too.
+		if err := n.undefineSecret(ctx, vm.UUID); err != nil {
 			n.log.WithError(err).WithField("vm", vm.UUID).Warn("undefining the vTPM secret of a VM that left")
 		}
-		n.audit(ctx, AuditEvent{Event: "migration-commit", VM: vm.UUID, Peer: tx.Peer, TxID: tx.ID, Generation: vm.Generation})
-		final, result = SrcCommitted, "committed"
+		n.audit(ctx, AuditEvent{Event: audit.EventMigrationCommit, VM: vm.UUID, Peer: tx.Peer, TxID: tx.ID, Generation: vm.Generation})
+		final, result = SrcCommitted, OutcomeCommitted
 	}
 	if _, err := n.cfg.Ledger.SetState(tx.ID, final, ""); err != nil {
 		return err

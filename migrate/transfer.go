@@ -1,11 +1,7 @@
 package migrate
 
 import (
-	"bytes"
-	"crypto/aes"
-	"crypto/cipher"
 	"crypto/sha256"
-	"encoding/binary"
 	"fmt"
 	"io"
 	"strconv"
@@ -13,48 +9,39 @@ import (
 	"github.com/vtpmm/vtpmm/vtpm"
 )
 
-// transferAD is the AEAD associated data of one VM key in a batch: it binds
-// the key to the transaction, VM, generation, both hosts and the evidence
-// the source verified. Fields are length-prefixed.
-func transferAD(txID, vm string, gen uint64, src, dst string, evidenceDigest []byte) []byte {
-	var b bytes.Buffer
-	b.WriteString("vtpmm/transfer/v" + strconv.Itoa(ProtocolVersion))
-	for _, f := range [][]byte{[]byte(txID), []byte(vm), []byte(src), []byte(dst), evidenceDigest} {
-		_ = binary.Write(&b, binary.BigEndian, uint16(len(f)))
-		b.Write(f)
-	}
-	_ = binary.Write(&b, binary.BigEndian, gen)
-	return b.Bytes()
+// transferDomain is the domain of the transfer envelope's bindings.
+func transferDomain() vtpm.Domain {
+	return vtpm.Domain("vtpmm/transfer/v" + strconv.Itoa(ProtocolVersion))
 }
 
-func transferAEAD(tk []byte) (cipher.AEAD, error) {
-	if len(tk) != 32 {
-		return nil, fmt.Errorf("%w: transfer key of %d bytes", ErrBadMessage, len(tk))
-	}
-	block, err := aes.NewCipher(tk)
+// transferBinding binds one VM key of a batch to the transaction, VM,
+// generation, both hosts and the evidence the source verified.
+func transferBinding(req *PrepareRequest, vm string, gen uint64) vtpm.Binding {
+	return vtpm.Binding{Domain: transferDomain(), Generation: gen,
+		Fields: [][]byte{[]byte(req.TxID), []byte(vm), []byte(req.Source), []byte(req.Dest), req.EvidenceDigest}}
+}
+
+// transferSealer is the batch's Sealer under the transfer key.
+func transferSealer(tk []byte, rnd io.Reader) (vtpm.Sealer, error) {
+	s, err := vtpm.NewAEADSealer(tk, rnd)
 	if err != nil {
-		return nil, err
+		return nil, fmt.Errorf("%w: transfer key: %w", ErrBadMessage, err)
 	}
-	return cipher.NewGCM(block)
+	return s, nil
 }
 
 // sealForTransfer puts one VM key under the transfer key.
-func sealForTransfer(aead cipher.AEAD, rnd io.Reader, req *PrepareRequest, vm TxVM, k vtpm.VMKey) (WrappedVM, error) {
-	nonce := make([]byte, aead.NonceSize())
-	if _, err := io.ReadFull(rnd, nonce); err != nil {
-		return WrappedVM{}, err
-	}
-	ct, err := k.SealWith(aead, nonce, transferAD(req.TxID, vm.UUID, vm.Generation, req.Source, req.Dest, req.EvidenceDigest))
+func sealForTransfer(s vtpm.Sealer, req *PrepareRequest, vm TxVM, k vtpm.VMKey) (WrappedVM, error) {
+	sk, err := s.SealKey(k, transferBinding(req, vm.UUID, vm.Generation))
 	if err != nil {
 		return WrappedVM{}, err
 	}
-	return WrappedVM{UUID: vm.UUID, Name: vm.Name, Generation: vm.Generation, Nonce: nonce, Ciphertext: ct}, nil
+	return WrappedVM{UUID: vm.UUID, Name: vm.Name, Generation: vm.Generation, Nonce: sk.Nonce, Ciphertext: sk.Ciphertext}, nil
 }
 
 // openFromTransfer opens one VM key of a batch on the destination.
-func openFromTransfer(aead cipher.AEAD, req *PrepareRequest, w WrappedVM) (vtpm.VMKey, error) {
-	return vtpm.OpenVMKeyWith(aead, w.Nonce, w.Ciphertext,
-		transferAD(req.TxID, w.UUID, w.Generation, req.Source, req.Dest, req.EvidenceDigest))
+func openFromTransfer(s vtpm.Sealer, req *PrepareRequest, w WrappedVM) (vtpm.VMKey, error) {
+	return s.OpenKey(vtpm.Sealed{Nonce: w.Nonce, Ciphertext: w.Ciphertext}, transferBinding(req, w.UUID, w.Generation))
 }
 
 func digest(b []byte) []byte {

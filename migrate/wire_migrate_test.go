@@ -184,7 +184,7 @@ func checkRunsOnce(t *testing.T, f *fleet, vm string) string {
 	if _, _, err := h.keys.Get(ctx, vm); err == nil {
 		return running[0]
 	}
-	if _, _, err := h.keys.Pending(ctx, vm); err == nil {
+	if _, ok := h.node.Incoming(vm); ok {
 		return running[0]
 	}
 	t.Fatalf("VM %s runs on %s, which holds no key for it", vm, running[0])
@@ -289,19 +289,14 @@ func TestWireRefusedDestinationGetsOnlyEvidence(t *testing.T) {
 	a, c := f.addHost("host-a", goodLog), f.addHost("host-c", badLog)
 	w := newWireNet(f, a, c)
 	vm := a.createVM("vm1")
-	k, _, err := a.keys.Get(ctx, vm)
-	if err != nil {
-		t.Fatal(err)
-	}
-	pass := string(k.Passphrase())
+	pass := a.passphrase(vm)
 	raw, _ := hex.DecodeString(pass)
-	k.Destroy()
 	forms := [][]byte{raw, []byte(pass), []byte(base64.StdEncoding.EncodeToString(raw))}
 
 	w.proxies["host-c"].startCapture()
 	mctx, cancel := context.WithTimeout(ctx, time.Minute)
 	defer cancel()
-	_, err = a.node.Migrate(mctx, migrate.Request{VMs: []string{vm}, Dest: "host-c"}, nil)
+	_, err := a.node.Migrate(mctx, migrate.Request{VMs: []string{vm}, Dest: "host-c"}, nil)
 	var re *attest.RefusalError
 	if !errors.Is(err, migrate.ErrRefused) || !errors.As(err, &re) || re.Rule != attest.RulePCRPolicy || !strings.Contains(err.Error(), "host-c") {
 		t.Fatalf("migrate to host-c: %v, want ErrRefused by rule pcr-policy naming host-c", err)

@@ -15,7 +15,7 @@ import (
 
 	"gopkg.in/yaml.v3"
 
-	"github.com/vtpmm/vtpmm/internal/agent"
+	"github.com/vtpmm/vtpmm/cmd/vtpmd/daemon"
 )
 
 // unitFile is a parsed systemd unit: section -> directive -> values, in
@@ -191,7 +191,7 @@ func TestUnit(t *testing.T) {
 func TestUnitMatchesSampleConfig(t *testing.T) {
 	t.Parallel()
 	u := loadUnit(t)
-	cfg, err := agent.LoadConfig("vtpmd.yaml")
+	cfg, err := daemon.LoadConfig("vtpmd.yaml")
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -227,20 +227,20 @@ func TestUnitMatchesSampleConfig(t *testing.T) {
 
 func TestSampleConfig(t *testing.T) {
 	t.Parallel()
-	cfg, err := agent.LoadConfig("vtpmd.yaml")
+	cfg, err := daemon.LoadConfig("vtpmd.yaml")
 	if err != nil {
 		t.Fatalf("LoadConfig(vtpmd.yaml): %v", err)
 	}
 	if err := cfg.Validate(); err != nil {
 		t.Fatal(err)
 	}
-	// Every field of agent.Config is set in the sample (commented, not
+	// Every field of daemon.Config is set in the sample (commented, not
 	// left out), so the sample documents all of them.
 	var doc map[string]any
 	if err := yaml.Unmarshal([]byte(SampleConfig()), &doc); err != nil {
 		t.Fatal(err)
 	}
-	for _, key := range yamlKeys(reflect.TypeFor[agent.Config](), "") {
+	for _, key := range yamlKeys(reflect.TypeFor[daemon.Config](), "") {
 		v, ok := lookup(doc, key)
 		if !ok || v == nil || v == "" {
 			t.Errorf("the sample does not set %s", key)
@@ -257,7 +257,7 @@ func TestSampleConfig(t *testing.T) {
 		}
 	}
 	// Where the sample shows the default, it is the real default.
-	def := agent.DefaultConfig()
+	def := daemon.DefaultConfig()
 	for _, c := range []struct{ name, got, want string }{
 		{"data_dir", cfg.DataDir, def.DataDir},
 		{"tpm", cfg.TPM, def.TPM},
@@ -288,7 +288,11 @@ func TestSampleConfig(t *testing.T) {
 func yamlKeys(t reflect.Type, prefix string) []string {
 	var out []string
 	for f := range t.Fields() {
-		tag, _, _ := strings.Cut(f.Tag.Get("yaml"), ",")
+		tag, opts, _ := strings.Cut(f.Tag.Get("yaml"), ",")
+		if opts == "inline" {
+			out = append(out, yamlKeys(f.Type, prefix)...)
+			continue
+		}
 		if tag == "" || tag == "-" {
 			continue
 		}

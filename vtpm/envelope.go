@@ -1,14 +1,13 @@
 package vtpm
 
 import (
-	"bytes"
-	"crypto/rand"
-	"encoding/binary"
 	"encoding/json"
+	"errors"
 	"fmt"
-	"io"
-	"regexp"
 	"strings"
+
+	"github.com/vtpmm/vtpmm/internal/ids"
+	"github.com/vtpmm/vtpmm/internal/strictjson"
 )
 
 // EnvelopeVersion is the format version of a VM key envelope.
@@ -16,12 +15,9 @@ const EnvelopeVersion = 1
 
 const maxEnvelope = 4096
 
-// uuidRE matches a canonical lowercase UUID.
-var uuidRE = regexp.MustCompile(`^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$`)
-
 // CheckVMID returns ErrBadVMID unless id is a canonical lowercase UUID.
 func CheckVMID(id string) error {
-	if !uuidRE.MatchString(id) {
+	if !ids.IsUUID(id) {
 		return fmt.Errorf("%w: %q", ErrBadVMID, id)
 	}
 	return nil
@@ -41,37 +37,25 @@ type Envelope struct {
 	Ciphertext []byte `json:"ct"`
 }
 
-// additionalData is the AEAD associated data: length-prefixed fields, so no
-// two different headers share an encoding.
-func (e *Envelope) additionalData() []byte {
-	var b bytes.Buffer
-	b.WriteString("vtpmm/vmkey")
-	for _, f := range []string{fmt.Sprint(e.Version), e.KeyID, e.HostID, e.VMID} {
-		_ = binary.Write(&b, binary.BigEndian, uint16(len(f)))
-		b.WriteString(f)
-	}
-	_ = binary.Write(&b, binary.BigEndian, e.Generation)
-	return b.Bytes()
+// binding is what the envelope's key is bound to (DomainAtRest): the
+// format version, the vault key ID, the host ID, the VM UUID and the
+// generation.
+func (e *Envelope) binding() Binding {
+	return Binding{Domain: DomainAtRest, Generation: e.Generation,
+		Fields: [][]byte{[]byte(fmt.Sprint(e.Version)), []byte(e.KeyID), []byte(e.HostID), []byte(e.VMID)}}
 }
 
-// SealVMKey encrypts a VM key under the vault.
+// SealVMKey encrypts a VM key under the vault, as an envelope.
 func (v *Vault) SealVMKey(hostID, vmID string, gen uint64, k VMKey) (*Envelope, error) {
-	aead, err := v.envelopeAEAD()
-	if err != nil {
-		return nil, fmt.Errorf("seal VM key: %w", err)
-	}
 	if err := CheckVMID(vmID); err != nil {
 		return nil, fmt.Errorf("seal VM key: %w", err)
 	}
-	if !k.Valid() {
-		return nil, fmt.Errorf("seal VM key: empty key")
+	e := &Envelope{Version: EnvelopeVersion, KeyID: v.keyID, HostID: hostID, VMID: vmID, Generation: gen}
+	s, err := v.SealKey(k, e.binding())
+	if err != nil {
+		return nil, err
 	}
-	e := &Envelope{Version: EnvelopeVersion, KeyID: v.keyID, HostID: hostID, VMID: vmID, Generation: gen,
-		Nonce: make([]byte, aead.NonceSize())}
-	if _, err := io.ReadFull(rand.Reader, e.Nonce); err != nil {
-		return nil, fmt.Errorf("seal VM key: %w", err)
-	}
-	e.Ciphertext = aead.Seal(nil, e.Nonce, k.k[:], e.additionalData())
+	e.Nonce, e.Ciphertext = s.Nonce, s.Ciphertext
 	return e, nil
 }
 
@@ -79,8 +63,7 @@ func (v *Vault) SealVMKey(hostID, vmID string, gen uint64, k VMKey) (*Envelope, 
 // is already in memory. An envelope made by another vault, or bound to
 // another host, VM or generation, yields ErrWrongKey naming the mismatch.
 func (v *Vault) OpenVMKey(e *Envelope, hostID, vmID string) (VMKey, error) {
-	aead, err := v.envelopeAEAD()
-	if err != nil {
+	if _, err := v.envelopeAEAD(); err != nil {
 		return VMKey{}, fmt.Errorf("open VM key: %w", err)
 	}
 	switch {
@@ -90,18 +73,15 @@ func (v *Vault) OpenVMKey(e *Envelope, hostID, vmID string) (VMKey, error) {
 		return VMKey{}, fmt.Errorf("open VM key %s: %w: bound to host %q, this is host %q", vmID, ErrWrongKey, e.HostID, hostID)
 	case e.VMID != vmID:
 		return VMKey{}, fmt.Errorf("open VM key %s: %w: bound to VM %s", vmID, ErrWrongKey, e.VMID)
-	case len(e.Nonce) != aead.NonceSize():
-		return VMKey{}, fmt.Errorf("open VM key %s: %w: nonce length %d", vmID, ErrCorrupt, len(e.Nonce))
 	}
-	pt, err := aead.Open(nil, e.Nonce, e.Ciphertext, e.additionalData())
-	if err != nil {
+	k, err := v.OpenKey(Sealed{Nonce: e.Nonce, Ciphertext: e.Ciphertext}, e.binding())
+	if errors.Is(err, ErrWrongKey) {
 		return VMKey{}, fmt.Errorf("open VM key %s: %w: authentication failed (tampered envelope, or generation %d is not the one it was sealed for)", vmID, ErrCorrupt, e.Generation)
 	}
-	s, err := secretFromBytes(pt)
 	if err != nil {
 		return VMKey{}, fmt.Errorf("open VM key %s: %w", vmID, err)
 	}
-	return VMKey{k: s}, nil
+	return k, nil
 }
 
 // MarshalEnvelope encodes an envelope for storage.
@@ -116,17 +96,9 @@ func MarshalEnvelope(e *Envelope) ([]byte, error) {
 // UnmarshalEnvelope decodes and validates an envelope. Input is untrusted:
 // it is size-limited, unknown fields are refused and every field is checked.
 func UnmarshalEnvelope(b []byte) (*Envelope, error) {
-	if len(b) > maxEnvelope {
-		return nil, fmt.Errorf("decode envelope: %w: %d bytes", ErrCorrupt, len(b))
-	}
-	dec := json.NewDecoder(bytes.NewReader(b))
-	dec.DisallowUnknownFields()
 	var e Envelope
-	if err := dec.Decode(&e); err != nil {
+	if err := strictjson.Decode(b, &e, maxEnvelope); err != nil {
 		return nil, fmt.Errorf("decode envelope: %w: %v", ErrCorrupt, err)
-	}
-	if _, err := dec.Token(); err != io.EOF {
-		return nil, fmt.Errorf("decode envelope: %w: trailing data", ErrCorrupt)
 	}
 	if e.Version != EnvelopeVersion {
 		return nil, fmt.Errorf("decode envelope: %w: version %d (this build reads %d)", ErrUnsupportedVersion, e.Version, EnvelopeVersion)

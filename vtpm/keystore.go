@@ -14,6 +14,8 @@ import (
 	"strings"
 	"sync"
 	"time"
+
+	"github.com/vtpmm/vtpmm/internal/atomicfile"
 )
 
 // KeyStore keeps each VM's key on disk as an Envelope under the vault, one
@@ -119,7 +121,7 @@ func (s *KeyStore) write(ctx context.Context, vmID string, gen uint64, k VMKey) 
 	if err != nil {
 		return err
 	}
-	if err := WriteFileAtomic(s.keyPath(vmID), b); err != nil {
+	if err := atomicfile.WriteFile(s.keyPath(vmID), b, 0o600); err != nil {
 		return err
 	}
 	return s.writeSeen(vmID, gen)
@@ -150,6 +152,19 @@ func (s *KeyStore) Get(ctx context.Context, vmID string) (VMKey, uint64, error) 
 		return VMKey{}, 0, err
 	}
 	return k, env.Generation, nil
+}
+
+// WithPassphrase opens a VM's key (no TPM command), hands its passphrase
+// to fn and wipes key and passphrase when fn returns. It returns the key's
+// generation. This is the one way vtpmm uses a stored key as libvirt's or
+// swtpm's secret.
+func (s *KeyStore) WithPassphrase(ctx context.Context, vmID string, fn func(pass []byte) error) (uint64, error) {
+	k, gen, err := s.Get(ctx, vmID)
+	if err != nil {
+		return 0, err
+	}
+	defer k.Destroy()
+	return gen, k.WithPassphrase(fn)
 }
 
 func (s *KeyStore) readEnvelope(vmID string) (*Envelope, error) {
@@ -250,5 +265,5 @@ func (s *KeyStore) writeSeen(vmID string, gen uint64) error {
 	if err != nil {
 		return err
 	}
-	return WriteFileAtomic(s.seenPath(vmID), b)
+	return atomicfile.WriteFile(s.seenPath(vmID), b, 0o600)
 }

@@ -8,6 +8,8 @@ import (
 	"os"
 	"path/filepath"
 	"strings"
+
+	"github.com/vtpmm/vtpmm/internal/atomicfile"
 )
 
 // A pending key is a key received by an incoming migration that has not
@@ -57,16 +59,13 @@ func (s *KeyStore) PutPending(ctx context.Context, vmID, txID string, gen uint64
 	if err != nil {
 		return err
 	}
-	return WriteFileAtomic(s.pendingPath(vmID, txID), b)
+	return atomicfile.WriteFile(s.pendingPath(vmID, txID), b, 0o600)
 }
 
-// Pending returns the transaction and generation of a VM's pending key.
-func (s *KeyStore) Pending(ctx context.Context, vmID string) (txID string, gen uint64, err error) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.pendingLocked(vmID)
-}
-
+// pendingLocked returns the transaction and generation of a VM's pending
+// key file. Which transactions are pending is the ledger's to say
+// (migrate.Ledger); the key store uses this only to refuse a second
+// pending key for a VM.
 func (s *KeyStore) pendingLocked(vmID string) (string, uint64, error) {
 	matches, _ := filepath.Glob(filepath.Join(s.dir, vmID+".*.pending"))
 	if len(matches) == 0 {
@@ -120,7 +119,7 @@ func (s *KeyStore) CommitPending(ctx context.Context, vmID, txID string) (uint64
 	if err := os.Rename(p, s.keyPath(vmID)); err != nil {
 		return 0, fmt.Errorf("commit pending key for %s: %w", vmID, err)
 	}
-	if err := syncDir(s.dir); err != nil {
+	if err := atomicfile.SyncDir(s.dir); err != nil {
 		return 0, err
 	}
 	return env.Generation, s.writeSeen(vmID, env.Generation)

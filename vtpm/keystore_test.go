@@ -153,7 +153,8 @@ func TestSecretsRefuseToPrintOrMarshal(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	pass := string(k.Passphrase())
+	var pass string
+	_ = k.WithPassphrase(func(p []byte) error { pass = string(p); return nil })
 	for _, s := range []string{fmt.Sprint(k), fmt.Sprintf("%v %+v %#v %s %x %q", k, k, k, k, k, k), fmt.Sprintf("%v", &k)} {
 		if s == "" || containsAny(s, pass, pass[:16]) {
 			t.Fatalf("key material printed: %q", s)
@@ -206,7 +207,7 @@ func TestKeyStorePending(t *testing.T) {
 	if err := ks.DropPending(ctx, vm1, tx1); err != nil {
 		t.Fatal(err)
 	}
-	if _, _, err := ks.Pending(ctx, vm1); !errors.Is(err, vtpm.ErrKeyNotFound) {
+	if _, _, err := ks.GetPending(ctx, vm1, tx1); !errors.Is(err, vtpm.ErrKeyNotFound) {
 		t.Fatalf("pending after drop: %v", err)
 	}
 	if err := ks.PutPending(ctx, vm1, tx2, 2, k); err != nil {

@@ -64,8 +64,8 @@ func newEnvelopeAEAD(vaultKey *secret32) (cipher.AEAD, error) {
 const redacted = "[REDACTED]"
 
 // VMKey is a VM's 32-byte vTPM state key in plaintext. It refuses to be
-// printed or marshalled; the only way out is Passphrase, which yields the
-// bytes handed to libvirt and swtpm.
+// printed or marshalled; the only way out is WithPassphrase, which lends
+// the bytes handed to libvirt and swtpm to a function and wipes them.
 type VMKey struct {
 	k *secret32
 }
@@ -82,17 +82,28 @@ func NewVMKey(r io.Reader) (VMKey, error) {
 // Valid reports whether the key holds material (not zero value, not destroyed).
 func (k VMKey) Valid() bool { return k.k != nil }
 
-// Passphrase returns the key as libvirt's vTPM secret value and swtpm's
-// pwdfd input: 64 lowercase hex characters. swtpm derives its AES-256-CBC
-// key from it with PBKDF2, for the state at rest (--key) and in the
-// migration stream (--migration-key). Wipe the result after use.
-func (k VMKey) Passphrase() []byte {
+// passphrase is the key as libvirt's vTPM secret value and swtpm's pwdfd
+// input: 64 lowercase hex characters. swtpm derives its AES-256-CBC key
+// from it with PBKDF2, for the state at rest (--key) and in the migration
+// stream (--migration-key).
+func (k VMKey) passphrase() []byte {
 	if k.k == nil {
 		return nil
 	}
 	out := make([]byte, hex.EncodedLen(32))
 	hex.Encode(out, k.k[:])
 	return out
+}
+
+// WithPassphrase hands fn the key's passphrase (the bytes libvirt and
+// swtpm get) and wipes it when fn returns. fn must not keep it.
+func (k VMKey) WithPassphrase(fn func(pass []byte) error) error {
+	if k.k == nil {
+		return fmt.Errorf("passphrase: empty key")
+	}
+	pass := k.passphrase()
+	defer wipe(pass)
+	return fn(pass)
 }
 
 // Equal compares two keys in constant time.
@@ -173,31 +184,6 @@ func (*RecoveryKey) GoString() string             { return "RecoveryKey" + redac
 func (r *RecoveryKey) Format(f fmt.State, _ rune) { _, _ = io.WriteString(f, r.String()) }
 func (*RecoveryKey) MarshalJSON() ([]byte, error) { return nil, ErrSecretMarshal }
 func (*RecoveryKey) MarshalText() ([]byte, error) { return nil, ErrSecretMarshal }
-
-// SealWith encrypts the key under another AEAD (a migration's transfer
-// key), so that the plaintext never leaves this package.
-func (k VMKey) SealWith(aead cipher.AEAD, nonce, ad []byte) ([]byte, error) {
-	if k.k == nil {
-		return nil, fmt.Errorf("seal VM key: empty key")
-	}
-	return aead.Seal(nil, nonce, k.k[:], ad), nil
-}
-
-// OpenVMKeyWith decrypts a key sealed with SealWith.
-func OpenVMKeyWith(aead cipher.AEAD, nonce, ct, ad []byte) (VMKey, error) {
-	if len(nonce) != aead.NonceSize() {
-		return VMKey{}, fmt.Errorf("open VM key: %w: nonce length %d", ErrCorrupt, len(nonce))
-	}
-	pt, err := aead.Open(nil, nonce, ct, ad)
-	if err != nil {
-		return VMKey{}, fmt.Errorf("open VM key: %w: authentication failed", ErrWrongKey)
-	}
-	s, err := secretFromBytes(pt)
-	if err != nil {
-		return VMKey{}, err
-	}
-	return VMKey{k: s}, nil
-}
 
 // Proof returns HMAC-SHA256 of label under a key derived from the VM key:
 // two hosts compare proofs to show they hold the same key without

@@ -1,7 +1,6 @@
 package vtpm
 
 import (
-	"bytes"
 	"context"
 	"errors"
 	"fmt"
@@ -19,8 +18,6 @@ type srkInfo struct {
 	Name   tpm2.TPM2BName
 	Public tpm2.TPMTPublic
 }
-
-func (s srkInfo) named() tpm2.NamedHandle { return tpm2.NamedHandle{Handle: s.Handle, Name: s.Name} }
 
 // readSRK reads the persistent SRK at handle (one ReadPublic). A TPM without
 // a key there yields ErrWrongTPM: it never held anything vtpmm sealed.
@@ -83,5 +80,3 @@ func isStorageKey(p tpm2.TPMTPublic) bool {
 func flush(tpm transport.TPM, h tpm2.TPMHandle) {
 	_, _ = tpm2.FlushContext{FlushHandle: h}.Execute(tpm)
 }
-
-func sameName(a, b tpm2.TPM2BName) bool { return bytes.Equal(a.Buffer, b.Buffer) }

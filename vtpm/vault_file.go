@@ -1,13 +1,15 @@
 package vtpm
 
 import (
-	"bytes"
 	"encoding/json"
 	"errors"
 	"fmt"
 	"io/fs"
 	"os"
 	"time"
+
+	"github.com/vtpmm/vtpmm/internal/atomicfile"
+	"github.com/vtpmm/vtpmm/internal/strictjson"
 )
 
 const (
@@ -44,9 +46,7 @@ func decodeVaultFile(b []byte) (vaultFile, error) {
 		return vaultFile{}, fmt.Errorf("%w: vault file is %d bytes", ErrCorrupt, len(b))
 	}
 	var f vaultFile
-	dec := json.NewDecoder(bytes.NewReader(b))
-	dec.DisallowUnknownFields()
-	if err := dec.Decode(&f); err != nil {
+	if err := strictjson.Decode(b, &f, maxVaultFile); err != nil {
 		return vaultFile{}, fmt.Errorf("%w: vault file: %v", ErrCorrupt, err)
 	}
 	if f.Version != vaultFileVersion {
@@ -63,5 +63,5 @@ func writeVaultFile(path string, f vaultFile) error {
 	if err != nil {
 		return err
 	}
-	return WriteFileAtomic(path, append(b, '\n'))
+	return atomicfile.WriteFile(path, append(b, '\n'), 0o600)
 }

@@ -1,16 +1,9 @@
 package main
 
 import (
-	"bufio"
-	"bytes"
-	"context"
 	"encoding/json"
 	"errors"
 	"fmt"
-	"io"
-	"net"
-	"net/http"
-	"net/url"
 	"sort"
 	"strings"
 	"text/tabwriter"
@@ -18,74 +11,19 @@ import (
 
 	"github.com/spf13/cobra"
 
-	"github.com/vtpmm/vtpmm/internal/agent"
-	"github.com/vtpmm/vtpmm/internal/audit"
+	"github.com/vtpmm/vtpmm/internal/adminapi"
+	"github.com/vtpmm/vtpmm/internal/errclass"
 )
 
-// Exit codes of 'vtpmctl migrate' (exitRefused, 2, is shared with the
-// attestation commands: the destination failed attestation, nothing left
-// this host).
-const (
-	exitAborted    = 3 // the migration failed and was rolled back; the VM runs here
-	exitUnresolved = 4 // a crash or cut left it open; vtpmd finishes it (see vm show)
-	exitBusy       = 5 // another migration of the VM is in progress
-)
-
-// adminClient talks to the local vtpmd over its admin socket.
-type adminClient struct {
-	socket string
-	http   *http.Client
-}
-
-func newAdminClient(socket string) *adminClient {
-	return &adminClient{socket: socket, http: &http.Client{Transport: &http.Transport{
-		DialContext: func(ctx context.Context, _, _ string) (net.Conn, error) {
-			var d net.Dialer
-			return d.DialContext(ctx, "unix", socket)
-		},
-	}}}
-}
-
-func (c *adminClient) do(ctx context.Context, method, path string, body any) (*http.Response, error) {
-	var rd io.Reader
-	if body != nil {
-		b, err := json.Marshal(body)
-		if err != nil {
-			return nil, err
-		}
-		rd = bytes.NewReader(b)
-	}
-	req, err := http.NewRequestWithContext(ctx, method, "http://vtpmd"+path, rd)
-	if err != nil {
-		return nil, err
-	}
-	resp, err := c.http.Do(req)
-	if err != nil {
-		return nil, fmt.Errorf("%w at %s (is it running? --socket): %w", errUnreachable, c.socket, err)
-	}
-	if resp.StatusCode >= 300 {
-		defer resp.Body.Close()
-		var e struct{ Error string }
-		_ = json.NewDecoder(resp.Body).Decode(&e)
-		return nil, fmt.Errorf("vtpmd: %s", e.Error)
-	}
-	return resp, nil
-}
-
-func (c *adminClient) get(ctx context.Context, path string, v any) error {
-	resp, err := c.do(ctx, http.MethodGet, path, nil)
-	if err != nil {
-		return err
-	}
-	defer resp.Body.Close()
-	return json.NewDecoder(resp.Body).Decode(v)
-}
-
+// agentCommands are the commands that talk to the local vtpmd through its
+// admin API (internal/adminapi). 'vtpmctl migrate' exits with the code of
+// the migration's end (errclass): 0 migrated, 2 refused by attestation,
+// 3 failed and rolled back, 4 left open, 5 busy, 1 anything else.
 func agentCommands(e *env) []*cobra.Command {
 	var socket string
-	client := func() *adminClient { return newAdminClient(socket) }
+	client := func() *adminapi.Client { return adminapi.NewClient(socket) }
 	addSocket := func(c *cobra.Command) *cobra.Command {
-		c.PersistentFlags().StringVar(&socket, "socket", "/run/vtpmm/vtpmd.sock", "vtpmd admin socket")
+		c.PersistentFlags().StringVar(&socket, "socket", adminapi.DefaultSocket, "vtpmd admin socket")
 		return c
 	}
 	var to string
@@ -102,29 +40,21 @@ func agentCommands(e *env) []*cobra.Command {
 			if to == "" {
 				return fmt.Errorf("migrate: --to HOST is required")
 			}
-			resp, err := client().do(cmd.Context(), http.MethodPost, "/v1/migrate", agent.MigrateRequest{VMs: args, To: to})
-			if err != nil {
-				return err
-			}
-			defer resp.Body.Close()
 			start := time.Now()
-			sc := bufio.NewScanner(resp.Body)
-			sc.Buffer(make([]byte, 1<<20), 1<<20)
-			for sc.Scan() {
-				var ev agent.MigrateEvent
-				if err := json.Unmarshal(sc.Bytes(), &ev); err != nil {
-					return fmt.Errorf("migrate: bad progress line: %w", err)
-				}
-				if !ev.Done {
-					fmt.Fprintf(e.stdout, "%7.3fs  %-10s %s\n", time.Since(start).Seconds(), ev.Phase, ev.Detail)
-					continue
-				}
-				if asJSON {
-					_ = json.NewEncoder(e.stdout).Encode(ev)
-				}
-				return migrateOutcome(e, ev, start)
+			end, err := client().Migrate(cmd.Context(), adminapi.MigrateRequest{VMs: args, To: to}, func(ev adminapi.MigrateEvent) {
+				fmt.Fprintf(e.stdout, "%7.3fs  %-10s %s\n", time.Since(start).Seconds(), ev.Phase, ev.Detail)
+			})
+			if !end.Done {
+				return err // the request itself failed
 			}
-			return fmt.Errorf("migrate: vtpmd closed the stream early: %v", sc.Err())
+			if asJSON {
+				_ = json.NewEncoder(e.stdout).Encode(end)
+			}
+			printOutcome(e, end, start)
+			if err != nil {
+				return &exitError{code: errclass.ExitCode(err), err: err}
+			}
+			return nil
 		},
 	}
 	mig.Flags().StringVar(&to, "to", "", "destination host")
@@ -134,8 +64,8 @@ func agentCommands(e *env) []*cobra.Command {
 	vm.AddCommand(&cobra.Command{
 		Use: "list", Short: "List VMs: owner, generation, hypervisor state", Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
-			var vms []agent.VMInfo
-			if err := client().get(cmd.Context(), "/v1/vms", &vms); err != nil {
+			vms, err := client().VMs(cmd.Context())
+			if err != nil {
 				return err
 			}
 			w := tabwriter.NewWriter(e.stdout, 0, 4, 2, ' ', 0)
@@ -148,8 +78,8 @@ func agentCommands(e *env) []*cobra.Command {
 	}, &cobra.Command{
 		Use: "show VM", Short: "Show a VM and the transactions that touched it", Args: cobra.ExactArgs(1),
 		RunE: func(cmd *cobra.Command, args []string) error {
-			var v agent.VMInfo
-			if err := client().get(cmd.Context(), "/v1/vms/"+url.PathEscape(args[0]), &v); err != nil {
+			v, err := client().VM(cmd.Context(), args[0])
+			if err != nil {
 				return err
 			}
 			fmt.Fprintf(e.stdout, "name:        %s\nuuid:        %s\nowned here:  %v\ngeneration:  %d\nstate:       %s\n",
@@ -173,20 +103,12 @@ func agentCommands(e *env) []*cobra.Command {
 			"whose AK is not enrolled is refused (rule ak-activation). Exit 2 when HOST is refused.",
 		Args: cobra.ExactArgs(1),
 		RunE: func(cmd *cobra.Command, args []string) error {
-			resp, err := client().do(cmd.Context(), http.MethodPost, "/v1/hosts/"+url.PathEscape(args[0])+"/enroll", struct{}{})
+			info, err := client().Enroll(cmd.Context(), args[0])
+			if errors.Is(err, errclass.Refused) {
+				return &exitError{code: exitRefused, err: err}
+			}
 			if err != nil {
-				return err
-			}
-			defer resp.Body.Close()
-			var info agent.EnrollInfo
-			if err := json.NewDecoder(resp.Body).Decode(&info); err != nil {
-				return err
-			}
-			if info.Code != "ok" {
-				if info.Code == "refused" {
-					return &exitError{code: exitRefused, err: errors.New(info.Error)}
-				}
-				return errors.New(info.Error)
+				return &exitError{code: 1, err: err}
 			}
 			fmt.Fprintf(e.stdout, "%s enrolled: EK %s…, AK %s…\nEK certificate path:\n%s", info.Host, info.EKDigest[:16], info.AKName[:16], indentLines(info.EKChain))
 			return nil
@@ -195,8 +117,8 @@ func agentCommands(e *env) []*cobra.Command {
 	host.AddCommand(&cobra.Command{
 		Use: "list", Short: "List this host and its peers, with reachability over mTLS", Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
-			var hosts []agent.HostInfo
-			if err := client().get(cmd.Context(), "/v1/hosts", &hosts); err != nil {
+			hosts, err := client().Hosts(cmd.Context())
+			if err != nil {
 				return err
 			}
 			w := tabwriter.NewWriter(e.stdout, 0, 4, 2, ' ', 0)
@@ -211,8 +133,7 @@ func agentCommands(e *env) []*cobra.Command {
 			return w.Flush()
 		},
 	})
-	out := []*cobra.Command{addSocket(mig), addSocket(vm), addSocket(host)}
-	return out
+	return []*cobra.Command{addSocket(mig), addSocket(vm), addSocket(host)}
 }
 
 // withLocalAudit makes 'vtpmctl audit' (no subcommand) show the local
@@ -224,43 +145,30 @@ func withLocalAudit(aud *cobra.Command) {
 		"commits and aborts) and whether its hash chain is intact. 'audit verify FILE' and\n" +
 		"'audit show FILE' read a copy of a log file."
 	aud.RunE = func(cmd *cobra.Command, _ []string) error {
-		e := &env{stdout: cmd.OutOrStdout()}
-		{
-			var resp struct {
-				Records []audit.Record `json:"records"`
-				Total   int            `json:"total"`
-				Head    string         `json:"head"`
-				Chain   string         `json:"chain"`
-			}
-			q := url.Values{}
-			if vmFilter != "" {
-				q.Set("vm", vmFilter)
-			}
-			if eventFilter != "" {
-				q.Set("event", eventFilter)
-			}
-			if err := newAdminClient(socket).get(cmd.Context(), "/v1/audit?"+q.Encode(), &resp); err != nil {
-				return err
-			}
-			w := tabwriter.NewWriter(e.stdout, 0, 4, 2, ' ', 0)
-			fmt.Fprintln(w, "SEQ\tTIME\tEVENT\tVM\tPEER\tGEN\tRULE\tDETAIL")
-			for _, r := range resp.Records {
-				fmt.Fprintf(w, "%d\t%s\t%s\t%s\t%s\t%d\t%s\t%s\n", r.Seq, r.Time.Format(time.RFC3339), r.Event, r.VM, r.Peer, r.Generation, orDash(r.Rule), r.Detail)
-			}
-			_ = w.Flush()
-			fmt.Fprintf(e.stdout, "%d records, chain %s, head %s\n", resp.Total, resp.Chain, resp.Head)
-			if resp.Chain != "intact" {
-				return &exitError{code: 2, err: errors.New("audit chain broken: " + resp.Chain)}
-			}
-			return nil
+		out := cmd.OutOrStdout()
+		log, err := adminapi.NewClient(socket).Audit(cmd.Context(), vmFilter, eventFilter)
+		if err != nil {
+			return err
 		}
+		w := tabwriter.NewWriter(out, 0, 4, 2, ' ', 0)
+		fmt.Fprintln(w, "SEQ\tTIME\tEVENT\tVM\tPEER\tGEN\tRULE\tDETAIL")
+		for _, r := range log.Records {
+			fmt.Fprintf(w, "%d\t%s\t%s\t%s\t%s\t%d\t%s\t%s\n", r.Seq, r.Time.Format(time.RFC3339), r.Event, r.VM, r.Peer, r.Generation, orDash(r.Rule), r.Detail)
+		}
+		_ = w.Flush()
+		fmt.Fprintf(out, "%d records, chain %s, head %s\n", log.Total, log.Chain, log.Head)
+		if log.Chain != adminapi.ChainIntact {
+			return &exitError{code: 2, err: errors.New("audit chain broken: " + log.Chain)}
+		}
+		return nil
 	}
-	aud.Flags().StringVar(&socket, "socket", "/run/vtpmm/vtpmd.sock", "vtpmd admin socket")
+	aud.Flags().StringVar(&socket, "socket", adminapi.DefaultSocket, "vtpmd admin socket")
 	aud.Flags().StringVar(&vmFilter, "vm", "", "only this VM (UUID)")
 	aud.Flags().StringVar(&eventFilter, "event", "", "only this event")
 }
 
-func migrateOutcome(e *env, ev agent.MigrateEvent, start time.Time) error {
+// printOutcome prints what a migration's end event reports.
+func printOutcome(e *env, ev adminapi.MigrateEvent, start time.Time) {
 	took := time.Since(start).Seconds()
 	if ev.Result != nil && len(ev.Result.Committed) > 0 {
 		mode := "cold"
@@ -280,20 +188,6 @@ func migrateOutcome(e *env, ev agent.MigrateEvent, start time.Time) error {
 			fmt.Fprintf(e.stdout, "         failed     %s: %s\n", id, ev.Result.Failed[id])
 		}
 	}
-	err := errors.New(strings.TrimSpace(ev.Error))
-	switch ev.Code {
-	case "ok":
-		return nil
-	case "refused":
-		return &exitError{code: exitRefused, err: err}
-	case "aborted":
-		return &exitError{code: exitAborted, err: err}
-	case "unresolved":
-		return &exitError{code: exitUnresolved, err: err}
-	case "busy":
-		return &exitError{code: exitBusy, err: err}
-	}
-	return err
 }
 
 func indentLines(s string) string {

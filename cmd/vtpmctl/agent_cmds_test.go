@@ -11,13 +11,13 @@ import (
 	"strings"
 	"testing"
 
-	"github.com/vtpmm/vtpmm/internal/agent"
-	"github.com/vtpmm/vtpmm/migrate"
+	"github.com/vtpmm/vtpmm/internal/adminapi"
+	"github.com/vtpmm/vtpmm/internal/errclass"
 )
 
 // adminStub serves /v1/migrate on a unix socket, streaming the given end
 // event after two phases, the way vtpmd does.
-func adminStub(t *testing.T, end agent.MigrateEvent) string {
+func adminStub(t *testing.T, end adminapi.MigrateEvent) string {
 	t.Helper()
 	dir, err := os.MkdirTemp("/tmp", "vtpmctl-")
 	if err != nil {
@@ -30,15 +30,15 @@ func adminStub(t *testing.T, end agent.MigrateEvent) string {
 		t.Fatal(err)
 	}
 	mux := http.NewServeMux()
-	mux.HandleFunc("POST /v1/migrate", func(w http.ResponseWriter, r *http.Request) {
-		var req agent.MigrateRequest
+	mux.HandleFunc("POST "+adminapi.PathMigrate, func(w http.ResponseWriter, r *http.Request) {
+		var req adminapi.MigrateRequest
 		if err := json.NewDecoder(r.Body).Decode(&req); err != nil || req.To != "host-b" || req.VMs[0] != "web-1" {
 			http.Error(w, `{"error":"bad request"}`, http.StatusBadRequest)
 			return
 		}
 		enc := json.NewEncoder(w)
-		_ = enc.Encode(agent.MigrateEvent{Phase: "attest", Detail: "host-b"})
-		_ = enc.Encode(agent.MigrateEvent{Phase: "prepare", Detail: "host-b"})
+		_ = enc.Encode(adminapi.MigrateEvent{Phase: "attest", Detail: "host-b"})
+		_ = enc.Encode(adminapi.MigrateEvent{Phase: "prepare", Detail: "host-b"})
 		_ = enc.Encode(end)
 	})
 	srv := &http.Server{Handler: mux}
@@ -48,19 +48,19 @@ func adminStub(t *testing.T, end agent.MigrateEvent) string {
 }
 
 func TestMigrateExitCodes(t *testing.T) {
-	ok := &migrate.Result{TxID: "ab", Committed: []string{"0e2e0e2e-0000-4000-8000-000000000001"}}
+	ok := &adminapi.Result{TxID: "ab", Committed: []string{"0e2e0e2e-0000-4000-8000-000000000001"}}
 	tests := []struct {
 		name     string
-		end      agent.MigrateEvent
+		end      adminapi.MigrateEvent
 		wantCode int
 		wantOut  string
 	}{
-		{"migrated", agent.MigrateEvent{Done: true, Code: "ok", Result: ok}, 0, "1 VM(s) migrated"},
-		{"refused", agent.MigrateEvent{Done: true, Code: "refused", Error: "host-b: rule pcr-policy: PCR 0 differs"}, 2, "attest"},
-		{"aborted", agent.MigrateEvent{Done: true, Code: "aborted", Error: "hypervisor migration failed"}, 3, "prepare"},
-		{"unresolved", agent.MigrateEvent{Done: true, Code: "unresolved", Error: "transaction not resolved yet"}, 4, ""},
-		{"busy", agent.MigrateEvent{Done: true, Code: "busy", Error: "VM is already being migrated"}, 5, ""},
-		{"other", agent.MigrateEvent{Done: true, Code: "error", Error: "boom"}, 1, ""},
+		{"migrated", adminapi.MigrateEvent{Done: true, Code: errclass.CodeOK, Result: ok}, 0, "1 VM(s) migrated"},
+		{"refused", adminapi.MigrateEvent{Done: true, Code: errclass.CodeRefused, Error: "host-b: rule pcr-policy: PCR 0 differs"}, 2, "attest"},
+		{"aborted", adminapi.MigrateEvent{Done: true, Code: errclass.CodeAborted, Error: "hypervisor migration failed"}, 3, "prepare"},
+		{"unresolved", adminapi.MigrateEvent{Done: true, Code: errclass.CodeUnresolved, Error: "transaction not resolved yet"}, 4, ""},
+		{"busy", adminapi.MigrateEvent{Done: true, Code: errclass.CodeBusy, Error: "VM is already being migrated"}, 5, ""},
+		{"other", adminapi.MigrateEvent{Done: true, Code: errclass.CodeError, Error: "boom"}, 1, ""},
 	}
 	for _, tc := range tests {
 		t.Run(tc.name, func(t *testing.T) {

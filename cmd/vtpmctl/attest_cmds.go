@@ -50,6 +50,7 @@ func ekCommand(e *env) *cobra.Command {
 	var roots []string
 	var pol attest.CertPolicy
 	var at string
+	var allowSHA1 bool // deprecated, no effect
 	verify := &cobra.Command{
 		Use:   "verify CERT",
 		Short: "Verify an EK certificate chain (CERT: PEM or DER, NV header allowed; extra PEM blocks are intermediates)",
@@ -58,6 +59,9 @@ func ekCommand(e *env) *cobra.Command {
 			now, err := parseAt(at)
 			if err != nil {
 				return err
+			}
+			if cmd.Flags().Changed("allow-sha1") {
+				fmt.Fprintln(e.stderr, "warning: --allow-sha1 is deprecated and has no effect: SHA-1-signed EK chains are accepted by default; use --strict to refuse them")
 			}
 			store, err := attest.LoadRootStore(roots...)
 			if err != nil {
@@ -75,12 +79,16 @@ func ekCommand(e *env) *cobra.Command {
 			if err != nil {
 				return refusalOrInput(err)
 			}
+			if d := chain.SHA1Depths(); len(d) > 0 {
+				fmt.Fprintf(e.stderr, "warning: SHA-1 signature(s) accepted at depth %v (EK chains only; --strict refuses them)\n", d)
+			}
 			fmt.Fprintf(e.stdout, "EK certificate valid; chain (leaf first):\n%s", chain)
 			return nil
 		},
 	}
 	verify.Flags().StringArrayVar(&roots, "roots", nil, "directory of trusted roots and intermediates (repeatable)")
-	verify.Flags().BoolVar(&pol.AllowSHA1, "allow-sha1", false, "accept SHA-1 signatures (TPM 1.2-era chains)")
+	verify.Flags().BoolVar(&pol.Strict, "strict", false, "refuse SHA-1 signatures on the EK path (accepted by default, with a warning)")
+	verify.Flags().BoolVar(&allowSHA1, "allow-sha1", false, "deprecated, no effect: SHA-1 EK chains are accepted by default")
 	verify.Flags().BoolVar(&pol.CheckValidity, "check-validity", false, "enforce notBefore/notAfter on the whole path")
 	verify.Flags().StringVar(&at, "at", "", "verification time (RFC 3339; default now)")
 	_ = verify.MarkFlagRequired("roots")
@@ -174,6 +182,12 @@ func printReplayTable(e *env, log *attest.EventLog, vals attest.PCRValues) {
 		format = "crypto-agile"
 	}
 	fmt.Fprintf(e.stdout, "%s event log, %d events\n", format, len(log.Events))
+	if loc, why := log.PCR0Locality(); loc != 0 {
+		fmt.Fprintf(e.stdout, "PCR 0 replayed from locality %d (%s)\n", loc, why)
+	}
+	for _, a := range log.UnknownAlgorithms() {
+		fmt.Fprintf(e.stdout, "digest algorithm 0x%04x skipped by its declared size (not replayed)\n", a)
+	}
 	tw := tabwriter.NewWriter(e.stdout, 0, 4, 2, ' ', 0)
 	fmt.Fprintln(tw, "BANK\tPCR\tVALUE")
 	for _, bank := range log.Banks {
@@ -206,7 +220,7 @@ func printEvents(e *env, log *attest.EventLog) {
 func evidenceCommand(e *env) *cobra.Command {
 	evc := &cobra.Command{Use: "evidence", Short: "Attestation evidence"}
 	var policyPath, nonceHex, enrollPath, at string
-	var roots []string
+	var roots, akRoots []string
 	var explain bool
 	verify := &cobra.Command{
 		Use:   "verify EVIDENCE",
@@ -221,9 +235,18 @@ func evidenceCommand(e *env) *cobra.Command {
 			if err != nil {
 				return err
 			}
+			for _, d := range pol.Deprecations() {
+				fmt.Fprintf(e.stderr, "warning: %s: %s\n", policyPath, d)
+			}
 			store := attest.NewRootStore()
 			if len(roots) > 0 {
 				if store, err = attest.LoadRootStore(roots...); err != nil {
+					return err
+				}
+			}
+			akStore := attest.NewRootStore()
+			if len(akRoots) > 0 {
+				if akStore, err = attest.LoadRootStore(akRoots...); err != nil {
 					return err
 				}
 			}
@@ -247,13 +270,18 @@ func evidenceCommand(e *env) *cobra.Command {
 			} else {
 				fmt.Fprintln(e.stderr, "warning: no --nonce given; freshness is NOT checked (the evidence's own nonce is used)")
 			}
-			v := &attest.Verifier{Roots: store, Policy: pol, Enrollments: enr, Clock: func() time.Time { return now }, Log: e.log}
+			v := &attest.Verifier{Roots: store, AKRoots: akStore, Policy: pol, Enrollments: enr, Clock: func() time.Time { return now }, Log: e.log}
 			res, err := v.Verify(cmd.Context(), ev, nonce)
 			if explain {
 				fmt.Fprint(e.stdout, res.Explain())
 			}
 			if err != nil {
 				return refusalOrInput(err)
+			}
+			if !explain {
+				for _, w := range res.Warnings() {
+					fmt.Fprintf(e.stderr, "warning: %s: %s\n", res.Host, w)
+				}
 			}
 			fmt.Fprintf(e.stdout, "%s: attestation passed (AK %x, MK %x)\n", res.Host, []byte(res.AKName), []byte(res.MKName))
 			return nil
@@ -263,6 +291,7 @@ func evidenceCommand(e *env) *cobra.Command {
 	f.StringVar(&policyPath, "policy", "", "policy file (YAML or JSON)")
 	f.StringVar(&nonceHex, "nonce", "", "the nonce this verifier issued (hex)")
 	f.StringArrayVar(&roots, "roots", nil, "directory of trusted EK roots (repeatable)")
+	f.StringArrayVar(&akRoots, "ak-roots", nil, "directory of trusted AK certificate roots, for hosts enrolled on an AK certificate (repeatable)")
 	f.StringVar(&enrollPath, "enrollments", "", "enrolment file (JSON) recording activated (EK, AK) pairs")
 	f.BoolVar(&explain, "explain", false, "print every rule with its outcome")
 	f.StringVar(&at, "at", "", "verification time (RFC 3339; default now)")

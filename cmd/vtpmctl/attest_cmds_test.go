@@ -8,18 +8,32 @@ import (
 	"path/filepath"
 	"strings"
 	"testing"
+
+	"github.com/vtpmm/vtpmm/internal/fixtures"
 )
 
-const td = "../../attest/testdata"
+// fixtureDir writes the shared fixtures the attestation commands read
+// (internal/fixtures) below a temporary directory.
+func fixtureDir(t *testing.T) string {
+	t.Helper()
+	dir := t.TempDir()
+	for _, name := range []string{"synthetic", "ekcerts", "roots", "eventlogs", "expected-pcrs.json"} {
+		if _, err := fixtures.Write(dir, name); err != nil {
+			t.Fatal(err)
+		}
+	}
+	return dir
+}
 
 func TestAttestCommands(t *testing.T) {
+	td := fixtureDir(t)
 	nonceHex, err := os.ReadFile(filepath.Join(td, "synthetic", "nonce.hex"))
 	if err != nil {
 		t.Fatal(err)
 	}
 	nonce := strings.TrimSpace(string(nonceHex))
 	syn := func(f string) string { return filepath.Join(td, "synthetic", f) }
-	real := func(f string) string { return filepath.Join(td, "realworld", f) }
+	real := func(f string) string { return filepath.Join(td, f) }
 	at := "--at=2026-11-21T12:00:00Z"
 	// A tampered copy of the evidence: another nonce than the one issued.
 	evGood, err := os.ReadFile(syn("evidence.json"))
@@ -32,6 +46,8 @@ func TestAttestCommands(t *testing.T) {
 		t.Fatal(err)
 	}
 	verify := []string{"evidence", "verify", syn("evidence.json"), "--policy", syn("policy.yaml"), "--roots", syn("roots"), "--enrollments", syn("enrollments.json"), at}
+	ak := func(f string) string { return filepath.Join(td, "synthetic", "akcert", f) }
+	akv := []string{"evidence", "verify", ak("evidence.json"), "--policy", ak("policy.yaml"), "--roots", ak("roots"), "--enrollments", ak("enrollments.json"), "--nonce", nonce, at}
 
 	tests := []struct {
 		name       string
@@ -40,15 +56,17 @@ func TestAttestCommands(t *testing.T) {
 		wantOut    []string
 		wantErrOut []string
 	}{
-		{"ek verify stm with sha1", []string{"ek", "verify", real("ekcerts/stm/ab21ccf2-tpmcert.pem"), "--roots", real("roots"), "--allow-sha1"}, 0,
-			[]string{"STM TPM EK Intermediate CA 02", "trust anchor"}, nil},
-		{"ek verify stm sha1 refused", []string{"ek", "verify", real("ekcerts/stm/ab21ccf2-tpmcert.pem"), "--roots", real("roots")}, 2,
-			nil, []string{"rule ek-signature", "SHA-1"}},
-		{"ek verify ifx NV header", []string{"ek", "verify", real("ekcerts/ifx-tpm12/ek_cert_with_security_assertions.cer"), "--roots", real("roots"), "--allow-sha1"}, 0,
+		{"ek verify stm sha1 accepted by default", []string{"ek", "verify", real("ekcerts/ab21ccf2-tpmcert.pem"), "--roots", real("roots")}, 0,
+			[]string{"STM TPM EK Intermediate CA 02", "trust anchor"}, []string{"warning: SHA-1 signature(s) accepted at depth [0]"}},
+		{"ek verify stm sha1 refused with --strict", []string{"ek", "verify", real("ekcerts/ab21ccf2-tpmcert.pem"), "--roots", real("roots"), "--strict"}, 2,
+			nil, []string{"rule ek-signature", "SHA-1", "ek.strict"}},
+		{"ek verify deprecated --allow-sha1", []string{"ek", "verify", real("ekcerts/ab21ccf2-tpmcert.pem"), "--roots", real("roots"), "--allow-sha1"}, 0,
+			[]string{"trust anchor"}, []string{"--allow-sha1 is deprecated", "--strict"}},
+		{"ek verify ifx NV header", []string{"ek", "verify", real("ekcerts/ek_cert_with_security_assertions.cer"), "--roots", real("roots")}, 0,
 			[]string{"IFX TPM EK Intermediate CA 08"}, nil},
-		{"ek verify gce untrusted", []string{"ek", "verify", real("ekcerts/gce/pca_tpm_rsa_enc_cert.pem"), "--roots", real("roots")}, 2,
+		{"ek verify gce untrusted", []string{"ek", "verify", real("ekcerts/pca_tpm_rsa_enc_cert.pem"), "--roots", real("roots")}, 2,
 			nil, []string{"rule ek-chain", "does not chain to a trusted root"}},
-		{"ek verify missing roots flag", []string{"ek", "verify", real("ekcerts/gce/pca_tpm_rsa_enc_cert.pem")}, 1, nil, []string{"roots"}},
+		{"ek verify missing roots flag", []string{"ek", "verify", real("ekcerts/pca_tpm_rsa_enc_cert.pem")}, 1, nil, []string{"roots"}},
 		{"eventlog replay table with events", []string{"eventlog", "replay", real("eventlogs/debian-10.bin"), "--events"}, 0,
 			[]string{"legacy SHA-1 event log, 25 events", "sha1  7", "EV_EFI_VARIABLE_DRIVER_CONFIG", "SecureBoot"}, nil},
 		{"eventlog replay garbage", []string{"eventlog", "replay", garbage}, 1, nil, []string{"malformed event log"}},
@@ -67,6 +85,12 @@ func TestAttestCommands(t *testing.T) {
 			nil, []string{"rule evidence-age"}},
 		{"evidence verify garbage", []string{"evidence", "verify", garbage, "--policy", syn("policy.yaml"), at}, 1,
 			nil, []string{"rule evidence-format"}},
+		{"evidence verify AK certificate", append(append([]string{}, akv...), "--ak-roots", ak("akroots"), "--explain"), 0,
+			[]string{"PASS ak-cert-chain", "PASS ak-cert-binding", "host-b: attestation passed"}, nil},
+		{"evidence verify AK certificate without AK roots", akv, 2,
+			nil, []string{"host-b: rule ak-cert-chain: no trust anchors configured"}},
+		{"eventlog replay H-CRTM", []string{"eventlog", "replay", real("eventlogs/hcrtm-swtpm.bin")}, 0,
+			[]string{"crypto-agile event log, 45 events", "PCR 0 replayed from locality 4 (H-CRTM", "sha256  0    05db9e5b8684a691"}, nil},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
@@ -93,14 +117,15 @@ func TestAttestCommands(t *testing.T) {
 // the quoted PCRs of the real GCE attestation.
 func TestEventlogReplayJSONMatchesGroundTruth(t *testing.T) {
 	var out, errOut bytes.Buffer
-	if err := Run(context.Background(), []string{"eventlog", "replay", filepath.Join(td, "realworld/attestations/extracted/gce-cos-85.eventlog.bin"), "-o", "json"}, &out, &errOut); err != nil {
+	td := fixtureDir(t)
+	if err := Run(context.Background(), []string{"eventlog", "replay", filepath.Join(td, "eventlogs/gce-cos-85.eventlog.bin"), "-o", "json"}, &out, &errOut); err != nil {
 		t.Fatalf("%v: %s", err, errOut.String())
 	}
 	var got map[string]map[string]string
 	if err := json.Unmarshal(out.Bytes(), &got); err != nil {
 		t.Fatalf("%v\n%s", err, out.String())
 	}
-	data, err := os.ReadFile(filepath.Join(td, "realworld/expected-pcrs.json"))
+	data, err := os.ReadFile(filepath.Join(td, "expected-pcrs.json"))
 	if err != nil {
 		t.Fatal(err)
 	}

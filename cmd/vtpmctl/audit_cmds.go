@@ -79,12 +79,12 @@ func auditShowCommand(e *env) *cobra.Command {
 			fmt.Fprintln(tw, "SEQ\tTIME\tHOST\tEVENT\tVM\tPEER\tGEN\tRULE\tDETAIL")
 			shown := 0
 			_, verr := audit.Read(f, func(r audit.Record) error {
-				if (vm != "" && r.VM != vm) || (event != "" && r.Event != event) {
+				if (vm != "" && r.VM != vm) || (event != "" && r.Event != audit.Event(event)) {
 					return nil
 				}
 				shown++
 				fmt.Fprintf(tw, "%d\t%s\t%s\t%s\t%s\t%s\t%d\t%s\t%s\n", r.Seq, r.Time.UTC().Format(time.RFC3339Nano),
-					cell(r.Host), cell(r.Event), cell(r.VM), cell(r.Peer), r.Generation, cell(r.Rule), cell(r.Detail))
+					cell(r.Host), cell(string(r.Event)), cell(r.VM), cell(r.Peer), r.Generation, cell(r.Rule), cell(r.Detail))
 				return nil
 			})
 			if err := tw.Flush(); err != nil {

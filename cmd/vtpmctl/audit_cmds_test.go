@@ -12,15 +12,41 @@ import (
 	"github.com/vtpmm/vtpmm/internal/audit"
 )
 
-const auditGolden = "../../internal/audit/testdata/chain.log"
-
-func TestAuditCommands(t *testing.T) {
-	requireWired(t, "audit")
-	good, err := os.ReadFile(auditGolden)
+// auditLog writes a five-record audit log (the records of internal/audit's
+// golden log) and returns its path and bytes.
+func auditLog(t *testing.T, dir string) (string, []byte) {
+	t.Helper()
+	p := filepath.Join(dir, "chain.log")
+	now := time.Date(2026, 3, 1, 12, 0, 0, 0, time.UTC)
+	l, err := audit.Open(p, audit.Options{Host: "host-a", Now: func() time.Time { now = now.Add(1500 * time.Millisecond); return now }})
 	if err != nil {
 		t.Fatal(err)
 	}
+	for _, r := range []audit.Record{
+		{Event: audit.EventKeyRelease, VM: "6f1c2b9e-2f0a-4d51-9a51-0c6a3f0d9e11", Peer: "host-b", Generation: 3, Detail: "batch of 1"},
+		{Event: audit.EventKeyReleaseRefused, VM: "0b7e5d2c-8f43-4a8e-b1f0-5d2f9a7c3e20", Peer: "host-c", Generation: 7, Rule: "pcr-7", Detail: "PCR 7 differs from policy"},
+		{Event: audit.EventMigrationCommit, VM: "6f1c2b9e-2f0a-4d51-9a51-0c6a3f0d9e11", Peer: "host-b", Generation: 4},
+		{Event: audit.EventMigrationAbort, VM: "9d3a7e61-1c2b-4f08-8e5d-7a6b5c4d3e2f", Peer: "host-b", Generation: 2, Detail: "libvirt: <migration failed> & retried"},
+		{Event: audit.EventBackup, VM: "9d3a7e61-1c2b-4f08-8e5d-7a6b5c4d3e2f", Generation: 2, Detail: "ünïcode détail"},
+	} {
+		if err := l.Append(context.Background(), r); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := l.Close(); err != nil {
+		t.Fatal(err)
+	}
+	b, err := os.ReadFile(p)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return p, b
+}
+
+func TestAuditCommands(t *testing.T) {
+	requireWired(t, "audit")
 	dir := t.TempDir()
+	auditGolden, good := auditLog(t, dir)
 	write := func(name string, data []byte) string {
 		p := filepath.Join(dir, name)
 		if err := os.WriteFile(p, data, 0o600); err != nil {

@@ -2,20 +2,19 @@ package main
 
 import (
 	"context"
-	"encoding/json"
 	"encoding/xml"
 	"errors"
 	"fmt"
 	"io"
-	"net/http"
 	"os"
 	"path/filepath"
 	"strings"
 
 	"github.com/spf13/cobra"
 
-	"github.com/vtpmm/vtpmm/hypervisor/libvirt"
-	"github.com/vtpmm/vtpmm/internal/agent"
+	"github.com/vtpmm/vtpmm/hypervisor"
+	"github.com/vtpmm/vtpmm/internal/adminapi"
+	"github.com/vtpmm/vtpmm/internal/atomicfile"
 )
 
 // Hook mode: vtpmctl is libvirt's qemu hook. libvirt runs
@@ -61,7 +60,7 @@ func parseHookDomain(r io.Reader) (hookDomain, error) {
 	d.UUID = strings.ToLower(d.UUID)
 	for _, t := range d.TPMs {
 		if enc := t.Backend.Encryption; t.Backend.Type == "emulator" && enc != nil && d.UUID != "" &&
-			strings.EqualFold(enc.Secret, libvirt.SecretUUID(d.UUID)) {
+			strings.EqualFold(enc.Secret, hypervisor.SecretUUID(d.UUID)) {
 			return d, nil
 		}
 	}
@@ -74,7 +73,7 @@ func hookCommands(e *env) *cobra.Command {
 		Use:   "hook",
 		Short: "Hook mode: vtpmm as libvirt's qemu hook, so a plain 'virsh migrate' moves the vTPM key",
 	}
-	c.PersistentFlags().StringVar(&socket, "socket", "/run/vtpmm/vtpmd.sock", "vtpmd admin socket")
+	c.PersistentFlags().StringVar(&socket, "socket", adminapi.DefaultSocket, "vtpmd admin socket")
 
 	var dir, exe string
 	install := &cobra.Command{
@@ -125,7 +124,7 @@ func hookCommands(e *env) *cobra.Command {
 		Short: "Run as libvirt's qemu hook (domain XML on stdin)",
 		Args:  cobra.RangeArgs(3, 4),
 		RunE: func(cmd *cobra.Command, args []string) error {
-			return runQemuHook(cmd.Context(), newAdminClient(socket), args[1], args[2], cmd.InOrStdin(), e.stderr)
+			return runQemuHook(cmd.Context(), adminapi.NewClient(socket), args[1], args[2], cmd.InOrStdin(), e.stderr)
 		},
 	}
 	c.AddCommand(install, uninstall, qemu)
@@ -152,21 +151,7 @@ func installHook(dir, exe, socket string) (string, error) {
 		return "", fmt.Errorf("hook install: %w", err)
 	}
 	p := filepath.Join(d, hookFileName)
-	f, err := os.CreateTemp(d, "."+hookFileName+"-*")
-	if err != nil {
-		return "", fmt.Errorf("hook install: %w", err)
-	}
-	defer os.Remove(f.Name())
-	if _, err = f.WriteString(hookScript(exe, socket)); err == nil {
-		err = f.Chmod(0o755)
-	}
-	if cerr := f.Close(); err == nil {
-		err = cerr
-	}
-	if err == nil {
-		err = os.Rename(f.Name(), p)
-	}
-	if err != nil {
+	if err := atomicfile.WriteFile(p, []byte(hookScript(exe, socket)), 0o755); err != nil {
 		return "", fmt.Errorf("hook install: %w", err)
 	}
 	return p, nil
@@ -183,7 +168,7 @@ func installHook(dir, exe, socket string) (string, error) {
 //   - "release end": tell vtpmd the VM let go of this host, so it settles
 //     the VM's transaction (asynchronously: libvirt holds the domain's lock
 //     until the hook returns). Never fails.
-func runQemuHook(ctx context.Context, c *adminClient, op, subop string, stdin io.Reader, stderr io.Writer) error {
+func runQemuHook(ctx context.Context, c *adminapi.Client, op, subop string, stdin io.Reader, stderr io.Writer) error {
 	ev, ok := hookEvents[op+" "+subop]
 	if !ok {
 		return nil
@@ -195,19 +180,13 @@ func runQemuHook(ctx context.Context, c *adminClient, op, subop string, stdin io
 	if err != nil {
 		return fmt.Errorf("vtpmm hook: %w", err)
 	}
-	ctx, cancel := context.WithTimeout(ctx, agent.HookTimeout)
+	ctx, cancel := context.WithTimeout(ctx, adminapi.HookTimeout)
 	defer cancel()
-	resp, err := c.do(ctx, http.MethodPost, ev.path, agent.HookRequest{UUID: d.UUID, Name: d.Name})
+	err = ev.call(ctx, c, adminapi.HookRequest{UUID: d.UUID, Name: d.Name}, d, stderr)
 	switch {
 	case err == nil:
-		defer resp.Body.Close()
-		if ev.path == "/v1/hook/pull" {
-			var pr agent.HookPullResponse
-			_ = json.NewDecoder(resp.Body).Decode(&pr)
-			fmt.Fprintf(stderr, "vtpmm: vTPM key of VM %s pulled from %s (tx %s, %s)\n", d.Name, pr.Owner, pr.TxID, pr.Took)
-		}
 		return nil
-	case !ev.mustAnswer || (ev.startsWithoutVtpmd && errors.Is(err, errUnreachable)):
+	case !ev.mustAnswer || (ev.startsWithoutVtpmd && errors.Is(err, adminapi.ErrUnreachable)):
 		fmt.Fprintf(stderr, "vtpmm hook: %s of VM %s goes on: %v\n", op, d.Name, err)
 		return nil
 	}
@@ -216,7 +195,8 @@ func runQemuHook(ctx context.Context, c *adminClient, op, subop string, stdin io
 
 // hookEvent is how the hook handles one libvirt event.
 type hookEvent struct {
-	path string // vtpmd's admin endpoint
+	// call asks vtpmd.
+	call func(ctx context.Context, c *adminapi.Client, req adminapi.HookRequest, d hookDomain, stderr io.Writer) error
 	// mustAnswer: a failure fails libvirt's operation (exit 1). Otherwise
 	// the hook never fails (vtpmd's recovery catches up).
 	mustAnswer bool
@@ -227,7 +207,24 @@ type hookEvent struct {
 }
 
 var hookEvents = map[string]hookEvent{
-	"migrate begin": {path: "/v1/hook/pull", mustAnswer: true, refusal: "the incoming migration of"},
-	"prepare begin": {path: "/v1/hook/prepare", mustAnswer: true, startsWithoutVtpmd: true, refusal: "to start"},
-	"release end":   {path: "/v1/hook/released"},
+	"migrate begin": {call: hookPull, mustAnswer: true, refusal: "the incoming migration of"},
+	"prepare begin": {call: hookPrepare, mustAnswer: true, startsWithoutVtpmd: true, refusal: "to start"},
+	"release end":   {call: hookReleased},
+}
+
+func hookPull(ctx context.Context, c *adminapi.Client, req adminapi.HookRequest, d hookDomain, stderr io.Writer) error {
+	pr, err := c.HookPull(ctx, req)
+	if err == nil {
+		fmt.Fprintf(stderr, "vtpmm: vTPM key of VM %s pulled from %s (tx %s, %s)\n", d.Name, pr.Owner, pr.TxID, pr.Took)
+	}
+	return err
+}
+
+func hookPrepare(ctx context.Context, c *adminapi.Client, req adminapi.HookRequest, _ hookDomain, _ io.Writer) error {
+	_, err := c.HookPrepare(ctx, req)
+	return err
+}
+
+func hookReleased(ctx context.Context, c *adminapi.Client, req adminapi.HookRequest, _ hookDomain, _ io.Writer) error {
+	return c.HookReleased(ctx, req)
 }

@@ -12,11 +12,11 @@ import (
 	"testing"
 	"time"
 
-	"github.com/vtpmm/vtpmm/attest"
 	"github.com/vtpmm/vtpmm/hypervisor"
-	"github.com/vtpmm/vtpmm/hypervisor/libvirt"
-	"github.com/vtpmm/vtpmm/internal/devfleet"
-	"github.com/vtpmm/vtpmm/vtpm"
+	"github.com/vtpmm/vtpmm/internal/adminapi"
+	"github.com/vtpmm/vtpmm/test/fleet"
+	"github.com/vtpmm/vtpmm/test/fleet/inproc"
+	"github.com/vtpmm/vtpmm/test/fleet/scenarios"
 )
 
 func TestParseHookDomain(t *testing.T) {
@@ -106,7 +106,7 @@ func TestHookInstall(t *testing.T) {
 	// Events the hook does not handle, and domains that are not vtpmm's,
 	// exit 0 without contacting vtpmd.
 	for _, args := range [][]string{{"web-1", "started", "begin", "-"}, {"web-1", "migrate", "begin", "-"}} {
-		if err := runQemuHook(context.Background(), newAdminClient("/nonexistent.sock"), args[1], args[2],
+		if err := runQemuHook(context.Background(), adminapi.NewClient("/nonexistent.sock"), args[1], args[2],
 			strings.NewReader("<domain><name>plain</name><uuid>6f1c3a52-0c41-4d1c-9d55-3f1e7c2b9a10</uuid></domain>"), &errb); err != nil {
 			t.Fatalf("%v: %v", args, err)
 		}
@@ -114,12 +114,12 @@ func TestHookInstall(t *testing.T) {
 	// vtpmd down: a start goes on with libvirt's secret; an incoming
 	// migration is refused (the key cannot be pulled), saying why.
 	const vm = "6f1c3a52-0c41-4d1c-9d55-3f1e7c2b9a10"
-	down := newAdminClient("/nonexistent.sock")
+	down := adminapi.NewClient("/nonexistent.sock")
 	if err := runQemuHook(context.Background(), down, "prepare", "begin", strings.NewReader(domainXML("web-1", vm)), &errb); err != nil {
 		t.Fatalf("prepare begin without vtpmd: %v", err)
 	}
-	if err := runQemuHook(context.Background(), down, "migrate", "begin", strings.NewReader(domainXML("web-1", vm)), &errb); !errors.Is(err, errUnreachable) {
-		t.Fatalf("migrate begin without vtpmd: got %v, want errUnreachable", err)
+	if err := runQemuHook(context.Background(), down, "migrate", "begin", strings.NewReader(domainXML("web-1", vm)), &errb); !errors.Is(err, adminapi.ErrUnreachable) {
+		t.Fatalf("migrate begin without vtpmd: got %v, want adminapi.ErrUnreachable", err)
 	}
 }
 
@@ -127,118 +127,55 @@ func TestHookInstall(t *testing.T) {
 func domainXML(name, uuid string) string {
 	return fmt.Sprintf(`<domain type='kvm'><name>%s</name><uuid>%s</uuid><devices><tpm model='tpm-crb'>`+
 		`<backend type='emulator' version='2.0'><encryption secret='%s'/></backend></tpm></devices></domain>`,
-		name, uuid, libvirt.SecretUUID(uuid))
+		name, uuid, hypervisor.SecretUUID(uuid))
 }
 
-// TestHookModeFleet runs hook mode through real daemons (real TPMs, the
-// agent wire over mTLS, the admin API) with the libvirt-faithful fake
-// hypervisor calling 'vtpmctl hook qemu' where libvirt calls its hook: a
-// plain hypervisor migration to a trusted host moves the key; one to an
-// untrusted host fails in the hook with the attestation rule.
+// TestHookModeFleet runs the hook-mode scenario (test/fleet) on the
+// in-process fleet (real daemons, real TPMs, the agent wire over mTLS, the
+// admin API) with the libvirt-faithful fake hypervisor calling this
+// command's hook (runQemuHook, on the domain XML libvirt would pass) where
+// libvirt calls it. Then a cold start after the hypervisor forgot its
+// ephemeral secrets works through "prepare begin", and a start on a host
+// without the key is refused.
 func TestHookModeFleet(t *testing.T) {
-	if os.Geteuid() != 0 {
-		t.Skip("needs root for swtpm hosts")
-	}
 	ctx := context.Background()
-	root, err := os.MkdirTemp("/tmp", "hookfleet-")
+	hook := func(ctx context.Context, socket, op, subop, vm, name string) error {
+		var errb bytes.Buffer
+		return runQemuHook(ctx, adminapi.NewClient(socket), op, subop, strings.NewReader(domainXML(name, vm)), &errb)
+	}
+	f, err := inproc.New(ctx, inproc.Config{HookMode: true, Hook: hook})
 	if err != nil {
 		t.Fatal(err)
 	}
-	t.Cleanup(func() { os.RemoveAll(root) })
-	const goodLog = "../../vtpm/emuhost/testdata/gce-cos-85.eventlog.bin"
-	const badLog = "../../attest/testdata/realworld/eventlogs/ubuntu-2104-no-secure-boot.bin"
-	cfg, err := devfleet.Provision(root, []string{"host-a", "host-b", "host-c"}, goodLog)
-	if err != nil {
-		t.Fatal(err)
-	}
-	f := devfleet.New(cfg)
 	t.Cleanup(func() { _ = f.Close(context.Background()) })
-	for _, h := range []struct{ name, log string }{{"host-a", goodLog}, {"host-b", goodLog}, {"host-c", badLog}} {
-		if _, err := f.AddHost(ctx, h.name, h.log); err != nil {
-			t.Fatal(err)
-		}
-	}
-	if err := f.Start(ctx); err != nil {
-		t.Fatal(err)
-	}
-	if err := f.EnrollAll(ctx); err != nil {
-		t.Fatal(err)
-	}
-	names := map[string]string{}
-	for _, h := range f.Hosts {
-		sock := h.Cfg.AdminSocketPath()
-		h.Hyp.MigrateBegin = func(ctx context.Context, vm, name string) error {
-			var errb bytes.Buffer
-			return runQemuHook(ctx, newAdminClient(sock), "migrate", "begin", strings.NewReader(domainXML(name, vm)), &errb)
-		}
-		h.Hyp.PrepareBegin = func(ctx context.Context, vm, name string) error {
-			var errb bytes.Buffer
-			return runQemuHook(ctx, newAdminClient(sock), "prepare", "begin", strings.NewReader(domainXML(name, vm)), &errb)
-		}
-		h.Hyp.Released = func(vm string) {
-			var errb bytes.Buffer
-			if err := runQemuHook(ctx, newAdminClient(sock), "release", "end", strings.NewReader(domainXML(names[vm], vm)), &errb); err != nil {
-				t.Errorf("release hook: %v", err)
-			}
-		}
-	}
-	a, b, c := f.Hosts["host-a"], f.Hosts["host-b"], f.Hosts["host-c"]
-	vm, err := a.CreateRunningVM(ctx, "web-1")
+	scenarios.HookMode(t, f)
+
+	vm, err := f.CreateVM(ctx, fleet.HostA, "web-2")
 	if err != nil {
 		t.Fatal(err)
 	}
-	names[vm] = "web-1"
-
-	t0 := time.Now()
-	if err := a.Hyp.Migrate(ctx, vm, b.Hyp.Target()); err != nil {
-		t.Fatalf("plain migration A→B through the hook: %v", err)
-	}
-	t.Logf("plain migration A→B with the hook: %v", time.Since(t0))
-	// The source settles in the background after "release end".
-	deadline := time.Now().Add(30 * time.Second)
-	for {
-		_, _, errA := a.Daemon.Keys().Get(ctx, vm)
-		_, _, errB := b.Daemon.Keys().Get(ctx, vm)
-		if errors.Is(errA, vtpm.ErrKeyNotFound) && errB == nil {
-			break
-		}
-		if time.Now().After(deadline) {
-			t.Fatalf("not settled: key on A: %v, on B: %v", errA, errB)
-		}
-		time.Sleep(100 * time.Millisecond)
-	}
-	t.Logf("settled (B owns the key) %v after the migration started", time.Since(t0))
-
-	// A cold start after the hypervisor forgot its ephemeral secrets (as
-	// libvirtd does when it restarts): "prepare begin" has vtpmd define
-	// the secret from its vault. A host without the key refuses the start.
-	if err := b.Hyp.DestroyDomain(ctx, vm); err != nil {
+	a, b := f.InProcHost(fleet.HostA).Fake(), f.InProcHost(fleet.HostB).Fake()
+	if err := f.Host(fleet.HostA).PlainMigrate(ctx, vm, fleet.HostB); err != nil {
 		t.Fatal(err)
 	}
-	if err := b.Hyp.UndefineSecret(ctx, vm); err != nil {
+	if err := fleet.WaitOwner(ctx, f, vm, fleet.HostB, 30*time.Second); err != nil {
 		t.Fatal(err)
 	}
-	if err := b.Hyp.StartDomain(ctx, vm); err != nil {
+	if err := b.DestroyDomain(ctx, vm.UUID); err != nil {
+		t.Fatal(err)
+	}
+	if err := b.UndefineSecret(ctx, vm.UUID); err != nil {
+		t.Fatal(err)
+	}
+	if err := b.StartDomain(ctx, vm.UUID); err != nil {
 		t.Fatalf("cold start on the owner through the hook: %v", err)
 	}
 	var errb bytes.Buffer
-	err = runQemuHook(ctx, newAdminClient(a.Cfg.AdminSocketPath()), "prepare", "begin", strings.NewReader(domainXML("web-1", vm)), &errb)
+	err = runQemuHook(ctx, adminapi.NewClient(f.InProcHost(fleet.HostA).Config().AdminSocketPath()), "prepare", "begin", strings.NewReader(domainXML("web-2", vm.UUID)), &errb)
 	if err == nil || !strings.Contains(err.Error(), "holds no key") {
 		t.Fatalf("start on A, which no longer owns the key: %v", err)
 	}
-
-	err = b.Hyp.Migrate(ctx, vm, c.Hyp.Target())
-	if !errors.Is(err, hypervisor.ErrHookRefused) || !strings.Contains(err.Error(), string(attest.RulePCRPolicy)) {
-		t.Fatalf("plain migration B→C (untrusted): got %v, want a hook refusal naming %s", err, attest.RulePCRPolicy)
-	}
-	t.Logf("B→C refused: %v", err)
-	if d, _ := b.Hyp.Domain(ctx, vm); d.State != hypervisor.StateRunning {
-		t.Fatalf("VM on B after the refusal: %s", d.State)
-	}
-	if ok, _ := c.Hyp.HasSecret(ctx, vm); ok {
-		t.Fatal("untrusted C has the VM's secret")
-	}
-	if _, _, err := c.Daemon.Keys().Get(ctx, vm); err == nil {
-		t.Fatal("untrusted C holds the VM's key")
+	if has, _ := a.HasSecret(ctx, vm.UUID); has {
+		t.Fatal("A defined the secret of a VM it does not own")
 	}
 }

@@ -2,18 +2,22 @@ package main
 
 import (
 	"bufio"
+	"context"
 	"encoding/hex"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"os"
 	"strconv"
 	"strings"
 	"text/tabwriter"
+	"time"
 
 	"github.com/spf13/cobra"
 
-	"github.com/vtpmm/vtpmm/internal/agent"
+	"github.com/vtpmm/vtpmm/cmd/vtpmd/daemon"
 	"github.com/vtpmm/vtpmm/vtpm"
+	"github.com/vtpmm/vtpmm/vtpm/host"
 )
 
 func initCmd(e *env) *cobra.Command {
@@ -27,7 +31,7 @@ func initCmd(e *env) *cobra.Command {
 			if err != nil {
 				return err
 			}
-			res, err := agent.Init(cmd.Context(), cfg, e.opts(), agent.InitOptions{RecoveryKey: recovery})
+			res, err := host.Init(cmd.Context(), cfg.Config, e.opts(), host.InitOptions{RecoveryKey: recovery})
 			if err != nil {
 				return err
 			}
@@ -50,37 +54,60 @@ func runCmd(e *env) *cobra.Command {
 	return &cobra.Command{
 		Use:   "run",
 		Short: "Run the agent: unseal the vault once, serve the agent wire, the admin socket and metrics until SIGTERM",
-		Long: "run unseals the vault, reconciles any migration a crash left open, starts the vTPM of every\n" +
-			"VM created with 'vtpmd vm create' (hosts without a hypervisor), and serves:\n" +
+		Long: "run unseals the vault, binds its listeners, starts the vTPM of every VM created with\n" +
+			"'vtpmd vm create' (hosts without a hypervisor), reconciles any migration a crash left open,\n" +
+			"prints a line starting with 'ready:' and serves:\n" +
 			"  - the agent wire (gRPC over mTLS) on 'listen' when tls is configured,\n" +
 			"  - the admin API for vtpmctl on 'admin_socket',\n" +
 			"  - Prometheus metrics on 'metrics_listen' when set.\n" +
-			"SIGTERM stops the vTPMs and shuts everything down gracefully.",
+			"SIGTERM stops the services, the vTPMs, and closes the ledger, the audit log and the TPM.",
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
+			ctx := cmd.Context()
 			cfg, err := e.config()
 			if err != nil {
 				return err
 			}
-			d, err := agent.StartDaemon(cmd.Context(), cfg, agent.DaemonOptions{Options: e.opts()})
+			d, err := daemon.Start(ctx, cfg, daemon.Deps{Host: e.opts(), Hypervisors: e.deps.Hypervisors})
 			if err != nil {
 				return err
 			}
-			// Without a hypervisor, vtpmd runs each VM's vTPM itself; with
-			// one, the hypervisor does (libvirt starts swtpm with the key).
-			var vms []agent.VMStatus
-			if cfg.Hypervisor == "" {
-				if vms, err = d.StartAll(cmd.Context()); err != nil {
-					_ = d.Close(cmd.Context())
-					return err
-				}
-			}
-			for _, vm := range vms {
-				fmt.Fprintf(e.stdout, "vTPM %s (%s) generation %d running at %s\n", vm.Name, vm.UUID, vm.Generation, vm.SocketURI)
-			}
-			fmt.Fprintf(e.stdout, "ready: %d vTPM(s); admin socket %s\n", len(vms), cfg.AdminSocketPath())
-			return d.Serve(cmd.Context())
+			return serve(ctx, e, d)
 		},
+	}
+}
+
+// serve runs a started daemon until ctx ends (SIGTERM) or a service fails,
+// and then closes it. Without a hypervisor, vtpmd runs each VM's vTPM
+// itself; with one, the hypervisor does (libvirt starts swtpm with the key).
+func serve(ctx context.Context, e *env, d *daemon.Daemon) (err error) {
+	defer func() {
+		cctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), time.Minute)
+		defer cancel()
+		err = errors.Join(err, d.Close(cctx))
+	}()
+	var vms []host.VMStatus
+	if d.RunsVTPMs() {
+		if vms, err = d.Host().StartAll(ctx); err != nil {
+			return err
+		}
+	}
+	select {
+	case <-d.Ready():
+	case err := <-d.Err():
+		return err
+	case <-ctx.Done():
+		return nil
+	}
+	for _, vm := range vms {
+		fmt.Fprintf(e.stdout, "vTPM %s (%s) generation %d running at %s\n", vm.Name, vm.UUID, vm.Generation, vm.SocketURI)
+	}
+	fmt.Fprintf(e.stdout, "ready: %d vTPM(s); admin socket %s\n", len(vms), d.AdminAddr())
+	select {
+	case err := <-d.Err():
+		return err
+	case <-ctx.Done():
+		return nil
 	}
 }
 
@@ -91,10 +118,10 @@ func vaultCmd(e *env) *cobra.Command {
 		Short: "Unseal the vault and report what it is sealed to",
 		Args:  cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
-			return e.withAgent(cmd.Context(), func(cfg agent.Config, a *agent.Agent) error {
-				st := a.Meter().Stats()
+			return e.withHost(cmd.Context(), func(cfg daemon.Config, h *host.Host) error {
+				st := h.Meter().Stats()
 				fmt.Fprintf(e.stdout, "vault key %s open on host %s; sealed to: %s\nunseal cost: %d TPM commands (%s)\n",
-					a.VaultKeyID(), cfg.HostID, strings.Join(a.SealedTo(), "; "), st.Total, st)
+					h.VaultKeyID(), cfg.HostID, strings.Join(h.SealedTo(), "; "), st.Total, st)
 				return nil
 			})
 		},
@@ -120,15 +147,15 @@ func vaultCmd(e *env) *cobra.Command {
 				}
 				preds = append(preds, v)
 			}
-			a, err := agent.Open(cmd.Context(), cfg, e.opts())
+			h, err := host.Open(cmd.Context(), cfg.Config, e.opts())
 			if err != nil {
 				return err
 			}
-			defer a.Close(cmd.Context())
-			if err := a.Reseal(cmd.Context(), preds); err != nil {
+			defer h.Close(cmd.Context())
+			if err := h.Reseal(cmd.Context(), preds); err != nil {
 				return err
 			}
-			fmt.Fprintf(e.stdout, "vault resealed to: %s\n", strings.Join(a.SealedTo(), "; "))
+			fmt.Fprintf(e.stdout, "vault resealed to: %s\n", strings.Join(h.SealedTo(), "; "))
 			return nil
 		},
 	}
@@ -152,12 +179,12 @@ func vaultCmd(e *env) *cobra.Command {
 				return err
 			}
 			defer rk.Destroy()
-			a, err := agent.Recover(cmd.Context(), cfg, e.opts(), rk)
+			h, err := host.Recover(cmd.Context(), cfg.Config, e.opts(), rk)
 			if err != nil {
 				return err
 			}
-			defer a.Close(cmd.Context())
-			fmt.Fprintf(e.stdout, "vault recovered and resealed to: %s\n", strings.Join(a.SealedTo(), "; "))
+			defer h.Close(cmd.Context())
+			fmt.Fprintf(e.stdout, "vault recovered and resealed to: %s\n", strings.Join(h.SealedTo(), "; "))
 			return nil
 		},
 	})
@@ -200,8 +227,8 @@ func vmCmd(e *env) *cobra.Command {
 		Short: "Create a vTPM for a VM: a new VM key and an encrypted swtpm state with EK certificates",
 		Args:  cobra.ExactArgs(1),
 		RunE: func(cmd *cobra.Command, args []string) error {
-			return e.withAgent(cmd.Context(), func(cfg agent.Config, a *agent.Agent) error {
-				vm, err := a.CreateVM(cmd.Context(), args[0], uuid)
+			return e.withHost(cmd.Context(), func(cfg daemon.Config, h *host.Host) error {
+				vm, err := h.CreateVM(cmd.Context(), args[0], uuid)
 				if err != nil {
 					return err
 				}
@@ -217,8 +244,8 @@ func vmCmd(e *env) *cobra.Command {
 		Short: "List this host's VMs and their key generations",
 		Args:  cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
-			return e.withAgent(cmd.Context(), func(cfg agent.Config, a *agent.Agent) error {
-				vms, err := a.ListVMs(cmd.Context())
+			return e.withHost(cmd.Context(), func(cfg daemon.Config, h *host.Host) error {
+				vms, err := h.ListVMs(cmd.Context())
 				if err != nil {
 					return err
 				}

@@ -6,18 +6,19 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
-	"io"
 	"os"
 	"strconv"
 	"strings"
 	"time"
 
-	"github.com/google/go-tpm/tpm2"
 	"github.com/spf13/cobra"
 
 	"github.com/vtpmm/vtpmm/attest"
-	"github.com/vtpmm/vtpmm/internal/agent"
+	"github.com/vtpmm/vtpmm/cmd/vtpmd/daemon"
+	"github.com/vtpmm/vtpmm/internal/atomicfile"
+	"github.com/vtpmm/vtpmm/internal/strictjson"
 	"github.com/vtpmm/vtpmm/vtpm"
+	"github.com/vtpmm/vtpmm/vtpm/host"
 	"github.com/vtpmm/vtpmm/vtpm/identity"
 )
 
@@ -74,7 +75,7 @@ func evidenceCmd(e *env) *cobra.Command {
 					interDER = append(interDER, c.Raw)
 				}
 			}
-			return withIdentity(cmd.Context(), e, f, func(cfg agent.Config, m *vtpm.Meter, id *identity.Identity) error {
+			return withIdentity(cmd.Context(), e, f, func(cfg daemon.Config, m *vtpm.Meter, id *identity.Identity) error {
 				before := m.Stats()
 				ev, err := identity.Produce(cmd.Context(), m, identity.ProduceOptions{
 					HostID: cfg.HostID, Nonce: nonce, PCRs: sel, EventLog: log, EKIntermediates: interDER,
@@ -160,7 +161,7 @@ func evidenceIdentityCmd(e *env, f *evidenceFlags) *cobra.Command {
 		Short: "Print this host's EK and AK (JSON) for enrolment by a verifier",
 		Args:  cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
-			return withIdentity(cmd.Context(), e, *f, func(cfg agent.Config, _ *vtpm.Meter, id *identity.Identity) error {
+			return withIdentity(cmd.Context(), e, *f, func(cfg daemon.Config, _ *vtpm.Meter, id *identity.Identity) error {
 				enc := json.NewEncoder(e.stdout)
 				enc.SetIndent("", "  ")
 				return enc.Encode(enrolmentRequest{
@@ -192,12 +193,10 @@ func evidenceActivateCmd(e *env, f *evidenceFlags) *cobra.Command {
 				r = fh
 			}
 			var ch attest.ActivationChallenge
-			dec := json.NewDecoder(io.LimitReader(r, 1<<16))
-			dec.DisallowUnknownFields()
-			if err := dec.Decode(&ch); err != nil {
+			if err := strictjson.DecodeReader(r, &ch, 1<<16); err != nil {
 				return fmt.Errorf("activate: the challenge is not an activation challenge JSON: %w", err)
 			}
-			return withIdentity(cmd.Context(), e, *f, func(_ agent.Config, m *vtpm.Meter, id *identity.Identity) error {
+			return withIdentity(cmd.Context(), e, *f, func(_ daemon.Config, m *vtpm.Meter, id *identity.Identity) error {
 				secret, err := identity.ActivateCredential(cmd.Context(), m, id, &ch)
 				if err != nil {
 					return err
@@ -213,21 +212,20 @@ func evidenceActivateCmd(e *env, f *evidenceFlags) *cobra.Command {
 }
 
 // openTPM opens the configured TPM behind a command meter.
-func openTPM(ctx context.Context, e *env) (agent.Config, *vtpm.Meter, func(), error) {
+func openTPM(ctx context.Context, e *env) (daemon.Config, *vtpm.Meter, func(), error) {
 	cfg, err := e.config()
 	if err != nil {
-		return agent.Config{}, nil, nil, err
+		return daemon.Config{}, nil, nil, err
 	}
-	t, err := vtpm.Open(ctx, cfg.TPM)
+	m, err := host.OpenTPM(ctx, cfg.Config, e.opts())
 	if err != nil {
-		return agent.Config{}, nil, nil, err
+		return daemon.Config{}, nil, nil, err
 	}
-	m := vtpm.NewMeter(t, vtpm.ProfileNone)
 	return cfg, m, func() { _ = m.Close() }, nil
 }
 
 // withIdentity opens the TPM, loads the provisioned identity and runs fn.
-func withIdentity(ctx context.Context, e *env, f evidenceFlags, fn func(agent.Config, *vtpm.Meter, *identity.Identity) error) error {
+func withIdentity(ctx context.Context, e *env, f evidenceFlags, fn func(daemon.Config, *vtpm.Meter, *identity.Identity) error) error {
 	kind, err := identity.ParseEKKind(f.ekKind)
 	if err != nil {
 		return err
@@ -252,12 +250,12 @@ func withIdentity(ctx context.Context, e *env, f evidenceFlags, fn func(agent.Co
 }
 
 // handles uses the vault's SRK; AK and MK are at their default handles.
-func handles(cfg agent.Config) (identity.Handles, error) {
-	srk, err := strconv.ParseUint(cfg.Vault.SRKHandle, 0, 32)
-	if err != nil || srk>>24 != 0x81 {
-		return identity.Handles{}, fmt.Errorf("%w: vault.srk_handle %q must be a persistent handle 0x81xxxxxx", agent.ErrConfig, cfg.Vault.SRKHandle)
+func handles(cfg daemon.Config) (identity.Handles, error) {
+	srk, err := cfg.SRKHandle()
+	if err != nil {
+		return identity.Handles{}, err
 	}
-	return identity.Handles{SRK: tpm2.TPMHandle(srk)}, nil
+	return identity.Handles{SRK: srk}, nil
 }
 
 // quoteSelection returns the PCRs to quote: the policy's, or --quote-pcrs, or the default.
@@ -314,5 +312,5 @@ func writeOutput(e *env, path string, data []byte) error {
 		_, err := e.stdout.Write(data)
 		return err
 	}
-	return vtpm.WriteFileAtomic(path, data)
+	return atomicfile.WriteFile(path, data, 0o600)
 }

@@ -8,25 +8,35 @@ import (
 	"github.com/sirupsen/logrus"
 	"github.com/spf13/cobra"
 
-	"github.com/vtpmm/vtpmm/internal/agent"
+	"github.com/vtpmm/vtpmm/cmd/vtpmd/daemon"
+	"github.com/vtpmm/vtpmm/hypervisor"
+	"github.com/vtpmm/vtpmm/vtpm/host"
 )
+
+// Deps are what the composition root (main) wires in.
+type Deps struct {
+	// Hypervisors opens the configured hypervisor URI (main registers
+	// hypervisor/libvirt; tests may leave it empty).
+	Hypervisors *hypervisor.Registry
+}
 
 // env carries what every command needs; nothing is global.
 type env struct {
+	deps           Deps
 	stdin          io.Reader
 	stdout, stderr io.Writer
 	log            *logrus.Logger
 
 	configPath string
-	overrides  agent.Config // non-empty fields override the file
+	overrides  daemon.Config // non-empty fields override the file
 	logLevel   string
 }
 
 // config loads the configuration file and applies flag overrides.
-func (e *env) config() (agent.Config, error) {
-	c, err := agent.LoadConfig(e.configPath)
+func (e *env) config() (daemon.Config, error) {
+	c, err := daemon.LoadConfig(e.configPath)
 	if err != nil && e.configPath != "" {
-		return agent.Config{}, err
+		return daemon.Config{}, err
 	}
 	o := e.overrides
 	for _, f := range []struct {
@@ -45,32 +55,32 @@ func (e *env) config() (agent.Config, error) {
 	}
 	lvl, err := logrus.ParseLevel(c.LogLevel)
 	if err != nil {
-		return agent.Config{}, fmt.Errorf("%w: log_level: %v", agent.ErrConfig, err)
+		return daemon.Config{}, fmt.Errorf("%w: log_level: %v", daemon.ErrConfig, err)
 	}
 	e.log.SetLevel(lvl)
 	return c, c.Validate()
 }
 
-func (e *env) opts() agent.Options { return agent.Options{Log: e.log} }
+func (e *env) opts() host.Options { return host.Options{Log: e.log} }
 
-// withAgent loads the configuration, opens the agent (unsealing the vault
+// withHost loads the configuration, opens the host (unsealing the vault
 // once) and closes it after f.
-func (e *env) withAgent(ctx context.Context, f func(cfg agent.Config, a *agent.Agent) error) error {
+func (e *env) withHost(ctx context.Context, f func(cfg daemon.Config, h *host.Host) error) error {
 	cfg, err := e.config()
 	if err != nil {
 		return err
 	}
-	a, err := agent.Open(ctx, cfg, e.opts())
+	h, err := host.Open(ctx, cfg.Config, e.opts())
 	if err != nil {
 		return err
 	}
-	defer a.Close(ctx)
-	return f(cfg, a)
+	defer h.Close(ctx)
+	return f(cfg, h)
 }
 
 // Run runs vtpmd with args (without the program name).
-func Run(ctx context.Context, args []string, stdin io.Reader, stdout, stderr io.Writer) error {
-	e := &env{stdin: stdin, stdout: stdout, stderr: stderr, log: logrus.New()}
+func Run(ctx context.Context, args []string, stdin io.Reader, stdout, stderr io.Writer, deps Deps) error {
+	e := &env{deps: deps, stdin: stdin, stdout: stdout, stderr: stderr, log: logrus.New()}
 	e.log.SetOutput(stderr)
 	e.log.SetFormatter(&logrus.JSONFormatter{})
 	root := &cobra.Command{

@@ -10,6 +10,7 @@ import (
 	"testing"
 
 	"github.com/vtpmm/vtpmm/attest"
+	"github.com/vtpmm/vtpmm/internal/fixtures"
 	"github.com/vtpmm/vtpmm/vtpm/tpmtest"
 )
 
@@ -19,11 +20,7 @@ func TestRunCommands(t *testing.T) {
 	t.Parallel()
 	ctx := context.Background()
 	h := tpmtest.StartHost(t)
-	logBytes, err := os.ReadFile("../../vtpm/emuhost/testdata/gce-cos-85.eventlog.bin")
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := h.Boot(ctx, logBytes); err != nil {
+	if err := h.Boot(ctx, fixtures.GoodBootLog()); err != nil {
 		t.Fatal(err)
 	}
 	dir, err := os.MkdirTemp("/tmp", "vtpmd-cli-")
@@ -31,6 +28,10 @@ func TestRunCommands(t *testing.T) {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { os.RemoveAll(dir) })
+	goodLog, _, err := fixtures.BootLogs(dir)
+	if err != nil {
+		t.Fatal(err)
+	}
 	cfg := filepath.Join(dir, "vtpmd.yaml")
 	conf := "host_id: host-a\ndata_dir: " + dir + "/data\nrun_dir: " + dir + "/run\ntpm: " + h.URI() + "\n"
 	if err := os.WriteFile(cfg, []byte(conf), 0o600); err != nil {
@@ -58,12 +59,12 @@ func TestRunCommands(t *testing.T) {
 		{"reseal", []string{"vault", "reseal"}, "vault resealed to: boot state at reseal", ""},
 		{"evidence provision", []string{"evidence", "provision"}, "", ""},
 		{"evidence bad nonce", []string{"evidence", "--nonce", "xyz"}, "", "--nonce must be"},
-		{"evidence", []string{"evidence", "--nonce", nonce, "-o", evFile, "--event-log", "../../vtpm/emuhost/testdata/gce-cos-85.eventlog.bin"}, "", ""},
+		{"evidence", []string{"evidence", "--nonce", nonce, "-o", evFile, "--event-log", goodLog}, "", ""},
 		{"bad tpm profile", []string{"--tpm-profile", "slow", "vault", "status"}, "", "tpm_profile"},
 	}
 	for _, tc := range tests {
 		var out, errb bytes.Buffer
-		err := Run(ctx, append([]string{"--config", cfg}, tc.args...), strings.NewReader(""), &out, &errb)
+		err := Run(ctx, append([]string{"--config", cfg}, tc.args...), strings.NewReader(""), &out, &errb, Deps{})
 		switch {
 		case tc.wantErr == "" && err != nil:
 			t.Fatalf("%s: %v\nstderr: %s", tc.name, err, errb.String())

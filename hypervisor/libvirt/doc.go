@@ -7,7 +7,7 @@
 //
 // Secrets: each VM's vTPM secret is an ephemeral, private libvirt secret
 // (usage type vtpm, usage name "vtpmm-<vm uuid>") whose UUID is derived from
-// the VM UUID (SecretUUID), so the domain XML references the same secret UUID
+// the VM UUID (hypervisor.SecretUUID), so the domain XML references the same secret UUID
 // on every host and needs no rewriting on migration. libvirt never stores it
 // on disk and never gives its value back.
 //

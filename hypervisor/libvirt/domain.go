@@ -131,37 +131,6 @@ func (h *Hypervisor) Domains(ctx context.Context) ([]hypervisor.Domain, error) {
 	return out, nil
 }
 
-// VTPMSecret returns the secret UUID that a domain's emulator vTPM
-// references (empty if unencrypted); ErrNoVTPM without an emulator vTPM.
-func (h *Hypervisor) VTPMSecret(ctx context.Context, vmUUID string) (string, error) {
-	var secret string
-	err := h.with(ctx, func(c *golibvirt.Connect) error {
-		d, err := lookup(c, vmUUID)
-		if err != nil {
-			return err
-		}
-		defer d.Free()
-		doc, err := d.GetXMLDesc(0)
-		if err != nil {
-			return wrapLibvirt(err)
-		}
-		tpm, err := emulatorTPM(doc)
-		switch {
-		case err != nil:
-			return err
-		case tpm == nil:
-			return ErrNoVTPM
-		case tpm.Encryption != nil:
-			secret = tpm.Encryption.Secret
-		}
-		return nil
-	})
-	if err != nil {
-		return "", fmt.Errorf("vTPM secret of %s on %s: %w", vmUUID, h.cfg.Name, err)
-	}
-	return secret, nil
-}
-
 // StartDomain cold-starts a defined domain. libvirt reads the vTPM secret
 // now (and on the first start runs swtpm_setup to create the state).
 func (h *Hypervisor) StartDomain(ctx context.Context, vmUUID string) error {

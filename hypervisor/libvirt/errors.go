@@ -11,10 +11,6 @@ var (
 	ErrClosed = errors.New("libvirt: hypervisor closed")
 	// ErrNoVTPM means the domain has no emulator vTPM.
 	ErrNoVTPM = errors.New("libvirt: domain has no emulator vTPM")
-	// ErrAdoptRunning means a running domain that references a foreign
-	// secret cannot be adopted now: its swtpm holds a passphrase that a
-	// private secret never reveals. It is adopted at its next cold start.
-	ErrAdoptRunning = errors.New("libvirt: running domain with a foreign vTPM secret is adopted at its next cold start")
 	// ErrConnClosed means libvirt closed a connection (libvirtd went away,
 	// or keepalive found it unresponsive).
 	ErrConnClosed = errors.New("libvirt: connection closed")

@@ -8,18 +8,11 @@ import (
 	"time"
 
 	golibvirt "libvirt.org/go/libvirt"
+
+	"github.com/vtpmm/vtpmm/hypervisor"
 )
 
-// LifecycleEvent is one domain lifecycle event (virConnectDomainEventRegisterAny
-// with VIR_DOMAIN_EVENT_ID_LIFECYCLE).
-type LifecycleEvent struct {
-	VM   string // domain UUID
-	Name string // domain name
-	// Event is the event type ("started", "suspended", "resumed",
-	// "stopped", "defined", ...) and Detail its reason ("migrated",
-	// "booted", "destroyed", ...); an unnamed detail is its number.
-	Event, Detail string
-}
+var _ hypervisor.LifecycleWatcher = (*Hypervisor)(nil)
 
 // Keepalive of the event connection: a dead libvirtd is noticed after
 // about interval × (count+1) seconds and the watcher reconnects.
@@ -63,11 +56,11 @@ func startEventLoop() error {
 // it runs on the event loop) to the consumer, in order, without dropping.
 type eventQueue struct {
 	mu    sync.Mutex
-	items []LifecycleEvent
+	items []hypervisor.LifecycleEvent
 	wake  chan struct{} // capacity 1
 }
 
-func (q *eventQueue) push(e LifecycleEvent) {
+func (q *eventQueue) push(e hypervisor.LifecycleEvent) {
 	q.mu.Lock()
 	q.items = append(q.items, e)
 	q.mu.Unlock()
@@ -77,7 +70,7 @@ func (q *eventQueue) push(e LifecycleEvent) {
 	}
 }
 
-func (q *eventQueue) take() []LifecycleEvent {
+func (q *eventQueue) take() []hypervisor.LifecycleEvent {
 	q.mu.Lock()
 	defer q.mu.Unlock()
 	out := q.items
@@ -91,7 +84,7 @@ func (q *eventQueue) take() []LifecycleEvent {
 // connection fails or closes (events meanwhile are lost: callers must not
 // depend on them alone). fn runs on one goroutine, one event at a time; it
 // may call libvirt. It fails only if libvirt's event loop cannot be set up.
-func (h *Hypervisor) WatchLifecycle(ctx context.Context, fn func(LifecycleEvent)) error {
+func (h *Hypervisor) WatchLifecycle(ctx context.Context, fn func(hypervisor.LifecycleEvent)) error {
 	if err := startEventLoop(); err != nil {
 		return fmt.Errorf("libvirt: event loop: %w", wrapLibvirt(err))
 	}
@@ -159,7 +152,7 @@ func (h *Hypervisor) watchOnce(ctx context.Context, q *eventQueue) (connected bo
 		uuid, _ := d.GetUUIDString()
 		name, _ := d.GetName()
 		ev, detail := eventNames(e)
-		q.push(LifecycleEvent{VM: uuid, Name: name, Event: ev, Detail: detail})
+		q.push(hypervisor.LifecycleEvent{VM: uuid, Name: name, Event: ev, Detail: detail})
 	})
 	if err != nil {
 		return false, fmt.Errorf("libvirt: register lifecycle events: %w", wrapLibvirt(err))
@@ -175,28 +168,28 @@ func (h *Hypervisor) watchOnce(ctx context.Context, q *eventQueue) (connected bo
 }
 
 var eventTypes = map[golibvirt.DomainEventType]struct {
-	name    string
+	name    hypervisor.EventType
 	details []string // indexed by the detail number
 }{
-	golibvirt.DOMAIN_EVENT_DEFINED:     {"defined", []string{"added", "updated", "renamed", "snapshot"}},
-	golibvirt.DOMAIN_EVENT_UNDEFINED:   {"undefined", []string{"removed", "renamed"}},
-	golibvirt.DOMAIN_EVENT_STARTED:     {"started", []string{"booted", "migrated", "restored", "snapshot", "wakeup", "recreated"}},
-	golibvirt.DOMAIN_EVENT_SUSPENDED:   {"suspended", []string{"paused", "migrated", "ioerror", "watchdog", "restored", "snapshot", "api-error", "postcopy", "postcopy-failed", "guest-shutdown"}},
-	golibvirt.DOMAIN_EVENT_RESUMED:     {"resumed", []string{"unpaused", "migrated", "snapshot", "postcopy", "postcopy-failed"}},
-	golibvirt.DOMAIN_EVENT_STOPPED:     {"stopped", []string{"shutdown", "destroyed", "crashed", "migrated", "saved", "failed", "snapshot", "recreated"}},
-	golibvirt.DOMAIN_EVENT_SHUTDOWN:    {"shutdown", []string{"finished", "guest", "host"}},
-	golibvirt.DOMAIN_EVENT_PMSUSPENDED: {"pmsuspended", []string{"memory", "disk"}},
-	golibvirt.DOMAIN_EVENT_CRASHED:     {"crashed", []string{"panicked", "crashloaded"}},
+	golibvirt.DOMAIN_EVENT_DEFINED:     {hypervisor.EventDefined, []string{"added", "updated", "renamed", "snapshot"}},
+	golibvirt.DOMAIN_EVENT_UNDEFINED:   {hypervisor.EventUndefined, []string{"removed", "renamed"}},
+	golibvirt.DOMAIN_EVENT_STARTED:     {hypervisor.EventStarted, []string{"booted", "migrated", "restored", "snapshot", "wakeup", "recreated"}},
+	golibvirt.DOMAIN_EVENT_SUSPENDED:   {hypervisor.EventSuspended, []string{"paused", "migrated", "ioerror", "watchdog", "restored", "snapshot", "api-error", "postcopy", "postcopy-failed", "guest-shutdown"}},
+	golibvirt.DOMAIN_EVENT_RESUMED:     {hypervisor.EventResumed, []string{"unpaused", "migrated", "snapshot", "postcopy", "postcopy-failed"}},
+	golibvirt.DOMAIN_EVENT_STOPPED:     {hypervisor.EventStopped, []string{"shutdown", "destroyed", "crashed", "migrated", "saved", "failed", "snapshot", "recreated"}},
+	golibvirt.DOMAIN_EVENT_SHUTDOWN:    {hypervisor.EventShutdown, []string{"finished", "guest", "host"}},
+	golibvirt.DOMAIN_EVENT_PMSUSPENDED: {hypervisor.EventPMSuspended, []string{"memory", "disk"}},
+	golibvirt.DOMAIN_EVENT_CRASHED:     {hypervisor.EventCrashed, []string{"panicked", "crashloaded"}},
 }
 
 // eventNames names a lifecycle event and its detail as virsh event does.
-func eventNames(e *golibvirt.DomainEventLifecycle) (string, string) {
+func eventNames(e *golibvirt.DomainEventLifecycle) (hypervisor.EventType, hypervisor.EventDetail) {
 	t, ok := eventTypes[e.Event]
 	if !ok {
-		return strconv.Itoa(int(e.Event)), strconv.Itoa(e.Detail)
+		return hypervisor.EventType(strconv.Itoa(int(e.Event))), hypervisor.EventDetail(strconv.Itoa(e.Detail))
 	}
 	if e.Detail >= 0 && e.Detail < len(t.details) {
-		return t.name, t.details[e.Detail]
+		return t.name, hypervisor.EventDetail(t.details[e.Detail])
 	}
-	return t.name, strconv.Itoa(e.Detail)
+	return t.name, hypervisor.EventDetail(strconv.Itoa(e.Detail))
 }

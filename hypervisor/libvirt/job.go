@@ -22,12 +22,6 @@ type JobStats struct {
 	MemIteration  uint64        // pre-copy iteration
 }
 
-// JobStats reports the progress of the domain's current job, e.g. an
-// outgoing migration (virDomainGetJobStats).
-func (h *Hypervisor) JobStats(ctx context.Context, vmUUID string) (JobStats, error) {
-	return h.jobStats(ctx, vmUUID, 0)
-}
-
 // CompletedJobStats reports the domain's last completed job; on a
 // migration's destination it gives the migration's time and downtime.
 func (h *Hypervisor) CompletedJobStats(ctx context.Context, vmUUID string) (JobStats, error) {
@@ -61,12 +55,6 @@ func (h *Hypervisor) jobStats(ctx context.Context, vmUUID string, flags golibvir
 		return JobStats{}, fmt.Errorf("job stats of %s on %s: %w", vmUUID, h.cfg.Name, err)
 	}
 	return out, nil
-}
-
-// AbortJob aborts the domain's current job (an outgoing migration: the VM
-// keeps running here).
-func (h *Hypervisor) AbortJob(ctx context.Context, vmUUID string) error {
-	return h.domainOp(ctx, "abort job of", vmUUID, func(d *golibvirt.Domain) error { return d.AbortJob() })
 }
 
 // MigratingOut reports whether the domain's current job is an outgoing

@@ -2,11 +2,9 @@ package libvirt
 
 import (
 	"context"
-	"crypto/sha256"
 	"errors"
 	"fmt"
 	"io"
-	"regexp"
 	"strings"
 	"sync"
 
@@ -15,6 +13,7 @@ import (
 	"libvirt.org/go/libvirtxml"
 
 	"github.com/vtpmm/vtpmm/hypervisor"
+	"github.com/vtpmm/vtpmm/internal/ids"
 )
 
 var _ hypervisor.Hypervisor = (*Hypervisor)(nil)
@@ -43,6 +42,21 @@ type Hypervisor struct {
 	log  logrus.FieldLogger
 	mu   sync.RWMutex // guards conn against Close
 	conn *golibvirt.Connect
+}
+
+// Schemes are the hypervisor URI schemes Register hands to libvirt.
+func Schemes() []string {
+	return []string{"qemu", "qemu+tcp", "qemu+tls", "qemu+ssh", "qemu+unix", "qemu+libssh", "qemu+libssh2", "test"}
+}
+
+// Register makes r open libvirt's URI schemes (Schemes) with New. Only the
+// composition root (cmd/vtpmd) and the lab call it: this package needs cgo.
+func Register(r *hypervisor.Registry) {
+	for _, s := range Schemes() {
+		r.Register(s, func(ctx context.Context, c hypervisor.Config) (hypervisor.Hypervisor, error) {
+			return New(ctx, Config{URI: c.URI, Name: c.Name, Log: c.Log})
+		})
+	}
 }
 
 // New connects to the libvirt daemon at cfg.URI.
@@ -128,21 +142,6 @@ func (h *Hypervisor) with(ctx context.Context, f func(c *golibvirt.Connect) erro
 	return f(h.conn)
 }
 
-var uuidRE = regexp.MustCompile(`^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$`)
-
-func isUUID(s string) bool { return uuidRE.MatchString(s) }
-
-// SecretUUID is the UUID of a VM's vTPM secret: derived from the VM UUID
-// (SHA-256, RFC 9562 version 8), the same on every host, so that the
-// domain XML's <encryption secret='…'/> is valid wherever the VM runs.
-func SecretUUID(vmUUID string) string {
-	s := sha256.Sum256([]byte("vtpmm vtpm secret " + strings.ToLower(vmUUID)))
-	b := s[:16]
-	b[6] = b[6]&0x0f | 0x80
-	b[8] = b[8]&0x3f | 0x80
-	return fmt.Sprintf("%x-%x-%x-%x-%x", b[0:4], b[4:6], b[6:8], b[8:10], b[10:16])
-}
-
 // SecretUsage is the usage name of a VM's vTPM secret.
 func SecretUsage(vmUUID string) string { return "vtpmm-" + strings.ToLower(vmUUID) }
 
@@ -150,10 +149,10 @@ func SecretUsage(vmUUID string) string { return "vtpmm-" + strings.ToLower(vmUUI
 // private, so libvirt keeps it in memory only and never returns its value.
 func (h *Hypervisor) DefineSecret(ctx context.Context, vmUUID string, value []byte) error {
 	op := fmt.Sprintf("define secret %s on %s", vmUUID, h.cfg.Name)
-	if !isUUID(vmUUID) || len(value) == 0 {
+	if !ids.IsUUID(vmUUID) || len(value) == 0 {
 		return fmt.Errorf("%s: %w: canonical UUID and a non-empty value required", op, ErrBadConfig)
 	}
-	doc, err := (&libvirtxml.Secret{Ephemeral: "yes", Private: "yes", UUID: SecretUUID(vmUUID),
+	doc, err := (&libvirtxml.Secret{Ephemeral: "yes", Private: "yes", UUID: hypervisor.SecretUUID(vmUUID),
 		Description: "vtpmm vTPM key of " + vmUUID,
 		Usage:       &libvirtxml.SecretUsage{Type: "vtpm", Name: SecretUsage(vmUUID)}}).Marshal()
 	if err != nil {
@@ -185,7 +184,7 @@ func (h *Hypervisor) DefineSecret(ctx context.Context, vmUUID string, value []by
 // its usage name under another UUID.
 func undefineSecrets(c *golibvirt.Connect, vmUUID string) error {
 	for _, look := range []func() (*golibvirt.Secret, error){
-		func() (*golibvirt.Secret, error) { return c.LookupSecretByUUIDString(SecretUUID(vmUUID)) },
+		func() (*golibvirt.Secret, error) { return c.LookupSecretByUUIDString(hypervisor.SecretUUID(vmUUID)) },
 		func() (*golibvirt.Secret, error) {
 			return c.LookupSecretByUsage(golibvirt.SECRET_USAGE_TYPE_VTPM, SecretUsage(vmUUID))
 		},
@@ -220,7 +219,7 @@ func (h *Hypervisor) HasSecret(ctx context.Context, vmUUID string) (bool, error)
 	var ok bool
 	err := h.with(ctx, func(c *golibvirt.Connect) error {
 		var err error
-		ok, err = hasSecret(c, SecretUUID(vmUUID))
+		ok, err = hasSecret(c, hypervisor.SecretUUID(vmUUID))
 		return err
 	})
 	if err != nil {

@@ -9,14 +9,6 @@ import (
 	"github.com/vtpmm/vtpmm/hypervisor"
 )
 
-func TestSecretUUID(t *testing.T) {
-	vm := "0e2e0e2e-0000-4000-8000-000000000001"
-	a, b := SecretUUID(vm), SecretUUID("0E2E0E2E-0000-4000-8000-000000000001")
-	if a != b || !isUUID(a) || a == vm || SecretUUID("0e2e0e2e-0000-4000-8000-000000000002") == a {
-		t.Fatalf("SecretUUID = %s / %s", a, b)
-	}
-}
-
 func TestDomainXML(t *testing.T) {
 	vm := "0e2e0e2e-0000-4000-8000-000000000001"
 	doc, err := VMSpec{Name: "v", UUID: vm, TPMVersion: "1.2", TCG: true}.DomainXML()
@@ -24,7 +16,7 @@ func TestDomainXML(t *testing.T) {
 		t.Fatal(err)
 	}
 	tpm, err := emulatorTPM(doc)
-	if err != nil || tpm == nil || tpm.Version != "1.2" || tpm.Encryption.Secret != SecretUUID(vm) {
+	if err != nil || tpm == nil || tpm.Version != "1.2" || tpm.Encryption.Secret != hypervisor.SecretUUID(vm) {
 		t.Fatalf("tpm %+v, %v in\n%s", tpm, err, doc)
 	}
 	doc, err = withSecret(doc, "5ec2e7a0-0000-4000-8000-0000000000f1")

@@ -27,10 +27,6 @@ type MigrateOptions struct {
 	// defined, domain absent), like a plain `virsh migrate`; libvirt's own
 	// errors are classified instead.
 	NoPrecheck bool
-	// KeepSourceSecret keeps the VM's secret on the source after a
-	// successful migration (by default it is undefined: the source no
-	// longer needs it and libvirt read it only when swtpm started).
-	KeepSourceSecret bool
 }
 
 // Migrate live-migrates a running VM to dest (MigrateWith with defaults).
@@ -56,7 +52,7 @@ func (h *Hypervisor) MigrateWith(ctx context.Context, vmUUID string, dest hyperv
 	if err != nil {
 		return fmt.Errorf("%s: %w", op, err)
 	}
-	secretUUID := SecretUUID(vmUUID)
+	secretUUID := hypervisor.SecretUUID(vmUUID)
 	var peer *golibvirt.Connect
 	peerURI := dest.URI
 	if h.cfg.PeerURI != nil {
@@ -85,11 +81,8 @@ func (h *Hypervisor) MigrateWith(ctx context.Context, vmUUID string, dest hyperv
 		return fmt.Errorf("%s: %w", op, err)
 	}
 	log.WithField("took", time.Since(t0)).Info("migrated")
-	if !opt.KeepSourceSecret {
-		if err := h.UndefineSecret(context.WithoutCancel(ctx), vmUUID); err != nil {
-			log.WithError(err).Warn("migrated, but the source secret was not undefined")
-		}
-	}
+	// The source's secret stays: its owner (the migration node) undefines
+	// it when the transaction commits.
 	return nil
 }
 
@@ -101,7 +94,7 @@ func targetName(t hypervisor.Target) string {
 }
 
 // migrateParams checks that the VM runs here and, when its vTPM references
-// another secret than SecretUUID (an adopted domain), rewrites the
+// another secret than SecretUUID (a domain vtpmm did not define), rewrites the
 // destination's live and persistent XML to reference SecretUUID.
 func (h *Hypervisor) migrateParams(ctx context.Context, vmUUID string) (*golibvirt.DomainMigrateParameters, error) {
 	params := &golibvirt.DomainMigrateParameters{}
@@ -129,7 +122,7 @@ func (h *Hypervisor) migrateParams(ctx context.Context, vmUUID string) (*golibvi
 		if tpm == nil {
 			return ErrNoVTPM
 		}
-		want := SecretUUID(vmUUID)
+		want := hypervisor.SecretUUID(vmUUID)
 		if tpm.Encryption == nil || tpm.Encryption.Secret == want {
 			return nil
 		}

@@ -9,6 +9,7 @@ import (
 	"libvirt.org/go/libvirtxml"
 
 	"github.com/vtpmm/vtpmm/hypervisor"
+	"github.com/vtpmm/vtpmm/internal/ids"
 )
 
 // VMSpec describes a VM with an encrypted emulator vTPM for DefineVM.
@@ -29,7 +30,7 @@ type VMSpec struct {
 	// TPMVersion is "2.0" (default, tpm-crb) or "1.2" (tpm-tis).
 	TPMVersion string
 	// SecretUUID is the secret the vTPM state is encrypted with; default
-	// SecretUUID(UUID), the one DefineSecret defines.
+	// hypervisor.SecretUUID(UUID), the one DefineSecret defines.
 	SecretUUID string
 	// Start cold-starts the VM after defining it.
 	Start bool
@@ -37,7 +38,7 @@ type VMSpec struct {
 
 // DomainXML renders the spec as libvirt domain XML.
 func (s VMSpec) DomainXML() (string, error) {
-	if s.Name == "" || !isUUID(s.UUID) {
+	if s.Name == "" || !ids.IsUUID(s.UUID) {
 		return "", fmt.Errorf("%w: VM name and canonical UUID required", ErrBadConfig)
 	}
 	mem, cpus := s.MemoryMiB, s.VCPUs
@@ -58,7 +59,7 @@ func (s VMSpec) DomainXML() (string, error) {
 	}
 	secret := s.SecretUUID
 	if secret == "" {
-		secret = SecretUUID(s.UUID)
+		secret = hypervisor.SecretUUID(s.UUID)
 	}
 	typ := "kvm"
 	if s.TCG {
@@ -117,77 +118,6 @@ func (h *Hypervisor) DefineVM(ctx context.Context, spec VMSpec) error {
 	if spec.Start {
 		return h.StartDomain(ctx, spec.UUID)
 	}
-	return nil
-}
-
-// AdoptOptions tunes AdoptDomain.
-type AdoptOptions struct {
-	// DiscardVTPMState deletes the domain's existing vTPM state (libvirt
-	// VIR_DOMAIN_UNDEFINE_TPM) so that the next cold start creates a fresh
-	// vTPM encrypted with the new secret. Without it, the value given to
-	// AdoptDomain must be the passphrase the existing state is encrypted
-	// with, or the next start fails with ErrSecretMismatch.
-	DiscardVTPMState bool
-}
-
-// AdoptDomain puts an existing vTPM domain under vtpmm: it defines the
-// VM's secret with value (DefineSecret) and points the domain's vTPM at it.
-//
-// A domain that already references SecretUUID(vmUUID) is adopted at once,
-// running or not. A domain that references another secret is adopted only
-// while shut off: its running swtpm holds the old passphrase, which libvirt
-// never returns for a private secret, so vtpmm could neither give it to a
-// destination nor re-encrypt the state with its own key. Such a running
-// domain gives ErrAdoptRunning and is adopted at its next cold start (shut
-// it down, AdoptDomain, start it).
-func (h *Hypervisor) AdoptDomain(ctx context.Context, vmUUID string, value []byte, opt AdoptOptions) error {
-	op := fmt.Sprintf("adopt domain %s on %s", vmUUID, h.cfg.Name)
-	cur, err := h.VTPMSecret(ctx, vmUUID)
-	if err != nil {
-		return fmt.Errorf("%s: %w", op, err)
-	}
-	want := SecretUUID(vmUUID)
-	if cur == want && !opt.DiscardVTPMState {
-		return h.DefineSecret(ctx, vmUUID, value)
-	}
-	var doc string
-	err = h.with(ctx, func(c *golibvirt.Connect) error {
-		d, err := lookup(c, vmUUID)
-		if err != nil {
-			return err
-		}
-		defer d.Free()
-		if st, _, err := d.GetState(); err != nil {
-			return wrapLibvirt(err)
-		} else if state(st) != hypervisor.StateShutoff {
-			return ErrAdoptRunning
-		}
-		if doc, err = d.GetXMLDesc(golibvirt.DOMAIN_XML_INACTIVE | golibvirt.DOMAIN_XML_SECURE); err != nil {
-			return wrapLibvirt(err)
-		}
-		doc, err = withSecret(doc, want)
-		if err != nil {
-			return err
-		}
-		if opt.DiscardVTPMState {
-			if err := d.UndefineFlags(golibvirt.DOMAIN_UNDEFINE_TPM | golibvirt.DOMAIN_UNDEFINE_NVRAM); err != nil {
-				return wrapLibvirt(err)
-			}
-		}
-		nd, err := c.DomainDefineXML(doc)
-		if err != nil {
-			return wrapLibvirt(err)
-		}
-		nd.Free()
-		return nil
-	})
-	if err != nil {
-		return fmt.Errorf("%s: %w", op, err)
-	}
-	if err := h.DefineSecret(ctx, vmUUID, value); err != nil {
-		return fmt.Errorf("%s: %w", op, err)
-	}
-	h.log.WithField("vm", vmUUID).Info("domain adopted")
 	return nil
 }
 

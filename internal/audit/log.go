@@ -11,6 +11,8 @@ import (
 	"time"
 
 	"github.com/sirupsen/logrus"
+
+	"github.com/vtpmm/vtpmm/internal/atomicfile"
 )
 
 // Options configures Open.
@@ -98,7 +100,7 @@ func Open(path string, opts Options) (*Log, error) {
 		return nil, fmt.Errorf("%s: %w (move the file aside, keep it as evidence, and start a new log)", op, err)
 	}
 	if created {
-		if err := syncDir(filepath.Dir(path)); err != nil {
+		if err := atomicfile.SyncDir(filepath.Dir(path)); err != nil {
 			return nil, fmt.Errorf("%s: %w", op, err)
 		}
 	}
@@ -118,7 +120,7 @@ func Open(path string, opts Options) (*Log, error) {
 // error and later ones wrap ErrFailed): reopen it to verify and repair the
 // tail before continuing the chain.
 func (l *Log) Append(ctx context.Context, rec Record) error {
-	op := "audit append " + rec.Event
+	op := "audit append " + string(rec.Event)
 	if !validEvent(rec.Event) {
 		return fmt.Errorf("%s: event %q: %w", op, rec.Event, ErrInvalidRecord)
 	}
@@ -183,13 +185,4 @@ func (l *Log) Close() error {
 		return fmt.Errorf("close audit log %s: %w", l.path, err)
 	}
 	return nil
-}
-
-func syncDir(dir string) error {
-	d, err := os.Open(dir)
-	if err != nil {
-		return err
-	}
-	defer d.Close()
-	return d.Sync()
 }

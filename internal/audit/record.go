@@ -9,15 +9,21 @@ import (
 	"time"
 )
 
-// Events vtpmd logs. Other event names are allowed if they are lowercase
-// words joined by hyphens.
+// Event names what a record records. Other event names than the constants
+// are accepted if they are lowercase words joined by hyphens.
+type Event string
+
+// Events vtpmd logs.
 const (
-	EventKeyRelease        = "key-release"
-	EventKeyReleaseRefused = "key-release-refused"
-	EventMigrationCommit   = "migration-commit"
-	EventMigrationAbort    = "migration-abort"
-	EventBackup            = "backup"
-	EventRestore           = "restore"
+	EventKeyRelease        Event = "key-release"         // a source released a VM key to a destination
+	EventKeyReleaseRefused Event = "key-release-refused" // a destination failed attestation
+	EventKeyReceived       Event = "key-received"        // a destination holds a VM key as PENDING
+	EventMigrationCommit   Event = "migration-commit"
+	EventMigrationAbort    Event = "migration-abort"
+	EventHostEnrolled      Event = "host-enrolled"  // a peer's EK and AK were verified and recorded
+	EventEnrollRefused     Event = "enroll-refused" // a peer's EK or AK was refused
+	EventBackup            Event = "backup"
+	EventRestore           Event = "restore"
 )
 
 // Genesis is the prev value of the first record: 64 zeros.
@@ -33,7 +39,7 @@ type Record struct {
 	Seq        uint64    `json:"seq"`
 	Time       time.Time `json:"time"`
 	Host       string    `json:"host"`  // the host that wrote the log
-	Event      string    `json:"event"` // one of the Event constants
+	Event      Event     `json:"event"` // one of the Event constants
 	VM         string    `json:"vm"`    // VM UUID
 	Peer       string    `json:"peer"`  // the other host (destination of a release)
 	Generation uint64    `json:"generation"`
@@ -67,8 +73,8 @@ func lineHash(line []byte) string {
 }
 
 // validEvent accepts lowercase words joined by single hyphens.
-func validEvent(e string) bool {
-	if e == "" || len(e) > 64 || e[0] == '-' || e[len(e)-1] == '-' || strings.Contains(e, "--") {
+func validEvent(e Event) bool {
+	if e == "" || len(e) > 64 || e[0] == '-' || e[len(e)-1] == '-' || strings.Contains(string(e), "--") {
 		return false
 	}
 	for _, c := range e {

@@ -18,7 +18,7 @@ import (
 	"path/filepath"
 	"time"
 
-	"github.com/vtpmm/vtpmm/vtpm"
+	"github.com/vtpmm/vtpmm/internal/atomicfile"
 )
 
 // File names inside a CA directory.
@@ -141,10 +141,10 @@ func InitCA(dir string, opts CAOptions) (*CA, error) {
 		return nil, fmt.Errorf("%s: %w", op, err)
 	}
 	certPEM := pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: der})
-	if err := vtpm.WriteFileAtomic(keyPath, keyPEM); err != nil {
+	if err := atomicfile.WriteFile(keyPath, keyPEM, 0o600); err != nil {
 		return nil, fmt.Errorf("%s: %w", op, err)
 	}
-	if err := vtpm.WriteFileAtomic(certPath, certPEM); err != nil {
+	if err := atomicfile.WriteFile(certPath, certPEM, 0o600); err != nil {
 		return nil, fmt.Errorf("%s: %w", op, err)
 	}
 	return &CA{cert: cert, certPEM: certPEM, key: key, now: opts.Now}, nil
@@ -273,10 +273,10 @@ func (c *CA) IssueToDir(host, dir string, opts IssueOptions) (certPath, keyPath 
 	if err := os.MkdirAll(dir, 0o700); err != nil {
 		return "", "", fmt.Errorf("%s: %w", op, err)
 	}
-	if err := vtpm.WriteFileAtomic(keyPath, keyPEM); err != nil {
+	if err := atomicfile.WriteFile(keyPath, keyPEM, 0o600); err != nil {
 		return "", "", fmt.Errorf("%s: %w", op, err)
 	}
-	if err := vtpm.WriteFileAtomic(certPath, certPEM); err != nil {
+	if err := atomicfile.WriteFile(certPath, certPEM, 0o600); err != nil {
 		return "", "", fmt.Errorf("%s: %w", op, err)
 	}
 	return certPath, keyPath, nil

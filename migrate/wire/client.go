@@ -70,12 +70,6 @@ func NewClient(tlsFor func(host string) (*tls.Config, error), addrOf func(host s
 	return c
 }
 
-// Dialer returns a migrate.Dialer over a new Client (whose connections
-// live as long as the process).
-func Dialer(tlsFor func(host string) (*tls.Config, error), addrOf func(host string) (string, error), opts ...ClientOption) migrate.Dialer {
-	return NewClient(tlsFor, addrOf, opts...).Dial
-}
-
 // Dial returns the Peer for host; it is a migrate.Dialer. It sets up the
 // host's connection (TLS configuration and address) if there is none; the
 // TCP and TLS handshakes happen with the first call.

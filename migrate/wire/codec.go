@@ -1,12 +1,8 @@
 package wire
 
 import (
-	"bytes"
 	"encoding/json"
 	"fmt"
-	"io"
-
-	"github.com/vtpmm/vtpmm/migrate"
 )
 
 // codecName is the codec's name; with ForceCodec the client sends it as
@@ -15,7 +11,7 @@ const codecName = "json"
 
 // rawMessage is what the server's handlers decode a request into: the
 // bytes as received, so that every request goes through a strict decoder
-// (migrate.DecodePrepare, migrate.DecodeFinish, decodeStrict).
+// (migrate.DecodePrepare, migrate.DecodeFinish, migrate.DecodeStrict).
 type rawMessage []byte
 
 // jsonCodec is the agent wire's codec. It is passed per server
@@ -48,23 +44,4 @@ func (jsonCodec) Unmarshal(data []byte, v any) error {
 		return fmt.Errorf("wire: response of %d bytes (limit %d)", len(data), MaxMessageSize)
 	}
 	return json.Unmarshal(data, v)
-}
-
-// decodeStrict decodes one request that has no strict decoder in package
-// migrate (Evidence, Status): size-limited, no unknown fields, no trailing
-// data. Errors wrap migrate.ErrBadMessage.
-func decodeStrict[T any](what string, b []byte) (*T, error) {
-	if len(b) > MaxMessageSize {
-		return nil, fmt.Errorf("decode %s: %w: %d bytes (limit %d)", what, migrate.ErrBadMessage, len(b), MaxMessageSize)
-	}
-	var v T
-	dec := json.NewDecoder(bytes.NewReader(b))
-	dec.DisallowUnknownFields()
-	if err := dec.Decode(&v); err != nil {
-		return nil, fmt.Errorf("decode %s: %w: %v", what, migrate.ErrBadMessage, err)
-	}
-	if _, err := dec.Token(); err != io.EOF {
-		return nil, fmt.Errorf("decode %s: %w: trailing data after the message", what, migrate.ErrBadMessage)
-	}
-	return &v, nil
 }

@@ -15,8 +15,8 @@
 //	/vtpmm.migrate.v1.Agent/Activate  migrate.ActivateRequest -> migrate.ActivateResponse
 //	/vtpmm.migrate.v1.Agent/Pull      migrate.PullRequest     -> migrate.PullResponse
 //
-// NewServer serves a migrate.Peer (a *migrate.Node); Dialer / NewClient
-// give a migrate.Dialer whose Peers call it, over one cached
+// NewServer serves a migrate.Peer (a *migrate.Node); NewClient gives a
+// Client whose Dial is a migrate.Dialer whose Peers call it, over one cached
 // *grpc.ClientConn per host.
 //
 // # Codec
@@ -53,8 +53,8 @@
 // original error text and whose details hold a google.rpc.ErrorInfo
 // (domain "vtpmm.migrate.v1") with the reason code of the first sentinel
 // in the chain, and metadata "reasons" listing all of them. The client
-// returns a *RemoteError that matches (errors.Is) every sentinel named,
-// and answers status.Code:
+// returns a *RemoteError that matches (errors.Is) every class named, and so
+// its sentinel, and answers status.Code:
 //
 //	sentinel                   reason                 gRPC code
 //	migrate.ErrReplay          ERR_REPLAY             AlreadyExists
@@ -67,6 +67,7 @@
 //	migrate.ErrNotOwner        ERR_NOT_OWNER          FailedPrecondition
 //	migrate.ErrNotMigrating    ERR_NOT_MIGRATING      FailedPrecondition
 //	migrate.ErrRefused         ERR_REFUSED            FailedPrecondition
+//	migrate.ErrKeyProof        ERR_KEY_PROOF          FailedPrecondition
 //	migrate.ErrHypervisor      ERR_HYPERVISOR         Internal
 //	migrate.ErrUnresolved      ERR_UNRESOLVED         Aborted
 //	migrate.ErrPeer            ERR_PEER               Unavailable
@@ -75,8 +76,10 @@
 //	migrate.ErrBadMessage      ERR_BAD_MESSAGE        InvalidArgument
 //	(none)                     -                      Unknown (or DeadlineExceeded, Canceled)
 //
-// The table is ordered: the first match picks the code. A failure that
-// names no known reason — the transport (Unavailable: refused, reset,
+// The table is internal/errclass's, the one table of error classes (the
+// admin API's codes and vtpmctl's exit codes come from it too); a sentinel
+// matches by its class. The table is ordered: the first match picks the
+// code. A failure that names no known reason — the transport (Unavailable: refused, reset,
 // handshake failed; DeadlineExceeded; Canceled; ResourceExhausted for an
 // oversized message) or a server error of no known class — matches
 // migrate.ErrPeer, and also the context's error when the caller's context

@@ -5,13 +5,14 @@ import (
 	"errors"
 	"fmt"
 	"strings"
+	"time"
 
 	"google.golang.org/genproto/googleapis/rpc/errdetails"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
 
+	"github.com/vtpmm/vtpmm/internal/errclass"
 	"github.com/vtpmm/vtpmm/migrate"
-	"github.com/vtpmm/vtpmm/vtpm"
 )
 
 // ErrorDomain is the google.rpc.ErrorInfo domain of the wire's error
@@ -21,59 +22,7 @@ const ErrorDomain = "vtpmm.migrate.v1"
 // ErrUnauthorized means the server refused a call: the client presented no
 // verified certificate, or its certificate names another host than the
 // request's claimed sender.
-var ErrUnauthorized = errors.New("peer not authorized")
-
-// Reason codes: stable, machine-readable names of the sentinel errors,
-// sent as google.rpc.ErrorInfo.Reason in the status details.
-const (
-	ReasonBusy            = "ERR_BUSY"
-	ReasonReplay          = "ERR_REPLAY"
-	ReasonUnknownTx       = "ERR_UNKNOWN_TX"
-	ReasonStaleGeneration = "ERR_STALE_GENERATION"
-	ReasonWrongKey        = "ERR_WRONG_KEY"
-	ReasonKeyExists       = "ERR_KEY_EXISTS"
-	ReasonKeyNotFound     = "ERR_KEY_NOT_FOUND"
-	ReasonNotOwner        = "ERR_NOT_OWNER"
-	ReasonNotMigrating    = "ERR_NOT_MIGRATING"
-	ReasonRefused         = "ERR_REFUSED"
-	ReasonHypervisor      = "ERR_HYPERVISOR"
-	ReasonUnresolved      = "ERR_UNRESOLVED"
-	ReasonPeer            = "ERR_PEER"
-	ReasonCrash           = "ERR_CRASH"
-	ReasonUnauthorized    = "ERR_UNAUTHORIZED"
-	ReasonBadMessage      = "ERR_BAD_MESSAGE"
-)
-
-// errorMapping is one row of the error table.
-type errorMapping struct {
-	err    error
-	reason string
-	code   codes.Code
-}
-
-// errorTable maps sentinels to reasons and status codes, most specific
-// first: the first sentinel in an error's chain picks the status code;
-// every sentinel in the chain is listed in the details. Read-only.
-func errorTable() []errorMapping {
-	return []errorMapping{
-		{migrate.ErrReplay, ReasonReplay, codes.AlreadyExists},
-		{migrate.ErrBusy, ReasonBusy, codes.Aborted},
-		{migrate.ErrUnknownTx, ReasonUnknownTx, codes.NotFound},
-		{vtpm.ErrStaleGeneration, ReasonStaleGeneration, codes.FailedPrecondition},
-		{vtpm.ErrWrongKey, ReasonWrongKey, codes.InvalidArgument},
-		{vtpm.ErrKeyExists, ReasonKeyExists, codes.AlreadyExists},
-		{vtpm.ErrKeyNotFound, ReasonKeyNotFound, codes.NotFound},
-		{migrate.ErrNotOwner, ReasonNotOwner, codes.FailedPrecondition},
-		{migrate.ErrNotMigrating, ReasonNotMigrating, codes.FailedPrecondition},
-		{migrate.ErrRefused, ReasonRefused, codes.FailedPrecondition},
-		{migrate.ErrHypervisor, ReasonHypervisor, codes.Internal},
-		{migrate.ErrUnresolved, ReasonUnresolved, codes.Aborted},
-		{migrate.ErrPeer, ReasonPeer, codes.Unavailable},
-		{migrate.ErrCrash, ReasonCrash, codes.Internal},
-		{ErrUnauthorized, ReasonUnauthorized, codes.PermissionDenied},
-		{migrate.ErrBadMessage, ReasonBadMessage, codes.InvalidArgument},
-	}
-}
+var ErrUnauthorized = errclass.New(errclass.Unauthorized, "peer not authorized")
 
 // toStatus turns a handler's error into a gRPC status error carrying the
 // original message and, in an ErrorInfo detail, the reason codes of every
@@ -92,14 +41,13 @@ func toStatus(err error) error {
 	case errors.Is(err, context.Canceled):
 		code = codes.Canceled
 	}
-	var reasons []string
-	for _, m := range errorTable() {
-		if errors.Is(err, m.err) {
-			if len(reasons) == 0 {
-				code = m.code
-			}
-			reasons = append(reasons, m.reason)
+	classes := errclass.Classes(err)
+	reasons := make([]string, 0, len(classes))
+	for i, c := range classes {
+		if i == 0 {
+			code = codes.Code(c.GRPCCode())
 		}
+		reasons = append(reasons, c.Reason())
 	}
 	st := status.New(code, err.Error())
 	if len(reasons) > 0 {
@@ -117,15 +65,16 @@ func toStatus(err error) error {
 // denied is the status for a failed authorization.
 func denied(code codes.Code, msg string) error {
 	st := status.New(code, fmt.Sprintf("%s: %s", ErrUnauthorized, msg))
-	if d, err := st.WithDetails(&errdetails.ErrorInfo{Reason: ReasonUnauthorized, Domain: ErrorDomain}); err == nil {
+	if d, err := st.WithDetails(&errdetails.ErrorInfo{Reason: errclass.Unauthorized.Reason(), Domain: ErrorDomain}); err == nil {
 		st = d
 	}
 	return st.Err()
 }
 
 // RemoteError is the error of a failed call to a peer agent, as the client
-// sees it. errors.Is matches the sentinels the server named in its reasons
-// (migrate.ErrBusy, vtpm.ErrStaleGeneration, ...); a failure without a
+// sees it. errors.Is matches the classes the server named in its reasons
+// (internal/errclass), and so their sentinels (migrate.ErrBusy,
+// vtpm.ErrStaleGeneration, ...); a failure without a
 // known reason (connection refused or lost, deadline, a server error of no
 // known class) matches migrate.ErrPeer, and the context's error too when
 // the caller's context ended. status.Code(err) gives the gRPC code.
@@ -147,7 +96,7 @@ func (e *RemoteError) Error() string {
 	return fmt.Sprintf("%s %s: %s", e.Host, e.Method, e.Message)
 }
 
-// Unwrap returns the sentinels the error matches.
+// Unwrap returns the classes the error matches (and the context's error).
 func (e *RemoteError) Unwrap() []error { return e.errs }
 
 // GRPCStatus returns the call's status (for status.Code and status.FromError).
@@ -157,7 +106,6 @@ func (e *RemoteError) GRPCStatus() *status.Status { return e.st }
 func fromStatus(ctx context.Context, host, method string, err error) error {
 	st := status.Convert(err)
 	e := &RemoteError{Host: host, Method: method, Code: st.Code(), Message: st.Message(), st: st}
-	table := errorTable()
 	for _, d := range st.Details() {
 		info, ok := d.(*errdetails.ErrorInfo)
 		if !ok || info.GetDomain() != ErrorDomain {
@@ -168,19 +116,35 @@ func fromStatus(ctx context.Context, host, method string, err error) error {
 			names = strings.Split(all, ",")
 		}
 		for _, name := range names {
-			for _, m := range table {
-				if m.reason == name {
-					e.Reasons = append(e.Reasons, name)
-					e.errs = append(e.errs, m.err)
-				}
+			if c, ok := errclass.ByReason(name); ok {
+				e.Reasons = append(e.Reasons, name)
+				e.errs = append(e.errs, c)
 			}
 		}
 	}
 	if len(e.errs) == 0 {
-		e.errs = append(e.errs, migrate.ErrPeer)
+		e.errs = append(e.errs, errclass.Peer)
 	}
-	if cerr := ctx.Err(); cerr != nil {
+	if cerr := callerContextErr(ctx, st.Code()); cerr != nil {
 		e.errs = append(e.errs, cerr)
+	} else if dl, ok := ctx.Deadline(); ok && st.Code() == codes.DeadlineExceeded && !time.Now().Before(dl) {
+		// gRPC's deadline timer can fire before the context's own: the
+		// caller's deadline passed all the same.
+		e.errs = append(e.errs, context.DeadlineExceeded)
 	}
 	return e
+}
+
+// callerContextErr is the caller's context error when the call ended with
+// it. gRPC can report DeadlineExceeded (the server's copy of the deadline
+// cancelled the stream) a moment before the caller's own context timer has
+// fired, so a passed deadline counts even while ctx.Err() is still nil.
+func callerContextErr(ctx context.Context, code codes.Code) error {
+	if err := ctx.Err(); err != nil {
+		return err
+	}
+	if dl, ok := ctx.Deadline(); ok && code == codes.DeadlineExceeded && !time.Now().Before(dl) {
+		return context.DeadlineExceeded
+	}
+	return nil
 }

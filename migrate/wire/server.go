@@ -60,7 +60,7 @@ func serviceDesc() *grpc.ServiceDesc {
 		Methods: []grpc.MethodDesc{
 			{MethodName: MethodEvidence, Handler: handler(MethodEvidence,
 				func(b []byte) (*migrate.EvidenceRequest, error) {
-					return decodeStrict[migrate.EvidenceRequest]("evidence", b)
+					return migrate.DecodeStrict[migrate.EvidenceRequest]("evidence", b)
 				},
 				func(r *migrate.EvidenceRequest) string { return r.Source },
 				migrate.Peer.Evidence)},
@@ -72,19 +72,19 @@ func serviceDesc() *grpc.ServiceDesc {
 				migrate.Peer.Finish)},
 			{MethodName: MethodStatus, Handler: handler(MethodStatus,
 				func(b []byte) (*migrate.StatusRequest, error) {
-					return decodeStrict[migrate.StatusRequest]("status", b)
+					return migrate.DecodeStrict[migrate.StatusRequest]("status", b)
 				},
 				func(r *migrate.StatusRequest) string { return r.From },
 				migrate.Peer.Status)},
 			{MethodName: MethodIdentity, Handler: handler(MethodIdentity,
 				func(b []byte) (*migrate.IdentityRequest, error) {
-					return decodeStrict[migrate.IdentityRequest]("identity", b)
+					return migrate.DecodeStrict[migrate.IdentityRequest]("identity", b)
 				},
 				func(r *migrate.IdentityRequest) string { return r.From },
 				migrate.Peer.Identity)},
 			{MethodName: MethodActivate, Handler: handler(MethodActivate,
 				func(b []byte) (*migrate.ActivateRequest, error) {
-					return decodeStrict[migrate.ActivateRequest]("activate", b)
+					return migrate.DecodeStrict[migrate.ActivateRequest]("activate", b)
 				},
 				func(r *migrate.ActivateRequest) string { return r.From },
 				migrate.Peer.Activate)},

@@ -45,7 +45,7 @@ type benchSample struct {
 //     ledgers therefore stay right: after every hop exactly one host owns
 //     its key (checked after each run).
 //   - vm-plain is unknown to vtpmd (no key, no vm.json); its ephemeral
-//     private secret (UUID libvirt.SecretUUID(vm), a random passphrase) is
+//     private secret (UUID hypervisor.SecretUUID(vm), a random passphrase) is
 //     defined by hand on BOTH hosts before the first run and stays defined
 //     (virsh migrate does not undefine secrets). It is moved only by
 //     'virsh -c qemu:///system migrate --live --p2p --persistent
@@ -79,7 +79,7 @@ func TestE2EBench(t *testing.T) {
 	ctx, cancel := context.WithTimeout(context.Background(), 4*time.Minute+time.Duration(runs)*time.Minute)
 	defer cancel()
 
-	f := newVFleet(ctx, t, hostA, hostB)
+	f := newVFleet(ctx, t, hostA(), hostB())
 	a, b := f.Hosts["host-a"], f.Hosts["host-b"]
 	for _, h := range []*lab.FleetHost{a, b} {
 		if err := appendConfig(h.Vtpmd.ConfigPath, fmt.Sprintf("metrics_listen: %s:%d\n", h.IP, metricsPort)); err != nil {
@@ -168,7 +168,7 @@ func createPlainVM(ctx context.Context, t *testing.T, spec libvirt.VMSpec, name 
 			t.Fatal(err)
 		}
 	}
-	spec.Name, spec.UUID, spec.SecretUUID, spec.Start = name, vm.UUID, libvirt.SecretUUID(vm.UUID), true
+	spec.Name, spec.UUID, spec.SecretUUID, spec.Start = name, vm.UUID, hypervisor.SecretUUID(vm.UUID), true
 	t0 := time.Now()
 	if err := on.Hyp.DefineVM(ctx, spec); err != nil {
 		t.Fatal(err)

@@ -10,6 +10,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/vtpmm/vtpmm/hypervisor"
 	"github.com/vtpmm/vtpmm/hypervisor/libvirt"
 	"github.com/vtpmm/vtpmm/test/lab"
 )
@@ -27,7 +28,7 @@ type eventWatch struct {
 }
 
 type seenEvent struct {
-	libvirt.LifecycleEvent
+	hypervisor.LifecycleEvent
 	at time.Time
 }
 
@@ -37,7 +38,7 @@ func watchEvents(ctx context.Context, t *testing.T, h *lab.Host) *eventWatch {
 	wctx, cancel := context.WithCancel(ctx)
 	w := &eventWatch{host: h, cancel: cancel, done: make(chan error, 1), more: make(chan struct{}, 1)}
 	go func() {
-		w.done <- h.Hyp.WatchLifecycle(wctx, func(e libvirt.LifecycleEvent) {
+		w.done <- h.Hyp.WatchLifecycle(wctx, func(e hypervisor.LifecycleEvent) {
 			w.mu.Lock()
 			w.seen = append(w.seen, seenEvent{e, time.Now()})
 			w.mu.Unlock()
@@ -53,7 +54,7 @@ func watchEvents(ctx context.Context, t *testing.T, h *lab.Host) *eventWatch {
 
 // wait returns the first event of vm with that event and detail,
 // failing the test if none came within limit.
-func (w *eventWatch) wait(t *testing.T, vm, event, detail string, limit time.Duration) seenEvent {
+func (w *eventWatch) wait(t *testing.T, vm string, event hypervisor.EventType, detail hypervisor.EventDetail, limit time.Duration) seenEvent {
 	t.Helper()
 	deadline := time.After(limit)
 	for {
@@ -81,7 +82,7 @@ func (w *eventWatch) list(vm string, t0 time.Time) string {
 	var out []string
 	for _, e := range w.seen {
 		if vm == "" || e.VM == vm {
-			out = append(out, e.Event+"/"+e.Detail+" at "+e.at.Sub(t0).Round(time.Millisecond).String())
+			out = append(out, string(e.Event)+"/"+string(e.Detail)+" at "+e.at.Sub(t0).Round(time.Millisecond).String())
 		}
 	}
 	return "[" + strings.Join(out, ", ") + "]"
@@ -138,9 +139,9 @@ func (w *eventWatch) probe(ctx context.Context, t *testing.T) {
 func TestLibvirtLifecycleEvents(t *testing.T) {
 	ctx, cancel := context.WithTimeout(context.Background(), 4*time.Minute)
 	defer cancel()
-	f := newFleet(ctx, t)
-	a := f.host(ctx, "host-a", "10.251.0.1", goodLog)
-	b := f.host(ctx, "host-b", "10.251.0.2", goodLog)
+	n := newNetwork(ctx, t)
+	a := newHost(ctx, t, n, "host-a", "10.251.0.1")
+	b := newHost(ctx, t, n, "host-b", "10.251.0.2")
 	wa, wb := watchEvents(ctx, t, a), watchEvents(ctx, t, b)
 	wa.probe(ctx, t)
 	wb.probe(ctx, t)

@@ -10,20 +10,19 @@ import (
 	"testing"
 	"time"
 
+	"github.com/vtpmm/vtpmm/internal/fixtures"
 	"github.com/vtpmm/vtpmm/test/guest"
 	"github.com/vtpmm/vtpmm/test/lab"
 )
 
-const (
-	goodLog = "../../vtpm/emuhost/testdata/gce-cos-85.eventlog.bin"
-	badLog  = "../../attest/testdata/realworld/eventlogs/ubuntu-2104-no-secure-boot.bin"
-)
+// The boot logs of the shared fixtures (internal/fixtures), written below
+// fixtureDir by TestMain for the tools that take a path.
+var goodLog, badLog string
 
-// The two trusted hosts most tests use.
-var (
-	hostA = lab.HostSpec{Name: "host-a", IP: "10.251.0.1", BootLog: goodLog}
-	hostB = lab.HostSpec{Name: "host-b", IP: "10.251.0.2", BootLog: goodLog}
-)
+// The hosts: two trusted, host-c booted from the tampered log.
+func hostA() lab.HostSpec { return lab.HostSpec{Name: "host-a", IP: "10.251.0.1", BootLog: goodLog} }
+func hostB() lab.HostSpec { return lab.HostSpec{Name: "host-b", IP: "10.251.0.2", BootLog: goodLog} }
+func hostC() lab.HostSpec { return lab.HostSpec{Name: "host-c", IP: "10.251.0.3", BootLog: badLog} }
 
 // The real vtpmd and vtpmctl are built once per test binary, into toolsDir.
 var (
@@ -34,7 +33,16 @@ var (
 )
 
 func TestMain(m *testing.M) {
+	dir, err := os.MkdirTemp("", "vtpmm-e2e-fixtures-")
+	if err == nil {
+		goodLog, badLog, err = fixtures.BootLogs(dir)
+	}
+	if err != nil {
+		fmt.Fprintln(os.Stderr, err)
+		os.Exit(1)
+	}
 	code := m.Run()
+	_ = os.RemoveAll(dir)
 	if toolsDir != "" {
 		_ = os.RemoveAll(toolsDir)
 	}

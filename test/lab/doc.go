@@ -1,10 +1,12 @@
 // Package lab runs emulated hypervisor hosts on real components, for the
-// end-to-end tests (test/e2e) and the demo (cmd/vtpmm-demo). Each host gets
+// end-to-end tests (test/e2e) and the demo (test/demo). Each host gets
 // a network namespace joined to the others through a bridge, private mount
 // and UTS namespaces with bind mounts over libvirt's directories, its own
 // libvirtd (under a child subreaper, see cmd/subreaper), QEMU and swtpm, its
 // own emulated host TPM booted from a real event log, and (Fleet) its own
-// real vtpmd, provisioned with the real vtpmctl and vtpmd CLIs.
+// real vtpmd, provisioned with the real vtpmctl and vtpmd CLIs. Fleet.Contract
+// makes a Fleet the test fleet contract (test/fleet), so the migration
+// scenarios written once run on real libvirt too.
 //
 // The package does not import "testing": it works through T, which
 // *testing.T satisfies; Run provides a T for programs, with the same

@@ -12,10 +12,12 @@ import (
 
 	"github.com/sirupsen/logrus"
 
+	"github.com/vtpmm/vtpmm/cmd/vtpmd/daemon"
+	"github.com/vtpmm/vtpmm/hypervisor"
 	"github.com/vtpmm/vtpmm/hypervisor/libvirt"
-	"github.com/vtpmm/vtpmm/internal/agent"
 	"github.com/vtpmm/vtpmm/test/guest"
 	"github.com/vtpmm/vtpmm/vtpm"
+	"github.com/vtpmm/vtpmm/vtpm/host"
 )
 
 // QuotedPCRs is the PCR list of the fleet's policy (vtpmctl eventlog
@@ -213,7 +215,7 @@ type VM struct {
 //     encrypted swtpm state with EK certificates in DATA/vms/U/tpm2;
 //   - that state is copied to libvirt's /var/lib/libvirt/swtpm/U/tpm2, so
 //     libvirt starts swtpm on it and does not run swtpm_setup;
-//   - the lab opens the host's vault (agent.Open; the host TPM is free
+//   - the lab opens the host's vault (host.Open; the host TPM is free
 //     because vtpmd is not running yet), takes the VM key's passphrase,
 //     defines it as the ephemeral private libvirt secret, and wipes it; no
 //     key is written anywhere;
@@ -242,20 +244,16 @@ func (f *Fleet) CreateVM(ctx context.Context, h *FleetHost, name string, spec li
 		}
 	}
 	err := h.Vtpmd.WithKeys(ctx, func(keys *vtpm.KeyStore) error {
-		k, gen, err := keys.Get(ctx, vm.UUID)
-		if err != nil {
-			return err
-		}
+		gen, err := keys.WithPassphrase(ctx, vm.UUID, func(pass []byte) error {
+			return h.Hyp.DefineSecret(ctx, vm.UUID, pass)
+		})
 		vm.Generation = gen
-		pass := k.Passphrase()
-		k.Destroy()
-		defer clear(pass)
-		return h.Hyp.DefineSecret(ctx, vm.UUID, pass)
+		return err
 	})
 	if err != nil {
 		t.Fatal(err)
 	}
-	spec.Name, spec.UUID, spec.SecretUUID, spec.Start = name, vm.UUID, libvirt.SecretUUID(vm.UUID), true
+	spec.Name, spec.UUID, spec.SecretUUID, spec.Start = name, vm.UUID, hypervisor.SecretUUID(vm.UUID), true
 	if spec.Kernel != "" {
 		vm.Serial = "/var/log/libvirt/qemu/" + name + "-serial.log"
 		spec.SerialLog = vm.Serial
@@ -269,7 +267,7 @@ func (f *Fleet) CreateVM(ctx context.Context, h *FleetHost, name string, spec li
 	return vm
 }
 
-// WithKeys opens the host's vault in this process (agent.Open with the
+// WithKeys opens the host's vault in this process (host.Open with the
 // vtpmd configuration; the daemon must not be running, since the host TPM
 // serves one connection at a time), calls f with its key store, and
 // closes it.
@@ -277,11 +275,11 @@ func (v *Vtpmd) WithKeys(ctx context.Context, f func(*vtpm.KeyStore) error) erro
 	if v.Running() {
 		return fmt.Errorf("%w: vtpmd on %s holds the host TPM", ErrVtpmd, v.Host.Name)
 	}
-	cfg, err := agent.LoadConfig(v.ConfigPath)
+	cfg, err := daemon.LoadConfig(v.ConfigPath)
 	if err != nil {
 		return err
 	}
-	a, err := agent.Open(ctx, cfg, agent.Options{})
+	a, err := host.Open(ctx, cfg.Config, host.Options{})
 	if err != nil {
 		return err
 	}

@@ -1,6 +1,7 @@
 package lab
 
 import (
+	"bufio"
 	"bytes"
 	"context"
 	"errors"
@@ -13,6 +14,8 @@ import (
 	"strings"
 	"syscall"
 	"time"
+
+	"github.com/vtpmm/vtpmm/cmd/vtpmd/daemon"
 )
 
 // ErrVtpmd means a host's vtpmd did not come up or did not stop.
@@ -138,8 +141,8 @@ type Vtpmd struct {
 	ServingSince time.Time
 }
 
-// RecoveryInterval is the period of vtpmd's recovery loop (internal/agent).
-const RecoveryInterval = 15 * time.Second
+// RecoveryInterval is the period of vtpmd's recovery loop (daemon.RecoveryInterval).
+const RecoveryInterval = daemon.RecoveryInterval
 
 // NextRecoveryTick is the first tick of the recovery loop at or after t
 // (an estimate: within about 100 ms).
@@ -261,49 +264,63 @@ func (h *Host) NsCommand(ctx context.Context, name string, args ...string) (*exe
 }
 
 // Start runs 'vtpmd run' in the host's namespaces and waits (at most
-// 60 s) until its admin socket accepts connections. vtpmd reconciles open
-// transactions before it serves.
+// 60 s) until it prints its "ready:" line: it has bound its listeners,
+// reconciled open transactions and serves. Its stdout and stderr are
+// appended to LogPath.
 func (v *Vtpmd) Start(ctx context.Context) error {
 	if v.Running() {
 		return fmt.Errorf("%w: vtpmd on %s already runs", ErrVtpmd, v.Host.Name)
 	}
-	_ = os.Remove(v.Socket)
 	logf, err := os.OpenFile(v.LogPath, os.O_CREATE|os.O_WRONLY|os.O_APPEND, 0o600)
 	if err != nil {
 		return err
 	}
-	defer logf.Close()
 	v.Starts++
 	fmt.Fprintf(logf, "=== lab: start %d at %s\n", v.Starts, time.Now().Format(time.RFC3339Nano))
 	// Not bound to ctx: the daemon lives until Stop or Kill.
 	cmd, err := v.Host.NsCommand(context.Background(), v.Tools.Vtpmd, "--config", v.ConfigPath, "run")
 	if err != nil {
+		logf.Close()
 		return err
 	}
-	cmd.Stdout, cmd.Stderr = logf, logf
+	cmd.Stderr = logf
+	stdout, err := cmd.StdoutPipe()
+	if err != nil {
+		logf.Close()
+		return err
+	}
 	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
 	if err := cmd.Start(); err != nil {
+		logf.Close()
 		return fmt.Errorf("%w: start vtpmd on %s: %v", ErrVtpmd, v.Host.Name, err)
 	}
+	ready := make(chan struct{})
+	copied := make(chan struct{})
+	go func() {
+		defer close(copied)
+		sc := bufio.NewScanner(stdout)
+		once := false
+		for sc.Scan() {
+			fmt.Fprintln(logf, sc.Text())
+			if !once && strings.HasPrefix(sc.Text(), "ready:") {
+				once = true
+				close(ready)
+			}
+		}
+	}()
 	done := make(chan struct{})
 	v.cmd, v.done = cmd, done
-	go func() { _ = cmd.Wait(); close(done) }()
-	deadline := time.After(60 * time.Second)
-	for {
-		if c, err := net.DialTimeout("unix", v.Socket, time.Second); err == nil {
-			c.Close()
-			v.ServingSince = time.Now()
-			return nil
-		}
-		select {
-		case <-done:
-			return fmt.Errorf("%w: vtpmd on %s exited at start: %s", ErrVtpmd, v.Host.Name, v.LogTail(2000))
-		case <-deadline:
-			return fmt.Errorf("%w: vtpmd on %s: no admin socket after 60 s: %s", ErrVtpmd, v.Host.Name, v.LogTail(2000))
-		case <-ctx.Done():
-			return ctx.Err()
-		case <-time.After(50 * time.Millisecond):
-		}
+	go func() { <-copied; _ = cmd.Wait(); logf.Close(); close(done) }()
+	select {
+	case <-ready:
+		v.ServingSince = time.Now()
+		return nil
+	case <-done:
+		return fmt.Errorf("%w: vtpmd on %s exited at start: %s", ErrVtpmd, v.Host.Name, v.LogTail(2000))
+	case <-time.After(60 * time.Second):
+		return fmt.Errorf("%w: vtpmd on %s: not ready after 60 s: %s", ErrVtpmd, v.Host.Name, v.LogTail(2000))
+	case <-ctx.Done():
+		return ctx.Err()
 	}
 }
 
@@ -358,4 +375,19 @@ func (v *Vtpmd) LogTail(n int) string {
 		b = b[len(b)-n:]
 	}
 	return string(b)
+}
+
+// Virsh runs virsh against the host's own libvirtd, inside its namespaces
+// (at most 2 minutes), and returns its combined output and wall time.
+func (h *Host) Virsh(ctx context.Context, args ...string) (string, time.Duration, error) {
+	rctx, cancel := context.WithTimeout(ctx, 2*time.Minute)
+	defer cancel()
+	cmd, err := h.NsCommand(rctx, "virsh", append([]string{"-c", "qemu:///system"}, args...)...)
+	if err != nil {
+		return "", 0, err
+	}
+	cmd.WaitDelay = 5 * time.Second
+	t0 := time.Now()
+	out, err := cmd.CombinedOutput()
+	return string(out), time.Since(t0), err
 }

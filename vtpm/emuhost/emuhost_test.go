@@ -11,8 +11,6 @@ import (
 	"encoding/hex"
 	"encoding/pem"
 	"errors"
-	"os"
-	"path/filepath"
 	"testing"
 	"time"
 
@@ -20,6 +18,7 @@ import (
 	"github.com/google/go-tpm/tpm2"
 	"github.com/google/go-tpm/tpm2/transport"
 
+	"github.com/vtpmm/vtpmm/internal/fixtures"
 	"github.com/vtpmm/vtpmm/vtpm"
 	"github.com/vtpmm/vtpmm/vtpm/emuhost"
 )
@@ -107,14 +106,14 @@ func cryptoHash(t *testing.T, alg tpm2.TPMAlgID) crypto.Hash {
 
 func readFile(t *testing.T, name string) []byte {
 	t.Helper()
-	b, err := os.ReadFile(filepath.Join("testdata", name))
+	b, err := fixtures.File("eventlogs/" + name)
 	if err != nil {
 		t.Fatal(err)
 	}
 	return b
 }
 
-// Ground truth (see testdata/SOURCES.md): PCRs quoted by a real GCE TPM for
+// Ground truth (see internal/fixtures/SOURCES.md): PCRs quoted by a real GCE TPM for
 // the COS log, and recorded values for the Debian 10 legacy log.
 var (
 	cosQuoted = map[tpm2.TPMAlgID][]string{

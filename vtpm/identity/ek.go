@@ -168,16 +168,24 @@ type Identity struct {
 	EK EK
 	AK Key
 	MK Key
+	// AKCert is the AK certificate (DER) when LoadOptions.AKCert names a
+	// source: evidence then carries it (version 2) and the verifier can
+	// enrol the host on it (attest.Verifier.EnrollByAKCertificate).
+	AKCert []byte
 }
 
 // LoadOptions configures LoadIdentity.
 type LoadOptions struct {
 	Handles Handles
 	EKKind  EKKind
+	// AKCert, when set, is where the AK certificate is read from; it must
+	// certify the AK (ErrAKCertMismatch otherwise).
+	AKCert AKCertSource
 }
 
 // LoadIdentity reads the provisioned identity: EK (ReadPublic and its
-// certificate), AK and MK (ReadPublic each). It never creates a key; a
+// certificate), AK and MK (ReadPublic each), and the AK certificate when
+// opts.AKCert names a source. It never creates a key; a
 // missing AK or MK is ErrNotProvisioned, a foreign object
 // ErrHandleInUse.
 func LoadIdentity(ctx context.Context, tpm transport.TPM, opts LoadOptions) (*Identity, error) {
@@ -200,7 +208,13 @@ func LoadIdentity(ctx context.Context, tpm transport.TPM, opts LoadOptions) (*Id
 	if !sameShape(mk.pub, ptr(MKTemplate(mk.pub.AuthPolicy.Buffer))) {
 		return nil, fmt.Errorf("load identity: MK 0x%08x: %w: not a vtpmm migration key", uint32(h.MK), ErrHandleInUse)
 	}
-	return &Identity{EK: ek, AK: ak, MK: mk}, nil
+	id := &Identity{EK: ek, AK: ak, MK: mk}
+	if !opts.AKCert.IsZero() {
+		if id.AKCert, err = ReadAKCert(ctx, tpm, opts.AKCert, ak.Public); err != nil {
+			return nil, fmt.Errorf("load identity: %w", err)
+		}
+	}
+	return id, nil
 }
 
 func ptr[T any](v T) *T { return &v }

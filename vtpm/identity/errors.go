@@ -38,6 +38,12 @@ var (
 	// ErrPCRsChanged means the PCRs kept changing between the quote and
 	// the PCR read.
 	ErrPCRsChanged = errors.New("PCRs changed while quoting")
+	// ErrNoAKCert means the configured AK certificate source holds no
+	// certificate (missing NV index or file, or not a certificate).
+	ErrNoAKCert = errors.New("no AK certificate")
+	// ErrAKCertMismatch means the AK certificate certifies another key
+	// than the AK.
+	ErrAKCertMismatch = errors.New("AK certificate does not certify the AK")
 	// ErrBadOptions means a caller passed invalid options.
 	ErrBadOptions = errors.New("invalid options")
 )

@@ -37,6 +37,9 @@ type ProduceOptions struct {
 	// EKIntermediates are DER certificates sent along to help the
 	// verifier build the EK path (untrusted), optional.
 	EKIntermediates [][]byte
+	// AKIntermediates help the verifier build the path of the AK
+	// certificate (Identity.AKCert), optional.
+	AKIntermediates [][]byte
 	// Identity, when set, is used as is (read once with LoadIdentity):
 	// producing evidence then costs only Certify, Quote and PCR_Read.
 	// When nil, Produce reads it (LoadIdentity with Load).
@@ -119,6 +122,10 @@ func Produce(ctx context.Context, tpm transport.TPM, opts ProduceOptions) (*atte
 		Quotes:     []attest.QuoteBlob{quote},
 		EventLog:   opts.EventLog,
 		ProducedAt: opts.Now().UTC(),
+	}
+	if len(id.AKCert) > 0 {
+		ev.AKCert, ev.AKIntermediates = id.AKCert, opts.AKIntermediates
+		ev.Version = attest.EvidenceVersionAKCert
 	}
 	ev.SetPCRValues(vals)
 	if err := ev.Validate(); err != nil {

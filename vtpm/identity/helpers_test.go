@@ -10,6 +10,7 @@ import (
 	"github.com/google/go-tpm/tpm2/transport"
 
 	"github.com/vtpmm/vtpmm/attest"
+	"github.com/vtpmm/vtpmm/internal/fixtures"
 	"github.com/vtpmm/vtpmm/vtpm"
 	"github.com/vtpmm/vtpmm/vtpm/emuhost"
 	"github.com/vtpmm/vtpmm/vtpm/tpmtest"
@@ -18,15 +19,20 @@ import (
 // Real event logs: a GCE COS boot (Secure Boot on) is the known-good
 // boot; Ubuntu 21.04 (Secure Boot off) is "another" boot of the host.
 const (
-	goodLog  = "../emuhost/testdata/gce-cos-85.eventlog.bin"
-	otherLog = "../../attest/testdata/realworld/eventlogs/ubuntu-2104-no-secure-boot.bin"
+	goodLog  = "eventlogs/gce-cos-85.eventlog.bin"
+	otherLog = "eventlogs/ubuntu-2104-no-secure-boot.bin"
 )
 
 var quoted = []int{0, 1, 2, 3, 4, 5, 6, 7, 8, 9}
 
+// readFile reads a shared fixture (internal/fixtures) or, for any other
+// path, a file.
 func readFile(t testing.TB, path string) []byte {
 	t.Helper()
-	b, err := os.ReadFile(path)
+	b, err := fixtures.File(path)
+	if err != nil {
+		b, err = os.ReadFile(path)
+	}
 	if err != nil {
 		t.Fatal(err)
 	}

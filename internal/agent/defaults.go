@@ -1,5 +1,0 @@
-package agent
-
-import "github.com/vtpmm/vtpmm/migrate"
-
-const migrateDefaultMaxAge = migrate.DefaultEvidenceMaxAge
