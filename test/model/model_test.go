@@ -36,18 +36,20 @@ type run struct {
 // configs are the budgets of each configuration (docs/model.md, "Bounds").
 // migrate and hook model the code on main; failover (issue 15), restore
 // (issue 14) and rollback model designs or parts that are not built yet.
+// TODAY_SRC_WAIT: without failover nothing fences, and the source's
+// recovery waits for a gone destination, as the code does (finding F12).
 var configs = map[string][]string{
-	"migrate":  nil,
-	"hook":     {"-DB_MIG=0", "-DB_JOB=1"},
+	"migrate":  {"-DTODAY_SRC_WAIT"},
+	"hook":     {"-DTODAY_SRC_WAIT", "-DB_MIG=0", "-DB_JOB=1"},
 	"failover": {"-DB_FAILOVER=2", "-DB_DROP=0", "-DB_DUP=0", "-DB_TMO=0"},
 	"restore":  {"-DB_RESTORE=1"},
-	"rollback": {"-DB_ROLLBACK=1", "-DSKIP_P3"},
+	"rollback": {"-DTODAY_SRC_WAIT", "-DB_ROLLBACK=1", "-DSKIP_P3"},
 }
 
 var runs = []run{
 	{config: "migrate", quick: true},
 	{config: "hook"},
-	{config: "failover", quick: true},
+	{config: "failover"},
 	{config: "restore"},
 	{config: "rollback"},
 

@@ -13,7 +13,8 @@
  * Configurations are budgets (B_*), set with -D by model_test.go. A
  * mutation (M_*) removes one rule of the design; a finding (TODAY_*,
  * ISSUE*_*) puts back today's code or an issue's text where the model
- * needed a stricter rule. Each must be refuted (docs/model.md).
+ * needed a stricter rule (F1-F14). model_test.go lists the ones that must
+ * be refuted; docs/model.md lists them all.
  *
  * Properties (each an assertion on a hidden flag, so pan names it):
  *   p1_two_owners       at most one host runs the VM or can start it;
@@ -25,7 +26,8 @@
  *                       PENDING key;
  *   p4_fenced_owner     a host fenced at generation g can start the VM
  *                       again only at a generation above g.
- * ONLY_P<n> asserts just property n (the mutation tests).
+ * ONLY_P<n> asserts just property n (the mutation tests); SKIP_P3 leaves
+ * p3 out (rollback: a refused start waits for the operator).
  *
  * Every step is one d_step (or an atomic choice followed by one): a step
  * of the model is one step of one component that the code makes durable
