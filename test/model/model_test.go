@@ -39,11 +39,13 @@ type run struct {
 // TODAY_SRC_WAIT: without failover nothing fences, and the source's
 // recovery waits for a gone destination, as the code does (finding F12).
 var configs = map[string][]string{
-	"migrate":  {"-DTODAY_SRC_WAIT"},
-	"hook":     {"-DTODAY_SRC_WAIT", "-DB_MIG=0", "-DB_JOB=1"},
-	"failover": {"-DB_FAILOVER=2", "-DB_DROP=0", "-DB_DUP=0", "-DB_TMO=0"},
-	"restore":  {"-DB_RESTORE=1"},
-	"rollback": {"-DTODAY_SRC_WAIT", "-DB_ROLLBACK=1", "-DSKIP_P3"},
+	"migrate":   {"-DTODAY_SRC_WAIT"},
+	"hook":      {"-DTODAY_SRC_WAIT", "-DB_MIG=0", "-DB_JOB=1"},
+	"failover":  {"-DB_FAILOVER=2", "-DB_DROP=0", "-DB_DUP=0", "-DB_TMO=0"},
+	"restore":   {"-DB_RESTORE=1"},
+	"rollback":  {"-DTODAY_SRC_WAIT", "-DB_ROLLBACK=1", "-DSKIP_P3"},
+	"partition": {"-DTODAY_SRC_WAIT", "-DB_CUT=1"},
+	"attack":    {"-DTODAY_SRC_WAIT", "-DB_ATTACK=1"},
 }
 
 var runs = []run{
@@ -52,6 +54,8 @@ var runs = []run{
 	{config: "failover"},
 	{config: "restore"},
 	{config: "rollback"},
+	{config: "partition"},
+	{config: "attack"},
 
 	{config: "migrate", mutation: "F1 TODAY_GATE: a PENDING key admits a start", flags: []string{"-DTODAY_GATE", "-DONLY_P1"}, refute: "p1_two_owners", quick: true},
 	{config: "migrate", mutation: "F2 TODAY_GATE_OPENTX: the start gate ignores an open transaction", flags: []string{"-DTODAY_GATE_OPENTX", "-DONLY_P1"}, refute: "p1_two_owners"},
@@ -59,6 +63,7 @@ var runs = []run{
 	{config: "failover", mutation: "M_GATE_NOFENCE: the start gate ignores the fenced state", flags: []string{"-DM_GATE_NOFENCE", "-DONLY_P4"}, refute: "p4_fenced_owner", quick: true},
 	{config: "failover", mutation: "M_NOCAS_FAILOVER: the promotion does not compare owner and generation", flags: []string{"-DM_NOCAS_FAILOVER", "-DONLY_P1"}, refute: "p1_two_owners"},
 	{config: "restore", mutation: "M_RESTORE_OLDGEN: a restore keeps the bundle's generation", flags: []string{"-DM_RESTORE_OLDGEN", "-DONLY_P2"}, refute: "p2_gen_backwards", quick: true},
+	{config: "attack", mutation: "M_DST_ANYPREP: the destination accepts any Prepare and Finish", flags: []string{"-DM_DST_ANYPREP", "-DONLY_P3"}, refute: "p3_not_settled"},
 	{config: "rollback", mutation: "F13 TODAY_ANCHOR_COMMITS: the anchor does not count an open transaction", flags: []string{"-DTODAY_ANCHOR_COMMITS", "-DONLY_P1"}, refute: "p1_two_owners"},
 }
 
@@ -67,7 +72,7 @@ var runs = []run{
 // nothing).
 const (
 	maxDepth = 10000
-	memLimMB = 2048
+	memLimMB = 3072
 	perRun   = 6 * time.Minute
 )
 
