@@ -8,12 +8,12 @@ BIN := bin
 # recommends: cgo needs gcc, libc6-dev and pkg-config explicitly; the guest
 # image's kernel and busybox are fetched with apt-get download, not installed).
 DEB_PKGS := swtpm swtpm-tools libssl-dev libvirt-dev libvirt-daemon libvirt-daemon-driver-qemu libvirt-clients \
-	qemu-system-x86 iproute2 ca-certificates git gcc libc6-dev pkg-config make curl
+	qemu-system-x86 iproute2 ca-certificates git gcc libc6-dev pkg-config make curl spin
 TEST_TIMEOUT ?= 20m
 BENCHTIME ?= 5x
 BENCH_PKGS ?= ./vtpm/host/ ./attest/ ./vtpm/identity/ ./migrate/
 
-.PHONY: all deps build test e2e e2e-bench demo bench fuzz fuzz-smoke vet fmt clean
+.PHONY: all deps build test e2e e2e-bench demo bench fuzz fuzz-smoke model vet fmt clean
 
 all: build
 
@@ -69,6 +69,13 @@ demo: build
 ## bench: TPM command counts and time under the none and dtpm profiles
 bench: deps
 	@set -o pipefail; $(GO) test -run '^$$' -bench . -benchtime $(BENCHTIME) $(BENCH_PKGS) | tee bench.out | $(GO) run ./internal/benchtable
+
+## model: SPIN checks the protocol model (test/model/vtpmm.pml) in every configuration and refutes every
+## mutation, one verification at a time (docs/model.md); prints a table. go test ./test/model runs a subset.
+model: deps
+	@set -o pipefail; VTPMM_MODEL_FULL=1 VTPMM_E2E_REQUIRE=1 $(GO) test -count=1 -v -timeout 30m ./test/model/ | tee model.out | grep -E '^(=== RUN|\s*--- |PASS|FAIL|ok)'; rc=$$?; \
+	  echo; echo "| configuration | mutation | result | states | depth | time | verdict |"; echo "| --- | --- | --- | --- | --- | --- | --- |"; \
+	  grep -o 'TABLE .*' model.out | sed 's/^TABLE //'; exit $$rc
 
 ## fuzz: every fuzz target of the module for FUZZTIME each (docs/threat-model.md, Fuzzing). The
 ## packages are those whose tests declare a Fuzz function; each is built once with the fuzzer's
