@@ -202,7 +202,8 @@ func agentCommands(e *env) []*cobra.Command {
 	host.AddCommand(hostStateCommands(e, rf)...)
 	rf.add(host)
 	reg := registryCommands(e, &socket)
-	return []*cobra.Command{addSocket(mig), addSocket(vm), addSocket(host), addSocket(reg)}
+	evac := evacuateCommand(e, client, rf)
+	return []*cobra.Command{addSocket(mig), addSocket(vm), addSocket(host), addSocket(reg), addSocket(evac)}
 }
 
 // printHosts prints 'host list': the registry's view when the hosts carry
