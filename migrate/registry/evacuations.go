@@ -102,5 +102,7 @@ func (c *Client) SessionAlive(ctx context.Context, session string) (bool, error)
 	if err != nil {
 		return false, err
 	}
-	return ttl > 0, nil
+	// etcd answers -1 for a lease that expired or was revoked, and the
+	// whole seconds left (0 in its last second) for a live one.
+	return ttl >= 0, nil
 }

@@ -150,8 +150,12 @@ func TestEvacuate(t *testing.T) {
 		defer stop()
 		src := f.InProcHost(fleet.HostA)
 		var once sync.Once
+		var busy evacRun
+		var busyErr error
 		src.Fake().BeforeMigrateCommit = func() error {
 			once.Do(func() {
+				// A second operator while this run holds the record: exit 5.
+				busy, busyErr = tryEvacuateA(ctx, f, adminapi.EvacuateRequest{}, nil)
 				stop() // Ctrl-C: vtpmctl asks vtpmd to stop
 				// The same stop, synchronously, so that no second
 				// migration can start before it lands.
@@ -162,6 +166,9 @@ func TestEvacuate(t *testing.T) {
 		defer func() { src.Fake().BeforeMigrateCommit = nil }()
 		r := evacuateA(runCtx, t, f, adminapi.EvacuateRequest{Parallel: 1}, nil)
 		src.Fake().BeforeMigrateCommit = nil
+		if busyErr != nil || busy.end.ExitCode != evacuate.ExitBusy {
+			t.Errorf("a second evacuation during the first: exit %d %q %v, want %d (busy)", busy.end.ExitCode, busy.end.Error, busyErr, evacuate.ExitBusy)
+		}
 		if r.end.ExitCode != evacuate.ExitInterrupted || !r.report.Interrupted {
 			t.Fatalf("stopped run: exit %d %s, report %+v", r.end.ExitCode, r.end.Error, r.report)
 		}
@@ -298,8 +305,9 @@ func hostState(ctx context.Context, t *testing.T, f *inproc.Fleet, host string) 
 
 // checkOn checks that every VM runs on exactly one host, one of hosts,
 // which the registry shows owning it at its generation + step with no
-// open transaction, which holds its key with nothing pending, and whose
-// vTPM still unseals the tenant's secret.
+// open transaction, which alone holds its key and its hypervisor secret
+// with nothing pending anywhere (fleet.Owner), and whose vTPM still
+// unseals the tenant's secret.
 func checkOn(ctx context.Context, t *testing.T, f *inproc.Fleet, vms []evacVM, step uint64, hosts ...string) {
 	t.Helper()
 	ids := make([]string, len(vms))
@@ -328,6 +336,9 @@ func checkOn(ctx context.Context, t *testing.T, f *inproc.Fleet, vms []evacVM, s
 		case rec.Owner != running[0] || rec.Generation != vm.gen+step || rec.Tx != nil:
 			t.Errorf("%s runs on %s; the registry shows %s at generation %d (open %v), want %s at %d with nothing open",
 				vm.Name, running[0], rec.Owner, rec.Generation, rec.Tx, running[0], vm.gen+step)
+		}
+		if owner, views, err := fleet.Owner(ctx, f, vm.VM); err != nil || owner != running[0] {
+			t.Errorf("%s: owner %s %v\n%s", vm.Name, owner, err, views)
 		}
 		info, err := f.InProcHost(running[0]).Admin().VM(ctx, vm.UUID)
 		if err != nil || !info.Owned || info.PendingTx != "" || info.Generation != vm.gen+step {
