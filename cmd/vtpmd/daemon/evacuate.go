@@ -95,6 +95,15 @@ func (d *Daemon) Evacuate(ctx context.Context, opts evacuate.Options, sink evacu
 	if session == "" {
 		return nil, fmt.Errorf("evacuate %s: %w: this vtpmd has no registry session yet", d.cfg.HostID, registry.ErrNoQuorum)
 	}
+	if !opts.DryRun {
+		// Settle first what this host left open (a run stopped by a crash,
+		// a destination that was down): a transaction committed in the
+		// registry whose source never finished still holds the old key
+		// here. Transactions in flight in this process are skipped.
+		if err := d.node.Reconcile(ctx); err != nil {
+			d.log.WithError(err).Warn("evacuation: some open transactions are not settled yet; the run waits for them or reports them open")
+		}
+	}
 	ad := &evacAdapter{d: d, holds: map[string]func(){}}
 	e, err := evacuate.New(evacuate.Config{
 		Source: d.cfg.HostID, Fleet: ad, Ownership: ad, Records: ad, Inventory: evacInventory{ad}, Capacity: ad, Mover: ad,
