@@ -22,7 +22,7 @@ func TestEvacuateCommand(t *testing.T) {
 	t.Parallel()
 	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
 	defer cancel()
-	f, err := inproc.New(ctx, inproc.Config{})
+	f, err := inproc.New(ctx, inproc.Config{RegistryTTL: 10 * time.Second})
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -50,7 +50,7 @@ func benchEvacuate(b *testing.B, n int) {
 		specs = append(specs, inproc.HostSpec{Name: d})
 	}
 	t0 := time.Now()
-	f, err := inproc.New(ctx, inproc.Config{Hosts: specs, TPMProfile: "dtpm"})
+	f, err := inproc.New(ctx, inproc.Config{Hosts: specs, TPMProfile: "dtpm", RegistryTTL: 10 * time.Second})
 	if err != nil {
 		b.Fatal(err)
 	}

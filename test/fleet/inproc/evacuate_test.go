@@ -58,7 +58,7 @@ func (r evacRun) of(t evacuate.EventType) []evacuate.Event {
 func TestEvacuate(t *testing.T) {
 	t.Parallel()
 	f := newFleetWith(t, inproc.Config{Hosts: []inproc.HostSpec{{Name: fleet.HostA}, {Name: fleet.HostB}, {Name: fleet.HostC}, {Name: hostD, Tampered: true}},
-		EvacuationSettle: 30 * time.Second})
+		EvacuationSettle: 30 * time.Second, RegistryTTL: 10 * time.Second})
 	ctx := scenarioCtx(t, 10*time.Minute)
 	n := 0
 	newVMs := func(t *testing.T, k int) []evacVM {

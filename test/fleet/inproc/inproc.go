@@ -78,6 +78,10 @@ type Config struct {
 	// EvacuationSettle bounds an evacuation's wait for open transactions
 	// (0: the daemon's default).
 	EvacuationSettle time.Duration
+	// RegistryTTL is the hosts' liveness lease (0: 2 s, so that a killed
+	// host is seen not live within seconds). Tests whose plans need every
+	// host live on a loaded machine give a longer one.
+	RegistryTTL time.Duration
 }
 
 // HostSpec names a host and whether it boots the tampered log.
