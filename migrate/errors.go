@@ -33,6 +33,9 @@ var (
 	ErrNotMigrating = errclass.New(errclass.NotMigrating, "the VM is not being migrated from this host")
 	// ErrHypervisor means the hypervisor's migration failed; the VM stays on the source.
 	ErrHypervisor = errclass.New(errclass.Hypervisor, "hypervisor migration failed")
+	// ErrNotStarted means a VM's hypervisor migration never started (no
+	// migration slot: its evacuation was stopped); the VM stays on the source.
+	ErrNotStarted = errors.New("hypervisor migration not started")
 	// ErrCrash is returned at an injected crash point: the node stops as if
 	// its process had died there. Tests use it; production never injects it.
 	ErrCrash = errclass.New(errclass.Crash, "injected crash")

@@ -17,6 +17,8 @@ type releaseSpec struct {
 	// pulled marks a transaction the destination asked for (Pull): the
 	// hypervisor, not this node, migrates the VMs.
 	pulled bool
+	// claimed: the caller opened txID in the registry (Request.Claimed).
+	claimed bool
 	// precheck, when set, runs once this node is known to own every VM and
 	// before the transaction is opened; an error refuses the release.
 	precheck func(ctx context.Context) error
@@ -61,7 +63,7 @@ func (n *Node) release(ctx context.Context, s releaseSpec, keys map[string]vtpm.
 	if err := n.crash(SrcAfterBegin); err != nil {
 		return Tx{}, nil, err
 	}
-	if n.cfg.Registry != nil {
+	if n.cfg.Registry != nil && !s.claimed {
 		// Registry round trip 1, before anything is sent: each VM must be
 		// this host's at exactly the generation its key store holds, the
 		// destination enrolled and active. Refused or without quorum,

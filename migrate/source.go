@@ -7,6 +7,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"sync"
 	"time"
 
 	"github.com/sirupsen/logrus"
@@ -37,6 +38,34 @@ type Progress func(p Phase, detail string)
 type Request struct {
 	VMs  []string
 	Dest string
+	// TxID, when set, is the transaction's ID (else a random one).
+	TxID string
+	// Claimed says the caller already opened TxID in the fleet registry
+	// for these VMs towards Dest (an evacuation's claim: registry.Begin
+	// under TxID), so the migration skips its own Begin. The caller holds
+	// the transaction (Node.Hold) from its claim on.
+	Claimed bool
+	// Slots, when set, bounds the hypervisor migrations running at once
+	// across callers (an evacuation's batches); the VMs of this request
+	// then migrate concurrently, each holding a slot. Nil: one after another.
+	Slots Slots
+	// OnVM, when set, is told as each VM's hypervisor migration starts and ends.
+	OnVM func(VMEvent)
+}
+
+// Slots bounds concurrent hypervisor migrations (evacuate.Slots).
+type Slots interface {
+	// Acquire waits for a slot; an error means the migration must not start.
+	Acquire(ctx context.Context) (release func(), err error)
+}
+
+// VMEvent is one VM's hypervisor migration starting (Started) or ending.
+type VMEvent struct {
+	VM      string
+	Started bool
+	Done    bool
+	Err     error // Done: the hypervisor's error; not Started: why it did not start
+	Elapsed time.Duration
 }
 
 // Result reports a migration.
@@ -72,9 +101,12 @@ func (n *Node) Migrate(ctx context.Context, req Request, progress Progress) (*Re
 	if progress == nil {
 		progress = func(Phase, string) {}
 	}
-	txID, err := newTxID(n.cfg.Rand)
-	if err != nil {
-		return nil, err
+	txID := req.TxID
+	if txID == "" {
+		var err error
+		if txID, err = newTxID(n.cfg.Rand); err != nil {
+			return nil, err
+		}
 	}
 	log := n.log.WithFields(logrus.Fields{"tx": txID, "dest": req.Dest})
 	keys := make(map[string]vtpm.VMKey, len(req.VMs))
@@ -83,7 +115,7 @@ func (n *Node) Migrate(ctx context.Context, req Request, progress Progress) (*Re
 	// a concurrent Reconcile never sees it unmarked.
 	defer n.drive(txID)()
 	res := &Result{TxID: txID, Failed: map[string]string{}}
-	tx, peer, err := n.release(ctx, releaseSpec{txID: txID, vms: req.VMs, dest: req.Dest}, keys, progress, res)
+	tx, peer, err := n.release(ctx, releaseSpec{txID: txID, vms: req.VMs, dest: req.Dest, claimed: req.Claimed}, keys, progress, res)
 	if err != nil {
 		return res, err
 	}
@@ -91,15 +123,7 @@ func (n *Node) Migrate(ctx context.Context, req Request, progress Progress) (*Re
 
 	progress(PhaseHypervisor, "live migration")
 	start := n.cfg.Now()
-	target, err := n.cfg.Target(req.Dest)
-	outcomes := map[string]error{}
-	for _, vm := range tx.VMs {
-		if err == nil {
-			outcomes[vm.UUID] = n.cfg.Hypervisor.Migrate(ctx, vm.UUID, target)
-		} else {
-			outcomes[vm.UUID] = err
-		}
-	}
+	outcomes := n.hypervisorMigrate(ctx, req, tx)
 	n.observe(string(PhaseHypervisor), start)
 	if err := n.crash(SrcAfterHypervisor); err != nil {
 		return res, err
@@ -162,6 +186,86 @@ func (n *Node) Migrate(ctx context.Context, req Request, progress Progress) (*Re
 		return res, first
 	}
 	return res, nil
+}
+
+// hypervisorMigrate has the hypervisor live-migrate every VM of tx: one
+// after another, or, with req.Slots, concurrently, each holding a slot (a
+// VM that gets none does not start and fails). It returns each VM's error.
+func (n *Node) hypervisorMigrate(ctx context.Context, req Request, tx Tx) map[string]error {
+	outcomes := make(map[string]error, len(tx.VMs))
+	target, err := n.cfg.Target(req.Dest)
+	if err != nil {
+		for _, vm := range tx.VMs {
+			outcomes[vm.UUID] = err
+		}
+		return outcomes
+	}
+	onVM := req.OnVM
+	if onVM == nil {
+		onVM = func(VMEvent) {}
+	}
+	one := func(id string) error {
+		if req.Slots != nil {
+			release, err := req.Slots.Acquire(ctx)
+			if err != nil {
+				err = fmt.Errorf("%w: %w", ErrNotStarted, err)
+				onVM(VMEvent{VM: id, Done: true, Err: err})
+				return err
+			}
+			defer release()
+		}
+		start := n.cfg.Now()
+		onVM(VMEvent{VM: id, Started: true})
+		err := n.cfg.Hypervisor.Migrate(ctx, id, target)
+		onVM(VMEvent{VM: id, Done: true, Err: err, Elapsed: n.cfg.Now().Sub(start)})
+		return err
+	}
+	if req.Slots == nil {
+		for _, vm := range tx.VMs {
+			outcomes[vm.UUID] = one(vm.UUID)
+		}
+		return outcomes
+	}
+	var mu sync.Mutex
+	var wg sync.WaitGroup
+	for _, vm := range tx.VMs {
+		wg.Add(1)
+		go func(id string) {
+			defer wg.Done()
+			err := one(id)
+			mu.Lock()
+			outcomes[id] = err
+			mu.Unlock()
+		}(vm.UUID)
+	}
+	wg.Wait()
+	return outcomes
+}
+
+// Hold marks transaction txID as driven by this node until the returned
+// func runs, so that neither Reconcile nor the ownership sync touches it:
+// an evacuation holds it from its registry claim (Request.Claimed) on.
+func (n *Node) Hold(txID string) func() { return n.drive(txID) }
+
+// Attest verifies dest under the attestation policy, or finds its verified
+// evidence still fresh (EvidenceMaxAge), and caches it for the next
+// migration. A refusal wraps *attest.RefusalError and ErrRefused.
+func (n *Node) Attest(ctx context.Context, dest string) error {
+	if dest == n.cfg.Host {
+		return fmt.Errorf("attest: %w: destination %s is this host", ErrBadMessage, dest)
+	}
+	peer, err := n.cfg.Dial(ctx, dest)
+	if err != nil {
+		return fmt.Errorf("attest %s: %w: %v", dest, ErrPeer, err)
+	}
+	start := n.cfg.Now()
+	_, _, err = n.destEvidence(ctx, peer, dest, &Result{})
+	if err == nil {
+		n.observe(string(PhaseAttest), start)
+	} else if re, ok := asRefusal(err); ok && n.cfg.Metrics != nil {
+		n.cfg.Metrics.AttestationRefused(string(re.Rule))
+	}
+	return err
 }
 
 // destEvidence returns the destination's verified MK, reusing evidence

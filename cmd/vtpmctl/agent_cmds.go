@@ -203,7 +203,8 @@ func agentCommands(e *env) []*cobra.Command {
 	host.AddCommand(retireCommand(e, rf))
 	rf.add(host)
 	reg := registryCommands(e, &socket)
-	return append([]*cobra.Command{addSocket(mig), addSocket(vm), addSocket(host), addSocket(reg)}, escrowCommands(e, &socket, &registryFlags{socket: &socket})...)
+	evac := evacuateCommand(e, client, rf)
+	return append([]*cobra.Command{addSocket(mig), addSocket(vm), addSocket(host), addSocket(reg), addSocket(evac)}, escrowCommands(e, &socket, &registryFlags{socket: &socket})...)
 }
 
 // printHosts prints 'host list': the registry's view when the hosts carry

@@ -28,6 +28,8 @@ import (
 func (d *Daemon) adminServer() *http.Server {
 	mux := http.NewServeMux()
 	mux.HandleFunc("POST "+adminapi.PathMigrate, d.handleMigrate)
+	mux.HandleFunc("POST "+adminapi.PathEvacuate, d.handleEvacuate)
+	mux.HandleFunc("POST "+adminapi.PathEvacuateStop, d.handleEvacuateStop)
 	mux.HandleFunc("GET "+adminapi.PathVMs, d.handleVMs)
 	mux.HandleFunc("POST "+adminapi.PathVMs, d.handleCreateVM)
 	mux.HandleFunc("GET "+adminapi.PathFleetVMs, d.handleFleetVMs)

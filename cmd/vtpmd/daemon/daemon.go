@@ -52,6 +52,15 @@ type Deps struct {
 	WireListener, AdminListener, MetricsListener net.Listener
 	// Crash is the migrate crash hook (tests only).
 	Crash migrate.CrashHook
+	// FreeMemory reports a destination host's free memory for an
+	// evacuation's placement, and VMMemory a VM's memory (nil: unknown;
+	// placement then balances by count). The libvirt deployment has no
+	// source for them yet (docs/evacuation.md).
+	FreeMemory func(ctx context.Context, host string) (uint64, error)
+	VMMemory   func(ctx context.Context, vm string) (uint64, error)
+	// EvacuationSettle bounds an evacuation's wait for open transactions
+	// to be settled by recovery (0: evacuate.DefaultSettleTimeout).
+	EvacuationSettle time.Duration
 }
 
 // Daemon is a running vtpmd.
@@ -77,6 +86,8 @@ type Daemon struct {
 	fleet   *fleetView       // the registry's hosts, cached
 	syncNow chan struct{}    // asks the registry loop for an ownership sync
 	addrs   sync.Map         // host -> wire address an enrolment request named
+
+	evac evacStats // evacuations run here (evacuate.go)
 
 	wireLis, adminLis, metricsLis net.Listener
 	services                      []service
@@ -464,6 +475,9 @@ func addr(l net.Listener) net.Addr {
 
 // Host is the host this daemon runs on: its TPM, vault, key store and VMs.
 func (d *Daemon) Host() *host.Host { return d.host }
+
+// Node is the daemon's migration node.
+func (d *Daemon) Node() *migrate.Node { return d.node }
 
 // RunsVTPMs reports whether this daemon runs the VMs' vTPMs itself: it has
 // no hypervisor (hypervisor.None), which would otherwise run them.

@@ -18,6 +18,7 @@ import (
 	"github.com/vtpmm/vtpmm/migrate"
 	"github.com/vtpmm/vtpmm/test/fleet"
 	"github.com/vtpmm/vtpmm/vtpm"
+	"github.com/vtpmm/vtpmm/vtpm/emuhost"
 	"github.com/vtpmm/vtpmm/vtpm/host"
 )
 
@@ -41,8 +42,14 @@ func (h *Host) start(ctx context.Context, lis net.Listener) error {
 			if h.dying.Load() {
 				return fmt.Errorf("%w at %s (%s was killed)", migrate.ErrCrash, p, h.name)
 			}
+			if f := h.crash.Load(); f != nil {
+				return (*f)(p)
+			}
 			return nil
 		},
+		FreeMemory:       h.f.FreeMemory,
+		VMMemory:         h.f.VMMemory,
+		EvacuationSettle: h.f.cfg.EvacuationSettle,
 	}
 	d, err := daemon.Start(ctx, h.cfg, deps)
 	if err != nil {
@@ -93,6 +100,20 @@ func (h *Host) PlainMigrate(ctx context.Context, vm fleet.VM, to string) error {
 	}
 	return h.hyp.Migrate(ctx, vm.UUID, dst.hyp.Target())
 }
+
+// OnCrashPoint runs f at every crash point of the daemon's migration node
+// (nil: none); an error f returns is the node's, as an injected crash.
+// Tests use it to act at a precise step of a migration.
+func (h *Host) OnCrashPoint(f func(migrate.CrashPoint) error) {
+	if f == nil {
+		h.crash.Store(nil)
+		return
+	}
+	h.crash.Store(&f)
+}
+
+// Emu is the host's emulated host TPM.
+func (h *Host) Emu() *emuhost.Host { return h.emu }
 
 // Kill makes the daemon die: its migration node fails at its next crash
 // point (as if the process had died there), and the daemon is closed in

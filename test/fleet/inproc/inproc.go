@@ -23,6 +23,7 @@ import (
 	"sort"
 	"sync"
 	"sync/atomic"
+	"time"
 
 	"github.com/google/go-tpm/tpm2/transport"
 	"github.com/sirupsen/logrus"
@@ -35,6 +36,7 @@ import (
 	"github.com/vtpmm/vtpmm/internal/fixtures"
 	"github.com/vtpmm/vtpmm/internal/guestseal"
 	"github.com/vtpmm/vtpmm/internal/pki"
+	"github.com/vtpmm/vtpmm/migrate"
 	"github.com/vtpmm/vtpmm/migrate/registry"
 	"github.com/vtpmm/vtpmm/migrate/registry/operator"
 	"github.com/vtpmm/vtpmm/test/fleet"
@@ -73,6 +75,16 @@ type Config struct {
 	// Configure, when set, adjusts each host's vtpmd configuration before
 	// its daemon starts (escrow custodians, backup schedule).
 	Configure func(host string, c *daemon.Config)
+	// TPMProfile is every host TPM's latency profile (none, ftpm, dtpm;
+	// default none).
+	TPMProfile string
+	// EvacuationSettle bounds an evacuation's wait for open transactions
+	// (0: the daemon's default).
+	EvacuationSettle time.Duration
+	// RegistryTTL is the hosts' liveness lease (0: 2 s, so that a killed
+	// host is seen not live within seconds). Tests whose plans need every
+	// host live on a loaded machine give a longer one.
+	RegistryTTL time.Duration
 }
 
 // HostSpec names a host and whether it boots the tampered log.
@@ -97,6 +109,9 @@ type Fleet struct {
 	op       *registry.Client   // the operator's registry client (root)
 	// Enrolments reports each host's one enrolment (registry modes).
 	Enrolments map[string]operator.EnrollReport
+
+	memMu sync.Mutex
+	free  map[string]uint64 // host -> free memory its hypervisor reports (memory.go)
 }
 
 var _ fleet.Fleet = (*Fleet)(nil)
@@ -115,6 +130,7 @@ type Host struct {
 	d      *daemon.Daemon
 	closed chan error // Kill's Close result
 	dying  atomic.Bool
+	crash  atomic.Pointer[func(migrate.CrashPoint) error]
 }
 
 var _ fleet.Host = (*Host)(nil)
@@ -280,6 +296,9 @@ func (f *Fleet) addHost(ctx context.Context, s HostSpec) (*Host, net.Listener, e
 	c.Attestation = daemon.AttestationConfig{Policy: f.policy, Roots: []string{f.rootsDir},
 		Enrollments: filepath.Join(dir, "enrollments.json"), EvidenceMaxAge: "60s"}
 	c.EventLog = logPath
+	if f.cfg.TPMProfile != "" {
+		c.TPMProfile = f.cfg.TPMProfile
+	}
 	h.cfg = c
 	h.admin = adminapi.NewClient(c.AdminSocketPath())
 	if _, err := host.Init(ctx, c.Config, host.Options{}, host.InitOptions{}); err != nil {

@@ -84,7 +84,11 @@ func (f *Fleet) configureRegistry() {
 	}
 	for _, name := range f.order {
 		h := f.hosts[name]
-		rc := registry.Config{Mode: f.cfg.Registry, TTL: registryTTL, OpTimeout: registryOpTimeout}
+		ttl := registryTTL
+		if f.cfg.RegistryTTL > 0 {
+			ttl = f.cfg.RegistryTTL
+		}
+		rc := registry.Config{Mode: f.cfg.Registry, TTL: ttl, OpTimeout: registryOpTimeout}
 		if f.cfg.Registry == registry.ModeEmbedded {
 			rc.Embedded = registry.Embedded{Members: f.members}
 		} else {

@@ -1,0 +1,85 @@
+package main
+
+import (
+	"bufio"
+	"context"
+	"encoding/json"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/vtpmm/vtpmm/migrate/evacuate"
+	"github.com/vtpmm/vtpmm/test/fleet"
+	"github.com/vtpmm/vtpmm/test/fleet/inproc"
+)
+
+// TestEvacuateCommand runs 'vtpmctl evacuate' against the in-process
+// fleet (host-c tampered): the dry run prints the plan with host-c left
+// out and its rule, moving nothing; the run marks host-a draining, moves
+// both VMs to host-b and exits 0, its last NDJSON line the report; undrain
+// makes host-a active again. Exit 1 for a host this vtpmd is not.
+func TestEvacuateCommand(t *testing.T) {
+	t.Parallel()
+	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
+	defer cancel()
+	f, err := inproc.New(ctx, inproc.Config{RegistryTTL: 10 * time.Second})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = f.Close(context.Background()) })
+	for _, name := range []string{"evac-1", "evac-2"} {
+		if _, err := f.CreateVM(ctx, fleet.HostA, name); err != nil {
+			t.Fatal(err)
+		}
+	}
+	sock := f.InProcHost(fleet.HostA).Config().AdminSocketPath()
+	op := []string{"--socket", sock, "--pki", f.PKIDir()}
+	ctl := func(want int, args ...string) string {
+		t.Helper()
+		code, out, errOut := runCtl(t, append(args, op...)...)
+		if code != want {
+			t.Fatalf("vtpmctl %s: exit %d, want %d\n%s%s", strings.Join(args, " "), code, want, out, errOut)
+		}
+		return out + errOut
+	}
+
+	out := ctl(0, "evacuate", fleet.HostA, "--dry-run")
+	for _, want := range []string{"evac-1", "evac-2", fleet.HostB, fleet.HostC, "refused", "pcr-policy"} {
+		if !strings.Contains(out, want) {
+			t.Errorf("dry run lacks %q:\n%s", want, out)
+		}
+	}
+	if out := ctl(0, "host", "list"); strings.Contains(out, "draining") {
+		t.Errorf("a dry run drained a host:\n%s", out)
+	}
+
+	out = ctl(0, "evacuate", fleet.HostA, "--json", "--parallel", "2")
+	var last evacuate.Event
+	sc := bufio.NewScanner(strings.NewReader(out))
+	for sc.Scan() {
+		if !strings.HasPrefix(sc.Text(), "{") {
+			continue
+		}
+		if err := json.Unmarshal(sc.Bytes(), &last); err != nil {
+			t.Fatalf("NDJSON line %q: %v", sc.Text(), err)
+		}
+	}
+	if last.Type != evacuate.EventReport || last.Report.Counts[evacuate.OutcomeMoved] != 2 || last.Report.ExitCode != 0 {
+		t.Fatalf("last event %+v:\n%s", last, out)
+	}
+	for _, v := range last.Report.VMs {
+		if v.Host != fleet.HostB || v.Generation != 2 {
+			t.Errorf("report line %+v, want moved to host-b at generation 2", v)
+		}
+	}
+	if out := ctl(0, "host", "list"); !strings.Contains(out, "draining") {
+		t.Errorf("host-a not draining after its evacuation:\n%s", out)
+	}
+	ctl(0, "host", "undrain", fleet.HostA)
+	if out := ctl(0, "host", "list"); strings.Contains(out, "draining") {
+		t.Errorf("host-a still draining after undrain:\n%s", out)
+	}
+	if out := ctl(1, "evacuate", fleet.HostB, "--dry-run"); !strings.Contains(out, "run vtpmctl evacuate on host-b") {
+		t.Errorf("evacuating another host than the local vtpmd's:\n%s", out)
+	}
+}
