@@ -2,17 +2,16 @@ package adminapi
 
 import (
 	"context"
+	"encoding/json"
 	"net/http"
 	"time"
-
-	"github.com/vtpmm/vtpmm/migrate"
 )
 
 // Paths of backup and restore (docs/escrow.md, docs/recovery.md).
 const (
 	PathBackup         = "/v1/backup"          // POST BackupRequest -> BackupReport
 	PathRestoreAttest  = "/v1/restore/attest"  // POST RestoreAttestRequest -> RestoreAttestResponse
-	PathRestorePrepare = "/v1/restore/prepare" // POST migrate.RestoreRequest -> migrate.PrepareResponse
+	PathRestorePrepare = "/v1/restore/prepare" // POST migrate.RestoreRequest -> migrate.PrepareResponse (JSON)
 	PathRestoreFinish  = "/v1/restore/finish"  // POST RestoreFinishRequest -> migrate.FinishResponse
 )
 
@@ -72,10 +71,12 @@ type RestoreAttestResponse struct {
 	Warm           bool   `json:"warm"` // evidence verified earlier was reused
 }
 
-// RestoreFinishRequest relays a Finish to a restore's destination.
+// RestoreFinishRequest relays a Finish to a restore's destination; Finish
+// is a migrate.FinishRequest (package adminapi is a leaf: it does not
+// import migrate).
 type RestoreFinishRequest struct {
-	Dest   string                `json:"dest"`
-	Finish migrate.FinishRequest `json:"finish"`
+	Dest   string          `json:"dest"`
+	Finish json.RawMessage `json:"finish"`
 }
 
 // Backup asks vtpmd to write bundles.
@@ -91,14 +92,14 @@ func (c *Client) RestoreAttest(ctx context.Context, host string) (RestoreAttestR
 }
 
 // RestorePrepare relays a restore's keys (wrapped for the destination's
-// TPM) and states to the destination.
-func (c *Client) RestorePrepare(ctx context.Context, req *migrate.RestoreRequest) (migrate.PrepareResponse, error) {
-	var out migrate.PrepareResponse
-	return out, c.call(ctx, http.MethodPost, PathRestorePrepare, req, &out)
+// TPM) and states to the destination: req is a *migrate.RestoreRequest,
+// out a *migrate.PrepareResponse (migrate/recovery wraps it typed).
+func (c *Client) RestorePrepare(ctx context.Context, req, out any) error {
+	return c.call(ctx, http.MethodPost, PathRestorePrepare, req, out)
 }
 
-// RestoreFinish relays the commit or abort of a restore.
-func (c *Client) RestoreFinish(ctx context.Context, req RestoreFinishRequest) (migrate.FinishResponse, error) {
-	var out migrate.FinishResponse
-	return out, c.call(ctx, http.MethodPost, PathRestoreFinish, req, &out)
+// RestoreFinish relays the commit or abort of a restore; out is a
+// *migrate.FinishResponse.
+func (c *Client) RestoreFinish(ctx context.Context, req RestoreFinishRequest, out any) error {
+	return c.call(ctx, http.MethodPost, PathRestoreFinish, req, out)
 }

@@ -12,6 +12,7 @@ import (
 	"crypto/hmac"
 	"crypto/rand"
 	"encoding/hex"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
@@ -161,8 +162,8 @@ func (r *Restorer) Restore(ctx context.Context, req Request) (Report, error) {
 	abort := func(cause error) error {
 		actx := context.WithoutCancel(ctx)
 		var errs []error
-		if _, err := r.Admin.RestoreFinish(actx, adminapi.RestoreFinishRequest{Dest: req.Dest, Finish: migrate.FinishRequest{
-			Version: migrate.ProtocolVersion, TxID: rep.TxID, Abort: []string{hdr.VM.UUID}}}); err != nil && !errors.Is(err, migrate.ErrUnknownTx) {
+		if _, err := relayFinish(actx, r.Admin, req.Dest, migrate.FinishRequest{
+			Version: migrate.ProtocolVersion, TxID: rep.TxID, Abort: []string{hdr.VM.UUID}}); err != nil && !errors.Is(err, migrate.ErrUnknownTx) {
 			errs = append(errs, fmt.Errorf("the destination's abort: %w", err))
 		}
 		if r.Registry != nil {
@@ -183,7 +184,7 @@ func (r *Restorer) Restore(ctx context.Context, req Request) (Report, error) {
 			return err
 		}
 		sum, _ := hex.DecodeString(rel.StateSHA256)
-		resp, err := r.Admin.RestorePrepare(ctx, &migrate.RestoreRequest{Prepare: *pr,
+		resp, err := relayPrepare(ctx, r.Admin, &migrate.RestoreRequest{Prepare: *pr,
 			States: []migrate.RestoredState{{UUID: rel.Plan.VM.UUID, Bundle: rel.Plan.BundleID, SHA256: sum, Blob: rel.State}}})
 		if err != nil {
 			return err
@@ -205,8 +206,8 @@ func (r *Restorer) Restore(ctx context.Context, req Request) (Report, error) {
 			return rep, abort(fmt.Errorf("restore %s: commit in the registry: %w", hdr.VM.UUID, err))
 		}
 	}
-	fin, err := r.Admin.RestoreFinish(ctx, adminapi.RestoreFinishRequest{Dest: req.Dest, Finish: migrate.FinishRequest{
-		Version: migrate.ProtocolVersion, TxID: rep.TxID, Commit: []string{hdr.VM.UUID}}})
+	fin, err := relayFinish(ctx, r.Admin, req.Dest, migrate.FinishRequest{
+		Version: migrate.ProtocolVersion, TxID: rep.TxID, Commit: []string{hdr.VM.UUID}})
 	if err != nil {
 		// The registry names the destination the owner: its recovery
 		// finishes the commit (the registry decides).
@@ -273,4 +274,20 @@ func (r *Restorer) checkDest(ctx context.Context, dest string) error {
 		return fmt.Errorf("%w: %s is %s (rule host-active): a restore goes to an active host", ErrDestNotActive, dest, h.State)
 	}
 	return nil
+}
+
+// relayPrepare has the local vtpmd relay a restore to its destination.
+func relayPrepare(ctx context.Context, c *adminapi.Client, req *migrate.RestoreRequest) (migrate.PrepareResponse, error) {
+	var out migrate.PrepareResponse
+	return out, c.RestorePrepare(ctx, req, &out)
+}
+
+// relayFinish has the local vtpmd relay a restore's commit or abort.
+func relayFinish(ctx context.Context, c *adminapi.Client, dest string, fin migrate.FinishRequest) (migrate.FinishResponse, error) {
+	var out migrate.FinishResponse
+	b, err := json.Marshal(fin)
+	if err != nil {
+		return out, err
+	}
+	return out, c.RestoreFinish(ctx, adminapi.RestoreFinishRequest{Dest: dest, Finish: b}, &out)
 }

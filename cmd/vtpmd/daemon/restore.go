@@ -62,11 +62,12 @@ func (d *Daemon) handleRestorePrepare(w http.ResponseWriter, r *http.Request) {
 
 func (d *Daemon) handleRestoreFinish(w http.ResponseWriter, r *http.Request) {
 	var req adminapi.RestoreFinishRequest
-	if err := strictjson.DecodeReader(r.Body, &req, maxAdminRequest); err != nil || req.Dest == "" {
+	var fin migrate.FinishRequest
+	if err := strictjson.DecodeReader(r.Body, &req, maxAdminRequest); err != nil || req.Dest == "" || strictjson.Decode(req.Finish, &fin, maxAdminRequest) != nil {
 		adminapi.WriteError(w, http.StatusBadRequest, fmt.Errorf("want {\"dest\": \"HOST\", \"finish\": {...}}"))
 		return
 	}
-	resp, err := d.node.RelayFinish(r.Context(), req.Dest, &req.Finish)
+	resp, err := d.node.RelayFinish(r.Context(), req.Dest, &fin)
 	if err != nil {
 		adminapi.WriteError(w, http.StatusForbidden, err)
 		return

@@ -314,8 +314,8 @@ func TestRestoreAfterHostTPMLoss(t *testing.T) {
 	}
 	blob := []byte("forged vTPM state")
 	sum := sha256.Sum256(blob)
-	_, err = a.Admin().RestorePrepare(ctx, &migrate.RestoreRequest{Prepare: *pr,
-		States: []migrate.RestoredState{{UUID: db.UUID, Bundle: strings.Repeat("ab", 16), SHA256: sum[:], Blob: blob}}})
+	err = a.Admin().RestorePrepare(ctx, &migrate.RestoreRequest{Prepare: *pr,
+		States: []migrate.RestoredState{{UUID: db.UUID, Bundle: strings.Repeat("ab", 16), SHA256: sum[:], Blob: blob}}}, &migrate.PrepareResponse{})
 	if !errors.Is(err, migrate.ErrDenied) || !strings.Contains(err.Error(), "rule restore") {
 		t.Errorf("a restore without the registry's Begin: %v, want rule restore", err)
 	} else {
@@ -336,8 +336,8 @@ func TestRestoreAfterHostTPMLoss(t *testing.T) {
 		[]migrate.TxVM{{UUID: db.UUID, Name: db.Name, Generation: 2}}, map[string]vtpm.VMKey{db.UUID: forged}); err != nil {
 		t.Fatal(err)
 	}
-	if _, err := a.Admin().RestorePrepare(ctx, &migrate.RestoreRequest{Prepare: *pr,
-		States: []migrate.RestoredState{{UUID: db.UUID, Bundle: strings.Repeat("ab", 16), SHA256: sum[:], Blob: blob}}}); err != nil {
+	if err := a.Admin().RestorePrepare(ctx, &migrate.RestoreRequest{Prepare: *pr,
+		States: []migrate.RestoredState{{UUID: db.UUID, Bundle: strings.Repeat("ab", 16), SHA256: sum[:], Blob: blob}}}, &migrate.PrepareResponse{}); err != nil {
 		t.Fatalf("a restore the registry shows open: %v", err)
 	}
 	settle := func() {
