@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"slices"
+	"sync"
 
 	"github.com/sirupsen/logrus"
 
@@ -231,6 +232,19 @@ func finishResponse(tx Tx) *FinishResponse {
 }
 
 func (n *Node) finishDest(ctx context.Context, tx Tx, commit, abort []string) (*FinishResponse, error) {
+	// One finish of a transaction at a time; the second sees it final.
+	// (Both advancing the anchor at once failed the source's Finish with
+	// "unsettled anchor change" on the lab while recovery committed.)
+	mu, _ := n.finishing.LoadOrStore(tx.ID, &sync.Mutex{})
+	mu.(*sync.Mutex).Lock()
+	defer mu.(*sync.Mutex).Unlock()
+	if cur, err := n.cfg.Ledger.Get(tx.ID); err == nil {
+		if cur.State.Final() {
+			n.finishing.Delete(tx.ID)
+			return finishResponse(cur), nil
+		}
+		tx = cur
+	}
 	outcome := map[string]Outcome{}
 	// The batch's ownership step, counted in the host TPM before any
 	// pending key becomes active (one NV_Increment per batch).
@@ -295,6 +309,7 @@ func (n *Node) finishDest(ctx context.Context, tx Tx, commit, abort []string) (*
 	if err != nil {
 		return nil, err
 	}
+	defer n.finishing.Delete(tx.ID) // final: a later finish reads it from the ledger
 	for _, vm := range final.VMs {
 		ev := audit.EventMigrationAbort
 		if vm.Outcome == OutcomeCommitted {

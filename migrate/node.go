@@ -158,6 +158,10 @@ type Node struct {
 	// recovery loop, a hook and a lifecycle event may all want to settle
 	// the same transaction at the same moment.
 	recoverMu sync.Mutex
+	// finishing holds a *sync.Mutex per transaction being finished on
+	// the destination: the source's Finish and recovery (a lifecycle
+	// event, the loop) may finish one transaction at the same moment.
+	finishing sync.Map
 
 	armMu sync.Mutex
 	armed map[string]incomingArm // VM -> the incoming migration whose "migrate begin" pulled its key (incoming.go)
