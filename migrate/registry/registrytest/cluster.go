@@ -9,7 +9,6 @@ import (
 	"context"
 	"fmt"
 	"io"
-	"net"
 	"os"
 	"path/filepath"
 	"sync"
@@ -114,12 +113,10 @@ func (c *Cluster) freeAddr() string {
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	for {
-		l, err := net.Listen("tcp", "127.0.0.1:0")
+		addr, err := FreeAddr()
 		if err != nil {
 			c.tb.Fatal(err)
 		}
-		addr := l.Addr().String()
-		l.Close()
 		if !c.used[addr] {
 			c.used[addr] = true
 			return addr

@@ -4,7 +4,6 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"net"
 	"path/filepath"
 	"time"
 
@@ -12,6 +11,7 @@ import (
 	"github.com/vtpmm/vtpmm/migrate/registry"
 	"github.com/vtpmm/vtpmm/migrate/registry/member"
 	"github.com/vtpmm/vtpmm/migrate/registry/operator"
+	"github.com/vtpmm/vtpmm/migrate/registry/registrytest"
 )
 
 // externalMembers are the members of the external cluster (mode etcd).
@@ -26,12 +26,11 @@ const (
 )
 
 func freeURL() (string, error) {
-	l, err := net.Listen("tcp", "127.0.0.1:0")
+	addr, err := registrytest.FreeAddr()
 	if err != nil {
 		return "", err
 	}
-	defer l.Close()
-	return "https://" + l.Addr().String(), nil
+	return "https://" + addr, nil
 }
 
 func newMember(name string) (registry.Member, error) {
