@@ -208,7 +208,13 @@ func (f *Fleet) OperatorArgs() []string {
 // its namespaces (the registry's members listen on the lab network, which
 // the root namespace does not reach), with OperatorArgs appended.
 func (f *Fleet) OperatorCtl(ctx context.Context, args ...string) (Result, error) {
-	cmd, err := f.Hosts[f.Order[0]].NsCommand(ctx, f.Tools.Vtpmctl, append(args, f.OperatorArgs()...)...)
+	return f.OperatorCtlOn(ctx, f.Hosts[f.Order[0]], args...)
+}
+
+// OperatorCtlOn is OperatorCtl on host h (its namespaces and its vtpmd's
+// admin socket), for when the first host is down.
+func (f *Fleet) OperatorCtlOn(ctx context.Context, h *FleetHost, args ...string) (Result, error) {
+	cmd, err := h.NsCommand(ctx, f.Tools.Vtpmctl, append(args, "--socket", h.Vtpmd.Socket, "--pki", f.PKIDir)...)
 	if err != nil {
 		return Result{Code: -1}, err
 	}

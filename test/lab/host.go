@@ -53,6 +53,10 @@ type Host struct {
 
 	cmd  *exec.Cmd
 	done chan struct{}
+	// For PowerOn: the network, the configuration and the logger.
+	net *Network
+	cfg HostConfig
+	log logrus.FieldLogger
 }
 
 // Target is the migration target naming this host.
@@ -77,7 +81,7 @@ func NewHost(ctx context.Context, t T, cfg HostConfig) *Host {
 		cfg.HostUUID = hostUUID(cfg.IP)
 	}
 	h := &Host{Name: cfg.Name, IP: cfg.IP, Dir: filepath.Join(n.Dir, cfg.Name),
-		TCPURI: "qemu+tcp://" + cfg.IP + "/system", done: make(chan struct{})}
+		TCPURI: "qemu+tcp://" + cfg.IP + "/system", done: make(chan struct{}), net: n, cfg: cfg}
 	h.URI = "qemu:///system?socket=" + h.Path("/run/libvirt/libvirt-sock")
 	for _, d := range append(libvirtDirs, "/var/log/libvirt/qemu") {
 		if err := os.MkdirAll(h.Path(d), 0o755); err != nil {
@@ -94,6 +98,9 @@ func NewHost(ctx context.Context, t T, cfg HostConfig) *Host {
 		}
 	}
 	h.Netns = n.attach(ctx, t, cfg.IP)
+	if err := writeNetnsFile(h.Dir, h.Netns); err != nil {
+		t.Fatal(err)
+	}
 
 	// Host TPM first (stopped last).
 	emu, err := emuhost.Start(ctx, emuhost.Config{Dir: filepath.Join(h.Dir, "hosttpm"), Name: cfg.Name})
@@ -104,7 +111,7 @@ func NewHost(ctx context.Context, t T, cfg HostConfig) *Host {
 	t.Cleanup(func() {
 		sctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 		defer cancel()
-		_ = emu.Stop(sctx)
+		_ = h.Emu.Stop(sctx) // the current one (ReplaceTPM stops the one it replaces)
 	})
 	if cfg.BootLog != "" {
 		b, err := os.ReadFile(cfg.BootLog)
@@ -120,11 +127,22 @@ func NewHost(ctx context.Context, t T, cfg HostConfig) *Host {
 	if err := h.start(ctx, n); err != nil {
 		t.Fatal(err)
 	}
-	log := cfg.Log
-	if log == nil {
-		log = logrus.New()
+	h.log = cfg.Log
+	if h.log == nil {
+		h.log = logrus.New()
 	}
-	h.Hyp, err = libvirt.New(ctx, libvirt.Config{URI: h.URI, Name: cfg.Name, Log: log,
+	if err := h.connect(ctx); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = h.Hyp.Close() })
+	return h
+}
+
+// connect opens the host's libvirt.Hypervisor through URI; its pre-checks
+// reach other hosts of the same network through their unix sockets.
+func (h *Host) connect(ctx context.Context) error {
+	n := h.net
+	hyp, err := libvirt.New(ctx, libvirt.Config{URI: h.URI, Name: h.Name, Log: h.log,
 		PeerURI: func(dest hypervisor.Target) string {
 			// The test process is in the root namespace: reach peers by socket.
 			if ip, ok := strings.CutPrefix(dest.URI, "qemu+tcp://"); ok {
@@ -138,10 +156,10 @@ func NewHost(ctx context.Context, t T, cfg HostConfig) *Host {
 			return dest.URI
 		}})
 	if err != nil {
-		t.Fatal(err)
+		return err
 	}
-	t.Cleanup(func() { _ = h.Hyp.Close() })
-	return h
+	h.Hyp = hyp
+	return nil
 }
 
 func listDirs(dir string) []string {

@@ -29,6 +29,7 @@ type Network struct {
 
 	hub   string
 	hosts int
+	links map[string]string // host namespace -> its veth's end on the hub
 }
 
 // Require reports the first missing prerequisite of the lab: root,
@@ -91,7 +92,7 @@ func NewNetwork(ctx context.Context, t T, cfg NetworkConfig) *Network {
 	if err != nil {
 		t.Fatal(err)
 	}
-	n := &Network{ID: id, Dir: dir, hub: id + "-hub", Subreaper: cfg.Subreaper}
+	n := &Network{ID: id, Dir: dir, hub: id + "-hub", Subreaper: cfg.Subreaper, links: map[string]string{}}
 	t.Cleanup(func() {
 		if t.Failed() || cfg.Keep {
 			t.Logf("lab: keeping %s for inspection", dir)
@@ -137,6 +138,7 @@ func (n *Network) attach(ctx context.Context, t T, ip string) string {
 	n.hosts++
 	ns := fmt.Sprintf("%s-%d", n.ID, n.hosts)
 	hubSide := fmt.Sprintf("h%d", n.hosts)
+	n.links[ns] = hubSide
 	t.Cleanup(func() { n.delNetns(t, ns) })
 	if err := n.ip(ctx, "netns", "add", ns); err != nil {
 		t.Fatal(err)
@@ -184,3 +186,41 @@ func buildSubreaper(ctx context.Context, out string) error {
 
 // SubreaperPackage is the import path of the subreaper command.
 const SubreaperPackage = "github.com/vtpmm/vtpmm/test/lab/cmd/subreaper"
+
+// Cut takes the host's link to the lab network down (its veth's end on
+// the hub): from then on it reaches no other host, and none reaches it
+// (its etcd member, agent wire and libvirtd), while everything on it keeps
+// running: a network partition of that host. Heal undoes it.
+func (n *Network) Cut(ctx context.Context, h *Host) error {
+	return n.setLink(ctx, h, "down")
+}
+
+// Heal brings the host's link to the lab network back up (after Cut).
+func (n *Network) Heal(ctx context.Context, h *Host) error {
+	return n.setLink(ctx, h, "up")
+}
+
+func (n *Network) setLink(ctx context.Context, h *Host, state string) error {
+	link, ok := n.links[h.Netns]
+	if !ok {
+		return fmt.Errorf("lab: %s is not on network %s", h.Name, n.ID)
+	}
+	return n.ip(ctx, "-n", n.hub, "link", "set", link, state)
+}
+
+// Reachable reports whether a TCP connection from inside h's namespaces to
+// addr (host:port) succeeds within timeout (bash's /dev/tcp, run with
+// nsenter).
+func (h *Host) Reachable(ctx context.Context, addr string, timeout time.Duration) bool {
+	host, port, ok := strings.Cut(addr, ":")
+	if !ok {
+		return false
+	}
+	cmd, err := h.NsCommand(ctx, "timeout", fmt.Sprintf("%.1f", timeout.Seconds()), "bash", "-c",
+		fmt.Sprintf("exec 3<>/dev/tcp/%s/%s", host, port))
+	if err != nil {
+		return false
+	}
+	cmd.WaitDelay = time.Second
+	return cmd.Run() == nil
+}
