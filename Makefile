@@ -13,7 +13,7 @@ TEST_TIMEOUT ?= 20m
 BENCHTIME ?= 5x
 BENCH_PKGS ?= ./vtpm/host/ ./attest/ ./vtpm/identity/ ./migrate/
 
-.PHONY: all deps build test e2e e2e-bench demo bench fuzz fuzz-smoke model vet fmt clean
+.PHONY: all deps build test e2e e2e-bench evac-bench demo bench fuzz fuzz-smoke model vet fmt clean
 
 all: build
 
@@ -59,6 +59,14 @@ e2e-bench: deps
 	VTPMM_E2E_BENCH=1 VTPMM_E2E_REQUIRE=1 VTPMM_E2E_BENCH_ROUNDS=$(E2E_BENCH_ROUNDS) VTPMM_E2E_BENCH_JSON=$(E2E_BENCH_JSON) \
 	  VTPMM_E2E_BENCH_REGISTRY=$(E2E_BENCH_REGISTRY) \
 	  $(GO) test -count=1 -tags e2e -run '^TestE2EBench$$' -v -timeout 60m ./test/e2e/
+
+## evac-bench: vtpmctl evacuate host-a (6 firmware-only VMs, parallel 3, registry embedded) vs the same
+## VMs moved by plain parallel virsh migrate, side by side, EVAC_BENCH_ROUNDS rounds alternating which runs
+## first; medians of wall times, per-round ratios and downtimes (reports numbers, never fails on timing)
+EVAC_BENCH_ROUNDS ?= 4
+evac-bench: deps
+	VTPMM_E2E_EVAC_BENCH=1 VTPMM_E2E_REQUIRE=1 VTPMM_E2E_EVAC_ROUNDS=$(EVAC_BENCH_ROUNDS) \
+	  $(GO) test -count=1 -tags e2e -run '^TestE2EEvacBench$$' -v -timeout 60m ./test/e2e/
 
 ## demo: the main job, end to end on libvirt hosts in network namespaces (root; last line: DEMO OK)
 demo: build
