@@ -9,7 +9,10 @@
 //     emulated host TPM and the real vtpmd (package test/lab). A Linux guest
 //     seals a secret in its vTPM on host-a; 'vtpmctl migrate' moves it to
 //     host-b, where it still unseals; host-c, booted from a tampered log, is
-//     refused.
+//     refused. Then 'vtpmctl evacuate host-a' moves two more VMs off host-a
+//     (host-c left out by attestation); host-b loses power and its TPM, is
+//     retired, and the guest comes back on host-a from its escrow bundle
+//     ('vtpmctl restore' with 2 of 3 custodians) and unseals the same secret.
 //
 // It lives under test/, not cmd/: it is not a product binary but a driver
 // of the lab (test/lab: namespaces, emulated host TPMs, the shared
