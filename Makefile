@@ -62,10 +62,12 @@ e2e-bench: deps
 
 ## evac-bench: vtpmctl evacuate host-a (6 firmware-only VMs, parallel 3, registry embedded) vs the same
 ## VMs moved by plain parallel virsh migrate, side by side, EVAC_BENCH_ROUNDS rounds alternating which runs
-## first; medians of wall times, per-round ratios and downtimes (reports numbers, never fails on timing)
+## first; medians of wall times, per-round ratios and downtimes (reports numbers, never fails on timing);
+## EVAC_BENCH_PLAIN_ORDER=grouped moves the plain VMs one destination after the other, as the batches do
 EVAC_BENCH_ROUNDS ?= 4
+EVAC_BENCH_PLAIN_ORDER ?= alternate
 evac-bench: deps
-	VTPMM_E2E_EVAC_BENCH=1 VTPMM_E2E_REQUIRE=1 VTPMM_E2E_EVAC_ROUNDS=$(EVAC_BENCH_ROUNDS) \
+	VTPMM_E2E_EVAC_BENCH=1 VTPMM_E2E_REQUIRE=1 VTPMM_E2E_EVAC_ROUNDS=$(EVAC_BENCH_ROUNDS) VTPMM_E2E_EVAC_PLAIN_ORDER=$(EVAC_BENCH_PLAIN_ORDER) \
 	  $(GO) test -count=1 -tags e2e -run '^TestE2EEvacBench$$' -v -timeout 60m ./test/e2e/
 
 ## demo: the main job, end to end on libvirt hosts in network namespaces (root; last line: DEMO OK)

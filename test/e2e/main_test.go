@@ -95,11 +95,12 @@ func newVFleet(ctx context.Context, t *testing.T, specs ...lab.HostSpec) *lab.Fl
 
 // newRegistryFleet is newVFleet with the fleet registry in mode registry
 // ("none", or "embedded": an etcd member in every host's vtpmd).
+// VTPMM_E2E_KEEP=1 keeps the lab's directories (logs) after a pass.
 func newRegistryFleet(ctx context.Context, t *testing.T, registry string, specs ...lab.HostSpec) *lab.Fleet {
 	t.Helper()
 	requireLab(t)
-	f := lab.NewFleet(ctx, t, lab.FleetConfig{Network: lab.NetworkConfig{Prefix: "ve2e"}, Tools: sharedTools(ctx, t),
-		GoodLog: goodLog, Hosts: specs, Log: logger(t), Registry: registry})
+	f := lab.NewFleet(ctx, t, lab.FleetConfig{Network: lab.NetworkConfig{Prefix: "ve2e", Keep: os.Getenv("VTPMM_E2E_KEEP") == "1"},
+		Tools: sharedTools(ctx, t), GoodLog: goodLog, Hosts: specs, Log: logger(t), Registry: registry})
 	f.AddHosts(ctx)
 	return f
 }

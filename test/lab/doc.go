@@ -8,6 +8,12 @@
 // makes a Fleet the test fleet contract (test/fleet), so the migration
 // scenarios written once run on real libvirt too.
 //
+// For failure tests it cuts a host's power at once (Host.PowerOff: every
+// process of its network namespace and its host TPM SIGKILLed; PowerOn
+// brings it back), replaces or wipes its TPM (ReplaceTPM, WipeTPM,
+// Vtpmd.Reinit), fences it with a fence agent of Pacemaker's convention
+// (cmd/fence_lab), and partitions it from the others (Network.Cut, Heal).
+//
 // The package does not import "testing": it works through T, which
 // *testing.T satisfies; Run provides a T for programs, with the same
 // cleanup rules (everything is stopped and removed at the end, also after a

@@ -133,6 +133,8 @@ type PlainMove struct {
 // process' wall time and libvirt's completed job on the destination.
 type PlainResult struct {
 	Move PlainMove
+	// At is when its virsh started, from the first start.
+	At   time.Duration
 	Wall time.Duration
 	Job  JobResult
 	Err  error
@@ -177,6 +179,7 @@ func PlainMigrate(ctx context.Context, moves []PlainMove, parallel int) (time.Du
 			defer func() { <-sem }()
 			r := PlainResult{Move: m}
 			s := time.Now()
+			r.At = s.Sub(t0)
 			o, _, err := m.Src.Virsh(ctx, "migrate", "--live", "--p2p", "--persistent", "--undefinesource", m.VM.Name, m.Dst.TCPURI)
 			r.Wall = time.Since(s)
 			if err != nil {
