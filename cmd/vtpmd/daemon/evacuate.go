@@ -26,8 +26,8 @@ import (
 // context is the run's: the client going away is Ctrl-C.
 
 // unknownFree is the free memory reported for a destination when this
-// host's deployment has no way to ask its hypervisor (Deps.FreeMemory nil):
-// placement then balances by count alone.
+// host's hypervisor cannot tell (no hypervisor.Capacity, no
+// Deps.FreeMemory): placement then balances by count alone.
 const unknownFree uint64 = 1 << 50
 
 // EvacuationStats counts what this vtpmd's evacuations cost: batches and
@@ -368,22 +368,44 @@ func (inv evacInventory) VMs(ctx context.Context) ([]evacuate.VM, error) {
 			name = dom.Name
 		}
 		vm := evacuate.VM{ID: dom.UUID, Name: name, Running: dom.State == hypervisor.StateRunning}
-		if f := a.d.deps.VMMemory; f != nil {
-			if vm.Memory, err = f(ctx, dom.UUID); err != nil {
-				return nil, fmt.Errorf("memory of %s: %w", dom.UUID, err)
-			}
+		if vm.Memory, err = a.vmMemory(ctx, dom.UUID); err != nil {
+			return nil, fmt.Errorf("memory of %s: %w", dom.UUID, err)
 		}
 		out = append(out, vm)
 	}
 	return out, nil
 }
 
-// FreeMemory implements evacuate.Capacity.
+// vmMemory is a VM's memory: Deps.VMMemory, else the hypervisor's
+// (hypervisor.Capacity: libvirt's domain memory), else 0 (unknown).
+func (a *evacAdapter) vmMemory(ctx context.Context, vm string) (uint64, error) {
+	if f := a.d.deps.VMMemory; f != nil {
+		return f(ctx, vm)
+	}
+	if c, ok := a.d.hyp.(hypervisor.Capacity); ok {
+		return c.DomainMemory(ctx, vm)
+	}
+	return 0, nil
+}
+
+// FreeMemory implements evacuate.Capacity: Deps.FreeMemory, else the
+// destination's hypervisor, asked at its migration target
+// (hypervisor.Capacity: libvirt's virNodeGetFreeMemory on its libvirtd),
+// else unknown (unknownFree: placement balances by count). An error leaves
+// the host out of the plan (not-live: its hypervisor did not answer).
 func (a *evacAdapter) FreeMemory(ctx context.Context, host string) (uint64, error) {
 	if f := a.d.deps.FreeMemory; f != nil {
 		return f(ctx, host)
 	}
-	return unknownFree, nil
+	c, ok := a.d.hyp.(hypervisor.Capacity)
+	if !ok {
+		return unknownFree, nil
+	}
+	t, err := a.d.target()(host)
+	if err != nil {
+		return 0, err
+	}
+	return c.FreeMemory(ctx, t)
 }
 
 // Attest implements evacuate.Mover.

@@ -9,6 +9,7 @@ import (
 	"time"
 
 	"github.com/vtpmm/vtpmm/attest"
+	"github.com/vtpmm/vtpmm/hypervisor"
 	"github.com/vtpmm/vtpmm/migrate"
 	"github.com/vtpmm/vtpmm/migrate/evacuate"
 	"github.com/vtpmm/vtpmm/migrate/registry"
@@ -37,6 +38,7 @@ func (a *evacAdapter) Move(ctx context.Context, b evacuate.Batch, slots *evacuat
 	var mu sync.Mutex
 	started := map[string]time.Time{}
 	took := map[string]time.Duration{}
+	watching := map[string]*bytesWatch{}
 	req := migrate.Request{VMs: ids, Dest: b.Dest, TxID: b.TxID, Claimed: true, Slots: slots,
 		OnVM: func(ev migrate.VMEvent) {
 			mu.Lock()
@@ -46,13 +48,23 @@ func (a *evacAdapter) Move(ctx context.Context, b evacuate.Batch, slots *evacuat
 			if ev.Done && ev.Err == nil {
 				took[ev.VM] = ev.Elapsed
 			}
+			w := watching[ev.VM]
 			mu.Unlock()
 			switch {
 			case ev.Started:
 				d.evac.add(func(s *EvacuationStats) { s.Migrations++ })
 				progress(evacuate.Progress{VM: ev.VM, Phase: evacuate.PhaseMigrate, Elapsed: time.Since(start)})
-			case ev.Done && ev.Err == nil:
-				progress(evacuate.Progress{VM: ev.VM, Phase: evacuate.PhaseCommit, Elapsed: time.Since(start)})
+				w = d.watchBytes(ctx, ev.VM, func(done, total uint64) {
+					progress(evacuate.Progress{VM: ev.VM, Phase: evacuate.PhaseMigrate, Bytes: done, Total: total, Elapsed: time.Since(start)})
+				})
+				mu.Lock()
+				watching[ev.VM] = w
+				mu.Unlock()
+			case ev.Done:
+				done, total := w.stop()
+				if ev.Err == nil {
+					progress(evacuate.Progress{VM: ev.VM, Phase: evacuate.PhaseCommit, Bytes: done, Total: total, Elapsed: time.Since(start)})
+				}
 			}
 		}}
 	res, err := d.node.Migrate(context.WithoutCancel(ctx), req, func(p migrate.Phase, _ string) {
@@ -95,6 +107,9 @@ func (a *evacAdapter) Move(ctx context.Context, b evacuate.Batch, slots *evacuat
 	case tx.State.Final():
 		for _, vm := range tx.VMs {
 			r := evacuate.VMResult{Elapsed: took[vm.UUID]}
+			if w := watching[vm.UUID]; w != nil {
+				r.Bytes, _ = w.last()
+			}
 			_, began := started[vm.UUID]
 			switch {
 			case vm.Outcome == migrate.OutcomeMigrated && tx.State == migrate.SrcCommitted:
@@ -169,4 +184,77 @@ func errText(err error) string {
 		return ""
 	}
 	return err.Error()
+}
+
+// bytesPoll is how often a migration's bytes are read from the hypervisor
+// (libvirt's job statistics) for the progress lines.
+const bytesPoll = 250 * time.Millisecond
+
+// bytesWatch polls one VM's outgoing migration for its bytes
+// (hypervisor.MigrationProgress) until stopped. A nil *bytesWatch (the
+// hypervisor cannot tell) reports nothing.
+type bytesWatch struct {
+	mu          sync.Mutex
+	done, total uint64
+	stopped     chan struct{}
+	finished    chan struct{}
+}
+
+// watchBytes starts polling vm's migration, calling report whenever its
+// bytes change; nil when the hypervisor reports no progress.
+func (d *Daemon) watchBytes(ctx context.Context, vm string, report func(done, total uint64)) *bytesWatch {
+	mp, ok := d.hyp.(hypervisor.MigrationProgress)
+	if !ok {
+		return nil
+	}
+	w := &bytesWatch{stopped: make(chan struct{}), finished: make(chan struct{})}
+	pctx := context.WithoutCancel(ctx)
+	go func() {
+		defer close(w.finished)
+		t := time.NewTicker(bytesPoll)
+		defer t.Stop()
+		for {
+			select {
+			case <-w.stopped:
+				return
+			case <-t.C:
+			}
+			done, total, active, err := mp.MigrationBytes(pctx, vm)
+			if err != nil || !active {
+				continue
+			}
+			w.mu.Lock()
+			changed := done != w.done || total != w.total
+			w.done, w.total = done, total
+			w.mu.Unlock()
+			if changed {
+				report(done, total)
+			}
+		}
+	}()
+	return w
+}
+
+// stop ends the polling and returns the last bytes read.
+func (w *bytesWatch) stop() (done, total uint64) {
+	if w == nil {
+		return 0, 0
+	}
+	select {
+	case <-w.stopped:
+	default:
+		close(w.stopped)
+	}
+	<-w.finished
+	return w.last()
+}
+
+// last returns the last bytes read.
+func (w *bytesWatch) last() (done, total uint64) {
+	if w == nil {
+		return 0, 0
+	}
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	return w.done, w.total
 }

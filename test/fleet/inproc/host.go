@@ -47,8 +47,6 @@ func (h *Host) start(ctx context.Context, lis net.Listener) error {
 			}
 			return nil
 		},
-		FreeMemory:       h.f.FreeMemory,
-		VMMemory:         h.f.VMMemory,
 		EvacuationSettle: h.f.cfg.EvacuationSettle,
 	}
 	d, err := daemon.Start(ctx, h.cfg, deps)
