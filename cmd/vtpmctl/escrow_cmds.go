@@ -135,6 +135,9 @@ func escrowCommands(e *env, socket *string, rf *registryFlags) []*cobra.Command 
 			if err != nil {
 				return restoreExit(err)
 			}
+			if rep.Closed != "" {
+				fmt.Fprintf(e.stdout, "closed transaction %s, which an interrupted restore of the VM had left open\n", rep.Closed)
+			}
 			prev := ""
 			if rep.PreviousOwner != "" {
 				prev = " (was " + rep.PreviousOwner + ")"
