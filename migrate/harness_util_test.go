@@ -2,10 +2,14 @@ package migrate_test
 
 import (
 	"context"
+	"errors"
 	"fmt"
+	"testing"
+	"time"
 
 	"github.com/google/go-tpm/tpm2/transport"
 
+	"github.com/vtpmm/vtpmm/migrate"
 	"github.com/vtpmm/vtpmm/vtpm"
 )
 
@@ -30,4 +34,55 @@ func (h *host) withVTPM(vm string, f func(context.Context, vtpmConn) error) {
 	if err := f(ctx, tpm); err != nil {
 		t.Fatalf("%s: guest on %s: %v", h.name, vm, err)
 	}
+}
+
+// setCrash makes host crash at its next crash point p (ErrCrash, the
+// process gone); p "" lifts it.
+func (f *fleet) setCrash(host string, p migrate.CrashPoint) {
+	f.crashMu.Lock()
+	defer f.crashMu.Unlock()
+	if p == "" {
+		delete(f.crash, host)
+		return
+	}
+	f.crash[host] = migrate.CrashAt(p)
+}
+
+// migrateCrashing migrates vm from h to dest while h crashes at p, then
+// lifts the crash: the migration must end in ErrCrash.
+func (h *host) migrateCrashing(ctx context.Context, vm, dest string, p migrate.CrashPoint) {
+	t := h.f.t
+	t.Helper()
+	h.f.setCrash(h.name, p)
+	_, err := h.node.Migrate(ctx, migrate.Request{VMs: []string{vm}, Dest: dest}, nil)
+	h.f.setCrash(h.name, "")
+	if !errors.Is(err, migrate.ErrCrash) {
+		t.Fatalf("migration of %s from %s to %s with a crash at %s: %v, want ErrCrash", vm, h.name, dest, p, err)
+	}
+}
+
+// hookFleet is a fleet in hook mode (the hooks of every host installed)
+// with the named hosts (host-c boots the bad log), its nodes' pull lease
+// pullLease (0: the default).
+func hookFleet(t *testing.T, pullLease time.Duration, names ...string) (*fleet, []*host) {
+	t.Helper()
+	f := newFleet(t)
+	f.pullLease = pullLease
+	hs := make([]*host, len(names))
+	for i, n := range names {
+		log := goodLog
+		if n == "host-c" {
+			log = badLog
+		}
+		hs[i] = f.addHost(n, log)
+	}
+	f.hookMode()
+	return f, hs
+}
+
+// sealedVM creates VM name on h and seals secret in its guest's vTPM.
+func (h *host) sealedVM(name string, secret []byte) string {
+	vm := h.createVM(name)
+	h.guestSeal(vm, secret)
+	return vm
 }
