@@ -4,7 +4,6 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"os"
 	"testing"
 	"time"
 
@@ -65,11 +64,7 @@ func TestRolledBackSourceMidMigration(t *testing.T) {
 	}
 
 	// The operator restores A's data directory from the old backup.
-	newest := data + ".newest"
-	if err := os.Rename(data, newest); err != nil {
-		t.Fatal(err)
-	}
-	copyDir(t, backup, data)
+	newest := putBackup(t, data, backup)
 	err = a.Restart(ctx)
 	if !errors.Is(err, vtpm.ErrRollback) {
 		t.Fatalf("restart of A on a directory restored from before the open migration: %v, want the rollback refusal", err)
@@ -77,12 +72,7 @@ func TestRolledBackSourceMidMigration(t *testing.T) {
 	t.Logf("restored directory refused: %v", err)
 
 	// The newest directory back: A recovers the migration, which commits.
-	if err := os.RemoveAll(data); err != nil {
-		t.Fatal(err)
-	}
-	if err := os.Rename(newest, data); err != nil {
-		t.Fatal(err)
-	}
+	putNewest(t, data, newest)
 	if err := a.Restart(ctx); err != nil {
 		t.Fatalf("restart on the newest directory: %v", err)
 	}
