@@ -1,6 +1,7 @@
 package migrate_test
 
 import (
+	"bytes"
 	"context"
 	"errors"
 	"fmt"
@@ -85,4 +86,18 @@ func (h *host) sealedVM(name string, secret []byte) string {
 	vm := h.createVM(name)
 	h.guestSeal(vm, secret)
 	return vm
+}
+
+// settleMoved has h, the source of a plain migration of vm, settle it,
+// then checks that dst alone owns vm and that its guest unseals secret.
+func (h *host) settleMoved(ctx context.Context, vm string, dst *host, secret []byte) {
+	t := h.f.t
+	t.Helper()
+	if err := h.node.Settle(ctx, vm); err != nil {
+		t.Fatalf("settle on %s: %v", h.name, err)
+	}
+	h.f.checkSingleOwner(vm, dst.name)
+	if got := dst.guestUnseal(vm); !bytes.Equal(got, secret) {
+		t.Fatalf("guest secret on %s: %q", dst.name, got)
+	}
 }

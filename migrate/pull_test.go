@@ -76,13 +76,7 @@ func TestHookModePlainMigration(t *testing.T) {
 	if open, _ := a.ledger.OpenTxs(); len(open) != 1 || !open[0].Pulled || open[0].State != migrate.SrcPrepared {
 		t.Fatalf("source ledger after the hypervisor's migration: %+v", open)
 	}
-	if err := a.node.Settle(ctx, vm); err != nil {
-		t.Fatalf("settle on the source: %v", err)
-	}
-	f.checkSingleOwner(vm, "host-b")
-	if got := b.guestUnseal(vm); !bytes.Equal(got, secret) {
-		t.Fatalf("guest secret on B: %q", got)
-	}
+	a.settleMoved(ctx, vm, b, secret)
 
 	// Untrusted destination: its hook fails the migration with the rule.
 	err = b.hyp.Migrate(ctx, vm, c.hyp.Target())

@@ -105,13 +105,7 @@ func TestPendingKeyServesOnlyItsJob(t *testing.T) {
 	if err := a.hyp.Migrate(ctx, vm, b.hyp.Target()); err != nil {
 		t.Fatalf("plain migration after the aborted T1: %v", err)
 	}
-	if err := a.node.Settle(ctx, vm); err != nil {
-		t.Fatalf("settle on A: %v", err)
-	}
-	f.checkSingleOwner(vm, "host-b")
-	if got := b.guestUnseal(vm); !bytes.Equal(got, secret) {
-		t.Fatalf("guest secret on B: %q", got)
-	}
+	a.settleMoved(ctx, vm, b, secret)
 
 	// A plain migration B -> A that fails after A's pull.
 	pull := a.hyp.MigrateBegin

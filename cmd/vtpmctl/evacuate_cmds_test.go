@@ -50,14 +50,7 @@ func TestEvacuateCommand(t *testing.T) {
 	}
 	sock := f.InProcHost(fleet.HostA).Config().AdminSocketPath()
 	op := []string{"--socket", sock, "--pki", f.PKIDir()}
-	ctl := func(want int, args ...string) string {
-		t.Helper()
-		code, out, errOut := runCtl(t, append(args, op...)...)
-		if code != want {
-			t.Fatalf("vtpmctl %s: exit %d, want %d\n%s%s", strings.Join(args, " "), code, want, out, errOut)
-		}
-		return out + errOut
-	}
+	ctl := ctlWant(t, op...)
 
 	out := ctl(0, "evacuate", fleet.HostA, "--dry-run")
 	for _, want := range []string{"evac-1", "evac-2", fleet.HostB, fleet.HostC, "refused", "pcr-policy", hostD, "no-room"} {
