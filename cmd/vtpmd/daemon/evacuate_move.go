@@ -153,7 +153,11 @@ const (
 // closed it with VMs that did not move (the destination never confirmed
 // the end; they were aborted, and their destination is down for this run).
 func (d *Daemon) recoverBatch(ctx context.Context, tx migrate.Tx) (migrate.Tx, bool) {
-	rctx := context.WithoutCancel(ctx)
+	// Not the run's cancellation (a stop lets the batch settle), but the
+	// daemon's: a vtpmd shutting down does not wait for it.
+	rctx, cancel := context.WithCancel(context.WithoutCancel(ctx))
+	defer cancel()
+	defer context.AfterFunc(d.bgCtx, cancel)()
 	deadline := time.Now().Add(batchRecoverWait)
 	for {
 		cur, err := d.node.Recover(rctx, tx.ID)
