@@ -275,6 +275,64 @@ func TestEvacuate(t *testing.T) {
 		undrain(t)
 	})
 
+	t.Run("destination killed after its VMs moved: reported open", func(t *testing.T) {
+		vms := newVMs(t, 4)
+		src, dst := f.InProcHost(fleet.HostA), f.InProcHost(fleet.HostC)
+		// host-c's vtpmd dies once its batch's VMs run there (the registry
+		// committed them to host-c): the source cannot have host-c promote
+		// their keys. Where they run is known to the registry, not yet
+		// confirmed by host-c: they are reported open (not moved, not
+		// re-planned: never moved twice), with no host named.
+		var once sync.Once
+		src.OnCrashPoint(func(p migrate.CrashPoint) error {
+			if p == migrate.SrcAfterRegCommit {
+				for _, v := range vms {
+					if d, err := dst.Fake().Domain(ctx, v.UUID); err == nil && d.State == hypervisor.StateRunning {
+						once.Do(func() { _ = dst.Kill(ctx) })
+						break
+					}
+				}
+			}
+			return nil
+		})
+		r, err := tryEvacuateA(ctx, f, adminapi.EvacuateRequest{}, nil)
+		src.OnCrashPoint(nil)
+		if err != nil || r.report == nil {
+			t.Fatalf("run with host-c killed after the commit: %v %+v", err, r.end)
+		}
+		t.Logf("run with host-c killed after its commit: exit %d, %v", r.end.ExitCode, r.report.Counts)
+		if r.end.ExitCode != evacuate.ExitOpen || r.report.Counts[evacuate.OutcomeOpen] == 0 {
+			t.Fatalf("exit %d %v, want exit %d with host-c's VMs open", r.end.ExitCode, r.report.Counts, evacuate.ExitOpen)
+		}
+		for _, v := range r.report.VMs {
+			switch v.Outcome {
+			case evacuate.OutcomeOpen:
+				if v.Host != "" || v.Dest != fleet.HostC {
+					t.Errorf("%s reported open on %q (to %s), want no host named, to host-c", v.Name, v.Host, v.Dest)
+				}
+			case evacuate.OutcomeMoved:
+				if v.Host != fleet.HostB {
+					t.Errorf("%s reported moved to %s", v.Name, v.Host)
+				}
+			default:
+				t.Errorf("%s: %s (%s)", v.Name, v.Outcome, v.Detail)
+			}
+		}
+		out0 := src.Fake().Stats().MigrationsOut
+		if err := dst.Restart(ctx); err != nil {
+			t.Fatal(err)
+		}
+		r = evacuateA(ctx, t, f, adminapi.EvacuateRequest{}, nil)
+		if r.end.ExitCode != evacuate.ExitOK || r.report.Counts[evacuate.OutcomeMoved] != 0 {
+			t.Fatalf("run after host-c's restart: exit %d %s %+v, want nothing left to move", r.end.ExitCode, r.end.Error, r.report.Counts)
+		}
+		if n := src.Fake().Stats().MigrationsOut - out0; n != 0 {
+			t.Errorf("the run after host-c's restart migrated %d VMs again", n)
+		}
+		checkOn(ctx, t, f, vms, 1, fleet.HostB, fleet.HostC)
+		undrain(t)
+	})
+
 	// Last: it leaves host-c untrusted.
 	t.Run("destination refused half way", func(t *testing.T) {
 		vms := newVMs(t, 4)
