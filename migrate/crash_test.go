@@ -54,13 +54,9 @@ func crashSeries(t *testing.T, f *fleet) {
 			if strings.HasPrefix(string(p), "dst/") {
 				victim = other
 			}
-			f.crashMu.Lock()
-			f.crash[victim.name] = migrate.CrashAt(p)
-			f.crashMu.Unlock()
+			f.setCrash(victim.name, p)
 			_, err := owner.node.Migrate(ctx, migrate.Request{VMs: []string{vm}, Dest: other.name}, nil)
-			f.crashMu.Lock()
-			delete(f.crash, victim.name)
-			f.crashMu.Unlock()
+			f.setCrash(victim.name, "")
 			if err == nil {
 				t.Fatalf("migration survived a crash at %s", p)
 			}

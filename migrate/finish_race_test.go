@@ -20,15 +20,7 @@ func TestConcurrentFinish(t *testing.T) {
 	f := newFleet(t)
 	a, b := f.addHost("host-a", goodLog), f.addHost("host-b", goodLog)
 	vm := a.createVM("vm1")
-	f.crashMu.Lock()
-	f.crash["host-a"] = migrate.CrashAt(migrate.SrcAfterMigrated)
-	f.crashMu.Unlock()
-	if _, err := a.node.Migrate(ctx, migrate.Request{VMs: []string{vm}, Dest: "host-b"}, nil); !errors.Is(err, migrate.ErrCrash) {
-		t.Fatalf("migration with a crash after the hypervisor: %v", err)
-	}
-	f.crashMu.Lock()
-	delete(f.crash, "host-a")
-	f.crashMu.Unlock()
+	a.migrateCrashing(ctx, vm, "host-b", migrate.SrcAfterMigrated)
 	tx, ok := b.node.Incoming(vm)
 	if !ok {
 		t.Fatal("host-b holds no PENDING key after the hypervisor's migration")

@@ -104,8 +104,8 @@ type Config struct {
 	Ledger     *Ledger
 	// Registry is the fleet registry (nil: registry mode none). See Registry.
 	Registry Registry
-	// Anchor is the host's rollback anchor (nil: none). The source's and
-	// the destination's commit each advance it once per batch.
+	// Anchor is the host's rollback anchor (nil: none). The source's Begin
+	// and the destination's commit each advance it once per batch.
 	Anchor   Anchor
 	Verifier *attest.Verifier // verifies destinations (source side)
 	// Enrollments is the store of enrolled hosts: this host answers
@@ -165,6 +165,9 @@ type Node struct {
 
 	armMu sync.Mutex
 	armed map[string]incomingArm // VM -> the incoming migration whose "migrate begin" pulled its key (incoming.go)
+
+	stepsMu sync.Mutex
+	steps   map[string]vtpm.AnchorTicket // open source transaction -> its Begin step in the rollback anchor (anchor.go)
 }
 
 type verified struct {
@@ -194,7 +197,7 @@ func NewNode(cfg Config) *Node {
 		log = l
 	}
 	return &Node{cfg: cfg, log: log.WithField("host", cfg.Host), cache: map[string]verified{}, active: map[string]bool{},
-		armed: map[string]incomingArm{}}
+		armed: map[string]incomingArm{}, steps: map[string]vtpm.AnchorTicket{}}
 }
 
 // Host returns the node's host name.

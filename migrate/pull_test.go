@@ -54,12 +54,10 @@ func (h *host) prepareBegin(ctx context.Context, vm string) error {
 func TestHookModePlainMigration(t *testing.T) {
 	t.Parallel()
 	ctx := context.Background()
-	f := newFleet(t)
-	a, b, c := f.addHost("host-a", goodLog), f.addHost("host-b", goodLog), f.addHost("host-c", badLog)
-	f.hookMode()
-	vm := a.createVM("vm1")
+	f, hs := hookFleet(t, 0, "host-a", "host-b", "host-c")
+	a, b, c := hs[0], hs[1], hs[2]
 	secret := []byte("sealed before a plain migration")
-	a.guestSeal(vm, secret)
+	vm := a.sealedVM("vm1", secret)
 
 	// A Pull without a migration in progress is refused: keys leave only
 	// for a migration the owner's hypervisor runs.
@@ -78,13 +76,7 @@ func TestHookModePlainMigration(t *testing.T) {
 	if open, _ := a.ledger.OpenTxs(); len(open) != 1 || !open[0].Pulled || open[0].State != migrate.SrcPrepared {
 		t.Fatalf("source ledger after the hypervisor's migration: %+v", open)
 	}
-	if err := a.node.Settle(ctx, vm); err != nil {
-		t.Fatalf("settle on the source: %v", err)
-	}
-	f.checkSingleOwner(vm, "host-b")
-	if got := b.guestUnseal(vm); !bytes.Equal(got, secret) {
-		t.Fatalf("guest secret on B: %q", got)
-	}
+	a.settleMoved(ctx, vm, b, secret)
 
 	// Untrusted destination: its hook fails the migration with the rule.
 	err = b.hyp.Migrate(ctx, vm, c.hyp.Target())
@@ -119,13 +111,10 @@ func TestHookModePlainMigration(t *testing.T) {
 func TestHookModeFailedMigrationAborts(t *testing.T) {
 	t.Parallel()
 	ctx := context.Background()
-	f := newFleet(t)
-	f.pullLease = time.Nanosecond
-	a, b := f.addHost("host-a", goodLog), f.addHost("host-b", goodLog)
-	f.hookMode()
-	vm := a.createVM("vm1")
+	f, hs := hookFleet(t, time.Nanosecond, "host-a", "host-b")
+	a, b := hs[0], hs[1]
 	secret := []byte("survives a failed plain migration")
-	a.guestSeal(vm, secret)
+	vm := a.sealedVM("vm1", secret)
 	var during error
 	a.hyp.BeforeMigrateCommit = func() error {
 		during = a.node.Reconcile(ctx) // the job runs: must not abort
@@ -169,9 +158,8 @@ func TestHookModeFailedMigrationAborts(t *testing.T) {
 func TestHookModeWithVtpmmMigration(t *testing.T) {
 	t.Parallel()
 	ctx := context.Background()
-	f := newFleet(t)
-	a, _ := f.addHost("host-a", goodLog), f.addHost("host-b", goodLog)
-	f.hookMode()
+	f, hs := hookFleet(t, 0, "host-a", "host-b")
+	a := hs[0]
 	vm := a.createVM("vm1")
 	if _, err := a.node.Migrate(ctx, migrate.Request{VMs: []string{vm}, Dest: "host-b"}, nil); err != nil {
 		t.Fatal(err)
@@ -228,12 +216,10 @@ func TestDecodePull(t *testing.T) {
 func TestPullBoundToTheJob(t *testing.T) {
 	t.Parallel()
 	ctx := context.Background()
-	f := newFleet(t)
-	a, b, d := f.addHost("host-a", goodLog), f.addHost("host-b", goodLog), f.addHost("host-d", goodLog)
-	f.hookMode()
-	vm := a.createVM("vm1")
+	f, hs := hookFleet(t, 0, "host-a", "host-b", "host-d")
+	a, b, d := hs[0], hs[1], hs[2]
 	secret := []byte("one destination per job")
-	a.guestSeal(vm, secret)
+	vm := a.sealedVM("vm1", secret)
 	plain := func(from, to *host) {
 		t.Helper()
 		if err := from.hyp.Migrate(ctx, vm, to.hyp.Target()); err != nil {

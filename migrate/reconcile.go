@@ -173,3 +173,35 @@ func (n *Node) recoverDest(ctx context.Context, tx Tx) error {
 	}
 	return fmt.Errorf("%w: source %s unreachable (%v) and not every VM runs here", ErrUnresolved, tx.Peer, err)
 }
+
+// Recover runs recovery for one open transaction now, even while its
+// driver holds it (Hold): an evacuation whose batch the destination left
+// open (it died, or stopped answering, before it confirmed the end) settles
+// it before re-planning the batch's VMs. The rules are Reconcile's; a
+// transaction whose VMs still have an outgoing hypervisor job is left
+// alone. It returns the transaction as the ledger holds it afterwards
+// (final when recovery could decide), and recovery's error.
+func (n *Node) Recover(ctx context.Context, txID string) (Tx, error) {
+	n.recoverMu.Lock()
+	defer n.recoverMu.Unlock()
+	tx, err := n.cfg.Ledger.Get(txID)
+	if err != nil || tx.State.Final() {
+		return tx, err
+	}
+	if n.leased(ctx, tx) {
+		return tx, fmt.Errorf("recover %s: %w: the hypervisor still migrates one of its VMs", txID, ErrUnresolved)
+	}
+	if tx.Role == RoleSource {
+		err = n.recoverSource(ctx, tx)
+	} else {
+		err = n.recoverDest(ctx, tx)
+	}
+	if err != nil {
+		err = fmt.Errorf("recover %s (%s, %s): %w", tx.ID, tx.Role, tx.State, err)
+	}
+	cur, gerr := n.cfg.Ledger.Get(txID)
+	if gerr != nil {
+		return tx, errors.Join(err, gerr)
+	}
+	return cur, err
+}

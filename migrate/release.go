@@ -63,6 +63,19 @@ func (n *Node) release(ctx context.Context, s releaseSpec, keys map[string]vtpm.
 	if err := n.crash(SrcAfterBegin); err != nil {
 		return Tx{}, nil, err
 	}
+	// The rollback anchor counts the open transaction (F13) before anyone
+	// else hears of it: a data directory restored from before this point
+	// is refused at start rather than forgetting the migration.
+	if err := n.beginStep(ctx, tx); err != nil {
+		if _, lerr := n.cfg.Ledger.SetState(tx.ID, SrcAborted, err.Error()); lerr != nil {
+			n.log.WithError(lerr).WithField("tx", tx.ID).Error("ledger: abort")
+		}
+		if s.claimed {
+			n.regAbort(ctx, tx, tx.VMs)
+		}
+		n.done(OutcomeFailed)
+		return Tx{}, nil, fmt.Errorf("migrate: %w", err)
+	}
 	if n.cfg.Registry != nil && !s.claimed {
 		// Registry round trip 1, before anything is sent: each VM must be
 		// this host's at exactly the generation its key store holds, the
@@ -75,6 +88,8 @@ func (n *Node) release(ctx context.Context, s releaseSpec, keys map[string]vtpm.
 		if err != nil {
 			if _, lerr := n.cfg.Ledger.SetState(tx.ID, SrcAborted, "registry begin: "+err.Error()); lerr != nil {
 				n.log.WithError(lerr).WithField("tx", tx.ID).Error("ledger: abort")
+			} else {
+				n.settleStep(ctx, tx)
 			}
 			n.done(OutcomeRefused)
 			return Tx{}, nil, fmt.Errorf("migrate to %s: registry: %w", s.dest, err)

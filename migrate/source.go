@@ -395,7 +395,9 @@ func (n *Node) abortLocal(ctx context.Context, tx Tx, reason string) {
 	n.regAbort(ctx, tx, tx.VMs)
 	if _, err := n.cfg.Ledger.SetState(tx.ID, SrcAborted, reason); err != nil {
 		n.log.WithError(err).WithField("tx", tx.ID).Error("ledger: abort")
+		return
 	}
+	n.settleStep(ctx, tx)
 }
 
 // abortRemote asks the destination to drop what it may hold. If it cannot
@@ -438,16 +440,17 @@ func (n *Node) finishSource(ctx context.Context, peer Peer, tx Tx) error {
 
 func (n *Node) completeSource(ctx context.Context, tx Tx) error {
 	final, result := SrcAborted, OutcomeAborted
-	// The batch's ownership step, counted in the host TPM before any key
-	// is shredded (one NV_Increment per batch). If it fails nothing was
-	// shredded: the transaction stays open and recovery retries.
+	// The batch's ownership step: counted in the host TPM at the Begin
+	// (anchor.go), or, after a restart settled that step, now, before any
+	// key is shredded (one NV_Increment per batch). If it fails nothing
+	// was shredded: the transaction stays open and recovery retries.
 	var changes []vtpm.Change
 	for _, vm := range tx.VMs {
 		if vm.Outcome == OutcomeMigrated {
 			changes = append(changes, vtpm.Change{VMID: vm.UUID})
 		}
 	}
-	settle, err := n.advance(ctx, tx, changes)
+	settle, err := n.sourceStep(ctx, tx, changes)
 	if err != nil {
 		return err
 	}

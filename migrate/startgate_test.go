@@ -33,11 +33,7 @@ func TestStartRefusedWhileReleased(t *testing.T) {
 			}
 			a, b := f.addHost("host-a", goodLog), f.addHost("host-b", goodLog)
 			vm := a.createVM("vm1")
-			f.crash["host-a"] = migrate.CrashAt(migrate.SrcAfterPrepared)
-			if _, err := a.node.Migrate(ctx, migrate.Request{VMs: []string{vm}, Dest: "host-b"}, nil); !errors.Is(err, migrate.ErrCrash) {
-				t.Fatalf("migration with a crash after prepared: %v", err)
-			}
-			delete(f.crash, "host-a")
+			a.migrateCrashing(ctx, vm, "host-b", migrate.SrcAfterPrepared)
 			a.restart()
 			for _, h := range []*host{a, b} {
 				_, err := h.node.CheckStart(ctx, vm)
@@ -76,23 +72,12 @@ func TestStartRefusedWhileReleased(t *testing.T) {
 func TestPendingKeyServesOnlyItsJob(t *testing.T) {
 	t.Parallel()
 	ctx := context.Background()
-	f := newFleet(t)
-	f.pullLease = time.Nanosecond
-	a, b := f.addHost("host-a", goodLog), f.addHost("host-b", goodLog)
-	f.hookMode()
-	vm := a.createVM("vm1")
+	f, hs := hookFleet(t, time.Nanosecond, "host-a", "host-b")
+	a, b := hs[0], hs[1]
 	secret := []byte("one job per PENDING key")
-	a.guestSeal(vm, secret)
+	vm := a.sealedVM("vm1", secret)
 
-	f.crashMu.Lock()
-	f.crash["host-a"] = migrate.CrashAt(migrate.SrcAfterPrepared)
-	f.crashMu.Unlock()
-	if _, err := a.node.Migrate(ctx, migrate.Request{VMs: []string{vm}, Dest: "host-b"}, nil); !errors.Is(err, migrate.ErrCrash) {
-		t.Fatalf("migration with a crash after prepared: %v", err)
-	}
-	f.crashMu.Lock()
-	delete(f.crash, "host-a")
-	f.crashMu.Unlock()
+	a.migrateCrashing(ctx, vm, "host-b", migrate.SrcAfterPrepared)
 	a.restart()
 	t1, ok := b.node.Incoming(vm)
 	if !ok {
@@ -120,13 +105,7 @@ func TestPendingKeyServesOnlyItsJob(t *testing.T) {
 	if err := a.hyp.Migrate(ctx, vm, b.hyp.Target()); err != nil {
 		t.Fatalf("plain migration after the aborted T1: %v", err)
 	}
-	if err := a.node.Settle(ctx, vm); err != nil {
-		t.Fatalf("settle on A: %v", err)
-	}
-	f.checkSingleOwner(vm, "host-b")
-	if got := b.guestUnseal(vm); !bytes.Equal(got, secret) {
-		t.Fatalf("guest secret on B: %q", got)
-	}
+	a.settleMoved(ctx, vm, b, secret)
 
 	// A plain migration B -> A that fails after A's pull.
 	pull := a.hyp.MigrateBegin
@@ -172,9 +151,8 @@ func TestRecoveryLeavesARunningJobAlone(t *testing.T) {
 	ctx := context.Background()
 	f := newFleet(t)
 	a, b := f.addHost("host-a", goodLog), f.addHost("host-b", goodLog)
-	vm := a.createVM("vm1")
 	secret := []byte("the job outlives vtpmd")
-	a.guestSeal(vm, secret)
+	vm := a.sealedVM("vm1", secret)
 
 	var during, abort error
 	b.hyp.PrepareBegin = func(ctx context.Context, id, _ string) error {
@@ -196,15 +174,7 @@ func TestRecoveryLeavesARunningJobAlone(t *testing.T) {
 		_, abort = b.node.Finish(ctx, &migrate.FinishRequest{Version: migrate.ProtocolVersion, TxID: tx.ID, Source: "host-a", Abort: []string{vm}})
 		return nil
 	}
-	f.crashMu.Lock()
-	f.crash["host-a"] = migrate.CrashAt(migrate.SrcAfterHypervisor)
-	f.crashMu.Unlock()
-	if _, err := a.node.Migrate(ctx, migrate.Request{VMs: []string{vm}, Dest: "host-b"}, nil); !errors.Is(err, migrate.ErrCrash) {
-		t.Fatalf("migration with a crash after the hypervisor: %v", err)
-	}
-	f.crashMu.Lock()
-	delete(f.crash, "host-a")
-	f.crashMu.Unlock()
+	a.migrateCrashing(ctx, vm, "host-b", migrate.SrcAfterHypervisor)
 	t.Logf("reconcile during the job: %v", during)
 	if abort == nil || !strings.Contains(abort.Error(), "paused") {
 		t.Fatalf("abort on B while its incoming VM is paused: %v, want a refusal", abort)

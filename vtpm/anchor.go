@@ -92,8 +92,8 @@ type RollbackError struct {
 }
 
 func (e *RollbackError) Error() string {
-	return fmt.Sprintf("%v: %s records anchor counter %d, the host TPM's NV index 0x%08x holds %d: %d ownership change(s)"+
-		" committed since are missing from this data directory (was it restored from a backup or copied back?)."+
+	return fmt.Sprintf("%v: %s records anchor counter %d, the host TPM's NV index 0x%08x holds %d: %d ownership step(s) (migrations committed or opened)"+
+		" counted since are missing from this data directory (was it restored from a backup or copied back?)."+
 		" vtpmd refuses to start: VMs this directory lists may be owned and running elsewhere now."+
 		" Restore the newest copy of the directory, or confirm every VM's owner with the registry or the peers,"+
 		" remove what this host no longer owns, and accept the state with 'vtpmd anchor accept' (audited)",

@@ -135,6 +135,9 @@ func escrowCommands(e *env, socket *string, rf *registryFlags) []*cobra.Command 
 			if err != nil {
 				return restoreExit(err)
 			}
+			if rep.Closed != "" {
+				fmt.Fprintf(e.stdout, "closed transaction %s, which an interrupted restore of the VM had left open\n", rep.Closed)
+			}
 			prev := ""
 			if rep.PreviousOwner != "" {
 				prev = " (was " + rep.PreviousOwner + ")"
@@ -186,27 +189,24 @@ func retireCommand(e *env, rf *registryFlags) *cobra.Command {
 			"restore each from its newest bundle.",
 		Args: cobra.ExactArgs(1),
 		RunE: func(cmd *cobra.Command, args []string) error {
-			reg, err := rf.open(cmd.Context())
-			if err != nil {
-				return registryExit(err)
-			}
-			defer reg.Close()
-			rep, err := recovery.Retire(cmd.Context(), reg, args[0], force)
-			if errors.Is(err, registry.ErrHostLive) || errors.Is(err, registry.ErrNotEnrolled) {
-				return &exitError{code: exitRefused, err: err}
-			}
-			if err != nil {
-				return registryExit(err)
-			}
-			state := "fenced for good"
-			if rep.Already {
-				state = "was already fenced"
-			}
-			fmt.Fprintf(e.stdout, "%s %s; %d VMs to restore from their newest bundles:\n", rep.Host, state, len(rep.VMs))
-			for _, vm := range rep.VMs {
-				fmt.Fprintf(e.stdout, "  %s generation %d: vtpmctl restore BACKUP_DIR/%s/<newest>.vtpmbundle --to HOST --identity ...\n", vm.ID, vm.Generation, vm.ID)
-			}
-			return nil
+			return rf.with(cmd.Context(), func(reg *registry.Client) error {
+				rep, err := recovery.Retire(cmd.Context(), reg, args[0], force)
+				if errors.Is(err, registry.ErrHostLive) || errors.Is(err, registry.ErrNotEnrolled) {
+					return &exitError{code: exitRefused, err: err}
+				}
+				if err != nil {
+					return registryExit(err)
+				}
+				state := "fenced for good"
+				if rep.Already {
+					state = "was already fenced"
+				}
+				fmt.Fprintf(e.stdout, "%s %s; %d VMs to restore from their newest bundles:\n", rep.Host, state, len(rep.VMs))
+				for _, vm := range rep.VMs {
+					fmt.Fprintf(e.stdout, "  %s generation %d: vtpmctl restore BACKUP_DIR/%s/<newest>.vtpmbundle --to HOST --identity ...\n", vm.ID, vm.Generation, vm.ID)
+				}
+				return nil
+			})
 		},
 	}
 	c.Flags().BoolVar(&force, "force", false, "fence HOST although it is live (an untrusted host)")

@@ -53,14 +53,7 @@ func TestEscrowCommands(t *testing.T) {
 	sockA := f.InProcHost(fleet.HostA).Config().AdminSocketPath()
 	sockB := f.InProcHost(fleet.HostB).Config().AdminSocketPath()
 	op := []string{"--socket", sockA, "--pki", f.PKIDir()}
-	ctl := func(want int, args ...string) string {
-		t.Helper()
-		code, out, errOut := runCtl(t, args...)
-		if code != want {
-			t.Fatalf("vtpmctl %s: exit %d, want %d\n%s%s", strings.Join(args, " "), code, want, out, errOut)
-		}
-		return out + errOut
-	}
+	ctl := ctlWant(t)
 	out := filepath.Join(dir, "bundles")
 	if s := ctl(0, "backup", "--all", "-o", out, "--socket", sockB); !strings.Contains(s, "1 bundles") || !strings.Contains(s, "0 host TPM commands") {
 		t.Errorf("backup --all:\n%s", s)

@@ -17,6 +17,20 @@ func runCtl(t *testing.T, args ...string) (code int, stdout, stderr string) {
 	return exitCode(err), out.String(), errOut.String()
 }
 
+// ctlWant returns a runner of vtpmctl that fails the test unless the
+// command exits with want; extra is appended to every command's arguments
+// (--socket, --pki). It returns stdout and stderr together.
+func ctlWant(t *testing.T, extra ...string) func(want int, args ...string) string {
+	return func(want int, args ...string) string {
+		t.Helper()
+		code, out, errOut := runCtl(t, append(args, extra...)...)
+		if code != want {
+			t.Fatalf("vtpmctl %s: exit %d, want %d\n%s%s", strings.Join(args, " "), code, want, out, errOut)
+		}
+		return out + errOut
+	}
+}
+
 // requireWired skips when root.go does not add the command group yet.
 func requireWired(t *testing.T, group string) {
 	t.Helper()

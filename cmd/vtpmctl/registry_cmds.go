@@ -80,6 +80,18 @@ func (f *registryFlags) open(ctx context.Context) (*registry.Client, error) {
 	})
 }
 
+// with opens the registry as the operator, runs fn with it and closes it.
+// A registry that cannot be opened is registryExit's error; fn's errors
+// are returned as fn gives them.
+func (f *registryFlags) with(ctx context.Context, fn func(reg *registry.Client) error) error {
+	reg, err := f.open(ctx)
+	if err != nil {
+		return registryExit(err)
+	}
+	defer reg.Close()
+	return fn(reg)
+}
+
 // registryExit gives a registry error its exit code: 6 without quorum,
 // else its class's (errclass), else 1.
 func registryExit(err error) error {
@@ -110,23 +122,20 @@ func registryCommands(e *env, socket *string) *cobra.Command {
 			"may do anything in the registry. Hosts added later: 'registry add-host' or 'host enroll'.",
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
-			reg, err := rf.open(cmd.Context())
-			if err != nil {
-				return registryExit(err)
-			}
-			defer reg.Close()
-			t0 := time.Now()
-			n, err := reg.Bootstrap(cmd.Context(), registry.BootstrapOptions{Admin: rf.user, Hosts: hosts})
-			if err != nil {
-				return registryExit(err)
-			}
-			who := "hosts get their registry users when enrolled (host enroll) or added (registry add-host)"
-			if len(hosts) > 0 {
-				who = "registry users for " + strings.Join(hosts, ", ")
-			}
-			fmt.Fprintf(e.stdout, "registry bootstrapped in %s (%d requests): authentication on (client certificates); %s holds etcd's root role; %s; every host confined to vtpmm's prefix\n",
-				time.Since(t0).Round(time.Millisecond), n, rf.user, who)
-			return nil
+			return rf.with(cmd.Context(), func(reg *registry.Client) error {
+				t0 := time.Now()
+				n, err := reg.Bootstrap(cmd.Context(), registry.BootstrapOptions{Admin: rf.user, Hosts: hosts})
+				if err != nil {
+					return registryExit(err)
+				}
+				who := "hosts get their registry users when enrolled (host enroll) or added (registry add-host)"
+				if len(hosts) > 0 {
+					who = "registry users for " + strings.Join(hosts, ", ")
+				}
+				fmt.Fprintf(e.stdout, "registry bootstrapped in %s (%d requests): authentication on (client certificates); %s holds etcd's root role; %s; every host confined to vtpmm's prefix\n",
+					time.Since(t0).Round(time.Millisecond), n, rf.user, who)
+				return nil
+			})
 		},
 	}
 	boot.Flags().StringSliceVar(&hosts, "hosts", nil, "hosts to give their registry users now")
@@ -135,17 +144,14 @@ func registryCommands(e *env, socket *string) *cobra.Command {
 		Short: "Give HOST its registry user and roles, so that its vtpmd can register (host enroll does it too)",
 		Args:  cobra.ExactArgs(1),
 		RunE: func(cmd *cobra.Command, args []string) error {
-			reg, err := rf.open(cmd.Context())
-			if err != nil {
-				return registryExit(err)
-			}
-			defer reg.Close()
-			n, err := reg.AddHostUser(cmd.Context(), args[0])
-			if err != nil {
-				return registryExit(err)
-			}
-			fmt.Fprintf(e.stdout, "%s may register now (%d requests)\n", args[0], n)
-			return nil
+			return rf.with(cmd.Context(), func(reg *registry.Client) error {
+				n, err := reg.AddHostUser(cmd.Context(), args[0])
+				if err != nil {
+					return registryExit(err)
+				}
+				fmt.Fprintf(e.stdout, "%s may register now (%d requests)\n", args[0], n)
+				return nil
+			})
 		},
 	}
 	snapshot := &cobra.Command{
@@ -157,35 +163,32 @@ func registryCommands(e *env, socket *string) *cobra.Command {
 			"raised by them (docs/registry.md, \"Backup and restore\").",
 		Args: cobra.ExactArgs(1),
 		RunE: func(cmd *cobra.Command, args []string) error {
-			reg, err := rf.open(cmd.Context())
-			if err != nil {
-				return registryExit(err)
-			}
-			defer reg.Close()
-			tmp := args[0] + ".part"
-			out, err := os.OpenFile(tmp, os.O_CREATE|os.O_TRUNC|os.O_WRONLY, 0o600)
-			if err != nil {
-				return err
-			}
-			defer os.Remove(tmp)
-			t0 := time.Now()
-			if err := reg.Snapshot(cmd.Context(), out); err != nil {
-				out.Close()
-				return registryExit(err)
-			}
-			if err := out.Sync(); err != nil {
-				out.Close()
-				return err
-			}
-			st, _ := out.Stat()
-			if err := out.Close(); err != nil {
-				return err
-			}
-			if err := os.Rename(tmp, args[0]); err != nil {
-				return err
-			}
-			fmt.Fprintf(e.stdout, "snapshot of the registry written to %s (%d bytes, %s)\n", args[0], st.Size(), time.Since(t0).Round(time.Millisecond))
-			return nil
+			return rf.with(cmd.Context(), func(reg *registry.Client) error {
+				tmp := args[0] + ".part"
+				out, err := os.OpenFile(tmp, os.O_CREATE|os.O_TRUNC|os.O_WRONLY, 0o600)
+				if err != nil {
+					return err
+				}
+				defer os.Remove(tmp)
+				t0 := time.Now()
+				if err := reg.Snapshot(cmd.Context(), out); err != nil {
+					out.Close()
+					return registryExit(err)
+				}
+				if err := out.Sync(); err != nil {
+					out.Close()
+					return err
+				}
+				st, _ := out.Stat()
+				if err := out.Close(); err != nil {
+					return err
+				}
+				if err := os.Rename(tmp, args[0]); err != nil {
+					return err
+				}
+				fmt.Fprintf(e.stdout, "snapshot of the registry written to %s (%d bytes, %s)\n", args[0], st.Size(), time.Since(t0).Round(time.Millisecond))
+				return nil
+			})
 		},
 	}
 	var asJSON bool
@@ -194,24 +197,21 @@ func registryCommands(e *env, socket *string) *cobra.Command {
 		Short: "List the registry's etcd members",
 		Args:  cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
-			reg, err := rf.open(cmd.Context())
-			if err != nil {
-				return registryExit(err)
-			}
-			defer reg.Close()
-			ms, err := reg.Members(cmd.Context())
-			if err != nil {
-				return registryExit(err)
-			}
-			if asJSON {
-				return json.NewEncoder(e.stdout).Encode(ms)
-			}
-			w := tabwriter.NewWriter(e.stdout, 0, 4, 2, ' ', 0)
-			fmt.Fprintln(w, "NAME\tPEER URL\tCLIENT URL")
-			for _, m := range ms {
-				fmt.Fprintf(w, "%s\t%s\t%s\n", orDash(m.Name), m.PeerURL, orDash(m.ClientURL))
-			}
-			return w.Flush()
+			return rf.with(cmd.Context(), func(reg *registry.Client) error {
+				ms, err := reg.Members(cmd.Context())
+				if err != nil {
+					return registryExit(err)
+				}
+				if asJSON {
+					return json.NewEncoder(e.stdout).Encode(ms)
+				}
+				w := tabwriter.NewWriter(e.stdout, 0, 4, 2, ' ', 0)
+				fmt.Fprintln(w, "NAME\tPEER URL\tCLIENT URL")
+				for _, m := range ms {
+					fmt.Fprintf(w, "%s\t%s\t%s\n", orDash(m.Name), m.PeerURL, orDash(m.ClientURL))
+				}
+				return w.Flush()
+			})
 		},
 	}
 	members.Flags().BoolVar(&asJSON, "json", false, "print JSON")
@@ -220,16 +220,13 @@ func registryCommands(e *env, socket *string) *cobra.Command {
 		Short: "Remove a lost member from the cluster (replace it with member-add, one at a time)",
 		Args:  cobra.ExactArgs(1),
 		RunE: func(cmd *cobra.Command, args []string) error {
-			reg, err := rf.open(cmd.Context())
-			if err != nil {
-				return registryExit(err)
-			}
-			defer reg.Close()
-			if err := reg.RemoveMember(cmd.Context(), args[0]); err != nil {
-				return registryExit(err)
-			}
-			fmt.Fprintf(e.stdout, "member %s removed\n", args[0])
-			return nil
+			return rf.with(cmd.Context(), func(reg *registry.Client) error {
+				if err := reg.RemoveMember(cmd.Context(), args[0]); err != nil {
+					return registryExit(err)
+				}
+				fmt.Fprintf(e.stdout, "member %s removed\n", args[0])
+				return nil
+			})
 		},
 	}
 	memberAdd := &cobra.Command{
@@ -237,20 +234,17 @@ func registryCommands(e *env, socket *string) *cobra.Command {
 		Short: "Announce a replacement member; start its vtpmd with embedded.cluster_state existing and the members printed",
 		Args:  cobra.ExactArgs(2),
 		RunE: func(cmd *cobra.Command, args []string) error {
-			reg, err := rf.open(cmd.Context())
-			if err != nil {
-				return registryExit(err)
-			}
-			defer reg.Close()
-			ms, err := reg.AddMember(cmd.Context(), registry.Member{Name: args[0], PeerURL: args[1]})
-			if err != nil {
-				return registryExit(err)
-			}
-			fmt.Fprintf(e.stdout, "member %s announced; start it with cluster_state: existing and these members plus itself:\n", args[0])
-			for _, m := range ms {
-				fmt.Fprintf(e.stdout, "  - {name: %s, peer_url: %q, client_url: %q}\n", m.Name, m.PeerURL, m.ClientURL)
-			}
-			return nil
+			return rf.with(cmd.Context(), func(reg *registry.Client) error {
+				ms, err := reg.AddMember(cmd.Context(), registry.Member{Name: args[0], PeerURL: args[1]})
+				if err != nil {
+					return registryExit(err)
+				}
+				fmt.Fprintf(e.stdout, "member %s announced; start it with cluster_state: existing and these members plus itself:\n", args[0])
+				for _, m := range ms {
+					fmt.Fprintf(e.stdout, "  - {name: %s, peer_url: %q, client_url: %q}\n", m.Name, m.PeerURL, m.ClientURL)
+				}
+				return nil
+			})
 		},
 	}
 	c.AddCommand(boot, addHost, snapshot, members, memberAdd, memberRemove)
@@ -272,16 +266,13 @@ func hostStateCommands(e *env, rf *registryFlags) []*cobra.Command {
 		out = append(out, &cobra.Command{
 			Use: s.use, Short: s.short, Args: cobra.ExactArgs(1),
 			RunE: func(cmd *cobra.Command, args []string) error {
-				reg, err := rf.open(cmd.Context())
-				if err != nil {
-					return registryExit(err)
-				}
-				defer reg.Close()
-				if err := reg.SetState(cmd.Context(), args[0], s.state); err != nil {
-					return registryExit(err)
-				}
-				fmt.Fprintf(e.stdout, "%s is %s\n", args[0], s.state)
-				return nil
+				return rf.with(cmd.Context(), func(reg *registry.Client) error {
+					if err := reg.SetState(cmd.Context(), args[0], s.state); err != nil {
+						return registryExit(err)
+					}
+					fmt.Fprintf(e.stdout, "%s is %s\n", args[0], s.state)
+					return nil
+				})
 			},
 		})
 	}
@@ -290,25 +281,22 @@ func hostStateCommands(e *env, rf *registryFlags) []*cobra.Command {
 
 // enrollInRegistry enrols host once for the whole fleet (operator.Enroll).
 func enrollInRegistry(cmd *cobra.Command, e *env, rf *registryFlags, admin *adminapi.Client, host, addr string, wait time.Duration) error {
-	reg, err := rf.open(cmd.Context())
-	if err != nil {
-		return registryExit(err)
-	}
-	defer reg.Close()
-	rep, err := operator.Enroll(cmd.Context(), reg, admin, host, operator.EnrollOptions{Addr: addr, Wait: wait, By: rf.user})
-	if err != nil {
-		if errors.Is(err, errclass.Refused) {
-			return &exitError{code: exitRefused, err: err}
+	return rf.with(cmd.Context(), func(reg *registry.Client) error {
+		rep, err := operator.Enroll(cmd.Context(), reg, admin, host, operator.EnrollOptions{Addr: addr, Wait: wait, By: rf.user})
+		if err != nil {
+			if errors.Is(err, errclass.Refused) {
+				return &exitError{code: exitRefused, err: err}
+			}
+			return registryExit(err)
 		}
-		return registryExit(err)
-	}
-	info := rep.Info
-	fmt.Fprintf(e.stdout, "%s enrolled in the fleet registry by %s (%s): EK %s…, AK %s…; every host trusts it\n",
-		host, rf.user, info.Method, info.EKDigest[:16], info.AKName[:16])
-	fmt.Fprintf(e.stdout, "  TPM check on %s: %s; registry: %d requests; total %s\n", admin.Socket(), rep.Check.Round(time.Millisecond),
-		rep.RegistryOps, rep.Took.Round(time.Millisecond))
-	if info.EKChain != "" {
-		fmt.Fprintf(e.stdout, "EK certificate path:\n%s", indentLines(info.EKChain))
-	}
-	return nil
+		info := rep.Info
+		fmt.Fprintf(e.stdout, "%s enrolled in the fleet registry by %s (%s): EK %s…, AK %s…; every host trusts it\n",
+			host, rf.user, info.Method, info.EKDigest[:16], info.AKName[:16])
+		fmt.Fprintf(e.stdout, "  TPM check on %s: %s; registry: %d requests; total %s\n", admin.Socket(), rep.Check.Round(time.Millisecond),
+			rep.RegistryOps, rep.Took.Round(time.Millisecond))
+		if info.EKChain != "" {
+			fmt.Fprintf(e.stdout, "EK certificate path:\n%s", indentLines(info.EKChain))
+		}
+		return nil
+	})
 }

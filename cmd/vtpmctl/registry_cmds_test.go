@@ -31,14 +31,7 @@ func TestFleetCommands(t *testing.T) {
 	t.Cleanup(func() { _ = f.Close(context.Background()) })
 	sock := f.InProcHost(fleet.HostA).Config().AdminSocketPath()
 	op := []string{"--socket", sock, "--pki", f.PKIDir()}
-	ctl := func(want int, args ...string) string {
-		t.Helper()
-		code, out, errOut := runCtl(t, args...)
-		if code != want {
-			t.Fatalf("vtpmctl %s: exit %d, want %d\n%s%s", strings.Join(args, " "), code, want, out, errOut)
-		}
-		return out + errOut
-	}
+	ctl := ctlWant(t)
 
 	out := ctl(0, append([]string{"registry", "members"}, op...)...)
 	for _, h := range f.HostNames() {

@@ -62,6 +62,7 @@ type Host struct {
 	domains map[string]*domain
 	stats   Stats
 	closed  bool
+	free    uint64 // free memory it reports (memory.go; 0: DefaultFreeMemory)
 	// resumeByRestart makes a failed outgoing migration resume the source
 	// vTPM in a new swtpm process instead of the stopped one (tests).
 	resumeByRestart bool
@@ -98,6 +99,8 @@ type domain struct {
 	// (OutgoingJob).
 	jobStarted time.Time
 	jobDest    string
+	// jobProcessed and jobTotal are its bytes (MigrationBytes).
+	jobProcessed, jobTotal uint64
 }
 
 func (d *domain) state() hypervisor.State {
@@ -260,6 +263,7 @@ func (h *Host) claimLocked(vmUUID string, j job) (*domain, error) {
 	}
 	d.job = j
 	d.jobStarted, d.jobDest = time.Now(), ""
+	d.jobProcessed, d.jobTotal = 0, 0
 	return d, nil
 }
 

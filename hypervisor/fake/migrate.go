@@ -98,6 +98,9 @@ func (h *Host) Migrate(ctx context.Context, vmUUID string, dest hypervisor.Targe
 		dst.abortIncoming(vmUUID, dstState)
 		return fmt.Errorf("%s: %w: reading the vTPM state: %w", op, hypervisor.ErrMigrationFailed, err)
 	}
+	h.mu.Lock()
+	d.jobTotal = DefaultVMMemory + uint64(len(st.Permanent)+len(st.Volatile))
+	h.mu.Unlock()
 	// From here on the source TPM is stopped: every failure resumes it.
 	fail := func(class, cause error) error {
 		rctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), rollbackTimeout)
@@ -117,6 +120,9 @@ func (h *Host) Migrate(ctx context.Context, vmUUID string, dest hypervisor.Targe
 		}
 		return fail(class, fmt.Errorf("destination vTPM: %w", err))
 	}
+	h.mu.Lock()
+	d.jobProcessed = d.jobTotal // the state is across
+	h.mu.Unlock()
 	herr := ctx.Err()
 	if herr == nil && hook != nil {
 		herr = hook()

@@ -1,7 +1,8 @@
 // Package atomicfile owns writing files so that a crash leaves either the
 // old or the new content (tailscale's atomicfile): a temporary file in the
-// same directory is written, synced and renamed over the target, and the
-// directory is synced. It imports nothing of vtpmm.
+// same directory is written, synced and renamed over the target (or, for
+// WriteNew, linked to it), and the directory is synced. It imports nothing
+// of vtpmm.
 package atomicfile
 
 import (
@@ -12,18 +13,27 @@ import (
 
 // WriteFile writes data to path with mode perm, atomically and durably.
 func WriteFile(path string, data []byte, perm os.FileMode) error {
+	return write(path, data, perm, os.Rename)
+}
+
+// WriteNew writes data to a new file at path with mode perm, atomically
+// and durably, never replacing one: an existing path is an error matching
+// fs.ErrExist (the temporary file is linked to path, which fails if it
+// exists).
+func WriteNew(path string, data []byte, perm os.FileMode) error {
+	return write(path, data, perm, os.Link)
+}
+
+// write writes data to a synced temporary file next to path, then puts it
+// in place with place (rename, or link) and syncs the directory.
+func write(path string, data []byte, perm os.FileMode, place func(tmp, path string) error) error {
 	dir := filepath.Dir(path)
 	f, err := os.CreateTemp(dir, "."+filepath.Base(path)+".tmp-*")
 	if err != nil {
 		return fmt.Errorf("write %s: %w", path, err)
 	}
 	tmp := f.Name()
-	ok := false
-	defer func() {
-		if !ok {
-			_ = os.Remove(tmp)
-		}
-	}()
+	defer func() { _ = os.Remove(tmp) }() // after a rename, nothing is there
 	if err := f.Chmod(perm); err != nil {
 		f.Close()
 		return fmt.Errorf("write %s: %w", path, err)
@@ -39,10 +49,9 @@ func WriteFile(path string, data []byte, perm os.FileMode) error {
 	if err := f.Close(); err != nil {
 		return fmt.Errorf("write %s: %w", path, err)
 	}
-	if err := os.Rename(tmp, path); err != nil {
+	if err := place(tmp, path); err != nil {
 		return fmt.Errorf("write %s: %w", path, err)
 	}
-	ok = true
 	return SyncDir(dir)
 }
 

@@ -13,7 +13,8 @@ import (
 // TestNoTPMByConstruction: the package seals and opens bundles without a
 // TPM (0 host TPM commands per backup by construction). It imports no TPM
 // library, and of package vtpm it uses only the secret key type and the
-// VM ID check, none of which touches a TPM. Adding a TPM call here fails
+// VM ID check, none of which touches a TPM (of vtpmm's other packages only
+// internal/atomicfile, which writes files). Adding a TPM call here fails
 // this test.
 func TestNoTPMByConstruction(t *testing.T) {
 	allowed := map[string]bool{"VMKey": true, "Sealer": true, "Sealed": true, "Binding": true, "Domain": true, "NewAEADSealer": true, "CheckVMID": true}
@@ -31,7 +32,9 @@ func TestNoTPMByConstruction(t *testing.T) {
 		checked++
 		for _, imp := range af.Imports {
 			p, _ := strconv.Unquote(imp.Path.Value)
-			if strings.Contains(p, "go-tpm") || strings.Contains(p, "go-attestation") || strings.HasPrefix(p, "github.com/vtpmm/vtpmm/") && p != "github.com/vtpmm/vtpmm/vtpm" || p == "C" {
+			// internal/atomicfile writes files and imports nothing of vtpmm.
+			ours := strings.HasPrefix(p, "github.com/vtpmm/vtpmm/") && p != "github.com/vtpmm/vtpmm/vtpm" && p != "github.com/vtpmm/vtpmm/internal/atomicfile"
+			if strings.Contains(p, "go-tpm") || strings.Contains(p, "go-attestation") || ours || p == "C" {
 				t.Errorf("%s imports %s", f, p)
 			}
 		}

@@ -6,11 +6,11 @@ import (
 	"fmt"
 	"io/fs"
 	"os"
-	"path/filepath"
 	"sort"
 
 	"github.com/sirupsen/logrus"
 
+	"github.com/vtpmm/vtpmm/internal/atomicfile"
 	"github.com/vtpmm/vtpmm/vtpm"
 )
 
@@ -75,49 +75,13 @@ func (w *Writer) Write(ctx context.Context, bundle []byte) (string, error) {
 		return "", fmt.Errorf("write bundle: %w", err)
 	}
 	path := w.Layout.BundlePath(h.VM.UUID, h.Generation, h.Created)
-	if err := writeNew(path, bundle); err != nil {
+	if err := atomicfile.WriteNew(path, bundle, 0o600); err != nil {
+		if errors.Is(err, fs.ErrExist) {
+			return "", fmt.Errorf("write bundle of %s: %w: %s", h.VM.UUID, ErrBundleExists, path)
+		}
 		return "", fmt.Errorf("write bundle of %s: %w", h.VM.UUID, err)
 	}
 	return path, nil
-}
-
-// writeNew writes data to a new file at path, atomically and without
-// replacing an existing file.
-func writeNew(path string, data []byte) error {
-	dir := filepath.Dir(path)
-	f, err := os.CreateTemp(dir, "."+filepath.Base(path)+".tmp-*")
-	if err != nil {
-		return err
-	}
-	tmp := f.Name()
-	defer os.Remove(tmp)
-	if err := f.Chmod(0o600); err != nil {
-		f.Close()
-		return err
-	}
-	if _, err := f.Write(data); err != nil {
-		f.Close()
-		return err
-	}
-	if err := f.Sync(); err != nil {
-		f.Close()
-		return err
-	}
-	if err := f.Close(); err != nil {
-		return err
-	}
-	if err := os.Link(tmp, path); err != nil {
-		if errors.Is(err, fs.ErrExist) {
-			return fmt.Errorf("%w: %s", ErrBundleExists, path)
-		}
-		return err
-	}
-	d, err := os.Open(dir)
-	if err != nil {
-		return err
-	}
-	defer d.Close()
-	return d.Sync()
 }
 
 // Prune deletes the VM's bundles that Retain drops and returns their

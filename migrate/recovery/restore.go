@@ -53,8 +53,11 @@ type Report struct {
 	Generation     uint64   // the restored copy's
 	PreviousOwner  string   // the owner the registry showed ("" without one)
 	TxID           string
-	Warm           bool // the destination's evidence was reused
-	Took           time.Duration
+	// Closed is the transaction an earlier, interrupted restore of the VM
+	// had left open in the registry, which this one closed first.
+	Closed string
+	Warm   bool // the destination's evidence was reused
+	Took   time.Duration
 }
 
 // Restorer runs restores through the local vtpmd (Admin: it attests the
@@ -66,6 +69,10 @@ type Restorer struct {
 	Registry *registry.Client
 	Rand     io.Reader // nil: crypto/rand
 	Log      logrus.FieldLogger
+	// Crash, when set, runs at each crash point (CrashAfterBegin, ...); an
+	// error ends Restore there with nothing undone, as a killed vtpmctl
+	// (tests).
+	Crash func(point string) error
 }
 
 // Restore restores one bundle onto req.Dest:
@@ -78,7 +85,9 @@ type Restorer struct {
 //  3. the local vtpmd attests the destination with its policy, as a
 //     migration source does (nothing has left yet if it is refused);
 //  4. the registry opens the restore: Begin from the owner it shows to
-//     the destination (one compare-and-swap);
+//     the destination (one compare-and-swap). A restore transaction an
+//     earlier, interrupted restore of the VM left open is closed first
+//     (resume.go);
 //  5. the key is wrapped for the destination's certified MK (SealBatch)
 //     and relayed with the vTPM state; the destination's rules run, its
 //     TPM unwraps (4 commands per batch), the key is PENDING and the state
@@ -125,6 +134,15 @@ func (r *Restorer) Restore(ctx context.Context, req Request) (Report, error) {
 		if view, rec, err = r.registryView(ctx, hdr.VM.UUID); err != nil {
 			return rep, fmt.Errorf("restore %s: %w", hdr.VM.UUID, err)
 		}
+		if rec.Tx != nil && isRestoreTx(*rec.Tx, rec.ID, rec.Generation) {
+			rep.Closed = rec.Tx.ID
+			if rec, err = r.closeInterrupted(ctx, rec, log); err != nil {
+				return rep, fmt.Errorf("restore %s: %w", hdr.VM.UUID, err)
+			}
+		}
+		if rec.Tx != nil {
+			return rep, fmt.Errorf("restore %s: %w: transaction %s (to %s) is open for the VM; let it finish first", hdr.VM.UUID, migrate.ErrBusy, rec.Tx.ID, rec.Tx.To)
+		}
 		rep.PreviousOwner = view.Owner
 	}
 	plan, err := escrow.PlanRestore(hdr, req.Dest, view, escrow.RestoreOptions{Force: req.Force, AllowOlder: req.AllowOlder})
@@ -148,16 +166,17 @@ func (r *Restorer) Restore(ctx context.Context, req Request) (Report, error) {
 	}
 	rep.Relay, rep.Warm = att.Source, att.Warm
 
-	txb := make([]byte, 16)
-	if _, err := io.ReadFull(rnd, txb); err != nil {
+	if rep.TxID, err = newRestoreTxID(rnd, hdr.VM.UUID, req.Dest, rec.Generation); err != nil {
 		return rep, err
 	}
-	rep.TxID = hex.EncodeToString(txb)
 	batch := registry.Batch{TxID: rep.TxID, From: rec.Owner, To: req.Dest, VMs: []registry.VMGen{{ID: rec.ID, Generation: rec.Generation}}}
 	if r.Registry != nil {
 		if _, err := r.Registry.Begin(ctx, batch); err != nil {
 			return rep, fmt.Errorf("restore %s: open the restore in the registry: %w", hdr.VM.UUID, err)
 		}
+	}
+	if err := r.crash(CrashAfterBegin); err != nil {
+		return rep, err
 	}
 	abort := func(cause error) error {
 		actx := context.WithoutCancel(ctx)
@@ -196,8 +215,11 @@ func (r *Restorer) Restore(ctx context.Context, req Request) (Report, error) {
 		if !hmac.Equal(want, resp.Proofs[rel.Plan.VM.UUID]) {
 			return fmt.Errorf("%w: VM %s on %s", ErrKeyProof, rel.Plan.VM.UUID, req.Dest)
 		}
-		return nil
+		return r.crash(CrashAfterPrepare)
 	})
+	if k := (*killed)(nil); errors.As(err, &k) {
+		return rep, err // killed: nothing undone
+	}
 	if err != nil {
 		return rep, abort(fmt.Errorf("restore %s to %s: %w", hdr.VM.UUID, req.Dest, err))
 	}
@@ -230,9 +252,6 @@ func (r *Restorer) registryView(ctx context.Context, vm string) (escrow.Registry
 	rec, ok := v.VMs[vm]
 	if !ok {
 		return escrow.RegistryView{}, registry.VM{}, fmt.Errorf("%w (restoring a VM the registry does not know is not built)", ErrNoRegistryRecord)
-	}
-	if rec.Tx != nil {
-		return escrow.RegistryView{}, registry.VM{}, fmt.Errorf("%w: transaction %s is open for the VM; let it finish first", migrate.ErrBusy, rec.Tx)
 	}
 	view := escrow.RegistryView{Owner: rec.Owner, Generation: rec.Generation, Status: escrow.OwnerNone}
 	if rec.Owner == "" {

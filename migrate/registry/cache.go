@@ -9,11 +9,12 @@ import (
 	"io"
 	"io/fs"
 	"os"
-	"path/filepath"
 	"sort"
 	"sync"
 
 	"github.com/sirupsen/logrus"
+
+	"github.com/vtpmm/vtpmm/internal/atomicfile"
 )
 
 // cache is this host's last view of the VM records: every record it read
@@ -252,7 +253,7 @@ func (c *cache) write() error {
 	if err != nil {
 		return err
 	}
-	return writeFileAtomic(c.file, b)
+	return atomicfile.WriteFile(c.file, b, 0o600)
 }
 
 // close stops the writer and writes the file a last time.
@@ -269,39 +270,4 @@ func (c *cache) close() error {
 		return fmt.Errorf("registry cache %s: %w", c.file, err)
 	}
 	return nil
-}
-
-// writeFileAtomic writes path through a synced temporary file and a rename.
-func writeFileAtomic(path string, b []byte) error {
-	dir := filepath.Dir(path)
-	f, err := os.CreateTemp(dir, "."+filepath.Base(path)+".tmp-*")
-	if err != nil {
-		return err
-	}
-	tmp := f.Name()
-	defer os.Remove(tmp)
-	if err := f.Chmod(0o600); err != nil {
-		f.Close()
-		return err
-	}
-	if _, err := f.Write(b); err != nil {
-		f.Close()
-		return err
-	}
-	if err := f.Sync(); err != nil {
-		f.Close()
-		return err
-	}
-	if err := f.Close(); err != nil {
-		return err
-	}
-	if err := os.Rename(tmp, path); err != nil {
-		return err
-	}
-	d, err := os.Open(dir)
-	if err != nil {
-		return err
-	}
-	defer d.Close()
-	return d.Sync()
 }

@@ -433,7 +433,8 @@ inline begin(s, d, pulled) {
 	rtx = ntx;
 	LED(s, ntx) = SB; hold[s] = ntx;                       /* [src/after-begin] */
 #ifndef TODAY_ANCHOR_COMMITS
-	BUMP(s);            /* fix F13: the anchor counts an open transaction too */
+	BUMP(s);            /* fix F13: the anchor counts an open transaction too
+	                     * (migrate/anchor.go beginStep, after Ledger.Begin) */
 #endif
 	drv[s] = ntx; dph[s] = P_EV;
 	send(MK(EVQ, s, d, ntx, 0, 0))
@@ -731,6 +732,10 @@ end:
 	:: d_step { up[me] && dph[me] == P_DONE ->            /* completeSource */
 		zt = drv[me];
 		if
+		/* the code settles the Begin's step here (no TPM command) and
+		 * advances only after a restart settled it; the counter and the
+		 * directory move together, and the rollback restores the first
+		 * backup, so the extra BUMP changes nothing the model checks */
 		:: vo[me] -> key[me] = 0; kf[me] = 0; BUMP(me); LED(me, zt) = SC
 		:: else -> LED(me, zt) = SA
 		fi;

@@ -62,15 +62,11 @@ func receive(t *testing.T, a *host.Host, vm string) {
 	}
 }
 
-// TestRotationAtColdStart: a VM whose key came by migration gets a new key
-// at its next start on a host that runs its vTPM itself (no hypervisor);
-// the state opens with the new key only, and the tenant's TPM keeps its
-// state (it starts). The honest twin: a VM created here is not rotated.
-func TestRotationAtColdStart(t *testing.T) {
-	t.Parallel()
-	ctx := context.Background()
-	h := tpmtest.StartHost(t)
-	cfg := testConfig(t, h)
+// initAndOpen initialises a host on its own emulated TPM (vtpmd init) and
+// opens it; it returns the host and its configuration.
+func initAndOpen(ctx context.Context, t *testing.T) (*host.Host, host.Config) {
+	t.Helper()
+	cfg := testConfig(t, tpmtest.StartHost(t))
 	if _, err := host.Init(ctx, cfg, host.Options{}, host.InitOptions{}); err != nil {
 		t.Fatal(err)
 	}
@@ -78,6 +74,17 @@ func TestRotationAtColdStart(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
+	return a, cfg
+}
+
+// TestRotationAtColdStart: a VM whose key came by migration gets a new key
+// at its next start on a host that runs its vTPM itself (no hypervisor);
+// the state opens with the new key only, and the tenant's TPM keeps its
+// state (it starts). The honest twin: a VM created here is not rotated.
+func TestRotationAtColdStart(t *testing.T) {
+	t.Parallel()
+	ctx := context.Background()
+	a, _ := initAndOpen(ctx, t)
 	t.Cleanup(func() { _ = a.Close(ctx) })
 	vm, err := a.CreateVM(ctx, "vm1", "")
 	if err != nil {
@@ -123,15 +130,7 @@ func TestRotationAtColdStart(t *testing.T) {
 func TestRekeyCrashRecoveredAtOpen(t *testing.T) {
 	t.Parallel()
 	ctx := context.Background()
-	h := tpmtest.StartHost(t)
-	cfg := testConfig(t, h)
-	if _, err := host.Init(ctx, cfg, host.Options{}, host.InitOptions{}); err != nil {
-		t.Fatal(err)
-	}
-	a, err := host.Open(ctx, cfg, host.Options{})
-	if err != nil {
-		t.Fatal(err)
-	}
+	a, cfg := initAndOpen(ctx, t)
 	vm, err := a.CreateVM(ctx, "vm1", "")
 	if err != nil {
 		t.Fatal(err)

@@ -53,9 +53,9 @@ type Deps struct {
 	// Crash is the migrate crash hook (tests only).
 	Crash migrate.CrashHook
 	// FreeMemory reports a destination host's free memory for an
-	// evacuation's placement, and VMMemory a VM's memory (nil: unknown;
-	// placement then balances by count). The libvirt deployment has no
-	// source for them yet (docs/evacuation.md).
+	// evacuation's placement, and VMMemory a VM's memory (nil: the
+	// hypervisor's, when it implements hypervisor.Capacity, as libvirt and
+	// the fake do; else unknown, and placement balances by count).
 	FreeMemory func(ctx context.Context, host string) (uint64, error)
 	VMMemory   func(ctx context.Context, vm string) (uint64, error)
 	// EvacuationSettle bounds an evacuation's wait for open transactions

@@ -8,14 +8,11 @@ import (
 	"net/http"
 	"slices"
 	"sync"
-	"time"
 
-	"github.com/vtpmm/vtpmm/attest"
 	"github.com/vtpmm/vtpmm/hypervisor"
 	"github.com/vtpmm/vtpmm/internal/adminapi"
 	"github.com/vtpmm/vtpmm/internal/errclass"
 	"github.com/vtpmm/vtpmm/internal/strictjson"
-	"github.com/vtpmm/vtpmm/migrate"
 	"github.com/vtpmm/vtpmm/migrate/evacuate"
 	"github.com/vtpmm/vtpmm/migrate/registry"
 )
@@ -29,8 +26,8 @@ import (
 // context is the run's: the client going away is Ctrl-C.
 
 // unknownFree is the free memory reported for a destination when this
-// host's deployment has no way to ask its hypervisor (Deps.FreeMemory nil):
-// placement then balances by count alone.
+// host's hypervisor cannot tell (no hypervisor.Capacity, no
+// Deps.FreeMemory): placement then balances by count alone.
 const unknownFree uint64 = 1 << 50
 
 // EvacuationStats counts what this vtpmd's evacuations cost: batches and
@@ -371,133 +368,47 @@ func (inv evacInventory) VMs(ctx context.Context) ([]evacuate.VM, error) {
 			name = dom.Name
 		}
 		vm := evacuate.VM{ID: dom.UUID, Name: name, Running: dom.State == hypervisor.StateRunning}
-		if f := a.d.deps.VMMemory; f != nil {
-			if vm.Memory, err = f(ctx, dom.UUID); err != nil {
-				return nil, fmt.Errorf("memory of %s: %w", dom.UUID, err)
-			}
+		if vm.Memory, err = a.vmMemory(ctx, dom.UUID); err != nil {
+			return nil, fmt.Errorf("memory of %s: %w", dom.UUID, err)
 		}
 		out = append(out, vm)
 	}
 	return out, nil
 }
 
-// FreeMemory implements evacuate.Capacity.
+// vmMemory is a VM's memory: Deps.VMMemory, else the hypervisor's
+// (hypervisor.Capacity: libvirt's domain memory), else 0 (unknown).
+func (a *evacAdapter) vmMemory(ctx context.Context, vm string) (uint64, error) {
+	if f := a.d.deps.VMMemory; f != nil {
+		return f(ctx, vm)
+	}
+	if c, ok := a.d.hyp.(hypervisor.Capacity); ok {
+		return c.DomainMemory(ctx, vm)
+	}
+	return 0, nil
+}
+
+// FreeMemory implements evacuate.Capacity: Deps.FreeMemory, else the
+// destination's hypervisor, asked at its migration target
+// (hypervisor.Capacity: libvirt's virNodeGetFreeMemory on its libvirtd),
+// else unknown (unknownFree: placement balances by count). An error leaves
+// the host out of the plan (not-live: its hypervisor did not answer).
 func (a *evacAdapter) FreeMemory(ctx context.Context, host string) (uint64, error) {
 	if f := a.d.deps.FreeMemory; f != nil {
 		return f(ctx, host)
 	}
-	return unknownFree, nil
+	c, ok := a.d.hyp.(hypervisor.Capacity)
+	if !ok {
+		return unknownFree, nil
+	}
+	t, err := a.d.target()(host)
+	if err != nil {
+		return 0, err
+	}
+	return c.FreeMemory(ctx, t)
 }
 
 // Attest implements evacuate.Mover.
 func (a *evacAdapter) Attest(ctx context.Context, dest string) error {
 	return a.d.node.Attest(ctx, dest)
-}
-
-// Move implements evacuate.Mover: one Node.Migrate of the batch under its
-// claimed transaction, its hypervisor migrations holding the evacuation's
-// slots. Migrate runs without the run's cancellation (a stop starts no new
-// migration, through the slots, but lets those in flight commit); each
-// VM's outcome is read back from the ledger.
-func (a *evacAdapter) Move(ctx context.Context, b evacuate.Batch, slots *evacuate.Slots, progress func(evacuate.Progress)) (evacuate.BatchResult, error) {
-	defer a.unhold(b.TxID)
-	d := a.d
-	d.evac.add(func(s *EvacuationStats) { s.Batches++ })
-	start := time.Now()
-	ids := make([]string, len(b.VMs))
-	gens := map[string]uint64{}
-	for i, vm := range b.VMs {
-		ids[i], gens[vm.ID] = vm.ID, vm.Generation
-	}
-	all := func(p evacuate.Phase) {
-		for _, id := range ids {
-			progress(evacuate.Progress{VM: id, Phase: p, Elapsed: time.Since(start)})
-		}
-	}
-	var mu sync.Mutex
-	started := map[string]time.Time{}
-	took := map[string]time.Duration{}
-	req := migrate.Request{VMs: ids, Dest: b.Dest, TxID: b.TxID, Claimed: true, Slots: slots,
-		OnVM: func(ev migrate.VMEvent) {
-			mu.Lock()
-			if ev.Started {
-				started[ev.VM] = time.Now()
-			}
-			if ev.Done && ev.Err == nil {
-				took[ev.VM] = ev.Elapsed
-			}
-			mu.Unlock()
-			switch {
-			case ev.Started:
-				d.evac.add(func(s *EvacuationStats) { s.Migrations++ })
-				progress(evacuate.Progress{VM: ev.VM, Phase: evacuate.PhaseMigrate, Elapsed: time.Since(start)})
-			case ev.Done && ev.Err == nil:
-				progress(evacuate.Progress{VM: ev.VM, Phase: evacuate.PhaseCommit, Elapsed: time.Since(start)})
-			}
-		}}
-	res, err := d.node.Migrate(context.WithoutCancel(ctx), req, func(p migrate.Phase, _ string) {
-		switch p {
-		case migrate.PhaseAttest:
-			all(evacuate.PhaseAttest)
-		case migrate.PhasePrepare:
-			all(evacuate.PhasePrepare)
-		}
-	})
-	if res != nil {
-		d.evac.add(func(s *EvacuationStats) { s.CommitRTT += res.Registry.RoundTrips })
-	}
-	out := evacuate.BatchResult{VMs: map[string]evacuate.VMResult{}}
-	tx, lerr := d.ledger.Get(b.TxID)
-	mu.Lock()
-	defer mu.Unlock()
-	switch {
-	case lerr != nil:
-		// The ledger never began it (the source refused before: a key it
-		// does not hold, ...): close the claim; nothing left this host.
-		rb := registry.Batch{TxID: b.TxID, From: b.Source, To: b.Dest}
-		for _, id := range ids {
-			rb.VMs = append(rb.VMs, registry.VMGen{ID: id, Generation: gens[id]})
-			out.VMs[id] = evacuate.VMResult{Outcome: evacuate.OutcomeNotStarted, RunsOn: b.Source, Err: errText(err)}
-		}
-		if _, aerr := d.reg.Abort(context.WithoutCancel(ctx), rb); aerr != nil {
-			d.log.WithError(aerr).WithField("tx", b.TxID).Warn("closing an evacuation claim the ledger never began; the ownership sync retries")
-		}
-	case tx.State.Final():
-		for _, vm := range tx.VMs {
-			r := evacuate.VMResult{Elapsed: took[vm.UUID]}
-			_, began := started[vm.UUID]
-			switch {
-			case vm.Outcome == migrate.OutcomeMigrated && tx.State == migrate.SrcCommitted:
-				r.Outcome, r.Generation = evacuate.OutcomeMoved, vm.Generation
-			case began:
-				r.Outcome, r.RunsOn, r.Err = evacuate.OutcomeFailed, b.Source, vm.Error
-			default:
-				r.Outcome, r.RunsOn, r.Err = evacuate.OutcomeNotStarted, b.Source, tx.Reason
-			}
-			out.VMs[vm.UUID] = r
-		}
-	default:
-		// Open: the commit (or an abort the destination did not confirm)
-		// is left to recovery, which settles it by the hypervisor's evidence.
-		for _, vm := range tx.VMs {
-			out.VMs[vm.UUID] = evacuate.VMResult{Outcome: evacuate.OutcomeOpen, Err: fmt.Sprintf("transaction %s is %s: %s", tx.ID, tx.State, errText(err))}
-		}
-	}
-	if err == nil {
-		return out, nil
-	}
-	if re := (*attest.RefusalError)(nil); errors.As(err, &re) {
-		return out, err
-	}
-	if errors.Is(err, migrate.ErrPeer) {
-		return out, fmt.Errorf("%w: %w", evacuate.ErrDestinationDown, err)
-	}
-	return out, err
-}
-
-func errText(err error) string {
-	if err == nil {
-		return ""
-	}
-	return err.Error()
 }

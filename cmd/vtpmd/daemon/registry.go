@@ -260,24 +260,19 @@ func (r regEnrollments) Find(ctx context.Context, ekDigest, akName []byte) (*att
 	match := func(h registry.HostView) bool {
 		return h.Enrolment != nil && h.Enrolment.Identity.EK == ek && h.Enrolment.Identity.AK == ak
 	}
-	v, err := r.f.get(ctx, fleetViewAge)
-	if err != nil {
-		return nil, err
-	}
-	rec := findEnrolment(v, match)
-	if rec == nil {
-		if v, err = r.f.get(ctx, fleetViewMiss); err != nil {
-			return nil, err
-		}
-		rec = findEnrolment(v, match)
-	}
-	return toAttestEnrollment(rec), nil
+	return r.find(ctx, match)
 }
 
 // FindHost implements attest.HostFinder: the registry's enrolment of
 // host (the migration engine answers enrolled hosts only).
 func (r regEnrollments) FindHost(ctx context.Context, host string) (*attest.Enrollment, error) {
 	match := func(h registry.HostView) bool { return h.Enrolment != nil && h.Enrolment.Host == host }
+	return r.find(ctx, match)
+}
+
+// find returns the enrolment match selects in the fleet's view, reading
+// the registry again (a fresher view) when the cached one has none.
+func (r regEnrollments) find(ctx context.Context, match func(registry.HostView) bool) (*attest.Enrollment, error) {
 	v, err := r.f.get(ctx, fleetViewAge)
 	if err != nil {
 		return nil, err

@@ -214,41 +214,120 @@ func TestEvacuate(t *testing.T) {
 		undrain(t)
 	})
 
-	t.Run("destination killed and run again", func(t *testing.T) {
+	t.Run("destination killed: its VMs re-planned", func(t *testing.T) {
 		vms := newVMs(t, 4)
 		src, dst := f.InProcHost(fleet.HostA), f.InProcHost(fleet.HostC)
+		// host-c's vtpmd dies in the middle of its batch's Prepare, its
+		// PENDING keys and secrets written: the source cannot have the end
+		// of the batch confirmed. Recovery aborts what did not move (every
+		// VM of it still runs on host-a) and the run re-plans it onto
+		// host-b, leaving host-c out; nothing is left open.
+		out0 := src.Fake().Stats().MigrationsOut
+		var once sync.Once
+		dst.OnCrashPoint(func(p migrate.CrashPoint) error {
+			if p != migrate.DstAfterSecrets {
+				return nil
+			}
+			once.Do(func() { _ = dst.Kill(ctx) })
+			return fmt.Errorf("%w at %s (host-c killed)", migrate.ErrCrash, p)
+		})
+		r, err := tryEvacuateA(ctx, f, adminapi.EvacuateRequest{}, nil)
+		dst.OnCrashPoint(nil)
+		if err != nil || r.report == nil {
+			t.Fatalf("run with host-c killed: %v %+v", err, r.end)
+		}
+		t.Logf("run with host-c killed half way: exit %d, %v, excluded %+v", r.end.ExitCode, r.report.Counts, r.report.Excluded)
+		killed := false
+		once.Do(func() { killed = true }) // the kill never ran: host-c got no batch
+		if killed {
+			t.Fatal("host-c's vtpmd was never killed: the plan gave it no batch")
+		}
+		if r.end.ExitCode != evacuate.ExitOK {
+			t.Errorf("run with host-c killed: exit %d %s, want every VM re-planned and moved (exit 0)", r.end.ExitCode, r.end.Error)
+		}
+		failed := r.of(evacuate.EventHostFailed)
+		if i := slices.IndexFunc(failed, func(e evacuate.Event) bool { return e.Host == fleet.HostC && e.Replanned > 0 }); i < 0 {
+			t.Errorf("host-failed events %+v, want host-c with its VMs re-planned", failed)
+		}
+		if i := slices.IndexFunc(r.report.Excluded, func(x evacuate.ExcludedHost) bool { return x.Host == fleet.HostC && x.Reason == evacuate.ReasonFailed }); i < 0 {
+			t.Errorf("report excludes %+v, want host-c (failed)", r.report.Excluded)
+		}
+		for _, v := range r.report.VMs {
+			if v.Outcome != evacuate.OutcomeMoved || v.Host != fleet.HostB || v.Generation != 2 {
+				t.Errorf("%s reported %s on %s at generation %d, want moved to host-b at 2 (%s)", v.Name, v.Outcome, v.Host, v.Generation, v.Detail)
+			}
+		}
+		// host-c back: its recovery drops the PENDING keys and secrets of
+		// the aborted batch; every VM runs on host-b alone.
+		if err := dst.Restart(ctx); err != nil {
+			t.Fatal(err)
+		}
+		for _, vm := range vms {
+			if err := fleet.WaitOwner(ctx, f, vm.VM, fleet.HostB, time.Minute); err != nil {
+				t.Fatal(err)
+			}
+		}
+		checkOn(ctx, t, f, vms, 1, fleet.HostB)
+		// Never moved twice: one hypervisor migration per VM.
+		if n := src.Fake().Stats().MigrationsOut - out0; n != len(vms) {
+			t.Errorf("host-a's hypervisor migrated %d VMs out, want %d", n, len(vms))
+		}
+		undrain(t)
+	})
+
+	t.Run("destination killed after its VMs moved: reported open", func(t *testing.T) {
+		vms := newVMs(t, 4)
+		src, dst := f.InProcHost(fleet.HostA), f.InProcHost(fleet.HostC)
+		// host-c's vtpmd dies once its batch's VMs run there (the registry
+		// committed them to host-c): the source cannot have host-c promote
+		// their keys. Where they run is known to the registry, not yet
+		// confirmed by host-c: they are reported open (not moved, not
+		// re-planned: never moved twice), with no host named.
 		var once sync.Once
 		src.OnCrashPoint(func(p migrate.CrashPoint) error {
-			if p == migrate.SrcAfterPrepared {
-				once.Do(func() { _ = dst.Kill(ctx) }) // host-c's vtpmd dies once a batch's keys are prepared
+			if p == migrate.SrcAfterRegCommit {
+				for _, v := range vms {
+					if d, err := dst.Fake().Domain(ctx, v.UUID); err == nil && d.State == hypervisor.StateRunning {
+						once.Do(func() { _ = dst.Kill(ctx) })
+						break
+					}
+				}
 			}
 			return nil
 		})
 		r, err := tryEvacuateA(ctx, f, adminapi.EvacuateRequest{}, nil)
 		src.OnCrashPoint(nil)
 		if err != nil || r.report == nil {
-			t.Fatalf("run with host-c killed: %v %+v", err, r.end)
+			t.Fatalf("run with host-c killed after the commit: %v %+v", err, r.end)
 		}
-		// The truth: what moved is committed, what host-c's death left
-		// open is reported open (exit 4) and settled by recovery; nothing
-		// is reported moved that did not.
-		t.Logf("run with host-c killed half way: exit %d, %v", r.end.ExitCode, r.report.Counts)
-		if r.end.ExitCode != evacuate.ExitOK && r.end.ExitCode != evacuate.ExitOpen && r.end.ExitCode != evacuate.ExitFailed {
-			t.Errorf("run with host-c killed: exit %d %s", r.end.ExitCode, r.end.Error)
+		t.Logf("run with host-c killed after its commit: exit %d, %v", r.end.ExitCode, r.report.Counts)
+		if r.end.ExitCode != evacuate.ExitOpen || r.report.Counts[evacuate.OutcomeOpen] == 0 {
+			t.Fatalf("exit %d %v, want exit %d with host-c's VMs open", r.end.ExitCode, r.report.Counts, evacuate.ExitOpen)
 		}
 		for _, v := range r.report.VMs {
-			if v.Outcome == evacuate.OutcomeMoved && v.Host == fleet.HostC {
-				if d, err := dst.Fake().Domain(ctx, v.VM); err != nil || d.State != hypervisor.StateRunning {
-					t.Errorf("%s reported moved to host-c, which does not run it (%v)", v.Name, err)
+			switch v.Outcome {
+			case evacuate.OutcomeOpen:
+				if v.Host != "" || v.Dest != fleet.HostC {
+					t.Errorf("%s reported open on %q (to %s), want no host named, to host-c", v.Name, v.Host, v.Dest)
 				}
+			case evacuate.OutcomeMoved:
+				if v.Host != fleet.HostB {
+					t.Errorf("%s reported moved to %s", v.Name, v.Host)
+				}
+			default:
+				t.Errorf("%s: %s (%s)", v.Name, v.Outcome, v.Detail)
 			}
 		}
+		out0 := src.Fake().Stats().MigrationsOut
 		if err := dst.Restart(ctx); err != nil {
 			t.Fatal(err)
 		}
 		r = evacuateA(ctx, t, f, adminapi.EvacuateRequest{}, nil)
-		if r.end.ExitCode != evacuate.ExitOK {
-			t.Fatalf("run after host-c's restart: exit %d %s %+v", r.end.ExitCode, r.end.Error, r.report)
+		if r.end.ExitCode != evacuate.ExitOK || r.report.Counts[evacuate.OutcomeMoved] != 0 {
+			t.Fatalf("run after host-c's restart: exit %d %s %+v, want nothing left to move", r.end.ExitCode, r.end.Error, r.report.Counts)
+		}
+		if n := src.Fake().Stats().MigrationsOut - out0; n != 0 {
+			t.Errorf("the run after host-c's restart migrated %d VMs again", n)
 		}
 		checkOn(ctx, t, f, vms, 1, fleet.HostB, fleet.HostC)
 		undrain(t)

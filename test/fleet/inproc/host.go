@@ -47,8 +47,6 @@ func (h *Host) start(ctx context.Context, lis net.Listener) error {
 			}
 			return nil
 		},
-		FreeMemory:       h.f.FreeMemory,
-		VMMemory:         h.f.VMMemory,
 		EvacuationSettle: h.f.cfg.EvacuationSettle,
 	}
 	d, err := daemon.Start(ctx, h.cfg, deps)
@@ -129,20 +127,40 @@ func (h *Host) Kill(ctx context.Context) error {
 	return nil
 }
 
+// Stop kills the daemon and waits until it closed (WaitStopped). Restart
+// starts it again.
+func (h *Host) Stop(ctx context.Context) error {
+	if err := h.Kill(ctx); err != nil {
+		return err
+	}
+	return h.WaitStopped(ctx)
+}
+
+// WaitStopped waits until a killed daemon closed: its files and TPM let
+// go, its last audit mark written, so its data directory can be copied or
+// replaced. It returns at once when no daemon is closing.
+func (h *Host) WaitStopped(ctx context.Context) error {
+	if h.closed == nil {
+		return nil
+	}
+	select {
+	case <-h.closed:
+		h.closed = nil
+		return nil
+	case <-ctx.Done():
+		return ctx.Err()
+	case <-time.After(time.Minute):
+		return fmt.Errorf("inproc: vtpmd on %s did not stop", h.name)
+	}
+}
+
 // Restart waits for the killed daemon to be gone and starts a new one on
 // the same configuration (it reconciles open transactions at start). A
 // start that fails (vtpmd refused its data directory) may be retried with
 // Restart.
 func (h *Host) Restart(ctx context.Context) error {
-	if h.closed != nil {
-		select {
-		case <-h.closed:
-			h.closed = nil
-		case <-ctx.Done():
-			return ctx.Err()
-		case <-time.After(time.Minute):
-			return fmt.Errorf("inproc: vtpmd on %s did not stop", h.name)
-		}
+	if err := h.WaitStopped(ctx); err != nil {
+		return err
 	}
 	h.dying.Store(false)
 	return h.start(ctx, nil)
@@ -178,16 +196,8 @@ func (h *Host) withVTPM(ctx context.Context, vm string, fn func(transport.TPM) e
 // The VMs it ran are gone too (their domains destroyed). The host does not
 // come back with Restart: it would need 'vtpmd init' on a new TPM.
 func (h *Host) LoseTPM(ctx context.Context) error {
-	if err := h.Kill(ctx); err != nil {
+	if err := h.Stop(ctx); err != nil {
 		return err
-	}
-	select {
-	case <-h.closed:
-		h.closed = nil
-	case <-ctx.Done():
-		return ctx.Err()
-	case <-time.After(time.Minute):
-		return fmt.Errorf("inproc: vtpmd on %s did not stop", h.name)
 	}
 	doms, _ := h.hyp.Domains(ctx)
 	for _, d := range doms {

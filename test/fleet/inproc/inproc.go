@@ -109,9 +109,6 @@ type Fleet struct {
 	op       *registry.Client   // the operator's registry client (root)
 	// Enrolments reports each host's one enrolment (registry modes).
 	Enrolments map[string]operator.EnrollReport
-
-	memMu sync.Mutex
-	free  map[string]uint64 // host -> free memory its hypervisor reports (memory.go)
 }
 
 var _ fleet.Fleet = (*Fleet)(nil)

@@ -73,7 +73,12 @@ func mustMigrate(ctx context.Context, t *testing.T, f *inproc.Fleet, vm fleet.VM
 }
 
 // plantKey writes a key of the attacker's own for vm into h's key store at
-// generation gen, as root on h can; the returned func removes it.
+// generation gen, as the attacker's vtpmd on h would: the step counted in
+// h's rollback anchor like any key store change (model finding F13: the
+// source's anchor counts each migration it opens, so a key planted behind
+// it would leave the attacker's own migration unsettled there, and its
+// next one refused before the destination's rules are reached). The
+// returned func removes it the same way.
 func plantKey(ctx context.Context, t *testing.T, h *inproc.Host, vm string, gen uint64) func() {
 	t.Helper()
 	k, err := vtpm.NewVMKey(rand.Reader)
@@ -81,13 +86,24 @@ func plantKey(ctx context.Context, t *testing.T, h *inproc.Host, vm string, gen 
 		t.Fatal(err)
 	}
 	defer k.Destroy()
-	if err := h.Daemon().Host().Keys().Put(ctx, vm, gen, k); err != nil {
-		t.Fatal(err)
-	}
-	return func() {
-		if err := h.Daemon().Host().Keys().Delete(context.Background(), vm); err != nil {
+	hh := h.Daemon().Host()
+	step := func(ctx context.Context, gen uint64, write func() error) {
+		t.Helper()
+		tk, err := hh.Advance(ctx, []vtpm.Change{{VMID: vm, Generation: gen}})
+		if err != nil {
 			t.Fatal(err)
 		}
+		if err := write(); err != nil {
+			t.Fatal(err)
+		}
+		if err := hh.Settle(ctx, tk, nil); err != nil {
+			t.Fatal(err)
+		}
+	}
+	step(ctx, gen, func() error { return hh.Keys().Put(ctx, vm, gen, k) })
+	return func() {
+		ctx := context.Background()
+		step(ctx, 0, func() error { return hh.Keys().Delete(ctx, vm) })
 	}
 }
 
@@ -325,23 +341,14 @@ func TestTrustBoundaries(t *testing.T) {
 		if err := b.Kill(ctx); err != nil {
 			t.Fatal(err)
 		}
-		newest := data + ".newest"
-		if err := os.Rename(data, newest); err != nil {
-			t.Fatal(err)
-		}
-		copyDir(t, backup, data)
+		newest := putBackup(t, data, backup)
 		err := b.Restart(ctx)
 		if !errors.Is(err, vtpm.ErrRollback) || !strings.Contains(err.Error(), "vtpmd anchor accept") {
 			t.Fatalf("restart of B on the restored directory: %v, want the rollback refusal", err)
 		}
 		t.Logf("restored data directory: %v", err)
 		// The newest directory back: B starts, holds nothing of the VM.
-		if err := os.RemoveAll(data); err != nil {
-			t.Fatal(err)
-		}
-		if err := os.Rename(newest, data); err != nil {
-			t.Fatal(err)
-		}
+		putNewest(t, data, newest)
 		if err := b.Restart(ctx); err != nil {
 			t.Fatalf("restart on the newest directory: %v", err)
 		}
@@ -395,6 +402,29 @@ func stopWait(ctx context.Context, t *testing.T, h *inproc.Host) {
 			t.Fatalf("%s's vtpmd did not stop", h.Name())
 		}
 		time.Sleep(50 * time.Millisecond)
+	}
+}
+
+// putBackup moves the data directory data aside (to the returned path)
+// and puts the backup's copy in its place, as an operator restoring it.
+func putBackup(t *testing.T, data, backup string) string {
+	t.Helper()
+	newest := data + ".newest"
+	if err := os.Rename(data, newest); err != nil {
+		t.Fatal(err)
+	}
+	copyDir(t, backup, data)
+	return newest
+}
+
+// putNewest puts the directory putBackup moved aside back in place.
+func putNewest(t *testing.T, data, newest string) {
+	t.Helper()
+	if err := os.RemoveAll(data); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Rename(newest, data); err != nil {
+		t.Fatal(err)
 	}
 }
 
