@@ -213,9 +213,6 @@ func TestE2EEvacuate(t *testing.T) {
 // evacKilledAndRerun: host-a undrained, three more VMs created there and
 // evacuated one at a time; vtpmctl SIGKILLed after the first VM is done;
 // the same command run again finishes the rest and never moves a VM twice.
-// (It evacuates host-a again rather than host-b: vtpmd's evacuation
-// inventory lists only VMs with a record made by 'vm create' on the
-// source, so VMs that arrived by migration are not seen; see the report.)
 func evacKilledAndRerun(ctx context.Context, t *testing.T, el *evacLab) {
 	if r, err := el.f.OperatorCtl(ctx, "host", "undrain", "host-a"); err != nil || r.Code != 0 {
 		t.Fatalf("vtpmctl host undrain host-a: %v %s", err, r)

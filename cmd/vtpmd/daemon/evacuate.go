@@ -350,11 +350,23 @@ func (inv evacInventory) VMs(ctx context.Context) ([]evacuate.VM, error) {
 	if err != nil {
 		return nil, err
 	}
+	// The VMs this host owns: those it holds a usable key for (created
+	// here, or arrived by migration, restore or failover, which write no
+	// VM record) and those with a VM record ('vm create').
+	ours := map[string]string{}
+	checks, err := a.d.host.CheckKeys(ctx)
+	if err != nil {
+		return nil, err
+	}
+	for id, c := range checks {
+		if !c.Damaged {
+			ours[id] = ""
+		}
+	}
 	recs, err := a.d.host.ListVMs(ctx)
 	if err != nil {
 		return nil, err
 	}
-	ours := map[string]string{}
 	for _, r := range recs {
 		ours[r.UUID] = r.Name
 	}

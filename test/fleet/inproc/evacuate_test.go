@@ -333,6 +333,35 @@ func TestEvacuate(t *testing.T) {
 		undrain(t)
 	})
 
+	// vtpmd's inventory once listed only VMs with a record ('vm create'):
+	// a host whose VMs arrived by migration planned nothing and exited 0
+	// with its VMs still there (found on the libvirt lab).
+	t.Run("VMs that arrived by migration", func(t *testing.T) {
+		vms := newVMs(t, 2)
+		r := evacuateA(ctx, t, f, adminapi.EvacuateRequest{To: []string{fleet.HostB}}, nil)
+		if r.end.ExitCode != evacuate.ExitOK {
+			t.Fatalf("evacuate host-a: exit %d %s", r.end.ExitCode, r.end.Error)
+		}
+		checkOn(ctx, t, f, vms, 1, fleet.HostB)
+		undrain(t)
+		r = evacuateHost(ctx, t, f, fleet.HostB, adminapi.EvacuateRequest{To: []string{fleet.HostA}}, nil)
+		if r.end.ExitCode != evacuate.ExitOK || r.report.Counts[evacuate.OutcomeMoved] < len(vms) {
+			t.Fatalf("evacuate host-b: exit %d %s %+v, want its %d arrived VMs (at least) moved", r.end.ExitCode, r.end.Error, r.report.Counts, len(vms))
+		}
+		checkOn(ctx, t, f, vms, 2, fleet.HostA)
+		if err := f.Operator().SetState(ctx, fleet.HostB, registry.StateActive); err != nil {
+			t.Fatal(err)
+		}
+		// And back: host-a, which now holds only VMs that arrived, is left
+		// empty for the next subtest.
+		r = evacuateA(ctx, t, f, adminapi.EvacuateRequest{To: []string{fleet.HostB}}, nil)
+		if r.end.ExitCode != evacuate.ExitOK || r.report.Counts[evacuate.OutcomeMoved] < len(vms) {
+			t.Fatalf("evacuate host-a again: exit %d %s %+v", r.end.ExitCode, r.end.Error, r.report.Counts)
+		}
+		checkOn(ctx, t, f, vms, 3, fleet.HostB)
+		undrain(t)
+	})
+
 	// Last: it leaves host-c untrusted.
 	t.Run("destination refused half way", func(t *testing.T) {
 		vms := newVMs(t, 4)
@@ -382,20 +411,30 @@ func scenarioCtx(t *testing.T, d time.Duration) context.Context {
 // operator's drain, then host-a's vtpmd) and collects its events.
 func evacuateA(ctx context.Context, t *testing.T, f *inproc.Fleet, req adminapi.EvacuateRequest, on func(evacuate.Event)) evacRun {
 	t.Helper()
-	r, err := tryEvacuateA(ctx, f, req, on)
+	return evacuateHost(ctx, t, f, fleet.HostA, req, on)
+}
+
+// evacuateHost runs 'vtpmctl evacuate HOST'.
+func evacuateHost(ctx context.Context, t *testing.T, f *inproc.Fleet, host string, req adminapi.EvacuateRequest, on func(evacuate.Event)) evacRun {
+	t.Helper()
+	r, err := tryEvacuate(ctx, f, host, req, on)
 	if err != nil {
-		t.Fatalf("evacuate host-a: %v", err)
+		t.Fatalf("evacuate %s: %v", host, err)
 	}
 	if r.report == nil {
-		t.Fatalf("evacuate host-a: no report (exit %d %s)", r.end.ExitCode, r.end.Error)
+		t.Fatalf("evacuate %s: no report (exit %d %s)", host, r.end.ExitCode, r.end.Error)
 	}
 	return r
 }
 
 func tryEvacuateA(ctx context.Context, f *inproc.Fleet, req adminapi.EvacuateRequest, on func(evacuate.Event)) (evacRun, error) {
-	req.Host = fleet.HostA
+	return tryEvacuate(ctx, f, fleet.HostA, req, on)
+}
+
+func tryEvacuate(ctx context.Context, f *inproc.Fleet, host string, req adminapi.EvacuateRequest, on func(evacuate.Event)) (evacRun, error) {
+	req.Host = host
 	var r evacRun
-	end, err := operator.Evacuate(ctx, f.Operator(), f.InProcHost(fleet.HostA).Admin(), req, func(line []byte) error {
+	end, err := operator.Evacuate(ctx, f.Operator(), f.InProcHost(host).Admin(), req, func(line []byte) error {
 		var ev evacuate.Event
 		if err := json.Unmarshal(line, &ev); err != nil {
 			return err
