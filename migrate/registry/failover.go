@@ -335,3 +335,8 @@ func (c *Client) Reassert(ctx context.Context, expect VM, rev int64) (int64, err
 	}
 	return resp.Header.Revision, nil
 }
+
+// Abandon makes the next Close leave the liveness lease to expire by
+// itself instead of revoking it: a host that crashed or lost power (tests
+// and the in-process fleet's crash).
+func (c *Client) Abandon() { c.abandon.Store(true) }
