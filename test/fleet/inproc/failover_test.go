@@ -253,3 +253,143 @@ func TestFailoverKill(t *testing.T) {
 		return err == nil && len(l.Records) == 1
 	})
 }
+
+// waitReplicas waits until each host holds a replica of vm at gen whose
+// standby record shows it.
+func waitReplicas(t *testing.T, f *inproc.Fleet, vm fleet.VM, gen uint64, hosts ...string) {
+	t.Helper()
+	ctx := context.Background()
+	waitFor(t, "replicas at generation "+string(rune('0'+gen)), time.Minute, func() bool {
+		for _, h := range hosts {
+			r := replicaOf(f.InProcHost(h).Daemon(), vm)
+			if r == nil || r.Request.Generation != gen || standbyGen(ctx, f, vm, h) != int64(gen) {
+				return false
+			}
+		}
+		return true
+	})
+}
+
+// waitNotLive waits until the registry shows host's lease gone.
+func waitNotLive(t *testing.T, f *inproc.Fleet, host string) {
+	t.Helper()
+	waitFor(t, host+"'s lease gone", time.Minute, func() bool {
+		v, err := f.Operator().Hosts(context.Background(), host)
+		return err == nil && !v.Hosts[host].Live
+	})
+}
+
+// TestFailoverRace: two standbys promote at once with the operator's
+// confirmation that the owner is fenced: exactly one wins (one CAS), the
+// VM runs there only. Before the owner's lease is gone, an unconfirmed
+// failover is refused (rule owner-live).
+func TestFailoverRace(t *testing.T) {
+	ctx := context.Background()
+	f := failoverFleet(t, trusted(fleet.HostA, fleet.HostB, fleet.HostC), "manual")
+	a, b, c := f.InProcHost(fleet.HostA), f.InProcHost(fleet.HostB), f.InProcHost(fleet.HostC)
+	vm, err := f.CreateVM(ctx, fleet.HostA, "race-1")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := a.Admin().Standby(ctx, adminapi.StandbyRequest{VM: vm.UUID, On: []string{fleet.HostB, fleet.HostC}}); err != nil {
+		t.Fatal(err)
+	}
+	waitReplicas(t, f, vm, 1, fleet.HostB, fleet.HostC)
+	if _, err := b.Admin().Failover(ctx, adminapi.FailoverRequest{VM: vm.UUID, To: fleet.HostB}); err == nil || !strings.Contains(err.Error(), "rule "+migrate.RuleOwnerLive) {
+		t.Fatalf("failover from a live owner: %v, want a refusal naming rule %s", err, migrate.RuleOwnerLive)
+	}
+	if err := a.Crash(ctx); err != nil {
+		t.Fatal(err)
+	}
+	if err := f.Fence(ctx, fleet.HostA); err != nil { // the operator powers host-a off
+		t.Fatal(err)
+	}
+	errs := make(chan error, 2)
+	reps := make(chan adminapi.FailoverReport, 2)
+	for _, h := range []*inproc.Host{b, c} {
+		go func() {
+			rep, err := h.Admin().Failover(ctx, adminapi.FailoverRequest{VM: vm.UUID, To: h.Name(), ConfirmFenced: []string{fleet.HostA}})
+			if err == nil {
+				reps <- rep
+			}
+			errs <- err
+		}()
+	}
+	var wins int
+	for range 2 {
+		if err := <-errs; err == nil {
+			wins++
+		} else {
+			t.Logf("loser: %v", err)
+		}
+	}
+	if wins != 1 {
+		t.Fatalf("%d standbys promoted, want exactly 1", wins)
+	}
+	rep := <-reps
+	owner, gen := ownerOf(ctx, f, vm)
+	if owner != rep.Host || gen != 2 || rep.Generation != 2 || !rep.Started {
+		t.Fatalf("registry %s/%d, report %+v", owner, gen, rep)
+	}
+	running := 0
+	for _, h := range []*inproc.Host{a, b, c} {
+		if h.Running(ctx, vm) {
+			running++
+		}
+	}
+	if running != 1 {
+		t.Fatalf("the VM runs on %d hosts", running)
+	}
+	t.Logf("%s won the race: fence %v, promote %v, start %v", rep.Host, rep.Fence, rep.Promote, rep.Start)
+}
+
+// TestFailoverNoQuorum: the owner and a second registry member die: the
+// standby sees no quorum, fences nothing and never promotes (fail closed);
+// an operator's failover fails too (registry unavailable). When quorum
+// returns, it promotes, once.
+func TestFailoverNoQuorum(t *testing.T) {
+	ctx := context.Background()
+	f := failoverFleet(t, trusted(fleet.HostA, fleet.HostB, fleet.HostC), "auto")
+	a, b, c := f.InProcHost(fleet.HostA), f.InProcHost(fleet.HostB), f.InProcHost(fleet.HostC)
+	vm, err := f.CreateVM(ctx, fleet.HostA, "quorum-1")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := a.Admin().Standby(ctx, adminapi.StandbyRequest{VM: vm.UUID, On: []string{fleet.HostB}}); err != nil {
+		t.Fatal(err)
+	}
+	waitReplicas(t, f, vm, 1, fleet.HostB)
+	if err := c.Crash(ctx); err != nil {
+		t.Fatal(err)
+	}
+	if err := a.Crash(ctx); err != nil {
+		t.Fatal(err)
+	}
+	// Three lease TTLs without quorum: host-b never holds the VM's key.
+	end := time.Now().Add(6 * time.Second)
+	for time.Now().Before(end) {
+		if infos, _ := b.Daemon().Host().Keys().List(ctx); len(infos) != 0 {
+			t.Fatalf("host-b promoted without quorum: %+v", infos)
+		}
+		time.Sleep(200 * time.Millisecond)
+	}
+	if _, err := b.Admin().Failover(ctx, adminapi.FailoverRequest{VM: vm.UUID, To: fleet.HostB, ConfirmFenced: []string{fleet.HostA}}); err == nil {
+		t.Fatal("an operator's failover went through without quorum")
+	}
+	if n := f.Fenced(fleet.HostA); n != 0 {
+		t.Fatalf("host-a fenced %d times without quorum", n)
+	}
+	if infos, _ := b.Daemon().Host().Keys().List(ctx); len(infos) != 0 {
+		t.Fatalf("host-b holds a key after the refused failover: %+v", infos)
+	}
+	if err := c.Restart(ctx); err != nil {
+		t.Fatal(err)
+	}
+	waitFor(t, "host-b promoted once quorum returned", 2*time.Minute, func() bool {
+		owner, gen := ownerOf(ctx, f, vm)
+		return owner == fleet.HostB && gen == 2 && b.Running(ctx, vm)
+	})
+	if c.Running(ctx, vm) || a.Running(ctx, vm) {
+		t.Fatal("the VM runs on two hosts")
+	}
+}
