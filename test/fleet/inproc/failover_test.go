@@ -458,3 +458,34 @@ func TestFailoverCrashAfterTakeOver(t *testing.T) {
 		t.Fatalf("tenant secret after the resumed promotion: %q %v, want %q", got, err, secret)
 	}
 }
+
+// TestSelfFence (issue 15 item 3): an owner cut off the registry, its
+// lease gone, hands out none of its VMs' keys: no secret define for a
+// start (the hook's prepare begin), no migration as the source, no
+// replica (rule self-fence). The VM it runs keeps running: only a fence
+// stops it.
+func TestSelfFence(t *testing.T) {
+	ctx := context.Background()
+	f := failoverFleet(t, trusted(fleet.HostA, fleet.HostB, fleet.HostC), "manual")
+	a := f.InProcHost(fleet.HostA)
+	vm, err := f.CreateVM(ctx, fleet.HostA, "selffence-1")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := a.CutRegistry(); err != nil {
+		t.Fatal(err)
+	}
+	rule := "rule " + migrate.RuleSelfFence
+	if _, err := a.Admin().HookPrepare(ctx, adminapi.HookRequest{UUID: vm.UUID, Name: vm.Name}); err == nil || !strings.Contains(err.Error(), rule) {
+		t.Fatalf("secret define on a self-fenced owner: %v, want %s", err, rule)
+	}
+	if _, err := a.Daemon().Node().Migrate(ctx, migrate.Request{VMs: []string{vm.UUID}, Dest: fleet.HostB}, nil); err == nil || !strings.Contains(err.Error(), rule) {
+		t.Fatalf("migration from a self-fenced owner: %v, want %s", err, rule)
+	}
+	if _, err := a.Daemon().Node().SendReplica(ctx, vm.UUID, vm.Name, fleet.HostB, []byte("state")); err == nil || !strings.Contains(err.Error(), rule) {
+		t.Fatalf("replica from a self-fenced owner: %v, want %s", err, rule)
+	}
+	if !a.Running(ctx, vm) {
+		t.Fatal("self-fencing stopped the running VM; only a fence does")
+	}
+}
