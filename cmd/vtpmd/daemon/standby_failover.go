@@ -8,6 +8,7 @@ import (
 	"os/exec"
 	"slices"
 	"strings"
+	"syscall"
 	"time"
 
 	"github.com/sirupsen/logrus"
@@ -188,7 +189,13 @@ func (d *Daemon) fenceFunc() migrate.FenceFunc {
 		ctx, cancel := context.WithTimeout(ctx, timeout)
 		defer cancel()
 		t0 := time.Now()
-		out, err := exec.CommandContext(ctx, args[0], args[1:]...).CombinedOutput()
+		cmd := exec.CommandContext(ctx, args[0], args[1:]...)
+		// On timeout the agent's whole process group is killed, and Wait
+		// returns even if a child still holds its output open.
+		cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
+		cmd.Cancel = func() error { return syscall.Kill(-cmd.Process.Pid, syscall.SIGKILL) }
+		cmd.WaitDelay = time.Second
+		out, err := cmd.CombinedOutput()
 		log := d.log.WithFields(logrus.Fields{"fence": args, "host": host, "took": time.Since(t0).Round(time.Millisecond)})
 		if err != nil {
 			log.WithError(err).WithField("output", string(out)).Error("fence agent failed: the host is not fenced")
