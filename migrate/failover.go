@@ -279,6 +279,32 @@ func (n *Node) ResumePromotions(ctx context.Context) error {
 	return nil
 }
 
+// fenceGoneDest is model finding F12: a source whose destination is gone
+// (its lease expired, unreachable) while the migration's intent is open
+// fences it with the fence agent (Config.Fence) and records the fence;
+// the source then aborts and the VM restarts from its key. Without a
+// fence agent, or while the destination is live, it waits (false).
+func (n *Node) fenceGoneDest(ctx context.Context, tx Tx, vm string) bool {
+	reg, ok := n.cfg.Registry.(FailoverRegistry)
+	if !ok || n.cfg.Fence == nil {
+		return false
+	}
+	v, err := reg.Hosts(ctx, tx.Peer)
+	if err != nil || v.Hosts[tx.Peer].Live {
+		return false
+	}
+	if err := n.cfg.Fence(ctx, tx.Peer); err != nil {
+		n.log.WithError(err).WithFields(logrus.Fields{"tx": tx.ID, "dest": tx.Peer}).Warn("F12: the fence agent did not fence the gone destination; waiting")
+		return false
+	}
+	if _, err := reg.PutFence(ctx, tx.Peer, n.cfg.Host); err != nil {
+		return false
+	}
+	n.audit(ctx, AuditEvent{Event: audit.EventFenced, VM: vm, Peer: tx.Peer, TxID: tx.ID, Detail: "the migration's destination is gone with the intent open (F12): fenced, the migration aborts"})
+	n.log.WithFields(logrus.Fields{"tx": tx.ID, "dest": tx.Peer, "vm": vm}).Warn("F12: gone destination fenced; the migration aborts and the VM restarts here")
+	return true
+}
+
 // refuseFailover audits and returns a failover refusal.
 func (n *Node) refuseFailover(ctx context.Context, vm, owner string, err error) error {
 	n.audit(ctx, AuditEvent{Event: audit.EventFailoverRefused, VM: vm, Peer: owner, Detail: err.Error()})

@@ -131,12 +131,15 @@ type Config struct {
 	// Replicas is where this host keeps standby replicas (nil: it takes
 	// none; standby.go).
 	Replicas *ReplicaStore
-	Crash    CrashHook
-	Audit    Auditor
-	Metrics  Observer
-	Now      func() time.Time
-	Rand     io.Reader
-	Log      logrus.FieldLogger
+	// Fence is the fence agent (nil: none): recovery fences a migration's
+	// gone destination with it (F12, failover.go).
+	Fence   FenceFunc
+	Crash   CrashHook
+	Audit   Auditor
+	Metrics Observer
+	Now     func() time.Time
+	Rand    io.Reader
+	Log     logrus.FieldLogger
 }
 
 // DefaultEvidenceMaxAge is how long verified evidence is reused.

@@ -207,8 +207,8 @@ func Start(ctx context.Context, cfg Config, deps Deps) (_ *Daemon, err error) {
 		Anchor: anchorAdapter{d.host, d.audit}, Registry: d.migrateRegistry(),
 		Verifier: verifier, Enrollments: d.enroll, QuotePCRs: quotePCRs(verifier), EventLog: d.eventLog(),
 		Dial: d.dial, Target: d.target(), EvidenceMaxAge: maxAge, Crash: deps.Crash, States: restoredStates{d},
-		Replicas: &migrate.ReplicaStore{Dir: filepath.Join(cfg.DataDir, "replicas")},
-		Audit:    auditAdapter{d.audit}, Metrics: d.metrics, Now: now, Log: d.log,
+		Replicas: &migrate.ReplicaStore{Dir: filepath.Join(cfg.DataDir, "replicas")}, Fence: d.fenceFunc(),
+		Audit: auditAdapter{d.audit}, Metrics: d.metrics, Now: now, Log: d.log,
 	})
 	d.metrics.SetTPMCounter(func() map[string]int {
 		out := map[string]int{}

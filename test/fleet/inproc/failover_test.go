@@ -422,3 +422,49 @@ func TestSelfFence(t *testing.T) {
 		t.Fatal("self-fencing stopped the running VM; only a fence does")
 	}
 }
+
+// TestSourceFencesGoneDestination (model finding F12): host-a's vtpmd
+// dies right after the hypervisor moved its VM to host-b (the intent open
+// in the registry, host-b holding the key PENDING), then host-b dies for
+// good. host-a, restarted, cannot reach host-b; once host-b's lease is
+// gone, its recovery fences host-b and aborts: host-a owns the VM at its
+// generation again and may start it; the VM runs nowhere else.
+func TestSourceFencesGoneDestination(t *testing.T) {
+	ctx := context.Background()
+	f := failoverFleet(t, trusted(fleet.HostA, fleet.HostB, fleet.HostC), "manual")
+	a, b := f.InProcHost(fleet.HostA), f.InProcHost(fleet.HostB)
+	vm, err := f.CreateVM(ctx, fleet.HostA, "f12-1")
+	if err != nil {
+		t.Fatal(err)
+	}
+	a.OnCrashPoint(migrate.CrashAt(migrate.SrcAfterHypervisor))
+	if _, err := a.Daemon().Node().Migrate(ctx, migrate.Request{VMs: []string{vm.UUID}, Dest: fleet.HostB}, nil); !errors.Is(err, migrate.ErrCrash) {
+		t.Fatalf("migration: %v, want the injected crash", err)
+	}
+	if !b.Running(ctx, vm) {
+		t.Fatal("the VM does not run on host-b after the hypervisor's migration")
+	}
+	if err := a.Kill(ctx); err != nil {
+		t.Fatal(err)
+	}
+	a.OnCrashPoint(nil)
+	if err := b.Crash(ctx); err != nil { // gone for good; its VM still runs until fenced
+		t.Fatal(err)
+	}
+	if err := a.Restart(ctx); err != nil {
+		t.Fatal(err)
+	}
+	waitFor(t, "host-a's recovery fenced host-b and aborted", 2*time.Minute, func() bool {
+		owner, gen := ownerOf(ctx, f, vm)
+		v, _ := f.Operator().VMs(ctx, vm.UUID)
+		_, err := a.Daemon().Node().CheckStart(ctx, vm.UUID)
+		return owner == fleet.HostA && gen == 1 && v.VMs[vm.UUID].Tx == nil && err == nil
+	})
+	if f.Fenced(fleet.HostB) == 0 || b.Running(ctx, vm) {
+		t.Fatalf("host-b fenced %d times, VM running there: %v", f.Fenced(fleet.HostB), b.Running(ctx, vm))
+	}
+	log, err := a.Admin().Audit(ctx, vm.UUID, "host-fenced")
+	if err != nil || len(log.Records) != 1 {
+		t.Fatalf("audit of the fence on host-a: %+v %v", log, err)
+	}
+}
