@@ -83,7 +83,7 @@ type Promotion struct {
 	Generation uint64
 	Fenced     []string
 	FenceTime  time.Duration // the fence agents
-	Promote    time.Duration // open the replica, CAS, commit (vtpmm's share)
+	Promote    time.Duration // open the replica (host TPM), ledger, PENDING key, CAS, commit: vtpmm's share, the fence excluded
 }
 
 // Promote promotes this host's replica of req.VM: fence, CAS, commit. The
@@ -120,7 +120,9 @@ func (n *Node) Promote(ctx context.Context, req PromoteRequest) (*Promotion, err
 	}
 	// Open the replica first (this host's TPM: Import, Load, Unseal,
 	// Flush): a replica that does not open never costs the VM its owner.
+	tOpen := n.cfg.Now()
 	k, err := n.openReplica(ctx, &r.Request)
+	openTime := n.cfg.Now().Sub(tOpen)
 	if err != nil {
 		return nil, fmt.Errorf("%s: open the replica: %w", op, err)
 	}
@@ -176,7 +178,7 @@ func (n *Node) Promote(ctx context.Context, req PromoteRequest) (*Promotion, err
 		return nil, fmt.Errorf("%s: %w", op, err)
 	}
 	n.replicaPromoted(ctx, req.VM)
-	p.Generation, p.Promote = gen, n.cfg.Now().Sub(t1)
+	p.Generation, p.Promote = gen, openTime+n.cfg.Now().Sub(t1)
 	n.audit(ctx, AuditEvent{Event: audit.EventPromoted, VM: req.VM, Peer: rec.Owner, Generation: gen,
 		Detail: fmt.Sprintf("failover from %s at generation %d; fenced %v", rec.Owner, rec.Generation, fence)})
 	n.log.WithFields(logrus.Fields{"vm": req.VM, "from": rec.Owner, "generation": gen, "fenced": fence}).Warn("failover: replica promoted; this host owns the VM")
