@@ -127,7 +127,13 @@ type Config struct {
 	PullLease time.Duration
 	// States stages and places the vTPM states a restore from escrow
 	// brings (nil: this host accepts no restore).
-	States  RestoredStates
+	States RestoredStates
+	// Replicas is where this host keeps standby replicas (nil: it takes
+	// none; standby.go).
+	Replicas *ReplicaStore
+	// Fence is the fence agent (nil: none): recovery fences a migration's
+	// gone destination with it (F12, failover.go).
+	Fence   FenceFunc
 	Crash   CrashHook
 	Audit   Auditor
 	Metrics Observer
@@ -162,6 +168,11 @@ type Node struct {
 	// the destination: the source's Finish and recovery (a lifecycle
 	// event, the loop) may finish one transaction at the same moment.
 	finishing sync.Map
+
+	// confirmed holds, per VM, the generation at which this node's start
+	// rule last confirmed it with quorum (fence record included): only
+	// those may start by the last view without quorum (F8).
+	confirmed sync.Map
 
 	armMu sync.Mutex
 	armed map[string]incomingArm // VM -> the incoming migration whose "migrate begin" pulled its key (incoming.go)

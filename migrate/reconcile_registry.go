@@ -76,6 +76,16 @@ func (n *Node) recoverSourceRegistry(ctx context.Context, tx Tx, peer Peer, st *
 		return fmt.Errorf("%w: %w", ErrUnresolved, verr)
 	}
 	onPeer := func(id string) bool { return st != nil && slices.Contains(st.Running, id) }
+	fenced := 0 // F12: 0 not tried, 1 fenced, -1 not fenced (once per recovery)
+	fenceDest := func(id string) bool {
+		if fenced == 0 {
+			fenced = -1
+			if n.fenceGoneDest(ctx, tx, id) {
+				fenced = 1
+			}
+		}
+		return fenced == 1
+	}
 	var commit, commitNoTx, abort []TxVM
 	outcome := map[string]Outcome{}
 	var errs []error
@@ -106,6 +116,11 @@ func (n *Node) recoverSourceRegistry(ctx context.Context, tx Tx, peer Peer, st *
 			case regClosed:
 				commitNoTx = append(commitNoTx, vm)
 			}
+		case peerErr != nil && s == regOpen && verr == nil && fenceDest(id):
+			// F12: the destination is gone with the intent open; fenced, it
+			// runs nothing: abort, the VM restarts from this host's key.
+			outcome[id] = OutcomeFailed
+			abort = append(abort, vm)
 		default:
 			errs = append(errs, fmt.Errorf("%w: VM %s runs neither here nor (as far as %s says) there: %v", ErrUnresolved, id, tx.Peer, peerErr))
 		}

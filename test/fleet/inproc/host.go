@@ -49,6 +49,9 @@ func (h *Host) start(ctx context.Context, lis net.Listener) error {
 		},
 		EvacuationSettle: h.f.cfg.EvacuationSettle,
 	}
+	if h.f.cfg.FenceAgent {
+		deps.Fence = h.f.Fence
+	}
 	d, err := daemon.Start(ctx, h.cfg, deps)
 	if err != nil {
 		return fmt.Errorf("inproc: start vtpmd on %s: %w", h.name, err)
@@ -117,6 +120,13 @@ func (h *Host) Emu() *emuhost.Host { return h.emu }
 // point (as if the process had died there), and the daemon is closed in
 // the background.
 func (h *Host) Kill(ctx context.Context) error {
+	h.life.Lock()
+	defer h.life.Unlock()
+	return h.kill(ctx)
+}
+
+// kill is Kill with h.life held.
+func (h *Host) kill(ctx context.Context) error {
 	d := h.daemon()
 	if d == nil {
 		return fmt.Errorf("inproc: vtpmd on %s is not running", h.name)
@@ -130,16 +140,25 @@ func (h *Host) Kill(ctx context.Context) error {
 // Stop kills the daemon and waits until it closed (WaitStopped). Restart
 // starts it again.
 func (h *Host) Stop(ctx context.Context) error {
-	if err := h.Kill(ctx); err != nil {
+	h.life.Lock()
+	defer h.life.Unlock()
+	if err := h.kill(ctx); err != nil {
 		return err
 	}
-	return h.WaitStopped(ctx)
+	return h.waitStopped(ctx)
 }
 
 // WaitStopped waits until a killed daemon closed: its files and TPM let
 // go, its last audit mark written, so its data directory can be copied or
 // replaced. It returns at once when no daemon is closing.
 func (h *Host) WaitStopped(ctx context.Context) error {
+	h.life.Lock()
+	defer h.life.Unlock()
+	return h.waitStopped(ctx)
+}
+
+// waitStopped is WaitStopped with h.life held.
+func (h *Host) waitStopped(ctx context.Context) error {
 	if h.closed == nil {
 		return nil
 	}
@@ -154,14 +173,34 @@ func (h *Host) WaitStopped(ctx context.Context) error {
 	}
 }
 
+// Crash makes the daemon die as a host that lost power does for the
+// fleet: like Kill, but its liveness lease is not revoked; it expires
+// after the registry's TTL.
+func (h *Host) Crash(ctx context.Context) error {
+	h.life.Lock()
+	defer h.life.Unlock()
+	d := h.daemon()
+	if d == nil {
+		return fmt.Errorf("inproc: vtpmd on %s is not running", h.name)
+	}
+	h.dying.Store(true)
+	h.closed = make(chan error, 1)
+	go func() { h.closed <- d.Crash(context.Background()) }()
+	return nil
+}
+
 // Restart waits for the killed daemon to be gone and starts a new one on
 // the same configuration (it reconciles open transactions at start). A
 // start that fails (vtpmd refused its data directory) may be retried with
 // Restart.
 func (h *Host) Restart(ctx context.Context) error {
-	if err := h.WaitStopped(ctx); err != nil {
+	h.life.Lock()
+	defer h.life.Unlock()
+	if err := h.waitStopped(ctx); err != nil {
 		return err
 	}
+	h.restarting.Store(true) // not Up until the new daemon is in place
+	defer h.restarting.Store(false)
 	h.dying.Store(false)
 	return h.start(ctx, nil)
 }
@@ -196,7 +235,12 @@ func (h *Host) withVTPM(ctx context.Context, vm string, fn func(transport.TPM) e
 // The VMs it ran are gone too (their domains destroyed). The host does not
 // come back with Restart: it would need 'vtpmd init' on a new TPM.
 func (h *Host) LoseTPM(ctx context.Context) error {
-	if err := h.Stop(ctx); err != nil {
+	h.life.Lock()
+	defer h.life.Unlock()
+	if err := h.kill(ctx); err != nil {
+		return err
+	}
+	if err := h.waitStopped(ctx); err != nil {
 		return err
 	}
 	doms, _ := h.hyp.Domains(ctx)

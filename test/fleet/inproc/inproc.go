@@ -85,6 +85,9 @@ type Config struct {
 	// host is seen not live within seconds). Tests whose plans need every
 	// host live on a loaded machine give a longer one.
 	RegistryTTL time.Duration
+	// FenceAgent gives every daemon the fleet's fence agent (Fleet.Fence)
+	// for failovers (issue 15).
+	FenceAgent bool
 }
 
 // HostSpec names a host and whether it boots the tampered log.
@@ -109,6 +112,8 @@ type Fleet struct {
 	op       *registry.Client   // the operator's registry client (root)
 	// Enrolments reports each host's one enrolment (registry modes).
 	Enrolments map[string]operator.EnrollReport
+
+	fenced fences // the fence agent's runs (failover.go)
 }
 
 var _ fleet.Fleet = (*Fleet)(nil)
@@ -123,11 +128,17 @@ type Host struct {
 	hyp    *fake.Host
 	admin  *adminapi.Client
 
+	// life serialises Kill, Crash, Restart, LoseTPM and the fence agent:
+	// a host is powered off after it booted, not halfway through.
+	life   sync.Mutex
 	mu     sync.Mutex
 	d      *daemon.Daemon
 	closed chan error // Kill's Close result
 	dying  atomic.Bool
-	crash  atomic.Pointer[func(migrate.CrashPoint) error]
+	// restarting: Restart is starting a new daemon (the old one, closed,
+	// is still h.d until then).
+	restarting atomic.Bool
+	crash      atomic.Pointer[func(migrate.CrashPoint) error]
 }
 
 var _ fleet.Host = (*Host)(nil)
