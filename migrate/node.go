@@ -127,13 +127,16 @@ type Config struct {
 	PullLease time.Duration
 	// States stages and places the vTPM states a restore from escrow
 	// brings (nil: this host accepts no restore).
-	States  RestoredStates
-	Crash   CrashHook
-	Audit   Auditor
-	Metrics Observer
-	Now     func() time.Time
-	Rand    io.Reader
-	Log     logrus.FieldLogger
+	States RestoredStates
+	// Replicas is where this host keeps standby replicas (nil: it takes
+	// none; standby.go).
+	Replicas *ReplicaStore
+	Crash    CrashHook
+	Audit    Auditor
+	Metrics  Observer
+	Now      func() time.Time
+	Rand     io.Reader
+	Log      logrus.FieldLogger
 }
 
 // DefaultEvidenceMaxAge is how long verified evidence is reused.

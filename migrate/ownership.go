@@ -109,6 +109,12 @@ func (n *Node) CheckStart(ctx context.Context, vm string) (uint64, error) {
 			vm, ErrNotOwner, txID, n.txRole(txID), RuleOpenTx))
 	}
 	if !ok {
+		if n.cfg.Replicas != nil {
+			if r, err := n.cfg.Replicas.Get(vm); err == nil {
+				return 0, n.refuseStart(ctx, vm, 0, fmt.Errorf("start %s: %w: %s holds only a standby replica of it (generation %d, owner %s): a replica never starts; a failover promotes it (rule %s)",
+					vm, ErrNotOwner, n.cfg.Host, r.Request.Generation, r.Request.Owner, RuleStandbyReplica))
+			}
+		}
 		return 0, fmt.Errorf("start %s: %w: %w: %s holds no key for it", vm, ErrNotOwner, vtpm.ErrKeyNotFound, n.cfg.Host)
 	}
 	if n.cfg.Registry == nil {
@@ -126,6 +132,13 @@ func (n *Node) CheckStart(ctx context.Context, vm string) (uint64, error) {
 	case startAllow:
 		if verr != nil {
 			n.log.WithError(verr).WithField("vm", vm).Warn("registry unavailable: starting by this host's last view, which shows it the owner")
+			if err := n.selfFenced("start " + vm); err != nil {
+				return 0, n.refuseStart(ctx, vm, gl, err) // F8: the last view needs a live lease
+			}
+			return gl, nil
+		}
+		if err := n.checkFenced(ctx, vm); err != nil {
+			return 0, n.refuseStart(ctx, vm, gl, err)
 		}
 		return gl, nil
 	case startRaise:

@@ -37,6 +37,9 @@ func (n *Node) release(ctx context.Context, s releaseSpec, keys map[string]vtpm.
 	if s.dest == n.cfg.Host {
 		return Tx{}, nil, fmt.Errorf("migrate: %w: destination %s is this host", ErrBadMessage, s.dest)
 	}
+	if err := n.selfFenced("migrate to " + s.dest); err != nil {
+		return Tx{}, nil, err
+	}
 	tx := Tx{ID: s.txID, Role: RoleSource, Peer: s.dest, State: SrcBegun, Pulled: s.pulled}
 	if s.pulled {
 		tx.Lease = n.cfg.Now().Add(n.cfg.PullLease)

@@ -33,6 +33,9 @@ func (n *Node) undefineSecret(ctx context.Context, vm string) error {
 // key's generation; ErrNotOwner when this host holds no active key or the
 // fleet registry refuses the start (CheckStart).
 func (n *Node) DefineSecret(ctx context.Context, vm string) (uint64, error) {
+	if err := n.selfFenced("define the vTPM secret of " + vm); err != nil {
+		return 0, err
+	}
 	if _, err := n.CheckStart(ctx, vm); err != nil {
 		return 0, fmt.Errorf("define the vTPM secret of %s: %w", vm, err)
 	}

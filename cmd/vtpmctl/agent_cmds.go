@@ -127,9 +127,16 @@ func agentCommands(e *env) []*cobra.Command {
 			for _, tx := range v.Transactions {
 				fmt.Fprintf(e.stdout, "tx %s  %-11s peer %-10s %-13s %s %s\n", tx.ID, tx.Role, tx.Peer, tx.State, tx.Updated.Format(time.RFC3339), tx.Reason)
 			}
+			if v.Replica != nil {
+				fmt.Fprintf(e.stdout, "replica:     this host is a standby (generation %d, received %s ago; never started from)\n", v.Replica.Generation, v.Replica.Age.Round(time.Second))
+			}
+			if len(v.Standbys) > 0 {
+				return printStandbys(e.stdout, v.Standbys)
+			}
 			return nil
 		},
 	})
+	vm.AddCommand(standbyCommand(e, client))
 	vm.AddCommand(&cobra.Command{
 		Use:   "rekey VM",
 		Short: "Replace a shut-off VM's key and re-encrypt its vTPM state (a former holder's key opens nothing)",
@@ -204,7 +211,8 @@ func agentCommands(e *env) []*cobra.Command {
 	rf.add(host)
 	reg := registryCommands(e, &socket)
 	evac := evacuateCommand(e, client, rf)
-	return append([]*cobra.Command{addSocket(mig), addSocket(vm), addSocket(host), addSocket(reg), addSocket(evac)}, escrowCommands(e, &socket, &registryFlags{socket: &socket})...)
+	return append([]*cobra.Command{addSocket(mig), addSocket(vm), addSocket(host), addSocket(reg), addSocket(evac),
+		addSocket(failoverCommand(e, client))}, escrowCommands(e, &socket, &registryFlags{socket: &socket})...)
 }
 
 // printHosts prints 'host list': the registry's view when the hosts carry

@@ -105,6 +105,10 @@ type VMInfo struct {
 	// Rotate: the VM's key came by migration and is replaced at its next
 	// cold start ('vtpmctl vm rekey' replaces it now).
 	Rotate bool `json:"rotate,omitempty"`
+	// Standbys are the VM's standby hosts (fleet registry) and Replica
+	// this host's own replica of it, if any (issue 15).
+	Standbys []StandbyInfo `json:"standbys,omitempty"`
+	Replica  *StandbyInfo  `json:"replica,omitempty"`
 }
 
 // Tx is a transaction as a host's ledger records it (migrate.Tx).

@@ -29,6 +29,11 @@ const (
 	EventRegistryRaised    Event = "registry-raised"     // the registry was older than this host's copy and was raised (Bump)
 	EventRekey             Event = "vm-rekey"            // a VM's key was replaced and its vTPM state re-encrypted
 	EventAnchorAccept      Event = "anchor-accept"       // an operator accepted the data directory after a refusal
+	EventReplica           Event = "standby-replica"     // a standby stored a VM's replica at a new generation (issue 15)
+	EventReplicaDropped    Event = "standby-replica-dropped"
+	EventFenced            Event = "host-fenced"       // a host was fenced (fence agent, or the operator's confirmation) before a failover
+	EventPromoted          Event = "failover-promoted" // a standby promoted its replica: it owns the VM at a new generation
+	EventFailoverRefused   Event = "failover-refused"
 )
 
 // Genesis is the prev value of the first record: 64 zeros.

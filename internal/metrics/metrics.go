@@ -48,6 +48,9 @@ type Metrics struct {
 	refusals   *prometheus.CounterVec
 	vtpms      *prometheus.GaugeVec
 	tpm        *tpmCollector
+
+	failoverOnce sync.Once
+	failover     *FailoverMetrics // failover.go
 }
 
 // New creates the collectors and registers them in a new registry. The

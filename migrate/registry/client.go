@@ -46,6 +46,7 @@ type Client struct {
 	lease     clientv3.LeaseID
 	keeping   bool
 	liveUntil atomic.Int64 // unix nanos until which the lease is known alive
+	abandon   atomic.Bool  // Close leaves the lease to expire (Abandon)
 }
 
 var _ Registry = (*Client)(nil)
@@ -171,7 +172,7 @@ func (c *Client) Close() error {
 		lease := c.lease
 		c.lease = 0
 		c.liveMu.Unlock()
-		if lease != 0 && c.cli != nil {
+		if lease != 0 && c.cli != nil && !c.abandon.Load() {
 			ctx, cancel := context.WithTimeout(context.Background(), c.cfg.OpTimeout)
 			if _, err := c.cli.Revoke(ctx, lease); err != nil {
 				c.log.WithError(err).Warn("revoking the liveness lease failed; it expires by itself")

@@ -125,7 +125,8 @@ type VM struct {
 
 // Standby is one standby replica of a VM (key standby/VM/HOST): the host
 // holds the VM key and a copy of its state at Generation and cannot start
-// from it until a takeover (Bump) makes it the owner.
+// from it until a takeover (TakeOver) makes it the owner. Generation 0:
+// the host is assigned as a standby and holds no replica yet.
 type Standby struct {
 	V          int       `json:"v"`
 	VM         string    `json:"vm"`
@@ -333,7 +334,7 @@ func (s *Standby) validate() error {
 	if err := validHost(s.Host); err != nil {
 		return err
 	}
-	if s.Generation == 0 || s.Generation > MaxGeneration {
+	if s.Generation > MaxGeneration { // 0: assigned, no replica yet (AssignStandby)
 		return fmt.Errorf("standby %s/%s: %w: generation %d", s.VM, s.Host, ErrBadRecord, s.Generation)
 	}
 	return nil

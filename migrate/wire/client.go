@@ -243,6 +243,13 @@ func (p *remotePeer) Restore(ctx context.Context, req *migrate.RestoreRequest) (
 
 var _ migrate.Restorer = (*remotePeer)(nil)
 
+// Replicate sends a standby replica refresh (migrate.Replicator).
+func (p *remotePeer) Replicate(ctx context.Context, req *migrate.ReplicaRequest) (*migrate.ReplicaResponse, error) {
+	return roundTrip[migrate.ReplicaResponse](ctx, p, MethodReplicate, req)
+}
+
+var _ migrate.Replicator = (*remotePeer)(nil)
+
 // hostCreds wraps the TLS credentials of one peer: after the handshake
 // (which already verified the chain and the server name), the server's
 // verified certificate must name the host dialled, so an address that

@@ -36,6 +36,9 @@ const (
 	// MethodRestore carries a restore from escrow (migrate.RestoreRequest),
 	// relayed by the operator's host.
 	MethodRestore = "Restore"
+	// MethodReplicate carries a standby replica refresh
+	// (migrate.ReplicaRequest) from a VM's owner to its standby.
+	MethodReplicate = "Replicate"
 )
 
 // FullMethod returns the full gRPC method name ("/vtpmm.migrate.v1.Agent/Prepare").
@@ -97,6 +100,9 @@ func serviceDesc() *grpc.ServiceDesc {
 			{MethodName: MethodRestore, Handler: handler(MethodRestore, migrate.DecodeRestore,
 				func(r *migrate.RestoreRequest) string { return r.Prepare.Source },
 				restore)},
+			{MethodName: MethodReplicate, Handler: handler(MethodReplicate, migrate.DecodeReplica,
+				func(r *migrate.ReplicaRequest) string { return r.Owner },
+				replicate)},
 		},
 		Streams:  []grpc.StreamDesc{},
 		Metadata: "vtpmm/migrate/v1/agent (hand-written, JSON codec)",
@@ -110,6 +116,15 @@ func restore(p migrate.Peer, ctx context.Context, r *migrate.RestoreRequest) (*m
 		return nil, status.Error(codes.Unimplemented, "this agent takes no restores")
 	}
 	return rs.Restore(ctx, r)
+}
+
+// replicate calls the node's Replicate, if it takes replicas.
+func replicate(p migrate.Peer, ctx context.Context, r *migrate.ReplicaRequest) (*migrate.ReplicaResponse, error) {
+	rp, ok := p.(migrate.Replicator)
+	if !ok {
+		return nil, status.Error(codes.Unimplemented, "this agent takes no replicas")
+	}
+	return rp.Replicate(ctx, r)
 }
 
 // Server serves a migrate.Peer (a *migrate.Node) to other agents over

@@ -46,6 +46,8 @@ func (d *Daemon) adminServer() *http.Server {
 	mux.HandleFunc("POST "+adminapi.PathRestoreAttest, d.handleRestoreAttest)
 	mux.HandleFunc("POST "+adminapi.PathRestorePrepare, d.handleRestorePrepare)
 	mux.HandleFunc("POST "+adminapi.PathRestoreFinish, d.handleRestoreFinish)
+	mux.HandleFunc("POST "+adminapi.PathStandby, d.handleStandby)
+	mux.HandleFunc("POST "+adminapi.PathFailover, d.handleFailover)
 	return &http.Server{Handler: mux, ReadHeaderTimeout: 10 * time.Second}
 }
 
@@ -187,6 +189,7 @@ func (d *Daemon) handleVM(w http.ResponseWriter, r *http.Request) {
 			}
 		}
 	}
+	d.addStandbyInfo(r.Context(), &info)
 	adminapi.WriteJSON(w, http.StatusOK, info)
 }
 

@@ -68,6 +68,9 @@ type Config struct {
 	// Backup is the periodic backup of every VM this host owns (needs
 	// escrow): one bundle per VM every interval in dir, older ones pruned.
 	Backup BackupConfig `yaml:"backup"`
+	// Standby configures standby replicas and failover (docs/failover.md;
+	// needs a fleet registry).
+	Standby StandbyConfig `yaml:"standby"`
 }
 
 // BackupConfig schedules backups (docs/escrow.md, docs/recovery.md).
@@ -158,6 +161,9 @@ func (c Config) Validate() error {
 		}
 	}
 	if err := c.validateBackup(); err != nil {
+		return err
+	}
+	if err := c.Standby.validate(); err != nil {
 		return err
 	}
 	if c.RegistryMode() != registry.ModeNone {

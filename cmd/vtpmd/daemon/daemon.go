@@ -61,6 +61,9 @@ type Deps struct {
 	// EvacuationSettle bounds an evacuation's wait for open transactions
 	// to be settled by recovery (0: evacuate.DefaultSettleTimeout).
 	EvacuationSettle time.Duration
+	// Fence, when set, is the fence agent instead of standby.fence.command
+	// (the in-process fleet's fence kills a host's daemon and domains).
+	Fence migrate.FenceFunc
 }
 
 // Daemon is a running vtpmd.
@@ -87,7 +90,8 @@ type Daemon struct {
 	syncNow chan struct{}    // asks the registry loop for an ownership sync
 	addrs   sync.Map         // host -> wire address an enrolment request named
 
-	evac evacStats // evacuations run here (evacuate.go)
+	evac    evacStats    // evacuations run here (evacuate.go)
+	standby standbyState // replicas refreshed (standby.go)
 
 	wireLis, adminLis, metricsLis net.Listener
 	services                      []service
@@ -125,7 +129,8 @@ func Start(ctx context.Context, cfg Config, deps Deps) (_ *Daemon, err error) {
 		return nil, err
 	}
 	d := &Daemon{cfg: cfg, deps: deps, metrics: metrics.New(), hyp: deps.Hypervisor,
-		ready: make(chan struct{}), errc: make(chan error, 8), syncNow: make(chan struct{}, 1)}
+		ready: make(chan struct{}), errc: make(chan error, 8), syncNow: make(chan struct{}, 1),
+		standby: standbyState{sent: map[replicaKey]replicaSent{}, refused: map[string]time.Time{}, now: make(chan struct{}, 1)}}
 	d.bgCtx, d.bgCancel = context.WithCancel(context.WithoutCancel(ctx))
 	defer func() {
 		if err != nil {
@@ -202,7 +207,8 @@ func Start(ctx context.Context, cfg Config, deps Deps) (_ *Daemon, err error) {
 		Anchor: anchorAdapter{d.host, d.audit}, Registry: d.migrateRegistry(),
 		Verifier: verifier, Enrollments: d.enroll, QuotePCRs: quotePCRs(verifier), EventLog: d.eventLog(),
 		Dial: d.dial, Target: d.target(), EvidenceMaxAge: maxAge, Crash: deps.Crash, States: restoredStates{d},
-		Audit: auditAdapter{d.audit}, Metrics: d.metrics, Now: now, Log: d.log,
+		Replicas: &migrate.ReplicaStore{Dir: filepath.Join(cfg.DataDir, "replicas")},
+		Audit:    auditAdapter{d.audit}, Metrics: d.metrics, Now: now, Log: d.log,
 	})
 	d.metrics.SetTPMCounter(func() map[string]int {
 		out := map[string]int{}
@@ -365,6 +371,7 @@ func (d *Daemon) listen() error {
 	d.services = append(d.services, service{"recovery", d.recoveryLoop})
 	if d.reg != nil {
 		d.services = append(d.services, service{"registry", d.registryLoop})
+		d.services = append(d.services, service{"standby", d.standbyLoop})
 	}
 	if iv, _ := d.cfg.backupInterval(); iv > 0 {
 		d.services = append(d.services, service{"backup", d.backupLoop})
@@ -428,6 +435,9 @@ func (d *Daemon) run(ctx context.Context) {
 	defer d.served.Done()
 	if err := d.node.Reconcile(ctx); err != nil {
 		d.log.WithError(err).Warn("recovery left transactions open; retrying in the background")
+	}
+	if err := d.node.ResumePromotions(ctx); err != nil {
+		d.log.WithError(err).Warn("failover: an interrupted promotion is not settled yet")
 	}
 	for _, s := range d.services {
 		d.served.Add(1)

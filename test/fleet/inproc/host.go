@@ -51,6 +51,9 @@ func (h *Host) start(ctx context.Context, lis net.Listener) error {
 		VMMemory:         h.f.VMMemory,
 		EvacuationSettle: h.f.cfg.EvacuationSettle,
 	}
+	if h.f.cfg.FenceAgent {
+		deps.Fence = h.f.Fence
+	}
 	d, err := daemon.Start(ctx, h.cfg, deps)
 	if err != nil {
 		return fmt.Errorf("inproc: start vtpmd on %s: %w", h.name, err)
@@ -126,6 +129,20 @@ func (h *Host) Kill(ctx context.Context) error {
 	h.dying.Store(true)
 	h.closed = make(chan error, 1)
 	go func() { h.closed <- d.Close(context.Background()) }()
+	return nil
+}
+
+// Crash makes the daemon die as a host that lost power does for the
+// fleet: like Kill, but its liveness lease is not revoked; it expires
+// after the registry's TTL.
+func (h *Host) Crash(ctx context.Context) error {
+	d := h.daemon()
+	if d == nil {
+		return fmt.Errorf("inproc: vtpmd on %s is not running", h.name)
+	}
+	h.dying.Store(true)
+	h.closed = make(chan error, 1)
+	go func() { h.closed <- d.Crash(context.Background()) }()
 	return nil
 }
 

@@ -85,6 +85,9 @@ type Config struct {
 	// host is seen not live within seconds). Tests whose plans need every
 	// host live on a loaded machine give a longer one.
 	RegistryTTL time.Duration
+	// FenceAgent gives every daemon the fleet's fence agent (Fleet.Fence)
+	// for failovers (issue 15).
+	FenceAgent bool
 }
 
 // HostSpec names a host and whether it boots the tampered log.
@@ -112,6 +115,8 @@ type Fleet struct {
 
 	memMu sync.Mutex
 	free  map[string]uint64 // host -> free memory its hypervisor reports (memory.go)
+
+	fenced fences // the fence agent's runs (failover.go)
 }
 
 var _ fleet.Fleet = (*Fleet)(nil)

@@ -1,0 +1,363 @@
+package migrate
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"slices"
+	"time"
+
+	"github.com/sirupsen/logrus"
+
+	"github.com/vtpmm/vtpmm/internal/audit"
+	"github.com/vtpmm/vtpmm/migrate/registry"
+	"github.com/vtpmm/vtpmm/vtpm"
+	"github.com/vtpmm/vtpmm/vtpm/identity"
+)
+
+// Failover (issue 15, docs/failover.md): a standby promotes its replica
+// when the VM's owner is gone. The rules, from the protocol model
+// (docs/model.md):
+//
+//   - F7: the old owner is fenced, and so is an open migration's
+//     destination (it may run the VM), before the takeover.
+//   - F9/F10: the takeover is one CAS on the exact record read (value and
+//     revision) that also requires each fenced host's fence record to be
+//     newer than the record: a fenced owner counts as gone even when its
+//     lease is back (registry.TakeOver).
+//   - F11: fencing is per record; an owner fenced for its record refuses to
+//     start the VM (CheckStart, rule fenced), and takes it back with a Bump
+//     when its fencer never promoted and is gone itself (SyncOwnership).
+//   - Without quorum nothing is fenced or promoted: fail closed.
+//
+// The promotion puts the replica's key PENDING at a generation above every
+// one known, stages the state, runs the CAS, then commits the key and
+// places the state: a crash in between is resumed at the next start
+// (ResumePromotions).
+
+// FailoverRegistry is what replicas and failover need from the registry
+// beyond Registry (registry.Client implements it).
+type FailoverRegistry interface {
+	Registry
+	VMRev(ctx context.Context, vm string) (registry.VM, int64, error)
+	RefreshStandby(ctx context.Context, s registry.Standby) error
+	DropStandby(ctx context.Context, vm, host string) error
+	PutFence(ctx context.Context, host, by string) (int64, error)
+	FenceOf(ctx context.Context, host string) (registry.Fence, int64, error)
+	TakeOver(ctx context.Context, t registry.TakeOver) (registry.VM, error)
+	Reassert(ctx context.Context, expect registry.VM, rev int64) (int64, error)
+	Hosts(ctx context.Context, names ...string) (registry.HostsView, error)
+}
+
+var _ FailoverRegistry = (*registry.Client)(nil)
+
+// Rules of failover refusals.
+const (
+	RuleFenced        = "fenced"         // this host was fenced for the VM's record: no start
+	RuleOwnerLive     = "owner-live"     // the owner's lease is alive: no automatic failover
+	RuleFenceRequired = "fence-required" // no fence agent ran and no operator confirmed the fence
+	RuleReplicaStale  = "replica-stale"  // the replica is older than the registry's record
+)
+
+// FenceFunc runs the fence agent for a host; nil error means fenced
+// (Pacemaker's convention: exit 0).
+type FenceFunc func(ctx context.Context, host string) error
+
+// PromoteRequest asks this host to promote its replica of VM.
+type PromoteRequest struct {
+	VM string
+	// Fence fences a host (the configured fence agent); nil: none
+	// configured, only ConfirmFenced may stand in.
+	Fence FenceFunc
+	// ConfirmFenced are hosts the operator confirms fenced (vtpmctl
+	// failover --confirm-fenced): no fence agent runs for them, and the
+	// owner's liveness is not required to be gone.
+	ConfirmFenced []string
+}
+
+// Promotion reports a promotion and its timing.
+type Promotion struct {
+	VM         string
+	From       string // the old owner
+	Generation uint64
+	Fenced     []string
+	FenceTime  time.Duration // the fence agents
+	Promote    time.Duration // open the replica, CAS, commit (vtpmm's share)
+}
+
+// Promote promotes this host's replica of req.VM: fence, CAS, commit. The
+// caller then defines the secret and starts the VM (DefineSecret runs the
+// start rule, which now agrees), or leaves it to the cloud's HA manager.
+func (n *Node) Promote(ctx context.Context, req PromoteRequest) (*Promotion, error) {
+	op := "promote " + req.VM
+	reg, ok := n.cfg.Registry.(FailoverRegistry)
+	if !ok || n.cfg.Replicas == nil {
+		return nil, fmt.Errorf("%s: %w: failover needs the fleet registry and a replica store", op, ErrRefused)
+	}
+	n.recoverMu.Lock()
+	defer n.recoverMu.Unlock()
+	r, err := n.cfg.Replicas.Get(req.VM)
+	if err != nil {
+		return nil, fmt.Errorf("%s: %w", op, err)
+	}
+	rec, rev, err := reg.VMRev(ctx, req.VM)
+	if err != nil {
+		return nil, fmt.Errorf("%s: %w", op, registryError(err))
+	}
+	p := &Promotion{VM: req.VM, From: rec.Owner}
+	if rec.Owner == n.cfg.Host {
+		return nil, fmt.Errorf("%s: %w: the registry already shows this host the owner at generation %d", op, ErrBusy, rec.Generation)
+	}
+	if rec.Generation != r.Request.Generation {
+		return nil, n.refuseFailover(ctx, req.VM, rec.Owner, fmt.Errorf("%s: %w: the replica is at generation %d, the registry's record at %d (rule %s)",
+			op, ErrNotOwner, r.Request.Generation, rec.Generation, RuleReplicaStale))
+	}
+	// F7: the owner, and an open migration's destination.
+	fence := []string{rec.Owner}
+	if rec.Tx != nil && rec.Tx.To != n.cfg.Host && rec.Tx.To != rec.Owner {
+		fence = append(fence, rec.Tx.To)
+	}
+	// Open the replica first (this host's TPM: Import, Load, Unseal,
+	// Flush): a replica that does not open never costs the VM its owner.
+	k, err := n.openReplica(ctx, &r.Request)
+	if err != nil {
+		return nil, fmt.Errorf("%s: open the replica: %w", op, err)
+	}
+	defer k.Destroy()
+	t0 := n.cfg.Now()
+	for _, h := range fence {
+		if err := n.fenceHost(ctx, reg, req, h, rev); err != nil {
+			return nil, n.refuseFailover(ctx, req.VM, rec.Owner, fmt.Errorf("%s: %w", op, err))
+		}
+	}
+	p.Fenced, p.FenceTime = fence, n.cfg.Now().Sub(t0)
+	t1 := n.cfg.Now()
+	hw, err := n.cfg.Keys.HighWater(ctx, req.VM)
+	if err != nil {
+		return nil, fmt.Errorf("%s: %w", op, err)
+	}
+	gen := max(rec.Generation, hw) + 1
+	pid, err := newTxID(n.cfg.Rand)
+	if err != nil {
+		return nil, err
+	}
+	r.Promoting, r.PromoteGen = pid, gen
+	if _, err := n.cfg.Replicas.Put(r); err != nil {
+		return nil, fmt.Errorf("%s: %w", op, storageErr(err))
+	}
+	if err := n.cfg.Keys.PutPending(ctx, req.VM, pid, gen, k); err != nil {
+		n.undoPromotion(ctx, r)
+		return nil, fmt.Errorf("%s: %w", op, storageErr(err))
+	}
+	if n.cfg.States != nil {
+		if err := n.cfg.States.Stage(ctx, pid, req.VM, r.Request.State); err != nil {
+			n.undoPromotion(ctx, r)
+			return nil, fmt.Errorf("%s: stage the state: %w", op, err)
+		}
+	}
+	// The race: one CAS. Of standbys racing, exactly one wins.
+	if _, err := reg.TakeOver(ctx, registry.TakeOver{VM: req.VM, Expect: rec, ExpectRev: rev, Owner: n.cfg.Host, Generation: gen, Fenced: fence}); err != nil {
+		if !errors.Is(registryError(err), ErrRegistryUnavailable) {
+			n.undoPromotion(ctx, r) // lost: this host stays (or becomes again) a standby
+		}
+		return nil, n.refuseFailover(ctx, req.VM, rec.Owner, fmt.Errorf("%s: %w", op, registryError(err)))
+	}
+	if err := n.crash(CrashPoint("failover/after-takeover")); err != nil {
+		return nil, err
+	}
+	if err := n.completePromotion(ctx, r); err != nil {
+		return nil, fmt.Errorf("%s: %w", op, err)
+	}
+	p.Generation, p.Promote = gen, n.cfg.Now().Sub(t1)
+	n.audit(ctx, AuditEvent{Event: audit.EventPromoted, VM: req.VM, Peer: rec.Owner, Generation: gen,
+		Detail: fmt.Sprintf("failover from %s at generation %d; fenced %v", rec.Owner, rec.Generation, fence)})
+	n.log.WithFields(logrus.Fields{"vm": req.VM, "from": rec.Owner, "generation": gen, "fenced": fence}).Warn("failover: replica promoted; this host owns the VM")
+	return p, nil
+}
+
+// fenceHost fences h for a promotion: the operator's confirmation, or the
+// fence agent once the host's lease is gone; then its fence record.
+func (n *Node) fenceHost(ctx context.Context, reg FailoverRegistry, req PromoteRequest, h string, rev int64) error {
+	if _, frev, err := reg.FenceOf(ctx, h); err != nil {
+		return registryError(err)
+	} else if frev > rev {
+		return nil // fenced for this record already (F10: even if it is live again)
+	}
+	by := "operator confirmation"
+	if !slices.Contains(req.ConfirmFenced, h) {
+		v, err := reg.Hosts(ctx, h)
+		if err != nil {
+			return registryError(err)
+		}
+		if v.Hosts[h].Live {
+			return fmt.Errorf("%w: %s's liveness lease is alive (rule %s)", ErrNotOwner, h, RuleOwnerLive)
+		}
+		if req.Fence == nil {
+			return fmt.Errorf("%w: no fence agent is configured for %s: an operator fences it and runs 'vtpmctl failover %s --to %s --confirm-fenced %s' (rule %s)",
+				ErrNotOwner, h, req.VM, n.cfg.Host, h, RuleFenceRequired)
+		}
+		if err := req.Fence(ctx, h); err != nil {
+			return fmt.Errorf("%w: the fence agent for %s failed: %w (rule %s)", ErrNotOwner, h, err, RuleFenceRequired)
+		}
+		by = "fence agent"
+	}
+	if _, err := reg.PutFence(ctx, h, n.cfg.Host); err != nil {
+		return registryError(err)
+	}
+	n.audit(ctx, AuditEvent{Event: audit.EventFenced, VM: req.VM, Peer: h, Detail: by})
+	n.log.WithFields(logrus.Fields{"vm": req.VM, "fenced": h, "by": by}).Warn("host fenced for a failover")
+	return nil
+}
+
+// openReplica unwraps the replica's transfer key in this host's TPM and
+// opens the VM key (memory only).
+func (n *Node) openReplica(ctx context.Context, r *ReplicaRequest) (vtpm.VMKey, error) {
+	n.tpmMu.Lock()
+	tk, err := identity.Unwrap(ctx, n.cfg.TPM, n.cfg.Identity.MK, &r.TransferKey, identity.UnwrapOptions{})
+	n.tpmMu.Unlock()
+	if err != nil {
+		return vtpm.VMKey{}, fmt.Errorf("%w: unwrap the transfer key: %w", ErrDestTPM, err)
+	}
+	s, err := transferSealer(tk, n.cfg.Rand)
+	wipe(tk)
+	if err != nil {
+		return vtpm.VMKey{}, err
+	}
+	return s.OpenKey(vtpm.Sealed{Nonce: r.Nonce, Ciphertext: r.Ciphertext}, replicaBinding(r))
+}
+
+// completePromotion makes the PENDING key active (counted in the rollback
+// anchor), places the state and drops the replica and this host's standby
+// record.
+func (n *Node) completePromotion(ctx context.Context, r *StoredReplica) error {
+	vm := r.Request.VM
+	settle, err := n.advance(ctx, Tx{ID: r.Promoting}, []vtpm.Change{{VMID: vm}})
+	if err != nil {
+		return err
+	}
+	defer settle()
+	if _, err := n.cfg.Keys.CommitPending(ctx, vm, r.Promoting); err != nil {
+		return fmt.Errorf("commit the promoted key: %w", err)
+	}
+	if err := n.placeState(ctx, r.Promoting, vm); err != nil {
+		return fmt.Errorf("place the replica's state: %w", err)
+	}
+	if err := n.cfg.Replicas.Drop(vm); err != nil {
+		n.log.WithError(err).WithField("vm", vm).Warn("dropping a promoted replica")
+	}
+	if reg, ok := n.cfg.Registry.(FailoverRegistry); ok {
+		if err := reg.DropStandby(ctx, vm, n.cfg.Host); err != nil {
+			n.log.WithError(err).WithField("vm", vm).Warn("dropping this host's standby record after a promotion")
+		}
+	}
+	return nil
+}
+
+// undoPromotion drops what a promotion that lost (or failed before its
+// CAS) made: the PENDING key, the staged state, the mark.
+func (n *Node) undoPromotion(ctx context.Context, r *StoredReplica) {
+	if err := n.cfg.Keys.DropPending(ctx, r.Request.VM, r.Promoting); err != nil && !errors.Is(err, vtpm.ErrKeyNotFound) {
+		n.log.WithError(err).WithField("vm", r.Request.VM).Warn("dropping a promotion's pending key")
+	}
+	if n.cfg.States != nil {
+		_ = n.cfg.States.Drop(ctx, r.Promoting, r.Request.VM)
+	}
+	r.Promoting, r.PromoteGen = "", 0
+	if _, err := n.cfg.Replicas.Put(r); err != nil {
+		n.log.WithError(err).WithField("vm", r.Request.VM).Warn("clearing a promotion's mark")
+	}
+}
+
+// ResumePromotions finishes promotions a crash interrupted: the registry
+// shows this host at the promotion's generation (the CAS took): commit;
+// it shows anything else: undo. Without quorum it waits.
+func (n *Node) ResumePromotions(ctx context.Context) error {
+	reg, ok := n.cfg.Registry.(FailoverRegistry)
+	if !ok || n.cfg.Replicas == nil {
+		return nil
+	}
+	rs, err := n.cfg.Replicas.List()
+	if err != nil {
+		return err
+	}
+	var errs []error
+	for _, r := range rs {
+		if r.Promoting == "" {
+			continue
+		}
+		rec, _, err := reg.VMRev(ctx, r.Request.VM)
+		if err != nil && !errors.Is(err, registry.ErrNotFound) {
+			errs = append(errs, registryError(err))
+			continue
+		}
+		if err == nil && rec.Owner == n.cfg.Host && rec.Generation == r.PromoteGen {
+			if err := n.completePromotion(ctx, r); err != nil {
+				errs = append(errs, err)
+			}
+			continue
+		}
+		n.undoPromotion(ctx, r)
+	}
+	return errors.Join(errs...)
+}
+
+// refuseFailover audits and returns a failover refusal.
+func (n *Node) refuseFailover(ctx context.Context, vm, owner string, err error) error {
+	n.audit(ctx, AuditEvent{Event: audit.EventFailoverRefused, VM: vm, Peer: owner, Detail: err.Error()})
+	n.log.WithError(err).WithField("vm", vm).Warn("failover refused")
+	return err
+}
+
+// checkFenced is the start rule's fence check (F11): a host fenced for
+// the VM's record refuses to start it, unless its fencer never promoted
+// and is gone itself (no lease): then it takes the VM back (Reassert) and
+// starts.
+func (n *Node) checkFenced(ctx context.Context, vm string) error {
+	fenced, f, rec, err := n.fencedFor(ctx, vm)
+	if err != nil {
+		return fmt.Errorf("start %s: %w: read the fence record: %w", vm, ErrNotOwner, registryError(err))
+	}
+	if !fenced {
+		return nil
+	}
+	reg := n.cfg.Registry.(FailoverRegistry)
+	if f.By != n.cfg.Host {
+		v, err := reg.Hosts(ctx, f.By)
+		if err != nil {
+			return fmt.Errorf("start %s: %w: %w", vm, ErrNotOwner, registryError(err))
+		}
+		if v.Hosts[f.By].Live {
+			return fmt.Errorf("start %s: %w: %s fenced this host at %s for the VM's record at generation %d and is live (it may be promoting its replica): no start (rule %s)",
+				vm, ErrNotOwner, f.By, f.At.Format(time.RFC3339), rec.Generation, RuleFenced)
+		}
+	}
+	_, rev, err := reg.VMRev(ctx, vm)
+	if err == nil {
+		_, err = reg.Reassert(ctx, rec, rev)
+	}
+	if err != nil {
+		return fmt.Errorf("start %s: %w: fenced by %s, whose failover never took; taking the VM back failed: %w (rule %s)", vm, ErrNotOwner, f.By, registryError(err), RuleFenced)
+	}
+	n.audit(ctx, AuditEvent{Event: audit.EventRegistryRaised, VM: vm, Peer: f.By, Generation: rec.Generation,
+		Detail: "fenced by " + f.By + ", whose failover never took (it is gone): the record is reasserted (F11)"})
+	n.log.WithFields(logrus.Fields{"vm": vm, "fencer": f.By}).Warn("fenced, but the fencer never promoted and is gone: VM taken back")
+	return nil
+}
+
+// fencedFor reports whether this host is fenced for vm's current record
+// (its fence record is newer than the record: F11), with the fence.
+func (n *Node) fencedFor(ctx context.Context, vm string) (bool, registry.Fence, registry.VM, error) {
+	reg, ok := n.cfg.Registry.(FailoverRegistry)
+	if !ok {
+		return false, registry.Fence{}, registry.VM{}, nil
+	}
+	f, frev, err := reg.FenceOf(ctx, n.cfg.Host)
+	if err != nil || frev == 0 {
+		return false, f, registry.VM{}, err
+	}
+	rec, rev, err := reg.VMRev(ctx, vm)
+	if err != nil {
+		return false, f, rec, err
+	}
+	return frev > rev, f, rec, nil
+}

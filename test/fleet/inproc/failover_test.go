@@ -1,0 +1,395 @@
+package inproc_test
+
+import (
+	"context"
+	"errors"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/vtpmm/vtpmm/cmd/vtpmd/daemon"
+	"github.com/vtpmm/vtpmm/internal/adminapi"
+	"github.com/vtpmm/vtpmm/migrate"
+	"github.com/vtpmm/vtpmm/test/fleet"
+	"github.com/vtpmm/vtpmm/test/fleet/inproc"
+)
+
+// failoverFleet starts a fleet whose hosts refresh replicas every 1 s
+// (max_lag 3 s) with a 2 s registry lease; mode is standby.failover.
+func failoverFleet(t *testing.T, hosts []inproc.HostSpec, mode string) *inproc.Fleet {
+	t.Helper()
+	ctx := context.Background()
+	f, err := inproc.New(ctx, inproc.Config{Hosts: hosts, RegistryTTL: 2 * time.Second, FenceAgent: true,
+		Configure: func(_ string, c *daemon.Config) {
+			c.Standby = daemon.StandbyConfig{MaxLag: "3s", Failover: mode}
+		}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = f.Close(context.Background()) })
+	return f
+}
+
+func trusted(names ...string) []inproc.HostSpec {
+	var out []inproc.HostSpec
+	for _, n := range names {
+		out = append(out, inproc.HostSpec{Name: n})
+	}
+	return out
+}
+
+// waitFor polls cond every 100 ms until it holds or the guard (a bound on
+// a hung test, not a timing assertion) runs out.
+func waitFor(t *testing.T, what string, guard time.Duration, cond func() bool) {
+	t.Helper()
+	end := time.Now().Add(guard)
+	for !cond() {
+		if time.Now().After(end) {
+			t.Fatalf("%s: not within %v", what, guard)
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+}
+
+// standbyGen is the generation of host's standby record of vm (-1: none).
+func standbyGen(ctx context.Context, f *inproc.Fleet, vm fleet.VM, host string) int64 {
+	sbs, err := f.Operator().Standbys(ctx, vm.UUID)
+	if err != nil {
+		return -1
+	}
+	for _, s := range sbs {
+		if s.Host == host {
+			return int64(s.Generation)
+		}
+	}
+	return -1
+}
+
+func replicaOf(d *daemon.Daemon, vm fleet.VM) *migrate.StoredReplica {
+	if d == nil {
+		return nil
+	}
+	rs, _ := d.Node().Replicas()
+	for _, r := range rs {
+		if r.Request.VM == vm.UUID {
+			return r
+		}
+	}
+	return nil
+}
+
+// TestStandbyReplica (issue 15 item 1): host-a owns a VM with standbys
+// host-b and host-c (tampered). host-b gets a replica at generation 1 and
+// cannot start from it (rule standby-replica); host-c fails attestation,
+// is dropped and never holds a replica. When the tenant seals a new
+// secret the replica is refreshed, at 0 host TPM commands on the owner.
+func TestStandbyReplica(t *testing.T) {
+	ctx := context.Background()
+	f := failoverFleet(t, nil, "manual")
+	a, b, c := f.InProcHost(fleet.HostA), f.InProcHost(fleet.HostB), f.InProcHost(fleet.HostC)
+	vm, err := f.CreateVM(ctx, fleet.HostA, "standby-1")
+	if err != nil {
+		t.Fatal(err)
+	}
+	set, err := b.Admin().Standby(ctx, adminapi.StandbyRequest{VM: vm.UUID, On: []string{fleet.HostB, fleet.HostC}})
+	if err != nil || set.Owner != fleet.HostA {
+		t.Fatalf("vm standby: %+v %v", set, err)
+	}
+	waitFor(t, "host-b's replica at generation 1", time.Minute, func() bool { return standbyGen(ctx, f, vm, fleet.HostB) == 1 })
+	waitFor(t, "host-c dropped after its attestation was refused", time.Minute, func() bool { return standbyGen(ctx, f, vm, fleet.HostC) == -1 })
+	if r := replicaOf(c.Daemon(), vm); r != nil {
+		t.Fatalf("host-c (tampered) holds a replica: %+v", r.Request.Generation)
+	}
+	r := replicaOf(b.Daemon(), vm)
+	if r == nil || r.Request.Generation != 1 || r.Request.Owner != fleet.HostA {
+		t.Fatalf("host-b's replica: %+v", r)
+	}
+	fi, err := os.Stat(filepath.Join(b.Config().DataDir, "replicas", vm.UUID+".replica"))
+	if err != nil || fi.Mode().Perm() != 0o600 {
+		t.Fatalf("replica file: %v %v", fi, err)
+	}
+	// Unusable on the standby: the start rule refuses, naming the rule.
+	if _, err := b.Daemon().Node().CheckStart(ctx, vm.UUID); !errors.Is(err, migrate.ErrNotOwner) || !strings.Contains(err.Error(), "rule "+migrate.RuleStandbyReplica) {
+		t.Fatalf("start from the replica on host-b: %v", err)
+	}
+	if _, err := b.Admin().HookPrepare(ctx, adminapi.HookRequest{UUID: vm.UUID, Name: vm.Name}); err == nil {
+		t.Fatal("host-b's start gate admitted a start from its replica")
+	}
+	info, err := a.Admin().VM(ctx, vm.UUID)
+	if err != nil || len(info.Standbys) != 1 || info.Standbys[0].Host != fleet.HostB || !info.Standbys[0].Current {
+		t.Fatalf("vm show on host-a: %+v %v", info.Standbys, err)
+	}
+	// Refresh: the state changes, the replica follows; the owner's host
+	// TPM is not used (host-b's evidence is fresh).
+	before := r.Request.StateSHA256
+	tpm0 := a.Daemon().Host().Meter().Stats().Total
+	if _, err := a.TenantReseal(ctx, vm); err != nil {
+		t.Fatal(err)
+	}
+	waitFor(t, "the replica refreshed after the state changed", time.Minute, func() bool {
+		r := replicaOf(b.Daemon(), vm)
+		return r != nil && string(r.Request.StateSHA256) != string(before)
+	})
+	tpm := a.Daemon().Host().Meter().Stats().Total - tpm0
+	t.Logf("refresh: %d bytes of state, %d host TPM commands on the owner", len(replicaOf(b.Daemon(), vm).Request.State), tpm)
+	if tpm != 0 {
+		t.Fatalf("a refresh cost the owner %d host TPM commands, want 0", tpm)
+	}
+	// --off: the standby drops its replica.
+	if _, err := a.Admin().Standby(ctx, adminapi.StandbyRequest{VM: vm.UUID, Off: []string{fleet.HostB}}); err != nil {
+		t.Fatal(err)
+	}
+	waitFor(t, "host-b dropped its replica after --off", time.Minute, func() bool { return replicaOf(b.Daemon(), vm) == nil })
+}
+
+// winner returns the host that owns vm in the registry (and its record).
+func ownerOf(ctx context.Context, f *inproc.Fleet, vm fleet.VM) (string, uint64) {
+	v, err := f.Operator().VMs(ctx, vm.UUID)
+	if err != nil {
+		return "", 0
+	}
+	rec := v.VMs[vm.UUID]
+	return rec.Owner, rec.Generation
+}
+
+// TestFailoverKill (issue 15 items 2 and 3): host-a owns a VM whose
+// tenant sealed a secret, with standbys host-b and host-c. host-a's vtpmd
+// is killed (the VM keeps running there until the fence). After its lease
+// expires, both standbys fence it and race with one CAS: exactly one
+// promotes at generation 2, starts the VM, and the tenant's last secret
+// unseals there. The loser becomes a standby of the winner at generation
+// 2. host-a, restarted, refuses its old copy and shreds it.
+func TestFailoverKill(t *testing.T) {
+	ctx := context.Background()
+	f := failoverFleet(t, trusted(fleet.HostA, fleet.HostB, fleet.HostC), "auto")
+	a := f.InProcHost(fleet.HostA)
+	vm, err := f.CreateVM(ctx, fleet.HostA, "failover-1")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := a.Admin().Standby(ctx, adminapi.StandbyRequest{VM: vm.UUID, On: []string{fleet.HostB, fleet.HostC}}); err != nil {
+		t.Fatal(err)
+	}
+	secret, err := a.TenantReseal(ctx, vm)
+	if err != nil {
+		t.Fatal(err)
+	}
+	waitFor(t, "both replicas current", time.Minute, func() bool {
+		for _, h := range []string{fleet.HostB, fleet.HostC} {
+			r := replicaOf(f.InProcHost(h).Daemon(), vm)
+			if r == nil || standbyGen(ctx, f, vm, h) != 1 {
+				return false
+			}
+			st, err := os.ReadFile(filepath.Join(a.Daemon().Host().Layout().VMState(vm.UUID), "tpm2-00.permall"))
+			if dir, derr := a.Fake().VTPMStateDir(ctx, vm.UUID); derr == nil {
+				st, err = os.ReadFile(filepath.Join(dir, "tpm2-00.permall"))
+			}
+			if err != nil || string(r.Request.State) != string(st) {
+				return false
+			}
+		}
+		return true
+	})
+	t0 := time.Now()
+	if err := a.Crash(ctx); err != nil { // its lease expires after the TTL (2 s)
+		t.Fatal(err)
+	}
+	var owner string
+	var gen uint64
+	waitFor(t, "a standby promoted", 2*time.Minute, func() bool {
+		owner, gen = ownerOf(ctx, f, vm)
+		return owner != fleet.HostA && gen == 2
+	})
+	promoted := time.Since(t0)
+	w := f.InProcHost(owner)
+	waitFor(t, "the VM runs on the new owner", time.Minute, func() bool { return w.Running(ctx, vm) })
+	running := time.Since(t0)
+	got, err := w.TenantSecret(ctx, vm)
+	if err != nil || got != secret {
+		t.Fatalf("tenant secret on %s: %q %v, want %q", owner, got, err, secret)
+	}
+	rep := w.Daemon().LastFailover()
+	t.Logf("owner crashed -> %s promoted at generation 2 after %v, VM running after %v; fence agent ran %d times for host-a",
+		owner, promoted.Round(time.Millisecond), running.Round(time.Millisecond), f.Fenced(fleet.HostA))
+	t.Logf("failover time split: lease expiry and detection %v, fencing %v, promotion %v, start %v (vtpmm's share: promotion + start %v)",
+		rep.Began.Sub(t0).Round(time.Millisecond), rep.Fence.Round(time.Millisecond), rep.Promote.Round(time.Millisecond),
+		rep.Start.Round(time.Millisecond), (rep.Promote + rep.Start).Round(time.Millisecond))
+	if f.Fenced(fleet.HostA) == 0 {
+		t.Fatal("promoted without running the fence agent")
+	}
+	// Exactly one: the other standby holds no key and becomes a standby
+	// of the new owner at generation 2.
+	loser := fleet.HostB
+	if owner == fleet.HostB {
+		loser = fleet.HostC
+	}
+	l := f.InProcHost(loser)
+	if _, err := l.Daemon().Node().CheckStart(ctx, vm.UUID); err == nil {
+		t.Fatalf("the loser %s can start the VM too", loser)
+	}
+	if l.Running(ctx, vm) || a.Running(ctx, vm) {
+		t.Fatal("the VM runs on two hosts")
+	}
+	waitFor(t, "the loser refreshed by the new owner at generation 2", time.Minute, func() bool {
+		r := replicaOf(l.Daemon(), vm)
+		return r != nil && r.Request.Generation == 2 && r.Request.Owner == owner
+	})
+	log, err := w.Admin().Audit(ctx, vm.UUID, "failover-promoted")
+	if err != nil || len(log.Records) != 1 {
+		t.Fatalf("audit of the promotion on %s: %+v %v", owner, log, err)
+	}
+	// The old owner returns: it refuses its old copy and shreds it once
+	// the new owner confirms.
+	if err := a.Restart(ctx); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := a.Daemon().Node().CheckStart(ctx, vm.UUID); !errors.Is(err, migrate.ErrNotOwner) {
+		t.Fatalf("host-a restarted may start its old copy: %v", err)
+	}
+	waitFor(t, "host-a shredded its stale copy", 2*time.Minute, func() bool {
+		l, err := a.Admin().Audit(ctx, vm.UUID, "stale-copy-shredded")
+		return err == nil && len(l.Records) == 1
+	})
+}
+
+// waitReplicas waits until each host holds a replica of vm at gen whose
+// standby record shows it.
+func waitReplicas(t *testing.T, f *inproc.Fleet, vm fleet.VM, gen uint64, hosts ...string) {
+	t.Helper()
+	ctx := context.Background()
+	waitFor(t, "replicas at generation "+string(rune('0'+gen)), time.Minute, func() bool {
+		for _, h := range hosts {
+			r := replicaOf(f.InProcHost(h).Daemon(), vm)
+			if r == nil || r.Request.Generation != gen || standbyGen(ctx, f, vm, h) != int64(gen) {
+				return false
+			}
+		}
+		return true
+	})
+}
+
+// waitNotLive waits until the registry shows host's lease gone.
+func waitNotLive(t *testing.T, f *inproc.Fleet, host string) {
+	t.Helper()
+	waitFor(t, host+"'s lease gone", time.Minute, func() bool {
+		v, err := f.Operator().Hosts(context.Background(), host)
+		return err == nil && !v.Hosts[host].Live
+	})
+}
+
+// TestFailoverRace: two standbys promote at once with the operator's
+// confirmation that the owner is fenced: exactly one wins (one CAS), the
+// VM runs there only. Before the owner's lease is gone, an unconfirmed
+// failover is refused (rule owner-live).
+func TestFailoverRace(t *testing.T) {
+	ctx := context.Background()
+	f := failoverFleet(t, trusted(fleet.HostA, fleet.HostB, fleet.HostC), "manual")
+	a, b, c := f.InProcHost(fleet.HostA), f.InProcHost(fleet.HostB), f.InProcHost(fleet.HostC)
+	vm, err := f.CreateVM(ctx, fleet.HostA, "race-1")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := a.Admin().Standby(ctx, adminapi.StandbyRequest{VM: vm.UUID, On: []string{fleet.HostB, fleet.HostC}}); err != nil {
+		t.Fatal(err)
+	}
+	waitReplicas(t, f, vm, 1, fleet.HostB, fleet.HostC)
+	if _, err := b.Admin().Failover(ctx, adminapi.FailoverRequest{VM: vm.UUID, To: fleet.HostB}); err == nil || !strings.Contains(err.Error(), "rule "+migrate.RuleOwnerLive) {
+		t.Fatalf("failover from a live owner: %v, want a refusal naming rule %s", err, migrate.RuleOwnerLive)
+	}
+	if err := a.Crash(ctx); err != nil {
+		t.Fatal(err)
+	}
+	if err := f.Fence(ctx, fleet.HostA); err != nil { // the operator powers host-a off
+		t.Fatal(err)
+	}
+	errs := make(chan error, 2)
+	reps := make(chan adminapi.FailoverReport, 2)
+	for _, h := range []*inproc.Host{b, c} {
+		go func() {
+			rep, err := h.Admin().Failover(ctx, adminapi.FailoverRequest{VM: vm.UUID, To: h.Name(), ConfirmFenced: []string{fleet.HostA}})
+			if err == nil {
+				reps <- rep
+			}
+			errs <- err
+		}()
+	}
+	var wins int
+	for range 2 {
+		if err := <-errs; err == nil {
+			wins++
+		} else {
+			t.Logf("loser: %v", err)
+		}
+	}
+	if wins != 1 {
+		t.Fatalf("%d standbys promoted, want exactly 1", wins)
+	}
+	rep := <-reps
+	owner, gen := ownerOf(ctx, f, vm)
+	if owner != rep.Host || gen != 2 || rep.Generation != 2 || !rep.Started {
+		t.Fatalf("registry %s/%d, report %+v", owner, gen, rep)
+	}
+	running := 0
+	for _, h := range []*inproc.Host{a, b, c} {
+		if h.Running(ctx, vm) {
+			running++
+		}
+	}
+	if running != 1 {
+		t.Fatalf("the VM runs on %d hosts", running)
+	}
+	t.Logf("%s won the race: fence %v, promote %v, start %v", rep.Host, rep.Fence, rep.Promote, rep.Start)
+}
+
+// TestFailoverNoQuorum: the owner and a second registry member die: the
+// standby sees no quorum, fences nothing and never promotes (fail closed);
+// an operator's failover fails too (registry unavailable). When quorum
+// returns, it promotes, once.
+func TestFailoverNoQuorum(t *testing.T) {
+	ctx := context.Background()
+	f := failoverFleet(t, trusted(fleet.HostA, fleet.HostB, fleet.HostC), "auto")
+	a, b, c := f.InProcHost(fleet.HostA), f.InProcHost(fleet.HostB), f.InProcHost(fleet.HostC)
+	vm, err := f.CreateVM(ctx, fleet.HostA, "quorum-1")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := a.Admin().Standby(ctx, adminapi.StandbyRequest{VM: vm.UUID, On: []string{fleet.HostB}}); err != nil {
+		t.Fatal(err)
+	}
+	waitReplicas(t, f, vm, 1, fleet.HostB)
+	if err := c.Crash(ctx); err != nil {
+		t.Fatal(err)
+	}
+	if err := a.Crash(ctx); err != nil {
+		t.Fatal(err)
+	}
+	// Three lease TTLs without quorum: host-b never holds the VM's key.
+	end := time.Now().Add(6 * time.Second)
+	for time.Now().Before(end) {
+		if infos, _ := b.Daemon().Host().Keys().List(ctx); len(infos) != 0 {
+			t.Fatalf("host-b promoted without quorum: %+v", infos)
+		}
+		time.Sleep(200 * time.Millisecond)
+	}
+	if _, err := b.Admin().Failover(ctx, adminapi.FailoverRequest{VM: vm.UUID, To: fleet.HostB, ConfirmFenced: []string{fleet.HostA}}); err == nil {
+		t.Fatal("an operator's failover went through without quorum")
+	}
+	if n := f.Fenced(fleet.HostA); n != 0 {
+		t.Fatalf("host-a fenced %d times without quorum", n)
+	}
+	if infos, _ := b.Daemon().Host().Keys().List(ctx); len(infos) != 0 {
+		t.Fatalf("host-b holds a key after the refused failover: %+v", infos)
+	}
+	if err := c.Restart(ctx); err != nil {
+		t.Fatal(err)
+	}
+	waitFor(t, "host-b promoted once quorum returned", 2*time.Minute, func() bool {
+		owner, gen := ownerOf(ctx, f, vm)
+		return owner == fleet.HostB && gen == 2 && b.Running(ctx, vm)
+	})
+	if c.Running(ctx, vm) || a.Running(ctx, vm) {
+		t.Fatal("the VM runs on two hosts")
+	}
+}
