@@ -28,8 +28,9 @@ import (
 //     no host TPM); after PowerOn its vtpmd serves again, still owning the
 //     VM at generation 1 (the host TPM kept its NV state), the VM shut off;
 //   - fence agent: 'fence_lab --action status' says on (exit 0), 'off'
-//     with its options on stdin as fenced passes them fences it (exit 0,
-//     nothing runs), 'status' then says off (exit 2).
+//     with its options on stdin as fenced passes them, run inside host-b's
+//     namespaces as its vtpmd would, fences it (exit 0, nothing runs),
+//     'status' then says off (exit 2).
 func TestLabPrimitives(t *testing.T) {
 	ctx, cancel := context.WithTimeout(context.Background(), 8*time.Minute)
 	defer cancel()
@@ -97,8 +98,20 @@ func TestLabPrimitives(t *testing.T) {
 		if code, out := runAgent(ctx, t, status, ""); code != 0 {
 			t.Fatalf("fence_lab status of a running host: exit %d, want 0 (on): %s", code, out)
 		}
-		// As fenced/stonith-ng run it: options on stdin.
-		code, out := runAgent(ctx, t, []string{agent}, "action=off\nplug=host-a\nlab_dir="+f.Net.Dir+"\n")
+		// As fenced/stonith-ng run it, options on stdin, and from another
+		// host's namespaces, as host-b's vtpmd would run its fence command.
+		cmd, err := b.NsCommand(ctx, agent)
+		if err != nil {
+			t.Fatal(err)
+		}
+		cmd.Stdin = strings.NewReader("action=off\nplug=host-a\nlab_dir=" + f.Net.Dir + "\n")
+		o, err := cmd.CombinedOutput()
+		code, out := 0, string(o)
+		if ee, ok := err.(*exec.ExitError); ok {
+			code = ee.ExitCode()
+		} else if err != nil {
+			t.Fatal(err)
+		}
 		if code != 0 {
 			t.Fatalf("fence_lab off: exit %d, want 0: %s", code, out)
 		}
