@@ -30,10 +30,11 @@ import (
 //     when its fencer never promoted and is gone itself (SyncOwnership).
 //   - Without quorum nothing is fenced or promoted: fail closed.
 //
-// The promotion puts the replica's key PENDING at a generation above every
-// one known, stages the state, runs the CAS, then commits the key and
-// places the state: a crash in between is resumed at the next start
-// (ResumePromotions).
+// The promotion is a destination transaction in the ledger: the replica's
+// key PENDING at a generation above every one known, the state staged,
+// the CAS, then the commit (finishDest: the anchor's step, the key active,
+// the state in place). A crash in between is settled by Reconcile from
+// the registry, like a restore's.
 
 // FailoverRegistry is what replicas and failover need from the registry
 // beyond Registry (registry.Client implements it).
@@ -141,33 +142,40 @@ func (n *Node) Promote(ctx context.Context, req PromoteRequest) (*Promotion, err
 	if err != nil {
 		return nil, err
 	}
-	r.Promoting, r.PromoteGen = pid, gen
-	if _, err := n.cfg.Replicas.Put(r); err != nil {
+	// The promotion is a destination transaction of this host's ledger
+	// (a restore's kind: the registry alone decides it), so that a crash
+	// at any step is settled by Reconcile: committed when the registry
+	// shows this host at gen, dropped otherwise.
+	tx := Tx{ID: pid, Role: RoleDestination, Peer: rec.Owner, State: DstPending, Restore: true,
+		VMs: []TxVM{{UUID: req.VM, Name: r.Request.Name, Generation: gen}}}
+	if err := n.cfg.Ledger.Begin(tx); err != nil {
 		return nil, fmt.Errorf("%s: %w", op, storageErr(err))
 	}
+	defer n.drive(pid)()
 	if err := n.cfg.Keys.PutPending(ctx, req.VM, pid, gen, k); err != nil {
-		n.undoPromotion(ctx, r)
+		n.abortPromotion(ctx, tx)
 		return nil, fmt.Errorf("%s: %w", op, storageErr(err))
 	}
 	if n.cfg.States != nil {
 		if err := n.cfg.States.Stage(ctx, pid, req.VM, r.Request.State); err != nil {
-			n.undoPromotion(ctx, r)
+			n.abortPromotion(ctx, tx)
 			return nil, fmt.Errorf("%s: stage the state: %w", op, err)
 		}
 	}
 	// The race: one CAS. Of standbys racing, exactly one wins.
 	if _, err := reg.TakeOver(ctx, registry.TakeOver{VM: req.VM, Expect: rec, ExpectRev: rev, Owner: n.cfg.Host, Generation: gen, Fenced: fence}); err != nil {
 		if !errors.Is(registryError(err), ErrRegistryUnavailable) {
-			n.undoPromotion(ctx, r) // lost: this host stays (or becomes again) a standby
-		}
+			n.abortPromotion(ctx, tx) // lost: this host stays (or becomes again) a standby
+		} // unknown outcome: Reconcile settles it by the registry
 		return nil, n.refuseFailover(ctx, req.VM, rec.Owner, fmt.Errorf("%s: %w", op, registryError(err)))
 	}
 	if err := n.crash(CrashPoint("failover/after-takeover")); err != nil {
 		return nil, err
 	}
-	if err := n.completePromotion(ctx, r); err != nil {
+	if _, err := n.finishDest(ctx, tx, []string{req.VM}, nil); err != nil {
 		return nil, fmt.Errorf("%s: %w", op, err)
 	}
+	n.replicaPromoted(ctx, req.VM)
 	p.Generation, p.Promote = gen, n.cfg.Now().Sub(t1)
 	n.audit(ctx, AuditEvent{Event: audit.EventPromoted, VM: req.VM, Peer: rec.Owner, Generation: gen,
 		Detail: fmt.Sprintf("failover from %s at generation %d; fenced %v", rec.Owner, rec.Generation, fence)})
@@ -226,22 +234,18 @@ func (n *Node) openReplica(ctx context.Context, r *ReplicaRequest) (vtpm.VMKey, 
 	return s.OpenKey(vtpm.Sealed{Nonce: r.Nonce, Ciphertext: r.Ciphertext}, replicaBinding(r))
 }
 
-// completePromotion makes the PENDING key active (counted in the rollback
-// anchor), places the state and drops the replica and this host's standby
-// record.
-func (n *Node) completePromotion(ctx context.Context, r *StoredReplica) error {
-	vm := r.Request.VM
-	settle, err := n.advance(ctx, Tx{ID: r.Promoting}, []vtpm.Change{{VMID: vm}})
-	if err != nil {
-		return err
+// abortPromotion ends a promotion that lost (or failed before its CAS):
+// its PENDING key and staged state dropped, the ledger's transaction
+// aborted. The replica stays.
+func (n *Node) abortPromotion(ctx context.Context, tx Tx) {
+	if _, err := n.finishDest(ctx, tx, nil, vmIDs(tx.VMs)); err != nil {
+		n.log.WithError(err).WithField("tx", tx.ID).Warn("failover: aborting a promotion; recovery retries")
 	}
-	defer settle()
-	if _, err := n.cfg.Keys.CommitPending(ctx, vm, r.Promoting); err != nil {
-		return fmt.Errorf("commit the promoted key: %w", err)
-	}
-	if err := n.placeState(ctx, r.Promoting, vm); err != nil {
-		return fmt.Errorf("place the replica's state: %w", err)
-	}
+}
+
+// replicaPromoted drops the replica that became this host's key, and this
+// host's standby record.
+func (n *Node) replicaPromoted(ctx context.Context, vm string) {
 	if err := n.cfg.Replicas.Drop(vm); err != nil {
 		n.log.WithError(err).WithField("vm", vm).Warn("dropping a promoted replica")
 	}
@@ -250,55 +254,29 @@ func (n *Node) completePromotion(ctx context.Context, r *StoredReplica) error {
 			n.log.WithError(err).WithField("vm", vm).Warn("dropping this host's standby record after a promotion")
 		}
 	}
-	return nil
 }
 
-// undoPromotion drops what a promotion that lost (or failed before its
-// CAS) made: the PENDING key, the staged state, the mark.
-func (n *Node) undoPromotion(ctx context.Context, r *StoredReplica) {
-	if err := n.cfg.Keys.DropPending(ctx, r.Request.VM, r.Promoting); err != nil && !errors.Is(err, vtpm.ErrKeyNotFound) {
-		n.log.WithError(err).WithField("vm", r.Request.VM).Warn("dropping a promotion's pending key")
-	}
-	if n.cfg.States != nil {
-		_ = n.cfg.States.Drop(ctx, r.Promoting, r.Request.VM)
-	}
-	r.Promoting, r.PromoteGen = "", 0
-	if _, err := n.cfg.Replicas.Put(r); err != nil {
-		n.log.WithError(err).WithField("vm", r.Request.VM).Warn("clearing a promotion's mark")
-	}
-}
-
-// ResumePromotions finishes promotions a crash interrupted: the registry
-// shows this host at the promotion's generation (the CAS took): commit;
-// it shows anything else: undo. Without quorum it waits.
+// ResumePromotions cleans up after a promotion a crash interrupted once
+// Reconcile settled its transaction: a replica of a VM whose key this
+// host now holds above the replica's generation is dropped.
 func (n *Node) ResumePromotions(ctx context.Context) error {
-	reg, ok := n.cfg.Registry.(FailoverRegistry)
-	if !ok || n.cfg.Replicas == nil {
+	if n.cfg.Replicas == nil {
 		return nil
 	}
 	rs, err := n.cfg.Replicas.List()
 	if err != nil {
 		return err
 	}
-	var errs []error
-	for _, r := range rs {
-		if r.Promoting == "" {
-			continue
-		}
-		rec, _, err := reg.VMRev(ctx, r.Request.VM)
-		if err != nil && !errors.Is(err, registry.ErrNotFound) {
-			errs = append(errs, registryError(err))
-			continue
-		}
-		if err == nil && rec.Owner == n.cfg.Host && rec.Generation == r.PromoteGen {
-			if err := n.completePromotion(ctx, r); err != nil {
-				errs = append(errs, err)
-			}
-			continue
-		}
-		n.undoPromotion(ctx, r)
+	held, err := n.heldGenerations(ctx)
+	if err != nil {
+		return err
 	}
-	return errors.Join(errs...)
+	for _, r := range rs {
+		if g, ok := held[r.Request.VM]; ok && g > r.Request.Generation {
+			n.replicaPromoted(ctx, r.Request.VM)
+		}
+	}
+	return nil
 }
 
 // refuseFailover audits and returns a failover refusal.
