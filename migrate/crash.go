@@ -25,6 +25,11 @@ const (
 	DstAfterCommit  CrashPoint = "dst/after-commit"  // keys promoted; ledger not final
 )
 
+// FailoverAfterTakeOver is a failover's crash point (failover.go): the
+// registry shows the promoting standby the owner; its key is still
+// PENDING. Not in CrashPoints (no migration reaches it).
+const FailoverAfterTakeOver CrashPoint = "failover/after-takeover"
+
 // CrashPoints lists every crash point, for tests that visit them all.
 var CrashPoints = []CrashPoint{
 	SrcAfterBegin, SrcAfterRegBegin, SrcAfterAttest, SrcAfterPrepare, SrcAfterPrepared, SrcAfterHypervisor,

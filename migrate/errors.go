@@ -59,6 +59,10 @@ var (
 	// (authz.go); the error is an *AuthzError naming the rule. A refused
 	// Prepare left nothing on the destination.
 	ErrDenied = errclass.New(errclass.Denied, "refused by the destination's authorisation")
+	// ErrFailoverRefused means a failover's rule refused the promotion
+	// (the owner is live, nothing fenced it, the replica is stale): nothing
+	// changed. The error names the rule (failover.go).
+	ErrFailoverRefused = errclass.New(errclass.Refused, "failover refused")
 	// ErrDestTPM means the destination's TPM failed (the transfer key did
 	// not unwrap); nothing was migrated.
 	ErrDestTPM = errclass.New(errclass.TPM, "the destination's TPM failed")

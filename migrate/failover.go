@@ -111,7 +111,7 @@ func (n *Node) Promote(ctx context.Context, req PromoteRequest) (*Promotion, err
 	}
 	if rec.Generation != r.Request.Generation {
 		return nil, n.refuseFailover(ctx, req.VM, rec.Owner, fmt.Errorf("%s: %w: the replica is at generation %d, the registry's record at %d (rule %s)",
-			op, ErrNotOwner, r.Request.Generation, rec.Generation, RuleReplicaStale))
+			op, ErrFailoverRefused, r.Request.Generation, rec.Generation, RuleReplicaStale))
 	}
 	// F7: the owner, and an open migration's destination.
 	fence := []string{rec.Owner}
@@ -169,7 +169,7 @@ func (n *Node) Promote(ctx context.Context, req PromoteRequest) (*Promotion, err
 		} // unknown outcome: Reconcile settles it by the registry
 		return nil, n.refuseFailover(ctx, req.VM, rec.Owner, fmt.Errorf("%s: %w", op, registryError(err)))
 	}
-	if err := n.crash(CrashPoint("failover/after-takeover")); err != nil {
+	if err := n.crash(FailoverAfterTakeOver); err != nil {
 		return nil, err
 	}
 	if _, err := n.finishDest(ctx, tx, []string{req.VM}, nil); err != nil {
@@ -198,14 +198,14 @@ func (n *Node) fenceHost(ctx context.Context, reg FailoverRegistry, req PromoteR
 			return registryError(err)
 		}
 		if v.Hosts[h].Live {
-			return fmt.Errorf("%w: %s's liveness lease is alive (rule %s)", ErrNotOwner, h, RuleOwnerLive)
+			return fmt.Errorf("%w: %s's liveness lease is alive (rule %s)", ErrFailoverRefused, h, RuleOwnerLive)
 		}
 		if req.Fence == nil {
 			return fmt.Errorf("%w: no fence agent is configured for %s: an operator fences it and runs 'vtpmctl failover %s --to %s --confirm-fenced %s' (rule %s)",
-				ErrNotOwner, h, req.VM, n.cfg.Host, h, RuleFenceRequired)
+				ErrFailoverRefused, h, req.VM, n.cfg.Host, h, RuleFenceRequired)
 		}
 		if err := req.Fence(ctx, h); err != nil {
-			return fmt.Errorf("%w: the fence agent for %s failed: %w (rule %s)", ErrNotOwner, h, err, RuleFenceRequired)
+			return fmt.Errorf("%w: the fence agent for %s failed: %w (rule %s)", ErrFailoverRefused, h, err, RuleFenceRequired)
 		}
 		by = "fence agent"
 	}

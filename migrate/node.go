@@ -166,6 +166,11 @@ type Node struct {
 	// event, the loop) may finish one transaction at the same moment.
 	finishing sync.Map
 
+	// confirmed holds, per VM, the generation at which this node's start
+	// rule last confirmed it with quorum (fence record included): only
+	// those may start by the last view without quorum (F8).
+	confirmed sync.Map
+
 	armMu sync.Mutex
 	armed map[string]incomingArm // VM -> the incoming migration whose "migrate begin" pulled its key (incoming.go)
 }

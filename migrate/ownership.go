@@ -132,14 +132,28 @@ func (n *Node) CheckStart(ctx context.Context, vm string) (uint64, error) {
 	case startAllow:
 		if verr != nil {
 			n.log.WithError(verr).WithField("vm", vm).Warn("registry unavailable: starting by this host's last view, which shows it the owner")
-			if err := n.selfFenced("start " + vm); err != nil {
-				return 0, n.refuseStart(ctx, vm, gl, err) // F8: the last view needs a live lease
+			if g, ok := n.confirmed.Load(vm); !ok || g.(uint64) != gl {
+				// F8: the last view includes this host's own fenced state
+				// only if this vtpmd confirmed the VM with quorum (its fence
+				// record included) since it started: a host that comes back
+				// may have been fenced while it was down.
+				return 0, n.refuseStart(ctx, vm, gl, fmt.Errorf("start %s: %w: %w: the registry is unavailable and this vtpmd has not confirmed with the registry since it started that %s owns the VM unfenced at generation %d (rule %s)",
+					vm, ErrNotOwner, verr, n.cfg.Host, gl, RuleRegistryView))
+			}
+			if l, ok := n.cfg.Registry.(interface{ Live() bool }); ok && !l.Live() {
+				// F8: the last view needs a live lease (a host that just
+				// started, or was cut off longer than its TTL, may have
+				// been fenced and outrun meanwhile).
+				return 0, n.refuseStart(ctx, vm, gl, fmt.Errorf("start %s: %w: %w: the registry is unavailable and %s has no live lease, so its last view (revision %d) may be outdated: a standby may have taken the VM over (rule %s)",
+					vm, ErrNotOwner, verr, n.cfg.Host, view.Rev, RuleSelfFence))
 			}
 			return gl, nil
 		}
 		if err := n.checkFenced(ctx, vm); err != nil {
+			n.confirmed.Delete(vm)
 			return 0, n.refuseStart(ctx, vm, gl, err)
 		}
+		n.confirmed.Store(vm, gl)
 		return gl, nil
 	case startRaise:
 		if err := n.raise(ctx, vm, gl, r); err != nil {

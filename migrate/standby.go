@@ -277,10 +277,10 @@ func (n *Node) Replicate(ctx context.Context, req *ReplicaRequest) (*ReplicaResp
 	if rec.Owner != req.Owner || rec.Generation != req.Generation {
 		return nil, deny(call, req.Owner, req.VM, RuleReplicaOwner, "the registry shows %s at generation %d, not %s at %d", rec.Owner, rec.Generation, req.Owner, req.Generation)
 	}
-	prev, _ := n.cfg.Replicas.Get(req.VM)
-	if prev != nil && prev.Promoting != "" {
-		return nil, fmt.Errorf("replica of %s: %w: a promotion of the replica is in progress", req.VM, ErrBusy)
+	if txID, err := n.cfg.Ledger.Holder(req.VM); err == nil {
+		return nil, fmt.Errorf("replica of %s: %w: transaction %s holds the VM here (a promotion?)", req.VM, ErrBusy, txID)
 	}
+	prev, _ := n.cfg.Replicas.Get(req.VM)
 	size, err := n.cfg.Replicas.Put(&StoredReplica{Request: *req, Received: n.cfg.Now().UTC()})
 	if err != nil {
 		return nil, fmt.Errorf("replica of %s: %w", req.VM, storageErr(err))

@@ -26,11 +26,6 @@ type StoredReplica struct {
 	V        int            `json:"v"`
 	Request  ReplicaRequest `json:"replica"`
 	Received time.Time      `json:"received"`
-	// Promoting is the ID of a promotion under way (its PENDING key and
-	// staged state carry it): a restart resumes or undoes it.
-	Promoting string `json:"promoting,omitempty"`
-	// PromoteGen is the generation that promotion takes.
-	PromoteGen uint64 `json:"promote_generation,omitempty"`
 }
 
 // replicaFormat is the version of the stored replica's format.

@@ -166,6 +166,7 @@ func (c *Client) Close() error {
 	var errs []error
 	c.once.Do(func() {
 		c.closed.Store(true)
+		c.liveUntil.Store(1) // closed: not live any more (Live false, LeaseLost true)
 		c.stop()
 		c.wg.Wait()
 		c.liveMu.Lock()

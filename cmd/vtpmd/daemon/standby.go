@@ -311,8 +311,8 @@ func (d *Daemon) checkReplicas(ctx context.Context) {
 		return
 	}
 	for _, r := range rs {
-		if r.Promoting != "" {
-			continue
+		if _, held := d.holder(r.Request.VM); held {
+			continue // a promotion runs
 		}
 		sbs, err := d.reg.Standbys(ctx, r.Request.VM)
 		if err != nil {

@@ -40,8 +40,8 @@ type domainDefiner interface {
 // tryFailovers promotes the replicas whose owner's lease is gone
 // (standby.failover auto).
 func (d *Daemon) tryFailovers(ctx context.Context) {
-	if d.cfg.Standby.Failover == "manual" || d.reg.LeaseLost() {
-		return
+	if d.cfg.Standby.Failover == "manual" || d.reg.LeaseLost() || d.fenceFunc() == nil {
+		return // no fence agent: an operator fences and runs 'vtpmctl failover'
 	}
 	rs, err := d.node.Replicas()
 	if err != nil || len(rs) == 0 {
@@ -52,7 +52,7 @@ func (d *Daemon) tryFailovers(ctx context.Context) {
 		return // no quorum: wait (fail closed)
 	}
 	for _, r := range rs {
-		if r.Promoting != "" || hosts.Hosts[r.Request.Owner].Live {
+		if _, held := d.holder(r.Request.VM); held || hosts.Hosts[r.Request.Owner].Live {
 			continue
 		}
 		v, err := d.reg.VMs(ctx, r.Request.VM)
@@ -93,7 +93,7 @@ func (d *Daemon) Failover(ctx context.Context, req adminapi.FailoverRequest) (ad
 		switch {
 		case errors.Is(err, registry.ErrConflict), errors.Is(err, registry.ErrWrongOwner), errors.Is(err, registry.ErrStaleGeneration):
 			fm.FailoverDone("lost")
-		case errors.Is(err, migrate.ErrNotOwner):
+		case errors.Is(err, migrate.ErrFailoverRefused):
 			fm.FailoverDone("refused")
 		default:
 			fm.FailoverDone("failed")

@@ -38,6 +38,8 @@ func (f *Fleet) Fence(ctx context.Context, host string) error {
 	}
 	f.fenced.n[host]++
 	f.fenced.mu.Unlock()
+	h.life.Lock()
+	defer h.life.Unlock()
 	doms, _ := h.hyp.Domains(ctx)
 	for _, d := range doms {
 		if d.State == hypervisor.StateRunning {
@@ -46,13 +48,30 @@ func (f *Fleet) Fence(ctx context.Context, host string) error {
 			}
 		}
 	}
-	h.mu.Lock()
-	running := h.d != nil && h.closed == nil
-	h.mu.Unlock()
-	if running && !h.dying.Load() {
-		return h.Kill(ctx)
+	if h.Up() {
+		return h.kill(ctx)
 	}
 	return nil
+}
+
+// Up reports whether h's vtpmd runs (started, and not killed or crashed).
+func (h *Host) Up() bool {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	return h.d != nil && h.closed == nil && !h.dying.Load() && !h.restarting.Load()
+}
+
+// CutRegistry cuts h's running vtpmd off the fleet registry, as a network
+// partition does: its registry client stops (its embedded member with it)
+// and its liveness lease is left to expire; the daemon and its VMs keep
+// running. Only a Kill and Restart heal it.
+func (h *Host) CutRegistry() error {
+	d := h.daemon()
+	if d == nil || d.RegistryClient() == nil {
+		return fmt.Errorf("inproc: %s has no registry client", h.name)
+	}
+	d.RegistryClient().Abandon()
+	return d.RegistryClient().Close()
 }
 
 // Fenced reports how often the fence agent ran for host.

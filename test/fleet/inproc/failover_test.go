@@ -2,6 +2,7 @@ package inproc_test
 
 import (
 	"context"
+	"encoding/json"
 	"errors"
 	"os"
 	"path/filepath"
@@ -10,6 +11,7 @@ import (
 	"time"
 
 	"github.com/vtpmm/vtpmm/cmd/vtpmd/daemon"
+	"github.com/vtpmm/vtpmm/hypervisor"
 	"github.com/vtpmm/vtpmm/internal/adminapi"
 	"github.com/vtpmm/vtpmm/migrate"
 	"github.com/vtpmm/vtpmm/test/fleet"
@@ -133,7 +135,9 @@ func TestStandbyReplica(t *testing.T) {
 		return r != nil && string(r.Request.StateSHA256) != string(before)
 	})
 	tpm := a.Daemon().Host().Meter().Stats().Total - tpm0
-	t.Logf("refresh: %d bytes of state, %d host TPM commands on the owner", len(replicaOf(b.Daemon(), vm).Request.State), tpm)
+	rr := replicaOf(b.Daemon(), vm)
+	wireBytes, _ := json.Marshal(&rr.Request)
+	t.Logf("refresh: %d bytes of state, %d bytes on the wire (JSON), %d host TPM commands on the owner", len(rr.Request.State), len(wireBytes), tpm)
 	if tpm != 0 {
 		t.Fatalf("a refresh cost the owner %d host TPM commands, want 0", tpm)
 	}
@@ -391,5 +395,66 @@ func TestFailoverNoQuorum(t *testing.T) {
 	})
 	if c.Running(ctx, vm) || a.Running(ctx, vm) {
 		t.Fatal("the VM runs on two hosts")
+	}
+}
+
+// TestFailoverCrashAfterTakeOver: the promoting standby dies right after
+// its CAS won (its key still PENDING). Restarted, its recovery commits
+// the promotion from the registry (the ledger's transaction), drops the
+// replica, and the VM starts there with the tenant's secret.
+func TestFailoverCrashAfterTakeOver(t *testing.T) {
+	ctx := context.Background()
+	f := failoverFleet(t, trusted(fleet.HostA, fleet.HostB, fleet.HostC), "manual")
+	a, b := f.InProcHost(fleet.HostA), f.InProcHost(fleet.HostB)
+	vm, err := f.CreateVM(ctx, fleet.HostA, "crash-1")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := a.Admin().Standby(ctx, adminapi.StandbyRequest{VM: vm.UUID, On: []string{fleet.HostB}}); err != nil {
+		t.Fatal(err)
+	}
+	secret, err := a.TenantReseal(ctx, vm)
+	if err != nil {
+		t.Fatal(err)
+	}
+	waitFor(t, "the replica of the new state", time.Minute, func() bool {
+		r := replicaOf(b.Daemon(), vm)
+		return r != nil && string(r.Request.State) == string(readState(t, a, vm))
+	})
+	if err := a.Crash(ctx); err != nil {
+		t.Fatal(err)
+	}
+	if err := f.Fence(ctx, fleet.HostA); err != nil {
+		t.Fatal(err)
+	}
+	b.OnCrashPoint(migrate.CrashAt(migrate.FailoverAfterTakeOver))
+	if _, err := b.Admin().Failover(ctx, adminapi.FailoverRequest{VM: vm.UUID, To: fleet.HostB, ConfirmFenced: []string{fleet.HostA}}); err == nil {
+		t.Fatal("the failover did not reach its crash point")
+	}
+	if owner, gen := ownerOf(ctx, f, vm); owner != fleet.HostB || gen != 2 {
+		t.Fatalf("registry after the CAS: %s/%d", owner, gen)
+	}
+	if err := b.Kill(ctx); err != nil {
+		t.Fatal(err)
+	}
+	b.OnCrashPoint(nil)
+	if err := b.Restart(ctx); err != nil {
+		t.Fatal(err)
+	}
+	waitFor(t, "host-b's recovery committed the promotion", time.Minute, func() bool {
+		_, err := b.Daemon().Node().CheckStart(ctx, vm.UUID)
+		return err == nil && replicaOf(b.Daemon(), vm) == nil
+	})
+	if _, err := b.Daemon().Node().DefineSecret(ctx, vm.UUID); err != nil {
+		t.Fatal(err)
+	}
+	if err := b.Fake().DefineVTPMDomain(ctx, hypervisor.Domain{UUID: vm.UUID, Name: vm.Name}, b.Daemon().Host().Layout().VMState(vm.UUID)); err != nil {
+		t.Fatal(err)
+	}
+	if err := b.Fake().StartDomain(ctx, vm.UUID); err != nil {
+		t.Fatal(err)
+	}
+	if got, err := b.TenantSecret(ctx, vm); err != nil || got != secret {
+		t.Fatalf("tenant secret after the resumed promotion: %q %v, want %q", got, err, secret)
 	}
 }

@@ -122,6 +122,13 @@ func (h *Host) Emu() *emuhost.Host { return h.emu }
 // point (as if the process had died there), and the daemon is closed in
 // the background.
 func (h *Host) Kill(ctx context.Context) error {
+	h.life.Lock()
+	defer h.life.Unlock()
+	return h.kill(ctx)
+}
+
+// kill is Kill with h.life held.
+func (h *Host) kill(ctx context.Context) error {
 	d := h.daemon()
 	if d == nil {
 		return fmt.Errorf("inproc: vtpmd on %s is not running", h.name)
@@ -136,6 +143,8 @@ func (h *Host) Kill(ctx context.Context) error {
 // fleet: like Kill, but its liveness lease is not revoked; it expires
 // after the registry's TTL.
 func (h *Host) Crash(ctx context.Context) error {
+	h.life.Lock()
+	defer h.life.Unlock()
 	d := h.daemon()
 	if d == nil {
 		return fmt.Errorf("inproc: vtpmd on %s is not running", h.name)
@@ -151,6 +160,8 @@ func (h *Host) Crash(ctx context.Context) error {
 // start that fails (vtpmd refused its data directory) may be retried with
 // Restart.
 func (h *Host) Restart(ctx context.Context) error {
+	h.life.Lock()
+	defer h.life.Unlock()
 	if h.closed != nil {
 		select {
 		case <-h.closed:
@@ -161,6 +172,8 @@ func (h *Host) Restart(ctx context.Context) error {
 			return fmt.Errorf("inproc: vtpmd on %s did not stop", h.name)
 		}
 	}
+	h.restarting.Store(true) // not Up until the new daemon is in place
+	defer h.restarting.Store(false)
 	h.dying.Store(false)
 	return h.start(ctx, nil)
 }
@@ -195,7 +208,9 @@ func (h *Host) withVTPM(ctx context.Context, vm string, fn func(transport.TPM) e
 // The VMs it ran are gone too (their domains destroyed). The host does not
 // come back with Restart: it would need 'vtpmd init' on a new TPM.
 func (h *Host) LoseTPM(ctx context.Context) error {
-	if err := h.Kill(ctx); err != nil {
+	h.life.Lock()
+	defer h.life.Unlock()
+	if err := h.kill(ctx); err != nil {
 		return err
 	}
 	select {

@@ -131,11 +131,17 @@ type Host struct {
 	hyp    *fake.Host
 	admin  *adminapi.Client
 
+	// life serialises Kill, Crash, Restart, LoseTPM and the fence agent:
+	// a host is powered off after it booted, not halfway through.
+	life   sync.Mutex
 	mu     sync.Mutex
 	d      *daemon.Daemon
 	closed chan error // Kill's Close result
 	dying  atomic.Bool
-	crash  atomic.Pointer[func(migrate.CrashPoint) error]
+	// restarting: Restart is starting a new daemon (the old one, closed,
+	// is still h.d until then).
+	restarting atomic.Bool
+	crash      atomic.Pointer[func(migrate.CrashPoint) error]
 }
 
 var _ fleet.Host = (*Host)(nil)
