@@ -61,50 +61,9 @@ const (
 func TestE2EFailover(t *testing.T) {
 	ctx, cancel := context.WithTimeout(context.Background(), 25*time.Minute)
 	defer cancel()
-	img := guestImage(ctx, t)
-	requireLab(t)
-	f := lab.NewFleet(ctx, t, lab.FleetConfig{Network: lab.NetworkConfig{Prefix: "ve2e", Keep: os.Getenv("VTPMM_E2E_KEEP") == "1"},
-		Tools: sharedTools(ctx, t), GoodLog: goodLog, Hosts: []lab.HostSpec{hostA(), hostB(), hostCGood()}, Log: logger(t),
-		HookMode: true, Registry: "embedded"})
-	f.AddHosts(ctx)
-	agent, err := lab.BuildFenceAgent(ctx, f.Net.Dir)
-	if err != nil {
-		t.Fatal(err)
-	}
-	for _, name := range f.Order {
-		h := f.Hosts[name]
-		if err := h.Vtpmd.AppendConfig(f.Net.StandbyYAML(agent, failoverMaxLag, failoverFenceTimeout)); err != nil {
-			t.Fatal(err)
-		}
-		if err := h.Vtpmd.EnableMetrics(); err != nil {
-			t.Fatal(err)
-		}
-	}
-	f.Start(ctx)
-	a, b := f.Hosts["host-a"], f.Hosts["host-b"]
-	vm := f.CreateVM(ctx, a, "linux-f", lab.LinuxSpec(img))
-	if err := b.DefineFrom(ctx, a, vm); err != nil {
-		t.Fatal(err)
-	}
-	if r, err := a.Vtpmd.Ctl(ctx, "vm", "standby", vm.Name, "--on", "host-b"); err != nil || r.Code != 0 {
-		t.Fatalf("vtpmctl vm standby %s --on host-b: %v %s", vm.Name, err, r)
-	} else {
-		t.Logf("vtpmctl vm standby %s --on host-b:\n%s", vm.Name, r.Stdout)
-	}
-	f.WaitTicks(ctx, vm, a.Name, 0, 2, 4*time.Minute)
-	secret := f.VerifyConsole(vm, 2)
-	t.Logf("guest sealed %s on host-a", secret)
-
-	// host-b's replica catches up with the sealed secret.
-	waitFreshReplica(ctx, t, a, b, vm, 2*time.Minute)
-	for _, h := range []*lab.FleetHost{a, b} {
-		r, _ := h.Vtpmd.Ctl(ctx, "vm", "show", vm.Name)
-		t.Logf("vtpmctl vm show %s on %s:\n%s", vm.Name, h.Name, r.Stdout)
-	}
-	logRefreshes(t, a)
+	f, a, b, vm, secret := failoverLab(ctx, t, "linux-f", func(agent string) string { return agent })
 
 	// host-a loses power. From here on no operator acts until it returns.
-	bc := adminapi.NewClient(b.Vtpmd.Socket)
 	t0 := time.Now()
 	if err := a.PowerOff(); err != nil {
 		t.Fatal(err)
@@ -125,7 +84,7 @@ func TestE2EFailover(t *testing.T) {
 	m := scrape(ctx, t, b)
 	phases := m.Family("vtpmm_failover_phase_seconds_sum", "phase")
 	fence, promote, start := secs(phases["fence"]), secs(phases["promote"]), secs(phases["start"])
-	fos, err := b.Vtpmd.AutomaticFailovers()
+	fos, err := waitFailovers(b, 1)
 	if err != nil || len(fos) != 1 || fos[0].Began.IsZero() || fos[0].Generation != 2 || !fos[0].Started {
 		t.Fatalf("host-b's automatic failovers: %+v, %v, want one at generation 2, started\n%s", fos, err, b.Vtpmd.LogTail(6000))
 	}
@@ -142,74 +101,8 @@ func TestE2EFailover(t *testing.T) {
 		t.Errorf("host-b's rollback anchor step did not settle: %s", l)
 	}
 
-	// The guest boots on host-b, finds its secret and unseals it.
-	f.WaitTicks(ctx, vm, b.Name, 0, 2, 4*time.Minute)
-	served := time.Since(t0)
-	raw, _ := os.ReadFile(b.Path(vm.Serial))
-	c := guest.ParseConsole(raw)
-	if len(c.Sealed) != 0 || len(c.Found) != 1 || c.Found[0] != secret || len(c.Errors) != 0 {
-		t.Fatalf("guest on host-b: sealed %v, found %v, errors %v; want the secret %s found\n%s", c.Sealed, c.Found, c.Errors, secret, lab.Tail(string(raw), 2000))
-	}
-	for _, tk := range c.Ticks {
-		if tk.Secret != secret || tk.PCR16 != guest.ExpectedPCR16() {
-			t.Fatalf("guest on host-b: tick %+v, want secret %s", tk, secret)
-		}
-	}
-	t.Logf("guest on host-b found its secret %s and unsealed it %d times; its second unseal %v after host-a's power-off (guest boot under TCG included)",
-		secret, len(c.Ticks), served.Round(time.Second))
-	rows, out, err := f.VMList(ctx, b)
-	if err != nil || !rows[vm.UUID].Owned || rows[vm.UUID].Gen != "2" {
-		t.Errorf("host-b after the failover: %+v, %v, want owned at generation 2\n%s", rows[vm.UUID], err, out)
-	}
-	for _, ev := range []string{"host-fenced", "failover-promoted"} {
-		log, err := bc.Audit(ctx, vm.UUID, ev)
-		if err != nil || len(log.Records) == 0 {
-			t.Errorf("host-b's audit log: no %s record for %s: %v", ev, vm.Name, err)
-			continue
-		}
-		r := log.Records[len(log.Records)-1]
-		t.Logf("host-b audit: %s peer %s generation %d: %s", r.Event, r.Peer, r.Generation, r.Detail)
-	}
-
-	// host-a returns: its old copy must not start, and it drops it.
-	t1 := time.Now()
-	if err := a.PowerOn(ctx); err != nil {
-		t.Fatal(err)
-	}
-	t.Logf("host-a powered on, vtpmd serving, in %v", time.Since(t1).Round(time.Millisecond))
-	out2, _, err := a.Virsh(ctx, "start", vm.Name)
-	if err == nil {
-		t.Fatalf("host-a started its old copy of %s after the failover", vm.Name)
-	}
-	if !strings.Contains(out2, "rule ") {
-		t.Errorf("host-a's refusal does not say why: %s", out2)
-	}
-	t.Logf("host-a refuses its old copy: %s", strings.TrimSpace(out2))
-	ac := adminapi.NewClient(a.Vtpmd.Socket)
-	deadline := time.Now().Add(2 * time.Minute)
-	for {
-		rows, out, err := f.VMList(ctx, a)
-		if err == nil && !rows[vm.UUID].Owned {
-			log, aerr := ac.Audit(ctx, vm.UUID, "stale-copy-shredded")
-			if aerr == nil && len(log.Records) > 0 {
-				t.Logf("host-a dropped its copy: %s", log.Records[len(log.Records)-1].Detail)
-				break
-			}
-		}
-		if time.Now().After(deadline) {
-			t.Fatalf("host-a still holds its old copy of %s 2 min after it returned: %+v %v\n%s\n%s", vm.Name, rows[vm.UUID], err, out, a.Vtpmd.LogTail(4000))
-		}
-		time.Sleep(time.Second)
-	}
-	if log, err := ac.Audit(ctx, vm.UUID, "start-refused"); err == nil && len(log.Records) > 0 {
-		t.Logf("host-a audit: start-refused: %s", log.Records[len(log.Records)-1].Detail)
-	}
-	if d, err := a.Hyp.Domain(ctx, vm.UUID); err != nil || d.State == hypervisor.StateRunning {
-		t.Errorf("%s on host-a after it returned: %q, %v; want not running", vm.Name, d.State, err)
-	}
-	if d, err := b.Hyp.Domain(ctx, vm.UUID); err != nil || d.State != hypervisor.StateRunning {
-		t.Errorf("%s on host-b after host-a returned: %q, %v", vm.Name, d.State, err)
-	}
+	tookOver(ctx, t, f, vm, b, secret, t0)
+	oldOwnerReturns(ctx, t, f, vm, a, b, func() error { return a.PowerOn(ctx) })
 	// host-b's vtpmd starts again on what the promotion left (its ledger
 	// and rollback anchor account for the promoted key).
 	if err := b.Vtpmd.Stop(); err != nil {
@@ -221,6 +114,58 @@ func TestE2EFailover(t *testing.T) {
 	if rows, out, err := f.VMList(ctx, b); err != nil || !rows[vm.UUID].Owned || rows[vm.UUID].Gen != "2" {
 		t.Errorf("host-b after its vtpmd restarted: %+v, %v\n%s", rows[vm.UUID], err, out)
 	}
+}
+
+// failoverLab brings up the failover lab (three hosts, registry embedded,
+// hook mode, metrics; every vtpmd's fence command is fence(agent), agent
+// the lab's fence agent built into the lab's directory), makes a Linux
+// guest named name on host-a with standby host-b (its domain defined on
+// host-b from host-a's), waits until the guest sealed its secret and
+// host-b's replica holds it, and logs 'vm show' and the refreshes.
+func failoverLab(ctx context.Context, t *testing.T, name string, fence func(agent string) string) (*lab.Fleet, *lab.FleetHost, *lab.FleetHost, *lab.VM, string) {
+	t.Helper()
+	img := guestImage(ctx, t)
+	requireLab(t)
+	f := lab.NewFleet(ctx, t, lab.FleetConfig{Network: lab.NetworkConfig{Prefix: "ve2e", Keep: os.Getenv("VTPMM_E2E_KEEP") == "1"},
+		Tools: sharedTools(ctx, t), GoodLog: goodLog, Hosts: []lab.HostSpec{hostA(), hostB(), hostCGood()}, Log: logger(t),
+		HookMode: true, Registry: "embedded"})
+	f.AddHosts(ctx)
+	agent, err := lab.BuildFenceAgent(ctx, f.Net.Dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, n := range f.Order {
+		h := f.Hosts[n]
+		if err := h.Vtpmd.AppendConfig(f.Net.StandbyYAML(fence(agent), failoverMaxLag, failoverFenceTimeout)); err != nil {
+			t.Fatal(err)
+		}
+		if err := h.Vtpmd.EnableMetrics(); err != nil {
+			t.Fatal(err)
+		}
+	}
+	f.Start(ctx)
+	a, b := f.Hosts["host-a"], f.Hosts["host-b"]
+	vm := f.CreateVM(ctx, a, name, lab.LinuxSpec(img))
+	if err := b.DefineFrom(ctx, a, vm); err != nil {
+		t.Fatal(err)
+	}
+	if r, err := a.Vtpmd.Ctl(ctx, "vm", "standby", vm.Name, "--on", "host-b"); err != nil || r.Code != 0 {
+		t.Fatalf("vtpmctl vm standby %s --on host-b: %v %s", vm.Name, err, r)
+	} else {
+		t.Logf("vtpmctl vm standby %s --on host-b:\n%s", vm.Name, r.Stdout)
+	}
+	f.WaitTicks(ctx, vm, a.Name, 0, 2, 4*time.Minute)
+	secret := f.VerifyConsole(vm, 2)
+	t.Logf("guest sealed %s on host-a", secret)
+
+	// host-b's replica catches up with the sealed secret.
+	waitFreshReplica(ctx, t, a, b, vm, 2*time.Minute)
+	for _, h := range []*lab.FleetHost{a, b} {
+		r, _ := h.Vtpmd.Ctl(ctx, "vm", "show", vm.Name)
+		t.Logf("vtpmctl vm show %s on %s:\n%s", vm.Name, h.Name, r.Stdout)
+	}
+	logRefreshes(t, a)
+	return f, a, b, vm, secret
 }
 
 // waitFreshReplica waits until standby holds a replica of vm at the
@@ -305,4 +250,98 @@ func sumFamily(m lab.Metrics, name string) float64 {
 		}
 	}
 	return v
+}
+
+// tookOver checks that the guest boots on b, the VM's new owner, finds the
+// secret it sealed before and unseals it, that b owns the VM at generation
+// 2, and that b's audit log has the fence and the promotion (t0: when the
+// old owner failed).
+func tookOver(ctx context.Context, t *testing.T, f *lab.Fleet, vm *lab.VM, b *lab.FleetHost, secret string, t0 time.Time) {
+	t.Helper()
+	f.WaitTicks(ctx, vm, b.Name, 0, 2, 4*time.Minute)
+	served := time.Since(t0)
+	raw, _ := os.ReadFile(b.Path(vm.Serial))
+	c := guest.ParseConsole(raw)
+	if len(c.Sealed) != 0 || len(c.Found) != 1 || c.Found[0] != secret || len(c.Errors) != 0 {
+		t.Fatalf("guest on %s: sealed %v, found %v, errors %v; want the secret %s found\n%s", b.Name, c.Sealed, c.Found, c.Errors, secret, lab.Tail(string(raw), 2000))
+	}
+	for _, tk := range c.Ticks {
+		if tk.Secret != secret || tk.PCR16 != guest.ExpectedPCR16() {
+			t.Fatalf("guest on %s: tick %+v, want secret %s", b.Name, tk, secret)
+		}
+	}
+	t.Logf("guest on %s found its secret %s and unsealed it %d times; its second unseal %v after the owner failed (guest boot under TCG included)",
+		b.Name, secret, len(c.Ticks), served.Round(time.Second))
+	rows, out, err := f.VMList(ctx, b)
+	if err != nil || !rows[vm.UUID].Owned || rows[vm.UUID].Gen != "2" {
+		t.Errorf("%s after the failover: %+v, %v, want owned at generation 2\n%s", b.Name, rows[vm.UUID], err, out)
+	}
+	bc := adminapi.NewClient(b.Vtpmd.Socket)
+	for _, ev := range []string{"host-fenced", "failover-promoted"} {
+		log, err := bc.Audit(ctx, vm.UUID, ev)
+		if err != nil || len(log.Records) == 0 {
+			t.Errorf("%s's audit log: no %s record for %s: %v", b.Name, ev, vm.Name, err)
+			continue
+		}
+		r := log.Records[len(log.Records)-1]
+		t.Logf("%s audit: %s peer %s generation %d: %s", b.Name, r.Event, r.Peer, r.Generation, r.Detail)
+	}
+}
+
+// oldOwnerReturns brings the old owner a back (back), then checks that
+// 'virsh start' of its old copy is refused by the hook naming the rule,
+// that it shreds its copy once b confirms, and that b alone runs the VM.
+func oldOwnerReturns(ctx context.Context, t *testing.T, f *lab.Fleet, vm *lab.VM, a, b *lab.FleetHost, back func() error) {
+	t.Helper()
+	t1 := time.Now()
+	if err := back(); err != nil {
+		t.Fatal(err)
+	}
+	t.Logf("%s back, vtpmd serving, in %v", a.Name, time.Since(t1).Round(time.Millisecond))
+	out, _, err := a.Virsh(ctx, "start", vm.Name)
+	if err == nil {
+		t.Fatalf("%s started its old copy of %s after the failover", a.Name, vm.Name)
+	}
+	if !strings.Contains(out, "rule ") {
+		t.Errorf("%s's refusal does not name its rule: %s", a.Name, out)
+	}
+	t.Logf("%s refuses its old copy: %s", a.Name, strings.TrimSpace(out))
+	ac := adminapi.NewClient(a.Vtpmd.Socket)
+	deadline := time.Now().Add(2 * time.Minute)
+	for {
+		rows, out, err := f.VMList(ctx, a)
+		if err == nil && !rows[vm.UUID].Owned {
+			log, aerr := ac.Audit(ctx, vm.UUID, "stale-copy-shredded")
+			if aerr == nil && len(log.Records) > 0 {
+				t.Logf("%s dropped its copy: %s", a.Name, log.Records[len(log.Records)-1].Detail)
+				break
+			}
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("%s still holds its old copy of %s 2 min after it returned: %+v %v\n%s\n%s", a.Name, vm.Name, rows[vm.UUID], err, out, a.Vtpmd.LogTail(4000))
+		}
+		time.Sleep(time.Second)
+	}
+	if log, err := ac.Audit(ctx, vm.UUID, "start-refused"); err == nil && len(log.Records) > 0 {
+		t.Logf("%s audit: start-refused: %s", a.Name, log.Records[len(log.Records)-1].Detail)
+	}
+	if d, err := a.Hyp.Domain(ctx, vm.UUID); err != nil || d.State == hypervisor.StateRunning {
+		t.Errorf("%s on %s after it returned: %q, %v; want not running", vm.Name, a.Name, d.State, err)
+	}
+	if d, err := b.Hyp.Domain(ctx, vm.UUID); err != nil || d.State != hypervisor.StateRunning {
+		t.Errorf("%s on %s after %s returned: %q, %v", vm.Name, b.Name, a.Name, d.State, err)
+	}
+}
+
+// waitFailovers waits (at most 30 s) until h's vtpmd logged n automatic
+// failovers: the domain may run a moment before Failover returns.
+func waitFailovers(h *lab.FleetHost, n int) ([]lab.FailoverLog, error) {
+	deadline := time.Now().Add(30 * time.Second)
+	for {
+		fos, err := h.Vtpmd.AutomaticFailovers()
+		if err != nil || len(fos) >= n || time.Now().After(deadline) {
+			return fos, err
+		}
+		time.Sleep(200 * time.Millisecond)
+	}
 }
