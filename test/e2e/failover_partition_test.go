@@ -42,13 +42,16 @@ import (
 // never both running (host-a runs the VM at generation 1 only, host-b at 2
 // only).
 //
-// Known failure (2 of 4 runs on 2026-12-07, docs/failover.md "On the libvirt
-// lab"): host-b's start of the promoted domain hangs in the qemu hook's
+// Known failure (3 of 4 runs on 2026-12-07, docs/failover.md "Not built
+// yet"): host-b's start of the promoted domain hangs in the qemu hook's
 // 'prepare begin' until the hook's 2-minute timeout (vtpmd answers only
 // then), the hook lets the start go on, and libvirt fails it with "Secret
-// not found"; the VM stays promoted and shut off on host-b. It runs only
-// with VTPMM_E2E_PARTITION=1 until that is fixed (VTPMM_E2E_DUMP=1 dumps
-// host-b's vtpmd's goroutines 45 s after the fence).
+// not found"; the VM stays promoted and shut off on host-b. The goroutine
+// dump shows startPromoted's virDomainCreate waiting for the hook while the
+// hook's handler, having undefined the secret, is blocked in
+// virSecretDefineXML. It runs only with VTPMM_E2E_PARTITION=1 until that is
+// fixed (VTPMM_E2E_DUMP=1 dumps host-b's vtpmd's goroutines 45 s after the
+// fence).
 func TestE2EFailoverPartition(t *testing.T) {
 	if os.Getenv("VTPMM_E2E_PARTITION") != "1" {
 		t.Skip("known failure: the promoted domain's start can hang in the hook until its timeout on a partition (docs/failover.md); VTPMM_E2E_PARTITION=1 runs it")
