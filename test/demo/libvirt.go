@@ -20,8 +20,9 @@ import (
 // Linux guest moves from host-a to host-b with 'vtpmctl migrate' and keeps
 // unsealing its secret; host-c (tampered boot) is refused; host-a is
 // evacuated (two more VMs, to host-b; host-c left out); host-b loses power
-// and its TPM, and the guest is restored from its escrow bundle onto
-// host-a, where it unseals the same secret (recovery.go). Failures stop the
+// and its standby host-a takes web-1 over (failover.go); host-a then loses
+// power and its TPM, and the guest is restored from its escrow bundle onto
+// host-b, where it unseals the same secret (recovery.go). Failures stop the
 // demo through t (lab.Run cleans up).
 func (d *demo) live(ctx context.Context, t lab.T) {
 	d.part("Part 2: attested live migration on libvirt between three hosts")
@@ -54,6 +55,7 @@ func (d *demo) live(ctx context.Context, t lab.T) {
 	}
 	a, b, c := f.Hosts["host-a"], f.Hosts["host-b"], f.Hosts["host-c"]
 	cust := d.custodians(t, f)
+	d.standbyConfig(ctx, t, f)
 	d.detail("escrow: custodians alice, bob, carol (age X25519 identities in custodians/), threshold 2, in every vtpmd.yaml")
 
 	d.say("vtpmd run on every host (inside its namespaces): the fleet registry forms, a three-member etcd cluster with one member in each vtpmd")
@@ -131,17 +133,18 @@ func (d *demo) live(ctx context.Context, t lab.T) {
 	d.nothingOn(ctx, t, c, vm)
 
 	d.evacuation(ctx, t, f, a, b)
-	d.tpmLoss(ctx, t, f, cust, vm, a, b, secret)
+	d.failover(ctx, t, f, vm, a, b, secret)
+	d.tpmLoss(ctx, t, f, cust, vm, b, a, secret) // web-1 is on host-a now: host-a loses its TPM, web-1 is restored onto host-b
 
-	d.say("The audit trail on host-a: vtpmctl audit")
-	r, err = a.Vtpmd.Ctl(ctx, "audit")
+	d.say("The audit trail on host-b: vtpmctl audit")
+	r, err = b.Vtpmd.Ctl(ctx, "audit")
 	if err != nil || r.Code != 0 {
-		t.Fatalf("vtpmctl audit on host-a: %v %s", err, r)
+		t.Fatalf("vtpmctl audit on host-b: %v %s", err, r)
 	}
 	d.detail("%s", indent(r.Stdout))
 
 	d.say("G1 check on all three hosts: no VM key, in any encoding, in any file or log of vtpmd, libvirt, QEMU or swtpm, nor in the backup bundle")
-	d.scanLab(ctx, t, f, a)
+	d.scanLab(ctx, t, f, b)
 }
 
 // guestImage builds the guest (cached: about a second; the first run

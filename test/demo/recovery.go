@@ -63,11 +63,11 @@ func (d *demo) evacuation(ctx context.Context, t lab.T, f *lab.Fleet, a, b *lab.
 	d.detail("maintenance done: vtpmctl host undrain host-a")
 }
 
-// tpmLoss: web-1's bundle is written on host-b; host-b loses power and
-// its TPM; the operator retires it and restores web-1 onto host-a with 2 of
+// tpmLoss: web-1's bundle is written on b (its owner); b loses power and
+// its TPM; the operator retires it and restores web-1 onto a with 2 of
 // the 3 custodians; the guest boots there and finds its secret.
 func (d *demo) tpmLoss(ctx context.Context, t lab.T, f *lab.Fleet, c *lab.Custodians, vm *lab.VM, a, b *lab.FleetHost, secret string) {
-	d.say("Disaster recovery: vtpmctl backup web-1 on host-b (bundle for custodians alice, bob, carol; any 2 restore)")
+	d.say("Disaster recovery: vtpmctl backup web-1 on %s (bundle for custodians alice, bob, carol; any 2 restore)", b.Name)
 	rep, err := f.Backup(ctx, b, filepath.Join(f.Net.Dir, "backup"), vm.Name)
 	if err != nil {
 		t.Fatal(err)
@@ -75,7 +75,7 @@ func (d *demo) tpmLoss(ctx context.Context, t lab.T, f *lab.Fleet, c *lab.Custod
 	bundle := rep.Items[0].Path
 	d.detail("%s: %d bytes, generation %d, %d host TPM commands, %s", strings.TrimPrefix(bundle, f.Net.Dir+"/"), rep.Items[0].Bytes, rep.Items[0].Generation, rep.TPMCommands, dur(rep.Took))
 
-	d.say("host-b loses power (libvirtd, QEMU, vtpmd, host TPM SIGKILLed at once) and its TPM dies (state wiped); the operator retires it")
+	d.say("%s loses power (libvirtd, QEMU, vtpmd, host TPM SIGKILLed at once) and its TPM dies (state wiped); the operator retires it", b.Name)
 	if err := b.PowerOff(); err != nil {
 		t.Fatal(err)
 	}
@@ -88,12 +88,12 @@ func (d *demo) tpmLoss(ctx context.Context, t lab.T, f *lab.Fleet, c *lab.Custod
 			break
 		}
 		if err != nil || r.Code != 2 || time.Now().After(deadline) {
-			t.Fatalf("vtpmctl host retire host-b: %v %s", err, r)
+			t.Fatalf("vtpmctl host retire %s: %v %s", b.Name, err, r)
 		}
 	}
-	d.detail("vtpmctl host retire host-b (once its liveness lease expired):\n     %s", indent(r.Stdout))
+	d.detail("vtpmctl host retire %s (once its liveness lease expired):\n     %s", b.Name, indent(r.Stdout))
 
-	d.say("vtpmctl restore BUNDLE --to host-a with alice's and carol's identities (bob alone is refused), then virsh start web-1 on host-a")
+	d.say("vtpmctl restore BUNDLE --to %s with alice's and carol's identities (bob alone is refused), then virsh start web-1 on %s", a.Name, a.Name)
 	xml, err := os.ReadFile(b.Path("/etc/libvirt/qemu/" + vm.Name + ".xml"))
 	if err == nil {
 		err = os.WriteFile(a.Path("/var/lib/libvirt/"+vm.Name+".xml"), xml, 0o600)
@@ -102,7 +102,7 @@ func (d *demo) tpmLoss(ctx context.Context, t lab.T, f *lab.Fleet, c *lab.Custod
 		t.Fatal(err)
 	}
 	if out, _, err := a.Virsh(ctx, "define", "/var/lib/libvirt/"+vm.Name+".xml"); err != nil {
-		t.Fatalf("virsh define on host-a: %v %s", err, out)
+		t.Fatalf("virsh define on %s: %v %s", a.Name, err, out)
 	}
 	restore := func(ids ...string) (lab.Result, error) {
 		return f.OperatorCtlOn(ctx, a, append([]string{"restore", bundle, "--to", a.Name}, c.IdentityArgs(ids...)...)...)
@@ -112,7 +112,7 @@ func (d *demo) tpmLoss(ctx context.Context, t lab.T, f *lab.Fleet, c *lab.Custod
 	} else {
 		d.detail("bob alone: refused (exit 2): %s", firstLine(strings.TrimSpace(r.Stderr)))
 	}
-	var from int64 // where host-a's console log of web-1 ends (it ran there before)
+	var from int64 // where a's console log of web-1 ends (it ran there before)
 	if st, err := os.Stat(a.Path(vm.Serial)); err == nil {
 		from = st.Size()
 	}
@@ -121,22 +121,22 @@ func (d *demo) tpmLoss(ctx context.Context, t lab.T, f *lab.Fleet, c *lab.Custod
 		t.Fatalf("vtpmctl restore: %v %s", err, r)
 	}
 	if out, _, err := a.Virsh(ctx, "start", vm.Name); err != nil {
-		t.Fatalf("virsh start web-1 on host-a: %v %s", err, out)
+		t.Fatalf("virsh start web-1 on %s: %v %s", a.Name, err, out)
 	}
 	if dom, err := a.Hyp.Domain(ctx, vm.UUID); err != nil || dom.State != hypervisor.StateRunning {
-		t.Fatalf("web-1 on host-a: %q, %v", dom.State, err)
+		t.Fatalf("web-1 on %s: %q, %v", a.Name, dom.State, err)
 	}
 	d.detail("%s", indent(r.Stdout))
-	d.detail("web-1 running on host-a %s after the restore command", dur(time.Since(t0)))
+	d.detail("web-1 running on %s %s after the restore command", a.Name, dur(time.Since(t0)))
 
-	d.say("The guest boots on host-a, finds its sealed secret in the restored vTPM and unseals it")
+	d.say("The guest boots on %s, finds its sealed secret in the restored vTPM and unseals it", a.Name)
 	con := waitBoot(ctx, t, a.Path(vm.Serial), from, 2, 3*time.Minute)
 	if len(con.Found) != 1 || con.Found[0] != secret || len(con.Sealed) != 0 || len(con.Errors) != 0 {
-		t.Fatalf("web-1 on host-a: found %v, errors %v, want %s", con.Found, con.Errors, secret)
+		t.Fatalf("web-1 on %s: found %v, errors %v, want %s", a.Name, con.Found, con.Errors, secret)
 	}
 	for _, tk := range con.Ticks {
 		if tk.Secret != secret {
-			t.Fatalf("web-1 on host-a unsealed %+v, want %s", tk, secret)
+			t.Fatalf("web-1 on %s unsealed %+v, want %s", a.Name, tk, secret)
 		}
 	}
 	d.console(f, vm, a, 3)
@@ -144,8 +144,8 @@ func (d *demo) tpmLoss(ctx context.Context, t lab.T, f *lab.Fleet, c *lab.Custod
 	if err != nil {
 		t.Fatal(err)
 	}
-	d.detail("%s", fmt.Sprintf("the same secret %s after the TPM loss; host-a owns web-1 at generation %s, above every copy host-b ever had",
-		secret, rows[vm.UUID].Gen))
+	d.detail("%s", fmt.Sprintf("the same secret %s after the TPM loss; %s owns web-1 at generation %s, above every copy %s ever had",
+		secret, a.Name, rows[vm.UUID].Gen, b.Name))
 }
 
 // waitBoot waits until the console log at path, read from byte from (or

@@ -61,7 +61,7 @@ func (d *demo) run(ctx context.Context) error {
 		d.removeDirs()
 	}
 	d.summary()
-	fmt.Fprintf(d.out, "\nDEMO OK: vTPM keys stay bound to their host's TPM and boot state; a Linux guest's sealed secret survived a restart and a live migration on libvirt to an attested host, recorded in the fleet registry (etcd, embedded in the three vtpmds; each host enrolled once); the untrusted host was refused and got nothing; host-a was evacuated to attested hosts; after a host lost its TPM, its guest came back from a 2-of-3 escrow bundle with the same secret (%s)\n",
+	fmt.Fprintf(d.out, "\nDEMO OK: vTPM keys stay bound to their host's TPM and boot state; a Linux guest's sealed secret survived a restart and a live migration on libvirt to an attested host, recorded in the fleet registry (etcd, embedded in the three vtpmds; each host enrolled once); the untrusted host was refused and got nothing; host-a was evacuated to attested hosts; when web-1's host lost power, its standby fenced it, promoted its replica and restarted the guest with the same secret, and the old host refused its copy; after a host lost its TPM, its guest came back from a 2-of-3 escrow bundle with the same secret (%s)\n",
 		dur(time.Since(d.start)))
 	return nil
 }

@@ -69,7 +69,7 @@ func (d *Daemon) tryFailovers(ctx context.Context) {
 			d.log.WithError(err).WithField("vm", r.Request.VM).Warn("automatic failover did not promote this host")
 			continue
 		}
-		d.log.WithFields(logrus.Fields{"vm": rep.VM, "from": rep.From, "generation": rep.Generation, "fence": rep.Fence,
+		d.log.WithFields(logrus.Fields{"vm": rep.VM, "from": rep.From, "generation": rep.Generation, "began": rep.Began, "fence": rep.Fence,
 			"promote": rep.Promote, "start": rep.Start, "started": rep.Started}).Warn("automatic failover done")
 	}
 }
