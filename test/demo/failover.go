@@ -82,7 +82,7 @@ func (d *demo) failover(ctx context.Context, t lab.T, f *lab.Fleet, vm *lab.VM, 
 		time.Sleep(100 * time.Millisecond)
 	}
 	running := time.Since(t0)
-	fos, err := a.Vtpmd.AutomaticFailovers()
+	fos, err := a.Vtpmd.WaitAutomaticFailovers(1, 30*time.Second)
 	if err != nil || len(fos) != 1 {
 		t.Fatalf("%s's automatic failovers: %+v, %v", a.Name, fos, err)
 	}

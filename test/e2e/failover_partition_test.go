@@ -139,7 +139,7 @@ func TestE2EFailoverPartition(t *testing.T) {
 		t.Errorf("host-a after the fence: %s", why)
 	}
 	t.Logf("%s running on host-b %v after the fence was let through", vm.Name, time.Since(tf).Round(time.Millisecond))
-	if fos, err := waitFailovers(b, 1); err != nil || len(fos) != 1 {
+	if fos, err := b.Vtpmd.WaitAutomaticFailovers(1, 30*time.Second); err != nil || len(fos) != 1 {
 		t.Errorf("host-b's automatic failovers: %+v, %v, want 1", fos, err)
 	} else {
 		t.Logf("host-b's failover: fence %v (the gate included), promotion %v, start %v", fos[0].Fence.Round(time.Millisecond),

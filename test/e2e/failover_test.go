@@ -84,7 +84,7 @@ func TestE2EFailover(t *testing.T) {
 	m := scrape(ctx, t, b)
 	phases := m.Family("vtpmm_failover_phase_seconds_sum", "phase")
 	fence, promote, start := secs(phases["fence"]), secs(phases["promote"]), secs(phases["start"])
-	fos, err := waitFailovers(b, 1)
+	fos, err := b.Vtpmd.WaitAutomaticFailovers(1, 30*time.Second)
 	if err != nil || len(fos) != 1 || fos[0].Began.IsZero() || fos[0].Generation != 2 || !fos[0].Started {
 		t.Fatalf("host-b's automatic failovers: %+v, %v, want one at generation 2, started\n%s", fos, err, b.Vtpmd.LogTail(6000))
 	}
@@ -330,18 +330,5 @@ func oldOwnerReturns(ctx context.Context, t *testing.T, f *lab.Fleet, vm *lab.VM
 	}
 	if d, err := b.Hyp.Domain(ctx, vm.UUID); err != nil || d.State != hypervisor.StateRunning {
 		t.Errorf("%s on %s after %s returned: %q, %v", vm.Name, b.Name, a.Name, d.State, err)
-	}
-}
-
-// waitFailovers waits (at most 30 s) until h's vtpmd logged n automatic
-// failovers: the domain may run a moment before Failover returns.
-func waitFailovers(h *lab.FleetHost, n int) ([]lab.FailoverLog, error) {
-	deadline := time.Now().Add(30 * time.Second)
-	for {
-		fos, err := h.Vtpmd.AutomaticFailovers()
-		if err != nil || len(fos) >= n || time.Now().After(deadline) {
-			return fos, err
-		}
-		time.Sleep(200 * time.Millisecond)
 	}
 }

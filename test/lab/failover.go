@@ -105,3 +105,17 @@ func (v *Vtpmd) AutomaticFailovers() ([]FailoverLog, error) {
 	}
 	return out, nil
 }
+
+// WaitAutomaticFailovers waits (at most timeout) until the vtpmd logged n
+// automatic failovers: the domain may run a moment before the failover
+// returns and logs.
+func (v *Vtpmd) WaitAutomaticFailovers(n int, timeout time.Duration) ([]FailoverLog, error) {
+	deadline := time.Now().Add(timeout)
+	for {
+		fos, err := v.AutomaticFailovers()
+		if err != nil || len(fos) >= n || time.Now().After(deadline) {
+			return fos, err
+		}
+		time.Sleep(200 * time.Millisecond)
+	}
+}
