@@ -101,8 +101,8 @@ type Enrolment struct {
 // the motherboard).
 type ReplacedIdentity struct {
 	Identity Identity  `json:"identity"`
-	At       time.Time `json:"at"`          // when it was enrolled
-	Replaced time.Time `json:"replaced_at"` // when Reenroll replaced it
+	At       time.Time `json:"at"`           // when it was enrolled
+	Replaced time.Time `json:"replaced_at"`  // when Reenroll replaced it
 	By       string    `json:"by,omitempty"` // who replaced it
 }
 
