@@ -194,3 +194,34 @@ func TestReenrollNoQuorum(t *testing.T) {
 	_, err := f.op.Reenroll(f.ctx, registry.Enrolment{Host: "host-f", Identity: registrytest.Identity("host-f2")})
 	mustErrIs(t, err, registry.ErrNoQuorum)
 }
+
+// TestRestoreOntoOwner: a restore onto the VM's own owner (its TPM was
+// replaced and it was re-enrolled) opens a transaction from the owner to
+// itself and commits it at the next generation, which fences every copy
+// of the old TPM; without a transaction (a commit without Begin) a batch
+// from a host to itself stays refused. Real etcd and the fake.
+func TestRestoreOntoOwner(t *testing.T) {
+	for _, impl := range impls {
+		t.Run(impl.name, func(t *testing.T) {
+			f := impl.fleet(t)
+			if _, err := f.op.CreateVM(f.ctx, "vm-self", "host-a"); err != nil {
+				t.Fatal(err)
+			}
+			_, err := f.op.Commit(f.ctx, batch("", "host-a", "host-a", gen("vm-self", 1)))
+			mustErrIs(t, err, registry.ErrBadRecord)
+			b := batch("restore-1", "host-a", "host-a", gen("vm-self", 1))
+			if _, err := f.op.Begin(f.ctx, b); err != nil {
+				t.Fatal(err)
+			}
+			if vm := f.vm(t, "vm-self"); vm.Owner != "host-a" || vm.Generation != 1 || vm.Tx == nil || vm.Tx.To != "host-a" {
+				t.Fatalf("after Begin: %+v", vm)
+			}
+			if _, err := f.op.Commit(f.ctx, b); err != nil {
+				t.Fatal(err)
+			}
+			if vm := f.vm(t, "vm-self"); vm.Owner != "host-a" || vm.Generation != 2 || vm.Tx != nil {
+				t.Fatalf("after Commit: %+v", vm)
+			}
+		})
+	}
+}
