@@ -9,6 +9,7 @@ import (
 	"time"
 
 	"github.com/vtpmm/vtpmm/internal/adminapi"
+	"github.com/vtpmm/vtpmm/migrate/escrow"
 	"github.com/vtpmm/vtpmm/migrate/recovery"
 	"github.com/vtpmm/vtpmm/migrate/registry"
 	"github.com/vtpmm/vtpmm/migrate/registry/operator"
@@ -134,6 +135,14 @@ func TestReenrolAfterTPMReplaced(t *testing.T) {
 	if _, _, err := b.Daemon().Host().Keys().Get(ctx, db.UUID); err == nil {
 		t.Fatal("host-b's new vault holds a key of db")
 	}
+	// The old copy (its domain and encrypted vTPM state, still on host-b)
+	// does not start: the hook's start refuses it, naming the rule and
+	// what the registry records.
+	_, err = b.Admin().HookPrepare(ctx, adminapi.HookRequest{UUID: db.UUID, Name: db.Name})
+	if err == nil || !strings.Contains(err.Error(), "rule key-held") || !strings.Contains(err.Error(), "the registry records host-b as its owner at generation 1") {
+		t.Fatalf("starting the old copy on host-b: %v", err)
+	}
+	t.Logf("the old copy on host-b: %v", err)
 	// Restore onto its owner, host-b itself (--force: it is its owner).
 	if _, err := r.Restore(ctx, recovery.Request{Bundle: bundle, Identities: two, VM: db.UUID, Dest: fleet.HostB}); err == nil {
 		t.Fatal("restore onto the owner itself without --force succeeded")
@@ -156,5 +165,9 @@ func TestReenrolAfterTPMReplaced(t *testing.T) {
 	}
 	if s, err := b.TenantSecret(ctx, db); err != nil || s != want {
 		t.Fatalf("the tenant's secret after the restore onto host-b: %q, %v; want %q", s, err, want)
+	}
+	// The same bundle again: older than the restored generation.
+	if _, err := r.Restore(ctx, recovery.Request{Bundle: bundle, Identities: two, VM: db.UUID, Dest: fleet.HostB, Force: true}); !errors.Is(err, escrow.ErrStaleBundle) {
+		t.Errorf("the replayed bundle: %v, want ErrStaleBundle", err)
 	}
 }
