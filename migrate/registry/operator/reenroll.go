@@ -69,7 +69,7 @@ func Reenroll(ctx context.Context, op *registry.Client, admin *adminapi.Client, 
 		return rep, fmt.Errorf("re-enrol %s: it has not registered a new TPM identity within %v (run vtpmd init on its new TPM and start vtpmd); or give its address", host, wait)
 	}
 	t1 := time.Now()
-	info, err := admin.EnrollWith(ctx, host, adminapi.EnrollRequest{Addr: opts.Addr})
+	info, err := admin.EnrollWith(ctx, host, adminapi.EnrollRequest{Addr: opts.Addr, Replaces: rep.Old.EK})
 	rep.Check = time.Since(t1)
 	rep.Info = info
 	if err != nil {

@@ -117,6 +117,18 @@ func TestReenrolAfterTPMReplaced(t *testing.T) {
 	if rr.Old != old || rr.New.EK == old.EK || rr.New.AK == old.AK {
 		t.Fatalf("report: old %+v new %+v, enrolled before %+v", rr.Old, rr.New, old)
 	}
+	// The relay's audit log names both TPMs.
+	log, err := a.Admin().Audit(ctx, "", "host-enrolled")
+	if err != nil {
+		t.Fatal(err)
+	}
+	audited := false
+	for _, rec := range log.Records {
+		audited = audited || (rec.Peer == fleet.HostB && rec.Rule == "identity-retired" && strings.Contains(rec.Detail, rr.New.EK) && strings.Contains(rec.Detail, rr.Old.EK))
+	}
+	if !audited {
+		t.Errorf("no audit record of the re-enrolment naming EK %s… and EK %s…: %+v", rr.New.EK[:16], rr.Old.EK[:16], log.Records)
+	}
 	hv, err = op.Hosts(ctx, fleet.HostB)
 	if err != nil {
 		t.Fatal(err)
