@@ -29,8 +29,8 @@ func reenrollCommand(e *env, rf *registryFlags, client func() *adminapi.Client) 
 			"record, never trusted again. The VMs HOST owned stay at their generations: restore them from\n" +
 			"their bundles (vtpmctl restore BUNDLE --to HOST). Refused (exit 2): HOST not retired (rule\n" +
 			"reenroll-needs-retired), the identity it is enrolled with (reenroll-new-identity), a TPM it was\n" +
-			"enrolled with before (identity-retired), HOST not enrolled, its TPM check failing. Exit 6 when\n" +
-			"the registry has no quorum.",
+			"enrolled with before (identity-retired), HOST not enrolled, its TPM check failing. Exit 5 when\n" +
+			"HOST's records changed meanwhile (nothing written), 6 when the registry has no quorum.",
 		Args: cobra.ExactArgs(1),
 		RunE: func(cmd *cobra.Command, args []string) error {
 			host := args[0]
@@ -54,10 +54,14 @@ func reenrollCommand(e *env, rf *registryFlags, client func() *adminapi.Client) 
 	return c
 }
 
-// reenrollExit: the re-enrolment's refusals exit 2, no quorum 6.
+// reenrollExit: the re-enrolment's refusals exit 2, a concurrent change
+// of the host's records 5 (busy: nothing written, run it again), no quorum 6.
 func reenrollExit(err error) error {
+	if errors.Is(err, registry.ErrConflict) {
+		return &exitError{code: 5, err: err}
+	}
 	for _, s := range []error{registry.ErrNotRetired, registry.ErrSameIdentity, registry.ErrIdentityRetired, registry.ErrNotEnrolled,
-		registry.ErrConflict, operator.ErrIdentityMismatch, errclass.Refused} {
+		operator.ErrIdentityMismatch, errclass.Refused} {
 		if errors.Is(err, s) {
 			return &exitError{code: exitRefused, err: err}
 		}

@@ -18,12 +18,14 @@ import (
 )
 
 // TestReenrollCommand drives 'vtpmctl host reenroll' as an operator types
-// it: refused for an active host (exit 2, rule reenroll-needs-retired)
+// it: refused for a host on its enrolled TPM (exit 2, nothing to replace)
 // and an unknown one (exit 2), exit 6 when the registry cannot be
-// reached; then host-b's TPM is lost, host-b retired, given a new TPM
-// (vtpmd init): 'host enroll' still refuses it (rule enrolled-once, naming
-// 'host reenroll'), 'host reenroll' replaces its identity (exit 0, naming
-// the old and new EK), a second one is refused (exit 2), and its VM is
+// reached; then host-b's TPM is lost and replaced (vtpmd init): 'host
+// enroll' still refuses it (rule enrolled-once, naming 'host reenroll'),
+// 'host reenroll' refuses it until it is retired (exit 2, rule
+// reenroll-needs-retired; retire --force, since it is live again), then
+// replaces its identity (exit 0, naming
+// the old and new EK), a second one finds nothing to replace (exit 2), and its VM is
 // restored onto it (restore --to host-b --force, exit 0).
 func TestReenrollCommand(t *testing.T) {
 	t.Parallel()
@@ -64,8 +66,8 @@ func TestReenrollCommand(t *testing.T) {
 	}
 
 	reenroll := append([]string{"host", "reenroll", fleet.HostB, "--wait", "20s"}, op...)
-	if s := ctl(2, reenroll...); !strings.Contains(s, "rule reenroll-needs-retired") || !strings.Contains(s, "vtpmctl host retire host-b") {
-		t.Errorf("reenroll of an active host:\n%s", s)
+	if s := ctl(2, reenroll...); !strings.Contains(s, "nothing to replace (rule reenroll-new-identity)") {
+		t.Errorf("reenroll of a host on its enrolled TPM:\n%s", s)
 	}
 	if s := ctl(2, append([]string{"host", "reenroll", "host-z"}, op...)...); !strings.Contains(s, "rule enrolled") {
 		t.Errorf("reenroll of an unknown host:\n%s", s)
@@ -80,18 +82,12 @@ func TestReenrollCommand(t *testing.T) {
 		t.Errorf("reenroll without a registry:\n%s", s)
 	}
 
+	// host-b's TPM is replaced before the operator retired it: its new
+	// TPM is not enrolled until it is (rule reenroll-needs-retired); a
+	// host back and live is retired with --force.
 	b := f.InProcHost(fleet.HostB)
 	if err := b.LoseTPM(ctx); err != nil {
 		t.Fatal(err)
-	}
-	for deadline := time.Now().Add(30 * time.Second); ; time.Sleep(250 * time.Millisecond) {
-		code, s, e := runCtl(t, append([]string{"host", "retire", fleet.HostB}, op...)...)
-		if code == 0 {
-			break
-		}
-		if code != 2 || time.Now().After(deadline) {
-			t.Fatalf("retire after the loss: exit %d\n%s%s", code, s, e)
-		}
 	}
 	if err := b.ReplaceTPM(ctx); err != nil {
 		t.Fatal(err)
@@ -110,11 +106,15 @@ func TestReenrollCommand(t *testing.T) {
 			t.Fatalf("host enroll of a replaced TPM: exit %d\n%s%s", code, s, e)
 		}
 	}
+	if s := ctl(2, reenroll...); !strings.Contains(s, "rule reenroll-needs-retired") || !strings.Contains(s, "vtpmctl host retire host-b") {
+		t.Errorf("reenroll of a host not retired:\n%s", s)
+	}
+	ctl(0, append([]string{"host", "retire", fleet.HostB, "--force"}, op...)...)
 	s := ctl(0, reenroll...)
 	if !strings.Contains(s, "host-b re-enrolled in the fleet registry by root") || !strings.Contains(s, "(never trusted again)") || !strings.Contains(s, "host-b is active") {
 		t.Errorf("reenroll:\n%s", s)
 	}
-	if s := ctl(2, reenroll...); !strings.Contains(s, "rule reenroll-needs-retired") {
+	if s := ctl(2, reenroll...); !strings.Contains(s, "nothing to replace (rule reenroll-new-identity)") {
 		t.Errorf("reenroll again:\n%s", s)
 	}
 	restore := append([]string{"restore", files[0].Path, "--to", fleet.HostB, "--identity", keys["alice"], "--identity", keys["carol"]}, op...)

@@ -13,12 +13,17 @@ import (
 // new identity, with old's identity appended to Replaced. It is the rule
 // table both the registry and its fake apply:
 //
-//   - the host is fenced (retired): ErrNotRetired, rule reenroll-needs-retired;
 //   - e's identity is not old's: ErrSameIdentity, rule reenroll-new-identity;
+//   - the host is fenced (retired): ErrNotRetired, rule reenroll-needs-retired;
 //   - neither e's EK nor its AK is old's or one replaced before:
 //     ErrIdentityRetired, rule identity-retired (a dead or stolen TPM is
 //     never trusted again).
 func Reenrolment(old Enrolment, state HostState, e Enrolment, now time.Time) (Enrolment, error) {
+	if e.Identity == old.Identity {
+		// Also what a re-enrolment sent again after an unknown outcome
+		// (ErrNoQuorum) finds when the first one took effect.
+		return Enrolment{}, fmt.Errorf("%w: EK %s…, AK %s…: nothing to replace (rule reenroll-new-identity)", ErrSameIdentity, short(e.Identity.EK), short(e.Identity.AK))
+	}
 	if state != StateFenced {
 		s := string(state)
 		if s == "" {
@@ -26,9 +31,6 @@ func Reenrolment(old Enrolment, state HostState, e Enrolment, now time.Time) (En
 		}
 		return Enrolment{}, fmt.Errorf("%w: %s is %s; retire it first (vtpmctl host retire %s): only a retired host's TPM identity is replaced (rule reenroll-needs-retired)",
 			ErrNotRetired, e.Host, s, e.Host)
-	}
-	if e.Identity == old.Identity {
-		return Enrolment{}, fmt.Errorf("%w: EK %s…, AK %s…: nothing to replace (rule reenroll-new-identity)", ErrSameIdentity, short(e.Identity.EK), short(e.Identity.AK))
 	}
 	replaced := append(append([]ReplacedIdentity(nil), old.Replaced...),
 		ReplacedIdentity{Identity: old.Identity, At: old.At, Replaced: now.UTC(), By: e.By})

@@ -51,8 +51,16 @@ func Reenroll(ctx context.Context, op *registry.Client, admin *adminapi.Client, 
 		}
 		rep.Old = h.Enrolment.Identity
 		if h.State != registry.StateFenced {
-			// Refused before any TPM work; the registry checks it again.
-			_, err := registry.Reenrolment(*h.Enrolment, h.State, registry.Enrolment{Host: host}, time.Now())
+			// Refused before any TPM work (the registry checks it again):
+			// the TPM it registered is the enrolled one (nothing to
+			// replace: also a re-enrolment run again after its outcome was
+			// unknown), or it is not retired.
+			probe := registry.Enrolment{Host: host}
+			if h.Host != nil {
+				probe.Identity = h.Host.Identity
+				probe.Identity.MK = h.Enrolment.Identity.MK
+			}
+			_, err := registry.Reenrolment(*h.Enrolment, h.State, probe, time.Now())
 			return rep, fmt.Errorf("re-enrol %s: %w", host, err)
 		}
 		registered = h.Host

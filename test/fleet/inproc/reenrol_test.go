@@ -60,10 +60,10 @@ func TestReenrolAfterTPMReplaced(t *testing.T) {
 	}
 	old := hv.Hosts[fleet.HostB].Enrolment.Identity
 
-	// A live, active host is not re-enrolled (rule reenroll-needs-retired).
-	if _, err := operator.Reenroll(ctx, op, a.Admin(), fleet.HostB, operator.EnrollOptions{Wait: time.Second}); !errors.Is(err, registry.ErrNotRetired) ||
-		!strings.Contains(err.Error(), "rule reenroll-needs-retired") {
-		t.Fatalf("re-enrolling an active host: %v", err)
+	// A host on the TPM it is enrolled with: nothing to replace.
+	if _, err := operator.Reenroll(ctx, op, a.Admin(), fleet.HostB, operator.EnrollOptions{Wait: time.Second}); !errors.Is(err, registry.ErrSameIdentity) ||
+		!strings.Contains(err.Error(), "rule reenroll-new-identity") {
+		t.Fatalf("re-enrolling a host on its enrolled TPM: %v", err)
 	}
 
 	// host-b's TPM dies; the operator retires it.
@@ -137,8 +137,8 @@ func TestReenrolAfterTPMReplaced(t *testing.T) {
 	if hb.State != registry.StateActive || hb.Enrolment.Identity.EK != rr.New.EK || len(hb.Enrolment.Replaced) != 1 || hb.Enrolment.Replaced[0].Identity != old {
 		t.Fatalf("host-b after re-enrolment: %s %+v", hb.State, hb.Enrolment)
 	}
-	// Again: nothing to replace, and it is active anyway.
-	if _, err := operator.Reenroll(ctx, op, a.Admin(), fleet.HostB, operator.EnrollOptions{Wait: time.Second}); !errors.Is(err, registry.ErrNotRetired) {
+	// Again (as after an unknown outcome): nothing to replace.
+	if _, err := operator.Reenroll(ctx, op, a.Admin(), fleet.HostB, operator.EnrollOptions{Wait: time.Second}); !errors.Is(err, registry.ErrSameIdentity) {
 		t.Fatalf("re-enrolling again: %v", err)
 	}
 
