@@ -185,6 +185,10 @@ type verified struct {
 	mkPublic []byte
 	digest   []byte
 	at       time.Time
+	// ak is the AK name the evidence was verified under: the entry is
+	// reused only while it is still the AK enrolled for the host (a host
+	// re-enrolled with a new TPM invalidates it, rule identity-retired).
+	ak []byte
 }
 
 // NewNode builds a Node.

@@ -1,6 +1,7 @@
 package migrate
 
 import (
+	"bytes"
 	"context"
 	"crypto/hmac"
 	"encoding/hex"
@@ -275,7 +276,16 @@ func (n *Node) destEvidence(ctx context.Context, peer Peer, dest string, res *Re
 	v, ok := n.cache[dest]
 	n.cacheMu.Unlock()
 	if ok && n.cfg.EvidenceMaxAge > 0 && n.cfg.Now().Sub(v.at) < n.cfg.EvidenceMaxAge {
-		return v, true, nil
+		if n.stillEnrolled(ctx, dest, v.ak) {
+			return v, true, nil
+		}
+		// dest's enrolment changed since (its TPM was replaced and it was
+		// re-enrolled): evidence of the replaced TPM is never used again.
+		n.cacheMu.Lock()
+		if c, ok := n.cache[dest]; ok && bytes.Equal(c.ak, v.ak) {
+			delete(n.cache, dest)
+		}
+		n.cacheMu.Unlock()
 	}
 	if n.cfg.Verifier == nil {
 		return verified{}, false, fmt.Errorf("migrate to %s: %w: this host has no attestation policy configured, so it cannot verify any destination", dest, ErrRefused)
@@ -303,11 +313,23 @@ func (n *Node) destEvidence(ctx context.Context, peer Peer, dest string, res *Re
 	if err != nil {
 		return verified{}, false, fmt.Errorf("migrate to %s: verify evidence: %w", dest, err)
 	}
-	v = verified{mkPublic: r.MKPublic, digest: digest(resp.Evidence), at: n.cfg.Now()}
+	v = verified{mkPublic: r.MKPublic, digest: digest(resp.Evidence), at: n.cfg.Now(), ak: r.AKName}
 	n.cacheMu.Lock()
 	n.cache[dest] = v
 	n.cacheMu.Unlock()
 	return v, false, nil
+}
+
+// stillEnrolled reports whether ak is still the AK enrolled for host (the
+// latest record of its enrolment store; in registry mode the operator's
+// record). A store that cannot tell, or fails, says no: the caller then
+// verifies fresh evidence.
+func (n *Node) stillEnrolled(ctx context.Context, host string, ak []byte) bool {
+	if n.cfg.Verifier == nil || n.cfg.Verifier.Enrollments == nil || len(ak) == 0 {
+		return false
+	}
+	e, err := attest.EnrolledHost(ctx, n.cfg.Verifier.Enrollments, host)
+	return err == nil && e != nil && bytes.Equal(e.AKName, ak)
 }
 
 func (n *Node) wrap(tx Tx, v verified, keys map[string]vtpm.VMKey) (*PrepareRequest, error) {

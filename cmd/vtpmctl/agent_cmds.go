@@ -208,6 +208,7 @@ func agentCommands(e *env) []*cobra.Command {
 	host.AddCommand(enroll, hostList)
 	host.AddCommand(hostStateCommands(e, rf)...)
 	host.AddCommand(retireCommand(e, rf))
+	host.AddCommand(reenrollCommand(e, rf, client))
 	rf.add(host)
 	reg := registryCommands(e, &socket)
 	evac := evacuateCommand(e, client, rf)

@@ -161,6 +161,10 @@ type EnrollRequest struct {
 	// Addr is HOST's agent wire address, when neither the static peers
 	// nor the fleet registry know it yet.
 	Addr string `json:"addr,omitempty"`
+	// Replaces is the EK digest (hex) of the TPM identity the checked one
+	// is to replace (vtpmctl host reenroll): vtpmd's audit record of the
+	// check names both.
+	Replaces string `json:"replaces,omitempty"`
 }
 
 // EnrollInfo is the answer of POST PathHosts/{host}/enroll: the verified

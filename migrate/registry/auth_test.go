@@ -92,6 +92,15 @@ func TestRBAC(t *testing.T) {
 		}
 	}
 
+	// Nor re-enrol a retired host: its read passes the rules, its write is
+	// refused.
+	if err := op.SetState(ctx, "host-b", registry.StateFenced); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := a.Reenroll(ctx, registry.Enrolment{Host: "host-b", Identity: registrytest.Identity("host-b2")}); !errorsIs(err, registry.ErrPermission) {
+		t.Errorf("host-a re-enrolling host-b: %v, want permission denied", err)
+	}
+
 	// The operator can.
 	if err := op.SetState(ctx, "host-b", registry.StateDraining); err != nil {
 		t.Fatal(err)

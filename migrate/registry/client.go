@@ -47,6 +47,9 @@ type Client struct {
 	keeping   bool
 	liveUntil atomic.Int64 // unix nanos until which the lease is known alive
 	abandon   atomic.Bool  // Close leaves the lease to expire (Abandon)
+	// enrolChanges counts the enrolment changes the watch
+	// delivered (and every (re)start of the watch): EnrolmentChanges.
+	enrolChanges atomic.Uint64
 }
 
 var _ Registry = (*Client)(nil)
@@ -124,8 +127,9 @@ func OpenClient(ctx context.Context, in Config) (_ *Client, err error) {
 	}
 	c.kv = NewCountingKV(c.cli.KV)
 	if !cfg.NoFollow {
-		c.wg.Add(1)
+		c.wg.Add(2)
 		go c.followVMs()
+		go c.followEnrolments()
 	}
 	return c, nil
 }

@@ -116,7 +116,7 @@ func TestBatchLimits(t *testing.T) {
 	}
 	_, err = f.a.Commit(f.ctx, batch("tx", "host-a", "host-b", gen("x", 1), gen("x", 1)))
 	mustErrIs(t, err, registry.ErrBadRecord)
-	_, err = f.a.Commit(f.ctx, batch("tx", "host-a", "host-a", gen("x", 1)))
+	_, err = f.a.Commit(f.ctx, batch("", "host-a", "host-a", gen("x", 1)))
 	mustErrIs(t, err, registry.ErrBadRecord)
 
 	// The server's limit (1024 in embedded members) when the client is

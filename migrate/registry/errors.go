@@ -39,6 +39,16 @@ var (
 	// ErrHostLive (rule owner-not-live): a takeover that requires the old
 	// owner's liveness lease to be gone found it live.
 	ErrHostLive = errors.New("host is still live")
+	// ErrNotRetired (rule reenroll-needs-retired): a host's TPM identity
+	// is replaced only while the host is fenced (vtpmctl host retire).
+	ErrNotRetired = errors.New("host is not retired")
+	// ErrSameIdentity (rule reenroll-new-identity): a re-enrolment
+	// presented the identity the host is enrolled with: nothing to replace.
+	ErrSameIdentity = errors.New("host is already enrolled with this TPM identity")
+	// ErrIdentityRetired (rule identity-retired): a re-enrolment presented
+	// (part of) a TPM identity the host was enrolled with before; a
+	// replaced TPM (dead, stolen) is never trusted again.
+	ErrIdentityRetired = errors.New("TPM identity was retired")
 	// ErrConflict means a record changed between read and write (an
 	// evacuation plan, a standby record); read again and retry.
 	ErrConflict = errors.New("registry record changed concurrently")

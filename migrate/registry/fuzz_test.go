@@ -64,7 +64,9 @@ func FuzzDecodeHost(f *testing.F) {
 }
 
 func FuzzDecodeEnrolment(f *testing.F) {
-	fuzzRoundTrip(f, []string{`{"v":1,"host":"host-a","identity":{"ek":"00ff","ak":"aa00"},"by":"root","at":"2026-12-06T10:00:00Z"}`}, registry.DecodeEnrolment)
+	fuzzRoundTrip(f, []string{`{"v":1,"host":"host-a","identity":{"ek":"00ff","ak":"aa00"},"by":"root","at":"2026-12-06T10:00:00Z"}`,
+		`{"v":1,"host":"host-a","identity":{"ek":"00ff","ak":"aa00"},"by":"root","at":"2026-12-07T10:00:00Z","replaced":[{"identity":{"ek":"11ff","ak":"bb00","mk":"cc"},"at":"2026-12-06T10:00:00Z","replaced_at":"2026-12-07T09:59:00Z","by":"root"}]}`,
+	}, registry.DecodeEnrolment)
 }
 
 func FuzzDecodeStandby(f *testing.F) {
@@ -160,6 +162,7 @@ func TestRecordDecoding(t *testing.T) {
 		`{"v":1,"host":"host-a",` + id + `,"at":"2026-01-02T03:04:05Z"}`,
 		`{"v":1,"host":"host-a",` + id + `,"at":"2026-01-02T03:04:05Z","method":"activation"}`,
 		`{"v":1,"host":"host-a",` + id + `,"at":"2026-01-02T03:04:05Z","method":"ak-certificate","ak_cert":"abcd"}`,
+		`{"v":1,"host":"host-a",` + id + `,"at":"2026-01-02T03:04:05Z","replaced":[{"identity":{"ek":"01","ak":"01"},"at":"2026-01-01T03:04:05Z","replaced_at":"2026-01-02T03:04:05Z"}]}`,
 	}
 	for _, in := range goodEnrol {
 		if _, err := registry.DecodeEnrolment([]byte(in)); err != nil {
@@ -171,6 +174,13 @@ func TestRecordDecoding(t *testing.T) {
 		`{"v":1,"host":"host-a",` + id + `,"at":"2026-01-02T03:04:05Z","method":"ak-certificate"}`,
 		`{"v":1,"host":"host-a",` + id + `,"at":"2026-01-02T03:04:05Z","ak_cert":"abcd"}`,
 		`{"v":1,"host":"host-a",` + id + `,"at":"2026-01-02T03:04:05Z","method":"ak-certificate","ak_cert":"XY"}`,
+		// a replaced identity: without replaced_at, the enrolled one itself, malformed, unknown fields
+		`{"v":1,"host":"host-a",` + id + `,"at":"2026-01-02T03:04:05Z","replaced":[{"identity":{"ek":"01","ak":"01"},"at":"2026-01-01T03:04:05Z"}]}`,
+		`{"v":1,"host":"host-a",` + id + `,"at":"2026-01-02T03:04:05Z","replaced":[{"identity":{"ek":"00","ak":"01"},"at":"2026-01-01T03:04:05Z","replaced_at":"2026-01-02T03:04:05Z"}]}`,
+		`{"v":1,"host":"host-a",` + id + `,"at":"2026-01-02T03:04:05Z","replaced":[{"identity":{"ek":"01","ak":"00"},"at":"2026-01-01T03:04:05Z","replaced_at":"2026-01-02T03:04:05Z"}]}`,
+		`{"v":1,"host":"host-a",` + id + `,"at":"2026-01-02T03:04:05Z","replaced":[{"identity":{"ek":"0","ak":"01"},"at":"2026-01-01T03:04:05Z","replaced_at":"2026-01-02T03:04:05Z"}]}`,
+		`{"v":1,"host":"host-a",` + id + `,"at":"2026-01-02T03:04:05Z","replaced":[{"identity":{"ek":"01","ak":"01"},"at":"2026-01-01T03:04:05Z","replaced_at":"2026-01-02T03:04:05Z","why":"x"}]}`,
+		`{"v":1,"host":"host-a",` + id + `,"at":"2026-01-02T03:04:05Z","replaced":[{"identity":{"ek":"01","ak":"01"},"at":"2026-01-01T03:04:05Z","replaced_at":"2026-01-02T03:04:05Z","by":"-bad-"}]}`,
 	}
 	for _, in := range badEnrol {
 		if _, err := registry.DecodeEnrolment([]byte(in)); !errors.Is(err, registry.ErrBadRecord) {

@@ -245,6 +245,7 @@ func (c *Client) WatchLiveness(ctx context.Context, fromRev int64) <-chan Livene
 func (c *Client) Enroll(ctx context.Context, e Enrolment) error {
 	op := "registry: enrol " + e.Host
 	e.V = Version
+	e.Replaced = nil // written by Reenroll only
 	if e.At.IsZero() {
 		e.At = c.cfg.Now().UTC()
 	}
@@ -278,7 +279,7 @@ func (c *Client) Enroll(ctx context.Context, e Enrolment) error {
 			return nil
 		}
 	}
-	return fmt.Errorf("%s: %w: the host is enrolled with another TPM identity (rule enrolled-once)", op, ErrExists)
+	return fmt.Errorf("%s: %w: the host is enrolled with another TPM identity (rule enrolled-once); if its TPM was replaced: vtpmctl host retire, then vtpmctl host reenroll", op, ErrExists)
 }
 
 // SetState implements Fleet: one transaction; the host must be enrolled.

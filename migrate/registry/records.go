@@ -89,7 +89,26 @@ type Enrolment struct {
 	// SHA-256 is AKCert).
 	Method string `json:"method,omitempty"`
 	AKCert string `json:"ak_cert,omitempty"`
+	// Replaced are the TPM identities the host was enrolled with before
+	// this one, oldest first: Reenroll appends the identity it replaces,
+	// so that none of them is ever trusted again (rule identity-retired).
+	// Empty for a first enrolment.
+	Replaced []ReplacedIdentity `json:"replaced,omitempty"`
 }
+
+// ReplacedIdentity is a TPM identity a host was enrolled with before a
+// re-enrolment replaced it (its TPM died, was stolen or was replaced with
+// the motherboard).
+type ReplacedIdentity struct {
+	Identity Identity  `json:"identity"`
+	At       time.Time `json:"at"`           // when it was enrolled
+	Replaced time.Time `json:"replaced_at"`  // when Reenroll replaced it
+	By       string    `json:"by,omitempty"` // who replaced it
+}
+
+// MaxReplaced bounds Enrolment.Replaced: a host's TPM replaced more often
+// than this is refused re-enrolment (enrol it under a new name).
+const MaxReplaced = 32
 
 // Enrolment methods (Enrolment.Method), as package attest names them.
 const (
@@ -283,7 +302,29 @@ func (e *Enrolment) validate() error {
 	default:
 		return fmt.Errorf("enrolment of %s: %w: method %q", e.Host, ErrBadRecord, e.Method)
 	}
-	return e.Identity.validate()
+	if err := e.Identity.validate(); err != nil {
+		return err
+	}
+	if len(e.Replaced) > MaxReplaced {
+		return fmt.Errorf("enrolment of %s: %w: %d replaced identities, at most %d", e.Host, ErrBadRecord, len(e.Replaced), MaxReplaced)
+	}
+	for i, r := range e.Replaced {
+		if err := r.Identity.validate(); err != nil {
+			return err
+		}
+		if r.Replaced.IsZero() {
+			return fmt.Errorf("enrolment of %s: %w: replaced identity %d has no replaced_at", e.Host, ErrBadRecord, i)
+		}
+		if r.By != "" {
+			if err := validHost(r.By); err != nil {
+				return err
+			}
+		}
+		if r.Identity.EK == e.Identity.EK || r.Identity.AK == e.Identity.AK {
+			return fmt.Errorf("enrolment of %s: %w: the enrolled identity is also listed as replaced", e.Host, ErrBadRecord)
+		}
+	}
+	return nil
 }
 
 func (l *liveRecord) validate() error {

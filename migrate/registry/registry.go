@@ -40,6 +40,11 @@ type Fleet interface {
 	// Enroll writes a host's enrolment, once, and makes it active. It is
 	// the operator's; a host's etcd user may not write it.
 	Enroll(ctx context.Context, e Enrolment) error
+	// Reenroll replaces a retired (fenced) host's enrolment with a new TPM
+	// identity, keeping the replaced one in Enrolment.Replaced (never
+	// trusted again), and makes the host active: the operator's, after
+	// the host's TPM was replaced. It returns the record written.
+	Reenroll(ctx context.Context, e Enrolment) (Enrolment, error)
 	// SetState changes a host's state (draining, active, fenced). The
 	// operator's.
 	SetState(ctx context.Context, host string, s HostState) error

@@ -212,8 +212,11 @@ func (c *Client) checkBatch(b Batch, needTx bool) error {
 	if err := validHost(b.To); err != nil {
 		return err
 	}
-	if b.From == b.To {
-		return fmt.Errorf("%w: source and destination are both %s", ErrBadRecord, b.From)
+	if b.From == b.To && b.TxID == "" {
+		// A transaction from a host to itself is a restore onto the VM's
+		// owner (its TPM was replaced and it was re-enrolled): only with
+		// the restore's transaction, never a commit without Begin.
+		return fmt.Errorf("%w: source and destination are both %s without a transaction", ErrBadRecord, b.From)
 	}
 	if len(b.VMs) == 0 {
 		return fmt.Errorf("%w: empty batch", ErrBadRecord)

@@ -56,3 +56,33 @@ func (c *Client) watchVMs(from int64) {
 		}
 	}
 }
+
+// EnrolmentChanges counts the changes of enrolment records (enrol/) this
+// client's watch has seen (and every time the watch had to start
+// again, when it may have missed some): a cache of the hosts' enrolments
+// (the verifier's, in vtpmd) read when the count was n is stale once the
+// count is above n, at once rather than after its age (a host re-enrolled
+// with a new TPM is never verified against its old identity from a cached
+// view). Without following (Config.NoFollow) it stays 0.
+func (c *Client) EnrolmentChanges() uint64 { return c.enrolChanges.Load() }
+
+// followEnrolments watches enrol/ until Close, counting changes.
+func (c *Client) followEnrolments() {
+	defer c.wg.Done()
+	for c.bg.Err() == nil {
+		c.enrolChanges.Add(1) // the watch (re)starts: changes may have been missed
+		ctx, cancel := context.WithCancel(clientv3.WithRequireLeader(c.bg))
+		for resp := range c.cli.Watch(ctx, c.k.enrols(), clientv3.WithPrefix()) {
+			if resp.Err() != nil {
+				break
+			}
+			c.enrolChanges.Add(uint64(len(resp.Events)))
+		}
+		cancel()
+		select {
+		case <-c.bg.Done():
+			return
+		case <-time.After(c.cfg.TTL / 3):
+		}
+	}
+}

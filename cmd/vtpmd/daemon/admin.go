@@ -260,6 +260,9 @@ func (d *Daemon) handleEnroll(w http.ResponseWriter, r *http.Request) {
 		adminapi.WriteJSON(w, http.StatusOK, adminapi.EnrollInfo{Host: host, Error: err.Error(), Code: errclass.CodeOf(err), Reasons: errclass.Reasons(err)})
 		return
 	}
+	if req.Replaces != "" {
+		d.auditReenrolment(ctx, host, req.Replaces, res)
+	}
 	adminapi.WriteJSON(w, http.StatusOK, enrollInfo(host, res, d.reg != nil))
 }
 

@@ -94,8 +94,7 @@ func (d *Daemon) handleHookPrepare(w http.ResponseWriter, r *http.Request) {
 	defer d.rekeyMu.Unlock()
 	gen, err := d.node.DefineSecret(ctx, req.UUID)
 	if errors.Is(err, vtpm.ErrKeyNotFound) {
-		err = fmt.Errorf("%w: VM %s (%s): %s holds no key for its vTPM; start it on the host that owns it "+
-			"('vtpmctl vm show %s' there) or move it here with 'vtpmctl migrate' (rule %s)", migrate.ErrNotOwner, req.Name, req.UUID, d.cfg.HostID, req.Name, migrate.RuleOwnedHere)
+		err = d.notKeyHeld(ctx, req.Name, req.UUID)
 		log.WithError(err).Warn("hook: start refused")
 		adminapi.WriteError(w, http.StatusForbidden, err)
 		return

@@ -174,6 +174,23 @@ type fleetView struct {
 	mu   sync.Mutex
 	view registry.HostsView
 	at   time.Time
+	// changes is the registry's count of enrolment changes when view was
+	// read (enrolmentWatcher): a view read before a host was re-enrolled
+	// is not used after the watch delivered the change.
+	changes uint64
+}
+
+// enrolmentWatcher is the registry client's count of enrolment changes
+// its watch delivered (registry.Client.EnrolmentChanges).
+type enrolmentWatcher interface{ EnrolmentChanges() uint64 }
+
+// enrolChanges is the registry's count of enrolment changes (0 without a
+// watch).
+func (f *fleetView) enrolChanges() uint64 {
+	if w, ok := f.reg.(enrolmentWatcher); ok {
+		return w.EnrolmentChanges()
+	}
+	return 0
 }
 
 const (
@@ -186,7 +203,8 @@ const (
 func (f *fleetView) get(ctx context.Context, maxAge time.Duration) (registry.HostsView, error) {
 	f.mu.Lock()
 	defer f.mu.Unlock()
-	if f.view.Hosts != nil && f.now().Sub(f.at) < maxAge {
+	changes := f.enrolChanges()
+	if f.view.Hosts != nil && f.now().Sub(f.at) < maxAge && changes == f.changes {
 		return f.view, nil
 	}
 	v, err := f.reg.Hosts(ctx)
@@ -196,7 +214,7 @@ func (f *fleetView) get(ctx context.Context, maxAge time.Duration) (registry.Hos
 		}
 		return registry.HostsView{}, err
 	}
-	f.view, f.at = v, f.now()
+	f.view, f.at, f.changes = v, f.now(), changes
 	return v, nil
 }
 

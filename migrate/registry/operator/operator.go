@@ -103,19 +103,25 @@ func Enroll(ctx context.Context, op *registry.Client, admin *adminapi.Client, ho
 	if registered != nil {
 		id.MK = registered.Identity.MK
 	}
-	e := registry.Enrolment{Host: host, Identity: id, By: opts.By, At: info.EnrolledAt, Method: info.Method, AKCert: info.AKCertDigest}
-	if e.Method == registry.MethodActivation {
-		e.Method = "" // the default
-	}
-	if info.EKChain != "" {
-		e.Detail = firstLine(info.EKChain)
-	}
+	e := enrolment(host, id, opts.By, info)
 	rep.RegistryOps++
 	if err := op.Enroll(ctx, e); err != nil {
 		return rep, fmt.Errorf("enroll %s: %w", host, err)
 	}
 	rep.Took = time.Since(t0)
 	return rep, nil
+}
+
+// enrolment is the registry record of a verified enrolment check.
+func enrolment(host string, id registry.Identity, by string, info adminapi.EnrollInfo) registry.Enrolment {
+	e := registry.Enrolment{Host: host, Identity: id, By: by, At: info.EnrolledAt, Method: info.Method, AKCert: info.AKCertDigest}
+	if e.Method == registry.MethodActivation {
+		e.Method = "" // the default
+	}
+	if info.EKChain != "" {
+		e.Detail = firstLine(info.EKChain)
+	}
+	return e
 }
 
 func short(h string) string {

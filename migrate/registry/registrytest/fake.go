@@ -238,6 +238,7 @@ func (c *FakeClient) Enroll(_ context.Context, e registry.Enrolment) error {
 		return err
 	}
 	e.V = registry.Version
+	e.Replaced = nil // written by Reenroll only
 	if e.At.IsZero() {
 		e.At = time.Now().UTC()
 	}
@@ -251,7 +252,7 @@ func (c *FakeClient) Enroll(_ context.Context, e registry.Enrolment) error {
 		if old.Identity == e.Identity {
 			return nil
 		}
-		return fmt.Errorf("registry: enrol %s: %w: the host is enrolled with another TPM identity (rule enrolled-once)", e.Host, registry.ErrExists)
+		return fmt.Errorf("registry: enrol %s: %w: the host is enrolled with another TPM identity (rule enrolled-once); if its TPM was replaced: vtpmctl host retire, then vtpmctl host reenroll", e.Host, registry.ErrExists)
 	}
 	c.f.rev++
 	c.f.enrol[e.Host] = e
@@ -259,6 +260,37 @@ func (c *FakeClient) Enroll(_ context.Context, e registry.Enrolment) error {
 		c.f.states[e.Host] = registry.StateActive
 	}
 	return nil
+}
+
+// Reenroll implements registry.Fleet with the registry's rules
+// (registry.Reenrolment).
+func (c *FakeClient) Reenroll(_ context.Context, e registry.Enrolment) (registry.Enrolment, error) {
+	if err := c.begin("reenrol"); err != nil {
+		return registry.Enrolment{}, err
+	}
+	defer c.f.mu.Unlock()
+	op := "registry: re-enrol " + e.Host
+	if err := c.operator("re-enrol " + e.Host); err != nil {
+		return registry.Enrolment{}, err
+	}
+	if e.By == "" {
+		e.By = c.host
+	}
+	old, ok := c.f.enrol[e.Host]
+	if !ok {
+		return registry.Enrolment{}, fmt.Errorf("%s: %w (rule enrolled): enrol it with vtpmctl host enroll", op, registry.ErrNotEnrolled)
+	}
+	rec, err := registry.Reenrolment(old, c.f.states[e.Host], e, time.Now())
+	if err != nil {
+		return registry.Enrolment{}, fmt.Errorf("%s: %w", op, err)
+	}
+	if _, err := registry.DecodeEnrolment(mustJSON(rec)); err != nil {
+		return registry.Enrolment{}, fmt.Errorf("%s: %w", op, err)
+	}
+	c.f.rev++
+	c.f.enrol[e.Host] = rec
+	c.f.states[e.Host] = registry.StateActive
+	return rec, nil
 }
 
 // SetState implements registry.Fleet.

@@ -224,8 +224,8 @@ func validBatch(b registry.Batch, needTx bool) error {
 	if (needTx && b.TxID == "") || b.From == "" || b.To == "" || len(b.VMs) == 0 {
 		return fmt.Errorf("%w: incomplete batch", registry.ErrBadRecord)
 	}
-	if b.From == b.To {
-		return fmt.Errorf("%w: source and destination are both %s", registry.ErrBadRecord, b.From)
+	if b.From == b.To && b.TxID == "" {
+		return fmt.Errorf("%w: source and destination are both %s without a transaction", registry.ErrBadRecord, b.From)
 	}
 	seen := map[string]bool{}
 	for _, v := range b.VMs {

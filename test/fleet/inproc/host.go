@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"net"
 	"os"
+	"path/filepath"
 	"time"
 
 	"github.com/google/go-tpm/tpm2/transport"
@@ -252,8 +253,18 @@ func (h *Host) LoseTPM(ctx context.Context) error {
 	if err := h.emu.Stop(ctx); err != nil {
 		return err
 	}
-	if err := os.RemoveAll(h.emu.Dir()); err != nil {
+	// The TPM's state goes; its manufacturer's CA (outside the TPM) stays,
+	// so that a replacement of the same make chains to it (ReplaceTPM).
+	ents, err := os.ReadDir(h.emu.Dir())
+	if err != nil {
 		return err
+	}
+	for _, e := range ents {
+		if e.Name() != "ca" {
+			if err := os.RemoveAll(filepath.Join(h.emu.Dir(), e.Name())); err != nil {
+				return err
+			}
+		}
 	}
 	h.mu.Lock()
 	h.d = nil
