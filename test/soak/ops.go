@@ -1,0 +1,350 @@
+package soak
+
+import (
+	"context"
+	"encoding/json"
+	"fmt"
+	"strings"
+	"sync/atomic"
+	"time"
+
+	"github.com/vtpmm/vtpmm/internal/adminapi"
+	"github.com/vtpmm/vtpmm/migrate"
+	"github.com/vtpmm/vtpmm/migrate/evacuate"
+	"github.com/vtpmm/vtpmm/migrate/registry"
+	"github.com/vtpmm/vtpmm/migrate/registry/operator"
+)
+
+// Step is one drawn op with its arguments.
+type Step struct {
+	Kind  string
+	VM    int    // index into the schedule's VMs
+	Host  string // the host acted on (kill, restart, evacuate; a link's one end)
+	Peer  string // a migration's destination; a link's other end
+	Mode  string // a migration's path (admin, plain); a cut's state
+	Point migrate.CrashPoint
+}
+
+func (st Step) String() string {
+	var b strings.Builder
+	b.WriteString(st.Kind)
+	if st.Kind == "migrate" || st.Kind == "crash" {
+		fmt.Fprintf(&b, " soak-%d -> %s (%s)", st.VM+1, st.Peer, st.Mode)
+	}
+	if st.Point != "" {
+		fmt.Fprintf(&b, " at %s", st.Point)
+	}
+	switch st.Kind {
+	case "kill", "restart", "evacuate":
+		b.WriteString(" " + st.Host)
+	case "cut":
+		fmt.Fprintf(&b, " %s<->%s (%s)", st.Host, st.Peer, st.Mode)
+	case "heal":
+		fmt.Fprintf(&b, " %s<->%s", st.Host, st.Peer)
+	}
+	return b.String()
+}
+
+// OpKind is one entry of the op table: how to draw it from the
+// schedule's state (false: not applicable now) and how to run it. An
+// outcome is "ok" or what failed; a fault counts in the table by Fault.
+type OpKind struct {
+	Name   string
+	Weight int
+	Fault  func(Step) string // the fault's kind for the table ("" if none)
+	Draw   func(s *Schedule) (Step, bool)
+	Run    func(ctx context.Context, s *Schedule, st Step) string
+}
+
+// Ops is the op table. Failover (#15) joins it as one more entry.
+var Ops = []OpKind{
+	{Name: "migrate", Weight: 6, Draw: drawMigrate, Run: runMigrate},
+	{Name: "evacuate", Weight: 1, Draw: drawEvacuate, Run: runEvacuate},
+	{Name: "crash", Weight: 4, Fault: func(st Step) string { return "crash-point" }, Draw: drawCrash, Run: runCrash},
+	{Name: "kill", Weight: 1, Fault: func(Step) string { return "kill" }, Draw: drawKill, Run: runKill},
+	{Name: "restart", Weight: 4, Draw: drawRestart, Run: runRestart},
+	{Name: "cut", Weight: 3, Fault: func(st Step) string { return "cut-" + linkKind(st.Peer) + "-" + st.Mode }, Draw: drawCut, Run: runCut},
+	{Name: "heal", Weight: 3, Draw: drawHeal, Run: runHeal},
+	{Name: "recover", Weight: 1, Draw: func(*Schedule) (Step, bool) { return Step{Kind: "recover"}, true }, Run: runRecover},
+}
+
+func linkKind(peer string) string {
+	if strings.HasPrefix(peer, "etcd-") {
+		return "registry"
+	}
+	return "wire"
+}
+
+// draw picks the next step by weight among the applicable ops.
+func (s *Schedule) draw() Step {
+	for {
+		total := 0
+		for _, k := range Ops {
+			total += k.Weight
+		}
+		n := s.rng.IntN(total)
+		for _, k := range Ops {
+			if n -= k.Weight; n < 0 {
+				if st, ok := k.Draw(s); ok {
+					return st
+				}
+				break
+			}
+		}
+	}
+}
+
+func (s *Schedule) kind(name string) OpKind {
+	for _, k := range Ops {
+		if k.Name == name {
+			return k
+		}
+	}
+	panic("soak: no op " + name)
+}
+
+// run runs st within the op timeout and counts its fault.
+func (s *Schedule) run(ctx context.Context, st Step) string {
+	k := s.kind(st.Kind)
+	if k.Fault != nil {
+		s.hist.Faults[k.Fault(st)]++
+	}
+	ctx, cancel := context.WithTimeout(ctx, s.cfg.OpTimeout)
+	defer cancel()
+	return k.Run(ctx, s, st)
+}
+
+func (s *Schedule) pick(from []string) string { return from[s.rng.IntN(len(from))] }
+
+func drawMigrate(s *Schedule) (Step, bool) {
+	return Step{Kind: "migrate", VM: s.rng.IntN(len(s.vms)), Peer: s.pick(Hosts), Mode: s.pick([]string{"admin", "plain"})}, true
+}
+
+// runMigrate migrates a VM from the host that runs it: 'vtpmctl migrate'
+// through that host's admin API, or a plain hypervisor migration whose
+// hooks move the key.
+func runMigrate(ctx context.Context, s *Schedule, st Step) string {
+	vm := s.vms[st.VM]
+	src := s.runningOn(ctx, vm.VM)
+	switch {
+	case src == "":
+		return "skipped: the VM runs on no single host"
+	case src == st.Peer:
+		return "skipped: already on " + src
+	}
+	h := s.f.InProcHost(src)
+	if st.Mode == "plain" {
+		return outcome(h.PlainMigrate(ctx, vm.VM, st.Peer), src)
+	}
+	end, err := h.Admin().Migrate(ctx, adminapi.MigrateRequest{VMs: []string{vm.UUID}, To: st.Peer}, nil)
+	if err == nil {
+		err = end.Err()
+	}
+	return outcome(err, src)
+}
+
+func outcome(err error, from string) string {
+	if err == nil {
+		return "ok from " + from
+	}
+	msg := err.Error()
+	if len(msg) > 160 {
+		msg = msg[:160] + "..."
+	}
+	return "failed from " + from + ": " + msg
+}
+
+func drawEvacuate(s *Schedule) (Step, bool) {
+	up := s.upHosts()
+	if len(up) < 2 {
+		return Step{}, false
+	}
+	return Step{Kind: "evacuate", Host: s.pick(up)}, true
+}
+
+// runEvacuate runs 'vtpmctl evacuate HOST' (the operator's drain, then
+// the host's vtpmd) and 'undrain' after it, so the host takes VMs again.
+func runEvacuate(ctx context.Context, s *Schedule, st Step) string {
+	var rep *evacuate.Report
+	end, err := operator.Evacuate(ctx, s.f.Operator(), s.f.InProcHost(st.Host).Admin(), adminapi.EvacuateRequest{Host: st.Host},
+		func(line []byte) error {
+			var ev evacuate.Event
+			if json.Unmarshal(line, &ev) == nil && ev.Type == evacuate.EventReport {
+				rep = ev.Report
+			}
+			return nil
+		})
+	uctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 30*time.Second)
+	defer cancel()
+	uerr := s.f.Operator().SetState(uctx, st.Host, registry.StateActive)
+	out := fmt.Sprintf("exit %d", end.ExitCode)
+	if rep != nil {
+		out += fmt.Sprintf(" %v", rep.Counts)
+	}
+	if err != nil {
+		out += ": " + outcome(err, st.Host)
+	}
+	if uerr != nil {
+		out += "; undrain: " + uerr.Error()
+	}
+	return out
+}
+
+func drawCrash(s *Schedule) (Step, bool) {
+	st, _ := drawMigrate(s)
+	st.Kind, st.Point = "crash", migrate.CrashPoints[s.rng.IntN(len(migrate.CrashPoints))]
+	return st, true
+}
+
+// runCrash arms the crash point on every running host, runs the
+// migration, and disarms: the first host to reach the point dies there
+// (its vtpmd is killed, as a process dying at that step).
+func runCrash(ctx context.Context, s *Schedule, st Step) string {
+	var fired atomic.Pointer[string]
+	for _, name := range s.upHosts() {
+		h := s.f.InProcHost(name)
+		h.OnCrashPoint(func(p migrate.CrashPoint) error {
+			if p != st.Point || !fired.CompareAndSwap(nil, &name) {
+				return nil
+			}
+			_ = h.Kill(context.WithoutCancel(ctx))
+			return fmt.Errorf("%w at %s (soak: %s dies)", migrate.ErrCrash, p, name)
+		})
+	}
+	out := runMigrate(ctx, s, Step{Kind: "migrate", VM: st.VM, Peer: st.Peer, Mode: st.Mode})
+	for _, name := range Hosts {
+		s.f.InProcHost(name).OnCrashPoint(nil)
+	}
+	if who := fired.Load(); who != nil {
+		s.down[*who] = true
+		return out + "; " + *who + " died at the point"
+	}
+	return out + "; the point was not reached"
+}
+
+func drawKill(s *Schedule) (Step, bool) {
+	up := s.upHosts()
+	if len(up) < 2 {
+		return Step{}, false
+	}
+	return Step{Kind: "kill", Host: s.pick(up)}, true
+}
+
+func runKill(ctx context.Context, s *Schedule, st Step) string {
+	s.down[st.Host] = true
+	return outcome(s.f.InProcHost(st.Host).Kill(ctx), st.Host)
+}
+
+func drawRestart(s *Schedule) (Step, bool) {
+	down := s.downHosts()
+	if len(down) == 0 {
+		return Step{}, false
+	}
+	return Step{Kind: "restart", Host: s.pick(down)}, true
+}
+
+func runRestart(ctx context.Context, s *Schedule, st Step) string {
+	if err := s.f.InProcHost(st.Host).Restart(ctx); err != nil {
+		return outcome(err, st.Host)
+	}
+	s.down[st.Host] = false
+	return "ok"
+}
+
+// drawCut picks an up pair of parties (two hosts, or a host and a
+// registry member in mode etcd) and a state for both directions.
+func drawCut(s *Schedule) (Step, bool) {
+	var pairs [][2]string
+	for i, a := range Hosts {
+		for _, b := range Hosts[i+1:] {
+			pairs = append(pairs, [2]string{a, b})
+		}
+		if s.cfg.Registry == registry.ModeEtcd {
+			for m := 1; m <= 3; m++ {
+				pairs = append(pairs, [2]string{a, fmt.Sprintf("etcd-%d", m)})
+			}
+		}
+	}
+	var up [][2]string
+	for _, p := range pairs {
+		if s.links[p[0]+">"+p[1]].State() == LinkUp {
+			up = append(up, p)
+		}
+	}
+	if len(up) == 0 {
+		return Step{}, false
+	}
+	p := up[s.rng.IntN(len(up))]
+	return Step{Kind: "cut", Host: p[0], Peer: p[1], Mode: s.pick([]string{LinkDrop.String(), LinkBlackhole.String()})}, true
+}
+
+// pairLinks are the links of a pair, both directions where both exist
+// (a registry member dials no host).
+func (s *Schedule) pairLinks(a, b string) []*Link {
+	var out []*Link
+	for _, n := range []string{a + ">" + b, b + ">" + a} {
+		if l, ok := s.links[n]; ok {
+			out = append(out, l)
+		}
+	}
+	return out
+}
+
+func runCut(_ context.Context, s *Schedule, st Step) string {
+	state := LinkDrop
+	if st.Mode == LinkBlackhole.String() {
+		state = LinkBlackhole
+	}
+	for _, l := range s.pairLinks(st.Host, st.Peer) {
+		l.Set(state)
+	}
+	return "ok"
+}
+
+func drawHeal(s *Schedule) (Step, bool) {
+	cut := s.cutLinks()
+	if len(cut) == 0 {
+		return Step{}, false
+	}
+	from, to, _ := strings.Cut(s.pick(cut), ">")
+	if strings.HasPrefix(from, "etcd-") || (!strings.HasPrefix(to, "etcd-") && from > to) {
+		from, to = to, from
+	}
+	return Step{Kind: "heal", Host: from, Peer: to}, true
+}
+
+func runHeal(_ context.Context, s *Schedule, st Step) string {
+	for _, l := range s.pairLinks(st.Host, st.Peer) {
+		l.Set(LinkUp)
+	}
+	return "ok"
+}
+
+// runRecover runs every running host's recovery as its tick does
+// (Reconcile, then the ownership sync), instead of waiting for it.
+func runRecover(ctx context.Context, s *Schedule, _ Step) string {
+	var errs []string
+	for _, h := range s.upHosts() {
+		if err := s.recoverHost(ctx, h); err != nil {
+			errs = append(errs, h+": "+err.Error())
+		}
+	}
+	if len(errs) == 0 {
+		return "ok"
+	}
+	return outcome(fmt.Errorf("%s", strings.Join(errs, "; ")), "recovery")
+}
+
+func (s *Schedule) recoverHost(ctx context.Context, h string) error {
+	d := s.f.InProcHost(h).Daemon()
+	if d == nil {
+		return fmt.Errorf("not running")
+	}
+	ctx, cancel := context.WithTimeout(ctx, 30*time.Second)
+	defer cancel()
+	if err := d.Node().Reconcile(ctx); err != nil {
+		return err
+	}
+	_, err := d.Node().SyncOwnership(ctx)
+	return err
+}
