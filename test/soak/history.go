@@ -93,6 +93,7 @@ type Totals struct {
 	Faults                   map[string]int
 	Violations               map[string]int
 	Seeds                    []uint64 // of the schedules that failed
+	First, Last              uint64   // the seeds run
 	Wall, Settle             time.Duration
 }
 
@@ -105,6 +106,10 @@ func NewTotals() *Totals {
 func (t *Totals) Add(h *History, err error) {
 	t.Schedules++
 	if h != nil {
+		if t.Schedules == 1 {
+			t.First = h.Seed
+		}
+		t.Last = h.Seed
 		t.Steps += h.Steps
 		t.Settle += h.Settle
 		for k, n := range h.Faults {
@@ -134,12 +139,12 @@ func (t *Totals) Table() []string {
 	}
 	rows := []string{
 		"| measure | value |", "| --- | --- |",
-		fmt.Sprintf("| schedules run | %d |", t.Schedules),
+		fmt.Sprintf("| schedules run | %d (seeds %d-%d) |", t.Schedules, t.First, t.Last),
 		fmt.Sprintf("| steps | %d |", t.Steps),
 		fmt.Sprintf("| faults injected | %d (%s) |", faults, FaultString(t.Faults)),
 		fmt.Sprintf("| invariant violations | %d (%s) |", nv, FaultString(t.Violations)),
 		fmt.Sprintf("| schedules failed | %d %v |", t.Errors, t.Seeds),
-		fmt.Sprintf("| final recovery, total | %v |", t.Settle.Round(time.Second)),
+		fmt.Sprintf("| final recovery, total | %v |", t.Settle.Round(time.Millisecond)),
 		fmt.Sprintf("| wall time | %v |", t.Wall.Round(time.Second)),
 	}
 	return rows

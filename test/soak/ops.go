@@ -4,7 +4,9 @@ import (
 	"context"
 	"encoding/json"
 	"fmt"
+	"slices"
 	"strings"
+	"sync"
 	"sync/atomic"
 	"time"
 
@@ -20,16 +22,23 @@ type Step struct {
 	Kind  string
 	VM    int    // index into the schedule's VMs
 	Host  string // the host acted on (kill, restart, evacuate; a link's one end)
-	Peer  string // a migration's destination; a link's other end
+	Peer  string // a link's other end
+	Hop   int    // a migration's destination: Hop hosts after the one that runs the VM (Hosts order)
 	Mode  string // a migration's path (admin, plain); a cut's state
 	Point migrate.CrashPoint
+	// Hop2 and Mode2 are a race's second migration.
+	Hop2  int
+	Mode2 string
 }
 
 func (st Step) String() string {
 	var b strings.Builder
 	b.WriteString(st.Kind)
 	if st.Kind == "migrate" || st.Kind == "crash" {
-		fmt.Fprintf(&b, " soak-%d -> %s (%s)", st.VM+1, st.Peer, st.Mode)
+		fmt.Fprintf(&b, " soak-%d -> +%d (%s)", st.VM+1, st.Hop, st.Mode)
+	}
+	if st.Kind == "race" {
+		fmt.Fprintf(&b, " soak-%d -> +%d (%s) || -> +%d (%s)", st.VM+1, st.Hop, st.Mode, st.Hop2, st.Mode2)
 	}
 	if st.Point != "" {
 		fmt.Fprintf(&b, " at %s", st.Point)
@@ -59,8 +68,9 @@ type OpKind struct {
 // Ops is the op table. Failover (#15) joins it as one more entry.
 var Ops = []OpKind{
 	{Name: "migrate", Weight: 6, Draw: drawMigrate, Run: runMigrate},
+	{Name: "race", Weight: 2, Draw: drawRace, Run: runRace},
 	{Name: "evacuate", Weight: 1, Draw: drawEvacuate, Run: runEvacuate},
-	{Name: "crash", Weight: 4, Fault: func(st Step) string { return "crash-point" }, Draw: drawCrash, Run: runCrash},
+	{Name: "crash", Weight: 4, Fault: func(st Step) string { return "crash-point-armed" }, Draw: drawCrash, Run: runCrash},
 	{Name: "kill", Weight: 1, Fault: func(Step) string { return "kill" }, Draw: drawKill, Run: runKill},
 	{Name: "restart", Weight: 4, Draw: drawRestart, Run: runRestart},
 	{Name: "cut", Weight: 3, Fault: func(st Step) string { return "cut-" + linkKind(st.Peer) + "-" + st.Mode }, Draw: drawCut, Run: runCut},
@@ -117,7 +127,25 @@ func (s *Schedule) run(ctx context.Context, st Step) string {
 func (s *Schedule) pick(from []string) string { return from[s.rng.IntN(len(from))] }
 
 func drawMigrate(s *Schedule) (Step, bool) {
-	return Step{Kind: "migrate", VM: s.rng.IntN(len(s.vms)), Peer: s.pick(Hosts), Mode: s.pick([]string{"admin", "plain"})}, true
+	return Step{Kind: "migrate", VM: s.rng.IntN(len(s.vms)), Hop: 1 + s.rng.IntN(len(Hosts)-1), Mode: s.pick([]string{"admin", "plain"})}, true
+}
+
+func drawRace(s *Schedule) (Step, bool) {
+	st, _ := drawMigrate(s)
+	st.Kind, st.Hop2, st.Mode2 = "race", 1+s.rng.IntN(len(Hosts)-1), s.pick([]string{"admin", "plain"})
+	return st, true
+}
+
+// runRace runs two migrations of the same VM at once (two operators, or
+// an operator and a tool on the hypervisor).
+func runRace(ctx context.Context, s *Schedule, st Step) string {
+	var out [2]string
+	var wg sync.WaitGroup
+	for i, m := range []Step{{VM: st.VM, Hop: st.Hop, Mode: st.Mode}, {VM: st.VM, Hop: st.Hop2, Mode: st.Mode2}} {
+		wg.Go(func() { out[i] = runMigrate(ctx, s, m) })
+	}
+	wg.Wait()
+	return out[0] + " || " + out[1]
 }
 
 // runMigrate migrates a VM from the host that runs it: 'vtpmctl migrate'
@@ -126,32 +154,31 @@ func drawMigrate(s *Schedule) (Step, bool) {
 func runMigrate(ctx context.Context, s *Schedule, st Step) string {
 	vm := s.vms[st.VM]
 	src := s.runningOn(ctx, vm.VM)
-	switch {
-	case src == "":
+	if src == "" {
 		return "skipped: the VM runs on no single host"
-	case src == st.Peer:
-		return "skipped: already on " + src
 	}
+	dst := Hosts[(slices.Index(Hosts, src)+st.Hop)%len(Hosts)]
+	via := src + "->" + dst
 	h := s.f.InProcHost(src)
 	if st.Mode == "plain" {
-		return outcome(h.PlainMigrate(ctx, vm.VM, st.Peer), src)
+		return outcome(h.PlainMigrate(ctx, vm.VM, dst), via)
 	}
-	end, err := h.Admin().Migrate(ctx, adminapi.MigrateRequest{VMs: []string{vm.UUID}, To: st.Peer}, nil)
+	end, err := h.Admin().Migrate(ctx, adminapi.MigrateRequest{VMs: []string{vm.UUID}, To: dst}, nil)
 	if err == nil {
 		err = end.Err()
 	}
-	return outcome(err, src)
+	return outcome(err, via)
 }
 
-func outcome(err error, from string) string {
+func outcome(err error, what string) string {
 	if err == nil {
-		return "ok from " + from
+		return what + " ok"
 	}
 	msg := err.Error()
-	if len(msg) > 160 {
-		msg = msg[:160] + "..."
+	if len(msg) > 400 {
+		msg = msg[:400] + "..."
 	}
-	return "failed from " + from + ": " + msg
+	return what + " failed: " + msg
 }
 
 func drawEvacuate(s *Schedule) (Step, bool) {
@@ -211,12 +238,13 @@ func runCrash(ctx context.Context, s *Schedule, st Step) string {
 			return fmt.Errorf("%w at %s (soak: %s dies)", migrate.ErrCrash, p, name)
 		})
 	}
-	out := runMigrate(ctx, s, Step{Kind: "migrate", VM: st.VM, Peer: st.Peer, Mode: st.Mode})
+	out := runMigrate(ctx, s, Step{Kind: "migrate", VM: st.VM, Hop: st.Hop, Mode: st.Mode})
 	for _, name := range Hosts {
 		s.f.InProcHost(name).OnCrashPoint(nil)
 	}
 	if who := fired.Load(); who != nil {
 		s.down[*who] = true
+		s.hist.Faults["crash-point-reached"]++
 		return out + "; " + *who + " died at the point"
 	}
 	return out + "; the point was not reached"
