@@ -41,7 +41,7 @@ import (
 // Config is one schedule.
 type Config struct {
 	Seed  uint64
-	Steps int // ops drawn (default 12)
+	Steps int // ops drawn (0: 12; < 0: none)
 	VMs   int // VMs created on the first host (default 3)
 	// Registry is the fleet registry's mode: etcd (an external cluster:
 	// host<->registry links can be cut) or embedded (a member in every
@@ -52,6 +52,9 @@ type Config struct {
 	OpTimeout, SettleTimeout time.Duration
 	// Log, when set, receives the history as it is written.
 	Log func(string)
+	// Mutate, when set, breaks the fleet after its set-up (tests that
+	// prove a check can fail).
+	Mutate func(ctx context.Context, f *inproc.Fleet, vms []fleet.VM) error
 }
 
 // Hosts of every soak fleet: all trusted.
@@ -84,8 +87,11 @@ type soakVM struct {
 // after each, the final heal and checks. It returns the history; err is
 // nil when no invariant was violated (History.Violations lists them).
 func Run(ctx context.Context, cfg Config) (*History, error) {
-	if cfg.Steps == 0 {
+	switch {
+	case cfg.Steps == 0:
 		cfg.Steps = 12
+	case cfg.Steps < 0:
+		cfg.Steps = 0
 	}
 	if cfg.VMs == 0 {
 		cfg.VMs = 3
@@ -113,6 +119,13 @@ func Run(ctx context.Context, cfg Config) (*History, error) {
 		_ = s.f.Close(cctx)
 	}()
 	s.hist.add(0, "setup", fmt.Sprintf("registry %s, %d VMs on %s", cfg.Registry, len(s.vms), Hosts[0]), "ok")
+	if cfg.Mutate != nil {
+		vms := make([]fleet.VM, len(s.vms))
+		for i, v := range s.vms {
+			vms[i] = v.VM
+		}
+		s.hist.add(0, "mutate", "the test breaks the fleet", outcome(cfg.Mutate(ctx, s.f, vms), "mutation"))
+	}
 	s.checkStep(ctx, 0)
 	for i := 1; i <= cfg.Steps && ctx.Err() == nil; i++ {
 		st := s.draw()
