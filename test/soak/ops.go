@@ -7,7 +7,6 @@ import (
 	"slices"
 	"strings"
 	"sync"
-	"sync/atomic"
 	"time"
 
 	"github.com/vtpmm/vtpmm/internal/adminapi"
@@ -29,27 +28,34 @@ type Step struct {
 	// Hop2 and Mode2 are a race's second migration.
 	Hop2  int
 	Mode2 string
+	// Who is what a crash point does: kill the host that reached it
+	// (self) or its peer in the migration (peer), or cut the agent wire
+	// between the two (wire), or the source's or the destination's
+	// links to the registry (src-registry, dst-registry); Cut is the
+	// cut's state.
+	Who, Cut string
 }
 
 func (st Step) String() string {
 	var b strings.Builder
 	b.WriteString(st.Kind)
-	if st.Kind == "migrate" || st.Kind == "crash" {
+	if st.Kind == "migrate" || st.Kind == "crash" || st.Kind == "partition" {
 		fmt.Fprintf(&b, " soak-%d -> +%d (%s)", st.VM+1, st.Hop, st.Mode)
 	}
 	if st.Kind == "race" {
 		fmt.Fprintf(&b, " soak-%d -> +%d (%s) || -> +%d (%s)", st.VM+1, st.Hop, st.Mode, st.Hop2, st.Mode2)
 	}
 	if st.Point != "" {
-		fmt.Fprintf(&b, " at %s", st.Point)
+		fmt.Fprintf(&b, " at %s: %s", st.Point, st.Who)
 	}
 	switch st.Kind {
 	case "kill", "restart", "evacuate":
 		b.WriteString(" " + st.Host)
-	case "cut":
-		fmt.Fprintf(&b, " %s<->%s (%s)", st.Host, st.Peer, st.Mode)
-	case "heal":
+	case "cut", "heal":
 		fmt.Fprintf(&b, " %s<->%s", st.Host, st.Peer)
+	}
+	if st.Cut != "" {
+		fmt.Fprintf(&b, " (%s)", st.Cut)
 	}
 	return b.String()
 }
@@ -71,15 +77,16 @@ var Ops = []OpKind{
 	{Name: "race", Weight: 2, Draw: drawRace, Run: runRace},
 	{Name: "evacuate", Weight: 1, Draw: drawEvacuate, Run: runEvacuate},
 	{Name: "crash", Weight: 4, Fault: func(st Step) string { return "crash-point-armed" }, Draw: drawCrash, Run: runCrash},
+	{Name: "partition", Weight: 3, Fault: func(st Step) string { return "cut-at-point-armed" }, Draw: drawPartition, Run: runPartition},
 	{Name: "kill", Weight: 1, Fault: func(Step) string { return "kill" }, Draw: drawKill, Run: runKill},
 	{Name: "restart", Weight: 4, Draw: drawRestart, Run: runRestart},
-	{Name: "cut", Weight: 3, Fault: func(st Step) string { return "cut-" + linkKind(st.Peer) + "-" + st.Mode }, Draw: drawCut, Run: runCut},
+	{Name: "cut", Weight: 3, Fault: func(st Step) string { return "cut-" + linkKind(st.Peer) + "-" + st.Cut }, Draw: drawCut, Run: runCut},
 	{Name: "heal", Weight: 3, Draw: drawHeal, Run: runHeal},
 	{Name: "recover", Weight: 1, Draw: func(*Schedule) (Step, bool) { return Step{Kind: "recover"}, true }, Run: runRecover},
 }
 
 func linkKind(peer string) string {
-	if strings.HasPrefix(peer, "etcd-") {
+	if peer == "registry" {
 		return "registry"
 	}
 	return "wire"
@@ -152,14 +159,25 @@ func runRace(ctx context.Context, s *Schedule, st Step) string {
 // through that host's admin API, or a plain hypervisor migration whose
 // hooks move the key.
 func runMigrate(ctx context.Context, s *Schedule, st Step) string {
-	vm := s.vms[st.VM]
-	src := s.runningOn(ctx, vm.VM)
+	src, dst := s.resolve(ctx, st)
 	if src == "" {
 		return "skipped: the VM runs on no single host"
 	}
-	dst := Hosts[(slices.Index(Hosts, src)+st.Hop)%len(Hosts)]
-	via := src + "->" + dst
-	h := s.f.InProcHost(src)
+	return s.migrate(ctx, st, src, dst)
+}
+
+// resolve names a migration's source (the host that runs the VM now; ""
+// if none or several) and destination (Hop hosts after it).
+func (s *Schedule) resolve(ctx context.Context, st Step) (src, dst string) {
+	src = s.runningOn(ctx, s.vms[st.VM].VM)
+	if src == "" {
+		return "", ""
+	}
+	return src, Hosts[(slices.Index(Hosts, src)+st.Hop)%len(Hosts)]
+}
+
+func (s *Schedule) migrate(ctx context.Context, st Step, src, dst string) string {
+	vm, via, h := s.vms[st.VM], src+"->"+dst, s.f.InProcHost(src)
 	if st.Mode == "plain" {
 		return outcome(h.PlainMigrate(ctx, vm.VM, dst), via)
 	}
@@ -215,137 +233,6 @@ func runEvacuate(ctx context.Context, s *Schedule, st Step) string {
 		out += "; undrain: " + uerr.Error()
 	}
 	return out
-}
-
-func drawCrash(s *Schedule) (Step, bool) {
-	st, _ := drawMigrate(s)
-	st.Kind, st.Point = "crash", migrate.CrashPoints[s.rng.IntN(len(migrate.CrashPoints))]
-	return st, true
-}
-
-// runCrash arms the crash point on every running host, runs the
-// migration, and disarms: the first host to reach the point dies there
-// (its vtpmd is killed, as a process dying at that step).
-func runCrash(ctx context.Context, s *Schedule, st Step) string {
-	var fired atomic.Pointer[string]
-	for _, name := range s.upHosts() {
-		h := s.f.InProcHost(name)
-		h.OnCrashPoint(func(p migrate.CrashPoint) error {
-			if p != st.Point || !fired.CompareAndSwap(nil, &name) {
-				return nil
-			}
-			_ = h.Kill(context.WithoutCancel(ctx))
-			return fmt.Errorf("%w at %s (soak: %s dies)", migrate.ErrCrash, p, name)
-		})
-	}
-	out := runMigrate(ctx, s, Step{Kind: "migrate", VM: st.VM, Hop: st.Hop, Mode: st.Mode})
-	for _, name := range Hosts {
-		s.f.InProcHost(name).OnCrashPoint(nil)
-	}
-	if who := fired.Load(); who != nil {
-		s.down[*who] = true
-		s.hist.Faults["crash-point-reached"]++
-		return out + "; " + *who + " died at the point"
-	}
-	return out + "; the point was not reached"
-}
-
-func drawKill(s *Schedule) (Step, bool) {
-	up := s.upHosts()
-	if len(up) < 2 {
-		return Step{}, false
-	}
-	return Step{Kind: "kill", Host: s.pick(up)}, true
-}
-
-func runKill(ctx context.Context, s *Schedule, st Step) string {
-	s.down[st.Host] = true
-	return outcome(s.f.InProcHost(st.Host).Kill(ctx), st.Host)
-}
-
-func drawRestart(s *Schedule) (Step, bool) {
-	down := s.downHosts()
-	if len(down) == 0 {
-		return Step{}, false
-	}
-	return Step{Kind: "restart", Host: s.pick(down)}, true
-}
-
-func runRestart(ctx context.Context, s *Schedule, st Step) string {
-	if err := s.f.InProcHost(st.Host).Restart(ctx); err != nil {
-		return outcome(err, st.Host)
-	}
-	s.down[st.Host] = false
-	return "ok"
-}
-
-// drawCut picks an up pair of parties (two hosts, or a host and a
-// registry member in mode etcd) and a state for both directions.
-func drawCut(s *Schedule) (Step, bool) {
-	var pairs [][2]string
-	for i, a := range Hosts {
-		for _, b := range Hosts[i+1:] {
-			pairs = append(pairs, [2]string{a, b})
-		}
-		if s.cfg.Registry == registry.ModeEtcd {
-			for m := 1; m <= 3; m++ {
-				pairs = append(pairs, [2]string{a, fmt.Sprintf("etcd-%d", m)})
-			}
-		}
-	}
-	var up [][2]string
-	for _, p := range pairs {
-		if s.links[p[0]+">"+p[1]].State() == LinkUp {
-			up = append(up, p)
-		}
-	}
-	if len(up) == 0 {
-		return Step{}, false
-	}
-	p := up[s.rng.IntN(len(up))]
-	return Step{Kind: "cut", Host: p[0], Peer: p[1], Mode: s.pick([]string{LinkDrop.String(), LinkBlackhole.String()})}, true
-}
-
-// pairLinks are the links of a pair, both directions where both exist
-// (a registry member dials no host).
-func (s *Schedule) pairLinks(a, b string) []*Link {
-	var out []*Link
-	for _, n := range []string{a + ">" + b, b + ">" + a} {
-		if l, ok := s.links[n]; ok {
-			out = append(out, l)
-		}
-	}
-	return out
-}
-
-func runCut(_ context.Context, s *Schedule, st Step) string {
-	state := LinkDrop
-	if st.Mode == LinkBlackhole.String() {
-		state = LinkBlackhole
-	}
-	for _, l := range s.pairLinks(st.Host, st.Peer) {
-		l.Set(state)
-	}
-	return "ok"
-}
-
-func drawHeal(s *Schedule) (Step, bool) {
-	cut := s.cutLinks()
-	if len(cut) == 0 {
-		return Step{}, false
-	}
-	from, to, _ := strings.Cut(s.pick(cut), ">")
-	if strings.HasPrefix(from, "etcd-") || (!strings.HasPrefix(to, "etcd-") && from > to) {
-		from, to = to, from
-	}
-	return Step{Kind: "heal", Host: from, Peer: to}, true
-}
-
-func runHeal(_ context.Context, s *Schedule, st Step) string {
-	for _, l := range s.pairLinks(st.Host, st.Peer) {
-		l.Set(LinkUp)
-	}
-	return "ok"
 }
 
 // runRecover runs every running host's recovery as its tick does
