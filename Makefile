@@ -86,7 +86,7 @@ SOAK_STEPS ?=
 SOAK_SEED ?= $(shell date +%s)
 soak: deps
 	@set -o pipefail; SOAK_TIME=$(SOAK_TIME) SOAK_SCHEDULES=$(SOAK_SCHEDULES) SOAK_STEPS=$(SOAK_STEPS) SOAK_SEED=$(SOAK_SEED) \
-	  $(GO) test -count=1 -v -run '^TestSoak$$' -timeout 24h ./test/soak/ | tee soak.out | grep -E '^(=== RUN|\s*--- |PASS|FAIL|ok|\s+soak_test)'; rc=$$?; \
+	  $(GO) test -count=1 -v -run '^TestSoak$$' -timeout 24h ./test/soak/ | tee soak.out | grep -E '^(=== RUN|\s*--- |PASS|FAIL|ok|\s+soak_test)|VIOLATED|replay:'; rc=$$?; \
 	  echo; grep -o 'TABLE .*' soak.out | sed 's/^TABLE //'; exit $$rc
 
 ## fuzz: every fuzz target of the module for FUZZTIME each (docs/threat-model.md, Fuzzing). The

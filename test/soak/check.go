@@ -62,6 +62,7 @@ func (s *Schedule) checkStep(ctx context.Context, step int) {
 			s.violate(step, "two-starters", fmt.Sprintf("%s: %d hosts admit its start: %s", vm.Name, len(ok), strings.Join(ok, ", ")))
 		}
 	}
+	s.readRegistry(ctx)
 }
 
 func (s *Schedule) violate(step int, rule, detail string) {
@@ -156,4 +157,5 @@ func (s *Schedule) finish(ctx context.Context) {
 		s.hist.add(step, "end", vm.Name, fmt.Sprintf("owned by %s", owner))
 	}
 	s.checkStep(ctx, step)
+	s.checkLinearizable(step)
 }

@@ -17,8 +17,11 @@ type History struct {
 	Faults     map[string]int
 	Violations []Violation
 	Settle     time.Duration // the final recovery
-	Wall       time.Duration
-	log        func(string)
+	// Linearizable is porcupine's verdict on the registry's records
+	// (Ok, Illegal, Unknown: timed out).
+	Linearizable string
+	Wall         time.Duration
+	log          func(string)
 }
 
 // Event is one line of the history.
@@ -92,14 +95,15 @@ type Totals struct {
 	Schedules, Steps, Errors int
 	Faults                   map[string]int
 	Violations               map[string]int
-	Seeds                    []uint64 // of the schedules that failed
-	First, Last              uint64   // the seeds run
+	Lin                      map[string]int // porcupine's verdicts
+	Seeds                    []uint64       // of the schedules that failed
+	First, Last              uint64         // the seeds run
 	Wall, Settle             time.Duration
 }
 
 // NewTotals returns empty totals.
 func NewTotals() *Totals {
-	return &Totals{Faults: map[string]int{}, Violations: map[string]int{}}
+	return &Totals{Faults: map[string]int{}, Violations: map[string]int{}, Lin: map[string]int{}}
 }
 
 // Add counts one schedule (err: its Run error).
@@ -117,6 +121,9 @@ func (t *Totals) Add(h *History, err error) {
 		}
 		for _, v := range h.Violations {
 			t.Violations[v.Rule]++
+		}
+		if h.Linearizable != "" {
+			t.Lin[h.Linearizable]++
 		}
 	}
 	if err != nil {
@@ -143,6 +150,7 @@ func (t *Totals) Table() []string {
 		fmt.Sprintf("| steps | %d |", t.Steps),
 		fmt.Sprintf("| faults injected | %d (%s) |", faults, FaultString(t.Faults)),
 		fmt.Sprintf("| invariant violations | %d (%s) |", nv, FaultString(t.Violations)),
+		fmt.Sprintf("| registry history (porcupine) | %s |", FaultString(t.Lin)),
 		fmt.Sprintf("| schedules failed | %d %v |", t.Errors, t.Seeds),
 		fmt.Sprintf("| final recovery, total | %v |", t.Settle.Round(time.Millisecond)),
 		fmt.Sprintf("| wall time | %v |", t.Wall.Round(time.Second)),

@@ -176,15 +176,23 @@ func (s *Schedule) resolve(ctx context.Context, st Step) (src, dst string) {
 	return src, Hosts[(slices.Index(Hosts, src)+st.Hop)%len(Hosts)]
 }
 
+// migrate runs one migration and records it as a move of the VM's
+// record (linearize.go): known when vtpmctl migrate reports it committed.
 func (s *Schedule) migrate(ctx context.Context, st Step, src, dst string) string {
 	vm, via, h := s.vms[st.VM], src+"->"+dst, s.f.InProcHost(src)
+	call := s.lin.now()
+	known, err := false, error(nil)
 	if st.Mode == "plain" {
-		return outcome(h.PlainMigrate(ctx, vm.VM, dst), via)
+		err = h.PlainMigrate(ctx, vm.VM, dst) // the key settles after it returns
+	} else {
+		var end adminapi.MigrateEvent
+		end, err = h.Admin().Migrate(ctx, adminapi.MigrateRequest{VMs: []string{vm.UUID}, To: dst}, nil)
+		if err == nil {
+			err = end.Err()
+		}
+		known = err == nil && end.Result != nil && slices.Contains(end.Result.Committed, vm.UUID)
 	}
-	end, err := h.Admin().Migrate(ctx, adminapi.MigrateRequest{VMs: []string{vm.UUID}, To: dst}, nil)
-	if err == nil {
-		err = end.Err()
-	}
+	s.lin.add(regInput{VM: vm.UUID, From: src, To: dst}, regOutput{Known: known}, call, s.lin.now())
 	return outcome(err, via)
 }
 
@@ -211,6 +219,7 @@ func drawEvacuate(s *Schedule) (Step, bool) {
 // the host's vtpmd) and 'undrain' after it, so the host takes VMs again.
 func runEvacuate(ctx context.Context, s *Schedule, st Step) string {
 	var rep *evacuate.Report
+	call := s.lin.now()
 	end, err := operator.Evacuate(ctx, s.f.Operator(), s.f.InProcHost(st.Host).Admin(), adminapi.EvacuateRequest{Host: st.Host},
 		func(line []byte) error {
 			var ev evacuate.Event
@@ -219,6 +228,7 @@ func runEvacuate(ctx context.Context, s *Schedule, st Step) string {
 			}
 			return nil
 		})
+	s.recordEvacuation(st.Host, rep, call)
 	uctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 30*time.Second)
 	defer cancel()
 	uerr := s.f.Operator().SetState(uctx, st.Host, registry.StateActive)
@@ -233,6 +243,33 @@ func runEvacuate(ctx context.Context, s *Schedule, st Step) string {
 		out += "; undrain: " + uerr.Error()
 	}
 	return out
+}
+
+// recordEvacuation records a move of every VM on host: known for those
+// the report says this run moved, unknown for the others (an evacuation
+// cut short may have moved any of them, or may still).
+func (s *Schedule) recordEvacuation(host string, rep *evacuate.Report, call int64) {
+	ret := s.lin.now()
+	reported := map[string]evacuate.VMReport{}
+	if rep != nil {
+		for _, v := range rep.VMs {
+			reported[v.VM] = v
+		}
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	for _, vm := range s.vms {
+		v, ok := reported[vm.UUID]
+		if !ok && s.runningOn(ctx, vm.VM) != host {
+			continue
+		}
+		in := regInput{VM: vm.UUID, From: host} // unknown: to any host (a re-plan may change it)
+		known := ok && v.Outcome == evacuate.OutcomeMoved && !v.Earlier && v.Host != ""
+		if known {
+			in.To = v.Host
+		}
+		s.lin.add(in, regOutput{Known: known}, call, ret)
+	}
 }
 
 // runRecover runs every running host's recovery as its tick does

@@ -75,6 +75,7 @@ type Schedule struct {
 	down    map[string]bool // vtpmd killed and not restarted
 	maxGen  map[string]uint64
 	hist    *History
+	lin     *linHistory
 	started time.Time
 }
 
@@ -107,7 +108,7 @@ func Run(ctx context.Context, cfg Config) (*History, error) {
 		cfg.Registry = []registry.Mode{registry.ModeEtcd, registry.ModeEmbedded}[rng.IntN(2)]
 	}
 	s := &Schedule{cfg: cfg, rng: rng, links: map[string]*Link{}, listen: map[string]string{},
-		down: map[string]bool{}, maxGen: map[string]uint64{}, started: time.Now()}
+		down: map[string]bool{}, maxGen: map[string]uint64{}, started: time.Now(), lin: &linHistory{start: time.Now()}}
 	s.hist = &History{Seed: cfg.Seed, Registry: string(cfg.Registry), Faults: map[string]int{}, log: cfg.Log}
 	defer s.closeLinks()
 	if err := s.start(ctx); err != nil {
