@@ -343,7 +343,8 @@ func (a *evacAdapter) SessionAlive(ctx context.Context, session string) (bool, e
 }
 
 // evacInventory is evacuate.Inventory: the domains of this host whose
-// vTPM vtpmd manages.
+// vTPM vtpmd manages: created here ('vtpmctl vm create' made its record)
+// or holding an active key here (it arrived by migration, with no record).
 type evacInventory struct{ a *evacAdapter }
 
 // VMs implements evacuate.Inventory.
@@ -357,7 +358,14 @@ func (inv evacInventory) VMs(ctx context.Context) ([]evacuate.VM, error) {
 	if err != nil {
 		return nil, err
 	}
+	keys, err := a.d.host.CheckKeys(ctx) // no TPM command
+	if err != nil {
+		return nil, err
+	}
 	ours := map[string]string{}
+	for id := range keys {
+		ours[id] = ""
+	}
 	for _, r := range recs {
 		ours[r.UUID] = r.Name
 	}
