@@ -18,12 +18,14 @@ func drawCrash(s *Schedule) (Step, bool) {
 	st, _ := drawMigrate(s)
 	st.Kind, st.Point = "crash", migrate.CrashPoints[s.rng.IntN(len(migrate.CrashPoints))]
 	st.Who = s.pick([]string{"self", "self", "peer"})
+	st.Mode = s.pick([]string{"admin", "plain", "evacuate"})
 	return st, true
 }
 
 func drawPartition(s *Schedule) (Step, bool) {
 	st, _ := drawMigrate(s)
 	st.Kind, st.Point = "partition", migrate.CrashPoints[s.rng.IntN(len(migrate.CrashPoints))]
+	st.Mode = s.pick([]string{"admin", "plain", "evacuate"})
 	who := []string{"wire"}
 	if s.cfg.Registry == registry.ModeEtcd {
 		who = append(who, "src-registry", "dst-registry")
@@ -32,10 +34,12 @@ func drawPartition(s *Schedule) (Step, bool) {
 	return st, true
 }
 
-// atPoint arms st.Point on every running host for one migration: the
-// first host to reach it runs act(host, src, dst) there; act's error is
-// the node's (an injected crash), nil lets it go on. It reports the host
-// that reached the point ("" if none).
+// atPoint arms st.Point on every running host for one migration (or,
+// Mode evacuate, the evacuation of the host that runs the VM; dst is then
+// the host Hop after it, a likely destination): the first host to reach
+// it runs act(host, src, dst) there; act's error is the node's (an
+// injected crash), nil lets it go on. It reports the host that reached
+// the point ("" if none).
 func (s *Schedule) atPoint(ctx context.Context, st Step, act func(at, src, dst string) error) (string, string) {
 	src, dst := s.resolve(ctx, st)
 	if src == "" {
@@ -50,7 +54,12 @@ func (s *Schedule) atPoint(ctx context.Context, st Step, act func(at, src, dst s
 			return act(name, src, dst)
 		})
 	}
-	out := s.migrate(ctx, st, src, dst)
+	var out string
+	if st.Mode == "evacuate" {
+		out = runEvacuate(ctx, s, Step{Kind: "evacuate", Host: src})
+	} else {
+		out = s.migrate(ctx, st, src, dst)
+	}
 	for _, name := range Hosts {
 		s.f.InProcHost(name).OnCrashPoint(nil)
 	}

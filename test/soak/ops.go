@@ -233,8 +233,14 @@ func runEvacuate(ctx context.Context, s *Schedule, st Step) string {
 	defer cancel()
 	uerr := s.f.Operator().SetState(uctx, st.Host, registry.StateActive)
 	out := fmt.Sprintf("exit %d", end.ExitCode)
+	if end.Error != "" {
+		out += " (" + end.Error + ")"
+	}
 	if rep != nil {
-		out += fmt.Sprintf(" %v", rep.Counts)
+		out += fmt.Sprintf(" %v resumed=%v", rep.Counts, rep.Resumed)
+		for _, v := range rep.VMs {
+			out += fmt.Sprintf("; %s %s->%s %s %s", v.Name, v.Outcome, v.Host, v.Rule, v.Detail)
+		}
 	}
 	if err != nil {
 		out += ": " + outcome(err, st.Host)
