@@ -229,6 +229,14 @@ func runEvacuate(ctx context.Context, s *Schedule, st Step) string {
 			return nil
 		})
 	s.recordEvacuation(st.Host, rep, call)
+	if end.ExitCode == evacuate.ExitOK && err == nil {
+		// Exit 0 says every VM left the source: none may run there.
+		for _, vm := range s.vms {
+			if on := s.runningOn(ctx, vm.VM); on == st.Host {
+				s.violate(s.step, "evacuation-report", fmt.Sprintf("evacuate %s exited 0 (every VM left), but %s still runs there", st.Host, vm.Name))
+			}
+		}
+	}
 	uctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 30*time.Second)
 	defer cancel()
 	uerr := s.f.Operator().SetState(uctx, st.Host, registry.StateActive)

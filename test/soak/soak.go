@@ -72,6 +72,7 @@ type Schedule struct {
 	mu     sync.Mutex
 	listen map[string]string // host -> its real agent wire address
 
+	step    int             // the step running
 	down    map[string]bool // vtpmd killed and not restarted
 	maxGen  map[string]uint64
 	hist    *History
@@ -130,6 +131,7 @@ func Run(ctx context.Context, cfg Config) (*History, error) {
 	s.checkStep(ctx, 0)
 	for i := 1; i <= cfg.Steps && ctx.Err() == nil; i++ {
 		st := s.draw()
+		s.step = i
 		t0 := time.Now()
 		out := s.run(ctx, st)
 		s.hist.Steps++
