@@ -96,6 +96,7 @@ type Totals struct {
 	Faults                   map[string]int
 	Violations               map[string]int
 	Lin                      map[string]int // porcupine's verdicts
+	SetupRetries             int            // fleets that did not start the first time
 	Seeds                    []uint64       // of the schedules that failed
 	First, Last              uint64         // the seeds run
 	Wall, Settle             time.Duration
@@ -140,18 +141,26 @@ func (t *Totals) Table() []string {
 	for _, n := range t.Violations {
 		nv += n
 	}
-	faults := 0
-	for _, n := range t.Faults {
+	faults, armed := 0, map[string]int{}
+	injected := map[string]int{}
+	for k, n := range t.Faults {
+		if strings.HasSuffix(k, "-armed") {
+			armed[k] = n // a point armed is a fault only once reached
+			continue
+		}
+		injected[k] = n
 		faults += n
 	}
 	rows := []string{
 		"| measure | value |", "| --- | --- |",
 		fmt.Sprintf("| schedules run | %d (seeds %d-%d) |", t.Schedules, t.First, t.Last),
 		fmt.Sprintf("| steps | %d |", t.Steps),
-		fmt.Sprintf("| faults injected | %d (%s) |", faults, FaultString(t.Faults)),
+		fmt.Sprintf("| faults injected | %d (%s) |", faults, FaultString(injected)),
+		fmt.Sprintf("| crash points armed for an op | %s |", FaultString(armed)),
 		fmt.Sprintf("| invariant violations | %d (%s) |", nv, FaultString(t.Violations)),
 		fmt.Sprintf("| registry history (porcupine) | %s |", FaultString(t.Lin)),
 		fmt.Sprintf("| schedules failed | %d %v |", t.Errors, t.Seeds),
+		fmt.Sprintf("| fleet set-ups retried | %d |", t.SetupRetries),
 		fmt.Sprintf("| final recovery, total | %v |", t.Settle.Round(time.Millisecond)),
 		fmt.Sprintf("| wall time | %v |", t.Wall.Round(time.Second)),
 	}

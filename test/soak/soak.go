@@ -113,7 +113,7 @@ func Run(ctx context.Context, cfg Config) (*History, error) {
 	s.hist = &History{Seed: cfg.Seed, Registry: string(cfg.Registry), Faults: map[string]int{}, log: cfg.Log}
 	defer s.closeLinks()
 	if err := s.start(ctx); err != nil {
-		return s.hist, fmt.Errorf("soak: seed %d: fleet: %w", cfg.Seed, err)
+		return s.hist, fmt.Errorf("soak: seed %d: %w: %w", cfg.Seed, ErrSetup, err)
 	}
 	defer func() {
 		cctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 2*time.Minute)
@@ -146,8 +146,13 @@ func Run(ctx context.Context, cfg Config) (*History, error) {
 	return s.hist, nil
 }
 
-// ErrViolation means an invariant was violated.
-var ErrViolation = errors.New("invariant violated")
+// Errors of Run.
+var (
+	// ErrViolation means an invariant was violated.
+	ErrViolation = errors.New("invariant violated")
+	// ErrSetup means the fleet did not start (no schedule ran).
+	ErrSetup = errors.New("fleet set-up failed")
+)
 
 // start makes the fleet with a link per party pair and the VMs.
 func (s *Schedule) start(ctx context.Context) error {
