@@ -18,6 +18,7 @@ import (
 // mutations do for its properties: a schedule without steps on a fleet
 // broken after its set-up must report the violation named.
 func TestSoakDetects(t *testing.T) {
+	t.Parallel()
 	for _, tc := range []struct {
 		name, rule string
 		mutate     func(ctx context.Context, f *inproc.Fleet, vms []fleet.VM) error

@@ -37,6 +37,7 @@ func envInt(name string, flagV int, def int) int {
 // runs); make soak runs more and prints the table. A violated invariant
 // fails the test with the schedule's seed and history.
 func TestSoak(t *testing.T) {
+	t.Parallel() // with TestSoakDetects: both mostly wait on timeouts
 	seed := *seedFlag
 	if seed == 0 {
 		if v, err := strconv.ParseUint(os.Getenv("SOAK_SEED"), 10, 64); err == nil && v > 0 {
