@@ -13,7 +13,7 @@ TEST_TIMEOUT ?= 20m
 BENCHTIME ?= 5x
 BENCH_PKGS ?= ./vtpm/host/ ./attest/ ./vtpm/identity/ ./migrate/
 
-.PHONY: all deps build test e2e e2e-bench evac-bench demo bench fuzz fuzz-smoke model vet fmt clean
+.PHONY: all deps build test e2e e2e-bench evac-bench demo bench fuzz fuzz-smoke model soak vet fmt clean
 
 all: build
 
@@ -86,6 +86,18 @@ model: deps
 	@set -o pipefail; VTPMM_MODEL_FULL=1 VTPMM_E2E_REQUIRE=1 $(GO) test -count=1 -v -timeout 30m ./test/model/ | tee model.out | grep -E '^(=== RUN|\s*--- |PASS|FAIL|ok)'; rc=$$?; \
 	  echo; echo "| configuration | mutation | result | states | depth | time | verdict |"; echo "| --- | --- | --- | --- | --- | --- | --- |"; \
 	  grep -o 'TABLE .*' model.out | sed 's/^TABLE //'; exit $$rc
+
+## soak: randomized fault schedules on the in-process fleet (docs/soak.md) until SOAK_TIME has passed
+## (or SOAK_SCHEDULES schedules ran), from SOAK_SEED (default: the time; a failing schedule prints its seed and
+## history); prints a table. go test ./test/soak (part of make test) runs 2 fixed schedules.
+SOAK_TIME ?= 10m
+SOAK_SCHEDULES ?=
+SOAK_STEPS ?=
+SOAK_SEED ?= $(shell date +%s)
+soak: deps
+	@set -o pipefail; SOAK_TIME=$(SOAK_TIME) SOAK_SCHEDULES=$(SOAK_SCHEDULES) SOAK_STEPS=$(SOAK_STEPS) SOAK_SEED=$(SOAK_SEED) \
+	  $(GO) test -count=1 -v -run '^TestSoak$$' -timeout 24h ./test/soak/ | tee soak.out | grep -E '^(=== RUN|\s*--- |PASS|FAIL|ok|\s+soak_test)|VIOLATED|replay:'; rc=$$?; \
+	  echo; grep -o 'TABLE .*' soak.out | sed 's/^TABLE //'; exit $$rc
 
 ## fuzz: every fuzz target of the module for FUZZTIME each (docs/threat-model.md, Fuzzing). The
 ## packages are those whose tests declare a Fuzz function; each is built once with the fuzzer's

@@ -62,6 +62,11 @@ func (r *run) inventory(ctx context.Context, hosts []Host, prior *Record) error 
 		switch {
 		case !known:
 			r.finishVM(VMReport{VM: id, Name: vm.Name, Outcome: OutcomeSkipped, Host: hostIf(here, src), Detail: "unknown to the registry"})
+		case here && vm.Running && rec.OpenTx != "" && rec.Owner != src:
+			// Running here, held by another host's transaction (arriving
+			// here, or leaving by another migration): wait for it like
+			// the source's own, then classify it again.
+			unsettled = append(unsettled, id)
 		case rec.Owner != src:
 			r.skipOwned(vm, rec)
 		case here && !vm.Running:

@@ -340,7 +340,9 @@ func (a *evacAdapter) SessionAlive(ctx context.Context, session string) (bool, e
 }
 
 // evacInventory is evacuate.Inventory: the domains of this host whose
-// vTPM vtpmd manages.
+// vTPM vtpmd manages: created here ('vtpmctl vm create' made its record),
+// holding an active key here (it arrived by migration, with no record),
+// or arriving (its key PENDING here for an open incoming transaction).
 type evacInventory struct{ a *evacAdapter }
 
 // VMs implements evacuate.Inventory.
@@ -373,7 +375,7 @@ func (inv evacInventory) VMs(ctx context.Context) ([]evacuate.VM, error) {
 	var out []evacuate.VM
 	for _, dom := range doms {
 		name, ok := ours[dom.UUID]
-		if !ok {
+		if _, arriving := a.d.node.Incoming(dom.UUID); !ok && !arriving {
 			continue
 		}
 		if dom.Name != "" {

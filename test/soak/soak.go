@@ -1,0 +1,278 @@
+// Package soak runs randomized fault schedules on the real code (issue
+// #16, item 3): an in-process fleet (test/fleet/inproc: real vtpmd
+// daemons, real swtpm host TPMs and vTPMs, real embedded etcd, the fake
+// hypervisor in hook mode) driven through a schedule drawn from a seed:
+// migrations through the admin API (as vtpmctl) and through the
+// hypervisor alone (the hook pulls the key), evacuations, kills and
+// restarts of any vtpmd, crashes at the migration state machine's named
+// crash points, and network cuts on every link between two parties (the
+// agent wire between two hosts, a host and each registry member) through
+// loopback proxies (link.go) that drop or blackhole.
+//
+// After every step it checks the invariants (check.go): at most one host
+// admits each VM's start and the generation admitted never goes
+// backwards; at the end, after healing every fault and letting recovery
+// run, every VM is owned by exactly one host that runs it, holds its key
+// and unseals the tenant's secret sealed at creation, with nothing
+// pending and the registry agreeing. Ops and faults are a table (ops.go);
+// failover joins it as one more entry.
+//
+// A schedule is replayed from its seed: the seed fixes every random
+// choice; the real code's timing may still make a replay's outcomes
+// differ, and the history records both. docs/soak.md has the details.
+package soak
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"math/rand/v2"
+	"sort"
+	"sync"
+	"time"
+
+	"github.com/vtpmm/vtpmm/cmd/vtpmd/daemon"
+	"github.com/vtpmm/vtpmm/hypervisor"
+	"github.com/vtpmm/vtpmm/migrate/registry"
+	"github.com/vtpmm/vtpmm/test/fleet"
+	"github.com/vtpmm/vtpmm/test/fleet/inproc"
+)
+
+// Config is one schedule.
+type Config struct {
+	Seed  uint64
+	Steps int // ops drawn (0: 12; < 0: none)
+	VMs   int // VMs created on the first host (default 3)
+	// Registry is the fleet registry's mode: etcd (an external cluster:
+	// host<->registry links can be cut) or embedded (a member in every
+	// vtpmd: a kill takes its member down). Empty: drawn from the seed.
+	Registry registry.Mode
+	// OpTimeout bounds one op (default 2 min); SettleTimeout the final
+	// recovery (default 3 min).
+	OpTimeout, SettleTimeout time.Duration
+	// Log, when set, receives the history as it is written.
+	Log func(string)
+	// Mutate, when set, breaks the fleet after its set-up (tests that
+	// prove a check can fail).
+	Mutate func(ctx context.Context, f *inproc.Fleet, vms []fleet.VM) error
+}
+
+// Hosts of every soak fleet: all trusted.
+var Hosts = []string{fleet.HostA, fleet.HostB, fleet.HostC}
+
+// Schedule is a running schedule: its fleet, its links, what the
+// harness knows of the hosts and the VMs, and its history.
+type Schedule struct {
+	cfg   Config
+	rng   *rand.Rand
+	f     *inproc.Fleet
+	links map[string]*Link // "from>to" (to: a host or etcd-N)
+	vms   []soakVM
+
+	mu     sync.Mutex
+	listen map[string]string // host -> its real agent wire address
+
+	step    int             // the step running
+	down    map[string]bool // vtpmd killed and not restarted
+	maxGen  map[string]uint64
+	hist    *History
+	lin     *linHistory
+	started time.Time
+}
+
+type soakVM struct {
+	fleet.VM
+	secret string
+}
+
+// Run runs one schedule end to end: the fleet, the steps with the checks
+// after each, the final heal and checks. It returns the history; err is
+// nil when no invariant was violated (History.Violations lists them).
+func Run(ctx context.Context, cfg Config) (*History, error) {
+	switch {
+	case cfg.Steps == 0:
+		cfg.Steps = 12
+	case cfg.Steps < 0:
+		cfg.Steps = 0
+	}
+	if cfg.VMs == 0 {
+		cfg.VMs = 3
+	}
+	if cfg.OpTimeout == 0 {
+		cfg.OpTimeout = 2 * time.Minute
+	}
+	if cfg.SettleTimeout == 0 {
+		cfg.SettleTimeout = 3 * time.Minute
+	}
+	rng := rand.New(rand.NewPCG(cfg.Seed, cfg.Seed^0x9e3779b97f4a7c15))
+	if cfg.Registry == "" {
+		cfg.Registry = []registry.Mode{registry.ModeEtcd, registry.ModeEmbedded}[rng.IntN(2)]
+	}
+	s := &Schedule{cfg: cfg, rng: rng, links: map[string]*Link{}, listen: map[string]string{},
+		down: map[string]bool{}, maxGen: map[string]uint64{}, started: time.Now(), lin: &linHistory{start: time.Now()}}
+	s.hist = &History{Seed: cfg.Seed, Registry: string(cfg.Registry), Faults: map[string]int{}, log: cfg.Log}
+	defer s.closeLinks()
+	if err := s.start(ctx); err != nil {
+		return s.hist, fmt.Errorf("soak: seed %d: %w: %w", cfg.Seed, ErrSetup, err)
+	}
+	defer func() {
+		cctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 2*time.Minute)
+		defer cancel()
+		_ = s.f.Close(cctx)
+	}()
+	s.hist.add(0, "setup", fmt.Sprintf("registry %s, %d VMs on %s", cfg.Registry, len(s.vms), Hosts[0]), "ok")
+	if cfg.Mutate != nil {
+		vms := make([]fleet.VM, len(s.vms))
+		for i, v := range s.vms {
+			vms[i] = v.VM
+		}
+		s.hist.add(0, "mutate", "the test breaks the fleet", outcome(cfg.Mutate(ctx, s.f, vms), "mutation"))
+	}
+	s.checkStep(ctx, 0)
+	for i := 1; i <= cfg.Steps && ctx.Err() == nil; i++ {
+		st := s.draw()
+		s.step = i
+		t0 := time.Now()
+		out := s.run(ctx, st)
+		s.hist.Steps++
+		s.hist.addTimed(i, st.Kind, st.String(), out, time.Since(t0))
+		s.checkStep(ctx, i)
+	}
+	s.finish(ctx)
+	s.hist.Wall = time.Since(s.started)
+	if len(s.hist.Violations) > 0 {
+		return s.hist, fmt.Errorf("soak: seed %d: %d invariant violations: %w", cfg.Seed, len(s.hist.Violations), ErrViolation)
+	}
+	return s.hist, nil
+}
+
+// Errors of Run.
+var (
+	// ErrViolation means an invariant was violated.
+	ErrViolation = errors.New("invariant violated")
+	// ErrSetup means the fleet did not start (no schedule ran).
+	ErrSetup = errors.New("fleet set-up failed")
+)
+
+// start makes the fleet with a link per party pair and the VMs.
+func (s *Schedule) start(ctx context.Context) error {
+	specs := make([]inproc.HostSpec, len(Hosts))
+	for i, h := range Hosts {
+		specs[i] = inproc.HostSpec{Name: h}
+	}
+	var cerr error
+	configure := func(h string, c *daemon.Config) {
+		s.mu.Lock()
+		s.listen[h] = c.Listen
+		s.mu.Unlock()
+		c.Peers = map[string]string{}
+		for _, o := range Hosts {
+			if o == h {
+				continue
+			}
+			l, err := s.link(h, o, func() string { s.mu.Lock(); defer s.mu.Unlock(); return s.listen[o] })
+			if err != nil {
+				cerr = err
+				return
+			}
+			c.Peers[o] = l.Addr()
+		}
+		if c.Registry.Mode != registry.ModeEtcd {
+			return
+		}
+		for i, ep := range c.Registry.Endpoints {
+			real := ep[len("https://"):]
+			l, err := s.link(h, fmt.Sprintf("etcd-%d", i+1), func() string { return real })
+			if err != nil {
+				cerr = err
+				return
+			}
+			c.Registry.Endpoints[i] = "https://" + l.Addr()
+		}
+	}
+	f, err := inproc.New(ctx, inproc.Config{Hosts: specs, HookMode: true, Registry: s.cfg.Registry, Configure: configure,
+		EvacuationSettle: 10 * time.Second, RegistryTTL: 5 * time.Second})
+	if err == nil && cerr != nil {
+		_ = f.Close(ctx)
+		err = cerr
+	}
+	if err != nil {
+		return err
+	}
+	s.f = f
+	for i := range s.cfg.VMs {
+		vm, err := f.CreateVM(ctx, Hosts[0], fmt.Sprintf("soak-%d", i+1))
+		if err != nil {
+			return err
+		}
+		secret, err := f.Host(Hosts[0]).TenantSecret(ctx, vm)
+		if err != nil {
+			return err
+		}
+		s.vms = append(s.vms, soakVM{VM: vm, secret: secret})
+	}
+	return nil
+}
+
+func (s *Schedule) link(from, to string, target func() string) (*Link, error) {
+	l, err := NewLink(from+">"+to, target)
+	if err != nil {
+		return nil, err
+	}
+	s.links[l.Name] = l
+	return l, nil
+}
+
+func (s *Schedule) closeLinks() {
+	for _, l := range s.links {
+		_ = l.Close()
+	}
+}
+
+// upHosts are the hosts whose vtpmd runs, sorted.
+func (s *Schedule) upHosts() []string {
+	var out []string
+	for _, h := range Hosts {
+		if !s.down[h] {
+			out = append(out, h)
+		}
+	}
+	return out
+}
+
+func (s *Schedule) downHosts() []string {
+	var out []string
+	for _, h := range Hosts {
+		if s.down[h] {
+			out = append(out, h)
+		}
+	}
+	return out
+}
+
+// cutLinks are the links not up, sorted.
+func (s *Schedule) cutLinks() []string {
+	var out []string
+	for name, l := range s.links {
+		if l.State() != LinkUp {
+			out = append(out, name)
+		}
+	}
+	sort.Strings(out)
+	return out
+}
+
+// runningOn is the host whose hypervisor runs vm ("" if none or several).
+func (s *Schedule) runningOn(ctx context.Context, vm fleet.VM) string {
+	var on []string
+	for _, h := range Hosts {
+		d, err := s.f.InProcHost(h).Fake().Domain(ctx, vm.UUID)
+		if err == nil && d.State == hypervisor.StateRunning {
+			on = append(on, h)
+		}
+	}
+	if len(on) != 1 {
+		return ""
+	}
+	return on[0]
+}
