@@ -134,11 +134,13 @@ func keyID(mkPublic []byte) string {
 
 // selfFenced refuses to hand out a key while this host's liveness lease
 // is gone (rule self-fence): a standby may be taking its VMs over. It
-// protects keys, not running VMs (docs/failover.md).
+// protects keys, not running VMs (docs/failover.md). The refusal is also
+// ErrRegistryUnavailable (exit 6): it lasts until the registry renews the
+// lease, so operators and loops retry it as they retry a lost quorum.
 func (n *Node) selfFenced(op string) error {
 	if ll, ok := n.cfg.Registry.(interface{ LeaseLost() bool }); ok && ll.LeaseLost() {
-		return fmt.Errorf("%s: %w: %s's liveness lease is gone: a standby may be taking its VMs over, so it hands out no VM key until the lease is back (rule %s)",
-			op, ErrNotOwner, n.cfg.Host, RuleSelfFence)
+		return fmt.Errorf("%s: %w: %w: %s's liveness lease is gone: a standby may be taking its VMs over, so it hands out no VM key until the lease is back (rule %s)",
+			op, ErrNotOwner, ErrRegistryUnavailable, n.cfg.Host, RuleSelfFence)
 	}
 	return nil
 }

@@ -66,8 +66,10 @@ func TestDemo(t *testing.T) {
 		"refused (exit 2)", "rule pcr-policy", "host-c: no libvirt secret, no domain, no key file",
 		"chain intact", "none found", "no namespace and no process of the demo is left",
 		// Part 2: evacuation and recovery.
-		"evacuation of host-a: 2 moved", "db-1 and db-2 run on host-b at generation 2", "host-b fenced for good",
-		"bob alone: refused (exit 2)", "host-a console | VTPMM-FOUND", "after the TPM loss; host-a owns web-1 at generation 3",
+		"evacuation of host-a: 2 moved", "db-1 and db-2 run on host-b at generation 2",
+		// Part 2: failover, then recovery after host-a's TPM loss.
+		"promotion", "host-a console | VTPMM-FOUND", "host-a owns web-1 at generation 3", "host-a fenced for good",
+		"bob alone: refused (exit 2)", "host-b console | VTPMM-FOUND", "after the TPM loss; host-b owns web-1 at generation 4",
 	} {
 		if !strings.Contains(out.String(), want) {
 			t.Errorf("demo output lacks %q", want)
