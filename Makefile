@@ -9,7 +9,7 @@ BIN := bin
 # image's kernel and busybox are fetched with apt-get download, not installed).
 DEB_PKGS := swtpm swtpm-tools libssl-dev libvirt-dev libvirt-daemon libvirt-daemon-driver-qemu libvirt-clients \
 	qemu-system-x86 iproute2 ca-certificates git gcc libc6-dev pkg-config make curl spin
-TEST_TIMEOUT ?= 20m
+TEST_TIMEOUT ?= 30m
 BENCHTIME ?= 5x
 BENCH_PKGS ?= ./vtpm/host/ ./attest/ ./vtpm/identity/ ./migrate/
 
