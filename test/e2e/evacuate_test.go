@@ -280,8 +280,15 @@ func evacKilledAndRerun(ctx context.Context, t *testing.T, el *evacLab) {
 		t.Logf("  %s: %s on %s at %d (earlier run: %v)", v.Name, v.Outcome, v.Host, v.Generation, v.Earlier)
 	}
 	moved := rep.Counts[evacuate.OutcomeMoved] + earlier
-	if !rep.Resumed || earlier < 1 || moved != len(more) {
-		t.Errorf("second run: resumed %v, %d moved by the earlier run, counts %v; want resumed, at least 1 earlier, %d moved in all",
+	switch {
+	case rep.Resumed && earlier >= 1 && moved == len(more):
+	case !rep.Resumed && len(rep.Counts) == 0:
+		// The next VM's migration had started when vtpmctl died: vtpmd
+		// finished it, the first run completed, and the second finds
+		// nothing left on host-a. Below: each VM moved exactly once.
+		t.Logf("second run: the first run had moved every VM (its last migration was in flight at the kill)")
+	default:
+		t.Errorf("second run: resumed %v, %d moved by the earlier run, counts %v; want resumed, at least 1 earlier, %d moved in all (or nothing left if the first run finished)",
 			rep.Resumed, earlier, rep.Counts, len(more))
 	}
 	for _, vm := range more {
