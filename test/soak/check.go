@@ -81,6 +81,7 @@ func (s *Schedule) finish(ctx context.Context) {
 	for _, h := range Hosts {
 		s.f.InProcHost(h).OnCrashPoint(nil)
 	}
+	s.noteFenced(step)
 	for _, h := range s.downHosts() {
 		var err error
 		for range 3 {
@@ -102,6 +103,7 @@ func (s *Schedule) finish(ctx context.Context) {
 	owners := map[string]string{}
 	var last map[string]string
 	for ctx.Err() == nil {
+		s.restartFenced(ctx, step)
 		for _, h := range s.upHosts() {
 			_ = s.recoverHost(ctx, h)
 		}
@@ -110,6 +112,7 @@ func (s *Schedule) finish(ctx context.Context) {
 			if _, ok := owners[vm.UUID]; ok {
 				continue
 			}
+			s.haStart(ctx, step, vm)
 			octx, cancel := context.WithTimeout(ctx, 30*time.Second)
 			owner, report, err := fleet.Owner(octx, s.f, vm.VM)
 			cancel()

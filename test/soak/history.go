@@ -12,6 +12,7 @@ import (
 type History struct {
 	Seed       uint64
 	Registry   string
+	Failover   bool // a failover schedule (Config.Failover)
 	Steps      int
 	Events     []Event
 	Faults     map[string]int
@@ -69,7 +70,11 @@ func (h *History) String() string {
 	for _, v := range h.Violations {
 		fmt.Fprintf(&b, "VIOLATED at step %d: %s: %s\n", v.Step, v.Rule, v.Detail)
 	}
-	fmt.Fprintf(&b, "replay: go test ./test/soak -run TestSoak -v -soak.seed %d -soak.schedules 1 -soak.steps %d\n", h.Seed, h.Steps)
+	fo := "off"
+	if h.Failover {
+		fo = "on"
+	}
+	fmt.Fprintf(&b, "replay: go test ./test/soak -run TestSoak -v -soak.seed %d -soak.schedules 1 -soak.steps %d -soak.failover %s\n", h.Seed, h.Steps, fo)
 	return b.String()
 }
 

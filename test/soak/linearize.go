@@ -142,6 +142,9 @@ func (s *Schedule) readRegistry(ctx context.Context) {
 	for _, id := range ids {
 		if r, ok := view.VMs[id]; ok {
 			s.lin.add(regInput{VM: id, Read: true}, regOutput{State: regState{Owner: r.Owner, Gen: r.Generation}}, call, ret)
+			s.mu.Lock()
+			s.regOwner[id] = r.Owner
+			s.mu.Unlock()
 		}
 	}
 }

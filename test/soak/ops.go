@@ -42,6 +42,9 @@ func (st Step) String() string {
 	if st.Kind == "migrate" || st.Kind == "crash" || st.Kind == "partition" {
 		fmt.Fprintf(&b, " soak-%d -> +%d (%s)", st.VM+1, st.Hop, st.Mode)
 	}
+	if st.Kind == "failover" {
+		fmt.Fprintf(&b, " soak-%d", st.VM+1)
+	}
 	if st.Kind == "race" {
 		fmt.Fprintf(&b, " soak-%d -> +%d (%s) || -> +%d (%s)", st.VM+1, st.Hop, st.Mode, st.Hop2, st.Mode2)
 	}
@@ -66,12 +69,15 @@ func (st Step) String() string {
 type OpKind struct {
 	Name   string
 	Weight int
-	Fault  func(Step) string // the fault's kind for the table ("" if none)
-	Draw   func(s *Schedule) (Step, bool)
-	Run    func(ctx context.Context, s *Schedule, st Step) string
+	// Failover: drawn only in failover schedules (Config.Failover).
+	Failover bool
+	Fault    func(Step) string // the fault's kind for the table ("" if none)
+	Draw     func(s *Schedule) (Step, bool)
+	Run      func(ctx context.Context, s *Schedule, st Step) string
 }
 
-// Ops is the op table. Failover (#15) joins it as one more entry.
+// Ops is the op table. Entries marked Failover are drawn only in
+// failover schedules, so the others draw the same steps from a seed.
 var Ops = []OpKind{
 	{Name: "migrate", Weight: 6, Draw: drawMigrate, Run: runMigrate},
 	{Name: "race", Weight: 2, Draw: drawRace, Run: runRace},
@@ -83,6 +89,7 @@ var Ops = []OpKind{
 	{Name: "cut", Weight: 3, Fault: func(st Step) string { return "cut-" + linkKind(st.Peer) + "-" + st.Cut }, Draw: drawCut, Run: runCut},
 	{Name: "heal", Weight: 3, Draw: drawHeal, Run: runHeal},
 	{Name: "recover", Weight: 1, Draw: func(*Schedule) (Step, bool) { return Step{Kind: "recover"}, true }, Run: runRecover},
+	{Name: "failover", Weight: 2, Failover: true, Fault: func(Step) string { return "owner-crash" }, Draw: drawFailover, Run: runFailover},
 }
 
 func linkKind(peer string) string {
@@ -97,10 +104,15 @@ func (s *Schedule) draw() Step {
 	for {
 		total := 0
 		for _, k := range Ops {
-			total += k.Weight
+			if !k.Failover || s.cfg.Failover {
+				total += k.Weight
+			}
 		}
 		n := s.rng.IntN(total)
 		for _, k := range Ops {
+			if k.Failover && !s.cfg.Failover {
+				continue
+			}
 			if n -= k.Weight; n < 0 {
 				if st, ok := k.Draw(s); ok {
 					return st

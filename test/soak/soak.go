@@ -15,7 +15,8 @@
 // run, every VM is owned by exactly one host that runs it, holds its key
 // and unseals the tenant's secret sealed at creation, with nothing
 // pending and the registry agreeing. Ops and faults are a table (ops.go);
-// failover joins it as one more entry.
+// failover schedules (failover.go) add standbys, the fence agent and the
+// failover op.
 //
 // A schedule is replayed from its seed: the seed fixes every random
 // choice; the real code's timing may still make a replay's outcomes
@@ -33,6 +34,7 @@ import (
 
 	"github.com/vtpmm/vtpmm/cmd/vtpmd/daemon"
 	"github.com/vtpmm/vtpmm/hypervisor"
+	"github.com/vtpmm/vtpmm/internal/adminapi"
 	"github.com/vtpmm/vtpmm/migrate/registry"
 	"github.com/vtpmm/vtpmm/test/fleet"
 	"github.com/vtpmm/vtpmm/test/fleet/inproc"
@@ -50,6 +52,10 @@ type Config struct {
 	// OpTimeout bounds one op (default 2 min); SettleTimeout the final
 	// recovery (default 3 min).
 	OpTimeout, SettleTimeout time.Duration
+	// Failover gives every VM two standbys (the other hosts), runs the
+	// fleet's fence agent with automatic failover, and adds the failover
+	// op to the table (failover.go).
+	Failover bool
 	// Log, when set, receives the history as it is written.
 	Log func(string)
 	// Mutate, when set, breaks the fleet after its set-up (tests that
@@ -72,12 +78,15 @@ type Schedule struct {
 	mu     sync.Mutex
 	listen map[string]string // host -> its real agent wire address
 
-	step    int             // the step running
-	down    map[string]bool // vtpmd killed and not restarted
-	maxGen  map[string]uint64
-	hist    *History
-	lin     *linHistory
-	started time.Time
+	step   int             // the step running
+	down   map[string]bool // vtpmd killed and not restarted
+	maxGen map[string]uint64
+	hist   *History
+	// regOwner is each VM's owner at the registry's last read.
+	regOwner map[string]string
+	haTried  map[string]bool // VMs haStart tried to start
+	lin      *linHistory
+	started  time.Time
 }
 
 type soakVM struct {
@@ -109,8 +118,8 @@ func Run(ctx context.Context, cfg Config) (*History, error) {
 		cfg.Registry = []registry.Mode{registry.ModeEtcd, registry.ModeEmbedded}[rng.IntN(2)]
 	}
 	s := &Schedule{cfg: cfg, rng: rng, links: map[string]*Link{}, listen: map[string]string{},
-		down: map[string]bool{}, maxGen: map[string]uint64{}, started: time.Now(), lin: &linHistory{start: time.Now()}}
-	s.hist = &History{Seed: cfg.Seed, Registry: string(cfg.Registry), Faults: map[string]int{}, log: cfg.Log}
+		down: map[string]bool{}, regOwner: map[string]string{}, maxGen: map[string]uint64{}, started: time.Now(), lin: &linHistory{start: time.Now()}}
+	s.hist = &History{Seed: cfg.Seed, Registry: string(cfg.Registry), Failover: cfg.Failover, Faults: map[string]int{}, log: cfg.Log}
 	defer s.closeLinks()
 	if err := s.start(ctx); err != nil {
 		return s.hist, fmt.Errorf("soak: seed %d: %w: %w", cfg.Seed, ErrSetup, err)
@@ -133,12 +142,21 @@ func Run(ctx context.Context, cfg Config) (*History, error) {
 		st := s.draw()
 		s.step = i
 		t0 := time.Now()
+		s.mayFailOver(st)
 		out := s.run(ctx, st)
 		s.hist.Steps++
 		s.hist.addTimed(i, st.Kind, st.String(), out, time.Since(t0))
+		s.noteFenced(i)
 		s.checkStep(ctx, i)
 	}
 	s.finish(ctx)
+	if cfg.Failover {
+		for _, h := range Hosts {
+			if n := s.f.Fenced(h); n > 0 {
+				s.hist.Faults["fence-agent-run"] += n
+			}
+		}
+	}
 	s.hist.Wall = time.Since(s.started)
 	if len(s.hist.Violations) > 0 {
 		return s.hist, fmt.Errorf("soak: seed %d: %d invariant violations: %w", cfg.Seed, len(s.hist.Violations), ErrViolation)
@@ -165,6 +183,9 @@ func (s *Schedule) start(ctx context.Context) error {
 		s.mu.Lock()
 		s.listen[h] = c.Listen
 		s.mu.Unlock()
+		if s.cfg.Failover {
+			c.Standby = daemon.StandbyConfig{MaxLag: "3s", Failover: "auto"}
+		}
 		c.Peers = map[string]string{}
 		for _, o := range Hosts {
 			if o == h {
@@ -191,7 +212,7 @@ func (s *Schedule) start(ctx context.Context) error {
 		}
 	}
 	f, err := inproc.New(ctx, inproc.Config{Hosts: specs, HookMode: true, Registry: s.cfg.Registry, Configure: configure,
-		EvacuationSettle: 10 * time.Second, RegistryTTL: 5 * time.Second})
+		EvacuationSettle: 10 * time.Second, RegistryTTL: 5 * time.Second, FenceAgent: s.cfg.Failover})
 	if err == nil && cerr != nil {
 		_ = f.Close(ctx)
 		err = cerr
@@ -208,6 +229,11 @@ func (s *Schedule) start(ctx context.Context) error {
 		secret, err := f.Host(Hosts[0]).TenantSecret(ctx, vm)
 		if err != nil {
 			return err
+		}
+		if s.cfg.Failover {
+			if _, err := f.InProcHost(Hosts[0]).Admin().Standby(ctx, adminapi.StandbyRequest{VM: vm.UUID, On: Hosts[1:]}); err != nil {
+				return fmt.Errorf("standby %s: %w", vm.Name, err)
+			}
 		}
 		s.vms = append(s.vms, soakVM{VM: vm, secret: secret})
 	}

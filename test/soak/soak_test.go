@@ -20,6 +20,7 @@ var (
 	stepsFlag     = flag.Int("soak.steps", 0, "ops per schedule (SOAK_STEPS; default 12)")
 	timeFlag      = flag.Duration("soak.time", 0, "run schedules until this much time has passed (SOAK_TIME; 0: the count alone)")
 	verboseFlag   = flag.Bool("soak.v", false, "log every step as it runs (SOAK_VERBOSE=1)")
+	failoverFlag  = flag.String("soak.failover", "", "failover schedules: on, off (SOAK_FAILOVER=1 or 0; default: on under make soak, off under go test)")
 )
 
 func envInt(name string, flagV int, def int) int {
@@ -53,6 +54,13 @@ func TestSoak(t *testing.T) {
 		budget, _ = time.ParseDuration(os.Getenv("SOAK_TIME"))
 	}
 	verbose := *verboseFlag || os.Getenv("SOAK_VERBOSE") == "1"
+	failover := budget > 0 // make soak: standbys, fence agent, the failover op
+	switch {
+	case *failoverFlag != "":
+		failover = *failoverFlag == "on"
+	case os.Getenv("SOAK_FAILOVER") != "":
+		failover = os.Getenv("SOAK_FAILOVER") == "1"
+	}
 	if budget > 0 && *schedulesFlag == 0 && os.Getenv("SOAK_SCHEDULES") == "" {
 		schedules = 1 << 30 // the time alone bounds the run
 	}
@@ -62,7 +70,7 @@ func TestSoak(t *testing.T) {
 		if budget > 0 && i > 0 && time.Since(t0) > budget {
 			break
 		}
-		cfg := soak.Config{Seed: seed + uint64(i), Steps: steps}
+		cfg := soak.Config{Seed: seed + uint64(i), Steps: steps, Failover: failover}
 		if verbose {
 			cfg.Log = func(s string) { t.Log(s) }
 		}
@@ -88,4 +96,31 @@ func TestSoak(t *testing.T) {
 	for _, line := range tot.Table() {
 		fmt.Println("TABLE " + line)
 	}
+}
+
+// TestSoakFailover runs one fixed failover schedule (Config.Failover:
+// standbys, the fence agent, the failover op), seed 4, whose first step
+// crashes the owner of a VM and a standby promotes; make soak runs
+// failover schedules by default.
+func TestSoakFailover(t *testing.T) {
+	t.Parallel()
+	if *seedFlag != 0 || os.Getenv("SOAK_SEED") != "" {
+		t.Skip("a chosen seed runs in TestSoak")
+	}
+	cfg := soak.Config{Seed: 4, Steps: 12, Failover: true}
+	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Minute)
+	defer cancel()
+	h, err := soak.Run(ctx, cfg)
+	if errors.Is(err, soak.ErrSetup) {
+		t.Logf("seed %d: %v; once more", cfg.Seed, err)
+		h, err = soak.Run(ctx, cfg)
+	}
+	if err != nil {
+		t.Fatalf("%v\n%s", err, h)
+	}
+	if h.Faults["failover-promoted"] == 0 {
+		t.Fatalf("seed %d: no failover op saw a standby promote\n%s", cfg.Seed, h)
+	}
+	t.Logf("seed %d (registry %s, failover): %d steps, faults %s, settled in %v, %v", h.Seed, h.Registry, h.Steps,
+		soak.FaultString(h.Faults), h.Settle.Round(time.Millisecond), h.Wall.Round(time.Millisecond))
 }
