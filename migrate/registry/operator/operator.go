@@ -88,20 +88,10 @@ func Enroll(ctx context.Context, op *registry.Client, admin *adminapi.Client, ho
 	if registered == nil && opts.Addr == "" {
 		return rep, fmt.Errorf("enroll %s: it has not registered in the fleet registry within %v (is its vtpmd running with this registry?); or give its address", host, wait)
 	}
-	t1 := time.Now()
-	info, err := admin.EnrollWith(ctx, host, req)
-	rep.Check = time.Since(t1)
-	rep.Info = info
+	info, took, id, err := proveIdentity(ctx, admin, "enroll", host, req, registered)
+	rep.Check, rep.Info = took, info
 	if err != nil {
-		return rep, fmt.Errorf("enroll %s: %w", host, err)
-	}
-	id := registry.Identity{EK: info.EKDigest, AK: info.AKName}
-	if registered != nil && (registered.Identity.EK != id.EK || registered.Identity.AK != id.AK) {
-		return rep, fmt.Errorf("enroll %s: %w: registered EK %s… AK %s…, proved EK %s… AK %s…", host, ErrIdentityMismatch,
-			short(registered.Identity.EK), short(registered.Identity.AK), short(id.EK), short(id.AK))
-	}
-	if registered != nil {
-		id.MK = registered.Identity.MK
+		return rep, err
 	}
 	e := enrolment(host, id, opts.By, info)
 	rep.RegistryOps++
@@ -142,4 +132,26 @@ func firstLine(s string) string {
 		s = s[:1000]
 	}
 	return s
+}
+
+// proveIdentity has the local vtpmd check host's TPM (admin.EnrollWith:
+// activation or AK certificate) and compares the identity proved with the
+// one host registered (if it did), whose migration key it keeps. It
+// returns the check's answer, how long it took and the identity.
+func proveIdentity(ctx context.Context, admin *adminapi.Client, what, host string, req adminapi.EnrollRequest, registered *registry.Host) (adminapi.EnrollInfo, time.Duration, registry.Identity, error) {
+	t1 := time.Now()
+	info, err := admin.EnrollWith(ctx, host, req)
+	took := time.Since(t1)
+	if err != nil {
+		return info, took, registry.Identity{}, fmt.Errorf("%s %s: %w", what, host, err)
+	}
+	id := registry.Identity{EK: info.EKDigest, AK: info.AKName}
+	if registered != nil {
+		if registered.Identity.EK != id.EK || registered.Identity.AK != id.AK {
+			return info, took, id, fmt.Errorf("%s %s: %w: registered EK %s… AK %s…, proved EK %s… AK %s…", what, host, ErrIdentityMismatch,
+				short(registered.Identity.EK), short(registered.Identity.AK), short(id.EK), short(id.AK))
+		}
+		id.MK = registered.Identity.MK
+	}
+	return info, took, id, nil
 }

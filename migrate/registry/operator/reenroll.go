@@ -76,20 +76,10 @@ func Reenroll(ctx context.Context, op *registry.Client, admin *adminapi.Client, 
 	if opts.Addr == "" && (registered == nil || registered.Identity.EK == rep.Old.EK) {
 		return rep, fmt.Errorf("re-enrol %s: it has not registered a new TPM identity within %v (run vtpmd init on its new TPM and start vtpmd); or give its address", host, wait)
 	}
-	t1 := time.Now()
-	info, err := admin.EnrollWith(ctx, host, adminapi.EnrollRequest{Addr: opts.Addr, Replaces: rep.Old.EK})
-	rep.Check = time.Since(t1)
-	rep.Info = info
+	info, took, id, err := proveIdentity(ctx, admin, "re-enrol", host, adminapi.EnrollRequest{Addr: opts.Addr, Replaces: rep.Old.EK}, registered)
+	rep.Check, rep.Info = took, info
 	if err != nil {
-		return rep, fmt.Errorf("re-enrol %s: %w", host, err)
-	}
-	id := registry.Identity{EK: info.EKDigest, AK: info.AKName}
-	if registered != nil && (registered.Identity.EK != id.EK || registered.Identity.AK != id.AK) {
-		return rep, fmt.Errorf("re-enrol %s: %w: registered EK %s… AK %s…, proved EK %s… AK %s…", host, ErrIdentityMismatch,
-			short(registered.Identity.EK), short(registered.Identity.AK), short(id.EK), short(id.AK))
-	}
-	if registered != nil {
-		id.MK = registered.Identity.MK
+		return rep, err
 	}
 	rep.New = id
 	e := enrolment(host, id, opts.By, info)
