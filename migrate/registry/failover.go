@@ -239,16 +239,11 @@ func (c *Client) TakeOver(ctx context.Context, t TakeOver) (VM, error) {
 	for _, h := range t.Fenced {
 		elses = append(elses, clientv3.OpGet(c.k.fence(h)))
 	}
-	var resp *clientv3.TxnResponse
-	err = c.do(ctx, op, func(ctx context.Context) (err error) {
-		resp, err = c.kv.Txn(ctx).If(cmps...).Then(clientv3.OpPut(key, val)).Else(elses...).Commit()
-		return err
-	})
+	resp, err := c.putVMIf(ctx, op, key, val, next, cmps, elses)
 	if err != nil {
 		return VM{}, err
 	}
 	if resp.Succeeded {
-		c.cache.put(resp.Header.Revision, []VM{next}, nil, false)
 		return next, nil
 	}
 	var errs []error

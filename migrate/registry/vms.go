@@ -462,16 +462,11 @@ func (c *Client) Bump(ctx context.Context, b Bump) (VM, error) {
 		cmps = append(cmps, clientv3.Compare(clientv3.CreateRevision(c.k.live(b.Expect.Owner)), "=", 0))
 		elses = append(elses, clientv3.OpGet(c.k.live(b.Expect.Owner), clientv3.WithKeysOnly()))
 	}
-	var resp *clientv3.TxnResponse
-	err = c.do(ctx, op, func(ctx context.Context) (err error) {
-		resp, err = c.kv.Txn(ctx).If(cmps...).Then(clientv3.OpPut(key, val)).Else(elses...).Commit()
-		return err
-	})
+	resp, err := c.putVMIf(ctx, op, key, val, next, cmps, elses)
 	if err != nil {
 		return VM{}, err
 	}
 	if resp.Succeeded {
-		c.cache.put(resp.Header.Revision, []VM{next}, nil, false)
 		return next, nil
 	}
 	var errs []error
@@ -506,4 +501,22 @@ func (c *Client) Bump(ctx context.Context, b Bump) (VM, error) {
 		errs = append(errs, fmt.Errorf("%w: read again", ErrConflict))
 	}
 	return VM{}, fmt.Errorf("%s: %w", op, errors.Join(errs...))
+}
+
+// putVMIf writes a VM's record (key, val: next) if every comparison
+// holds, else reads elses (one transaction), and caches the record it
+// wrote: Bump's and TakeOver's write.
+func (c *Client) putVMIf(ctx context.Context, op, key, val string, next VM, cmps []clientv3.Cmp, elses []clientv3.Op) (*clientv3.TxnResponse, error) {
+	var resp *clientv3.TxnResponse
+	err := c.do(ctx, op, func(ctx context.Context) (err error) {
+		resp, err = c.kv.Txn(ctx).If(cmps...).Then(clientv3.OpPut(key, val)).Else(elses...).Commit()
+		return err
+	})
+	if err != nil {
+		return nil, err
+	}
+	if resp.Succeeded {
+		c.cache.put(resp.Header.Revision, []VM{next}, nil, false)
+	}
+	return resp, nil
 }
