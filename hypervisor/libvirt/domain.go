@@ -176,9 +176,11 @@ func (h *Hypervisor) Domains(ctx context.Context) ([]hypervisor.Domain, error) {
 }
 
 // StartDomain cold-starts a defined domain. libvirt reads the vTPM secret
-// now (and on the first start runs swtpm_setup to create the state).
+// now (and on the first start runs swtpm_setup to create the state). The
+// start runs on a connection of its own (withOwn): it waits for the qemu
+// hook, which may call this host's vtpmd, whose handler calls libvirt.
 func (h *Hypervisor) StartDomain(ctx context.Context, vmUUID string) error {
-	return h.domainOp(ctx, "start", vmUUID, func(d *golibvirt.Domain) error {
+	return h.domainOpOn(ctx, h.withOwn, "start", vmUUID, func(d *golibvirt.Domain) error {
 		if err := d.Create(); err != nil {
 			return classifyStart(err)
 		}
@@ -208,7 +210,14 @@ func (h *Hypervisor) UndefineDomain(ctx context.Context, vmUUID string, removeTP
 }
 
 func (h *Hypervisor) domainOp(ctx context.Context, op, vmUUID string, f func(d *golibvirt.Domain) error) error {
-	err := h.with(ctx, func(c *golibvirt.Connect) error {
+	return h.domainOpOn(ctx, h.with, op, vmUUID, f)
+}
+
+// domainOpOn runs f on the domain looked up through run's connection
+// (with: the shared one; withOwn: one of its own).
+func (h *Hypervisor) domainOpOn(ctx context.Context, run func(context.Context, func(*golibvirt.Connect) error) error,
+	op, vmUUID string, f func(d *golibvirt.Domain) error) error {
+	err := run(ctx, func(c *golibvirt.Connect) error {
 		d, err := lookup(c, vmUUID)
 		if err != nil {
 			return err

@@ -142,11 +142,46 @@ func (h *Hypervisor) with(ctx context.Context, f func(c *golibvirt.Connect) erro
 	return f(h.conn)
 }
 
+// withOwn runs f on a libvirt connection of its own, opened for this call
+// and closed after it. Calls that wait for the qemu hook run there: a
+// domain's start ('prepare begin') and an outgoing migration (the
+// destination's 'migrate begin' asks this host's vtpmd). libvirt 9.0's RPC
+// client can lose the wakeup of a connection's dispatching thread (the
+// "buck" holder: virNetClientIO calls g_main_loop_quit before the holder
+// is back in g_main_loop_run); a call queued then is sent only when the
+// holder's own call returns. While the holder is a start that waits for
+// the hook, and the hook waits for vtpmd, whose handler makes that call,
+// nothing moves until the hook times out (docs/field-notes.md). On a
+// connection of its own the long call is never the holder of a connection
+// vtpmd's handlers use.
+func (h *Hypervisor) withOwn(ctx context.Context, f func(c *golibvirt.Connect) error) error {
+	if err := ctx.Err(); err != nil {
+		return err
+	}
+	h.mu.RLock()
+	closed := h.conn == nil
+	h.mu.RUnlock()
+	if closed {
+		return ErrClosed
+	}
+	c, err := connect(ctx, h.cfg.URI)
+	if err != nil {
+		return err
+	}
+	defer c.Close()
+	return f(c)
+}
+
 // SecretUsage is the usage name of a VM's vTPM secret.
 func SecretUsage(vmUUID string) string { return "vtpmm-" + strings.ToLower(vmUUID) }
 
 // DefineSecret defines (or replaces) a VM's vTPM secret: ephemeral and
 // private, so libvirt keeps it in memory only and never returns its value.
+// A secret that is already defined as DefineSecret defines it (its UUID,
+// ephemeral, private, the VM's usage) gets the value in place
+// (virSecretSetValue): a start that references it, whose hook may call
+// DefineSecret again ('prepare begin'), never finds it missing. Any other
+// secret with the VM's UUID or usage is undefined first.
 func (h *Hypervisor) DefineSecret(ctx context.Context, vmUUID string, value []byte) error {
 	op := fmt.Sprintf("define secret %s on %s", vmUUID, h.cfg.Name)
 	if !ids.IsUUID(vmUUID) || len(value) == 0 {
@@ -159,6 +194,9 @@ func (h *Hypervisor) DefineSecret(ctx context.Context, vmUUID string, value []by
 		return fmt.Errorf("%s: %w", op, err)
 	}
 	err = h.with(ctx, func(c *golibvirt.Connect) error {
+		if done, err := setSecretInPlace(c, vmUUID, value); err != nil || done {
+			return err
+		}
 		if err := undefineSecrets(c, vmUUID); err != nil {
 			return err
 		}
@@ -178,6 +216,41 @@ func (h *Hypervisor) DefineSecret(ctx context.Context, vmUUID string, value []by
 	}
 	h.log.WithField("vm", vmUUID).Debug("vTPM secret defined")
 	return nil
+}
+
+// setSecretInPlace sets value as the VM's secret when the secret is defined
+// as DefineSecret defines it; done is false when it is not (absent, or
+// another definition: persistent or readable secrets are redefined, never
+// given a key).
+func setSecretInPlace(c *golibvirt.Connect, vmUUID string, value []byte) (done bool, err error) {
+	s, err := c.LookupSecretByUUIDString(hypervisor.SecretUUID(vmUUID))
+	if isCode(err, golibvirt.ERR_NO_SECRET) {
+		return false, nil
+	}
+	if err != nil {
+		return false, wrapLibvirt(err)
+	}
+	defer s.Free()
+	doc, err := s.GetXMLDesc(0)
+	if isCode(err, golibvirt.ERR_NO_SECRET) {
+		return false, nil
+	}
+	if err != nil {
+		return false, wrapLibvirt(err)
+	}
+	var def libvirtxml.Secret
+	if err := def.Unmarshal(doc); err != nil || def.Ephemeral != "yes" || def.Private != "yes" ||
+		def.Usage == nil || def.Usage.Type != "vtpm" || def.Usage.Name != SecretUsage(vmUUID) {
+		return false, nil
+	}
+	err = s.SetValue(value, 0)
+	if isCode(err, golibvirt.ERR_NO_SECRET) {
+		return false, nil // undefined meanwhile: define it
+	}
+	if err != nil {
+		return false, wrapLibvirt(err)
+	}
+	return true, nil
 }
 
 // undefineSecrets removes the VM's secret by UUID and any secret holding

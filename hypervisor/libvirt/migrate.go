@@ -67,13 +67,16 @@ func (h *Hypervisor) MigrateWith(ctx context.Context, vmUUID string, dest hyperv
 			return fmt.Errorf("%s: %w", op, err)
 		}
 	}
-	err = h.with(ctx, func(c *golibvirt.Connect) error {
+	// The migration runs on a connection of its own (withOwn): the
+	// destination's hook may ask this host's vtpmd, which asks libvirt
+	// here about the outgoing job. The abort goes through the shared one.
+	err = h.withOwn(ctx, func(c *golibvirt.Connect) error {
 		d, err := lookup(c, vmUUID)
 		if err != nil {
 			return err
 		}
 		defer d.Free()
-		return runMigration(ctx, d, dest.URI, params)
+		return runMigration(ctx, d, dest.URI, params, func() { h.abortJob(vmUUID) })
 	})
 	if err != nil {
 		err = classifyMigrate(err, func() (bool, bool) { return destHasSecret(peer, peerURI, secretUUID) })
@@ -155,20 +158,35 @@ func precheck(peer *golibvirt.Connect, vmUUID, secretUUID string) error {
 }
 
 // runMigration runs MigrateToURI3, aborting the job when ctx ends.
-func runMigration(ctx context.Context, d *golibvirt.Domain, uri string, params *golibvirt.DomainMigrateParameters) error {
+func runMigration(ctx context.Context, d *golibvirt.Domain, uri string, params *golibvirt.DomainMigrateParameters, abort func()) error {
 	done := make(chan error, 1)
 	go func() { done <- d.MigrateToURI3(uri, params, MigrateFlags) }()
 	select {
 	case err := <-done:
 		return err
 	case <-ctx.Done():
-		_ = d.AbortJob()
+		abort()
 		err := <-done
 		if err == nil {
 			return nil // completed before the abort took effect
 		}
 		return fmt.Errorf("%w (%w)", ctx.Err(), err)
 	}
+}
+
+// abortJob aborts the VM's job (its outgoing migration) through the shared
+// connection; errors are left to the migration's own result.
+func (h *Hypervisor) abortJob(vmUUID string) {
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	_ = h.with(ctx, func(c *golibvirt.Connect) error {
+		d, err := lookup(c, vmUUID)
+		if err != nil {
+			return err
+		}
+		defer d.Free()
+		return d.AbortJob()
+	})
 }
 
 // destHasSecret asks the destination whether the secret is defined;
