@@ -182,8 +182,12 @@ func installHook(dir, exe, socket string) (string, error) {
 //     reaches virsh's error;
 //   - "prepare begin" (before the vTPM starts): vtpmd defines the secret
 //     from its vault if this host owns the key; a VM whose key is not here
-//     fails to start, with the reason. If vtpmd does not answer, the start
-//     goes on with the secret libvirt has (vtpmd down does not block starts);
+//     fails to start, with the reason. If vtpmd is not running (no socket,
+//     or nobody listening: adminapi.ErrUnreachable), the start goes on with
+//     the secret libvirt has (vtpmd down does not block starts). A vtpmd
+//     that runs but does not answer within adminapi.HookTimeout
+//     (adminapi.ErrNoAnswer) fails the start closed (rule vtpmd-answers):
+//     it may be deciding that this host must not start the VM;
 //   - "release end": tell vtpmd the VM let go of this host, so it settles
 //     the VM's transaction (asynchronously: libvirt holds the domain's lock
 //     until the hook returns). Never fails.
@@ -208,6 +212,9 @@ func runQemuHook(ctx context.Context, c *adminapi.Client, op, subop string, stdi
 	case !ev.mustAnswer || (ev.startsWithoutVtpmd && errors.Is(err, adminapi.ErrUnreachable)):
 		fmt.Fprintf(stderr, "vtpmm hook: %s of VM %s goes on: %v\n", op, d.Name, err)
 		return nil
+	case errors.Is(err, adminapi.ErrNoAnswer):
+		return &exitError{code: 2, err: fmt.Errorf("vtpmm refused %s VM %s (%s): %w; a vtpmd that runs but does not answer "+
+			"may be refusing this host the VM, so the hook fails closed (rule vtpmd-answers)", ev.refusal, d.Name, d.UUID, err)}
 	}
 	return fmt.Errorf("vtpmm refused %s VM %s (%s): %w", ev.refusal, d.Name, d.UUID, err)
 }

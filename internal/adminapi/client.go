@@ -5,6 +5,7 @@ import (
 	"bytes"
 	"context"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"io"
 	"net"
@@ -29,10 +30,21 @@ func NewClient(socket string) *Client {
 	return &Client{socket: socket, http: &http.Client{Transport: &http.Transport{
 		DialContext: func(ctx context.Context, _, _ string) (net.Conn, error) {
 			var d net.Dialer
-			return d.DialContext(ctx, "unix", socket)
+			c, err := d.DialContext(ctx, "unix", socket)
+			if err != nil {
+				return nil, &dialError{err: err}
+			}
+			return c, nil
 		},
 	}}}
 }
+
+// dialError marks a failed connection to the admin socket (ErrUnreachable),
+// as opposed to a connection that gave no answer (ErrNoAnswer).
+type dialError struct{ err error }
+
+func (e *dialError) Error() string { return e.err.Error() }
+func (e *dialError) Unwrap() error { return e.err }
 
 // Socket is the admin socket's path.
 func (c *Client) Socket() string { return c.socket }
@@ -53,7 +65,11 @@ func (c *Client) do(ctx context.Context, method, path string, body any) (*http.R
 	}
 	resp, err := c.http.Do(req)
 	if err != nil {
-		return nil, fmt.Errorf("%w at %s (is it running? --socket): %w", ErrUnreachable, c.socket, err)
+		var de *dialError
+		if errors.As(err, &de) && ctx.Err() == nil {
+			return nil, fmt.Errorf("%w at %s (is it running? --socket): %w", ErrUnreachable, c.socket, de.err)
+		}
+		return nil, fmt.Errorf("%w at %s (it runs but is slow or stuck): %w", ErrNoAnswer, c.socket, err)
 	}
 	if resp.StatusCode >= 300 {
 		defer resp.Body.Close()
