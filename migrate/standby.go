@@ -63,6 +63,21 @@ type ReplicaRequest struct {
 	Ciphertext     []byte              `json:"ct"`
 	StateSHA256    []byte              `json:"state_sha256"`
 	State          []byte              `json:"state"`
+	// DomainXML is the VM's domain as the owner's hypervisor describes it
+	// for another host (libvirt: VIR_DOMAIN_XML_SECURE|MIGRATABLE), so that a
+	// standby where the domain is not defined defines it at promotion;
+	// empty when the owner's hypervisor cannot describe it.
+	DomainXML string `json:"domain_xml,omitempty"`
+}
+
+// maxDomainXML bounds ReplicaRequest.DomainXML.
+const maxDomainXML = 1 << 20
+
+// DomainDescriber is a hypervisor that describes a VM's domain for
+// another host to define it (hypervisor/libvirt); the owner sends the
+// description with each replica.
+type DomainDescriber interface {
+	MigratableDomainXML(ctx context.Context, vmUUID string) (string, error)
 }
 
 // ReplicaResponse acknowledges a stored replica.
@@ -115,6 +130,8 @@ func (r *ReplicaRequest) validate() error {
 		return fmt.Errorf("%w: the state's SHA-256 differs from the one sent (%d bytes)", ErrBadMessage, len(r.State))
 	case len(r.Name) > 256:
 		return fmt.Errorf("%w: VM name of %d bytes", ErrBadMessage, len(r.Name))
+	case len(r.DomainXML) > maxDomainXML:
+		return fmt.Errorf("%w: domain XML of %d bytes", ErrBadMessage, len(r.DomainXML))
 	}
 	return nil
 }
@@ -204,7 +221,12 @@ func (n *Node) SendReplica(ctx context.Context, vm, name, standby string, state 
 	if err != nil {
 		return ReplicaStats{}, fmt.Errorf("%s: %w", op, err)
 	}
-	size := len(req.State) + len(req.TransferKey.Public) + len(req.TransferKey.Duplicate) + len(req.TransferKey.Seed) + 256
+	if dd, ok := n.cfg.Hypervisor.(DomainDescriber); ok {
+		if doc, err := dd.MigratableDomainXML(ctx, vm); err == nil && len(doc) <= maxDomainXML {
+			req.DomainXML = doc // a replica without it still serves a standby that knows the domain
+		}
+	}
+	size := len(req.State) + len(req.DomainXML) + len(req.TransferKey.Public) + len(req.TransferKey.Duplicate) + len(req.TransferKey.Seed) + 256
 	if _, err := rp.Replicate(ctx, req); err != nil {
 		return ReplicaStats{}, fmt.Errorf("%s: %w", op, err)
 	}

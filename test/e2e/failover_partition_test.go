@@ -33,8 +33,10 @@ import (
 //     (what libvirt's hook asks at 'prepare begin') refuses to hand out the
 //     VM's key, naming the rule;
 //   - the gate opens: fence_lab powers host-a off (through its directory,
-//     although its network is cut); host-b promotes and starts the VM; the
-//     guest unseals the same secret;
+//     although its network is cut); host-b, where the domain was never
+//     defined, defines it from the description host-a sent with the
+//     replica, promotes and starts the VM; the guest unseals the same
+//     secret (so the promoted state went where libvirt's swtpm reads it);
 //   - the link is healed and host-a powered on: it refuses its old copy
 //     and shreds it.
 //
@@ -57,7 +59,7 @@ func TestE2EFailoverPartition(t *testing.T) {
 	ctx, cancel := context.WithTimeout(context.Background(), 25*time.Minute)
 	defer cancel()
 	var called, gate string
-	f, a, b, vm, secret := failoverLab(ctx, t, "linux-p", func(agent string) string {
+	f, a, b, vm, secret := failoverLab(ctx, t, "linux-p", false, func(agent string) string {
 		dir := filepath.Dir(agent)
 		called, gate = filepath.Join(dir, "fence-called"), filepath.Join(dir, "fence-go")
 		script := filepath.Join(dir, "fence_gated")
@@ -142,6 +144,9 @@ func TestE2EFailoverPartition(t *testing.T) {
 	} else {
 		t.Logf("host-b's failover: fence %v (the gate included), promotion %v, start %v", fos[0].Fence.Round(time.Millisecond),
 			fos[0].Promote.Round(time.Millisecond), fos[0].Start.Round(time.Millisecond))
+	}
+	if ls := logLines(b, "failover: domain defined from its owner's description"); len(ls) != 1 {
+		t.Errorf("host-b's vtpmd defined the domain from host-a's description %d times, want 1\n%s", len(ls), b.Vtpmd.LogTail(4000))
 	}
 	tookOver(ctx, t, f, vm, b, secret, t0)
 

@@ -89,8 +89,12 @@ func (d *Daemon) Failover(ctx context.Context, req adminapi.FailoverRequest) (ad
 		return rep, fmt.Errorf("failover %s: %w: failover needs the fleet registry", req.VM, migrate.ErrRefused)
 	}
 	fm := d.metrics.Failover()
+	undefine := d.defineFromReplica(ctx, req.VM) // startPromoted's
 	p, err := d.node.Promote(ctx, migrate.PromoteRequest{VM: req.VM, Fence: d.fenceFunc(), ConfirmFenced: req.ConfirmFenced})
 	if err != nil {
+		if undefine != nil {
+			undefine()
+		}
 		switch {
 		case errors.Is(err, registry.ErrConflict), errors.Is(err, registry.ErrWrongOwner), errors.Is(err, registry.ErrStaleGeneration):
 			fm.FailoverDone("lost")
@@ -136,7 +140,9 @@ func (d *Daemon) Crash(ctx context.Context) error {
 
 // startPromoted defines the VM's secret (the start rule agrees now) and
 // starts it through the hypervisor, defining the domain on the state put
-// in place when the hypervisor does not know it.
+// in place when the hypervisor does not know it. (On libvirt, Failover
+// defined it before the promotion from the owner's description sent with
+// the replica, when there was one: defineFromReplica.)
 func (d *Daemon) startPromoted(ctx context.Context, vm, name string) error {
 	starter, ok := d.hyp.(domainStarter)
 	if !ok {
