@@ -26,8 +26,11 @@ import (
 //     newer than the record: a fenced owner counts as gone even when its
 //     lease is back (registry.TakeOver).
 //   - F11: fencing is per record; an owner fenced for its record refuses to
-//     start the VM (CheckStart, rule fenced), and takes it back with a Bump
-//     when its fencer never promoted and is gone itself (SyncOwnership).
+//     start the VM (CheckStart, rule fenced) while its fencer holds a
+//     current replica and is live, and takes it back (Reassert) otherwise.
+//   - F10 for every VM of the fenced host: the fencer promotes each VM of
+//     a host it fenced of which it holds a current replica, even once the
+//     host's lease is back (FencedHere; the daemon's automatic failover).
 //   - Without quorum nothing is fenced or promoted: fail closed.
 //
 // The promotion is a destination transaction in the ledger: the replica's
@@ -47,6 +50,7 @@ type FailoverRegistry interface {
 	FenceOf(ctx context.Context, host string) (registry.Fence, int64, error)
 	TakeOver(ctx context.Context, t registry.TakeOver) (registry.VM, error)
 	Reassert(ctx context.Context, expect registry.VM, rev int64) (int64, error)
+	Standbys(ctx context.Context, vm string) ([]registry.Standby, error)
 	Hosts(ctx context.Context, names ...string) (registry.HostsView, error)
 }
 
@@ -315,11 +319,23 @@ func (n *Node) refuseFailover(ctx context.Context, vm, owner string, err error) 
 }
 
 // checkFenced is the start rule's fence check (F11): a host fenced for
-// the VM's record refuses to start it, unless its fencer never promoted
-// and is gone itself (no lease): then it takes the VM back (Reassert) and
-// starts.
+// the VM's record refuses to start it while its fencer may still promote
+// it, and takes it back (Reassert) otherwise:
+//
+//   - the fencer is gone (no lease) or retired (host state fenced): it
+//     never promoted and never will;
+//   - the fencer is live but holds no current replica of the VM (its
+//     standby record is absent or at another generation than the record):
+//     it fenced this host for another VM (the fence record is per host)
+//     and cannot promote this one.
+//
+// A live fencer with a current replica promotes it (its automatic
+// failover looks for the VMs of the hosts it fenced: FencedHere), so this
+// host waits (rule fenced, retryable). Reassert and the fencer's TakeOver
+// are compare-and-swaps on the same record revision: exactly one wins,
+// even when the replica became current between this check and the CAS.
 func (n *Node) checkFenced(ctx context.Context, vm string) error {
-	fenced, f, rec, err := n.fencedFor(ctx, vm)
+	fenced, f, rec, rev, err := n.fencedFor(ctx, vm)
 	if err != nil {
 		return fmt.Errorf("start %s: %w: read the fence record: %w", vm, ErrNotOwner, registryError(err))
 	}
@@ -327,43 +343,87 @@ func (n *Node) checkFenced(ctx context.Context, vm string) error {
 		return nil
 	}
 	reg := n.cfg.Registry.(FailoverRegistry)
+	why := "never promoted and is gone (no lease) or retired"
 	if f.By != n.cfg.Host {
 		v, err := reg.Hosts(ctx, f.By)
 		if err != nil {
 			return fmt.Errorf("start %s: %w: %w", vm, ErrNotOwner, registryError(err))
 		}
-		if v.Hosts[f.By].Live {
-			return fmt.Errorf("start %s: %w: %s fenced this host at %s for the VM's record at generation %d and is live (it may be promoting its replica): no start (rule %s)",
-				vm, ErrNotOwner, f.By, f.At.Format(time.RFC3339), rec.Generation, RuleFenced)
+		if fh := v.Hosts[f.By]; fh.Live && fh.State != registry.StateFenced { // a retired fencer never wins a TakeOver
+			cur, err := currentReplica(ctx, reg, vm, f.By, rec.Generation)
+			if err != nil {
+				return fmt.Errorf("start %s: %w: read %s's standby record: %w", vm, ErrNotOwner, f.By, registryError(err))
+			}
+			if cur {
+				return fmt.Errorf("start %s: %w: %s fenced this host at %s for the VM's record at generation %d, is live and holds a current replica: it promotes it (or an operator runs 'vtpmctl failover %s --to %s'): no start (rule %s)",
+					vm, ErrNotOwner, f.By, f.At.Format(time.RFC3339), rec.Generation, vm, f.By, RuleFenced)
+			}
+			why = "holds no current replica of it"
 		}
 	}
-	_, rev, err := reg.VMRev(ctx, vm)
-	if err == nil {
-		_, err = reg.Reassert(ctx, rec, rev)
-	}
-	if err != nil {
-		return fmt.Errorf("start %s: %w: fenced by %s, whose failover never took; taking the VM back failed: %w (rule %s)", vm, ErrNotOwner, f.By, registryError(err), RuleFenced)
+	if _, err := reg.Reassert(ctx, rec, rev); err != nil {
+		return fmt.Errorf("start %s: %w: fenced by %s, which %s; taking the VM back failed: %w (rule %s)", vm, ErrNotOwner, f.By, why, registryError(err), RuleFenced)
 	}
 	n.audit(ctx, AuditEvent{Event: audit.EventRegistryRaised, VM: vm, Peer: f.By, Generation: rec.Generation,
-		Detail: "fenced by " + f.By + ", whose failover never took (it is gone): the record is reasserted (F11)"})
-	n.log.WithFields(logrus.Fields{"vm": vm, "fencer": f.By}).Warn("fenced, but the fencer never promoted and is gone: VM taken back")
+		Detail: "fenced by " + f.By + ", which " + why + ": the record is reasserted (F11)"})
+	n.log.WithFields(logrus.Fields{"vm": vm, "fencer": f.By, "generation": rec.Generation}).Warn("fenced, but the fencer " + why + ": VM taken back")
 	return nil
 }
 
-// fencedFor reports whether this host is fenced for vm's current record
-// (its fence record is newer than the record: F11), with the fence.
-func (n *Node) fencedFor(ctx context.Context, vm string) (bool, registry.Fence, registry.VM, error) {
+// currentReplica reports whether host's standby record of vm shows a
+// replica at generation gen (the record's: a replica it may promote).
+func currentReplica(ctx context.Context, reg FailoverRegistry, vm, host string, gen uint64) (bool, error) {
+	sbs, err := reg.Standbys(ctx, vm)
+	if err != nil {
+		return false, err
+	}
+	for _, s := range sbs {
+		if s.Host == host {
+			return s.Generation != 0 && s.Generation == gen, nil
+		}
+	}
+	return false, nil
+}
+
+// FencedHere reports whether this host fenced vm's owner for the VM's
+// current record (the owner's fence record is by this host and newer than
+// the record), with the record. The fence is the proof that the owner
+// does not run the VM (F10), whatever its lease says now: the fencer
+// fails over every VM of a host it fenced of which it holds a current
+// replica, not only the one it fenced the host for, and even after a
+// restart (the automatic failover asks on each pass). Otherwise the owner
+// would wait for it (checkFenced) and the VM would run nowhere.
+func (n *Node) FencedHere(ctx context.Context, vm string) (bool, registry.VM, error) {
 	reg, ok := n.cfg.Registry.(FailoverRegistry)
 	if !ok {
-		return false, registry.Fence{}, registry.VM{}, nil
+		return false, registry.VM{}, nil
+	}
+	rec, rev, err := reg.VMRev(ctx, vm)
+	if err != nil || rec.Owner == n.cfg.Host || rec.Owner == "" {
+		return false, rec, registryError(err)
+	}
+	f, frev, err := reg.FenceOf(ctx, rec.Owner)
+	if err != nil {
+		return false, rec, registryError(err)
+	}
+	return frev > rev && f.By == n.cfg.Host, rec, nil
+}
+
+// fencedFor reports whether this host is fenced for vm's current record
+// (its fence record is newer than the record: F11), with the fence, the
+// record and its revision.
+func (n *Node) fencedFor(ctx context.Context, vm string) (bool, registry.Fence, registry.VM, int64, error) {
+	reg, ok := n.cfg.Registry.(FailoverRegistry)
+	if !ok {
+		return false, registry.Fence{}, registry.VM{}, 0, nil
 	}
 	f, frev, err := reg.FenceOf(ctx, n.cfg.Host)
 	if err != nil || frev == 0 {
-		return false, f, registry.VM{}, err
+		return false, f, registry.VM{}, 0, err
 	}
 	rec, rev, err := reg.VMRev(ctx, vm)
 	if err != nil {
-		return false, f, rec, err
+		return false, f, rec, rev, err
 	}
-	return frev > rev, f, rec, nil
+	return frev > rev, f, rec, rev, nil
 }

@@ -103,3 +103,65 @@ func TestStandbyAssignRefresh(t *testing.T) {
 	}
 	mustErrIs(t, f.b.RefreshStandby(f.ctx, registry.Standby{VM: "vm-1", Host: "host-b", Generation: 1}), registry.ErrNotFound)
 }
+
+// TestReassertRacesTakeOver: the fenced owner's take-back (Reassert) and
+// the fencer's promotion (TakeOver) are compare-and-swaps on the same
+// record revision: whichever comes first, and when they race, exactly one
+// wins; the loser gets ErrConflict (Reassert) or a record error
+// (TakeOver), and the record is either the owner's, unchanged at a new
+// revision past the fence, or the fencer's at a raised generation.
+func TestReassertRacesTakeOver(t *testing.T) {
+	for _, order := range []string{"reassert-first", "takeover-first", "race"} {
+		t.Run(order, func(t *testing.T) {
+			f := newFleet(t)
+			if _, err := f.a.CreateVM(f.ctx, "vm-2", "host-a"); err != nil {
+				t.Fatal(err)
+			}
+			rec, rev, err := f.a.VMRev(f.ctx, "vm-2")
+			if err != nil {
+				t.Fatal(err)
+			}
+			if _, err := f.b.PutFence(f.ctx, "host-a", "host-b"); err != nil { // host-b fenced host-a (for another VM)
+				t.Fatal(err)
+			}
+			reassert := func() error { _, err := f.a.Reassert(f.ctx, rec, rev); return err }
+			takeOver := func() error {
+				_, err := f.b.TakeOver(f.ctx, registry.TakeOver{VM: "vm-2", Expect: rec, ExpectRev: rev, Owner: "host-b", Generation: 2, Fenced: []string{"host-a"}})
+				return err
+			}
+			var errR, errT error
+			switch order {
+			case "reassert-first":
+				errR, errT = reassert(), takeOver()
+			case "takeover-first":
+				errT, errR = takeOver(), reassert()
+			default:
+				var wg sync.WaitGroup
+				wg.Add(2)
+				go func() { defer wg.Done(); errR = reassert() }()
+				go func() { defer wg.Done(); errT = takeOver() }()
+				wg.Wait()
+			}
+			if (errR == nil) == (errT == nil) {
+				t.Fatalf("reassert: %v; takeover: %v: want exactly one to win", errR, errT)
+			}
+			got, grev, err := f.a.VMRev(f.ctx, "vm-2")
+			if err != nil {
+				t.Fatal(err)
+			}
+			_, frev, _ := f.a.FenceOf(f.ctx, "host-a")
+			switch {
+			case errR == nil:
+				mustErrIs(t, errT, registry.ErrConflict)
+				if got.Owner != "host-a" || got.Generation != 1 || grev <= frev {
+					t.Fatalf("after the take-back: %+v at %d (fence at %d)", got, grev, frev)
+				}
+			default:
+				mustErrIs(t, errR, registry.ErrConflict)
+				if got.Owner != "host-b" || got.Generation != 2 {
+					t.Fatalf("after the takeover: %+v", got)
+				}
+			}
+		})
+	}
+}

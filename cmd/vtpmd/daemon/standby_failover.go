@@ -39,7 +39,13 @@ type domainDefiner interface {
 }
 
 // tryFailovers promotes the replicas whose owner's lease is gone
-// (standby.failover auto).
+// (standby.failover auto), and those whose owner this host fenced for the
+// VM's current record, whatever its lease says now (F10: the fence is the
+// proof). The fence record is per host: a host fenced to take one VM over
+// is fenced for its other VMs too, and waits for this host to promote the
+// ones it holds a current replica of (migrate.Node.FencedHere,
+// checkFenced). Asking on every pass also covers a fencer that crashed
+// and restarted after writing the fence.
 func (d *Daemon) tryFailovers(ctx context.Context) {
 	if d.cfg.Standby.Failover == "manual" || d.reg.LeaseLost() || d.fenceFunc() == nil {
 		return // no fence agent: an operator fences and runs 'vtpmctl failover'
@@ -52,25 +58,55 @@ func (d *Daemon) tryFailovers(ctx context.Context) {
 	if err != nil {
 		return // no quorum: wait (fail closed)
 	}
+	fencedHere := map[string]bool{} // live owners: fenced by this host (one read each per pass)
+	mayPromote := func(owner string) bool {
+		if !hosts.Hosts[owner].Live {
+			return true
+		}
+		by, ok := fencedHere[owner]
+		if !ok {
+			f, frev, err := d.reg.FenceOf(ctx, owner)
+			by = err == nil && frev > 0 && f.By == d.cfg.HostID
+			fencedHere[owner] = by
+		}
+		return by
+	}
+	promoted := false
 	for _, r := range rs {
-		if _, held := d.holder(r.Request.VM); held || hosts.Hosts[r.Request.Owner].Live {
+		vm := r.Request.VM
+		if _, held := d.holder(vm); held || !mayPromote(r.Request.Owner) {
 			continue
 		}
-		v, err := d.reg.VMs(ctx, r.Request.VM)
+		rec, _, err := d.reg.VMRev(ctx, vm)
 		if err != nil {
+			if errors.Is(err, registry.ErrNotFound) {
+				continue
+			}
 			return
 		}
-		rec, ok := v.VMs[r.Request.VM]
-		if !ok || rec.Owner == d.cfg.HostID || rec.Generation != r.Request.Generation || hosts.Hosts[rec.Owner].Live {
+		if rec.Owner == d.cfg.HostID || rec.Generation != r.Request.Generation || !mayPromote(rec.Owner) {
 			continue
 		}
-		rep, err := d.Failover(ctx, adminapi.FailoverRequest{VM: r.Request.VM, NoStart: d.cfg.Standby.NoStart})
+		if hosts.Hosts[rec.Owner].Live {
+			// Live: only this host's fence of this record counts (F11).
+			if here, _, err := d.node.FencedHere(ctx, vm); err != nil || !here {
+				continue
+			}
+			d.log.WithFields(logrus.Fields{"vm": vm, "owner": rec.Owner, "generation": rec.Generation}).
+				Warn("automatic failover: this host fenced the owner for the VM's record; its lease is back, but the fence counts (F10)")
+		}
+		rep, err := d.Failover(ctx, adminapi.FailoverRequest{VM: vm, NoStart: d.cfg.Standby.NoStart})
 		if err != nil {
-			d.log.WithError(err).WithField("vm", r.Request.VM).Warn("automatic failover did not promote this host")
+			d.log.WithError(err).WithField("vm", vm).Warn("automatic failover did not promote this host")
 			continue
 		}
+		promoted = true
 		d.log.WithFields(logrus.Fields{"vm": rep.VM, "from": rep.From, "generation": rep.Generation, "began": rep.Began, "fence": rep.Fence,
 			"promote": rep.Promote, "start": rep.Start, "started": rep.Started}).Warn("automatic failover done")
+	}
+	if promoted {
+		// A promotion fenced a host: look again now for its other VMs.
+		d.RefreshReplicasNow()
 	}
 }
 

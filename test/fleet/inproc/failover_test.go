@@ -18,14 +18,19 @@ import (
 )
 
 // failoverFleet starts a fleet whose hosts refresh replicas every 1 s
-// (max_lag 3 s) with a 2 s registry lease; mode is standby.failover.
-func failoverFleet(t *testing.T, hosts []inproc.HostSpec, mode string) *inproc.Fleet {
+// (max_lag 3 s) with a 2 s registry lease; mode is standby.failover;
+// opts change the fleet's configuration further.
+func failoverFleet(t *testing.T, hosts []inproc.HostSpec, mode string, opts ...func(*inproc.Config)) *inproc.Fleet {
 	t.Helper()
 	ctx := context.Background()
-	f, err := inproc.New(ctx, inproc.Config{Hosts: hosts, RegistryTTL: 2 * time.Second, FenceAgent: true,
+	cfg := inproc.Config{Hosts: hosts, RegistryTTL: 2 * time.Second, FenceAgent: true,
 		Configure: func(_ string, c *daemon.Config) {
 			c.Standby = daemon.StandbyConfig{MaxLag: "3s", Failover: mode}
-		}})
+		}}
+	for _, o := range opts {
+		o(&cfg)
+	}
+	f, err := inproc.New(ctx, cfg)
 	if err != nil {
 		t.Fatal(err)
 	}
