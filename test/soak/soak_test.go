@@ -1,12 +1,14 @@
 package soak_test
 
 import (
+	"cmp"
 	"context"
 	"errors"
 	"flag"
 	"fmt"
 	"os"
 	"strconv"
+	"strings"
 	"testing"
 	"time"
 
@@ -20,6 +22,7 @@ var (
 	stepsFlag     = flag.Int("soak.steps", 0, "ops per schedule (SOAK_STEPS; default 12)")
 	timeFlag      = flag.Duration("soak.time", 0, "run schedules until this much time has passed (SOAK_TIME; 0: the count alone)")
 	verboseFlag   = flag.Bool("soak.v", false, "log every step as it runs (SOAK_VERBOSE=1)")
+	opsFlag       = flag.String("soak.ops", "", "draw only these ops, comma-separated (SOAK_OPS; default: the whole table)")
 	failoverFlag  = flag.String("soak.failover", "", "failover schedules: on, off (SOAK_FAILOVER=1 or 0; default: on under make soak, off under go test)")
 )
 
@@ -71,6 +74,9 @@ func TestSoak(t *testing.T) {
 			break
 		}
 		cfg := soak.Config{Seed: seed + uint64(i), Steps: steps, Failover: failover}
+		if ops := cmp.Or(*opsFlag, os.Getenv("SOAK_OPS")); ops != "" {
+			cfg.Only = strings.Split(ops, ",")
+		}
 		if verbose {
 			cfg.Log = func(s string) { t.Log(s) }
 		}
@@ -100,14 +106,14 @@ func TestSoak(t *testing.T) {
 
 // TestSoakFailover runs one fixed failover schedule (Config.Failover:
 // standbys, the fence agent, the failover op), seed 4, whose first step
-// crashes the owner of a VM and a standby promotes; make soak runs
-// failover schedules by default.
+// is the failover op (Config.First): it crashes the owner of a VM and a
+// standby promotes; make soak runs failover schedules by default.
 func TestSoakFailover(t *testing.T) {
 	t.Parallel()
 	if *seedFlag != 0 || os.Getenv("SOAK_SEED") != "" {
 		t.Skip("a chosen seed runs in TestSoak")
 	}
-	cfg := soak.Config{Seed: 4, Steps: 12, Failover: true}
+	cfg := soak.Config{Seed: 4, Steps: 12, Failover: true, First: []string{"failover"}}
 	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Minute)
 	defer cancel()
 	h, err := soak.Run(ctx, cfg)
