@@ -162,7 +162,9 @@ func drawCut(s *Schedule) (Step, bool) {
 			pairs = append(pairs, [2]string{a, "members"})
 		}
 		for _, p := range pairs {
-			if s.pairLinks(p[0], p[1])[0].State() == LinkUp {
+			// any link up (a member's peer links overlap another's: after
+			// one member is cut, cutting a second loses the quorum)
+			if slices.ContainsFunc(s.pairLinks(p[0], p[1]), func(l *Link) bool { return l.State() == LinkUp }) {
 				up = append(up, p)
 			}
 		}
