@@ -23,6 +23,7 @@ import (
 // on its side); cutting a second loses the quorum everywhere; healing
 // brings writes back. Each state is tried by drop and by blackhole.
 func TestPeerLinks(t *testing.T) {
+	t.Parallel() // with the schedules: mostly waits on elections
 	dir := t.TempDir()
 	pkiDir := filepath.Join(dir, "pki")
 	ca, err := pki.InitCA(pkiDir, pki.CAOptions{Name: "peer link test CA"})
