@@ -107,6 +107,13 @@ type Embedded struct {
 	// members (spare hosts that may replace a member). Only certificates
 	// of the CA valid for one of these names may talk raft to a member.
 	PeerNames []string `yaml:"peer_names"`
+	// ListenPeerURL and ListenClientURL are where this member listens
+	// for its peers and its clients, when that is not the URL it
+	// advertises in Members (its peer_url and client_url): behind a NAT,
+	// a load balancer or a proxy (etcd's listen-peer-urls apart from
+	// initial-advertise-peer-urls). Default: the advertised URL.
+	ListenPeerURL   string `yaml:"listen_peer_url"`
+	ListenClientURL string `yaml:"listen_client_url"`
 	// HTTPURL is where the member serves etcd's HTTP endpoints (/health,
 	// /version); the client URL serves gRPC only. Default
 	// https://127.0.0.1:0 (a free loopback port).
@@ -215,6 +222,14 @@ func (e *Embedded) check(host string) error {
 	}
 	if err := checkHTTPS(e.HTTPURL); err != nil {
 		return fmt.Errorf("%w: embedded http_url: %w", ErrConfig, err)
+	}
+	for name, u := range map[string]string{"listen_peer_url": e.ListenPeerURL, "listen_client_url": e.ListenClientURL} {
+		if u == "" {
+			continue
+		}
+		if err := checkHTTPS(u); err != nil {
+			return fmt.Errorf("%w: embedded %s: %w", ErrConfig, name, err)
+		}
 	}
 	if e.HeartbeatInterval == 0 {
 		e.HeartbeatInterval = 100 * time.Millisecond

@@ -48,6 +48,8 @@ func TestConfigErrors(t *testing.T) {
 		{"embedded election too short", func(c *registry.Config) {
 			c.Embedded.HeartbeatInterval, c.Embedded.ElectionTimeout = 100e6, 200e6
 		}, emb},
+		{"embedded plain http listen_peer_url", func(c *registry.Config) { c.Embedded.ListenPeerURL = "http://0.0.0.0:2380" }, emb},
+		{"embedded listen_client_url with a path", func(c *registry.Config) { c.Embedded.ListenClientURL = "https://0.0.0.0:2379/x" }, emb},
 		{"embedded without TLS files", func(c *registry.Config) { c.CAFile = "" }, emb},
 		{"missing CA file", func(c *registry.Config) {}, good},
 	}

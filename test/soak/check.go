@@ -83,6 +83,9 @@ func (s *Schedule) finish(ctx context.Context) {
 	}
 	s.noteFenced(step)
 	for _, h := range s.downHosts() {
+		if s.lost[h] != nil {
+			continue // below, once the others run
+		}
 		var err error
 		for range 3 {
 			rctx, cancel := context.WithTimeout(ctx, s.cfg.OpTimeout)
@@ -96,6 +99,17 @@ func (s *Schedule) finish(ctx context.Context) {
 		s.hist.add(step, "heal", "restart "+h, outcome(err, h))
 		if err != nil {
 			s.violate(step, "restart", fmt.Sprintf("%s's vtpmd does not start again: %v", h, err))
+		}
+	}
+	for _, h := range Hosts {
+		if s.lost[h] == nil {
+			continue
+		}
+		s.step = step
+		out := s.recoverLost(ctx, h)
+		s.hist.add(step, "heal", "restore "+h+"'s VMs, a new TPM", out)
+		if s.lost[h] != nil {
+			s.violate(step, "restart", fmt.Sprintf("%s does not come back on a new TPM: %s", h, out))
 		}
 	}
 	t0 := time.Now()

@@ -24,7 +24,7 @@ import (
 // change only by one generation per move, from the owner the move names.
 
 // faultOps are the ops that may take an owner's lease away.
-var faultOps = []string{"crash", "partition", "kill", "cut", "failover"}
+var faultOps = []string{"crash", "partition", "kill", "cut", "failover", "op-failover", "restore"}
 
 // mayFailOver records, in failover schedules, that a VM may fail over
 // from its last-read owner from now on, when st injects a fault or the
@@ -43,7 +43,8 @@ func (s *Schedule) mayFailOver(st Step) {
 			continue
 		}
 		if slices.Contains(faultOps, st.Kind) || s.down[o] || slices.ContainsFunc(cut, func(l string) bool {
-			return strings.HasPrefix(l, o+">") || strings.HasSuffix(l, ">"+o)
+			from, to, _ := strings.Cut(l, ">")
+			return from == o || strings.TrimPrefix(to, "member:") == o
 		}) {
 			s.lin.add(regInput{VM: vm.UUID, From: o}, regOutput{}, call, call)
 		}
@@ -184,7 +185,7 @@ func (s *Schedule) restartFenced(ctx context.Context, step int) {
 		return
 	}
 	for _, h := range Hosts {
-		if s.f.InProcHost(h).Up() {
+		if s.f.InProcHost(h).Up() || s.lost[h] != nil {
 			continue
 		}
 		rctx, cancel := context.WithTimeout(ctx, s.cfg.OpTimeout)

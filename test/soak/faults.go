@@ -3,6 +3,7 @@ package soak
 import (
 	"context"
 	"fmt"
+	"slices"
 	"strings"
 	"sync/atomic"
 
@@ -27,8 +28,11 @@ func drawPartition(s *Schedule) (Step, bool) {
 	st.Kind, st.Point = "partition", migrate.CrashPoints[s.rng.IntN(len(migrate.CrashPoints))]
 	st.Mode = s.pick([]string{"admin", "plain", "evacuate"})
 	who := []string{"wire"}
-	if s.cfg.Registry == registry.ModeEtcd {
+	switch s.cfg.Registry {
+	case registry.ModeEtcd:
 		who = append(who, "src-registry", "dst-registry")
+	case registry.ModeEmbedded:
+		who = append(who, "src-members", "dst-members")
 	}
 	st.Who, st.Cut = s.pick(who), s.pick([]string{LinkDrop.String(), LinkBlackhole.String()})
 	return st, true
@@ -99,7 +103,8 @@ func runCrash(ctx context.Context, s *Schedule, st Step) string {
 func runPartition(ctx context.Context, s *Schedule, st Step) string {
 	var pair [2]string
 	out, at := s.atPoint(ctx, st, func(_, src, dst string) error {
-		pair = map[string][2]string{"wire": {src, dst}, "src-registry": {src, "registry"}, "dst-registry": {dst, "registry"}}[st.Who]
+		pair = map[string][2]string{"wire": {src, dst}, "src-registry": {src, "registry"}, "dst-registry": {dst, "registry"},
+			"src-members": {src, "members"}, "dst-members": {dst, "members"}}[st.Who]
 		s.cut(pair[0], pair[1], st.Cut)
 		return nil
 	})
@@ -124,7 +129,7 @@ func runKill(ctx context.Context, s *Schedule, st Step) string {
 }
 
 func drawRestart(s *Schedule) (Step, bool) {
-	down := s.downHosts()
+	down := slices.DeleteFunc(s.downHosts(), func(h string) bool { return s.lost[h] != nil })
 	if len(down) == 0 {
 		return Step{}, false
 	}
@@ -139,8 +144,10 @@ func runRestart(ctx context.Context, s *Schedule, st Step) string {
 	return "ok"
 }
 
-// drawCut picks an up pair of parties (two hosts, or in mode etcd a host
-// and the registry: its links to every member) and a state for it.
+// drawCut picks an up pair of parties (two hosts; in mode etcd a host
+// and the registry: its links to every member; in mode embedded a host's
+// member and the other members: its peer links both ways) and a state
+// for it.
 func drawCut(s *Schedule) (Step, bool) {
 	var up [][2]string
 	for i, a := range Hosts {
@@ -148,11 +155,16 @@ func drawCut(s *Schedule) (Step, bool) {
 		for _, b := range Hosts[i+1:] {
 			pairs = append(pairs, [2]string{a, b})
 		}
-		if s.cfg.Registry == registry.ModeEtcd {
+		switch s.cfg.Registry {
+		case registry.ModeEtcd:
 			pairs = append(pairs, [2]string{a, "registry"})
+		case registry.ModeEmbedded:
+			pairs = append(pairs, [2]string{a, "members"})
 		}
 		for _, p := range pairs {
-			if s.pairLinks(p[0], p[1])[0].State() == LinkUp {
+			// any link up (a member's peer links overlap another's: after
+			// one member is cut, cutting a second loses the quorum)
+			if slices.ContainsFunc(s.pairLinks(p[0], p[1]), func(l *Link) bool { return l.State() == LinkUp }) {
 				up = append(up, p)
 			}
 		}
@@ -165,12 +177,14 @@ func drawCut(s *Schedule) (Step, bool) {
 }
 
 // pairLinks are the links of a pair: both directions between two hosts;
-// a host's links to every registry member (a member dials no host).
+// a host's links to every registry member (a member dials no host); a
+// host's member's peer links to and from every other member.
 func (s *Schedule) pairLinks(a, b string) []*Link {
 	var out []*Link
 	for name, l := range s.links {
 		from, to, _ := strings.Cut(name, ">")
-		if (from == a && to == b) || (from == b && to == a) || (b == "registry" && from == a && strings.HasPrefix(to, "etcd-")) {
+		if (from == a && to == b) || (from == b && to == a) || (b == "registry" && from == a && strings.HasPrefix(to, "etcd-")) ||
+			(b == "members" && strings.HasPrefix(to, "member:") && (from == a || to == "member:"+a)) {
 			out = append(out, l)
 		}
 	}
@@ -201,6 +215,8 @@ func drawHeal(s *Schedule) (Step, bool) {
 	switch {
 	case strings.HasPrefix(to, "etcd-"):
 		to = "registry"
+	case strings.HasPrefix(to, "member:"):
+		to = "members" // heals from's member's peer links
 	case from > to:
 		from, to = to, from
 	}

@@ -1,6 +1,7 @@
 package soak
 
 import (
+	"crypto/tls"
 	"errors"
 	"fmt"
 	"io"
@@ -63,8 +64,19 @@ func NewLink(name string, target func() string) (*Link, error) {
 	return l, nil
 }
 
-// Addr is the address the party dials.
-func (l *Link) Addr() string { return l.lis.Addr().String() }
+// newPairLink is a link without its own listener: a front (peerlink.go)
+// hands it the connections of its pair.
+func newPairLink(name string) *Link {
+	return &Link{Name: name, conns: map[*linkConn]struct{}{}}
+}
+
+// Addr is the address the party dials ("" for a link behind a front).
+func (l *Link) Addr() string {
+	if l.lis == nil {
+		return ""
+	}
+	return l.lis.Addr().String()
+}
 
 // State is the link's state.
 func (l *Link) State() LinkState {
@@ -97,14 +109,25 @@ func (l *Link) Close() error {
 		l.closeLocked(c)
 	}
 	l.mu.Unlock()
+	if l.lis == nil {
+		return nil
+	}
 	return l.lis.Close()
 }
 
-func (l *Link) closeLocked(c *linkConn) {
-	if tc, ok := c.in.(*net.TCPConn); ok {
-		_ = tc.SetLinger(0) // a reset, not a graceful close
+// reset closes c with a TCP reset, not a graceful close.
+func reset(c net.Conn) {
+	if tc, ok := c.(*tls.Conn); ok {
+		c = tc.NetConn()
 	}
-	_ = c.in.Close()
+	if tc, ok := c.(*net.TCPConn); ok {
+		_ = tc.SetLinger(0)
+	}
+	_ = c.Close()
+}
+
+func (l *Link) closeLocked(c *linkConn) {
+	reset(c.in)
 	if c.out != nil {
 		_ = c.out.Close()
 	}
@@ -117,20 +140,19 @@ func (l *Link) accept() {
 		if err != nil {
 			return
 		}
-		go l.serve(in)
+		go l.serve(in, func() (net.Conn, error) { return net.Dial("tcp", l.target()) })
 	}
 }
 
-func (l *Link) serve(in net.Conn) {
+// serve forwards in to the connection dial makes, as the link's state
+// says.
+func (l *Link) serve(in net.Conn, dial func() (net.Conn, error)) {
 	c := &linkConn{in: in}
 	l.mu.Lock()
 	state, done := l.state, l.done
 	if state == LinkDrop || done {
 		l.mu.Unlock()
-		if tc, ok := in.(*net.TCPConn); ok {
-			_ = tc.SetLinger(0)
-		}
-		_ = in.Close()
+		reset(in)
 		return
 	}
 	l.conns[c] = struct{}{}
@@ -146,7 +168,7 @@ func (l *Link) serve(in net.Conn) {
 		return
 	}
 	l.mu.Unlock()
-	out, err := net.Dial("tcp", l.target())
+	out, err := dial()
 	l.mu.Lock()
 	if _, open := l.conns[c]; err != nil || !open {
 		if err == nil {

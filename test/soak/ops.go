@@ -42,7 +42,7 @@ func (st Step) String() string {
 	if st.Kind == "migrate" || st.Kind == "crash" || st.Kind == "partition" {
 		fmt.Fprintf(&b, " soak-%d -> +%d (%s)", st.VM+1, st.Hop, st.Mode)
 	}
-	if st.Kind == "failover" {
+	if st.Kind == "failover" || st.Kind == "op-failover" || st.Kind == "restore" {
 		fmt.Fprintf(&b, " soak-%d", st.VM+1)
 	}
 	if st.Kind == "race" {
@@ -90,27 +90,35 @@ var Ops = []OpKind{
 	{Name: "heal", Weight: 3, Draw: drawHeal, Run: runHeal},
 	{Name: "recover", Weight: 1, Draw: func(*Schedule) (Step, bool) { return Step{Kind: "recover"}, true }, Run: runRecover},
 	{Name: "failover", Weight: 2, Failover: true, Fault: func(Step) string { return "owner-crash" }, Draw: drawFailover, Run: runFailover},
+	{Name: "restore", Weight: 1, Draw: drawRestore, Run: runRestore},
+	{Name: "op-failover", Weight: 1, Failover: true, Fault: func(Step) string { return "owner-poweroff" }, Draw: drawOpFailover, Run: runOpFailover},
 }
 
 func linkKind(peer string) string {
-	if peer == "registry" {
-		return "registry"
+	if peer == "registry" || peer == "members" {
+		return peer
 	}
 	return "wire"
 }
 
 // draw picks the next step by weight among the applicable ops.
-func (s *Schedule) draw() Step {
+func (s *Schedule) draw(step int) Step {
+	skip := func(k OpKind) bool {
+		if step <= len(s.cfg.First) {
+			return k.Name != s.cfg.First[step-1]
+		}
+		return (k.Failover && !s.cfg.Failover) || (len(s.cfg.Only) > 0 && !slices.Contains(s.cfg.Only, k.Name))
+	}
 	for {
 		total := 0
 		for _, k := range Ops {
-			if !k.Failover || s.cfg.Failover {
+			if !skip(k) {
 				total += k.Weight
 			}
 		}
 		n := s.rng.IntN(total)
 		for _, k := range Ops {
-			if k.Failover && !s.cfg.Failover {
+			if skip(k) {
 				continue
 			}
 			if n -= k.Weight; n < 0 {

@@ -28,7 +28,10 @@ import (
 	"errors"
 	"fmt"
 	"math/rand/v2"
+	"path/filepath"
+	"slices"
 	"sort"
+	"strings"
 	"sync"
 	"time"
 
@@ -56,6 +59,12 @@ type Config struct {
 	// fleet's fence agent with automatic failover, and adds the failover
 	// op to the table (failover.go).
 	Failover bool
+	// Only, when set, restricts the draws to the ops named (a replay that
+	// exercises one op; the seed's draws differ from the full table's).
+	Only []string
+	// First, when set, are the ops of the first steps, in order (their
+	// arguments drawn as usual; an op that does not apply is drawn again).
+	First []string
 	// Log, when set, receives the history as it is written.
 	Log func(string)
 	// Mutate, when set, breaks the fleet after its set-up (tests that
@@ -72,7 +81,10 @@ type Schedule struct {
 	cfg   Config
 	rng   *rand.Rand
 	f     *inproc.Fleet
-	links map[string]*Link // "from>to" (to: a host or etcd-N)
+	links map[string]*Link // "from>to" (to: a host, etcd-N, or member:HOST)
+	// peers are the fronts between the members (mode embedded): a
+	// member's peer links are in links as "A>member:B".
+	peers *PeerLinks
 	vms   []soakVM
 
 	mu     sync.Mutex
@@ -85,8 +97,12 @@ type Schedule struct {
 	// regOwner is each VM's owner at the registry's last read.
 	regOwner map[string]string
 	haTried  map[string]bool // VMs haStart tried to start
-	lin      *linHistory
-	started  time.Time
+	// lost are the hosts that lost their TPM (restore op) and are not
+	// back on a new one: Restart cannot bring them back.
+	lost       map[string]*lostHost
+	custodians *custodians // the restore op's backups
+	lin        *linHistory
+	started    time.Time
 }
 
 type soakVM struct {
@@ -118,9 +134,14 @@ func Run(ctx context.Context, cfg Config) (*History, error) {
 		cfg.Registry = []registry.Mode{registry.ModeEtcd, registry.ModeEmbedded}[rng.IntN(2)]
 	}
 	s := &Schedule{cfg: cfg, rng: rng, links: map[string]*Link{}, listen: map[string]string{},
-		down: map[string]bool{}, regOwner: map[string]string{}, maxGen: map[string]uint64{}, started: time.Now(), lin: &linHistory{start: time.Now()}}
+		down: map[string]bool{}, lost: map[string]*lostHost{}, regOwner: map[string]string{}, maxGen: map[string]uint64{}, started: time.Now(), lin: &linHistory{start: time.Now()}}
 	s.hist = &History{Seed: cfg.Seed, Registry: string(cfg.Registry), Failover: cfg.Failover, Faults: map[string]int{}, log: cfg.Log}
 	defer s.closeLinks()
+	var err error
+	if s.custodians, err = newCustodians(); err != nil {
+		return s.hist, fmt.Errorf("soak: seed %d: %w: custodians: %w", cfg.Seed, ErrSetup, err)
+	}
+	defer s.custodians.close()
 	if err := s.start(ctx); err != nil {
 		return s.hist, fmt.Errorf("soak: seed %d: %w: %w", cfg.Seed, ErrSetup, err)
 	}
@@ -139,7 +160,7 @@ func Run(ctx context.Context, cfg Config) (*History, error) {
 	}
 	s.checkStep(ctx, 0)
 	for i := 1; i <= cfg.Steps && ctx.Err() == nil; i++ {
-		st := s.draw()
+		st := s.draw(i)
 		s.step = i
 		t0 := time.Now()
 		s.mayFailOver(st)
@@ -186,6 +207,7 @@ func (s *Schedule) start(ctx context.Context) error {
 		if s.cfg.Failover {
 			c.Standby = daemon.StandbyConfig{MaxLag: "3s", Failover: "auto"}
 		}
+		c.Escrow = s.custodians.cfg // the restore op backs up to them
 		c.Peers = map[string]string{}
 		for _, o := range Hosts {
 			if o == h {
@@ -197,6 +219,12 @@ func (s *Schedule) start(ctx context.Context) error {
 				return
 			}
 			c.Peers[o] = l.Addr()
+		}
+		if c.Registry.Mode == registry.ModeEmbedded {
+			if err := s.peerLinks(h, c); err != nil {
+				cerr = err
+			}
+			return
 		}
 		if c.Registry.Mode != registry.ModeEtcd {
 			return
@@ -253,6 +281,46 @@ func (s *Schedule) closeLinks() {
 	for _, l := range s.links {
 		_ = l.Close()
 	}
+	if s.peers != nil {
+		_ = s.peers.Close()
+	}
+}
+
+// peerLinks puts the peer fronts between the embedded members (made at
+// the first host's configuration): every member advertises its front as
+// its peer URL and listens where the fleet put it.
+func (s *Schedule) peerLinks(h string, c *daemon.Config) error {
+	real := map[string]string{}
+	for _, m := range c.Registry.Embedded.Members {
+		real[m.Name] = strings.TrimPrefix(m.PeerURL, "https://")
+	}
+	if s.peers == nil {
+		var names []string
+		for _, m := range c.Registry.Embedded.Members {
+			names = append(names, m.Name)
+		}
+		p, err := NewPeerLinks(filepath.Dir(c.TLS.CA), names, func(m string) string { return real[m] })
+		if err != nil {
+			return err
+		}
+		s.peers = p
+		for n, l := range p.Links() {
+			s.links[n] = l
+		}
+	}
+	self := c.Registry.Embedded.Name
+	if self == "" {
+		self = h
+	}
+	ms := slices.Clone(c.Registry.Embedded.Members) // the fleet shares its slice between hosts
+	for i := range ms {
+		if ms[i].Name == self {
+			c.Registry.Embedded.ListenPeerURL = ms[i].PeerURL
+		}
+		ms[i].PeerURL = "https://" + s.peers.Addr(ms[i].Name)
+	}
+	c.Registry.Embedded.Members = ms
+	return nil
 }
 
 // upHosts are the hosts whose vtpmd runs, sorted.

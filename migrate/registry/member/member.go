@@ -24,7 +24,9 @@ import (
 // embeds etcd: client and peer ports serve mutual TLS with the fleet PKI
 // (client-cert-auth, so etcd takes the user name from the certificate's
 // CN), and the peer port accepts only certificates valid for a member's
-// (or a spare's) host name. It returns once the listeners serve; it does
+// (or a spare's) host name. It listens on Embedded.ListenPeerURL and
+// ListenClientURL when they are set (a proxy, a NAT: the members dial the
+// advertised URLs of Members). It returns once the listeners serve; it does
 // not wait for quorum (Client.Ready does).
 func Start(cfg registry.Config) (registry.EmbeddedMember, error) {
 	e, err := start(cfg)
@@ -73,8 +75,19 @@ func start(cfg registry.Config) (*embed.Etcd, error) {
 	if err != nil {
 		return nil, fmt.Errorf("%w: client_url: %v", registry.ErrConfig, err)
 	}
-	ec.ListenPeerUrls, ec.AdvertisePeerUrls = []url.URL{*pu}, []url.URL{*pu}
-	ec.ListenClientUrls, ec.AdvertiseClientUrls = []url.URL{*cu}, []url.URL{*cu}
+	lpu, lcu := pu, cu // listen where advertised, unless told otherwise
+	if em.ListenPeerURL != "" {
+		if lpu, err = url.Parse(em.ListenPeerURL); err != nil {
+			return nil, fmt.Errorf("%w: listen_peer_url: %v", registry.ErrConfig, err)
+		}
+	}
+	if em.ListenClientURL != "" {
+		if lcu, err = url.Parse(em.ListenClientURL); err != nil {
+			return nil, fmt.Errorf("%w: listen_client_url: %v", registry.ErrConfig, err)
+		}
+	}
+	ec.ListenPeerUrls, ec.AdvertisePeerUrls = []url.URL{*lpu}, []url.URL{*pu}
+	ec.ListenClientUrls, ec.AdvertiseClientUrls = []url.URL{*lcu}, []url.URL{*cu}
 	// HTTP (health, version) on its own listener, so that the client URL
 	// serves gRPC natively: no gRPC-through-net/http handler, whose
 	// behaviour depends on the gRPC version and which answers requests
