@@ -99,6 +99,10 @@ func (n *Node) recoverSource(ctx context.Context, tx Tx) error {
 				t.VMs[i].Outcome, t.VMs[i].Error = OutcomeFailed, "recovered: VM runs on the source"
 			case st != nil && slices.Contains(st.Running, id):
 				t.VMs[i].Outcome, allHere = OutcomeMigrated, false
+			case st != nil && !st.Known:
+				// Runs nowhere, and the destination never recorded the
+				// transaction (no Prepare reached it): the key stays here.
+				t.VMs[i].Outcome, t.VMs[i].Error = OutcomeFailed, "recovered: VM runs nowhere; the destination never recorded the transaction"
 			default:
 				allHere = false
 				return fmt.Errorf("%w: VM %s runs neither here nor (as far as %s says) there: %v", ErrUnresolved, id, t.Peer, peerErr)

@@ -18,7 +18,8 @@ import (
 // source held; tx: this transaction):
 //
 //	{peer, g+1}            committed: finish (the destination promotes), then shred here
-//	{self, g, tx open}     not committed: the VM runs here -> Abort; runs on the peer -> Commit; else wait
+//	{self, g, tx open}     not committed: the VM runs here -> Abort; runs on the peer -> Commit;
+//	                       runs nowhere and the peer never recorded tx -> Abort; else wait
 //	{self, g}              aborted (or never begun): the VM runs here -> abort; on the peer -> Commit without Begin
 //	absent                 the registry is older than the VM (a restore): decide as in mode none; SyncOwnership records it
 //	anything else          the registry moved on (a takeover): never commit; the VM keeps running where it runs
@@ -121,6 +122,15 @@ func (n *Node) recoverSourceRegistry(ctx context.Context, tx Tx, peer Peer, st *
 			// runs nothing: abort, the VM restarts from this host's key.
 			outcome[id] = OutcomeFailed
 			abort = append(abort, vm)
+		case peerErr == nil && !st.Known:
+			// The VM runs nowhere (a host fenced or powered off) and the
+			// destination never recorded the transaction: no Prepare
+			// reached it, so it holds no key of it and never ran the VM.
+			// Abort; the key stays here and the owner may start the VM.
+			outcome[id] = OutcomeFailed
+			if s == regOpen {
+				abort = append(abort, vm)
+			}
 		default:
 			errs = append(errs, fmt.Errorf("%w: VM %s runs neither here nor (as far as %s says) there: %v", ErrUnresolved, id, tx.Peer, peerErr))
 		}

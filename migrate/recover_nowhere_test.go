@@ -1,0 +1,65 @@
+package migrate_test
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"testing"
+
+	"github.com/vtpmm/vtpmm/migrate"
+)
+
+// TestRecoverSourceVMRunsNowhere (soak seed 40, failover schedules): the
+// source dies before anything reached the destination, and its VM dies
+// with it (a fence agent powered the host off). Back up, the source's
+// recovery finds the VM running nowhere and a destination that never
+// recorded the transaction: it aborts (the registry's transaction too),
+// keeps the key, and the owner may start the VM again. Before the fix the
+// transaction stayed unresolved for ever and no host could start the VM.
+func TestRecoverSourceVMRunsNowhere(t *testing.T) {
+	t.Parallel()
+	for _, reg := range []string{"none", "etcd"} {
+		for _, p := range []migrate.CrashPoint{migrate.SrcAfterBegin, migrate.SrcAfterRegBegin, migrate.SrcAfterAttest} {
+			if p.RegistryOnly() && reg == "none" {
+				continue
+			}
+			t.Run(fmt.Sprintf("%s/%s", reg, p), func(t *testing.T) {
+				t.Parallel()
+				ctx := context.Background()
+				f := newFleet(t)
+				if reg != "none" {
+					f.useRegistry(reg)
+				}
+				a, b := f.addHost("host-a", goodLog), f.addHost("host-b", goodLog)
+				vm := a.sealedVM("vm1", []byte("sealed before the power-off"))
+				a.migrateCrashing(ctx, vm, "host-b", p)
+				if err := a.hyp.DestroyDomain(ctx, vm); err != nil { // the power-off
+					t.Fatal(err)
+				}
+				a.restart()
+				var err error
+				for round := 0; round < 3; round++ {
+					if err = errors.Join(a.node.Reconcile(ctx), b.node.Reconcile(ctx)); err == nil {
+						break
+					}
+				}
+				if err != nil {
+					t.Fatalf("not reconciled: %v", err)
+				}
+				if _, err := b.node.CheckStart(ctx, vm); !errors.Is(err, migrate.ErrNotOwner) {
+					t.Fatalf("host-b may start the VM: %v", err)
+				}
+				if _, err := a.node.CheckStart(ctx, vm); err != nil {
+					t.Fatalf("the owner may not start its VM after recovery: %v", err)
+				}
+				if err := a.hyp.StartDomain(ctx, vm); err != nil {
+					t.Fatal(err)
+				}
+				f.checkSingleOwner(vm, "host-a")
+				if got := a.guestUnseal(vm); string(got) != "sealed before the power-off" {
+					t.Fatalf("unsealed %q", got)
+				}
+			})
+		}
+	}
+}
