@@ -111,16 +111,18 @@ func (el *evacLab) compare(ctx context.Context, t *testing.T, first string, want
 			t.Fatalf("vtpmctl evacuate host-a: %v %s", err, r.Result)
 		}
 		s.run, s.EvacWall = r, ms(r.Wall)
-		t.Logf("evacuation timeline: %s", evacTimeline(r))
+		jobs := map[string]time.Duration{}
 		for _, v := range r.Report.VMs {
 			dst := el.f.Hosts[v.Host]
 			if dst == nil {
 				t.Fatalf("report: %s runs on %q", v.Name, v.Host)
 			}
 			j := lab.CompletedJob(ctx, dst, v.VM)
+			jobs[v.Name] = j.Elapsed
 			s.EvacDowntime += ms(j.Downtime)
 			s.EvacMaxDown = max(s.EvacMaxDown, ms(j.Downtime))
 		}
+		t.Logf("evacuation timeline: %s", evacTimeline(r, jobs))
 	}
 	if first == methodVirsh {
 		plain()
@@ -422,10 +424,12 @@ func (el *evacLab) back(ctx context.Context, t *testing.T) {
 }
 
 // evacTimeline renders each VM's migration from the events: when its
-// hypervisor migration started and ended (the "migrate" and "commit"
-// phases) and when it was done (committed and finished), in seconds from
-// the first event; and the report's end.
-func evacTimeline(r lab.EvacRun) string {
+// hypervisor migration started and ended (the first "migrate" phase event,
+// not the later ones that carry its bytes, and the "commit" phase), the
+// destination's job time (libvirt's completed job, when known) and when it
+// was done (committed and finished), in seconds from the first event; and
+// the report's end.
+func evacTimeline(r lab.EvacRun, jobs map[string]time.Duration) string {
 	if len(r.Events) == 0 {
 		return "no events"
 	}
@@ -445,7 +449,7 @@ func evacTimeline(r lab.EvacRun) string {
 			names = append(names, e.Name)
 		}
 		switch {
-		case e.Type == evacuate.EventVMPhase && e.Phase == "migrate":
+		case e.Type == evacuate.EventVMPhase && e.Phase == "migrate" && sp.mig == "":
 			sp.dest, sp.mig = e.Dest, sec(e)
 		case e.Type == evacuate.EventVMPhase && e.Phase == "commit":
 			sp.end = sec(e)
@@ -457,7 +461,11 @@ func evacTimeline(r lab.EvacRun) string {
 	var out []string
 	for _, n := range names {
 		sp := per[n]
-		out = append(out, fmt.Sprintf("%s->%s %s-%s done %s", n, sp.dest, sp.mig, sp.end, sp.done))
+		job := ""
+		if d, ok := jobs[n]; ok {
+			job = fmt.Sprintf(" (job %.1fs)", d.Seconds())
+		}
+		out = append(out, fmt.Sprintf("%s->%s %s-%s%s done %s", n, sp.dest, sp.mig, sp.end, job, sp.done))
 	}
 	return strings.Join(out, ", ") + fmt.Sprintf("; report at %.1fs, vtpmctl %.1fs", r.Events[len(r.Events)-1].Time.Sub(t0).Seconds(), r.Wall.Seconds())
 }
