@@ -4,6 +4,9 @@ import (
 	"context"
 	"fmt"
 
+	"github.com/sirupsen/logrus"
+
+	"github.com/vtpmm/vtpmm/internal/audit"
 	"github.com/vtpmm/vtpmm/migrate/registry"
 )
 
@@ -29,4 +32,40 @@ func (n *Node) checkPromoter(ctx context.Context, reg FailoverRegistry) error {
 			ErrFailoverRefused, n.cfg.Host, n.cfg.Host, RuleDraining)
 	}
 	return nil
+}
+
+// takeBackFromDrainingFencer is the start rule's answer to a host fenced
+// for vm's record by a fencer that is live but draining (checkFenced
+// refused, rule fenced): a draining host never promotes (RuleDraining), so
+// waiting for it would leave the VM running nowhere until the operator
+// undrains it. This host takes the VM back as from a fencer that is gone
+// (F11): Reassert, a compare-and-swap on the record revision read, so of
+// this and a promotion by a fencer undrained meanwhile exactly one wins.
+// It reports whether the VM was taken back; any doubt (a read error, the
+// fencer not draining) answers false and the refusal stands.
+func (n *Node) takeBackFromDrainingFencer(ctx context.Context, vm string) bool {
+	reg, ok := n.cfg.Registry.(FailoverRegistry)
+	if !ok {
+		return false
+	}
+	f, frev, err := reg.FenceOf(ctx, n.cfg.Host)
+	if err != nil || frev == 0 || f.By == n.cfg.Host {
+		return false
+	}
+	rec, rev, err := reg.VMRev(ctx, vm)
+	if err != nil || frev <= rev || rec.Owner != n.cfg.Host {
+		return false
+	}
+	v, err := reg.Hosts(ctx, f.By)
+	if err != nil || v.Hosts[f.By].State != registry.StateDraining {
+		return false
+	}
+	if _, err := reg.Reassert(ctx, rec, rev); err != nil {
+		n.log.WithError(err).WithField("vm", vm).Warn("fenced by a draining host: taking the VM back failed")
+		return false
+	}
+	n.audit(ctx, AuditEvent{Event: audit.EventRegistryRaised, VM: vm, Peer: f.By, Generation: rec.Generation,
+		Detail: "fenced by " + f.By + ", which is draining and never promotes: the record is reasserted (F11)"})
+	n.log.WithFields(logrus.Fields{"vm": vm, "fencer": f.By, "generation": rec.Generation}).Warn("fenced, but the fencer is draining (it never promotes): VM taken back")
+	return true
 }

@@ -149,7 +149,7 @@ func (n *Node) CheckStart(ctx context.Context, vm string) (uint64, error) {
 			}
 			return gl, nil
 		}
-		if err := n.checkFenced(ctx, vm); err != nil {
+		if err := n.checkFenced(ctx, vm); err != nil && !n.takeBackFromDrainingFencer(ctx, vm) {
 			n.confirmed.Delete(vm)
 			return 0, n.refuseStart(ctx, vm, gl, err)
 		}

@@ -64,3 +64,53 @@ func TestFailoverNotOntoDrainingHost(t *testing.T) {
 	})
 	waitFor(t, "the VM runs on host-b", time.Minute, func() bool { return b.Running(ctx, vm) })
 }
+
+// TestFencedByDrainingHost: host-b fenced host-a to take one of its VMs
+// over (the operator's failover of vm-1), then the operator drains host-b.
+// The fence record is per host, so host-a, back, is fenced for vm-2 too;
+// host-b, draining, never promotes vm-2. host-a takes vm-2 back (Reassert)
+// instead of waiting for a promotion that cannot come, and may start it;
+// host-b does not take it.
+func TestFencedByDrainingHost(t *testing.T) {
+	ctx := context.Background()
+	f := failoverFleet(t, trusted(fleet.HostA, fleet.HostB, fleet.HostC), "manual")
+	a, b := f.InProcHost(fleet.HostA), f.InProcHost(fleet.HostB)
+	vm1, err := f.CreateVM(ctx, fleet.HostA, "drain-fence-1")
+	if err != nil {
+		t.Fatal(err)
+	}
+	vm2, err := f.CreateVM(ctx, fleet.HostA, "drain-fence-2")
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, vm := range []fleet.VM{vm1, vm2} {
+		if _, err := a.Admin().Standby(ctx, adminapi.StandbyRequest{VM: vm.UUID, On: []string{fleet.HostB}}); err != nil {
+			t.Fatal(err)
+		}
+		waitReplicas(t, f, vm, 1, fleet.HostB)
+	}
+	if err := a.Crash(ctx); err != nil {
+		t.Fatal(err)
+	}
+	if err := f.Fence(ctx, fleet.HostA); err != nil { // the operator powers host-a off
+		t.Fatal(err)
+	}
+	if _, err := b.Admin().Failover(ctx, adminapi.FailoverRequest{VM: vm1.UUID, To: fleet.HostB, ConfirmFenced: []string{fleet.HostA}}); err != nil {
+		t.Fatalf("the operator's failover of vm-1 onto host-b: %v", err)
+	}
+	if err := f.Operator().SetState(ctx, fleet.HostB, registry.StateDraining); err != nil {
+		t.Fatal(err)
+	}
+	if err := a.Restart(ctx); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := a.Daemon().Node().CheckStart(ctx, vm2.UUID); err != nil {
+		t.Fatalf("host-a's start of vm-2, fenced by the draining host-b: %v, want it taken back", err)
+	}
+	if owner, gen := ownerOf(ctx, f, vm2); owner != fleet.HostA || gen != 1 {
+		t.Fatalf("vm-2's record: %s at generation %d, want host-a at 1", owner, gen)
+	}
+	if _, err := b.Admin().Failover(ctx, adminapi.FailoverRequest{VM: vm2.UUID, To: fleet.HostB, ConfirmFenced: []string{fleet.HostA}}); err == nil {
+		t.Fatal("the draining host-b promoted vm-2")
+	}
+}
