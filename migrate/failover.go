@@ -117,6 +117,9 @@ func (n *Node) Promote(ctx context.Context, req PromoteRequest) (*Promotion, err
 		return nil, n.refuseFailover(ctx, req.VM, rec.Owner, fmt.Errorf("%s: %w: the replica is at generation %d, the registry's record at %d (rule %s)",
 			op, ErrFailoverRefused, r.Request.Generation, rec.Generation, RuleReplicaStale))
 	}
+	if err := n.checkPromoter(ctx, reg); err != nil { // rule draining (failover_drain.go)
+		return nil, n.refuseFailover(ctx, req.VM, rec.Owner, fmt.Errorf("%s: %w", op, err))
+	}
 	// F7: the owner, and an open migration's destination.
 	fence := []string{rec.Owner}
 	if rec.Tx != nil && rec.Tx.To != n.cfg.Host && rec.Tx.To != rec.Owner {

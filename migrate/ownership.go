@@ -149,7 +149,7 @@ func (n *Node) CheckStart(ctx context.Context, vm string) (uint64, error) {
 			}
 			return gl, nil
 		}
-		if err := n.checkFenced(ctx, vm); err != nil {
+		if err := n.checkFenced(ctx, vm); err != nil && !n.takeBackFromDrainingFencer(ctx, vm) {
 			n.confirmed.Delete(vm)
 			return 0, n.refuseStart(ctx, vm, gl, err)
 		}
@@ -356,6 +356,14 @@ func (n *Node) cleanStale(ctx context.Context, vm, owner string, gen uint64) (bo
 	if !ok || gl >= gen {
 		return false, nil // gone or raised meanwhile
 	}
+	// The shredding is a change of the key store like a migration's: the
+	// rollback anchor counts it first (one NV_Increment), or the next start
+	// refuses the key store ("the anchor recorded generation N").
+	settle, err := n.advance(ctx, Tx{ID: "stale-copy/" + vm}, []vtpm.Change{{VMID: vm}})
+	if err != nil {
+		return false, fmt.Errorf("shred stale copy of %s: %w", vm, err)
+	}
+	defer settle()
 	if err := n.cfg.Keys.Delete(ctx, vm); err != nil {
 		return false, fmt.Errorf("shred stale copy of %s: %w", vm, err)
 	}

@@ -22,7 +22,11 @@ import (
 //	                       runs nowhere and the peer never recorded tx -> Abort; else wait
 //	{self, g}              aborted (or never begun): the VM runs here -> abort; on the peer -> Commit without Begin
 //	absent                 the registry is older than the VM (a restore): decide as in mode none; SyncOwnership records it
-//	anything else          the registry moved on (a takeover): never commit; the VM keeps running where it runs
+//	anything else          the registry moved on (a takeover): never commit; the VM keeps running where it runs;
+//	                       once the record's generation is past this transaction's (g+1 or above, not the
+//	                       committed record) and the VM does not run here, close it keeping the copy:
+//	                       SyncOwnership shreds it once the owner confirms (nothing else would: the
+//	                       transaction would hold the VM for good)
 //
 // Without quorum the last view serves: what it shows committed is
 // finished; an abort completes locally (SyncOwnership aborts the
@@ -89,6 +93,7 @@ func (n *Node) recoverSourceRegistry(ctx context.Context, tx Tx, peer Peer, st *
 	}
 	var commit, commitNoTx, abort []TxVM
 	outcome := map[string]Outcome{}
+	superseded := map[string]string{} // VM -> why: closed here, the copy kept for SyncOwnership
 	var errs []error
 	for _, vm := range tx.VMs {
 		s, r := classify(tx, vm, n.cfg.Host, tx.Peer, view)
@@ -101,6 +106,16 @@ func (n *Node) recoverSourceRegistry(ctx context.Context, tx Tx, peer Peer, st *
 		case s == regOther:
 			if here[id] {
 				outcome[id] = OutcomeFailed // keep the copy; SyncOwnership decides about it
+				continue
+			}
+			if verr == nil && r.Generation >= vm.Generation {
+				// The registry moved past this transaction (the destination
+				// committed it by itself and the VM moved on, or a
+				// takeover): it can neither commit nor abort here any more.
+				// Close it keeping this host's copy: SyncOwnership shreds it
+				// once the owner confirms over the agent wire.
+				outcome[id] = OutcomeFailed
+				superseded[id] = fmt.Sprintf("superseded: the registry shows %s at generation %d; the copy is kept until %s confirms it", r.Owner, r.Generation, r.Owner)
 				continue
 			}
 			errs = append(errs, fmt.Errorf("%w: VM %s: the registry shows %s at generation %d: another change superseded transaction %s", ErrUnresolved, id, r.Owner, r.Generation, tx.ID))
@@ -164,6 +179,9 @@ func (n *Node) recoverSourceRegistry(ctx context.Context, tx Tx, peer Peer, st *
 			t.VMs[i].Outcome = o
 			if o == OutcomeFailed {
 				t.VMs[i].Error = "recovered: VM runs on the source"
+				if why, ok := superseded[t.VMs[i].UUID]; ok {
+					t.VMs[i].Error = "recovered: " + why
+				}
 			}
 		}
 		t.State = SrcMigrated

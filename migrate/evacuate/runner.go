@@ -184,6 +184,7 @@ func (e *Evacuator) Run(ctx context.Context, opts Options) (*Report, error) {
 	}
 	r.mu.Unlock()
 	r.wg.Wait()
+	r.sweep(ctx) // VMs that arrived during the run (a failover onto the draining source)
 	rep := r.finish(ctx)
 	if r.lost {
 		return rep, fmt.Errorf("evacuate %s: %w: another evacuator took the record over; this run stopped", e.cfg.Source, ErrBusy)

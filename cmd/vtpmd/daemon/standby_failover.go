@@ -55,7 +55,7 @@ func (d *Daemon) tryFailovers(ctx context.Context) {
 		return
 	}
 	hosts, err := d.reg.Hosts(ctx)
-	if err != nil {
+	if err != nil || hosts.Hosts[d.cfg.HostID].State == registry.StateDraining { // draining: never a promoter (migrate.RuleDraining)
 		return // no quorum: wait (fail closed)
 	}
 	fencedHere := map[string]bool{} // live owners: fenced by this host (one read each per pass)
