@@ -226,7 +226,7 @@ func (c *Client) TakeOver(ctx context.Context, t TakeOver) (VM, error) {
 	cmps := []clientv3.Cmp{
 		clientv3.Compare(clientv3.Value(key), "=", exp),
 		clientv3.Compare(clientv3.ModRevision(key), "=", t.ExpectRev),
-		clientv3.Compare(clientv3.Value(c.k.state(t.Owner)), "!=", stateValue(StateFenced)),
+		clientv3.Compare(clientv3.Value(c.k.state(t.Owner)), "=", stateValue(StateActive)), // neither fenced nor draining
 		clientv3.Compare(clientv3.CreateRevision(c.k.enrol(t.Owner)), ">", 0),
 	}
 	for _, h := range t.Fenced {
@@ -293,6 +293,8 @@ func (c *Client) ownerErrs(ctx context.Context, owner string) []error {
 		return []error{fmt.Errorf("host %s: %w (rule enrolled)", owner, ErrNotEnrolled)}
 	case h.State == StateFenced:
 		return []error{fmt.Errorf("host %s: %w (rule host-fenced)", owner, ErrHostFenced)}
+	case h.State != StateActive:
+		return []error{fmt.Errorf("host %s is %s: %w (rule host-active)", owner, h.State, ErrHostNotActive)}
 	}
 	return nil
 }

@@ -74,6 +74,14 @@ func TestTakeOver(t *testing.T) {
 	}
 	_, err = f.a.TakeOver(f.ctx, registry.TakeOver{VM: "vm-1", Expect: rec3, ExpectRev: rev3, Owner: "host-f", Generation: 4, Fenced: []string{rec3.Owner}})
 	mustErrIs(t, err, registry.ErrHostFenced)
+	// A draining new owner is refused too, in the same compare-and-swap: a
+	// drain that lands between the promoter's own check (rule draining) and
+	// its TakeOver still stops the promotion.
+	_, err = f.a.TakeOver(f.ctx, registry.TakeOver{VM: "vm-1", Expect: rec3, ExpectRev: rev3, Owner: "host-d", Generation: 4, Fenced: []string{rec3.Owner}})
+	mustErrIs(t, err, registry.ErrHostNotActive)
+	if got := f.vm(t, "vm-1"); got.Generation != 3 {
+		t.Fatalf("record after refused takeovers: %+v", got)
+	}
 }
 
 // TestStandbyAssignRefresh: a refresh never re-creates a standby the
