@@ -8,6 +8,7 @@ import (
 
 	"github.com/vtpmm/vtpmm/internal/adminapi"
 	"github.com/vtpmm/vtpmm/migrate"
+	"github.com/vtpmm/vtpmm/migrate/registry"
 	"github.com/vtpmm/vtpmm/test/fleet"
 	"github.com/vtpmm/vtpmm/test/fleet/inproc"
 )
@@ -175,5 +176,45 @@ func TestFencerPromotesOnceCurrent(t *testing.T) {
 	log, err := c.Admin().Audit(ctx, vm2.UUID, "failover-promoted")
 	if err != nil || len(log.Records) != 1 {
 		t.Fatalf("audit of vm-2's promotion on host-c: %+v %v", log, err)
+	}
+}
+
+// TestFailoverFencesAllOrNone (make soak seed 3013): the record of a VM
+// whose owner host-a crashed holds an open migration to host-b, which is
+// live. host-c, a standby with a current replica, must fence both (F7)
+// and cannot fence host-b: it refuses (rule owner-live) before any fence
+// agent runs. Before, it powered host-a off first, then refused; the
+// source's recovery then found its VM running nowhere and waited forever.
+func TestFailoverFencesAllOrNone(t *testing.T) {
+	ctx := context.Background()
+	f := failoverFleet(t, trusted(fleet.HostA, fleet.HostB, fleet.HostC), "auto")
+	a, c := f.InProcHost(fleet.HostA), f.InProcHost(fleet.HostC)
+	vm, err := f.CreateVM(ctx, fleet.HostA, "fence-all")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := a.Admin().Standby(ctx, adminapi.StandbyRequest{VM: vm.UUID, On: []string{fleet.HostC}}); err != nil {
+		t.Fatal(err)
+	}
+	waitReplicas(t, f, vm, 1, fleet.HostC)
+	if err := a.Crash(ctx); err != nil {
+		t.Fatal(err)
+	}
+	// The intent host-a's migration to host-b had written (host-a's
+	// vtpmd is gone, so nothing aborts it).
+	if _, err := f.Operator().Begin(ctx, registry.Batch{TxID: "0123456789abcdef0123456789abcdef", From: fleet.HostA, To: fleet.HostB,
+		VMs: []registry.VMGen{{ID: vm.UUID, Generation: 1}}}); err != nil {
+		t.Fatal(err)
+	}
+	waitNotLive(t, f, fleet.HostA)
+	waitFor(t, "host-c tried and refused the failover", time.Minute, func() bool {
+		l, err := c.Admin().Audit(ctx, vm.UUID, "failover-refused")
+		return err == nil && len(l.Records) >= 2
+	})
+	if n := f.Fenced(fleet.HostA); n != 0 {
+		t.Fatalf("host-a was fenced %d times although host-b, the open migration's destination, is live: nothing may be fenced", n)
+	}
+	if o, g := ownerOf(ctx, f, vm); o != fleet.HostA || g != 1 {
+		t.Fatalf("record %s at %d, want host-a at 1", o, g)
 	}
 }
