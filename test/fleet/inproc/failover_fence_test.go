@@ -74,7 +74,7 @@ func fencedPair(t *testing.T) (*inproc.Fleet, fleet.VM, fleet.VM, string) {
 	return f, vm1, vm2, secret2
 }
 
-// checkOneStarter checks that exactly one host's start rule admits vm,
+// checkOneStarter checks that exactly one running vtpmd's start rule admits vm,
 // that it is the registry's owner, and that the VM runs there only.
 func checkOneStarter(t *testing.T, f *inproc.Fleet, vm fleet.VM) string {
 	t.Helper()
@@ -83,11 +83,14 @@ func checkOneStarter(t *testing.T, f *inproc.Fleet, vm fleet.VM) string {
 	var admit []string
 	for _, n := range f.HostNames() {
 		h := f.InProcHost(n)
-		if _, err := h.Daemon().Node().CheckStart(ctx, vm.UUID); err == nil {
-			admit = append(admit, n)
-		}
 		if n != owner && h.Running(ctx, vm) {
 			t.Fatalf("%s runs on %s, the registry names %s", vm.Name, n, owner)
+		}
+		if !h.Up() {
+			continue // its vtpmd is down: it admits nothing
+		}
+		if _, err := h.Daemon().Node().CheckStart(ctx, vm.UUID); err == nil {
+			admit = append(admit, n)
 		}
 	}
 	if len(admit) != 1 || admit[0] != owner {
@@ -217,4 +220,50 @@ func TestFailoverFencesAllOrNone(t *testing.T) {
 	if o, g := ownerOf(ctx, f, vm); o != fleet.HostA || g != 1 {
 		t.Fatalf("record %s at %d, want host-a at 1", o, g)
 	}
+}
+
+// TestFailoverStartRetried (make soak seed 3022): the promotion wins its
+// CAS but the VM's start fails (here the hypervisor refuses the secret;
+// in the soak the promoted host's registry link was cut, so the secret's
+// define refused: self-fence). The failover loop retries the start while
+// this host owns the VM, and the VM runs with its tenant's secret. Before,
+// the VM stayed promoted and defined nowhere.
+func TestFailoverStartRetried(t *testing.T) {
+	ctx := context.Background()
+	f := failoverFleet(t, trusted(fleet.HostA, fleet.HostB, fleet.HostC), "auto")
+	a, b := f.InProcHost(fleet.HostA), f.InProcHost(fleet.HostB)
+	vm, err := f.CreateVM(ctx, fleet.HostA, "start-retry")
+	if err != nil {
+		t.Fatal(err)
+	}
+	secret, err := a.TenantReseal(ctx, vm)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := a.Admin().Standby(ctx, adminapi.StandbyRequest{VM: vm.UUID, On: []string{fleet.HostB}}); err != nil {
+		t.Fatal(err)
+	}
+	waitReplicas(t, f, vm, 1, fleet.HostB)
+	waitFor(t, "host-b's replica holds the tenant's last secret", time.Minute, func() bool {
+		r := replicaOf(b.Daemon(), vm)
+		return r != nil && string(r.Request.State) == string(readState(t, a, vm))
+	})
+	b.Fake().FailDefineSecret = errors.New("injected: secret refused")
+	if err := a.Crash(ctx); err != nil {
+		t.Fatal(err)
+	}
+	waitFor(t, "host-b promoted", 2*time.Minute, func() bool {
+		o, g := ownerOf(ctx, f, vm)
+		return o == fleet.HostB && g == 2
+	})
+	time.Sleep(2 * time.Second) // a few failover passes with the start failing
+	if b.Running(ctx, vm) {
+		t.Fatal("the VM runs on host-b although its secret was refused")
+	}
+	b.Fake().FailDefineSecret = nil
+	waitFor(t, "the promoted VM runs on host-b after a retry", time.Minute, func() bool { return b.Running(ctx, vm) })
+	if got, err := b.TenantSecret(ctx, vm); err != nil || got != secret {
+		t.Fatalf("tenant secret on host-b: %q %v, want %q", got, err, secret)
+	}
+	checkOneStarter(t, f, vm)
 }
