@@ -134,8 +134,23 @@ func (n *Node) Promote(ctx context.Context, req PromoteRequest) (*Promotion, err
 		return nil, fmt.Errorf("%s: open the replica: %w", op, err)
 	}
 	defer k.Destroy()
+	// Every host to fence must be fenceable before any fence agent runs:
+	// a failover that powers the owner off and then finds the open
+	// migration's destination live promotes nothing, and leaves the
+	// VM's source transaction with its VM running nowhere (make soak seed
+	// 3013).
+	todo := make([]bool, len(fence))
+	for i, h := range fence {
+		var err error
+		if todo[i], err = n.mayFence(ctx, reg, req, h, rev); err != nil {
+			return nil, n.refuseFailover(ctx, req.VM, rec.Owner, fmt.Errorf("%s: %w", op, err))
+		}
+	}
 	t0 := n.cfg.Now()
-	for _, h := range fence {
+	for i, h := range fence {
+		if !todo[i] {
+			continue // fenced for this record already (F10: even if it is live again)
+		}
 		if err := n.fenceHost(ctx, reg, req, h, rev); err != nil {
 			return nil, n.refuseFailover(ctx, req.VM, rec.Owner, fmt.Errorf("%s: %w", op, err))
 		}
@@ -192,26 +207,41 @@ func (n *Node) Promote(ctx context.Context, req PromoteRequest) (*Promotion, err
 	return p, nil
 }
 
-// fenceHost fences h for a promotion: the operator's confirmation, or the
-// fence agent once the host's lease is gone; then its fence record.
-func (n *Node) fenceHost(ctx context.Context, reg FailoverRegistry, req PromoteRequest, h string, rev int64) error {
+// mayFence reports whether h must be fenced for a promotion from the
+// record at rev (false: it is fenced for the record already, F10), or why
+// it cannot be: its lease is alive and the operator did not confirm it
+// fenced, or no fence agent is configured.
+func (n *Node) mayFence(ctx context.Context, reg FailoverRegistry, req PromoteRequest, h string, rev int64) (bool, error) {
 	if _, frev, err := reg.FenceOf(ctx, h); err != nil {
-		return registryError(err)
+		return false, registryError(err)
 	} else if frev > rev {
-		return nil // fenced for this record already (F10: even if it is live again)
+		return false, nil
 	}
+	if slices.Contains(req.ConfirmFenced, h) {
+		return true, nil
+	}
+	v, err := reg.Hosts(ctx, h)
+	if err != nil {
+		return false, registryError(err)
+	}
+	if v.Hosts[h].Live {
+		return false, fmt.Errorf("%w: %s's liveness lease is alive (rule %s)", ErrFailoverRefused, h, RuleOwnerLive)
+	}
+	if req.Fence == nil {
+		return false, fmt.Errorf("%w: no fence agent is configured for %s: an operator fences it and runs 'vtpmctl failover %s --to %s --confirm-fenced %s' (rule %s)",
+			ErrFailoverRefused, h, req.VM, n.cfg.Host, h, RuleFenceRequired)
+	}
+	return true, nil
+}
+
+// fenceHost fences h for a promotion (mayFence said it must be): the
+// operator's confirmation, or the fence agent once the host's lease is
+// gone (checked again); then its fence record.
+func (n *Node) fenceHost(ctx context.Context, reg FailoverRegistry, req PromoteRequest, h string, rev int64) error {
 	by := "operator confirmation"
 	if !slices.Contains(req.ConfirmFenced, h) {
-		v, err := reg.Hosts(ctx, h)
-		if err != nil {
-			return registryError(err)
-		}
-		if v.Hosts[h].Live {
-			return fmt.Errorf("%w: %s's liveness lease is alive (rule %s)", ErrFailoverRefused, h, RuleOwnerLive)
-		}
-		if req.Fence == nil {
-			return fmt.Errorf("%w: no fence agent is configured for %s: an operator fences it and runs 'vtpmctl failover %s --to %s --confirm-fenced %s' (rule %s)",
-				ErrFailoverRefused, h, req.VM, n.cfg.Host, h, RuleFenceRequired)
+		if must, err := n.mayFence(ctx, reg, req, h, rev); err != nil || !must {
+			return err
 		}
 		if err := req.Fence(ctx, h); err != nil {
 			return fmt.Errorf("%w: the fence agent for %s failed: %w (rule %s)", ErrFailoverRefused, h, err, RuleFenceRequired)

@@ -124,6 +124,9 @@ type standbyState struct {
 	refused map[string]time.Time // standby -> when its attestation was refused
 	now     chan struct{}        // asks for a refresh now
 	last    adminapi.FailoverReport
+	// unstarted are VMs this vtpmd promoted whose start failed: the
+	// failover loop retries the start (retryPromotedStarts).
+	unstarted map[string]bool
 }
 
 // refusedFor is how long automatic placement avoids a host whose

@@ -47,6 +47,7 @@ type domainDefiner interface {
 // checkFenced). Asking on every pass also covers a fencer that crashed
 // and restarted after writing the fence.
 func (d *Daemon) tryFailovers(ctx context.Context) {
+	d.retryPromotedStarts(ctx)
 	if d.cfg.Standby.Failover == "manual" || d.reg.LeaseLost() || d.fenceFunc() == nil {
 		return // no fence agent: an operator fences and runs 'vtpmctl failover'
 	}
@@ -150,11 +151,66 @@ func (d *Daemon) Failover(ctx context.Context, req adminapi.FailoverRequest) (ad
 	}
 	t0 := d.now()
 	if err := d.startPromoted(ctx, req.VM, ""); err != nil {
-		return rep, fmt.Errorf("failover %s: promoted at generation %d, but the start failed: %w", req.VM, p.Generation, err)
+		d.standby.mu.Lock()
+		if d.standby.unstarted == nil {
+			d.standby.unstarted = map[string]bool{}
+		}
+		d.standby.unstarted[req.VM] = true // the failover loop retries
+		d.standby.mu.Unlock()
+		return rep, fmt.Errorf("failover %s: promoted at generation %d, but the start failed (retried by the failover loop): %w", req.VM, p.Generation, err)
 	}
 	rep.Start, rep.Started = d.now().Sub(t0), true
 	fm.ObserveFailover("start", rep.Start)
 	return rep, nil
+}
+
+// retryPromotedStarts starts again the VMs this vtpmd promoted whose start
+// failed (make soak seed 3022: the promoted host lost its registry link
+// right after the CAS, so the secret's define refused: self-fence), while
+// the registry shows this host the owner with no open migration and the
+// VM does not run here. Otherwise the VM stays promoted and defined
+// nowhere. The set is in memory: after a restart the cloud's HA manager
+// starts it (standby.no_start's case).
+func (d *Daemon) retryPromotedStarts(ctx context.Context) {
+	if d.reg.LeaseLost() {
+		return // self-fenced: the secret's define would refuse
+	}
+	d.standby.mu.Lock()
+	vms := make([]string, 0, len(d.standby.unstarted))
+	for vm := range d.standby.unstarted {
+		vms = append(vms, vm)
+	}
+	d.standby.mu.Unlock()
+	done := func(vm string) {
+		d.standby.mu.Lock()
+		delete(d.standby.unstarted, vm)
+		d.standby.mu.Unlock()
+	}
+	for _, vm := range vms {
+		rec, _, err := d.reg.VMRev(ctx, vm)
+		switch {
+		case errors.Is(err, registry.ErrNotFound):
+			done(vm)
+			continue
+		case err != nil:
+			return // no quorum: later
+		case rec.Owner != d.cfg.HostID:
+			done(vm) // it moved on (another failover, a migration)
+			continue
+		case rec.Tx != nil:
+			continue
+		}
+		if dom, err := d.hyp.Domain(ctx, vm); err == nil && dom.State == hypervisor.StateRunning {
+			done(vm)
+			continue
+		}
+		if err := d.startPromoted(ctx, vm, ""); err != nil {
+			d.log.WithError(err).WithField("vm", vm).Warn("failover: the promoted VM's start failed again; retrying")
+			continue
+		}
+		done(vm)
+		d.log.WithFields(logrus.Fields{"vm": vm, "generation": rec.Generation}).Warn("failover: the promoted VM started on a retry")
+	}
 }
 
 // LastFailover is the last failover this daemon ran (tests, measures).

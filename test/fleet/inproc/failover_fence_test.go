@@ -8,6 +8,7 @@ import (
 
 	"github.com/vtpmm/vtpmm/internal/adminapi"
 	"github.com/vtpmm/vtpmm/migrate"
+	"github.com/vtpmm/vtpmm/migrate/registry"
 	"github.com/vtpmm/vtpmm/test/fleet"
 	"github.com/vtpmm/vtpmm/test/fleet/inproc"
 )
@@ -73,7 +74,7 @@ func fencedPair(t *testing.T) (*inproc.Fleet, fleet.VM, fleet.VM, string) {
 	return f, vm1, vm2, secret2
 }
 
-// checkOneStarter checks that exactly one host's start rule admits vm,
+// checkOneStarter checks that exactly one running vtpmd's start rule admits vm,
 // that it is the registry's owner, and that the VM runs there only.
 func checkOneStarter(t *testing.T, f *inproc.Fleet, vm fleet.VM) string {
 	t.Helper()
@@ -82,11 +83,14 @@ func checkOneStarter(t *testing.T, f *inproc.Fleet, vm fleet.VM) string {
 	var admit []string
 	for _, n := range f.HostNames() {
 		h := f.InProcHost(n)
-		if _, err := h.Daemon().Node().CheckStart(ctx, vm.UUID); err == nil {
-			admit = append(admit, n)
-		}
 		if n != owner && h.Running(ctx, vm) {
 			t.Fatalf("%s runs on %s, the registry names %s", vm.Name, n, owner)
+		}
+		if !h.Up() {
+			continue // its vtpmd is down: it admits nothing
+		}
+		if _, err := h.Daemon().Node().CheckStart(ctx, vm.UUID); err == nil {
+			admit = append(admit, n)
 		}
 	}
 	if len(admit) != 1 || admit[0] != owner {
@@ -176,4 +180,90 @@ func TestFencerPromotesOnceCurrent(t *testing.T) {
 	if err != nil || len(log.Records) != 1 {
 		t.Fatalf("audit of vm-2's promotion on host-c: %+v %v", log, err)
 	}
+}
+
+// TestFailoverFencesAllOrNone (make soak seed 3013): the record of a VM
+// whose owner host-a crashed holds an open migration to host-b, which is
+// live. host-c, a standby with a current replica, must fence both (F7)
+// and cannot fence host-b: it refuses (rule owner-live) before any fence
+// agent runs. Before, it powered host-a off first, then refused; the
+// source's recovery then found its VM running nowhere and waited forever.
+func TestFailoverFencesAllOrNone(t *testing.T) {
+	ctx := context.Background()
+	f := failoverFleet(t, trusted(fleet.HostA, fleet.HostB, fleet.HostC), "auto")
+	a, c := f.InProcHost(fleet.HostA), f.InProcHost(fleet.HostC)
+	vm, err := f.CreateVM(ctx, fleet.HostA, "fence-all")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := a.Admin().Standby(ctx, adminapi.StandbyRequest{VM: vm.UUID, On: []string{fleet.HostC}}); err != nil {
+		t.Fatal(err)
+	}
+	waitReplicas(t, f, vm, 1, fleet.HostC)
+	if err := a.Crash(ctx); err != nil {
+		t.Fatal(err)
+	}
+	// The intent host-a's migration to host-b had written (host-a's
+	// vtpmd is gone, so nothing aborts it).
+	if _, err := f.Operator().Begin(ctx, registry.Batch{TxID: "0123456789abcdef0123456789abcdef", From: fleet.HostA, To: fleet.HostB,
+		VMs: []registry.VMGen{{ID: vm.UUID, Generation: 1}}}); err != nil {
+		t.Fatal(err)
+	}
+	waitNotLive(t, f, fleet.HostA)
+	waitFor(t, "host-c tried and refused the failover", time.Minute, func() bool {
+		l, err := c.Admin().Audit(ctx, vm.UUID, "failover-refused")
+		return err == nil && len(l.Records) >= 2
+	})
+	if n := f.Fenced(fleet.HostA); n != 0 {
+		t.Fatalf("host-a was fenced %d times although host-b, the open migration's destination, is live: nothing may be fenced", n)
+	}
+	if o, g := ownerOf(ctx, f, vm); o != fleet.HostA || g != 1 {
+		t.Fatalf("record %s at %d, want host-a at 1", o, g)
+	}
+}
+
+// TestFailoverStartRetried (make soak seed 3022): the promotion wins its
+// CAS but the VM's start fails (here the hypervisor refuses the secret;
+// in the soak the promoted host's registry link was cut, so the secret's
+// define refused: self-fence). The failover loop retries the start while
+// this host owns the VM, and the VM runs with its tenant's secret. Before,
+// the VM stayed promoted and defined nowhere.
+func TestFailoverStartRetried(t *testing.T) {
+	ctx := context.Background()
+	f := failoverFleet(t, trusted(fleet.HostA, fleet.HostB, fleet.HostC), "auto")
+	a, b := f.InProcHost(fleet.HostA), f.InProcHost(fleet.HostB)
+	vm, err := f.CreateVM(ctx, fleet.HostA, "start-retry")
+	if err != nil {
+		t.Fatal(err)
+	}
+	secret, err := a.TenantReseal(ctx, vm)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := a.Admin().Standby(ctx, adminapi.StandbyRequest{VM: vm.UUID, On: []string{fleet.HostB}}); err != nil {
+		t.Fatal(err)
+	}
+	waitReplicas(t, f, vm, 1, fleet.HostB)
+	waitFor(t, "host-b's replica holds the tenant's last secret", time.Minute, func() bool {
+		r := replicaOf(b.Daemon(), vm)
+		return r != nil && string(r.Request.State) == string(readState(t, a, vm))
+	})
+	b.Fake().FailDefineSecret = errors.New("injected: secret refused")
+	if err := a.Crash(ctx); err != nil {
+		t.Fatal(err)
+	}
+	waitFor(t, "host-b promoted", 2*time.Minute, func() bool {
+		o, g := ownerOf(ctx, f, vm)
+		return o == fleet.HostB && g == 2
+	})
+	time.Sleep(2 * time.Second) // a few failover passes with the start failing
+	if b.Running(ctx, vm) {
+		t.Fatal("the VM runs on host-b although its secret was refused")
+	}
+	b.Fake().FailDefineSecret = nil
+	waitFor(t, "the promoted VM runs on host-b after a retry", time.Minute, func() bool { return b.Running(ctx, vm) })
+	if got, err := b.TenantSecret(ctx, vm); err != nil || got != secret {
+		t.Fatalf("tenant secret on host-b: %q %v, want %q", got, err, secret)
+	}
+	checkOneStarter(t, f, vm)
 }
