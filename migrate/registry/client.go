@@ -65,6 +65,9 @@ type EmbeddedMember interface {
 	Err() <-chan error
 	// Close stops the member (gracefully, bounded by etcd's request timeout).
 	Close()
+	// Crash stops the member as a crash or power loss would: no leadership
+	// transfer, no goodbye to its peers (the client was Abandoned).
+	Crash()
 }
 
 // Open returns the Registry that cfg selects: nil (and no error) for
@@ -189,7 +192,10 @@ func (c *Client) Close() error {
 				errs = append(errs, fmt.Errorf("registry: close client: %w", err))
 			}
 		}
-		if c.member != nil {
+		switch {
+		case c.member != nil && c.abandon.Load():
+			c.member.Crash()
+		case c.member != nil:
 			c.member.Close()
 		}
 		if c.cache != nil {

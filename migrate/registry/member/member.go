@@ -55,6 +55,15 @@ func (m *etcdMember) Close() {
 	m.e.Close()
 }
 
+// Crash stops the member without coordination with its peers, as a crash
+// would: a leader does not hand its leadership over first (etcd's graceful
+// stop keeps the cluster's quorum for up to its request timeout while it
+// tries to). The listeners and files are then closed as by Close.
+func (m *etcdMember) Crash() {
+	m.e.Server.HardStop()
+	m.e.Close()
+}
+
 func start(cfg registry.Config) (*embed.Etcd, error) {
 	log := cfg.Log
 	if log == nil {
