@@ -83,13 +83,16 @@ func (n *Node) recoverSource(ctx context.Context, tx Tx) error {
 	// Ask the hypervisor before the ledger transaction: no hypervisor I/O
 	// while the ledger's write lock is held.
 	here := make(map[string]bool, len(ids))
+	gone := make(map[string]bool, len(ids)) // the domain is not defined here any more
 	for _, id := range ids {
-		if here[id], err = n.runsHere(ctx, id); err != nil {
+		d, err := n.cfg.Hypervisor.Domain(ctx, id)
+		if err != nil {
 			return err
 		}
+		here[id], gone[id] = d.State == hypervisor.StateRunning, d.State == hypervisor.StateAbsent
 	}
 	if n.cfg.Registry != nil {
-		return n.recoverSourceRegistry(ctx, tx, peer, st, peerErr, here)
+		return n.recoverSourceRegistry(ctx, tx, peer, st, peerErr, here, gone)
 	}
 	allHere := true
 	tx, err = n.cfg.Ledger.Update(tx.ID, func(t *Tx) error {

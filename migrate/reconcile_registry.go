@@ -19,7 +19,8 @@ import (
 //
 //	{peer, g+1}            committed: finish (the destination promotes), then shred here
 //	{self, g, tx open}     not committed: the VM runs here -> Abort; runs on the peer -> Commit;
-//	                       runs nowhere and the peer never recorded tx -> Abort; else wait
+//	                       runs nowhere and the peer never recorded tx -> Abort;
+//	                       left with the migration (domain gone here) and the peer recorded tx -> Commit; else wait
 //	{self, g}              aborted (or never begun): the VM runs here -> abort; on the peer -> Commit without Begin
 //	absent                 the registry is older than the VM (a restore): decide as in mode none; SyncOwnership records it
 //	anything else          the registry moved on (a takeover): never commit; the VM keeps running where it runs;
@@ -74,7 +75,7 @@ func classifyRestore(tx Tx, vm TxVM, dst string, v registry.View) regState {
 }
 
 // recoverSourceRegistry is recoverSource with a registry.
-func (n *Node) recoverSourceRegistry(ctx context.Context, tx Tx, peer Peer, st *StatusResponse, peerErr error, here map[string]bool) error {
+func (n *Node) recoverSourceRegistry(ctx context.Context, tx Tx, peer Peer, st *StatusResponse, peerErr error, here, gone map[string]bool) error {
 	ids := vmIDs(tx.VMs)
 	view, verr := n.registryView(ctx, ids, 0, nil)
 	if verr != nil && !view.Stale {
@@ -132,6 +133,26 @@ func (n *Node) recoverSourceRegistry(ctx context.Context, tx Tx, peer Peer, st *
 			case regClosed:
 				commitNoTx = append(commitNoTx, vm)
 			}
+		case gone[id] && (s == regOpen || s == regClosed) && peerErr == nil && st.Known:
+			// The VM left with the hypervisor's migration (a persistent
+			// source domain is undefined only when its migration
+			// succeeded) and the destination recorded the transaction
+			// (its PENDING key and the VM's state are there), but it runs
+			// nowhere now (the destination was powered off): commit, as
+			// when it runs there. Aborting would leave this host a key
+			// without the VM's domain or state (soak seed 4001).
+			outcome[id] = OutcomeMigrated
+			if s == regOpen {
+				commit = append(commit, vm)
+			} else {
+				commitNoTx = append(commitNoTx, vm)
+			}
+		case gone[id] && peerErr != nil:
+			// Left with the hypervisor's migration and the destination
+			// cannot be asked: wait for it. Never abort (F12 neither):
+			// the VM's domain and vTPM state went with it, so this host's
+			// key alone would start nothing (or an empty vTPM).
+			errs = append(errs, fmt.Errorf("%w: VM %s left this host with the hypervisor's migration (its domain is not defined here) and %s cannot be asked: waiting for it (if it is gone for good, restore the VM from its backup: vtpmctl restore): %v", ErrUnresolved, id, tx.Peer, peerErr))
 		case peerErr != nil && s == regOpen && verr == nil && fenceDest(id):
 			// F12: the destination is gone with the intent open; fenced, it
 			// runs nothing: abort, the VM restarts from this host's key.

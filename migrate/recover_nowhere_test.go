@@ -63,3 +63,47 @@ func TestRecoverSourceVMRunsNowhere(t *testing.T) {
 		}
 	}
 }
+
+// TestRecoverSourceVMMovedThenPoweredOff (soak seed 4001): the hypervisor
+// migrated the VM (its domain is gone from the source), the source died
+// before it recorded that, and the destination was powered off with the
+// VM. The source's recovery must not abort (it would keep a key without
+// the VM's domain or state, and no host could start it): the destination
+// recorded the transaction, so it commits; the destination promotes its
+// key and starts the VM, which unseals its secret.
+func TestRecoverSourceVMMovedThenPoweredOff(t *testing.T) {
+	t.Parallel()
+	ctx := context.Background()
+	f := newFleet(t)
+	f.useRegistry("etcd")
+	a, b := f.addHost("host-a", goodLog), f.addHost("host-b", goodLog)
+	secret := []byte("sealed before the move")
+	vm := a.sealedVM("vm1", secret)
+	a.migrateCrashing(ctx, vm, "host-b", migrate.SrcAfterHypervisor)
+	if err := b.hyp.DestroyDomain(ctx, vm); err != nil { // host-b's power-off
+		t.Fatal(err)
+	}
+	a.restart()
+	var err error
+	for round := 0; round < 3; round++ {
+		if err = errors.Join(a.node.Reconcile(ctx), b.node.Reconcile(ctx)); err == nil {
+			break
+		}
+	}
+	if err != nil {
+		t.Fatalf("not reconciled: %v", err)
+	}
+	if _, err := a.node.CheckStart(ctx, vm); !errors.Is(err, migrate.ErrNotOwner) {
+		t.Fatalf("host-a, which the VM left, may start it: %v", err)
+	}
+	if _, err := b.node.DefineSecret(ctx, vm); err != nil {
+		t.Fatalf("the destination may not start the VM it holds: %v", err)
+	}
+	if err := b.hyp.StartDomain(ctx, vm); err != nil {
+		t.Fatal(err)
+	}
+	f.checkSingleOwner(vm, "host-b")
+	if got := b.guestUnseal(vm); string(got) != string(secret) {
+		t.Fatalf("unsealed %q", got)
+	}
+}

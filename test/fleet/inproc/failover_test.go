@@ -429,11 +429,12 @@ func TestSelfFence(t *testing.T) {
 }
 
 // TestSourceFencesGoneDestination (model finding F12): host-a's vtpmd
-// dies right after the hypervisor moved its VM to host-b (the intent open
-// in the registry, host-b holding the key PENDING), then host-b dies for
-// good. host-a, restarted, cannot reach host-b; once host-b's lease is
-// gone, its recovery fences host-b and aborts: host-a owns the VM at its
-// generation again and may start it; the VM runs nowhere else.
+// dies after host-b holds the key PENDING and before the hypervisor is
+// asked (the intent open in the registry); host-a then loses power (its VM
+// stops, its domain and vTPM state stay) and host-b dies for good.
+// host-a, restarted, cannot reach host-b; once host-b's lease is gone, its
+// recovery fences host-b and aborts: host-a owns the VM at its generation
+// again, starts it, and the tenant's secret unseals.
 func TestSourceFencesGoneDestination(t *testing.T) {
 	ctx := context.Background()
 	f := failoverFleet(t, trusted(fleet.HostA, fleet.HostB, fleet.HostC), "manual")
@@ -442,18 +443,22 @@ func TestSourceFencesGoneDestination(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	a.OnCrashPoint(migrate.CrashAt(migrate.SrcAfterHypervisor))
+	secret, err := a.TenantReseal(ctx, vm)
+	if err != nil {
+		t.Fatal(err)
+	}
+	a.OnCrashPoint(migrate.CrashAt(migrate.SrcAfterPrepared))
 	if _, err := a.Daemon().Node().Migrate(ctx, migrate.Request{VMs: []string{vm.UUID}, Dest: fleet.HostB}, nil); !errors.Is(err, migrate.ErrCrash) {
 		t.Fatalf("migration: %v, want the injected crash", err)
-	}
-	if !b.Running(ctx, vm) {
-		t.Fatal("the VM does not run on host-b after the hypervisor's migration")
 	}
 	if err := a.Kill(ctx); err != nil {
 		t.Fatal(err)
 	}
 	a.OnCrashPoint(nil)
-	if err := b.Crash(ctx); err != nil { // gone for good; its VM still runs until fenced
+	if err := a.Fake().DestroyDomain(ctx, vm.UUID); err != nil { // host-a's power loss
+		t.Fatal(err)
+	}
+	if err := b.Crash(ctx); err != nil { // gone for good
 		t.Fatal(err)
 	}
 	if err := a.Restart(ctx); err != nil {
@@ -471,5 +476,85 @@ func TestSourceFencesGoneDestination(t *testing.T) {
 	log, err := a.Admin().Audit(ctx, vm.UUID, "host-fenced")
 	if err != nil || len(log.Records) != 1 {
 		t.Fatalf("audit of the fence on host-a: %+v %v", log, err)
+	}
+	if _, err := a.Daemon().Node().DefineSecret(ctx, vm.UUID); err != nil {
+		t.Fatal(err)
+	}
+	if err := a.Fake().StartDomain(ctx, vm.UUID); err != nil {
+		t.Fatal(err)
+	}
+	if got, err := a.TenantSecret(ctx, vm); err != nil || got != secret {
+		t.Fatalf("tenant secret on host-a after F12: %q %v, want %q", got, err, secret)
+	}
+}
+
+// TestSourceWaitsForDestinationWithTheVM (soak seed 4001): host-a's vtpmd
+// dies right after the hypervisor moved its VM to host-b (its domain and
+// vTPM state left host-a), then host-b loses power. host-a's recovery
+// cannot reach host-b and must not abort (F12 would leave it a key with
+// no domain and no state): it waits, and fences nothing. Once host-b is
+// back, the transaction commits there; host-b starts the VM and the
+// tenant's secret unseals. Before the fix host-a fenced host-b, aborted,
+// and no host could start the VM.
+func TestSourceWaitsForDestinationWithTheVM(t *testing.T) {
+	ctx := context.Background()
+	f := failoverFleet(t, trusted(fleet.HostA, fleet.HostB, fleet.HostC), "manual")
+	a, b := f.InProcHost(fleet.HostA), f.InProcHost(fleet.HostB)
+	vm, err := f.CreateVM(ctx, fleet.HostA, "f12-2")
+	if err != nil {
+		t.Fatal(err)
+	}
+	secret, err := a.TenantReseal(ctx, vm)
+	if err != nil {
+		t.Fatal(err)
+	}
+	a.OnCrashPoint(migrate.CrashAt(migrate.SrcAfterHypervisor))
+	if _, err := a.Daemon().Node().Migrate(ctx, migrate.Request{VMs: []string{vm.UUID}, Dest: fleet.HostB}, nil); !errors.Is(err, migrate.ErrCrash) {
+		t.Fatalf("migration: %v, want the injected crash", err)
+	}
+	if !b.Running(ctx, vm) {
+		t.Fatal("the VM does not run on host-b after the hypervisor's migration")
+	}
+	if err := a.Kill(ctx); err != nil {
+		t.Fatal(err)
+	}
+	a.OnCrashPoint(nil)
+	if err := b.Crash(ctx); err != nil {
+		t.Fatal(err)
+	}
+	if err := b.Fake().DestroyDomain(ctx, vm.UUID); err != nil { // host-b's power loss
+		t.Fatal(err)
+	}
+	if err := a.Restart(ctx); err != nil {
+		t.Fatal(err)
+	}
+	// host-b's lease expires (TTL 2 s) and host-a's recovery runs several
+	// times meanwhile: it must neither fence nor abort.
+	end := time.Now().Add(8 * time.Second)
+	for time.Now().Before(end) {
+		if n := f.Fenced(fleet.HostB); n != 0 {
+			t.Fatalf("host-a fenced host-b (%d times), which holds the VM's domain and state", n)
+		}
+		if _, err := a.Daemon().Node().CheckStart(ctx, vm.UUID); err == nil {
+			t.Fatal("host-a may start the VM that left it")
+		}
+		time.Sleep(250 * time.Millisecond)
+	}
+	if err := b.Restart(ctx); err != nil {
+		t.Fatal(err)
+	}
+	waitFor(t, "the transaction committed to host-b", 2*time.Minute, func() bool {
+		owner, gen := ownerOf(ctx, f, vm)
+		_, err := b.Daemon().Node().CheckStart(ctx, vm.UUID)
+		return owner == fleet.HostB && gen == 2 && err == nil
+	})
+	if _, err := b.Daemon().Node().DefineSecret(ctx, vm.UUID); err != nil {
+		t.Fatal(err)
+	}
+	if err := b.Fake().StartDomain(ctx, vm.UUID); err != nil {
+		t.Fatal(err)
+	}
+	if got, err := b.TenantSecret(ctx, vm); err != nil || got != secret {
+		t.Fatalf("tenant secret on host-b: %q %v, want %q", got, err, secret)
 	}
 }
