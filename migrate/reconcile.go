@@ -102,6 +102,11 @@ func (n *Node) recoverSource(ctx context.Context, tx Tx) error {
 				t.VMs[i].Outcome, t.VMs[i].Error = OutcomeFailed, "recovered: VM runs on the source"
 			case st != nil && slices.Contains(st.Running, id):
 				t.VMs[i].Outcome, allHere = OutcomeMigrated, false
+			case gone[id] && st != nil && st.Known:
+				// Left with the hypervisor's migration (the domain is gone
+				// here) and the destination recorded the transaction: its
+				// domain and state are there; commit (see recoverSourceRegistry).
+				t.VMs[i].Outcome, allHere = OutcomeMigrated, false
 			case st != nil && !st.Known:
 				// Runs nowhere, and the destination never recorded the
 				// transaction (no Prepare reached it): the key stays here.

@@ -73,9 +73,20 @@ func TestRecoverSourceVMRunsNowhere(t *testing.T) {
 // key and starts the VM, which unseals its secret.
 func TestRecoverSourceVMMovedThenPoweredOff(t *testing.T) {
 	t.Parallel()
+	for _, reg := range []string{"none", "etcd"} {
+		t.Run(reg, func(t *testing.T) {
+			t.Parallel()
+			movedThenPoweredOff(t, reg)
+		})
+	}
+}
+
+func movedThenPoweredOff(t *testing.T, reg string) {
 	ctx := context.Background()
 	f := newFleet(t)
-	f.useRegistry("etcd")
+	if reg != "none" {
+		f.useRegistry(reg)
+	}
 	a, b := f.addHost("host-a", goodLog), f.addHost("host-b", goodLog)
 	secret := []byte("sealed before the move")
 	vm := a.sealedVM("vm1", secret)
