@@ -88,6 +88,7 @@ func runFailover(ctx context.Context, s *Schedule, st Step) string {
 			time.Sleep(500 * time.Millisecond)
 		}
 	}
+	owner0, gen0 := s.recordOf(ctx, vm.UUID, src)
 	call := s.lin.now()
 	if err := s.f.InProcHost(src).Crash(ctx); err != nil {
 		return outcome(err, "crash "+src)
@@ -103,17 +104,23 @@ func runFailover(ctx context.Context, s *Schedule, st Step) string {
 		v, err := s.f.Operator().VMs(rctx, vm.UUID)
 		cancel()
 		if err == nil && !v.Stale {
-			if r, ok := v.VMs[vm.UUID]; ok && r.Owner != src && r.Owner != "" {
+			if r, ok := v.VMs[vm.UUID]; ok && r.Owner != src && r.Owner != "" && r.Generation > gen0 {
 				owner, gen = r.Owner, r.Generation
 				break
 			}
 		}
 	}
 	if owner == "" {
-		s.lin.add(regInput{VM: vm.UUID, From: src}, regOutput{}, call, call)
+		s.lin.add(regInput{VM: vm.UUID, From: owner0}, regOutput{}, call, call)
 		return out + "; no standby promoted within 90 s"
 	}
-	s.lin.add(regInput{VM: vm.UUID, From: src, To: owner}, regOutput{Known: true}, call, s.lin.now())
+	if gen == gen0+1 {
+		s.lin.add(regInput{VM: vm.UUID, From: owner0, To: owner}, regOutput{Known: true}, call, s.lin.now())
+	} else {
+		// More than one change (an unsettled migration to src committed,
+		// then the promotion from src): the promotion's own is unknown.
+		s.lin.add(regInput{VM: vm.UUID, From: src, To: owner}, regOutput{}, call, call)
+	}
 	s.hist.Faults["failover-promoted"]++
 	return fmt.Sprintf("%s; %s promoted at generation %d (fence agent runs for %s: %d)", out, owner, gen, src, s.f.Fenced(src))
 }
@@ -196,4 +203,22 @@ func (s *Schedule) restartFenced(ctx context.Context, step int) {
 			s.down[h] = false
 		}
 	}
+}
+
+// recordOf reads vm's record (the operator's linearizable read): its owner
+// and generation; host and 0 when it cannot be read. The VM may run on a
+// host that does not own it yet (a plain migration whose key has not
+// settled): a failover moves the record from its owner, not from there.
+func (s *Schedule) recordOf(ctx context.Context, vm, host string) (string, uint64) {
+	rctx, cancel := context.WithTimeout(ctx, 5*time.Second)
+	defer cancel()
+	v, err := s.f.Operator().VMs(rctx, vm)
+	if err != nil || v.Stale {
+		return host, 0
+	}
+	r, ok := v.VMs[vm]
+	if !ok || r.Owner == "" {
+		return host, 0
+	}
+	return r.Owner, r.Generation
 }

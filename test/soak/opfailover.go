@@ -40,6 +40,7 @@ func runOpFailover(ctx context.Context, s *Schedule, st Step) string {
 	if to == "" {
 		return "skipped: no live standby had a current replica within 30 s"
 	}
+	owner0, _ := s.recordOf(ctx, vm.UUID, src)
 	call := s.lin.now()
 	if err := s.powerOff(ctx, src); err != nil {
 		return outcome(err, "power off "+src)
@@ -47,11 +48,12 @@ func runOpFailover(ctx context.Context, s *Schedule, st Step) string {
 	rep, err := s.f.InProcHost(to).Admin().Failover(ctx, adminapi.FailoverRequest{VM: vm.UUID, To: to, ConfirmFenced: []string{src}})
 	if err != nil {
 		// Refused (another standby won, stale replica) or unknown: the
-		// record may have moved from src anyway (the daemons' failover).
-		s.lin.add(regInput{VM: vm.UUID, From: src}, regOutput{}, call, call)
+		// record may have moved from its owner anyway (the daemons'
+		// failover).
+		s.lin.add(regInput{VM: vm.UUID, From: owner0}, regOutput{}, call, call)
 		return fmt.Sprintf("power off %s; failover --to %s --confirm-fenced %s: %s", src, to, src, outcome(err, to))
 	}
-	s.lin.add(regInput{VM: vm.UUID, From: src, To: to}, regOutput{Known: true}, call, s.lin.now())
+	s.lin.add(regInput{VM: vm.UUID, From: rep.From, To: to}, regOutput{Known: true}, call, s.lin.now())
 	s.hist.Faults["operator-failover-promoted"]++
 	return fmt.Sprintf("power off %s; failover --to %s --confirm-fenced %s: promoted from %s at generation %d, started %v", src, to, src, rep.From, rep.Generation, rep.Started)
 }
