@@ -251,6 +251,21 @@ func (n *Node) fenceHost(ctx context.Context, reg FailoverRegistry, req PromoteR
 	if _, err := reg.PutFence(ctx, h, n.cfg.Host); err != nil {
 		return registryError(err)
 	}
+	if by == "fence agent" {
+		// The host may have come back between the fence agent and the
+		// fence record (powered on again, a quick reboot) and started the
+		// VM then: its start rule did not see the fence yet (soak seed
+		// 4018, the VM then ran on two hosts). From the record on, it
+		// refuses; so if it is live now, fence it once more.
+		if v, err := reg.Hosts(ctx, h); err != nil {
+			return registryError(err)
+		} else if v.Hosts[h].Live {
+			if err := req.Fence(ctx, h); err != nil {
+				return fmt.Errorf("%w: %s came back before its fence record and the fence agent failed the second time: %w (rule %s)", ErrFailoverRefused, h, err, RuleFenceRequired)
+			}
+			by = "fence agent, twice (the host came back before its fence record)"
+		}
+	}
 	n.audit(ctx, AuditEvent{Event: audit.EventFenced, VM: req.VM, Peer: h, Detail: by})
 	n.log.WithFields(logrus.Fields{"vm": req.VM, "fenced": h, "by": by}).Warn("host fenced for a failover")
 	return nil

@@ -49,7 +49,14 @@ func (f *Fleet) Fence(ctx context.Context, host string) error {
 		}
 	}
 	if h.Up() {
-		return h.kill(ctx)
+		if err := h.kill(ctx); err != nil {
+			return err
+		}
+	}
+	if after := f.AfterFence; after != nil {
+		h.life.Unlock()
+		defer h.life.Lock()
+		after(ctx, host)
 	}
 	return nil
 }

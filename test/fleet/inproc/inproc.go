@@ -114,6 +114,9 @@ type Fleet struct {
 	Enrolments map[string]operator.EnrollReport
 
 	fenced fences // the fence agent's runs (failover.go)
+	// AfterFence, when set, runs at the end of each Fence (tests: a host
+	// that comes back between the fence agent and the fence record).
+	AfterFence func(ctx context.Context, host string)
 }
 
 var _ fleet.Fleet = (*Fleet)(nil)
