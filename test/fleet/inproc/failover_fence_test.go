@@ -205,9 +205,18 @@ func TestFailoverFencesAllOrNone(t *testing.T) {
 	}
 	// The intent host-a's migration to host-b had written (host-a's
 	// vtpmd is gone, so nothing aborts it).
-	if _, err := f.Operator().Begin(ctx, registry.Batch{TxID: "0123456789abcdef0123456789abcdef", From: fleet.HostA, To: fleet.HostB,
-		VMs: []registry.VMGen{{ID: vm.UUID, Generation: 1}}}); err != nil {
-		t.Fatal(err)
+	// The operator's client may reach host-a's member while it stops (a
+	// crash hard-stops it: "server stopped"); an operator retries.
+	batch := registry.Batch{TxID: "0123456789abcdef0123456789abcdef", From: fleet.HostA, To: fleet.HostB,
+		VMs: []registry.VMGen{{ID: vm.UUID, Generation: 1}}}
+	var berr error
+	for end := time.Now().Add(30 * time.Second); time.Now().Before(end); time.Sleep(200 * time.Millisecond) {
+		if _, berr = f.Operator().Begin(ctx, batch); !errors.Is(berr, registry.ErrNoQuorum) {
+			break
+		}
+	}
+	if berr != nil {
+		t.Fatal(berr)
 	}
 	waitNotLive(t, f, fleet.HostA)
 	waitFor(t, "host-c tried and refused the failover", time.Minute, func() bool {
