@@ -133,7 +133,7 @@ func (s *Schedule) finish(ctx context.Context) {
 			if err == nil {
 				owners[vm.UUID] = owner
 			} else {
-				last[vm.Name] = err.Error() + "\n" + report
+				last[vm.Name] = err.Error() + "\n" + report + s.registryLine(ctx, vm)
 			}
 		}
 		if len(last) == 0 || time.Now().After(deadline) {
@@ -175,4 +175,24 @@ func (s *Schedule) finish(ctx context.Context) {
 	}
 	s.checkStep(ctx, step)
 	s.checkLinearizable(step)
+}
+
+// registryLine is the registry's record of vm, for a violation's report
+// (soak seed 5003's report showed the hosts but not the record).
+func (s *Schedule) registryLine(ctx context.Context, vm soakVM) string {
+	rctx, cancel := context.WithTimeout(ctx, 10*time.Second)
+	defer cancel()
+	v, err := s.f.Operator().VMs(rctx, vm.UUID)
+	if err != nil {
+		return fmt.Sprintf("registry: %v\n", err)
+	}
+	r, ok := v.VMs[vm.UUID]
+	if !ok {
+		return "registry: no record\n"
+	}
+	tx := ""
+	if r.Tx != nil {
+		tx = r.Tx.ID + " to " + r.Tx.To
+	}
+	return fmt.Sprintf("registry: owner=%s generation=%d tx=%q\n", r.Owner, r.Generation, tx)
 }

@@ -167,21 +167,35 @@ func (s *Schedule) haStart(ctx context.Context, step int, vm soakVM) {
 	rctx, cancel := context.WithTimeout(ctx, 30*time.Second)
 	defer cancel()
 	v, err := s.f.Operator().VMs(rctx, vm.UUID)
-	if err != nil {
-		return
-	}
 	r, ok := v.VMs[vm.UUID]
-	if !ok || r.Owner == "" || s.down[r.Owner] || r.Tx != nil {
+	var skip string
+	switch {
+	case err != nil:
+		skip = "the registry: " + err.Error()
+	case !ok || r.Owner == "":
+		skip = "the registry has no owner"
+	case s.down[r.Owner]:
+		skip = "its owner " + r.Owner + " is down"
+	case r.Tx != nil:
+		skip = fmt.Sprintf("the registry shows %s at generation %d with migration %s to %s open", r.Owner, r.Generation, r.Tx.ID, r.Tx.To)
+	}
+	if s.haTried == nil {
+		s.haTried = map[string]string{}
+	}
+	if skip != "" {
+		// Each distinct reason once (soak seed 5003: a VM the HA start
+		// never tried left no trace of why).
+		if s.haTried[vm.UUID] != "skip: "+skip {
+			s.hist.add(step, "ha-start", vm.Name, "skipped: "+skip)
+		}
+		s.haTried[vm.UUID] = "skip: " + skip
 		return
 	}
 	err = s.f.InProcHost(r.Owner).Fake().StartDomain(rctx, vm.UUID)
-	if s.haTried == nil {
-		s.haTried = map[string]bool{}
-	}
-	if err == nil || !s.haTried[vm.UUID] { // the first refusal and the start; retried every 2 s
+	if err == nil || s.haTried[vm.UUID] != "tried" { // the first refusal and the start; retried every 2 s
 		s.hist.add(step, "ha-start", vm.Name+" on "+r.Owner, outcome(err, r.Owner))
 	}
-	s.haTried[vm.UUID] = true
+	s.haTried[vm.UUID] = "tried"
 }
 
 // restartFenced, in failover schedules at the end, restarts a vtpmd the

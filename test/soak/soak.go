@@ -96,7 +96,7 @@ type Schedule struct {
 	hist   *History
 	// regOwner is each VM's owner at the registry's last read.
 	regOwner map[string]string
-	haTried  map[string]bool // VMs haStart tried to start
+	haTried  map[string]string // per VM, what haStart last did: "tried", or "skip: " and why
 	// lost are the hosts that lost their TPM (restore op) and are not
 	// back on a new one: Restart cannot bring them back.
 	lost       map[string]*lostHost
