@@ -102,6 +102,13 @@ func (n *Node) recoverSource(ctx context.Context, tx Tx) error {
 				t.VMs[i].Outcome, t.VMs[i].Error = OutcomeFailed, "recovered: VM runs on the source"
 			case st != nil && slices.Contains(st.Running, id):
 				t.VMs[i].Outcome, allHere = OutcomeMigrated, false
+			case t.State == SrcBegun:
+				// The release never finished (release.go: SrcPrepared is
+				// persisted before the hypervisor may move the VM), so the
+				// VM never left with this transaction; the destination
+				// holds at most a PENDING key, which never starts (soak
+				// seed 5003).
+				t.VMs[i].Outcome, t.VMs[i].Error = OutcomeFailed, "recovered: the key was never released (src-begun); the VM never left"
 			case gone[id] && st != nil && st.Known:
 				// Left with the hypervisor's migration (the domain is gone
 				// here) and the destination recorded the transaction: its

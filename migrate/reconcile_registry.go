@@ -133,6 +133,19 @@ func (n *Node) recoverSourceRegistry(ctx context.Context, tx Tx, peer Peer, st *
 			case regClosed:
 				commitNoTx = append(commitNoTx, vm)
 			}
+		case tx.State == SrcBegun:
+			// The release never finished: SrcPrepared is persisted before
+			// the hypervisor may move the VM (release.go; a pull answers
+			// the destination's hook only after it), so the VM never left
+			// with this transaction, whatever the destination recorded.
+			// Its PENDING key never starts, and it drops it once the
+			// source says aborted. Abort, even when the domain is gone or
+			// the destination cannot be asked (soak seed 5003: each side
+			// waited for the other for ever).
+			outcome[id] = OutcomeFailed
+			if s == regOpen {
+				abort = append(abort, vm)
+			}
 		case gone[id] && (s == regOpen || s == regClosed) && peerErr == nil && st.Known:
 			// The VM left with the hypervisor's migration (a persistent
 			// source domain is undefined only when its migration

@@ -16,10 +16,14 @@ import (
 // recorded the transaction: it aborts (the registry's transaction too),
 // keeps the key, and the owner may start the VM again. Before the fix the
 // transaction stayed unresolved for ever and no host could start the VM.
+// At src/after-prepare (soak seed 5003) the destination recorded the
+// transaction and holds the key PENDING, but the source never released it
+// (src-begun): the source aborts too. Before that fix the source waited
+// for the destination and the destination for the source.
 func TestRecoverSourceVMRunsNowhere(t *testing.T) {
 	t.Parallel()
 	for _, reg := range []string{"none", "etcd"} {
-		for _, p := range []migrate.CrashPoint{migrate.SrcAfterBegin, migrate.SrcAfterRegBegin, migrate.SrcAfterAttest} {
+		for _, p := range []migrate.CrashPoint{migrate.SrcAfterBegin, migrate.SrcAfterRegBegin, migrate.SrcAfterAttest, migrate.SrcAfterPrepare} {
 			if p.RegistryOnly() && reg == "none" {
 				continue
 			}

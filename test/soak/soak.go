@@ -27,7 +27,9 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"io"
 	"math/rand/v2"
+	"os"
 	"path/filepath"
 	"slices"
 	"sort"
@@ -35,6 +37,7 @@ import (
 	"sync"
 	"time"
 
+	"github.com/sirupsen/logrus"
 	"github.com/vtpmm/vtpmm/cmd/vtpmd/daemon"
 	"github.com/vtpmm/vtpmm/hypervisor"
 	"github.com/vtpmm/vtpmm/internal/adminapi"
@@ -67,6 +70,10 @@ type Config struct {
 	First []string
 	// Log, when set, receives the history as it is written.
 	Log func(string)
+	// DaemonLogs, when set, is a directory where each host's vtpmd logs
+	// (JSON, appended across restarts) go, one file per seed and host:
+	// what a violation's history does not say.
+	DaemonLogs string
 	// Mutate, when set, breaks the fleet after its set-up (tests that
 	// prove a check can fail).
 	Mutate func(ctx context.Context, f *inproc.Fleet, vms []fleet.VM) error
@@ -239,8 +246,12 @@ func (s *Schedule) start(ctx context.Context) error {
 			c.Registry.Endpoints[i] = "https://" + l.Addr()
 		}
 	}
-	f, err := inproc.New(ctx, inproc.Config{Hosts: specs, HookMode: true, Registry: s.cfg.Registry, Configure: configure,
-		EvacuationSettle: 10 * time.Second, RegistryTTL: 5 * time.Second, FenceAgent: s.cfg.Failover})
+	icfg := inproc.Config{Hosts: specs, HookMode: true, Registry: s.cfg.Registry, Configure: configure,
+		EvacuationSettle: 10 * time.Second, RegistryTTL: 5 * time.Second, FenceAgent: s.cfg.Failover}
+	if s.cfg.DaemonLogs != "" {
+		icfg.Log = s.daemonLog
+	}
+	f, err := inproc.New(ctx, icfg)
 	if err == nil && cerr != nil {
 		_ = f.Close(ctx)
 		err = cerr
@@ -369,4 +380,20 @@ func (s *Schedule) runningOn(ctx context.Context, vm fleet.VM) string {
 		return ""
 	}
 	return on[0]
+}
+
+// daemonLog is a host's vtpmd logger when Config.DaemonLogs is set. The
+// file stays open for the process's life (a test binary's).
+func (s *Schedule) daemonLog(host string) logrus.FieldLogger {
+	l := logrus.New()
+	l.SetFormatter(&logrus.JSONFormatter{})
+	l.SetLevel(logrus.DebugLevel)
+	path := filepath.Join(s.cfg.DaemonLogs, fmt.Sprintf("seed-%d-%s.log", s.cfg.Seed, host))
+	f, err := os.OpenFile(path, os.O_CREATE|os.O_WRONLY|os.O_APPEND, 0o600)
+	if err != nil {
+		l.SetOutput(io.Discard)
+		return l
+	}
+	l.SetOutput(f)
+	return l.WithField("host", host)
 }

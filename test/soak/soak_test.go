@@ -84,6 +84,7 @@ func TestSoak(t *testing.T) {
 		if verbose {
 			cfg.Log = func(s string) { t.Log(s) }
 		}
+		cfg.DaemonLogs = os.Getenv("SOAK_DAEMON_LOGS")
 		ctx, cancel := context.WithTimeout(context.Background(), 20*time.Minute)
 		h, err := soak.Run(ctx, cfg)
 		if errors.Is(err, soak.ErrSetup) {
