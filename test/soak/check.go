@@ -43,8 +43,8 @@ func (s *Schedule) admissions(ctx context.Context, vm fleet.VM) []admission {
 }
 
 // checkStep checks the invariants that hold at every moment: at most one
-// host admits each VM's start, and no host admits a generation below one
-// admitted before (anywhere).
+// host admits each VM's start, no host admits a generation below one
+// admitted before (anywhere), and each VM runs on at most one host.
 func (s *Schedule) checkStep(ctx context.Context, step int) {
 	for _, vm := range s.vms {
 		var ok []string
@@ -60,6 +60,19 @@ func (s *Schedule) checkStep(ctx context.Context, step int) {
 		}
 		if len(ok) > 1 {
 			s.violate(step, "two-starters", fmt.Sprintf("%s: %d hosts admit its start: %s", vm.Name, len(ok), strings.Join(ok, ", ")))
+		}
+		// The start rule can be right at every instant and the VM still
+		// run twice (soak seed 4018: a host came back between its fence
+		// agent and its fence record and started the VM): count the
+		// running domains too, on every host, up or down.
+		var running []string
+		for _, h := range Hosts {
+			if s.f.InProcHost(h).Running(ctx, vm.VM) {
+				running = append(running, h)
+			}
+		}
+		if len(running) > 1 {
+			s.violate(step, "two-running", fmt.Sprintf("%s runs on %d hosts: %s", vm.Name, len(running), strings.Join(running, ", ")))
 		}
 	}
 	s.readRegistry(ctx)

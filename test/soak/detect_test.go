@@ -6,12 +6,14 @@ import (
 	"testing"
 	"time"
 
+	"github.com/vtpmm/vtpmm/hypervisor"
 	"github.com/vtpmm/vtpmm/internal/guestseal"
 	"github.com/vtpmm/vtpmm/migrate/registry"
 	"github.com/vtpmm/vtpmm/test/fleet"
 	"github.com/vtpmm/vtpmm/test/fleet/inproc"
 	"github.com/vtpmm/vtpmm/test/soak"
 	"github.com/vtpmm/vtpmm/vtpm"
+	"github.com/vtpmm/vtpmm/vtpm/swtpm"
 )
 
 // TestSoakDetects proves the end checks can fail, as the model's
@@ -47,6 +49,27 @@ func TestSoakDetects(t *testing.T) {
 			rec := view.VMs[vms[1].UUID]
 			_, err = f.Operator().Bump(ctx, registry.Bump{VM: rec.ID, Expect: &rec, Owner: fleet.HostB, Generation: rec.Generation + 1})
 			return err
+		}},
+		// Someone starts vm-1 on host-b behind vtpmm's back (its start
+		// hook bypassed, on a vTPM of its own): the VM runs on two hosts
+		// while every start rule is right (seed 4018's shape).
+		{"VM started twice", "two-running", func(ctx context.Context, f *inproc.Fleet, vms []fleet.VM) error {
+			b := f.InProcHost(fleet.HostB).Fake()
+			pass := []byte("a rogue vTPM's passphrase, 32 b")
+			state := t.TempDir()
+			if err := swtpm.Setup(ctx, swtpm.SetupConfig{StateDir: state, VMID: vms[0].UUID, VMName: vms[0].Name, Passphrase: pass}); err != nil {
+				return err
+			}
+			if err := b.DefineSecret(ctx, vms[0].UUID, pass); err != nil {
+				return err
+			}
+			if err := b.DefineVTPMDomain(ctx, hypervisor.Domain{UUID: vms[0].UUID, Name: vms[0].Name}, state); err != nil {
+				return err
+			}
+			hook := b.PrepareBegin
+			b.PrepareBegin = nil
+			defer func() { b.PrepareBegin = hook }()
+			return b.StartDomain(ctx, vms[0].UUID)
 		}},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
