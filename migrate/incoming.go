@@ -101,7 +101,11 @@ func (n *Node) confirmIncoming(ctx context.Context, tx Tx, vms []string) error {
 // confirmPull answers a confirmation (PullRequest.Tx) on the source: each
 // VM is held by the open transaction req.Tx with req.Dest, prepared, and
 // this host's hypervisor migrates it away (to req.Dest where it names the
-// destination). Nothing is released or changed.
+// destination). Nothing is released. Before it answers, it marks the
+// transaction Confirmed in the ledger: from then on the destination may
+// run the VMs on their PENDING keys (AdmitIncoming asks this), so this
+// host's recovery never aborts it on the destination's word that the VMs
+// do not run there (they may have, and died with newer state).
 func (n *Node) confirmPull(ctx context.Context, req *PullRequest) (*PullResponse, error) {
 	for _, id := range req.VMs {
 		txID, err := n.cfg.Ledger.Holder(id)
@@ -125,6 +129,15 @@ func (n *Node) confirmPull(ctx context.Context, req *PullRequest) (*PullResponse
 		if job.Dest != "" && job.Dest != req.Dest {
 			return nil, fmt.Errorf("confirm %s for %s: %w: the hypervisor on %s migrates it to %s", id, req.Dest, ErrNotMigrating, n.cfg.Host, job.Dest)
 		}
+	}
+	if _, err := n.cfg.Ledger.Update(req.Tx, func(t *Tx) error {
+		if t.State != SrcPrepared {
+			return fmt.Errorf("%w: transaction %s is %s", ErrNotMigrating, t.ID, t.State)
+		}
+		t.Confirmed = true
+		return nil
+	}); err != nil {
+		return nil, fmt.Errorf("confirm %s for %s: %w", req.Tx, req.Dest, err)
 	}
 	return &PullResponse{TxID: req.Tx, Owner: n.cfg.Host, VMs: req.VMs}, nil
 }

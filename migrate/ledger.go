@@ -62,6 +62,11 @@ type Tx struct {
 	// transaction alone while the hypervisor migrates them or until Lease.
 	Pulled bool      `json:"pulled,omitempty"`
 	Lease  time.Time `json:"lease,omitzero"`
+	// Confirmed marks a source transaction whose migration this host
+	// confirmed to the destination (confirmPull), which may then have run
+	// the VMs on their PENDING keys. Recovery aborts a src-prepared
+	// transaction whose VMs run nowhere only if it is not confirmed.
+	Confirmed bool `json:"confirmed,omitempty"`
 	// Restore marks a destination transaction that restores keys from
 	// escrow bundles (migrate/restore.go): the operator's registry
 	// transaction, not the relaying peer, decides its outcome.

@@ -72,8 +72,10 @@ func TestHookModePlainMigration(t *testing.T) {
 	if err := a.hyp.Migrate(ctx, vm, b.hyp.Target()); err != nil {
 		t.Fatalf("plain migration with the hook: %v", err)
 	}
-	// Before settling, the source's transaction is open and leased.
-	if open, _ := a.ledger.OpenTxs(); len(open) != 1 || !open[0].Pulled || open[0].State != migrate.SrcPrepared {
+	// Before settling, the source's transaction is open and leased, and
+	// confirmed: the destination's start gate asked the source before it
+	// ran the VM on its PENDING key.
+	if open, _ := a.ledger.OpenTxs(); len(open) != 1 || !open[0].Pulled || open[0].State != migrate.SrcPrepared || !open[0].Confirmed {
 		t.Fatalf("source ledger after the hypervisor's migration: %+v", open)
 	}
 	a.settleMoved(ctx, vm, b, secret)

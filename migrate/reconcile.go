@@ -118,6 +118,8 @@ func (n *Node) recoverSource(ctx context.Context, tx Tx) error {
 				// Runs nowhere, and the destination never recorded the
 				// transaction (no Prepare reached it): the key stays here.
 				t.VMs[i].Outcome, t.VMs[i].Error = OutcomeFailed, "recovered: VM runs nowhere; the destination never recorded the transaction"
+			case neverConfirmed(*t, gone[id], st, peerErr):
+				t.VMs[i].Outcome, t.VMs[i].Error = OutcomeFailed, "recovered: VM runs nowhere; this host never confirmed its migration, so it never ran on the destination"
 			default:
 				allHere = false
 				return fmt.Errorf("%w: VM %s runs neither here nor (as far as %s says) there: %v", ErrUnresolved, id, t.Peer, peerErr)
@@ -223,4 +225,18 @@ func (n *Node) Recover(ctx context.Context, txID string) (Tx, error) {
 		return tx, errors.Join(err, gerr)
 	}
 	return cur, err
+}
+
+// neverConfirmed reports whether a source transaction's VM, which runs
+// neither here nor on the destination (asked: peerErr nil) and whose
+// domain is still defined here, never ran on the destination: the
+// transaction is src-prepared and this host never confirmed its migration
+// (Tx.Confirmed), which the destination's start gate requires before it
+// admits the VM on its PENDING key (AdmitIncoming). The source crashed or
+// lost power after the release and before the hypervisor's migration
+// reached the destination: abort (the key stays here). Before, both sides
+// waited for each other for ever (TestRecoverSourceVMRunsNowhere at
+// src/after-prepared).
+func neverConfirmed(tx Tx, gone bool, st *StatusResponse, peerErr error) bool {
+	return tx.State == SrcPrepared && !tx.Confirmed && !gone && peerErr == nil && st != nil && st.Known
 }

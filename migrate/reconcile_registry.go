@@ -180,6 +180,14 @@ func (n *Node) recoverSourceRegistry(ctx context.Context, tx Tx, peer Peer, st *
 			if s == regOpen {
 				abort = append(abort, vm)
 			}
+		case neverConfirmed(tx, gone[id], st, peerErr):
+			// Released, but this host never confirmed the migration to
+			// the destination, whose start gate requires that before it
+			// runs the VM on its PENDING key: the VM never ran there.
+			outcome[id] = OutcomeFailed
+			if s == regOpen {
+				abort = append(abort, vm)
+			}
 		default:
 			errs = append(errs, fmt.Errorf("%w: VM %s runs neither here nor (as far as %s says) there: %v", ErrUnresolved, id, tx.Peer, peerErr))
 		}

@@ -18,12 +18,14 @@ import (
 // transaction stayed unresolved for ever and no host could start the VM.
 // At src/after-prepare (soak seed 5003) the destination recorded the
 // transaction and holds the key PENDING, but the source never released it
-// (src-begun): the source aborts too. Before that fix the source waited
-// for the destination and the destination for the source.
+// (src-begun): the source aborts too. At src/after-prepared it released
+// the key but never confirmed the migration to the destination's start
+// gate, so the VM never ran there: it aborts too. Before those fixes the
+// source waited for the destination and the destination for the source.
 func TestRecoverSourceVMRunsNowhere(t *testing.T) {
 	t.Parallel()
 	for _, reg := range []string{"none", "etcd"} {
-		for _, p := range []migrate.CrashPoint{migrate.SrcAfterBegin, migrate.SrcAfterRegBegin, migrate.SrcAfterAttest, migrate.SrcAfterPrepare} {
+		for _, p := range []migrate.CrashPoint{migrate.SrcAfterBegin, migrate.SrcAfterRegBegin, migrate.SrcAfterAttest, migrate.SrcAfterPrepare, migrate.SrcAfterPrepared} {
 			if p.RegistryOnly() && reg == "none" {
 				continue
 			}
@@ -120,5 +122,52 @@ func movedThenPoweredOff(t *testing.T, reg string) {
 	f.checkSingleOwner(vm, "host-b")
 	if got := b.guestUnseal(vm); string(got) != string(secret) {
 		t.Fatalf("unsealed %q", got)
+	}
+}
+
+// TestRecoverSourceConfirmedWaits is the other side of the src-prepared
+// rule above: once the source confirmed the migration to the destination
+// (its start gate may have run the VM on the PENDING key), a VM that runs
+// nowhere may have died there with newer vTPM state. The source does not
+// abort on the destination's word that it does not run there: it waits,
+// and the owner may not start the VM from its older copy.
+func TestRecoverSourceConfirmedWaits(t *testing.T) {
+	t.Parallel()
+	for _, reg := range []string{"none", "etcd"} {
+		t.Run(reg, func(t *testing.T) {
+			t.Parallel()
+			ctx := context.Background()
+			f := newFleet(t)
+			if reg != "none" {
+				f.useRegistry(reg)
+			}
+			a, b := f.addHost("host-a", goodLog), f.addHost("host-b", goodLog)
+			vm := a.sealedVM("vm1", []byte("sealed before the move"))
+			a.migrateCrashing(ctx, vm, "host-b", migrate.SrcAfterPrepared)
+			txID, err := a.ledger.Holder(vm)
+			if err != nil {
+				t.Fatal(err)
+			}
+			// What confirmPull records before it answers the destination.
+			if _, err := a.ledger.Update(txID, func(tx *migrate.Tx) error { tx.Confirmed = true; return nil }); err != nil {
+				t.Fatal(err)
+			}
+			if err := a.hyp.DestroyDomain(ctx, vm); err != nil { // the power-off
+				t.Fatal(err)
+			}
+			a.restart()
+			for round := 0; round < 3; round++ {
+				err = errors.Join(a.node.Reconcile(ctx), b.node.Reconcile(ctx))
+			}
+			if !errors.Is(err, migrate.ErrUnresolved) {
+				t.Fatalf("recovery of a confirmed transaction whose VM runs nowhere: %v, want it to wait (ErrUnresolved)", err)
+			}
+			if tx, err := a.ledger.Get(txID); err != nil || tx.State.Final() {
+				t.Fatalf("the source closed the confirmed transaction: %+v, %v", tx, err)
+			}
+			if _, err := a.node.CheckStart(ctx, vm); !errors.Is(err, migrate.ErrNotOwner) {
+				t.Fatalf("the source may start its older copy: %v", err)
+			}
+		})
 	}
 }
