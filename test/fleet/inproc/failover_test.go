@@ -246,33 +246,48 @@ func TestFailoverRace(t *testing.T) {
 	if err := f.Fence(ctx, fleet.HostA); err != nil { // the operator powers host-a off
 		t.Fatal(err)
 	}
-	errs := make(chan error, 2)
-	reps := make(chan adminapi.FailoverReport, 2)
+	type result struct {
+		host string
+		rep  adminapi.FailoverReport
+		err  error
+	}
+	results := make(chan result, 2)
 	for _, h := range []*inproc.Host{b, c} {
 		go func() {
 			rep, err := h.Admin().Failover(ctx, adminapi.FailoverRequest{VM: vm.UUID, To: h.Name(), ConfirmFenced: []string{fleet.HostA}})
-			if err == nil {
-				reps <- rep
-			}
-			errs <- err
+			results <- result{h.Name(), rep, err}
 		}()
 	}
-	var wins int
+	// The registry says who won. The winner's own call may still fail
+	// after its promotion: host-a's member was hard-stopped, and under load
+	// the election can outlast the winner's 2 s lease, so it self-fences
+	// the secret's define and leaves the start to its failover loop
+	// (TestFailoverStartRetried; CI run of 76134bd).
+	byHost := map[string]result{}
 	for range 2 {
-		if err := <-errs; err == nil {
-			wins++
-		} else {
-			t.Logf("loser: %v", err)
+		r := <-results
+		byHost[r.host] = r
+	}
+	owner, gen := ownerOf(ctx, f, vm)
+	if gen != 2 || (owner != fleet.HostB && owner != fleet.HostC) {
+		t.Fatalf("after the race the registry shows %s at generation %d; want host-b or host-c at 2 (b: %v; c: %v)", owner, gen, byHost[fleet.HostB].err, byHost[fleet.HostC].err)
+	}
+	for h, r := range byHost {
+		switch {
+		case h != owner && r.err == nil:
+			t.Fatalf("%s's failover succeeded too, but the registry shows %s the owner: %+v", h, owner, r.rep)
+		case h != owner:
+			t.Logf("loser %s: %v", h, r.err)
+		case r.err != nil:
+			t.Logf("winner %s promoted; its start is left to the failover loop: %v", h, r.err)
+		case r.rep.Generation != 2 || !r.rep.Started:
+			t.Fatalf("winner %s's report: %+v", h, r.rep)
+		default:
+			t.Logf("%s won the race: fence %v, promote %v, start %v", h, r.rep.Fence, r.rep.Promote, r.rep.Start)
 		}
 	}
-	if wins != 1 {
-		t.Fatalf("%d standbys promoted, want exactly 1", wins)
-	}
-	rep := <-reps
-	owner, gen := ownerOf(ctx, f, vm)
-	if owner != rep.Host || gen != 2 || rep.Generation != 2 || !rep.Started {
-		t.Fatalf("registry %s/%d, report %+v", owner, gen, rep)
-	}
+	winner := f.InProcHost(owner)
+	waitFor(t, "the VM runs on the winner", time.Minute, func() bool { return winner.Running(ctx, vm) })
 	running := 0
 	for _, h := range []*inproc.Host{a, b, c} {
 		if h.Running(ctx, vm) {
@@ -282,7 +297,6 @@ func TestFailoverRace(t *testing.T) {
 	if running != 1 {
 		t.Fatalf("the VM runs on %d hosts", running)
 	}
-	t.Logf("%s won the race: fence %v, promote %v, start %v", rep.Host, rep.Fence, rep.Promote, rep.Start)
 }
 
 // TestFailoverNoQuorum: the owner and a second registry member die: the
