@@ -16,6 +16,9 @@ var (
 	// ErrBusy means the domain is busy with another job, e.g. a migration
 	// (libvirt: "domain is already being migrated").
 	ErrBusy = errors.New("domain is busy with another job")
+	// ErrPowerCycled means the host lost power (PowerCycle) while the
+	// operation ran: a start in flight does not survive it.
+	ErrPowerCycled = errors.New("the host lost power during the operation")
 	// ErrClosed means the host or network was closed.
 	ErrClosed = errors.New("fake hypervisor closed")
 )

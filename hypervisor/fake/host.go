@@ -58,6 +58,7 @@ type Host struct {
 	net  *Network
 
 	mu      sync.Mutex
+	epoch   uint64 // PowerCycle's count: a start begun before one fails
 	secrets map[string][]byte
 	domains map[string]*domain
 	stats   Stats
@@ -279,6 +280,7 @@ func (h *Host) release(d *domain) {
 func (h *Host) StartDomain(ctx context.Context, vmUUID string) error {
 	op := fmt.Sprintf("start domain %s on %s", vmUUID, h.name)
 	h.mu.Lock()
+	epoch := h.epoch
 	d, err := h.claimLocked(vmUUID, jobStart)
 	if err == nil && d.proc != nil {
 		d.job, err = jobNone, ErrDomainActive
@@ -310,6 +312,14 @@ func (h *Host) StartDomain(ctx context.Context, vmUUID string) error {
 		return fmt.Errorf("%s: %w", op, classifyStart(err))
 	}
 	h.mu.Lock()
+	if h.epoch != epoch {
+		// The host lost power while the VM was starting: it is not
+		// running after the boot.
+		h.mu.Unlock()
+		clear(pass)
+		_ = proc.Stop(ctx)
+		return fmt.Errorf("%s: %w", op, ErrPowerCycled)
+	}
 	d.proc, d.pass = proc, pass
 	h.mu.Unlock()
 	h.log.WithField("vm", vmUUID).Info("domain started")

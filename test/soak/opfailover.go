@@ -5,7 +5,6 @@ import (
 	"fmt"
 	"time"
 
-	"github.com/vtpmm/vtpmm/hypervisor"
 	"github.com/vtpmm/vtpmm/internal/adminapi"
 )
 
@@ -63,16 +62,8 @@ func runOpFailover(ctx context.Context, s *Schedule, st Step) string {
 // without counting a fence agent's run).
 func (s *Schedule) powerOff(ctx context.Context, host string) error {
 	h := s.f.InProcHost(host)
-	doms, err := h.Fake().Domains(ctx)
-	if err != nil {
+	if err := h.Fake().PowerCycle(ctx); err != nil {
 		return err
-	}
-	for _, d := range doms {
-		if d.State == hypervisor.StateRunning {
-			if err := h.Fake().DestroyDomain(ctx, d.UUID); err != nil {
-				return err
-			}
-		}
 	}
 	s.down[host] = true
 	return h.Kill(ctx)

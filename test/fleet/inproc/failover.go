@@ -40,13 +40,10 @@ func (f *Fleet) Fence(ctx context.Context, host string) error {
 	f.fenced.mu.Unlock()
 	h.life.Lock()
 	defer h.life.Unlock()
-	doms, _ := h.hyp.Domains(ctx)
-	for _, d := range doms {
-		if d.State == hypervisor.StateRunning {
-			if err := h.hyp.DestroyDomain(ctx, d.UUID); err != nil {
-				return fmt.Errorf("inproc: fence %s: %w", host, err)
-			}
-		}
+	// A fence agent power-cycles the host: its VMs stop, and libvirt
+	// forgets the VMs' (ephemeral) secrets (make soak seed 7020).
+	if err := h.hyp.PowerCycle(ctx); err != nil {
+		return fmt.Errorf("inproc: fence %s: %w", host, err)
 	}
 	if h.Up() {
 		if err := h.kill(ctx); err != nil {

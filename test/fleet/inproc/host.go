@@ -244,12 +244,7 @@ func (h *Host) LoseTPM(ctx context.Context) error {
 	if err := h.waitStopped(ctx); err != nil {
 		return err
 	}
-	doms, _ := h.hyp.Domains(ctx)
-	for _, d := range doms {
-		if d.State == hypervisor.StateRunning {
-			_ = h.hyp.DestroyDomain(ctx, d.UUID)
-		}
-	}
+	_ = h.hyp.PowerCycle(ctx) // the host goes down with its TPM
 	if err := h.emu.Stop(ctx); err != nil {
 		return err
 	}
