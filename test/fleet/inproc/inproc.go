@@ -23,6 +23,7 @@ import (
 	"sort"
 	"sync"
 	"sync/atomic"
+	"syscall"
 	"time"
 
 	"github.com/google/go-tpm/tpm2/transport"
@@ -150,7 +151,29 @@ var _ fleet.Host = (*Host)(nil)
 // socket paths stay short): the agents' PKI, the golden policy, every
 // host's TPM (booted), vtpmd init, its daemon, and the enrolments. Close
 // stops everything.
-func New(ctx context.Context, cfg Config) (_ *Fleet, err error) {
+//
+// A start that lost a member's port to another process between its pick
+// and etcd's bind (registrytest.FreeAddr; "bind: address already in use",
+// a CI run of 550ea90 with other fleets on the machine) is retried from
+// scratch on fresh ports, at most startAttempts times in all.
+func New(ctx context.Context, cfg Config) (*Fleet, error) {
+	for attempt := 1; ; attempt++ {
+		f, err := newFleet(ctx, cfg)
+		if err == nil || attempt == startAttempts || !portTaken(err) {
+			return f, err
+		}
+	}
+}
+
+// startAttempts bounds New's retries of a start whose port was taken.
+const startAttempts = 3
+
+// portTaken reports whether err is a listener's bind refused because the
+// address is in use.
+func portTaken(err error) bool { return errors.Is(err, syscall.EADDRINUSE) }
+
+// newFleet is one attempt of New.
+func newFleet(ctx context.Context, cfg Config) (_ *Fleet, err error) {
 	if cfg.Hosts == nil {
 		cfg.Hosts = []HostSpec{{Name: fleet.HostA}, {Name: fleet.HostB}, {Name: fleet.HostC, Tampered: true}}
 	}
