@@ -107,6 +107,7 @@ func (n *Node) confirmIncoming(ctx context.Context, tx Tx, vms []string) error {
 // host's recovery never aborts it on the destination's word that the VMs
 // do not run there (they may have, and died with newer state).
 func (n *Node) confirmPull(ctx context.Context, req *PullRequest) (*PullResponse, error) {
+	confirmed := false // the ledger already says so: no second write
 	for _, id := range req.VMs {
 		txID, err := n.cfg.Ledger.Holder(id)
 		if err != nil || txID != req.Tx {
@@ -119,6 +120,7 @@ func (n *Node) confirmPull(ctx context.Context, req *PullRequest) (*PullResponse
 		if tx.Role != RoleSource || tx.Peer != req.Dest || tx.State != SrcPrepared {
 			return nil, fmt.Errorf("confirm %s for %s: %w: transaction %s is %s %s with %s", id, req.Dest, ErrNotMigrating, txID, tx.Role, tx.State, tx.Peer)
 		}
+		confirmed = tx.Confirmed
 		job, err := n.outgoingJob(ctx, id)
 		if err != nil {
 			return nil, fmt.Errorf("confirm %s: %w", id, err)
@@ -130,14 +132,16 @@ func (n *Node) confirmPull(ctx context.Context, req *PullRequest) (*PullResponse
 			return nil, fmt.Errorf("confirm %s for %s: %w: the hypervisor on %s migrates it to %s", id, req.Dest, ErrNotMigrating, n.cfg.Host, job.Dest)
 		}
 	}
-	if _, err := n.cfg.Ledger.Update(req.Tx, func(t *Tx) error {
-		if t.State != SrcPrepared {
-			return fmt.Errorf("%w: transaction %s is %s", ErrNotMigrating, t.ID, t.State)
+	if !confirmed {
+		if _, err := n.cfg.Ledger.Update(req.Tx, func(t *Tx) error {
+			if t.State != SrcPrepared {
+				return fmt.Errorf("%w: transaction %s is %s", ErrNotMigrating, t.ID, t.State)
+			}
+			t.Confirmed = true
+			return nil
+		}); err != nil {
+			return nil, fmt.Errorf("confirm %s for %s: %w", req.Tx, req.Dest, err)
 		}
-		t.Confirmed = true
-		return nil
-	}); err != nil {
-		return nil, fmt.Errorf("confirm %s for %s: %w", req.Tx, req.Dest, err)
 	}
 	return &PullResponse{TxID: req.Tx, Owner: n.cfg.Host, VMs: req.VMs}, nil
 }

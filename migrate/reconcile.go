@@ -97,18 +97,14 @@ func (n *Node) recoverSource(ctx context.Context, tx Tx) error {
 	allHere := true
 	tx, err = n.cfg.Ledger.Update(tx.ID, func(t *Tx) error {
 		for i := range t.VMs {
-			switch id := t.VMs[i].UUID; {
+			id := t.VMs[i].UUID
+			switch why := neverLeft(*t, gone[id], st, peerErr); {
 			case here[id]:
 				t.VMs[i].Outcome, t.VMs[i].Error = OutcomeFailed, "recovered: VM runs on the source"
 			case st != nil && slices.Contains(st.Running, id):
 				t.VMs[i].Outcome, allHere = OutcomeMigrated, false
-			case t.State == SrcBegun:
-				// The release never finished (release.go: SrcPrepared is
-				// persisted before the hypervisor may move the VM), so the
-				// VM never left with this transaction; the destination
-				// holds at most a PENDING key, which never starts (soak
-				// seed 5003).
-				t.VMs[i].Outcome, t.VMs[i].Error = OutcomeFailed, "recovered: the key was never released (src-begun); the VM never left"
+			case why != "":
+				t.VMs[i].Outcome, t.VMs[i].Error = OutcomeFailed, "recovered: "+why
 			case gone[id] && st != nil && st.Known:
 				// Left with the hypervisor's migration (the domain is gone
 				// here) and the destination recorded the transaction: its
@@ -118,8 +114,6 @@ func (n *Node) recoverSource(ctx context.Context, tx Tx) error {
 				// Runs nowhere, and the destination never recorded the
 				// transaction (no Prepare reached it): the key stays here.
 				t.VMs[i].Outcome, t.VMs[i].Error = OutcomeFailed, "recovered: VM runs nowhere; the destination never recorded the transaction"
-			case neverConfirmed(*t, gone[id], st, peerErr):
-				t.VMs[i].Outcome, t.VMs[i].Error = OutcomeFailed, "recovered: VM runs nowhere; this host never confirmed its migration, so it never ran on the destination"
 			default:
 				allHere = false
 				return fmt.Errorf("%w: VM %s runs neither here nor (as far as %s says) there: %v", ErrUnresolved, id, t.Peer, peerErr)
@@ -227,16 +221,27 @@ func (n *Node) Recover(ctx context.Context, txID string) (Tx, error) {
 	return cur, err
 }
 
-// neverConfirmed reports whether a source transaction's VM, which runs
-// neither here nor on the destination (asked: peerErr nil) and whose
-// domain is still defined here, never ran on the destination: the
-// transaction is src-prepared and this host never confirmed its migration
-// (Tx.Confirmed), which the destination's start gate requires before it
-// admits the VM on its PENDING key (AdmitIncoming). The source crashed or
-// lost power after the release and before the hypervisor's migration
-// reached the destination: abort (the key stays here). Before, both sides
-// waited for each other for ever (TestRecoverSourceVMRunsNowhere at
-// src/after-prepared).
-func neverConfirmed(tx Tx, gone bool, st *StatusResponse, peerErr error) bool {
-	return tx.State == SrcPrepared && !tx.Confirmed && !gone && peerErr == nil && st != nil && st.Known
+// neverLeft says why a source transaction's VM, which does not run on
+// the destination (nor here: the callers ask that first), never left with
+// it, or "" when it may have. Recovery then aborts, keeping the key here,
+// whatever the destination recorded; before, source and destination each
+// waited for the other for ever.
+//   - src-begun: the release never finished (release.go persists
+//     src-prepared before the hypervisor may move the VM, and a pull
+//     answers the destination's hook only after it), so the destination
+//     holds at most a PENDING key, which never starts (soak seed 5003).
+//   - src-prepared, the domain still defined here, and the destination,
+//     asked, holds the transaction, but this host never confirmed the
+//     migration to it (Tx.Confirmed): the destination's start gate
+//     (AdmitIncoming) admits a PENDING key only after that confirmation,
+//     so the VM never ran there (soak seeds 6008, 7027). Once confirmed,
+//     the VM may have run there and died with newer state: wait.
+func neverLeft(tx Tx, gone bool, st *StatusResponse, peerErr error) string {
+	switch {
+	case tx.State == SrcBegun:
+		return "the key was never released (src-begun); the VM never left"
+	case tx.State == SrcPrepared && !tx.Confirmed && !gone && peerErr == nil && st != nil && st.Known:
+		return "VM runs nowhere; this host never confirmed its migration, so it never ran on the destination"
+	}
+	return ""
 }

@@ -133,15 +133,7 @@ func (n *Node) recoverSourceRegistry(ctx context.Context, tx Tx, peer Peer, st *
 			case regClosed:
 				commitNoTx = append(commitNoTx, vm)
 			}
-		case tx.State == SrcBegun:
-			// The release never finished: SrcPrepared is persisted before
-			// the hypervisor may move the VM (release.go; a pull answers
-			// the destination's hook only after it), so the VM never left
-			// with this transaction, whatever the destination recorded.
-			// Its PENDING key never starts, and it drops it once the
-			// source says aborted. Abort, even when the domain is gone or
-			// the destination cannot be asked (soak seed 5003: each side
-			// waited for the other for ever).
+		case neverLeft(tx, gone[id], st, peerErr) != "":
 			outcome[id] = OutcomeFailed
 			if s == regOpen {
 				abort = append(abort, vm)
@@ -176,14 +168,6 @@ func (n *Node) recoverSourceRegistry(ctx context.Context, tx Tx, peer Peer, st *
 			// destination never recorded the transaction: no Prepare
 			// reached it, so it holds no key of it and never ran the VM.
 			// Abort; the key stays here and the owner may start the VM.
-			outcome[id] = OutcomeFailed
-			if s == regOpen {
-				abort = append(abort, vm)
-			}
-		case neverConfirmed(tx, gone[id], st, peerErr):
-			// Released, but this host never confirmed the migration to
-			// the destination, whose start gate requires that before it
-			// runs the VM on its PENDING key: the VM never ran there.
 			outcome[id] = OutcomeFailed
 			if s == regOpen {
 				abort = append(abort, vm)

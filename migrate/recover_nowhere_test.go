@@ -32,24 +32,8 @@ func TestRecoverSourceVMRunsNowhere(t *testing.T) {
 			t.Run(fmt.Sprintf("%s/%s", reg, p), func(t *testing.T) {
 				t.Parallel()
 				ctx := context.Background()
-				f := newFleet(t)
-				if reg != "none" {
-					f.useRegistry(reg)
-				}
-				a, b := f.addHost("host-a", goodLog), f.addHost("host-b", goodLog)
-				vm := a.sealedVM("vm1", []byte("sealed before the power-off"))
-				a.migrateCrashing(ctx, vm, "host-b", p)
-				if err := a.hyp.DestroyDomain(ctx, vm); err != nil { // the power-off
-					t.Fatal(err)
-				}
-				a.restart()
-				var err error
-				for round := 0; round < 3; round++ {
-					if err = errors.Join(a.node.Reconcile(ctx), b.node.Reconcile(ctx)); err == nil {
-						break
-					}
-				}
-				if err != nil {
+				f, a, b, vm := crashedThenPoweredOff(t, reg, p, nil)
+				if err := reconcileBoth(ctx, a, b); err != nil {
 					t.Fatalf("not reconciled: %v", err)
 				}
 				if _, err := b.node.CheckStart(ctx, vm); !errors.Is(err, migrate.ErrNotOwner) {
@@ -137,28 +121,20 @@ func TestRecoverSourceConfirmedWaits(t *testing.T) {
 		t.Run(reg, func(t *testing.T) {
 			t.Parallel()
 			ctx := context.Background()
-			f := newFleet(t)
-			if reg != "none" {
-				f.useRegistry(reg)
-			}
-			a, b := f.addHost("host-a", goodLog), f.addHost("host-b", goodLog)
-			vm := a.sealedVM("vm1", []byte("sealed before the move"))
-			a.migrateCrashing(ctx, vm, "host-b", migrate.SrcAfterPrepared)
-			txID, err := a.ledger.Holder(vm)
-			if err != nil {
-				t.Fatal(err)
-			}
-			// What confirmPull records before it answers the destination.
-			if _, err := a.ledger.Update(txID, func(tx *migrate.Tx) error { tx.Confirmed = true; return nil }); err != nil {
-				t.Fatal(err)
-			}
-			if err := a.hyp.DestroyDomain(ctx, vm); err != nil { // the power-off
-				t.Fatal(err)
-			}
-			a.restart()
-			for round := 0; round < 3; round++ {
-				err = errors.Join(a.node.Reconcile(ctx), b.node.Reconcile(ctx))
-			}
+			var txID string
+			_, a, b, vm := crashedThenPoweredOff(t, reg, migrate.SrcAfterPrepared, func(a *host, vm string) {
+				var err error
+				if txID, err = a.ledger.Holder(vm); err != nil {
+					t.Fatal(err)
+				}
+				// What confirmPull records before it answers the
+				// destination (TestHookModePlainMigration checks that it
+				// does).
+				if _, err := a.ledger.Update(txID, func(tx *migrate.Tx) error { tx.Confirmed = true; return nil }); err != nil {
+					t.Fatal(err)
+				}
+			})
+			err := reconcileBoth(ctx, a, b)
 			if !errors.Is(err, migrate.ErrUnresolved) {
 				t.Fatalf("recovery of a confirmed transaction whose VM runs nowhere: %v, want it to wait (ErrUnresolved)", err)
 			}
@@ -170,4 +146,40 @@ func TestRecoverSourceConfirmedWaits(t *testing.T) {
 			}
 		})
 	}
+}
+
+// crashedThenPoweredOff seals a secret in a VM on host-a, migrates it to
+// host-b with host-a's vtpmd crashing at p, runs whileDown (if set) while
+// that vtpmd is down, powers the VM off (the host's power-off, or its
+// fence) and starts host-a's vtpmd again.
+func crashedThenPoweredOff(t *testing.T, reg string, p migrate.CrashPoint, whileDown func(a *host, vm string)) (*fleet, *host, *host, string) {
+	t.Helper()
+	ctx := context.Background()
+	f := newFleet(t)
+	if reg != "none" {
+		f.useRegistry(reg)
+	}
+	a, b := f.addHost("host-a", goodLog), f.addHost("host-b", goodLog)
+	vm := a.sealedVM("vm1", []byte("sealed before the power-off"))
+	a.migrateCrashing(ctx, vm, "host-b", p)
+	if whileDown != nil {
+		whileDown(a, vm)
+	}
+	if err := a.hyp.DestroyDomain(ctx, vm); err != nil {
+		t.Fatal(err)
+	}
+	a.restart()
+	return f, a, b, vm
+}
+
+// reconcileBoth runs recovery on both hosts, up to 3 rounds, until both
+// settle; it returns the last round's errors.
+func reconcileBoth(ctx context.Context, a, b *host) error {
+	var err error
+	for range 3 {
+		if err = errors.Join(a.node.Reconcile(ctx), b.node.Reconcile(ctx)); err == nil {
+			return nil
+		}
+	}
+	return err
 }

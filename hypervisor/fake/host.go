@@ -33,6 +33,10 @@ type Host struct {
 	// migration commits. An error aborts the migration like a late libvirt
 	// failure: the destination is cleaned up and the VM resumes here.
 	BeforeMigrateCommit func() error
+	// BeforeStartCommit, when set, runs in StartDomain once the vTPM is
+	// up, just before the domain counts as running (tests: a power cut
+	// in that window, PowerCycle).
+	BeforeStartCommit func()
 	// MigrateBegin, when set, runs on this host as the destination of an
 	// incoming migration before its secret is read, like libvirt's qemu
 	// hook "migrate begin" (vtpmm's hook mode pulls the key then). An error
@@ -310,6 +314,9 @@ func (h *Host) StartDomain(ctx context.Context, vmUUID string) error {
 	if err != nil {
 		clear(pass)
 		return fmt.Errorf("%s: %w", op, classifyStart(err))
+	}
+	if h.BeforeStartCommit != nil {
+		h.BeforeStartCommit()
 	}
 	h.mu.Lock()
 	if h.epoch != epoch {

@@ -6,6 +6,7 @@ import (
 	"testing"
 
 	"github.com/vtpmm/vtpmm/hypervisor"
+	"github.com/vtpmm/vtpmm/hypervisor/fake"
 )
 
 // TestPowerCycle: a power cycle (a fence agent's power-off) stops every
@@ -43,6 +44,21 @@ func TestPowerCycle(t *testing.T) {
 	}
 	if err := a.StartDomain(ctx, running.uuid); !errors.Is(err, hypervisor.ErrSecretMissing) {
 		t.Fatalf("start after the power cycle without the secret: %v, want ErrSecretMissing", err)
+	}
+	// The power goes after libvirt read the secret and swtpm is up, just
+	// before the domain counts as running: it is not running after the boot.
+	defineSecret(t, a, running.uuid, running.key)
+	a.BeforeStartCommit = func() {
+		if err := a.PowerCycle(ctx); err != nil {
+			t.Error(err)
+		}
+	}
+	if err := a.StartDomain(ctx, running.uuid); !errors.Is(err, fake.ErrPowerCycled) {
+		t.Fatalf("a start whose vTPM came up across a power cycle: %v, want ErrPowerCycled", err)
+	}
+	a.BeforeStartCommit = nil
+	if d, err := a.Domain(ctx, running.uuid); err != nil || d.State != hypervisor.StateShutoff {
+		t.Fatalf("domain after a power cut during its start: %+v, %v; want shut off", d, err)
 	}
 	defineSecret(t, a, running.uuid, running.key)
 	if err := a.StartDomain(ctx, running.uuid); err != nil {

@@ -85,7 +85,12 @@ var Hosts = []string{fleet.HostA, fleet.HostB, fleet.HostC}
 // Schedule is a running schedule: its fleet, its links, what the
 // harness knows of the hosts and the VMs, and its history.
 type Schedule struct {
-	cfg   Config
+	cfg Config
+	// logs are the hosts' vtpmd loggers (Config.DaemonLogs), one file
+	// each for the schedule, closed when it ends.
+	logMu sync.Mutex
+	logs  map[string]logrus.FieldLogger
+	files []*os.File
 	rng   *rand.Rand
 	f     *inproc.Fleet
 	links map[string]*Link // "from>to" (to: a host, etcd-N, or member:HOST)
@@ -144,6 +149,7 @@ func Run(ctx context.Context, cfg Config) (*History, error) {
 		down: map[string]bool{}, lost: map[string]*lostHost{}, regOwner: map[string]string{}, maxGen: map[string]uint64{}, started: time.Now(), lin: &linHistory{start: time.Now()}}
 	s.hist = &History{Seed: cfg.Seed, Registry: string(cfg.Registry), Failover: cfg.Failover, Faults: map[string]int{}, log: cfg.Log}
 	defer s.closeLinks()
+	defer s.closeLogs()
 	var err error
 	if s.custodians, err = newCustodians(); err != nil {
 		return s.hist, fmt.Errorf("soak: seed %d: %w: custodians: %w", cfg.Seed, ErrSetup, err)
@@ -382,9 +388,14 @@ func (s *Schedule) runningOn(ctx context.Context, vm fleet.VM) string {
 	return on[0]
 }
 
-// daemonLog is a host's vtpmd logger when Config.DaemonLogs is set. The
-// file stays open for the process's life (a test binary's).
+// daemonLog is a host's vtpmd logger when Config.DaemonLogs is set: the
+// same one (and file) across the host's restarts.
 func (s *Schedule) daemonLog(host string) logrus.FieldLogger {
+	s.logMu.Lock()
+	defer s.logMu.Unlock()
+	if l, ok := s.logs[host]; ok {
+		return l
+	}
 	l := logrus.New()
 	l.SetFormatter(&logrus.JSONFormatter{})
 	l.SetLevel(logrus.DebugLevel)
@@ -392,8 +403,22 @@ func (s *Schedule) daemonLog(host string) logrus.FieldLogger {
 	f, err := os.OpenFile(path, os.O_CREATE|os.O_WRONLY|os.O_APPEND, 0o600)
 	if err != nil {
 		l.SetOutput(io.Discard)
-		return l
+	} else {
+		l.SetOutput(f)
+		s.files = append(s.files, f)
 	}
-	l.SetOutput(f)
-	return l.WithField("host", host)
+	if s.logs == nil {
+		s.logs = map[string]logrus.FieldLogger{}
+	}
+	s.logs[host] = l.WithField("host", host)
+	return s.logs[host]
+}
+
+// closeLogs closes the daemon log files once the fleet is closed.
+func (s *Schedule) closeLogs() {
+	s.logMu.Lock()
+	defer s.logMu.Unlock()
+	for _, f := range s.files {
+		_ = f.Close()
+	}
 }
