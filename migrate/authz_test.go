@@ -252,8 +252,17 @@ func TestInformationForEnrolledPeersOnly(t *testing.T) {
 	wantDenied(t, "pull by an unenrolled host", err, migrate.RuleSenderEnrolled)
 	// An enrolled host learns nothing about VMs outside its transactions.
 	st, err = d.node.Status(ctx, &migrate.StatusRequest{TxID: newTx(t), VMs: []string{vm}, From: "host-a"})
-	if err != nil || st.Known || len(st.Running) != 0 {
+	if err != nil || st.Known || len(st.Running) != 0 || len(st.Stopped) != 0 {
 		t.Fatalf("status of an unknown transaction told %+v (%v)", st, err)
+	}
+	// Nor about a VM it owns that does not run (only a domain this host
+	// holds no key of is reported for an unknown transaction: Reunite).
+	if err := d.hyp.DestroyDomain(ctx, vm); err != nil {
+		t.Fatal(err)
+	}
+	st, err = d.node.Status(ctx, &migrate.StatusRequest{TxID: newTx(t), VMs: []string{vm}, From: "host-a"})
+	if err != nil || st.Known || len(st.Running) != 0 || len(st.Stopped) != 0 {
+		t.Fatalf("status of an unknown transaction told %+v (%v) about a VM owned here, shut off", st, err)
 	}
 	// Out-of-range PCRs and unknown banks are bad messages, not TPM errors.
 	for _, pcrs := range []map[string][]int{{"sha256": {24}}, {"sha256": {-1}}, {"md5": {0}}} {

@@ -76,7 +76,7 @@ func (n *Node) Prepare(ctx context.Context, req *PrepareRequest) (*PrepareRespon
 // secrets, proofs.
 func (n *Node) accept(ctx context.Context, req *PrepareRequest, states []RestoredState) (*PrepareResponse, error) {
 	log := n.log.WithFields(logrus.Fields{"tx": req.TxID, "source": req.Source})
-	tx := Tx{ID: req.TxID, Role: RoleDestination, Peer: req.Source, State: DstPending, Restore: states != nil}
+	tx := Tx{ID: req.TxID, Role: RoleDestination, Peer: req.Source, State: DstPending, Restore: states != nil, KeyOnly: req.KeyOnly}
 	for _, w := range req.VMs {
 		tx.VMs = append(tx.VMs, TxVM{UUID: w.UUID, Name: w.Name, Generation: w.Generation})
 	}
@@ -382,7 +382,7 @@ func (n *Node) Status(ctx context.Context, req *StatusRequest) (*StatusResponse,
 		return nil, err
 	}
 	resp := &StatusResponse{TxID: req.TxID}
-	var vms []string
+	vms := req.VMs // unknown: the orphaned domains, for the source's recovery (Stopped)
 	if tx, err := n.cfg.Ledger.Get(req.TxID); err == nil {
 		if tx.Peer != req.From {
 			return nil, deny("status", req.From, "", RuleTxPeer, "transaction %s is not a transaction with %s", req.TxID, req.From)
@@ -393,8 +393,15 @@ func (n *Node) Status(ctx context.Context, req *StatusRequest) (*StatusResponse,
 		return nil, err
 	}
 	for _, vm := range vms {
-		if d, err := n.cfg.Hypervisor.Domain(ctx, vm); err == nil && d.State == hypervisor.StateRunning {
-			resp.Running = append(resp.Running, vm)
+		d, err := n.cfg.Hypervisor.Domain(ctx, vm)
+		switch {
+		case err != nil || d.State == hypervisor.StateAbsent:
+		case d.State == hypervisor.StateRunning:
+			if resp.Known {
+				resp.Running = append(resp.Running, vm)
+			}
+		case d.State != hypervisor.StatePaused && (resp.Known || n.orphan(ctx, vm)):
+			resp.Stopped = append(resp.Stopped, vm)
 		}
 	}
 	if len(req.VMs) > 0 {
@@ -412,4 +419,16 @@ func (n *Node) Status(ctx context.Context, req *StatusRequest) (*StatusResponse,
 		}
 	}
 	return resp, nil
+}
+
+// orphan reports whether this host holds no key of the VM, active or
+// PENDING: an unknown transaction's Status reports only such a domain
+// (one this host cannot start), so an enrolled peer learns nothing about
+// the VMs this host owns or receives.
+func (n *Node) orphan(ctx context.Context, vm string) bool {
+	if _, ok := n.Incoming(vm); ok {
+		return false
+	}
+	_, _, err := n.cfg.Keys.Get(ctx, vm)
+	return errors.Is(err, vtpm.ErrKeyNotFound)
 }

@@ -68,6 +68,13 @@ var (
 	ErrDestTPM = errclass.New(errclass.TPM, "the destination's TPM failed")
 	// ErrNoSpace means a host's disk is full.
 	ErrNoSpace = errclass.New(errclass.NoSpace, "no space left on the host's disk")
+	// ErrDomainHere refuses a key-only move (Request.KeyOnly) of a VM
+	// whose domain is defined on the source: its key moves with it, by a
+	// migration.
+	ErrDomainHere = errors.New("the VM's domain is defined on this host")
+	// ErrNoDomain means a key-only move's destination does not hold the
+	// VM's domain (shut off): the key stays on the source.
+	ErrNoDomain = errors.New("the destination does not hold the VM's domain")
 )
 
 // Sentinel errors of the ledger check (ledger_check.go). The damaged ones

@@ -174,3 +174,27 @@ func FuzzLedgerRecord(f *testing.F) {
 		}
 	})
 }
+
+// FuzzApartRecord: an apart record (ledger_apart.go) decodes only when it
+// names its own VM, a host id and a transaction id, and re-encodes to a
+// record that decodes the same.
+func FuzzApartRecord(f *testing.F) {
+	vm := "0e2e0e2e-0000-4000-8000-000000000001"
+	f.Add(vm, []byte(`{"vm":"`+vm+`","host":"host-b","tx":"00112233445566778899aabbccddeeff","since":"2026-12-07T12:00:00Z"}`))
+	f.Add(vm, []byte(`{"vm":"`+vm+`","host":"host-b","tx":"0011"}`))
+	f.Add("x", []byte(`{}`))
+	f.Fuzz(func(t *testing.T, key string, b []byte) {
+		a, err := decodeApart(key, b)
+		if err != nil {
+			return
+		}
+		again, err := json.Marshal(a)
+		if err != nil {
+			t.Fatal(err)
+		}
+		b2, err := decodeApart(key, again)
+		if err != nil || b2.VM != a.VM || b2.Host != a.Host || b2.Tx != a.Tx || !b2.Since.Equal(a.Since) {
+			t.Fatalf("re-encoded record: %+v, %v (was %+v)", b2, err, a)
+		}
+	})
+}

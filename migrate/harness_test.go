@@ -149,52 +149,63 @@ func (f *fleet) addHost(name, bootLog string) *host { return f.addHostEnrolled(n
 func (f *fleet) addHostEnrolled(name, bootLog string, enrol bool) *host {
 	t, ctx := f.t, context.Background()
 	t.Helper()
-	dir := tempDir(t, "mig-"+name+"-")
-	emu, err := emuhost.Start(ctx, emuhost.Config{Dir: filepath.Join(dir, "tpm"), Name: name})
-	if err != nil {
-		t.Fatal(err)
-	}
-	raw, err := vtpm.Open(ctx, emu.URI())
-	if err != nil {
-		t.Fatal(err)
-	}
-	h := &host{f: f, name: name, dir: dir, emu: emu, meter: vtpm.NewMeter(raw, vtpm.ProfileNone), wire: &wireLog{}}
-	h.audit = &memAudit{path: filepath.Join(dir, "audit.log")}
+	h := &host{f: f, name: name, wire: &wireLog{}}
+	h.provision(bootLog, enrol)
+	var err error
+	h.audit = &memAudit{path: filepath.Join(h.dir, "audit.log")}
 	if h.audit.log, err = audit.Open(h.audit.path, audit.Options{Host: name}); err != nil {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { h.audit.log.Close() })
 	f.hosts[name] = h
-	if err := emuhost.BootTPM(ctx, h.meter, readFile(t, bootLog), emu.PCRBanks()); err != nil {
+	if enrol && f.registry != nil {
+		registrytest.Enroll(t, f.op, name)
+	}
+	if f.registry != nil {
+		f.regs[name] = f.registry(name)
+	}
+	if h.hyp, err = f.net.AddHost(ctx, fake.HostConfig{Name: name, Dir: filepath.Join(h.dir, "hyp")}); err != nil {
+		t.Fatal(err)
+	}
+	h.restart()
+	return h
+}
+
+// provision gives h a new data directory and a new TPM booted from
+// bootLog: its identity (enrolled, if enrol, in the enrolment store every
+// node trusts), vault and rollback anchor, as vtpmd init does.
+func (h *host) provision(bootLog string, enrol bool) {
+	t, ctx, f := h.f.t, context.Background(), h.f
+	t.Helper()
+	h.dir = tempDir(t, "mig-"+h.name+"-")
+	var err error
+	if h.emu, err = emuhost.Start(ctx, emuhost.Config{Dir: filepath.Join(h.dir, "tpm"), Name: h.name}); err != nil {
+		t.Fatal(err)
+	}
+	raw, err := vtpm.Open(ctx, h.emu.URI())
+	if err != nil {
+		t.Fatal(err)
+	}
+	h.meter = vtpm.NewMeter(raw, vtpm.ProfileNone)
+	if err := emuhost.BootTPM(ctx, h.meter, readFile(t, bootLog), h.emu.PCRBanks()); err != nil {
 		t.Fatal(err)
 	}
 	if h.ident, err = identity.Provision(ctx, h.meter, identity.ProvisionOptions{}); err != nil {
 		t.Fatal(err)
 	}
-	tpmtest.TrustHostCA(t, f.roots, emu)
+	tpmtest.TrustHostCA(t, f.roots, h.emu)
 	if enrol {
-		tpmtest.Enrol(t, h.meter, h.ident, name, f.enr)
-		if f.registry != nil {
-			registrytest.Enroll(t, f.op, name)
-		}
+		tpmtest.Enrol(t, h.meter, h.ident, h.name, f.enr)
 	}
-	if f.registry != nil {
-		f.regs[name] = f.registry(name)
-	}
-	if h.vault, err = vtpm.InitVault(ctx, h.meter, vtpm.VaultConfig{Dir: dir, PCRs: vtpm.PCRSelection{PCRs: []int{7}}}, vtpm.InitOptions{}); err != nil {
+	if h.vault, err = vtpm.InitVault(ctx, h.meter, vtpm.VaultConfig{Dir: h.dir, PCRs: vtpm.PCRSelection{PCRs: []int{7}}}, vtpm.InitOptions{}); err != nil {
 		t.Fatal(err)
 	}
 	t.Cleanup(h.vault.Close)
-	a, err := vtpm.InitAnchor(ctx, h.meter, h.vault, vtpm.AnchorConfig{Dir: dir}, vtpm.Facts{}, vtpm.AnchorInitOptions{})
+	a, err := vtpm.InitAnchor(ctx, h.meter, h.vault, vtpm.AnchorConfig{Dir: h.dir}, vtpm.Facts{}, vtpm.AnchorInitOptions{})
 	if err != nil {
 		t.Fatal(err)
 	}
 	a.Close()
-	if h.hyp, err = f.net.AddHost(ctx, fake.HostConfig{Name: name, Dir: filepath.Join(dir, "hyp")}); err != nil {
-		t.Fatal(err)
-	}
-	h.restart()
-	return h
 }
 
 // restart builds the agent side again over the same files, as after a

@@ -101,3 +101,14 @@ func (h *host) settleMoved(ctx context.Context, vm string, dst *host, secret []b
 		t.Fatalf("guest secret on %s: %q", dst.name, got)
 	}
 }
+
+// twoHosts is a fleet of host-a and host-b, with the registry reg ("none":
+// without one; else useRegistry's kind).
+func twoHosts(t *testing.T, reg string) (*fleet, *host, *host) {
+	t.Helper()
+	f := newFleet(t)
+	if reg != "none" {
+		f.useRegistry(reg)
+	}
+	return f, f.addHost("host-a", goodLog), f.addHost("host-b", goodLog)
+}

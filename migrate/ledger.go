@@ -70,7 +70,11 @@ type Tx struct {
 	// Restore marks a destination transaction that restores keys from
 	// escrow bundles (migrate/restore.go): the operator's registry
 	// transaction, not the relaying peer, decides its outcome.
-	Restore bool      `json:"restore,omitempty"`
+	Restore bool `json:"restore,omitempty"`
+	// KeyOnly marks a transaction that moves keys alone, to the host that
+	// holds the VMs' domains and vTPM states (reunite.go): no hypervisor
+	// migration is part of it.
+	KeyOnly bool      `json:"key_only,omitempty"`
 	Created time.Time `json:"created"`
 	Updated time.Time `json:"updated"`
 }
@@ -99,7 +103,7 @@ func OpenLedger(path string, now func() time.Time) (*Ledger, error) {
 		return nil, fmt.Errorf("open ledger %s: %w", path, err)
 	}
 	err = db.Update(func(t *bolt.Tx) error {
-		for _, b := range [][]byte{bucketTx, bucketVM} {
+		for _, b := range [][]byte{bucketTx, bucketVM, bucketApart} {
 			if _, err := t.CreateBucketIfNotExists(b); err != nil {
 				return err
 			}

@@ -231,6 +231,11 @@ func checkRecords(top map[string]map[string][]byte) (n, open int, err error) {
 	if !ok {
 		return 0, 0, fmt.Errorf("the %q bucket is missing", bucketVM)
 	}
+	for vm, v := range top[string(bucketApart)] { // absent before its first use
+		if _, err := decodeApart(vm, v); err != nil {
+			return 0, 0, err
+		}
+	}
 	decoded := map[string]Tx{}
 	for id, v := range txs {
 		var tx Tx

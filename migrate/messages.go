@@ -56,6 +56,10 @@ type PrepareRequest struct {
 	// (0 in registry mode none): the destination's last view, once it has
 	// reached it, shows the batch open without a read.
 	RegistryRev int64 `json:"registry_rev,omitempty"`
+	// KeyOnly marks a move of the keys alone (reunite.go): the VMs'
+	// domains and vTPM states are on the destination already, shut off,
+	// and no hypervisor migration follows.
+	KeyOnly bool `json:"key_only,omitempty"`
 }
 
 // PrepareResponse acknowledges that every VM's key is PENDING and its
@@ -117,6 +121,12 @@ type StatusResponse struct {
 	// registry shows stale shreds it only once the registry's owner
 	// confirms here that it holds the newer generation.
 	Held map[string]uint64 `json:"held,omitempty"`
+	// Stopped lists the VMs whose domain is defined on this host but does
+	// not run: their vTPM state is on this host's disk. For a known
+	// transaction, of its VMs; for an unknown one, of the VMs asked about
+	// of which this host holds no key (a source whose destination lost its
+	// ledger learns where the VM's domain is: reunite.go).
+	Stopped []string `json:"stopped,omitempty"`
 }
 
 var txIDRE = regexp.MustCompile(`^[0-9a-f]{32}$`)

@@ -6,6 +6,8 @@ import (
 	"fmt"
 	"slices"
 
+	"github.com/sirupsen/logrus"
+
 	"github.com/vtpmm/vtpmm/hypervisor"
 )
 
@@ -66,6 +68,16 @@ func (n *Node) runsHere(ctx context.Context, vm string) (bool, error) {
 	return d.State == hypervisor.StateRunning, nil
 }
 
+// landedHere reports whether a destination transaction's VM arrived: it
+// runs here, or, for a key-only move (reunite.go), its domain is here.
+func (n *Node) landedHere(ctx context.Context, tx Tx, vm string) (bool, error) {
+	d, err := n.cfg.Hypervisor.Domain(ctx, vm)
+	if err != nil {
+		return false, err
+	}
+	return d.State == hypervisor.StateRunning || (tx.KeyOnly && d.State != hypervisor.StateAbsent), nil
+}
+
 func (n *Node) recoverSource(ctx context.Context, tx Tx) error {
 	ids := make([]string, 0, len(tx.VMs))
 	for _, vm := range tx.VMs {
@@ -94,22 +106,36 @@ func (n *Node) recoverSource(ctx context.Context, tx Tx) error {
 	if n.cfg.Registry != nil {
 		return n.recoverSourceRegistry(ctx, tx, peer, st, peerErr, here, gone)
 	}
+	// Every VM apart is aborted below (the destination never recorded
+	// the transaction): recorded first, so that a crash in between
+	// leaves the record and the open transaction, and recovery redoes both.
+	var apart []string
+	for _, id := range ids {
+		if apartAt(id, gone[id], st, peerErr) {
+			apart = append(apart, id)
+		}
+	}
+	if err := n.markApart(tx, apart); err != nil {
+		return err
+	}
 	allHere := true
 	tx, err = n.cfg.Ledger.Update(tx.ID, func(t *Tx) error {
 		for i := range t.VMs {
 			id := t.VMs[i].UUID
-			switch why := neverLeft(*t, gone[id], st, peerErr); {
+			switch why := neverLeft(*t, id, gone[id], st, peerErr); {
 			case here[id]:
 				t.VMs[i].Outcome, t.VMs[i].Error = OutcomeFailed, "recovered: VM runs on the source"
 			case st != nil && slices.Contains(st.Running, id):
 				t.VMs[i].Outcome, allHere = OutcomeMigrated, false
 			case why != "":
 				t.VMs[i].Outcome, t.VMs[i].Error = OutcomeFailed, "recovered: "+why
-			case gone[id] && st != nil && st.Known:
+			case leftWith(*t, id, gone[id], st, peerErr):
 				// Left with the hypervisor's migration (the domain is gone
 				// here) and the destination recorded the transaction: its
 				// domain and state are there; commit (see recoverSourceRegistry).
 				t.VMs[i].Outcome, allHere = OutcomeMigrated, false
+			case apartAt(id, gone[id], st, peerErr):
+				t.VMs[i].Outcome, t.VMs[i].Error = OutcomeFailed, "recovered: "+apartWhy(t.Peer)
 			case st != nil && !st.Known:
 				// Runs nowhere, and the destination never recorded the
 				// transaction (no Prepare reached it): the key stays here.
@@ -161,10 +187,11 @@ func (n *Node) recoverDest(ctx context.Context, tx Tx) error {
 			_, err := n.finishDest(ctx, tx, nil, ids)
 			return err
 		case st.State == SrcCommitted:
-			// The source shredded the keys of the VMs that moved; those run here.
+			// The source shredded the keys of the VMs that moved; those run
+			// here (a key-only move's: are defined here).
 			var commit, abort []string
 			for _, id := range ids {
-				if here, _ := n.runsHere(ctx, id); here {
+				if here, _ := n.landedHere(ctx, tx, id); here {
 					commit = append(commit, id)
 				} else {
 					abort = append(abort, id)
@@ -236,12 +263,56 @@ func (n *Node) Recover(ctx context.Context, txID string) (Tx, error) {
 //     (AdmitIncoming) admits a PENDING key only after that confirmation,
 //     so the VM never ran there (soak seeds 6008, 7027). Once confirmed,
 //     the VM may have run there and died with newer state: wait.
-func neverLeft(tx Tx, gone bool, st *StatusResponse, peerErr error) string {
+//   - a key-only move (reunite.go) whose VM's domain the destination,
+//     asked, does not hold: the key has nothing to join there.
+func neverLeft(tx Tx, id string, gone bool, st *StatusResponse, peerErr error) string {
 	switch {
 	case tx.State == SrcBegun:
 		return "the key was never released (src-begun); the VM never left"
 	case tx.State == SrcPrepared && !tx.Confirmed && !gone && peerErr == nil && st != nil && st.Known:
 		return "VM runs nowhere; this host never confirmed its migration, so it never ran on the destination"
+	case tx.KeyOnly && peerErr == nil && st != nil && st.Known && !domainThere(id, st):
+		return "a key-only move, and the destination does not hold the VM's domain"
 	}
 	return ""
+}
+
+// domainThere reports whether the destination's answer shows the VM's
+// domain there, running or not.
+func domainThere(id string, st *StatusResponse) bool {
+	return slices.Contains(st.Running, id) || slices.Contains(st.Stopped, id)
+}
+
+// leftWith reports whether a VM that runs nowhere left with tx: its domain
+// is gone here (a persistent source domain is undefined only when its
+// migration succeeded, and a key-only move's never was here) and the
+// destination recorded tx, so its PENDING key and the VM's state are
+// there (for a key-only move: and its domain).
+func leftWith(tx Tx, id string, gone bool, st *StatusResponse, peerErr error) bool {
+	return gone && peerErr == nil && st != nil && st.Known && (!tx.KeyOnly || domainThere(id, st))
+}
+
+// apartAt reports whether the VM's domain left with the hypervisor's
+// migration (gone here) and the destination holds it, shut off, but has no
+// record of the transaction: it lost its ledger and key store (a TPM
+// replaced) before it committed (soak seed 6014). The key stays here,
+// the only copy left, and Reunite moves it there.
+func apartAt(id string, gone bool, st *StatusResponse, peerErr error) bool {
+	return gone && peerErr == nil && st != nil && !st.Known && slices.Contains(st.Stopped, id)
+}
+
+func apartWhy(peer string) string {
+	return fmt.Sprintf("the VM's domain and vTPM state are on %s, which has no record of the transaction (it lost its ledger, with its TPM?); the key stays here and moves there once %s is attested (reunite)", peer, peer)
+}
+
+// markApart records the VMs of tx that recovery aborts while apartAt
+// (before it aborts them).
+func (n *Node) markApart(tx Tx, apart []string) error {
+	for _, id := range apart {
+		if err := n.cfg.Ledger.MarkApart(Apart{VM: id, Host: tx.Peer, Tx: tx.ID}); err != nil {
+			return fmt.Errorf("recover %s: record VM %s apart: %w", tx.ID, id, err)
+		}
+		n.log.WithFields(logrus.Fields{"tx": tx.ID, "vm": id, "dest": tx.Peer}).Warn("recovery: " + apartWhy(tx.Peer))
+	}
+	return nil
 }

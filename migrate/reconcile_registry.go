@@ -95,6 +95,7 @@ func (n *Node) recoverSourceRegistry(ctx context.Context, tx Tx, peer Peer, st *
 	var commit, commitNoTx, abort []TxVM
 	outcome := map[string]Outcome{}
 	superseded := map[string]string{} // VM -> why: closed here, the copy kept for SyncOwnership
+	var apart []string                // aborted, the domain on the peer: recorded for Reunite
 	var errs []error
 	for _, vm := range tx.VMs {
 		s, r := classify(tx, vm, n.cfg.Host, tx.Peer, view)
@@ -133,12 +134,12 @@ func (n *Node) recoverSourceRegistry(ctx context.Context, tx Tx, peer Peer, st *
 			case regClosed:
 				commitNoTx = append(commitNoTx, vm)
 			}
-		case neverLeft(tx, gone[id], st, peerErr) != "":
+		case neverLeft(tx, id, gone[id], st, peerErr) != "":
 			outcome[id] = OutcomeFailed
 			if s == regOpen {
 				abort = append(abort, vm)
 			}
-		case gone[id] && (s == regOpen || s == regClosed) && peerErr == nil && st.Known:
+		case leftWith(tx, id, gone[id], st, peerErr) && (s == regOpen || s == regClosed):
 			// The VM left with the hypervisor's migration (a persistent
 			// source domain is undefined only when its migration
 			// succeeded) and the destination recorded the transaction
@@ -168,9 +169,16 @@ func (n *Node) recoverSourceRegistry(ctx context.Context, tx Tx, peer Peer, st *
 			// destination never recorded the transaction: no Prepare
 			// reached it, so it holds no key of it and never ran the VM.
 			// Abort; the key stays here and the owner may start the VM.
+			// Or the VM's domain went there with the hypervisor's
+			// migration, and the destination lost its ledger since
+			// (apartAt): abort too, keeping the only key left, and record
+			// the VM apart for Reunite.
 			outcome[id] = OutcomeFailed
 			if s == regOpen {
 				abort = append(abort, vm)
+			}
+			if apartAt(id, gone[id], st, peerErr) {
+				apart = append(apart, id)
 			}
 		default:
 			errs = append(errs, fmt.Errorf("%w: VM %s runs neither here nor (as far as %s says) there: %v", ErrUnresolved, id, tx.Peer, peerErr))
@@ -196,6 +204,9 @@ func (n *Node) recoverSourceRegistry(ctx context.Context, tx Tx, peer Peer, st *
 			}
 		}
 	}
+	if err := n.markApart(tx, apart); err != nil {
+		return err
+	}
 	if verr == nil {
 		n.regAbort(ctx, tx, abort)
 	}
@@ -207,6 +218,9 @@ func (n *Node) recoverSourceRegistry(ctx context.Context, tx Tx, peer Peer, st *
 				t.VMs[i].Error = "recovered: VM runs on the source"
 				if why, ok := superseded[t.VMs[i].UUID]; ok {
 					t.VMs[i].Error = "recovered: " + why
+				}
+				if slices.Contains(apart, t.VMs[i].UUID) {
+					t.VMs[i].Error = "recovered: " + apartWhy(t.Peer)
 				}
 			}
 		}

@@ -73,11 +73,7 @@ func TestRecoverSourceVMMovedThenPoweredOff(t *testing.T) {
 
 func movedThenPoweredOff(t *testing.T, reg string) {
 	ctx := context.Background()
-	f := newFleet(t)
-	if reg != "none" {
-		f.useRegistry(reg)
-	}
-	a, b := f.addHost("host-a", goodLog), f.addHost("host-b", goodLog)
+	f, a, b := twoHosts(t, reg)
 	secret := []byte("sealed before the move")
 	vm := a.sealedVM("vm1", secret)
 	a.migrateCrashing(ctx, vm, "host-b", migrate.SrcAfterHypervisor)
@@ -155,11 +151,7 @@ func TestRecoverSourceConfirmedWaits(t *testing.T) {
 func crashedThenPoweredOff(t *testing.T, reg string, p migrate.CrashPoint, whileDown func(a *host, vm string)) (*fleet, *host, *host, string) {
 	t.Helper()
 	ctx := context.Background()
-	f := newFleet(t)
-	if reg != "none" {
-		f.useRegistry(reg)
-	}
-	a, b := f.addHost("host-a", goodLog), f.addHost("host-b", goodLog)
+	f, a, b := twoHosts(t, reg)
 	vm := a.sealedVM("vm1", []byte("sealed before the power-off"))
 	a.migrateCrashing(ctx, vm, "host-b", p)
 	if whileDown != nil {

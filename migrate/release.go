@@ -19,6 +19,8 @@ type releaseSpec struct {
 	pulled bool
 	// claimed: the caller opened txID in the registry (Request.Claimed).
 	claimed bool
+	// keyOnly: the keys move alone (Request.KeyOnly).
+	keyOnly bool
 	// precheck, when set, runs once this node is known to own every VM and
 	// before the transaction is opened; an error refuses the release.
 	precheck func(ctx context.Context) error
@@ -40,7 +42,7 @@ func (n *Node) release(ctx context.Context, s releaseSpec, keys map[string]vtpm.
 	if err := n.selfFenced("migrate to " + s.dest); err != nil {
 		return Tx{}, nil, err
 	}
-	tx := Tx{ID: s.txID, Role: RoleSource, Peer: s.dest, State: SrcBegun, Pulled: s.pulled}
+	tx := Tx{ID: s.txID, Role: RoleSource, Peer: s.dest, State: SrcBegun, Pulled: s.pulled, KeyOnly: s.keyOnly}
 	if s.pulled {
 		tx.Lease = n.cfg.Now().Add(n.cfg.PullLease)
 	}

@@ -52,6 +52,11 @@ type Request struct {
 	Slots Slots
 	// OnVM, when set, is told as each VM's hypervisor migration starts and ends.
 	OnVM func(VMEvent)
+	// KeyOnly moves the keys alone, to the host that holds the VMs'
+	// domains and vTPM states already (Reunite): no domain may be defined
+	// here, and each VM commits only if the destination, asked after its
+	// Prepare, holds its domain, shut off.
+	KeyOnly bool
 }
 
 // Slots bounds concurrent hypervisor migrations (evacuate.Slots).
@@ -116,16 +121,26 @@ func (n *Node) Migrate(ctx context.Context, req Request, progress Progress) (*Re
 	// a concurrent Reconcile never sees it unmarked.
 	defer n.drive(txID)()
 	res := &Result{TxID: txID, Failed: map[string]string{}}
-	tx, peer, err := n.release(ctx, releaseSpec{txID: txID, vms: req.VMs, dest: req.Dest, claimed: req.Claimed}, keys, progress, res)
+	spec := releaseSpec{txID: txID, vms: req.VMs, dest: req.Dest, claimed: req.Claimed, keyOnly: req.KeyOnly}
+	if req.KeyOnly {
+		spec.precheck = func(ctx context.Context) error { return n.noDomainHere(ctx, req.VMs) }
+	}
+	tx, peer, err := n.release(ctx, spec, keys, progress, res)
 	if err != nil {
 		return res, err
 	}
 	warm := res.Warm
 
-	progress(PhaseHypervisor, "live migration")
+	var outcomes map[string]error
 	start := n.cfg.Now()
-	outcomes := n.hypervisorMigrate(ctx, req, tx)
-	n.observe(string(PhaseHypervisor), start)
+	if req.KeyOnly {
+		progress(PhaseHypervisor, "none: the domains are on "+req.Dest+" already")
+		outcomes = n.domainsThere(ctx, peer, tx)
+	} else {
+		progress(PhaseHypervisor, "live migration")
+		outcomes = n.hypervisorMigrate(ctx, req, tx)
+		n.observe(string(PhaseHypervisor), start)
+	}
 	if err := n.crash(SrcAfterHypervisor); err != nil {
 		return res, err
 	}
@@ -179,6 +194,10 @@ func (n *Node) Migrate(ctx context.Context, req Request, progress Progress) (*Re
 	if len(res.Failed) > 0 {
 		var first error
 		for id, e := range outcomes {
+			if e != nil && req.KeyOnly {
+				first = fmt.Errorf("move the key of %s to %s: %w", id, req.Dest, e)
+				break
+			}
 			if e != nil {
 				first = fmt.Errorf("migrate %s to %s: %w: %w", id, req.Dest, ErrHypervisor, e)
 				break
@@ -333,7 +352,11 @@ func (n *Node) stillEnrolled(ctx context.Context, host string, ak []byte) bool {
 }
 
 func (n *Node) wrap(tx Tx, v verified, keys map[string]vtpm.VMKey) (*PrepareRequest, error) {
-	return SealBatch(n.cfg.Rand, v.mkPublic, v.digest, tx.ID, n.cfg.Host, tx.Peer, tx.VMs, keys)
+	req, err := SealBatch(n.cfg.Rand, v.mkPublic, v.digest, tx.ID, n.cfg.Host, tx.Peer, tx.VMs, keys)
+	if err == nil {
+		req.KeyOnly = tx.KeyOnly
+	}
+	return req, err
 }
 
 // SealBatch builds the Prepare a source sends: one random transfer key

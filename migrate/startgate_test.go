@@ -27,11 +27,7 @@ func TestStartRefusedWhileReleased(t *testing.T) {
 		t.Run(reg, func(t *testing.T) {
 			t.Parallel()
 			ctx := context.Background()
-			f := newFleet(t)
-			if reg != "none" {
-				f.useRegistry(reg)
-			}
-			a, b := f.addHost("host-a", goodLog), f.addHost("host-b", goodLog)
+			f, a, b := twoHosts(t, reg)
 			vm := a.createVM("vm1")
 			a.migrateCrashing(ctx, vm, "host-b", migrate.SrcAfterPrepared)
 			a.restart()

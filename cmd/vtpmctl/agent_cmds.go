@@ -87,6 +87,8 @@ func agentCommands(e *env) []*cobra.Command {
 				switch {
 				case v.Damaged != "":
 					note = "DAMAGED: " + v.Damaged
+				case v.DomainOn != "":
+					note = "domain and vTPM state on " + v.DomainOn + "; the key moves there once it is attested"
 				case v.Rotate:
 					note = "key rotates when the VM stops here"
 				}
@@ -123,6 +125,9 @@ func agentCommands(e *env) []*cobra.Command {
 				orDash(v.Name), v.UUID, v.Owned, v.Generation, v.State)
 			if v.PendingTx != "" {
 				fmt.Fprintf(e.stdout, "pending:     transaction %s\n", v.PendingTx)
+			}
+			if v.DomainOn != "" {
+				fmt.Fprintf(e.stdout, "apart:       the VM's domain and vTPM state are on %s; vtpmd moves the key there once it is attested\n", v.DomainOn)
 			}
 			for _, tx := range v.Transactions {
 				fmt.Fprintf(e.stdout, "tx %s  %-11s peer %-10s %-13s %s %s\n", tx.ID, tx.Role, tx.Peer, tx.State, tx.Updated.Format(time.RFC3339), tx.Reason)

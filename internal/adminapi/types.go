@@ -105,6 +105,11 @@ type VMInfo struct {
 	// Rotate: the VM's key came by migration and is replaced at its next
 	// cold start ('vtpmctl vm rekey' replaces it now).
 	Rotate bool `json:"rotate,omitempty"`
+	// DomainOn names the host that holds the VM's domain and vTPM state
+	// while its key is here (the host lost its ledger with its TPM during
+	// the VM's migration): vtpmd moves the key there once that host is
+	// attested (migrate.Reunite).
+	DomainOn string `json:"domain_on,omitempty"`
 	// Standbys are the VM's standby hosts (fleet registry) and Replica
 	// this host's own replica of it, if any (issue 15).
 	Standbys []StandbyInfo `json:"standbys,omitempty"`

@@ -3,6 +3,7 @@ package soak
 import (
 	"context"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"slices"
 	"strings"
@@ -332,6 +333,7 @@ func (s *Schedule) recoverHost(ctx context.Context, h string) error {
 	if err := d.Node().Reconcile(ctx); err != nil {
 		return err
 	}
+	_, rerr := d.Node().Reunite(ctx)
 	_, err := d.Node().SyncOwnership(ctx)
-	return err
+	return errors.Join(rerr, err)
 }

@@ -144,6 +144,12 @@ func (d *Daemon) VMs(ctx context.Context) ([]adminapi.VMInfo, error) {
 			v.Name = r.Name
 		}
 	}
+	aparts, _ := d.ledger.Aparts()
+	for _, a := range aparts {
+		if v, ok := byID[a.VM]; ok && v.Owned {
+			v.DomainOn = a.Host
+		}
+	}
 	out := make([]adminapi.VMInfo, 0, len(byID))
 	for _, v := range byID {
 		if tx, ok := d.node.Incoming(v.UUID); ok {

@@ -436,6 +436,7 @@ func (d *Daemon) run(ctx context.Context) {
 	if err := d.node.Reconcile(ctx); err != nil {
 		d.log.WithError(err).Warn("recovery left transactions open; retrying in the background")
 	}
+	d.reunite(ctx)
 	if err := d.node.ResumePromotions(ctx); err != nil {
 		d.log.WithError(err).Warn("failover: an interrupted promotion is not settled yet")
 	}

@@ -86,7 +86,8 @@ func (d *Daemon) settle(vmUUID, trigger string) {
 // RecoveryInterval is the period of the recovery loop.
 const RecoveryInterval = 15 * time.Second
 
-// recoveryLoop retries Reconcile while transactions stay open.
+// recoveryLoop retries Reconcile while transactions stay open, and moves
+// the keys of VMs whose domains are on another host (migrate.Reunite).
 func (d *Daemon) recoveryLoop(ctx context.Context) error {
 	t := time.NewTicker(RecoveryInterval)
 	defer t.Stop()
@@ -95,12 +96,22 @@ func (d *Daemon) recoveryLoop(ctx context.Context) error {
 		case <-ctx.Done():
 			return nil
 		case <-t.C:
-			if open, _ := d.ledger.OpenTxs(); len(open) == 0 {
-				continue
+			if open, _ := d.ledger.OpenTxs(); len(open) > 0 {
+				if err := d.node.Reconcile(ctx); err != nil {
+					d.log.WithError(err).Warn("recovery: transactions still open")
+				}
 			}
-			if err := d.node.Reconcile(ctx); err != nil {
-				d.log.WithError(err).Warn("recovery: transactions still open")
-			}
+			d.reunite(ctx)
 		}
+	}
+}
+
+// reunite runs migrate.Reunite when a VM's key and domain are apart.
+func (d *Daemon) reunite(ctx context.Context) {
+	if aparts, err := d.ledger.Aparts(); err != nil || len(aparts) == 0 {
+		return
+	}
+	if _, err := d.node.Reunite(ctx); err != nil {
+		d.log.WithError(err).Warn("reunite: a VM's key stays apart from its domain; retrying")
 	}
 }
