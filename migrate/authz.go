@@ -126,6 +126,11 @@ func (n *Node) authorizeVM(ctx context.Context, call, sender string, w WrappedVM
 	}
 	_, gen, err := n.cfg.Keys.Get(ctx, w.UUID)
 	switch {
+	case err == nil && supersededBy(call, n.cfg.Registry != nil, gen, w.Generation):
+		// A restore over this host's superseded copy (authorizeRestore
+		// checks that the registry's generation is w.Generation-1, above
+		// it): that copy can never start again, and the restore replaces
+		// it at commit (finishDest).
 	case err == nil:
 		return deny(call, sender, w.UUID, RuleOwnedHere, "%s owns the VM at generation %d; a destination never replaces an active key", n.cfg.Host, gen)
 	case !errors.Is(err, vtpm.ErrKeyNotFound):
@@ -149,6 +154,18 @@ func (n *Node) authorizeVM(ctx context.Context, call, sender string, w WrappedVM
 		}
 	}
 	return nil
+}
+
+// supersededBy reports whether a restore at generation offered may
+// replace the active key this host holds at generation held: only with a
+// registry (whose record, at offered-1, is then above held: the copy is
+// stale, a former owner's kept until its successor confirmed, and no start
+// rule admits it), never for a migration (soak seed 6014's replay: a VM
+// failed over from host-a, whose stale copy stayed because the new owner
+// lost its TPM before it confirmed; the restore onto host-a was refused,
+// and no host could ever run the VM again).
+func supersededBy(call string, registry bool, held, offered uint64) bool {
+	return call == "restore" && registry && held+1 < offered
 }
 
 // authorizeRegistry: the registry must show every VM owned by the sender

@@ -262,10 +262,14 @@ func (n *Node) finishDest(ctx context.Context, tx Tx, commit, abort []string) (*
 	for _, vm := range tx.VMs {
 		switch {
 		case slices.Contains(commit, vm.UUID):
-			// Never replace an active key this transaction did not create.
+			// Never replace an active key this transaction did not create,
+			// except a superseded copy a restore replaces (authorizeVM).
 			if _, gen, err := n.cfg.Keys.Get(ctx, vm.UUID); err == nil && gen != vm.Generation {
-				return nil, fmt.Errorf("finish %s: commit %s: %w: %s holds the VM's active key at generation %d; refusing to replace it with generation %d",
-					tx.ID, vm.UUID, vtpm.ErrKeyExists, n.cfg.Host, gen, vm.Generation)
+				if !tx.Restore || gen >= vm.Generation {
+					return nil, fmt.Errorf("finish %s: commit %s: %w: %s holds the VM's active key at generation %d; refusing to replace it with generation %d",
+						tx.ID, vm.UUID, vtpm.ErrKeyExists, n.cfg.Host, gen, vm.Generation)
+				}
+				n.log.WithFields(logrus.Fields{"tx": tx.ID, "vm": vm.UUID, "old": gen, "new": vm.Generation}).Warn("restore: replacing this host's superseded copy of the VM's key")
 			}
 			// A restore's vTPM state goes into place before its key
 			// becomes active (nothing staged: a migration, a no-op).
