@@ -116,3 +116,31 @@ func TestFencedStartRule(t *testing.T) {
 		t.Fatalf("FencedHere of a fence by host-a on host-c: %v %v, want false", here, err)
 	}
 }
+
+// TestStartWaitsForRegistration (TestSoakFailover in CI, the VM on two
+// hosts): a host whose vtpmd came back between a standby's fence agent and
+// its fence record must not start the VM before its liveness key is in
+// the registry, or the standby, checking liveness after its record, does
+// not see it back and promotes while it runs the VM. The start rule asks
+// Config.Registered before it reads the fence record, and refuses (rule
+// self-fence) while the host is not registered.
+func TestStartWaitsForRegistration(t *testing.T) {
+	ctx := context.Background()
+	f := newFleet(t)
+	f.useRegistry("etcd")
+	b := f.addHost("host-b", goodLog)
+	vm := b.createVM("back-early")
+	var calls int
+	notYet := errors.New("not registered yet")
+	b.registered = func(context.Context) error { calls++; return notYet }
+	b.restart()
+	_, err := b.node.CheckStart(ctx, vm)
+	if !errors.Is(err, migrate.ErrNotOwner) || !errors.Is(err, notYet) || !strings.Contains(err.Error(), "rule "+migrate.RuleSelfFence) || calls != 1 {
+		t.Fatalf("start before the registration: %v (%d calls), want a refusal naming rule %s", err, calls, migrate.RuleSelfFence)
+	}
+	b.registered = func(context.Context) error { calls++; return nil }
+	b.restart()
+	if _, err := b.node.CheckStart(ctx, vm); err != nil || calls != 2 {
+		t.Fatalf("start once registered: %v (%d calls)", err, calls)
+	}
+}

@@ -89,6 +89,8 @@ type host struct {
 	logs   *syncBuffer // the node's JSON logs, at trace level
 	// reg, when set before restart, is the node's registry.
 	reg migrate.Registry
+	// registered, when set before restart, is the node's Config.Registered.
+	registered func(context.Context) error
 	// anchor is the host's rollback anchor, opened and checked at every
 	// restart as vtpmd does (docs/anchor.md).
 	anchor *vtpm.Anchor
@@ -248,6 +250,7 @@ func (h *host) restart() {
 		EvidenceMaxAge: h.f.maxAge,
 		PullLease:      h.f.pullLease,
 		Audit:          h.audit,
+		Registered:     h.registered,
 	})
 	h.down = false
 }

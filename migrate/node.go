@@ -133,13 +133,23 @@ type Config struct {
 	Replicas *ReplicaStore
 	// Fence is the fence agent (nil: none): recovery fences a migration's
 	// gone destination with it (F12, failover.go).
-	Fence   FenceFunc
-	Crash   CrashHook
-	Audit   Auditor
-	Metrics Observer
-	Now     func() time.Time
-	Rand    io.Reader
-	Log     logrus.FieldLogger
+	Fence FenceFunc
+	// Registered, when set (vtpmd with a fleet registry), returns nil once
+	// this host's liveness key is in the registry (its first registration
+	// since it started), waiting a bounded time. CheckStart calls it
+	// before it reads the fence record: a host that comes back between a
+	// standby's fence agent and its fence record then either sees the
+	// record or is seen live by the standby, which fences it once more
+	// (failover.go, fenceHost). Without it, a vtpmd that had not yet
+	// registered started the VM unseen (TestSoakFailover in CI: the VM ran
+	// on two hosts).
+	Registered func(ctx context.Context) error
+	Crash      CrashHook
+	Audit      Auditor
+	Metrics    Observer
+	Now        func() time.Time
+	Rand       io.Reader
+	Log        logrus.FieldLogger
 }
 
 // DefaultEvidenceMaxAge is how long verified evidence is reused.

@@ -149,6 +149,13 @@ func (n *Node) CheckStart(ctx context.Context, vm string) (uint64, error) {
 			}
 			return gl, nil
 		}
+		if n.cfg.Registered != nil {
+			if err := n.cfg.Registered(ctx); err != nil {
+				n.confirmed.Delete(vm)
+				return 0, n.refuseStart(ctx, vm, gl, fmt.Errorf("start %s: %w: %w: %s is not registered in the fleet registry yet (its liveness key is not there), so a standby that fences it could not see it back: no start until it is (rule %s)",
+					vm, ErrNotOwner, err, n.cfg.Host, RuleSelfFence))
+			}
+		}
 		if err := n.checkFenced(ctx, vm); err != nil && !n.takeBackFromDrainingFencer(ctx, vm) {
 			n.confirmed.Delete(vm)
 			return 0, n.refuseStart(ctx, vm, gl, err)

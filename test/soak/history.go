@@ -12,7 +12,8 @@ import (
 type History struct {
 	Seed       uint64
 	Registry   string
-	Failover   bool // a failover schedule (Config.Failover)
+	Failover   bool     // a failover schedule (Config.Failover)
+	First      []string // the ops of the first steps (Config.First)
 	Steps      int
 	Events     []Event
 	Faults     map[string]int
@@ -74,7 +75,11 @@ func (h *History) String() string {
 	if h.Failover {
 		fo = "on"
 	}
-	fmt.Fprintf(&b, "replay: go test ./test/soak -run TestSoak -v -soak.seed %d -soak.schedules 1 -soak.steps %d -soak.failover %s\n", h.Seed, h.Steps, fo)
+	first := ""
+	if len(h.First) > 0 {
+		first = " -soak.first " + strings.Join(h.First, ",")
+	}
+	fmt.Fprintf(&b, "replay: go test ./test/soak -run 'TestSoak$' -v -soak.seed %d -soak.schedules 1 -soak.steps %d -soak.failover %s%s\n", h.Seed, h.Steps, fo, first)
 	return b.String()
 }
 

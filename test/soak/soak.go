@@ -147,7 +147,7 @@ func Run(ctx context.Context, cfg Config) (*History, error) {
 	}
 	s := &Schedule{cfg: cfg, rng: rng, links: map[string]*Link{}, listen: map[string]string{},
 		down: map[string]bool{}, lost: map[string]*lostHost{}, regOwner: map[string]string{}, maxGen: map[string]uint64{}, started: time.Now(), lin: &linHistory{start: time.Now()}}
-	s.hist = &History{Seed: cfg.Seed, Registry: string(cfg.Registry), Failover: cfg.Failover, Faults: map[string]int{}, log: cfg.Log}
+	s.hist = &History{Seed: cfg.Seed, Registry: string(cfg.Registry), Failover: cfg.Failover, First: cfg.First, Faults: map[string]int{}, log: cfg.Log}
 	defer s.closeLinks()
 	defer s.closeLogs()
 	var err error

@@ -88,6 +88,9 @@ type Daemon struct {
 	reg     *registry.Client // nil in registry mode none
 	fleet   *fleetView       // the registry's hosts, cached
 	syncNow chan struct{}    // asks the registry loop for an ownership sync
+	// registered is closed once the registry loop registered this host
+	// (its liveness key written): starts wait for it (waitRegistered).
+	registered chan struct{}
 	addrs   sync.Map         // host -> wire address an enrolment request named
 
 	evac    evacStats    // evacuations run here (evacuate.go)
@@ -129,7 +132,7 @@ func Start(ctx context.Context, cfg Config, deps Deps) (_ *Daemon, err error) {
 		return nil, err
 	}
 	d := &Daemon{cfg: cfg, deps: deps, metrics: metrics.New(), hyp: deps.Hypervisor,
-		ready: make(chan struct{}), errc: make(chan error, 8), syncNow: make(chan struct{}, 1),
+		ready: make(chan struct{}), errc: make(chan error, 8), syncNow: make(chan struct{}, 1), registered: make(chan struct{}),
 		standby: standbyState{sent: map[replicaKey]replicaSent{}, refused: map[string]time.Time{}, now: make(chan struct{}, 1)}}
 	d.bgCtx, d.bgCancel = context.WithCancel(context.WithoutCancel(ctx))
 	defer func() {
@@ -208,7 +211,7 @@ func Start(ctx context.Context, cfg Config, deps Deps) (_ *Daemon, err error) {
 		Verifier: verifier, Enrollments: d.enroll, QuotePCRs: quotePCRs(verifier), EventLog: d.eventLog(),
 		Dial: d.dial, Target: d.target(), EvidenceMaxAge: maxAge, Crash: deps.Crash, States: restoredStates{d},
 		Replicas: &migrate.ReplicaStore{Dir: filepath.Join(cfg.DataDir, "replicas")}, Fence: d.fenceFunc(),
-		Audit: auditAdapter{d.audit}, Metrics: d.metrics, Now: now, Log: d.log,
+		Audit: auditAdapter{d.audit}, Metrics: d.metrics, Now: now, Log: d.log, Registered: d.registeredFunc(),
 	})
 	d.metrics.SetTPMCounter(func() map[string]int {
 		out := map[string]int{}

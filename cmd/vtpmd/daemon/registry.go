@@ -57,6 +57,14 @@ func (d *Daemon) migrateRegistry() migrate.Registry {
 	return d.reg
 }
 
+// registeredFunc is the node's Config.Registered (nil without a registry).
+func (d *Daemon) registeredFunc() func(context.Context) error {
+	if d.reg == nil {
+		return nil
+	}
+	return d.waitRegistered
+}
+
 // identity is this host's TPM identity as it registers it: hex of the
 // EK's digest (SHA-256 of its public area), the AK's and the MK's names.
 func (d *Daemon) tpmIdentity() (registry.Identity, error) {
@@ -109,6 +117,7 @@ func (d *Daemon) registryLoop(ctx context.Context) error {
 			cancel()
 			if err == nil {
 				registered = true
+				close(d.registered)
 				d.log.WithField("addr", addr).Info("registered in the fleet registry")
 			} else if ctx.Err() == nil {
 				d.log.WithError(err).Debug("registering in the fleet registry; retrying")
@@ -356,4 +365,29 @@ func (c *captureEnrollment) Add(_ context.Context, e attest.Enrollment) error {
 
 func (c *captureEnrollment) Activated(_ context.Context, ekDigest, akName []byte) (bool, error) {
 	return c.rec != nil && bytes.Equal(c.rec.EKDigest, ekDigest) && bytes.Equal(c.rec.AKName, akName), nil
+}
+
+// RegisterWait bounds how long a start waits for this host's first
+// registration (waitRegistered).
+const RegisterWait = 10 * time.Second
+
+// waitRegistered is the node's Config.Registered: nil once this vtpmd
+// registered in the fleet registry (its liveness key written), after
+// waiting at most RegisterWait.
+func (d *Daemon) waitRegistered(ctx context.Context) error {
+	select {
+	case <-d.registered:
+		return nil
+	default:
+	}
+	t := time.NewTimer(RegisterWait)
+	defer t.Stop()
+	select {
+	case <-d.registered:
+		return nil
+	case <-ctx.Done():
+		return ctx.Err()
+	case <-t.C:
+		return fmt.Errorf("not registered within %v of the start request (no quorum, or no registry user yet)", RegisterWait)
+	}
 }
