@@ -91,7 +91,7 @@ type Daemon struct {
 	// registered is closed once the registry loop registered this host
 	// (its liveness key written): starts wait for it (waitRegistered).
 	registered chan struct{}
-	addrs   sync.Map         // host -> wire address an enrolment request named
+	addrs      sync.Map // host -> wire address an enrolment request named
 
 	evac    evacStats    // evacuations run here (evacuate.go)
 	standby standbyState // replicas refreshed (standby.go)
