@@ -141,6 +141,15 @@ func (r *Restorer) Restore(ctx context.Context, req Request) (Report, error) {
 			}
 		}
 		if rec.Tx != nil {
+			var closed bool
+			if closed, err = r.closeOrphanIntent(ctx, rec, log); err != nil {
+				return rep, fmt.Errorf("restore %s: %w", hdr.VM.UUID, err)
+			}
+			if closed {
+				rep.Closed, rec.Tx = rec.Tx.ID, nil
+			}
+		}
+		if rec.Tx != nil {
 			return rep, fmt.Errorf("restore %s: %w: transaction %s (to %s) is open for the VM; let it finish first", hdr.VM.UUID, migrate.ErrBusy, rec.Tx.ID, rec.Tx.To)
 		}
 		rep.PreviousOwner = view.Owner

@@ -82,6 +82,38 @@ func (r *Restorer) closeInterrupted(ctx context.Context, rec registry.VM, log lo
 	return rec, nil
 }
 
+// closeOrphanIntent closes a migration's intent that the VM's owner left
+// open in the registry and can never finish: the owner is retired (host
+// state fenced: the operator declared it dead), and the intent's
+// destination, asked (a Finish abort relayed by the local vtpmd), never
+// recorded the transaction, so it holds no key of it and never ran the VM
+// on one. Anything else (the destination recorded it, or cannot be asked)
+// leaves the intent open: the destination's recovery settles it. Soak
+// seed 4 in CI: host-b's evacuation left soak-3's intent to host-a open,
+// host-b then lost its TPM and was retired, and the restore of soak-3 was
+// refused for good ("let it finish first").
+func (r *Restorer) closeOrphanIntent(ctx context.Context, rec registry.VM, log logrus.FieldLogger) (bool, error) {
+	tx := *rec.Tx
+	hv, err := r.Registry.Hosts(ctx, rec.Owner)
+	if err != nil {
+		return false, fmt.Errorf("read the owner %s: %w", rec.Owner, err)
+	}
+	if hv.Hosts[rec.Owner].State != registry.StateFenced {
+		return false, nil
+	}
+	_, err = relayFinish(ctx, r.Admin, tx.To, migrate.FinishRequest{Version: migrate.ProtocolVersion, TxID: tx.ID, Abort: []string{rec.ID}})
+	if !errors.Is(err, migrate.ErrUnknownTx) {
+		log.WithError(err).WithFields(logrus.Fields{"vm": rec.ID, "tx": tx.ID, "dest": tx.To}).Info("restore: the retired owner's open migration is the destination's to settle")
+		return false, nil
+	}
+	b := registry.Batch{TxID: tx.ID, From: rec.Owner, To: tx.To, VMs: []registry.VMGen{{ID: rec.ID, Generation: rec.Generation}}}
+	if _, err := r.Registry.Abort(ctx, b); err != nil {
+		return false, fmt.Errorf("close the migration %s the retired owner %s left open: %w", tx.ID, rec.Owner, err)
+	}
+	log.WithFields(logrus.Fields{"vm": rec.ID, "tx": tx.ID, "owner": rec.Owner, "dest": tx.To}).Warn("restore: closed the migration the retired owner left open (its destination never recorded it)")
+	return true, nil
+}
+
 // killed is an error Restorer.Crash returned: the restore stops there
 // with nothing undone.
 type killed struct{ err error }
