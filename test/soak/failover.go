@@ -42,11 +42,22 @@ func (s *Schedule) mayFailOver(st Step) {
 		if o == "" {
 			continue
 		}
-		if slices.Contains(faultOps, st.Kind) || s.down[o] || slices.ContainsFunc(cut, func(l string) bool {
-			from, to, _ := strings.Cut(l, ">")
-			return from == o || strings.TrimPrefix(to, "member:") == o
-		}) {
-			s.lin.add(regInput{VM: vm.UUID, From: o}, regOutput{}, call, call)
+		// The last-read owner, or any host a recorded move named as the
+		// destination (a move whose key settled after its op returned may
+		// have taken effect since that read: soak seed 9009).
+		owners := []string{o}
+		for _, h := range s.lin.movedTo(vm.UUID) {
+			if !slices.Contains(owners, h) {
+				owners = append(owners, h)
+			}
+		}
+		for _, o := range owners {
+			if slices.Contains(faultOps, st.Kind) || s.down[o] || slices.ContainsFunc(cut, func(l string) bool {
+				from, to, _ := strings.Cut(l, ">")
+				return from == o || strings.TrimPrefix(to, "member:") == o
+			}) {
+				s.lin.add(regInput{VM: vm.UUID, From: o}, regOutput{}, call, call)
+			}
 		}
 	}
 }

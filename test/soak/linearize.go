@@ -51,6 +51,20 @@ type linHistory struct {
 	start time.Time
 	mu    sync.Mutex
 	ops   []porcupine.Operation
+	// dests are, per VM, the hosts a recorded move named as its
+	// destination: each may own the VM from then on, read or not.
+	dests map[string]map[string]bool
+}
+
+// movedTo returns the hosts a recorded move of vm named as destination.
+func (l *linHistory) movedTo(vm string) []string {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	var out []string
+	for h := range l.dests[vm] {
+		out = append(out, h)
+	}
+	return out
 }
 
 const unknownReturn = math.MaxInt64
@@ -62,6 +76,15 @@ func (l *linHistory) add(in regInput, out regOutput, call, ret int64) {
 	defer l.mu.Unlock()
 	if !in.Read && !out.Known {
 		ret = unknownReturn
+	}
+	if !in.Read && in.To != "" {
+		if l.dests == nil {
+			l.dests = map[string]map[string]bool{}
+		}
+		if l.dests[in.VM] == nil {
+			l.dests[in.VM] = map[string]bool{}
+		}
+		l.dests[in.VM][in.To] = true
 	}
 	l.ops = append(l.ops, porcupine.Operation{ClientId: len(l.ops), Input: in, Output: out, Call: call, Return: ret})
 }

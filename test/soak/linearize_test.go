@@ -2,8 +2,11 @@ package soak
 
 import (
 	"testing"
+	"time"
 
 	"github.com/anishathalye/porcupine"
+
+	"github.com/vtpmm/vtpmm/test/fleet"
 )
 
 // TestRegModel: the register model accepts what the protocol allows and
@@ -36,5 +39,29 @@ func TestRegModel(t *testing.T) {
 				t.Errorf("got %s, want %s", got, tc.want)
 			}
 		})
+	}
+}
+
+// TestMayFailOverCoversUnsettledMoves (soak seed 9009): a plain
+// migration a -> c whose key settles after its op returned, then a fault
+// after which c's VM fails over to b by itself. The last read showed a,
+// so the moves a fault may cause must be recorded from c too, or the
+// registry's c -> b cannot be explained.
+func TestMayFailOverCoversUnsettledMoves(t *testing.T) {
+	s := &Schedule{cfg: Config{Failover: true}, regOwner: map[string]string{"v": "a"}, down: map[string]bool{},
+		lin: &linHistory{start: time.Now()}, vms: []soakVM{{VM: fleet.VM{UUID: "v"}}}}
+	s.lin.add(regInput{VM: "v", Read: true}, regOutput{State: regState{"a", 1}}, 0, 1)
+	s.lin.add(regInput{VM: "v", From: "a", To: "c"}, regOutput{}, 2, 3) // unknown: settles later
+	s.mayFailOver(Step{Kind: "failover"})
+	ret := s.lin.now() + 10
+	s.lin.add(regInput{VM: "v", Read: true}, regOutput{State: regState{"b", 3}}, ret, ret+1)
+	ops := append([]porcupine.Operation(nil), s.lin.ops...)
+	for i := range ops {
+		if ops[i].Return == unknownReturn {
+			ops[i].Return = ret + 2
+		}
+	}
+	if got := porcupine.CheckOperationsTimeout(regModel([]string{"a", "b", "c"}, "a"), ops, 0); got != porcupine.Ok {
+		t.Fatalf("c -> b after an unsettled a -> c and a fault: %s, want ok", got)
 	}
 }
