@@ -396,6 +396,13 @@ func (n *Node) Status(ctx context.Context, req *StatusRequest) (*StatusResponse,
 	} else if !errors.Is(err, ErrUnknownTx) {
 		return nil, err
 	}
+	var held map[string]uint64 // one listing of the key store's headers, no key opened
+	if len(req.VMs) > 0 {
+		var err error
+		if held, err = n.heldGenerations(ctx); err != nil {
+			return nil, fmt.Errorf("status: %w", err)
+		}
+	}
 	for _, vm := range vms {
 		d, err := n.cfg.Hypervisor.Domain(ctx, vm)
 		switch {
@@ -404,35 +411,27 @@ func (n *Node) Status(ctx context.Context, req *StatusRequest) (*StatusResponse,
 			if resp.Known {
 				resp.Running = append(resp.Running, vm)
 			}
-		case d.State != hypervisor.StatePaused && (resp.Known || n.orphan(ctx, vm)):
+		case d.State != hypervisor.StatePaused && (resp.Known || n.orphan(vm, held)):
 			resp.Stopped = append(resp.Stopped, vm)
 		}
 	}
-	if len(req.VMs) > 0 {
-		held, err := n.heldGenerations(ctx)
-		if err != nil {
-			return nil, fmt.Errorf("status: %w", err)
-		}
-		for _, vm := range req.VMs {
-			if g, ok := held[vm]; ok {
-				if resp.Held == nil {
-					resp.Held = map[string]uint64{}
-				}
-				resp.Held[vm] = g
+	for _, vm := range req.VMs {
+		if g, ok := held[vm]; ok {
+			if resp.Held == nil {
+				resp.Held = map[string]uint64{}
 			}
+			resp.Held[vm] = g
 		}
 	}
 	return resp, nil
 }
 
-// orphan reports whether this host holds no key of the VM, active or
-// PENDING: an unknown transaction's Status reports only such a domain
+// orphan reports whether this host holds no key of the VM, active (held:
+// heldGenerations, which fails on an envelope it cannot read) or PENDING: an unknown transaction's Status reports only such a domain
 // (one this host cannot start), so an enrolled peer learns nothing about
 // the VMs this host owns or receives.
-func (n *Node) orphan(ctx context.Context, vm string) bool {
-	if _, ok := n.Incoming(vm); ok {
-		return false
-	}
-	_, _, err := n.cfg.Keys.Get(ctx, vm)
-	return errors.Is(err, vtpm.ErrKeyNotFound)
+func (n *Node) orphan(vm string, held map[string]uint64) bool {
+	_, active := held[vm]
+	_, pending := n.Incoming(vm)
+	return !active && !pending
 }

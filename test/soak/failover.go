@@ -51,12 +51,12 @@ func (s *Schedule) mayFailOver(st Step) {
 				owners = append(owners, h)
 			}
 		}
-		for _, o := range owners {
-			if slices.Contains(faultOps, st.Kind) || s.down[o] || slices.ContainsFunc(cut, func(l string) bool {
+		for _, h := range owners {
+			if slices.Contains(faultOps, st.Kind) || s.down[h] || slices.ContainsFunc(cut, func(l string) bool {
 				from, to, _ := strings.Cut(l, ">")
-				return from == o || strings.TrimPrefix(to, "member:") == o
+				return from == h || strings.TrimPrefix(to, "member:") == h
 			}) {
-				s.lin.add(regInput{VM: vm.UUID, From: o}, regOutput{}, call, call)
+				s.lin.add(regInput{VM: vm.UUID, From: h}, regOutput{}, call, call)
 			}
 		}
 	}

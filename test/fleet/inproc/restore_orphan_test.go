@@ -3,13 +3,10 @@ package inproc_test
 import (
 	"context"
 	"errors"
-	"os"
 	"strings"
 	"testing"
 	"time"
 
-	"github.com/vtpmm/vtpmm/hypervisor"
-	"github.com/vtpmm/vtpmm/internal/adminapi"
 	"github.com/vtpmm/vtpmm/migrate"
 	"github.com/vtpmm/vtpmm/migrate/recovery"
 	"github.com/vtpmm/vtpmm/migrate/registry"
@@ -41,14 +38,7 @@ func TestRestoreClosesRetiredOwnersIntent(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	rep, err := b.Admin().Backup(ctx, adminapi.BackupRequest{VMs: []string{vm.UUID}})
-	if err != nil || rep.Failed() != 0 || len(rep.Items) != 1 {
-		t.Fatalf("backup: %+v, %v", rep, err)
-	}
-	bundle, err := os.ReadFile(rep.Items[0].Path)
-	if err != nil {
-		t.Fatal(err)
-	}
+	bundle := backupBundle(ctx, t, b, vm)
 	// host-b's claim of a migration to host-a, then host-b dies.
 	intent := registry.Batch{TxID: strings.Repeat("4e", 16), From: fleet.HostB, To: fleet.HostA, VMs: []registry.VMGen{{ID: vm.UUID, Generation: 1}}}
 	if _, err := op.Begin(ctx, intent); err != nil {
@@ -60,16 +50,11 @@ func TestRestoreClosesRetiredOwnersIntent(t *testing.T) {
 	r := &recovery.Restorer{Admin: a.Admin(), Registry: op}
 	req := recovery.Request{Bundle: bundle, Identities: c.identities(t, "alice", "bob"), VM: vm.UUID, Dest: fleet.HostA}
 	// Not retired yet: the intent stays, the restore is refused.
-	waitFor(t, "host-b's lease gone", time.Minute, func() bool {
-		v, err := op.Hosts(ctx, fleet.HostB)
-		return err == nil && !v.Hosts[fleet.HostB].Live
-	})
+	waitNotLive(t, f, fleet.HostB)
 	if _, err := r.Restore(ctx, req); !errors.Is(err, migrate.ErrBusy) {
 		t.Fatalf("restore while host-b is not retired: %v, want ErrBusy (the intent is open)", err)
 	}
-	if _, err := recovery.Retire(ctx, op, fleet.HostB, false); err != nil {
-		t.Fatalf("retire host-b: %v", err)
-	}
+	retireHost(ctx, t, op, fleet.HostB)
 	res, err := r.Restore(ctx, req)
 	if err != nil {
 		t.Fatalf("restore once host-b is retired: %v", err)
@@ -80,13 +65,5 @@ func TestRestoreClosesRetiredOwnersIntent(t *testing.T) {
 	if owner, gen := ownerOf(ctx, f, vm); owner != fleet.HostA || gen != 2 {
 		t.Fatalf("after the restore the registry shows %s at %d, want host-a at 2", owner, gen)
 	}
-	if err := a.Fake().DefineVTPMDomain(ctx, hypervisor.Domain{UUID: vm.UUID, Name: vm.Name}, a.Daemon().Host().Layout().VMState(vm.UUID)); err != nil {
-		t.Fatal(err)
-	}
-	if err := a.Fake().StartDomain(ctx, vm.UUID); err != nil {
-		t.Fatalf("start on host-a: %v", err)
-	}
-	if got, err := a.TenantSecret(ctx, vm); err != nil || got != want {
-		t.Fatalf("tenant secret on host-a: %q, %v; want %q", got, err, want)
-	}
+	startRestored(ctx, t, a, lostVM{vm: vm, bundle: bundle, secret: want})
 }

@@ -37,29 +37,43 @@ func loseOwner(ctx context.Context, t *testing.T, f *inproc.Fleet, owner, name s
 	if err != nil {
 		t.Fatal(err)
 	}
+	bundle := backupBundle(ctx, t, h, vm)
+	if err := h.LoseTPM(ctx); err != nil {
+		t.Fatal(err)
+	}
+	if op := f.Operator(); op != nil {
+		retireHost(ctx, t, op, owner)
+	}
+	return lostVM{vm: vm, bundle: bundle, secret: secret}
+}
+
+// backupBundle backs vm up on h and returns its one bundle.
+func backupBundle(ctx context.Context, t *testing.T, h *inproc.Host, vm fleet.VM) []byte {
+	t.Helper()
 	rep, err := h.Admin().Backup(ctx, adminapi.BackupRequest{VMs: []string{vm.UUID}})
 	if err != nil || rep.Failed() != 0 || len(rep.Items) != 1 {
-		t.Fatalf("backup: %+v, %v", rep, err)
+		t.Fatalf("backup of %s on %s: %+v, %v", vm.Name, h.Name(), rep, err)
 	}
 	bundle, err := os.ReadFile(rep.Items[0].Path)
 	if err != nil {
 		t.Fatal(err)
 	}
-	if err := h.LoseTPM(ctx); err != nil {
-		t.Fatal(err)
-	}
-	if op := f.Operator(); op != nil {
-		for deadline := time.Now().Add(30 * time.Second); ; time.Sleep(250 * time.Millisecond) {
-			_, err := recovery.Retire(ctx, op, owner, false)
-			if err == nil {
-				break
-			}
-			if !errors.Is(err, registry.ErrHostLive) || time.Now().After(deadline) {
-				t.Fatalf("retire %s: %v", owner, err)
-			}
+	return bundle
+}
+
+// retireHost retires a dead host (vtpmctl host retire) once its lease is
+// gone, within 30 s.
+func retireHost(ctx context.Context, t *testing.T, op *registry.Client, host string) {
+	t.Helper()
+	for deadline := time.Now().Add(30 * time.Second); ; time.Sleep(250 * time.Millisecond) {
+		_, err := recovery.Retire(ctx, op, host, false)
+		if err == nil {
+			return
+		}
+		if !errors.Is(err, registry.ErrHostLive) || time.Now().After(deadline) {
+			t.Fatalf("retire %s: %v", host, err)
 		}
 	}
-	return lostVM{vm: vm, bundle: bundle, secret: secret}
 }
 
 // startRestored defines and starts the restored VM on h and checks that

@@ -3,7 +3,6 @@ package inproc_test
 import (
 	"context"
 	"errors"
-	"os"
 	"testing"
 	"time"
 
@@ -63,34 +62,19 @@ func TestRestoreOverSupersededCopy(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	rep, err := b.Admin().Backup(ctx, adminapi.BackupRequest{VMs: []string{vm.UUID}})
-	if err != nil || rep.Failed() != 0 || len(rep.Items) != 1 {
-		t.Fatalf("backup on host-b: %+v, %v", rep, err)
-	}
-	bundle, err := os.ReadFile(rep.Items[0].Path)
-	if err != nil {
-		t.Fatal(err)
-	}
+	bundle := backupBundle(ctx, t, b, vm)
 
 	// host-b's TPM dies; the operator retires it; host-a comes back with
 	// its stale copy, which nobody can confirm stale any more.
 	if err := b.LoseTPM(ctx); err != nil {
 		t.Fatal(err)
 	}
-	for deadline := time.Now().Add(30 * time.Second); ; time.Sleep(250 * time.Millisecond) {
-		_, err = recovery.Retire(ctx, op, fleet.HostB, false)
-		if err == nil || !errors.Is(err, registry.ErrHostLive) || time.Now().After(deadline) {
-			break
-		}
-	}
-	if err != nil {
-		t.Fatalf("retire host-b: %v", err)
-	}
+	retireHost(ctx, t, op, fleet.HostB)
 	if err := a.Restart(ctx); err != nil {
 		t.Fatal(err)
 	}
-	if !owned(ctx, t, a, vm) {
-		t.Fatal("host-a no longer holds its stale copy: this test needs it")
+	if g, err := fleet.Generation(ctx, a, vm); err != nil || g != 1 {
+		t.Fatalf("host-a holds generation %d (%v), not its stale copy at 1: this test needs it", g, err)
 	}
 	if _, err := a.Daemon().Node().CheckStart(ctx, vm.UUID); !errors.Is(err, migrate.ErrNotOwner) {
 		t.Fatalf("host-a may start its stale copy: %v", err)

@@ -2,12 +2,10 @@ package inproc_test
 
 import (
 	"context"
-	"errors"
 	"testing"
 	"time"
 
 	"github.com/vtpmm/vtpmm/hypervisor"
-	"github.com/vtpmm/vtpmm/migrate/recovery"
 	"github.com/vtpmm/vtpmm/migrate/registry"
 	"github.com/vtpmm/vtpmm/migrate/registry/operator"
 	"github.com/vtpmm/vtpmm/test/fleet"
@@ -63,15 +61,7 @@ func TestReuniteAfterTPMLossMidMigration(t *testing.T) {
 	if err := b.LoseTPM(ctx); err != nil {
 		t.Fatal(err)
 	}
-	for deadline := time.Now().Add(30 * time.Second); ; time.Sleep(250 * time.Millisecond) {
-		_, err = recovery.Retire(ctx, op, fleet.HostB, false)
-		if err == nil || !errors.Is(err, registry.ErrHostLive) || time.Now().After(deadline) {
-			break
-		}
-	}
-	if err != nil {
-		t.Fatalf("retire host-b: %v", err)
-	}
+	retireHost(ctx, t, op, fleet.HostB)
 	if err := b.ReplaceTPM(ctx); err != nil {
 		t.Fatal(err)
 	}
@@ -137,14 +127,9 @@ func TestReuniteAfterTPMLossMidMigration(t *testing.T) {
 // owned reports whether h's vtpmd owns vm's key.
 func owned(ctx context.Context, t *testing.T, h *inproc.Host, vm fleet.VM) bool {
 	t.Helper()
-	vms, err := h.Admin().VMs(ctx)
+	g, err := fleet.Generation(ctx, h, vm)
 	if err != nil {
 		t.Fatal(err)
 	}
-	for _, v := range vms {
-		if v.UUID == vm.UUID {
-			return v.Owned
-		}
-	}
-	return false
+	return g > 0
 }
