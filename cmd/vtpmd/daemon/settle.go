@@ -106,11 +106,8 @@ func (d *Daemon) recoveryLoop(ctx context.Context) error {
 	}
 }
 
-// reunite runs migrate.Reunite when a VM's key and domain are apart.
+// reunite runs migrate.Reunite (one ledger read when no VM is apart).
 func (d *Daemon) reunite(ctx context.Context) {
-	if aparts, err := d.ledger.Aparts(); err != nil || len(aparts) == 0 {
-		return
-	}
 	if _, err := d.node.Reunite(ctx); err != nil {
 		d.log.WithError(err).Warn("reunite: a VM's key stays apart from its domain; retrying")
 	}
